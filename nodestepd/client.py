@@ -1,0 +1,449 @@
+"""`nodestepctl`: the command-line client of nodestepd.
+
+Synchronous on purpose: one request, one connection. For an attached run the client
+hands its own stdin/stdout/stderr to the daemon, so container output never passes
+through either process, and forwards the signals it receives to the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+import msgspec
+
+from . import __version__, protocol
+from .protocol import (
+    CancelRequest,
+    ErrorReply,
+    ExitReply,
+    ProtocolError,
+    PsRequest,
+    RunRequest,
+    SignalRequest,
+    StartedReply,
+    StatusReply,
+    StatusRequest,
+    StepsReply,
+    WaitRequest,
+)
+
+DEFAULT_SOCKET = "/run/nodestepd/nodestepd.sock"
+DEFAULT_OCI_CONF = "/etc/slurm/oci.conf"
+FORWARDED_SIGNALS = (
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGTSTP,
+)
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---- talking to the daemon ----------------------------------------------------------
+
+
+def connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except FileNotFoundError:
+        raise ClientError(f"nodestepd is not running: no socket at {path} (set --socket or NODESTEPD_SOCKET)") from None
+    except PermissionError:
+        raise ClientError(f"cannot connect to {path}: permission denied") from None
+    except ConnectionRefusedError:
+        raise ClientError(f"nodestepd is not running: nobody listens on {path}") from None
+    return sock
+
+
+def send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = None) -> None:
+    data = protocol.frame(message)
+    if fds:
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([data], ancillary)
+        data = data[sent:]
+    sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = sock.recv(n - len(chunks))
+        if not chunk:
+            return None
+        chunks.extend(chunk)
+    return bytes(chunks)
+
+
+def receive(sock: socket.socket):
+    """The next reply, or None when the daemon closed the connection."""
+    header = _recv_exact(sock, protocol.HEADER.size)
+    if header is None:
+        return None
+    body = _recv_exact(sock, protocol.frame_length(header))
+    if body is None:
+        return None
+    return protocol.decode_reply(body)
+
+
+def request(path: str, message: msgspec.Struct):
+    with connect(path) as sock:
+        send(sock, message)
+        reply = receive(sock)
+    if reply is None:
+        raise ClientError("nodestepd closed the connection without replying")
+    if isinstance(reply, ErrorReply):
+        raise ClientError(reply.error, reply.status or EXIT_ERROR)
+    return reply
+
+
+# ---- run ----------------------------------------------------------------------
+
+
+def _step_ids(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    job_id, step_id = args.job_id, args.step_id
+    if job_id is None and os.environ.get("SLURM_JOB_ID"):
+        job_id = _int_from_env("SLURM_JOB_ID")
+    if step_id is None and os.environ.get("SLURM_STEP_ID"):
+        step_id = _int_from_env("SLURM_STEP_ID")
+    return job_id, step_id
+
+
+def _int_from_env(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ClientError(f"{name}={os.environ[name]!r} is not a number", protocol.STATUS_LAUNCH_FAILED) from None
+
+
+def _read_bundle_config(bundle: str) -> tuple[str | None, str | None]:
+    """config.json read with the caller's own rights (the daemon never opens it as root)."""
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(protocol.MAX_MESSAGE // 2 + 1)
+    except OSError as e:
+        return None, e.strerror or str(e)
+    if len(data) > protocol.MAX_MESSAGE // 2:
+        return None, f"larger than {protocol.MAX_MESSAGE // 2} bytes"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 ({e.reason} at byte {e.start})"
+
+
+def _parse_env(values: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in values:
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            raise ClientError(f"--env {item!r}: expected NAME=VALUE", EXIT_USAGE)
+        env[name] = value
+    return env
+
+
+def _open_output(path: str) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise ClientError(f"cannot open output file {path}: {e.strerror}", protocol.STATUS_LAUNCH_FAILED) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    failed = protocol.STATUS_LAUNCH_FAILED
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ClientError("no command given: nodestepctl run --bundle DIR -- COMMAND [ARG...]", EXIT_USAGE)
+    bundle = os.path.abspath(args.bundle)
+    if not os.path.isdir(bundle):
+        raise ClientError(f"bundle {bundle} does not exist or is not a directory", failed)
+    if args.pty and not args.detach and not os.isatty(0):
+        raise ClientError("--pty needs a terminal on standard input", EXIT_USAGE)
+    if (args.output or args.error) and not args.detach:
+        raise ClientError("--output and --error go with --detach", EXIT_USAGE)
+    config_json, config_json_error = _read_bundle_config(bundle)
+    job_id, step_id = _step_ids(args)
+    env = dict(os.environ) if args.export == "ALL" else {}
+    env.update(_parse_env(args.env))
+    chdir = os.path.abspath(args.chdir) if args.chdir else os.getcwd()
+    message = RunRequest(
+        v=protocol.VERSION,
+        bundle=bundle,
+        args=command,
+        env=env,
+        job_id=job_id,
+        step_id=step_id,
+        ntasks=args.ntasks,
+        chdir=chdir,
+        pty=args.pty,
+        detach=args.detach,
+        config_json=config_json,
+        config_json_error=config_json_error,
+    )
+    owned: list[int] = []
+    try:
+        if args.detach:
+            stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            owned.append(stdin)
+            stdout = _open_output(args.output or os.devnull)
+            owned.append(stdout)
+            stderr = stdout if not args.error else _open_output(args.error)
+            if stderr != stdout:
+                owned.append(stderr)
+            fds = [stdin, stdout, stderr]
+        else:
+            fds = [0, 1, 2]
+        wakeup = None if args.detach else _catch_signals()
+        sock = connect(args.socket)
+        with sock:
+            send(sock, message, fds)
+            for fd in owned:
+                os.close(fd)
+            owned = []
+            reply = receive(sock)
+            if reply is None:
+                raise ClientError("nodestepd closed the connection during the launch", failed)
+            if isinstance(reply, ErrorReply):
+                raise ClientError(reply.error, reply.status or failed)
+            if not isinstance(reply, StartedReply):
+                raise ClientError(f"unexpected reply from nodestepd: {type(reply).__name__}", failed)
+            if args.detach:
+                print(f"{reply.job_id}.{reply.step_id}")
+                return 0
+            assert wakeup is not None
+            return _attend(sock, wakeup, f"{reply.job_id}.{reply.step_id}")
+    finally:
+        for fd in owned:
+            os.close(fd)
+
+
+def _catch_signals() -> int:
+    """Route the forwarded signals into a pipe the attach loop selects on."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda *_: None)
+    return r
+
+
+def _attend(sock: socket.socket, wakeup: int, ref: str) -> int:
+    while True:
+        readable, _, _ = select.select([sock, wakeup], [], [])
+        if wakeup in readable:
+            try:
+                for signum in os.read(wakeup, 64):
+                    send(sock, SignalRequest(v=protocol.VERSION, signal=signal.Signals(signum).name))
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the daemon is gone; the read below says so
+        if sock in readable:
+            reply = receive(sock)
+            if reply is None:
+                raise ClientError(
+                    f"lost the connection to nodestepd; step {ref} may still be running "
+                    f"(nodestepctl wait {ref} tells its status)",
+                    protocol.STATUS_CONNECTION_LOST,
+                )
+            if isinstance(reply, ExitReply):
+                return reply.status
+            if isinstance(reply, ErrorReply):
+                print(f"nodestepctl: {reply.error}", file=sys.stderr)
+
+
+# ---- other commands -------------------------------------------------------------
+
+
+def _ref(text: str) -> tuple[int, int]:
+    try:
+        return protocol.parse_step_ref(text)
+    except ValueError as e:
+        raise ClientError(str(e), EXIT_USAGE) from None
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    job_id, step_id = _ref(args.step)
+    request(args.socket, SignalRequest(v=protocol.VERSION, signal=args.signal, job_id=job_id, step_id=step_id))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job_id, step_id = _ref(args.step)
+    reply = request(args.socket, CancelRequest(v=protocol.VERSION, job_id=job_id, step_id=step_id))
+    print(f"step {job_id}.{step_id} cancelled (status {reply.status})")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    job_id, step_id = _ref(args.step)
+    reply = request(args.socket, WaitRequest(v=protocol.VERSION, job_id=job_id, step_id=step_id))
+    assert isinstance(reply, ExitReply)
+    return reply.status
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    reply = request(args.socket, PsRequest(v=protocol.VERSION))
+    assert isinstance(reply, StepsReply)
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(reply.steps), indent=2))
+        return 0
+    rows = [("STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND")]
+    now = time.time()
+    for s in reply.steps:
+        rows.append((
+            f"{s.job_id}.{s.step_id}", s.user, s.state, str(len(s.tasks)),
+            "-" if s.status is None else str(s.status), _age(now - s.started_at), " ".join(s.args),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    reply = request(args.socket, StatusRequest(v=protocol.VERSION))
+    assert isinstance(reply, StatusReply)
+    print(f"nodestepd {reply.version} on {reply.node_name}, up {_age(reply.uptime)}")
+    print(f"config file:  {reply.config_file or '(none, built-in defaults)'}")
+    print(f"oci.conf:     {reply.oci_conf} ({reply.oci_mode} mode)")
+    print(f"socket:       {reply.socket}")
+    print(f"spool dir:    {reply.spool_dir}")
+    print(f"state dir:    {reply.state_dir}")
+    print(f"steps:        {reply.steps_running} running, {reply.steps_finished} finished")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .checkconfig import check_config
+
+    return check_config(args.file, node_name=args.node_name)
+
+
+# ---- command line ----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="nodestepctl",
+        description="Run and manage OCI container steps through the local nodestepd.",
+        epilog="Examples:\n"
+        "  nodestepctl run --bundle ~/images/alpine -- cat /etc/os-release\n"
+        "  nodestepctl run --detach --output out.txt --bundle ~/images/alpine -- ./simulate\n"
+        "  nodestepctl ps\n"
+        "  nodestepctl check-config /etc/slurm/oci.conf",
+        formatter_class=raw,
+    )
+    p.add_argument("--socket", default=os.environ.get("NODESTEPD_SOCKET", DEFAULT_SOCKET),
+                   help=f"daemon socket (default $NODESTEPD_SOCKET or {DEFAULT_SOCKET})")
+    p.add_argument("--version", action="version", version=f"nodestepctl {__version__}")
+    sub = p.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", formatter_class=raw, help="run a container step and wait for it (or --detach)",
+        description="Run COMMAND in a container made from the OCI bundle DIR, one container per task.\n"
+        "Attached (default): the containers use this terminal's stdin/stdout/stderr, signals sent to\n"
+        "nodestepctl (INT, TERM, HUP, USR1, USR2, CONT, TSTP) go to the step, the step is cancelled if\n"
+        "nodestepctl dies, and nodestepctl exits with the step's status: the first non-zero task\n"
+        "status (128+N for signal N), else 0. 125: the step could not start.\n"
+        "COMMAND is passed as given; the container resolves it against its own PATH.",
+        epilog="Examples:\n"
+        "  nodestepctl run --bundle /images/alpine -- uname -a\n"
+        "  nodestepctl run --ntasks 4 --env MODE=fast --bundle /images/app -- /app/run\n"
+        "  nodestepctl run --detach --output job.log --bundle /images/app -- /app/run  # prints JOB.STEP",
+    )
+    run.add_argument("--bundle", required=True, metavar="DIR", help="OCI bundle (with config.json unless the site ignores it)")
+    run.add_argument("--job-id", type=int, metavar="J", help="job id (default $SLURM_JOB_ID, else assigned by the daemon)")
+    run.add_argument("--step-id", type=int, metavar="S", help="step id (default $SLURM_STEP_ID, else 0)")
+    run.add_argument("--ntasks", type=int, default=1, metavar="N", help="containers to run, task ids 0..N-1 (default 1)")
+    run.add_argument("--chdir", metavar="DIR", help="the step's working directory, %%Z in oci.conf (default: here)")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set a variable in the step (repeatable)")
+    run.add_argument("--export", choices=["ALL", "NONE"], default="ALL",
+                     help="ALL: pass this environment plus --env (default); NONE: only --env")
+    run.add_argument("--pty", action="store_true", help="give the container a terminal (process.terminal)")
+    run.add_argument("--detach", action="store_true", help="print JOB.STEP and return at once; the step runs on")
+    run.add_argument("--output", metavar="FILE", help="with --detach: stdout (and stderr) to FILE, opened by you (default: discarded)")
+    run.add_argument("--error", metavar="FILE", help="with --detach: stderr to FILE (default: same as --output)")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    run.set_defaults(func=cmd_run)
+
+    ps = sub.add_parser("ps", help="list steps (yours; all of them for root)",
+                        description="List running and recently finished steps.",
+                        epilog="Examples:\n  nodestepctl ps\n  nodestepctl ps --json | jq '.[].job_id'", formatter_class=raw)
+    ps.add_argument("--json", action="store_true", help="machine-readable output")
+    ps.set_defaults(func=cmd_ps)
+
+    sig = sub.add_parser("signal", help="send a signal to a step's runtimes",
+                         description="Send SIGNAL (a name like USR1 or SIGUSR1, or a number) to every task of the step.",
+                         epilog="Example:\n  nodestepctl signal 42.0 USR1", formatter_class=raw)
+    sig.add_argument("step", metavar="JOB.STEP")
+    sig.add_argument("signal", metavar="SIGNAL")
+    sig.set_defaults(func=cmd_signal)
+
+    cancel = sub.add_parser("cancel", help="cancel a step: RunTimeKill, grace period, SIGKILL, RunTimeDelete, cleanup",
+                            description="Cancel a step and wait until its containers are gone and its spool removed.",
+                            epilog="Example:\n  nodestepctl cancel 42.0", formatter_class=raw)
+    cancel.add_argument("step", metavar="JOB.STEP")
+    cancel.set_defaults(func=cmd_cancel)
+
+    wait = sub.add_parser("wait", help="wait for a step and exit with its status",
+                          description="Wait until the step ends; exit with its status (also for a step that already ended).",
+                          epilog="Example:\n  nodestepctl wait 42.0; echo $?", formatter_class=raw)
+    wait.add_argument("step", metavar="JOB.STEP")
+    wait.set_defaults(func=cmd_wait)
+
+    status = sub.add_parser("status", help="daemon version, uptime, configuration and step counts",
+                            epilog="Example:\n  nodestepctl status", formatter_class=raw)
+    status.set_defaults(func=cmd_status)
+
+    check = sub.add_parser(
+        "check-config", formatter_class=raw, help="validate an oci.conf (no daemon needed)",
+        description="Validate an oci.conf the way nodestepd loads it; print the mode and every RunTime*\n"
+        "command expanded for a sample step. Exits 1 and lists every problem on an invalid file.",
+        epilog="Example:\n  nodestepctl check-config /etc/slurm/oci.conf",
+    )
+    check.add_argument("file", nargs="?", default=DEFAULT_OCI_CONF, metavar="FILE", help=f"default {DEFAULT_OCI_CONF}")
+    check.add_argument("--node-name", help="node name for %%n in the sample (default: this host)")
+    check.set_defaults(func=cmd_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ClientError as e:
+        print(f"nodestepctl: {e}", file=sys.stderr)
+        return e.status
+    except ProtocolError as e:
+        print(f"nodestepctl: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as coreutils do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Daemon settings: built-in defaults, then the TOML file, then command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DEFAULT_CONFIG_FILE = "/etc/nodestepd/nodestepd.toml"
+
+
+class ConfigError(Exception):
+    """A settings problem; the message names the file and the setting."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: str = "/run/nodestepd/nodestepd.sock"
+    oci_conf: str = "/etc/slurm/oci.conf"
+    spool_dir: str = "/var/spool/nodestepd"
+    state_dir: str = "/var/lib/nodestepd"
+    node_name: str = ""  # empty: the short host name, resolved by load_config
+    kill_wait: float = 30.0
+    log_format: str = "console"
+    log_level: str = "info"
+    config_file: str | None = None  # where the settings came from, for `status`
+
+    def validate(self, source: str) -> None:
+        for name in ("socket", "oci_conf", "spool_dir", "state_dir"):
+            value = getattr(self, name)
+            if not os.path.isabs(value):
+                raise ConfigError(f"{source}: {name}: must be an absolute path, got {value!r}")
+        if not self.node_name or "/" in self.node_name or any(c.isspace() for c in self.node_name):
+            raise ConfigError(f"{source}: node_name: {self.node_name!r} is not a usable node name")
+        if not (0 < self.kill_wait <= 3600):
+            raise ConfigError(f"{source}: kill_wait: must be between 0 and 3600 seconds, got {self.kill_wait}")
+        if self.log_format not in ("console", "json"):
+            raise ConfigError(f"{source}: log_format: must be 'console' or 'json', got {self.log_format!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"{source}: log_level: must be debug, info, warning or error, got {self.log_level!r}")
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "socket": (str,),
+    "oci_conf": (str,),
+    "spool_dir": (str,),
+    "state_dir": (str,),
+    "node_name": (str,),
+    "kill_wait": (int, float),
+    "log_format": (str,),
+    "log_level": (str,),
+}
+
+
+def _from_toml(path: str, required: bool) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: no such file") from None
+        return {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _FIELD_TYPES:
+            known = ", ".join(sorted(_FIELD_TYPES))
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {known})")
+        types = _FIELD_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ConfigError(f"{path}: {key}: expected {types[0].__name__}, got {type(value).__name__}")
+        settings[key] = float(value) if key == "kill_wait" else value
+    return settings
+
+
+def load_config(config_file: str | None, overrides: Mapping[str, Any]) -> DaemonConfig:
+    """Defaults, then the TOML file (required only when named explicitly), then overrides (None = unset)."""
+    path = config_file or DEFAULT_CONFIG_FILE
+    settings = _from_toml(path, required=config_file is not None)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if not settings.get("node_name"):
+        settings["node_name"] = socket.gethostname().split(".", 1)[0]
+    config = dataclasses.replace(DaemonConfig(), **settings, config_file=path if os.path.exists(path) else None)
+    config.validate(path if settings else "settings")
+    return config

@@ -1,0 +1,154 @@
+"""oci.conf pattern replacement (`%j`, `%@`, ...): pure functions, no I/O.
+
+Every RunTime* value, ContainerPath and MountSpoolDir is a pattern. The expanded
+RunTime* string is run as `/bin/sh -c STRING`, so only `%@` is shell-quoted: the other
+replacements are inserted as they are, exactly as Slurm does, and sites write their
+commands knowing that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "REPLACEMENTS",
+    "PatternContext",
+    "check_pattern",
+    "shell_quote_args",
+    "expand",
+    "pattern_letters",
+    "cut_before_task_component",
+]
+
+# The characters that may follow '%' ("%%" is a literal '%').
+REPLACEMENTS = "%@bejmnprstuUZ"
+
+_KNOWN = " ".join(f"%{c}" for c in REPLACEMENTS)
+
+# %@ with no command: Slurm substitutes this text, double quotes included, so the
+# runtime is handed a command that fails instead of an empty argument list.
+NO_COMMAND = '"/bin/false"'
+
+# $$ in `sh -c` is the pid of that shell, which is the task's first process.
+PID_UNKNOWN = "$$"
+
+
+@dataclass(frozen=True)
+class PatternContext:
+    args: tuple[str, ...]  # %@
+    bundle: str  # %b
+    env_file: str  # %e
+    job_id: int  # %j
+    step_dir: str  # %m
+    node_name: str  # %n
+    pid: int | None  # %p; None => "$$"
+    rootfs: str  # %r
+    step_id: int  # %s
+    task_id: int  # %t
+    user: str  # %u
+    uid: int  # %U
+    workdir: str  # %Z
+
+
+def _tokens(pattern: str) -> Iterator[tuple[int, str]]:
+    """(index, token) pairs: a token is "%X" for a replacement or a single literal character.
+
+    An invalid '%' sequence is yielded as "%" + the next character (or "%" alone at the
+    end) so callers can report it; valid sequences are never split, which is what makes
+    "%%t" a literal "%t" and not a task id.
+    """
+    i = 0
+    n = len(pattern)
+    while i < n:
+        if pattern[i] == "%":
+            yield i, pattern[i : i + 2]
+            i += 2
+        else:
+            yield i, pattern[i]
+            i += 1
+
+
+def check_pattern(pattern: str) -> list[str]:
+    """Problems with `pattern` (columns are 1-based); an empty list means it is valid."""
+    problems: list[str] = []
+    for index, token in _tokens(pattern):
+        if token == "%":
+            problems.append("lone '%' at end of value (write '%%' for a literal '%')")
+        elif token[0] == "%" and token[1] not in REPLACEMENTS:
+            problems.append(
+                f"unknown replacement '{token}' at column {index + 1} (known: {_KNOWN}; write '%%' for a literal '%')"
+            )
+    return problems
+
+
+def _validated_tokens(pattern: str) -> list[tuple[int, str]]:
+    problems = check_pattern(pattern)
+    if problems:
+        raise ValueError(f"invalid pattern {pattern!r}: " + "; ".join(problems))
+    return list(_tokens(pattern))
+
+
+def shell_quote_args(args: Sequence[str]) -> str:
+    """The `%@` text: every argument single-quoted for POSIX sh, joined by one space."""
+    if not args:
+        return NO_COMMAND
+    quoted = []
+    for arg in args:
+        if "\0" in arg:
+            # No argv entry can hold a NUL (execve would cut it); refuse rather than truncate.
+            raise ValueError("a command argument contains a NUL character")
+        # Inside '...' nothing is special except the closing quote, so an embedded quote
+        # closes the string, adds a double-quoted quote, and reopens it.
+        quoted.append("'" + arg.replace("'", "'\"'\"'") + "'")
+    return " ".join(quoted)
+
+
+def _value(letter: str, ctx: PatternContext) -> str:
+    if letter == "%":
+        return "%"
+    if letter == "@":
+        return shell_quote_args(ctx.args)
+    if letter == "p":
+        return PID_UNKNOWN if ctx.pid is None else str(ctx.pid)
+    values = {
+        "b": ctx.bundle,
+        "e": ctx.env_file,
+        "j": str(ctx.job_id),
+        "m": ctx.step_dir,
+        "n": ctx.node_name,
+        "r": ctx.rootfs,
+        "s": str(ctx.step_id),
+        "t": str(ctx.task_id),
+        "u": ctx.user,
+        "U": str(ctx.uid),
+        "Z": ctx.workdir,
+    }
+    return values[letter]
+
+
+def expand(pattern: str, ctx: PatternContext) -> str:
+    """`pattern` with every replacement substituted; ValueError if the pattern is invalid."""
+    return "".join(_value(tok[1], ctx) if len(tok) == 2 else tok for _, tok in _validated_tokens(pattern))
+
+
+def pattern_letters(pattern: str) -> set[str]:
+    """The replacement characters `pattern` uses ("@", "t", ...; "%%" is not one)."""
+    return {tok[1] for _, tok in _validated_tokens(pattern) if len(tok) == 2 and tok[1] != "%"}
+
+
+def cut_before_task_component(pattern: str) -> str | None:
+    """ContainerPath rule: the pattern cut before the first '/'-component that uses %t.
+
+    Returns None when the pattern does not use %t. The result has no trailing slash,
+    except that the root stays "/" ("/%t" gives "/"); a relative pattern whose first
+    component uses %t gives "".
+    """
+    for index, token in _validated_tokens(pattern):
+        if token == "%t":
+            head = pattern[: pattern.rfind("/", 0, index) + 1]
+            stripped = head.rstrip("/")
+            if not stripped and head.startswith("/"):
+                return "/"
+            return stripped
+    return None

@@ -1,0 +1,204 @@
+"""The wire protocol between nodestepctl (or any client) and nodestepd.
+
+Framing: a 4-byte big-endian length, then that many bytes of a UTF-8 JSON object.
+File descriptors travel as SCM_RIGHTS ancillary data on the bytes of the message they
+belong to. docs/protocol.md is the reference; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Union
+
+import msgspec
+
+VERSION = 1
+MAX_MESSAGE = 1 << 20  # bytes of JSON in one message
+MAX_FDS = 3  # stdin, stdout, stderr of a launch
+HEADER = struct.Struct(">I")
+
+# Exit status conventions shared by the daemon and the client.
+STATUS_LAUNCH_FAILED = 125  # the step could not start (as docker/podman run do)
+STATUS_CONNECTION_LOST = 255
+
+
+class ProtocolError(Exception):
+    """A message that cannot be decoded; the text is safe to send back to the peer."""
+
+
+# ---- requests -------------------------------------------------------------------
+
+
+class Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
+    v: int
+
+
+class RunRequest(Request, tag="run"):
+    """Launch a step. Exactly three fds ride along: the tasks' stdin, stdout, stderr."""
+
+    bundle: str
+    args: list[str]
+    env: dict[str, str] = {}
+    job_id: int | None = None
+    step_id: int | None = None
+    ntasks: int = 1
+    chdir: str = "/"
+    pty: bool = False
+    detach: bool = False
+    # The bundle's config.json as the caller read it with its own rights, or why it
+    # could not be read: the daemon never opens paths under the caller's control as root.
+    config_json: str | None = None
+    config_json_error: str | None = None
+
+
+class SignalRequest(Request, tag="signal"):
+    """Signal a step. Without ids: the step this connection launched (attached runs)."""
+
+    signal: str
+    job_id: int | None = None
+    step_id: int | None = None
+
+
+class StepRef(Request):
+    job_id: int
+    step_id: int
+
+
+class CancelRequest(StepRef, tag="cancel"):
+    pass
+
+
+class WaitRequest(StepRef, tag="wait"):
+    pass
+
+
+class PsRequest(Request, tag="ps"):
+    pass
+
+
+class StatusRequest(Request, tag="status"):
+    pass
+
+
+AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest]
+
+# ---- replies --------------------------------------------------------------------
+
+
+class Reply(msgspec.Struct, tag_field="type"):
+    v: int = VERSION
+
+
+class ErrorReply(Reply, tag="error"):
+    code: str = "error"  # bad-request, not-found, permission-denied, launch-failed, conflict
+    error: str = ""
+    status: int | None = None  # exit status the client should use, when it has one
+
+
+class OkReply(Reply, tag="ok"):
+    pass
+
+
+class StartedReply(Reply, tag="started"):
+    job_id: int = 0
+    step_id: int = 0
+    ntasks: int = 1
+
+
+class TaskExit(msgspec.Struct):
+    task_id: int
+    status: int | None  # exit code, 128+N for signal N; None: never started
+
+
+class ExitReply(Reply, tag="exit"):
+    job_id: int = 0
+    step_id: int = 0
+    status: int = 0  # the first non-zero task status, else 0
+    tasks: list[TaskExit] = []
+    cancelled: bool = False
+
+
+class TaskInfo(msgspec.Struct):
+    task_id: int
+    pid: int | None
+    status: int | None
+
+
+class StepInfo(msgspec.Struct):
+    job_id: int
+    step_id: int
+    user: str
+    uid: int
+    state: str  # launching, running, terminating, finished
+    attached: bool
+    bundle: str
+    args: list[str]
+    started_at: float
+    tasks: list[TaskInfo]
+    status: int | None = None
+
+
+class StepsReply(Reply, tag="steps"):
+    steps: list[StepInfo] = []
+
+
+class StatusReply(Reply, tag="status"):
+    version: str = ""
+    uptime: float = 0.0
+    node_name: str = ""
+    config_file: str | None = None
+    oci_conf: str = ""
+    oci_mode: str = ""
+    socket: str = ""
+    spool_dir: str = ""
+    state_dir: str = ""
+    steps_running: int = 0
+    steps_finished: int = 0
+
+
+AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply]
+
+_request_decoder = msgspec.json.Decoder(AnyRequest)
+_reply_decoder = msgspec.json.Decoder(AnyReply)
+_encoder = msgspec.json.Encoder()
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    body = _encoder.encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    (length,) = HEADER.unpack(header)
+    if length > MAX_MESSAGE:
+        raise ProtocolError(f"message of {length} bytes is larger than the limit of {MAX_MESSAGE}")
+    return length
+
+
+def decode_request(body: bytes) -> AnyRequest:
+    try:
+        request = _request_decoder.decode(body)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed request: {e}") from None
+    if request.v != VERSION:
+        raise ProtocolError(f"unsupported protocol version {request.v} (this daemon speaks {VERSION})")
+    return request
+
+
+def decode_reply(body: bytes) -> AnyReply:
+    try:
+        return _reply_decoder.decode(body)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed reply from nodestepd: {e}") from None
+
+
+def parse_step_ref(text: str) -> tuple[int, int]:
+    """'JOB.STEP' (or 'JOB', meaning step 0) as the client and logs write it."""
+    job, _, step = text.partition(".")
+    try:
+        job_id, step_id = int(job), int(step or "0")
+    except ValueError:
+        raise ValueError(f"{text!r} is not a step reference: expected JOB.STEP, e.g. 42.0") from None
+    if job_id < 0 or step_id < 0:
+        raise ValueError(f"{text!r} is not a step reference: ids are non-negative")
+    return job_id, step_id

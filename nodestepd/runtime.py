@@ -1,0 +1,242 @@
+"""The runtime driver: runs oci.conf's RunTime* commands as `/bin/sh -c COMMAND` as the user.
+
+We spawn with subprocess.Popen (a C fork+exec that drops to the user's uid, gid and
+groups before exec) but never let subprocess wait for the child: uvloop owns SIGCHLD and
+reaps only what libuv spawned, so every process here is reaped by ProcessWatch through
+its pidfd. Each command gets its own process group, led by the shell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import shutil
+import shlex
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping
+
+from .watch import ProcessWatch
+
+SHELL = "/bin/sh"
+RUNTIME_UMASK = 0o022
+
+
+class RuntimeNotFound(Exception):
+    """The program a RunTime* command starts cannot be found; the text says which and where we looked."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a step runs as: resolved from the kernel-reported uid, never from the request."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @classmethod
+    def for_uid(cls, uid: int) -> "Identity":
+        """Blocking NSS lookups: call through asyncio.to_thread on the event loop."""
+        try:
+            pw = pwd.getpwuid(uid)
+        except KeyError:
+            raise LookupError(f"uid {uid} has no passwd entry on this node") from None
+        return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)), pw.pw_dir)
+
+
+def spawn_shell(
+    command: str,
+    *,
+    identity: Identity,
+    cwd: str,
+    env: Mapping[str, str],
+    stdin: int,
+    stdout: int,
+    stderr: int,
+) -> ProcessWatch:
+    """Start `/bin/sh -c command` as the user in a new process group and watch it by pidfd.
+
+    Raises OSError when the shell cannot be started (e.g. cwd not accessible to the user).
+    """
+    popen = subprocess.Popen(
+        [SHELL, "-c", command],
+        executable=SHELL,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        cwd=cwd,
+        env=dict(env),
+        user=identity.uid,
+        group=identity.gid,
+        extra_groups=list(identity.groups),
+        process_group=0,
+        umask=RUNTIME_UMASK,
+        close_fds=True,
+        restore_signals=True,
+    )
+    watch = ProcessWatch.open(popen.pid)
+    # ProcessWatch reaps it; a returncode keeps subprocess from ever calling waitpid on
+    # this pid (its __del__ would otherwise queue it for a waitpid of its own).
+    popen.returncode = 0
+    return watch
+
+
+@dataclass(frozen=True)
+class HelperResult:
+    status: int
+    output: str  # stdout and stderr together, trimmed
+
+
+async def run_helper(
+    command: str,
+    *,
+    identity: Identity,
+    cwd: str,
+    env: Mapping[str, str],
+    timeout: float,
+) -> HelperResult:
+    """Run a short runtime command (kill, delete, query) and collect its output.
+
+    The output goes to a memfd, not a pipe: we wait for the process to exit (pidfd),
+    never for end-of-file, which a container holding the pipe would delay forever.
+    """
+    out = os.memfd_create("nodestepd-helper", os.MFD_CLOEXEC)
+    try:
+        with open(os.devnull, "rb") as devnull:
+            watch = spawn_shell(
+                command, identity=identity, cwd=cwd, env=env, stdin=devnull.fileno(), stdout=out, stderr=out
+            )
+        try:
+            status = await asyncio.wait_for(watch.wait(), timeout)
+        except TimeoutError:
+            watch.kill_group(signal.SIGKILL)
+            status = await watch.wait()
+            os.lseek(out, 0, os.SEEK_SET)
+            return HelperResult(status, f"timed out after {timeout:g} s; killed")
+        finally:
+            if not watch.running:
+                watch.reap()
+        os.lseek(out, 0, os.SEEK_SET)
+        data = os.read(out, 64 * 1024)
+        return HelperResult(status, data.decode("utf-8", "replace").strip())
+    finally:
+        os.close(out)
+
+
+def group_members(leader: int) -> list[int]:
+    """Processes of `leader`'s process group that descend from it, leader excluded.
+
+    Walks /proc/PID/task/TID/children from the leader down. Used to deliver a signal to
+    the runtime without hitting the shell that started it: dash does not exec the
+    command, so a signal like SIGUSR1 sent to the whole group would kill the shell and
+    orphan the runtime, and the task's exit status would be the shell's.
+    """
+    members: list[int] = []
+    frontier = [leader]
+    while frontier:
+        pid = frontier.pop()
+        for child in _children(pid):
+            if _pgid(child) == leader:
+                members.append(child)
+                frontier.append(child)
+    return members
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return kids
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(k) for k in f.read().split())
+        except FileNotFoundError:
+            continue
+    return kids
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def signal_group_except_leader(leader: int, sig: int) -> int:
+    """Send sig to every member of the leader's group below it; returns how many got it.
+
+    Each target is pinned with a pidfd and checked again after pinning, so a pid that
+    was recycled between the walk and the kill is never signalled.
+    """
+    sent = 0
+    for pid in group_members(leader):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if _pgid(pid) != leader:
+                continue
+            signal.pidfd_send_signal(fd, sig)
+            sent += 1
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(fd)
+    return sent
+
+
+def find_program(command: str, env: Mapping[str, str]) -> str | None:
+    """The program a shell command line starts first, resolved like the shell would.
+
+    Understands leading NAME=value assignments and `env [-i] [NAME=value...] PROG`
+    (the published Charliecloud config starts that way; env's own PATH= then applies).
+    Returns the resolved path, or None when the command is not simple enough to tell
+    (shell syntax, functions, builtins): then the shell itself reports the problem.
+    Raises RuntimeNotFound when the program is definitely missing.
+    """
+    try:
+        words = shlex.split(command, comments=False, posix=True)
+    except ValueError:
+        return None
+    path = env.get("PATH", os.defpath)
+    i = 0
+    while i < len(words) and _is_assignment(words[i]):
+        i += 1
+    if i < len(words) and words[i] in ("env", "/usr/bin/env", "/bin/env"):
+        i += 1
+        while i < len(words) and (words[i].startswith("-") or _is_assignment(words[i])):
+            if words[i].startswith("PATH="):
+                path = words[i][len("PATH="):]
+            if words[i] in ("-u", "-C", "-S", "--unset", "--chdir"):
+                return None  # options with arguments: not worth second-guessing
+            i += 1
+    if i >= len(words):
+        return None
+    program = words[i]
+    if any(c in program for c in "$`\\*?[;|&<>(){}"):
+        return None
+    if "/" in program:
+        if os.path.isfile(program) and os.access(program, os.X_OK):
+            return program
+        raise RuntimeNotFound(f"runtime program {program} does not exist or is not executable")
+    found = shutil.which(program, path=path)
+    if found is None:
+        if program in _SHELL_WORDS:
+            return None
+        raise RuntimeNotFound(f"runtime program {program!r} is not found in PATH={path}")
+    return found
+
+
+_SHELL_WORDS = {"exec", "kill", "test", "[", "echo", "printf", "cd", "true", "false", ":", ".", "eval", "command", "set", "trap", "wait", "if", "for", "while", "case"}
+
+
+def _is_assignment(word: str) -> bool:
+    name, eq, _ = word.partition("=")
+    return bool(eq) and name.isidentifier()

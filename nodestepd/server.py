@@ -1,0 +1,433 @@
+"""The socket server: accepts clients, authenticates them by peer credentials, dispatches requests.
+
+Lifecycle like uvicorn's: Server(config, oci).start() binds and prepares directories,
+serve() accepts until shutdown() is called, shutdown() stops accepting and ends steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import socket
+import stat
+import time
+
+from . import __version__, protocol
+from .config import DaemonConfig
+from .connection import Connection, ConnectionClosed
+from .logs import get_logger
+from .ociconf import OciConf
+from .protocol import (
+    CancelRequest,
+    ErrorReply,
+    ExitReply,
+    OkReply,
+    ProtocolError,
+    PsRequest,
+    RunRequest,
+    SignalRequest,
+    StartedReply,
+    StatusReply,
+    StatusRequest,
+    StepInfo,
+    StepsReply,
+    TaskExit,
+    TaskInfo,
+    WaitRequest,
+)
+from .runtime import Identity
+from .state import JobIdAllocator
+from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState
+from .stepenv import validate_env_name
+
+MAX_STEP_ID = 0xFFFFFFF0  # Slurm keeps the ids above for its special steps
+MAX_JOB_ID = 0xFFFFFFF0
+MAX_NTASKS = 1024
+FINISHED_KEPT = 1024  # finished steps remembered for `wait` and `ps`
+
+
+class BadRequest(Exception):
+    """A request that is well-formed JSON but asks for something invalid."""
+
+
+class Server:
+    def __init__(self, config: DaemonConfig, oci: OciConf) -> None:
+        self.config = config
+        self.oci = oci
+        self.log = get_logger()
+        self.started_at = time.time()
+        self.steps: dict[tuple[int, int], Step] = {}
+        self.finished: collections.OrderedDict[tuple[int, int], Step] = collections.OrderedDict()
+        self._listener: socket.socket | None = None
+        self._stopping: asyncio.Event | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._job_ids: JobIdAllocator | None = None
+        self.spool_dir = config.spool_dir
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = asyncio.Event()
+        os.makedirs(self.config.spool_dir, mode=0o755, exist_ok=True)
+        # Steps walk to their spool dir refusing every symlink; resolve the operator's own
+        # links (/var/run -> /run and the like) once, here.
+        self.spool_dir = os.path.realpath(self.config.spool_dir)
+        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        self._job_ids = JobIdAllocator(self.config.state_dir)
+        self._listener = _bind(self.config.socket)
+        self.log.info(
+            "listening", socket=self.config.socket, oci_conf=self.oci.path, mode=self.oci.mode, version=__version__
+        )
+
+    async def serve(self) -> None:
+        assert self._listener is not None and self._stopping is not None
+        loop = asyncio.get_running_loop()
+        accept = asyncio.ensure_future(loop.sock_accept(self._listener))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait({accept, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if stopping in done:
+                    break
+                sock, _ = accept.result()
+                task = asyncio.create_task(self._handle(sock))
+                self._connections.add(task)
+                task.add_done_callback(self._connections.discard)
+                accept = asyncio.ensure_future(loop.sock_accept(self._listener))
+        finally:
+            accept.cancel()
+            stopping.cancel()
+
+    def request_shutdown(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, then cancel running steps (restart survival is not built yet)."""
+        if self._listener is not None:
+            self._listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket)
+            self._listener = None
+        running = list(self.steps.values())
+        if running:
+            self.log.info("shutting down: cancelling running steps", steps=len(running))
+            await asyncio.gather(*(step.cancel("daemon shutdown") for step in running))
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    # ---- connections ------------------------------------------------------------------
+
+    async def _handle(self, sock: socket.socket) -> None:
+        conn = Connection(sock)
+        log = self.log.bind(peer_uid=conn.peer_uid, peer_pid=conn.peer_pid)
+        try:
+            while True:
+                try:
+                    received = await conn.receive()
+                except ProtocolError as e:
+                    log.warning("bad message; closing connection", error=str(e))
+                    await conn.send(ErrorReply(code="bad-request", error=str(e)))
+                    return
+                if received is None:
+                    return
+                body, fds = received
+                try:
+                    request = protocol.decode_request(body)
+                except ProtocolError as e:
+                    _close_all(fds)
+                    log.info("malformed request", error=str(e))
+                    await conn.send(ErrorReply(code="bad-request", error=str(e)))
+                    continue
+                if isinstance(request, RunRequest):
+                    await self._run(conn, request, fds, log)
+                    return  # a run owns its connection until the step ends (or is detached)
+                _close_all(fds)
+                await self._dispatch(conn, request)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            conn.close()
+
+    async def _dispatch(self, conn: Connection, request) -> None:
+        try:
+            if isinstance(request, StatusRequest):
+                reply = self._status()
+            elif isinstance(request, PsRequest):
+                reply = StepsReply(steps=[_step_info(s) for s in self._visible_steps(conn.peer_uid)])
+            elif isinstance(request, SignalRequest):
+                if request.job_id is None:
+                    raise BadRequest("signal needs a job id outside an attached run")
+                step = self._own_running_step(conn.peer_uid, request.job_id, request.step_id or 0)
+                step.signal(_parse_signal(request.signal))
+                reply = OkReply()
+            elif isinstance(request, CancelRequest):
+                step = self._own_running_step(conn.peer_uid, request.job_id, request.step_id)
+                reply = _exit_reply(step, await step.cancel(f"cancel requested by uid {conn.peer_uid}"))
+            elif isinstance(request, WaitRequest):
+                step = self._own_step(conn.peer_uid, request.job_id, request.step_id)
+                reply = _exit_reply(step, await step.wait())
+            else:
+                raise BadRequest(f"unexpected request {type(request).__name__}")
+        except _Refused as e:
+            reply = ErrorReply(code=e.code, error=str(e))
+        except BadRequest as e:
+            reply = ErrorReply(code="bad-request", error=str(e))
+        await conn.send(reply)
+
+    # ---- run ----------------------------------------------------------------------
+
+    async def _run(self, conn: Connection, request: RunRequest, fds: list[int], log) -> None:
+        try:
+            try:
+                spec = await self._validate_run(conn.peer_uid, request, fds)
+            except BadRequest as e:
+                log.info("launch refused", error=str(e))
+                await conn.send(ErrorReply(code="bad-request", error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
+                return
+            key = (spec.job_id, spec.step_id)
+            if key in self.steps:
+                await conn.send(
+                    ErrorReply(
+                        code="conflict",
+                        error=f"step {spec.job_id}.{spec.step_id} is already running on this node",
+                        status=protocol.STATUS_LAUNCH_FAILED,
+                    )
+                )
+                return
+            step = Step(spec, self._step_settings())
+            self.steps[key] = step
+            try:
+                with open(os.devnull, "rb") as null:
+                    await step.launch(Stdio(fds[0], fds[1], fds[2], null.fileno()))
+            except LaunchFailed as e:
+                del self.steps[key]
+                step.log.warning("launch failed", error=str(e))
+                await conn.send(ErrorReply(code="launch-failed", error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
+                return
+        finally:
+            _close_all(fds)  # the tasks have their own copies now
+        asyncio.create_task(self._retire(step))
+        await conn.send(StartedReply(job_id=spec.job_id, step_id=spec.step_id, ntasks=spec.ntasks))
+        if request.detach:
+            return
+        await self._attend(conn, step)
+
+    async def _attend(self, conn: Connection, step: Step) -> None:
+        """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
+        done = asyncio.ensure_future(step.wait())
+        while not done.done():
+            incoming = asyncio.ensure_future(conn.receive())
+            await asyncio.wait({done, incoming}, return_when=asyncio.FIRST_COMPLETED)
+            if not incoming.done():
+                incoming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await incoming
+                break
+            try:
+                received = incoming.result()
+            except (ProtocolError, ConnectionClosed) as e:
+                received = None
+                step.log.warning("attached client sent garbage", error=str(e))
+            if received is None:
+                await step.cancel("attached client went away")
+                return
+            body, fds = received
+            _close_all(fds)
+            try:
+                request = protocol.decode_request(body)
+                if not isinstance(request, SignalRequest) or request.job_id is not None:
+                    raise ProtocolError("an attached run accepts only signal requests without ids")
+                step.signal(_parse_signal(request.signal))
+            except (ProtocolError, BadRequest) as e:
+                await conn.send(ErrorReply(code="bad-request", error=str(e)))
+        await conn.send(_exit_reply(step, done.result()))
+
+    async def _retire(self, step: Step) -> None:
+        """Move a step from running to finished when it ends, keeping a bounded history."""
+        await step.wait()
+        key = (step.spec.job_id, step.spec.step_id)
+        if self.steps.get(key) is step:
+            del self.steps[key]
+        self.finished[key] = step
+        self.finished.move_to_end(key)
+        while len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+
+    async def _validate_run(self, uid: int, request: RunRequest, fds: list[int]) -> StepSpec:
+        if len(fds) != 3:
+            raise BadRequest(f"a run request carries exactly 3 file descriptors (stdin, stdout, stderr), got {len(fds)}")
+        _check_path("bundle", request.bundle)
+        _check_path("chdir", request.chdir)
+        for arg in request.args:
+            if "\0" in arg:
+                raise BadRequest("command arguments cannot contain NUL bytes")
+        for name, value in request.env.items():
+            try:
+                validate_env_name(name)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+            if "\0" in value:
+                raise BadRequest(f"environment variable {name} contains a NUL byte")
+        if not 1 <= request.ntasks <= MAX_NTASKS:
+            raise BadRequest(f"ntasks must be between 1 and {MAX_NTASKS}, got {request.ntasks}")
+        if request.job_id is not None and not 0 < request.job_id < MAX_JOB_ID:
+            raise BadRequest(f"job id must be between 1 and {MAX_JOB_ID - 1}, got {request.job_id}")
+        step_id = request.step_id if request.step_id is not None else 0
+        if not 0 <= step_id < MAX_STEP_ID:
+            raise BadRequest(f"step id must be between 0 and {MAX_STEP_ID - 1}, got {step_id}")
+        try:
+            identity = await asyncio.to_thread(Identity.for_uid, uid)
+        except LookupError as e:
+            raise BadRequest(str(e)) from None
+        assert self._job_ids is not None
+        job_id = request.job_id if request.job_id is not None else await asyncio.to_thread(self._job_ids.allocate)
+        return StepSpec(
+            job_id=job_id,
+            step_id=step_id,
+            ntasks=request.ntasks,
+            identity=identity,
+            bundle=os.path.normpath(request.bundle),
+            args=tuple(request.args),
+            env=dict(request.env),
+            workdir=request.chdir,
+            pty=request.pty,
+            attached=not request.detach,
+            config_json=request.config_json,
+            config_json_error=request.config_json_error,
+        )
+
+    def _step_settings(self) -> StepSettings:
+        return StepSettings(
+            oci=self.oci,
+            spool_dir=self.spool_dir,
+            node_name=self.config.node_name,
+            kill_wait=self.config.kill_wait,
+            daemon_env=dict(os.environ),
+        )
+
+    # ---- lookups and authorisation -------------------------------------------------------
+
+    def _visible_steps(self, uid: int) -> list[Step]:
+        steps = list(self.steps.values()) + list(self.finished.values())
+        return [s for s in steps if uid == 0 or s.spec.identity.uid == uid]
+
+    def _own_step(self, uid: int, job_id: int, step_id: int) -> Step:
+        key = (job_id, step_id)
+        step = self.steps.get(key) or self.finished.get(key)
+        if step is None or (uid != 0 and step.spec.identity.uid != uid):
+            # Someone else's step is reported exactly like a missing one: no probing.
+            raise _Refused("not-found", f"no step {job_id}.{step_id} of yours on this node")
+        return step
+
+    def _own_running_step(self, uid: int, job_id: int, step_id: int) -> Step:
+        step = self._own_step(uid, job_id, step_id)
+        if step.state is StepState.FINISHED:
+            raise _Refused("not-found", f"step {job_id}.{step_id} has already finished")
+        return step
+
+    def _status(self) -> StatusReply:
+        c = self.config
+        return StatusReply(
+            version=__version__,
+            uptime=time.time() - self.started_at,
+            node_name=c.node_name,
+            config_file=c.config_file,
+            oci_conf=self.oci.path,
+            oci_mode=self.oci.mode,
+            socket=c.socket,
+            spool_dir=c.spool_dir,
+            state_dir=c.state_dir,
+            steps_running=len(self.steps),
+            steps_finished=len(self.finished),
+        )
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _bind(path: str) -> socket.socket:
+    """Bind the listening socket, replacing a stale one but never a live daemon's."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody is listening
+        else:
+            raise OSError(f"another nodestepd is already listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    # Every local user may connect: who may do what is decided per request from SO_PEERCRED.
+    os.chmod(path, 0o666)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _check_path(name: str, value: str) -> None:
+    if "\0" in value:
+        raise BadRequest(f"{name} contains a NUL byte")
+    if not os.path.isabs(value):
+        raise BadRequest(f"{name} must be an absolute path, got {value!r}")
+
+
+def _parse_signal(name: str) -> int:
+    text = name.strip().upper()
+    try:
+        if text.isdigit():
+            return signal.Signals(int(text)).value
+        return signal.Signals[text if text.startswith("SIG") else "SIG" + text].value
+    except (KeyError, ValueError):
+        raise BadRequest(f"unknown signal {name!r}") from None
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _step_info(step: Step) -> StepInfo:
+    spec = step.spec
+    return StepInfo(
+        job_id=spec.job_id,
+        step_id=spec.step_id,
+        user=spec.identity.user,
+        uid=spec.identity.uid,
+        state=step.state.value,
+        attached=spec.attached,
+        bundle=spec.bundle,
+        args=list(spec.args),
+        started_at=step.started_at,
+        tasks=[TaskInfo(task_id=t.task_id, pid=t.watch.pid if t.watch else None, status=t.status) for t in step.tasks],
+        status=step.result.status if step.result else None,
+    )
+
+
+def _exit_reply(step: Step, result: StepResult) -> ExitReply:
+    return ExitReply(
+        job_id=step.spec.job_id,
+        step_id=step.spec.step_id,
+        status=result.status,
+        tasks=[TaskExit(task_id=i, status=s) for i, s in enumerate(result.task_statuses)],
+        cancelled=result.cancelled,
+    )

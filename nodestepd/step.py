@@ -1,0 +1,397 @@
+"""One container step on this node, from validated request to exit event.
+
+Data flows one way: StepSpec (validated request) -> prepared spool (StepSpool, rewritten
+config.json, environment file) -> one runtime process per task (spawn_shell) -> watched
+tasks (ProcessWatch) -> StepResult. A Step owns its spool and its task processes and is
+the one place that releases them (_finalize).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from . import configjson, stepenv
+from .configjson import BundleConfigError
+from .logs import get_logger
+from .ociconf import OciConf
+from .patterns import PatternContext, expand
+from .runtime import Identity, RuntimeNotFound, find_program, run_helper, signal_group_except_leader, spawn_shell
+from .spool import SpoolError, StepSpool, spool_layout
+from .watch import ProcessWatch
+
+ENV_FILE_NAME = "environment"
+CONFIG_FILE_NAME = "config.json"
+
+
+class LaunchFailed(Exception):
+    """The step could not start. The message is one sentence for the user; nothing is left behind."""
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A launch request after validation, with the caller's identity from the kernel."""
+
+    job_id: int
+    step_id: int
+    ntasks: int
+    identity: Identity
+    bundle: str
+    args: tuple[str, ...]
+    env: Mapping[str, str]
+    workdir: str
+    pty: bool
+    attached: bool
+    config_json: str | None  # the bundle's config.json as read by the caller
+    config_json_error: str | None
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a step needs from the daemon's configuration, frozen at launch."""
+
+    oci: OciConf
+    spool_dir: str
+    node_name: str
+    kill_wait: float
+    daemon_env: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Stdio:
+    stdin: int
+    stdout: int
+    stderr: int
+    null: int  # /dev/null, the stdin of every task but task 0
+
+
+class StepState(enum.Enum):
+    LAUNCHING = "launching"
+    RUNNING = "running"
+    TERMINATING = "terminating"
+    FINISHED = "finished"
+
+
+@dataclass
+class Task:
+    task_id: int
+    dir: str
+    context: PatternContext
+    watch: ProcessWatch | None = None
+
+    @property
+    def status(self) -> int | None:
+        return self.watch.status if self.watch else None
+
+    @property
+    def running(self) -> bool:
+        return self.watch is not None and self.watch.running
+
+
+@dataclass(frozen=True)
+class StepResult:
+    status: int
+    task_statuses: tuple[int | None, ...]
+    cancelled: bool
+
+
+@dataclass
+class _Prepared:
+    spool: StepSpool
+    tasks: list[Task]
+    runtime_env: dict[str, str]
+    run_commands: list[str] = field(default_factory=list)
+
+
+class Step:
+    def __init__(self, spec: StepSpec, settings: StepSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.state = StepState.LAUNCHING
+        self.started_at = time.time()
+        self.tasks: list[Task] = []
+        self.result: StepResult | None = None
+        self.log = get_logger(job_id=spec.job_id, step_id=spec.step_id, user=spec.identity.user)
+        self._spool: StepSpool | None = None
+        self._runtime_env: dict[str, str] = {}
+        self._supervisor: asyncio.Task[None] | None = None
+        self._termination: asyncio.Task[None] | None = None
+        self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.spec.job_id}.{self.spec.step_id}"
+
+    # ---- launch ---------------------------------------------------------------
+
+    async def launch(self, stdio: Stdio) -> None:
+        """Prepare the spool and start every task. Raises LaunchFailed with nothing left behind."""
+        prepared = await asyncio.to_thread(self._prepare)
+        self._spool = prepared.spool
+        self.tasks = prepared.tasks
+        self._runtime_env = prepared.runtime_env
+        try:
+            for task, command in zip(self.tasks, prepared.run_commands):
+                task.watch = spawn_shell(
+                    command,
+                    identity=self.spec.identity,
+                    cwd=task.dir,
+                    env=self._runtime_env,
+                    stdin=stdio.stdin if task.task_id == 0 else stdio.null,
+                    stdout=stdio.stdout,
+                    stderr=stdio.stderr,
+                )
+                self.log.debug("task started", task_id=task.task_id, pid=task.watch.pid, command=command)
+        except OSError as e:
+            self.log.error("runtime could not be started", error=str(e))
+            await self._undo_launch()
+            raise LaunchFailed(f"cannot start the runtime as {self.spec.identity.user}: {e.strerror or e}") from None
+        self.state = StepState.RUNNING
+        self.log.info("step started", ntasks=self.spec.ntasks, bundle=self.spec.bundle)
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"step {self.ref}")
+
+    def _prepare(self) -> _Prepared:
+        """Blocking filesystem work (spool dirs, files): runs in a worker thread."""
+        spec, settings, oci = self.spec, self.settings, self.settings.oci
+        bundle_config = self._bundle_config()
+        rootfs = configjson.rootfs_path(bundle_config, spec.bundle) if bundle_config is not None else spec.bundle
+        step_env = stepenv.exclude_env(spec.env, oci.env_exclude_re)
+        runtime_env = stepenv.runtime_environment(
+            settings.daemon_env, oci.runtime_env_exclude_re,
+            user=spec.identity.user, home=spec.identity.home, uid=spec.identity.uid,
+        )
+
+        def context(task_id: int, step_dir: str = "", task_dir: str = "") -> PatternContext:
+            use_rewritten = bundle_config is not None
+            return PatternContext(
+                args=spec.args,
+                bundle=task_dir if use_rewritten else spec.bundle,
+                env_file=os.path.join(task_dir, ENV_FILE_NAME),
+                job_id=spec.job_id,
+                step_dir=step_dir,
+                node_name=settings.node_name,
+                pid=None,
+                rootfs=rootfs,
+                step_id=spec.step_id,
+                task_id=task_id,
+                user=spec.identity.user,
+                uid=spec.identity.uid,
+                workdir=spec.workdir,
+            )
+
+        try:
+            layout = spool_layout(
+                container_path=oci.container_path,
+                spool_dir=settings.spool_dir,
+                expand=lambda pattern, task_id: expand(pattern, context(task_id)),
+                job_id=spec.job_id,
+                step_id=spec.step_id,
+                ntasks=spec.ntasks,
+            )
+        except SpoolError as e:
+            raise LaunchFailed(str(e)) from None
+        tasks = [
+            Task(t, layout.task_dirs[t], context(t, layout.step_dir, layout.task_dirs[t])) for t in range(spec.ntasks)
+        ]
+        run_commands = [expand(oci.runtime_run, task.context) for task in tasks]
+        try:
+            find_program(run_commands[0], runtime_env)
+        except RuntimeNotFound as e:
+            raise LaunchFailed(str(e)) from None
+
+        try:
+            spool = StepSpool.create(layout, spec.identity.uid, spec.identity.gid)
+        except SpoolError as e:
+            raise LaunchFailed(str(e)) from None
+        try:
+            for task in tasks:
+                self._write_task_files(spool, task, bundle_config, step_env, layout.step_dir)
+            spool.hand_over()
+        except Exception as e:
+            try:
+                spool.remove()
+            except SpoolError as cleanup:
+                self.log.error("spool dir could not be removed after a failed launch", error=str(cleanup))
+            if isinstance(e, LaunchFailed):
+                raise
+            if isinstance(e, (BundleConfigError, ValueError)):
+                raise LaunchFailed(str(e)) from None
+            raise LaunchFailed(f"cannot prepare the spool dir {layout.step_dir}: {e}") from None
+        return _Prepared(spool, tasks, runtime_env, run_commands)
+
+    def _write_task_files(
+        self, spool: StepSpool, task: Task, bundle_config: dict | None, step_env: Mapping[str, str], step_dir: str
+    ) -> None:
+        oci, spec = self.settings.oci, self.spec
+        container_env = step_env
+        if bundle_config is not None:
+            mount = (step_dir, expand(oci.mount_spool_dir, task.context)) if oci.mount_spool_dir else None
+            rewritten = configjson.rewrite_config(
+                bundle_config,
+                bundle=spec.bundle,
+                terminal=spec.pty,
+                args=spec.args,
+                step_env=step_env,
+                mount_spool=mount,
+                disable_hooks=oci.disable_hooks,
+            )
+            spool.write_task_file(task.task_id, CONFIG_FILE_NAME, configjson.config_json_bytes(rewritten), 0o750)
+            container_env = _env_dict(rewritten["process"].get("env", []))
+        if oci.create_env_file != "disabled":
+            data = stepenv.env_file_bytes(container_env, oci.create_env_file)
+            spool.write_task_file(task.task_id, ENV_FILE_NAME, data, 0o600)
+
+    def _bundle_config(self) -> dict | None:
+        spec = self.spec
+        if self.settings.oci.ignore_file_config_json:
+            return None
+        path = os.path.join(spec.bundle, CONFIG_FILE_NAME)
+        if spec.config_json_error is not None:
+            raise LaunchFailed(f"cannot read {path}: {spec.config_json_error}")
+        if spec.config_json is None:
+            raise LaunchFailed(f"cannot read {path}: the request did not include it")
+        try:
+            config = configjson.parse_bundle_config(spec.config_json, spec.bundle)
+            configjson.rootfs_path(config, spec.bundle)
+        except BundleConfigError as e:
+            raise LaunchFailed(str(e)) from None
+        return config
+
+    async def _undo_launch(self) -> None:
+        """A task failed to spawn: stop the ones that did, then remove everything."""
+        for task in self.tasks:
+            if task.watch is not None:
+                task.watch.kill_group(signal.SIGKILL)
+        for task in self.tasks:
+            if task.watch is not None:
+                await task.watch.wait()
+        await self._release()
+        self.state = StepState.FINISHED
+
+    # ---- running --------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        try:
+            statuses = await asyncio.gather(*(self._watch_task(task) for task in self.tasks))
+            if self._termination is not None:
+                await self._termination
+            cancelled = self._termination is not None
+            status = next((s for s in statuses if s), 0)
+            self.result = StepResult(status, tuple(statuses), cancelled)
+        except BaseException as e:  # never leave the step half-released
+            self.log.exception("step supervision failed", error=str(e))
+            self.result = StepResult(255, tuple(t.status for t in self.tasks), self._termination is not None)
+            raise
+        finally:
+            await self._release()
+            self.state = StepState.FINISHED
+            self.log.info("step finished", status=self.result.status if self.result else None)
+            if not self._done.done():
+                self._done.set_result(self.result)
+
+    async def _watch_task(self, task: Task) -> int:
+        assert task.watch is not None
+        status = await task.watch.wait()
+        log = self.log.bind(task_id=task.task_id)
+        log.info("task exited", status=status)
+        if status >= 128 and self._termination is None:
+            # The runtime died by a signal: it may not have removed its container.
+            await self._runtime_delete(task, log)
+        return status
+
+    async def wait(self) -> StepResult:
+        return await asyncio.shield(self._done)
+
+    def signal(self, sig: int) -> int:
+        """Deliver sig to each running task's runtime (its process group, minus the shell that started it)."""
+        delivered = 0
+        for task in self.tasks:
+            if not task.running:
+                continue
+            assert task.watch is not None
+            if signal_group_except_leader(task.watch.pid, sig) == 0:
+                # Nothing below the shell (yet, or any more): the shell is all there is to signal.
+                task.watch.send_signal(sig)
+            delivered += 1
+        self.log.info("signal delivered", signal=signal.Signals(sig).name, tasks=delivered)
+        return delivered
+
+    async def cancel(self, reason: str) -> StepResult:
+        if self._termination is None and self.state is not StepState.FINISHED:
+            self.log.info("cancelling step", reason=reason)
+            self.state = StepState.TERMINATING
+            self._termination = asyncio.create_task(self._terminate())
+        return await self.wait()
+
+    async def _terminate(self) -> None:
+        await asyncio.gather(*(self._terminate_task(task) for task in self.tasks if task.running))
+
+    async def _terminate_task(self, task: Task) -> None:
+        """RunTimeKill; wait (bounded by kill_wait); SIGKILL the group; RunTimeDelete."""
+        assert task.watch is not None
+        log = self.log.bind(task_id=task.task_id)
+        kill = await self._helper("RunTimeKill", self.settings.oci.runtime_kill, task)
+        if task.running:
+            if kill.status != 0:
+                log.warning(
+                    "RunTimeKill failed; killing the runtime's process group now",
+                    status=kill.status, output=kill.output,
+                )
+                task.watch.kill_group(signal.SIGKILL)
+            else:
+                try:
+                    await asyncio.wait_for(task.watch.wait(), self.settings.kill_wait)
+                except TimeoutError:
+                    log.warning("task still running after kill_wait; killing its process group", kill_wait=self.settings.kill_wait)
+                    task.watch.kill_group(signal.SIGKILL)
+            await task.watch.wait()
+        await self._runtime_delete(task, log)
+
+    async def _runtime_delete(self, task: Task, log) -> None:
+        result = await self._helper("RunTimeDelete", self.settings.oci.runtime_delete, task)
+        if result.status != 0:
+            log.info("RunTimeDelete failed", status=result.status, output=result.output)
+
+    async def _helper(self, key: str, pattern: str | None, task: Task):
+        assert task.watch is not None and pattern is not None
+        ctx = task.context.__class__(**{**task.context.__dict__, "pid": task.watch.pid})
+        command = expand(pattern, ctx)
+        self.log.debug("running runtime command", key=key, task_id=task.task_id, command=command)
+        return await run_helper(
+            command, identity=self.spec.identity, cwd=task.dir, env=self._runtime_env, timeout=self.settings.kill_wait
+        )
+
+    # ---- release ----------------------------------------------------------------
+
+    async def _release(self) -> None:
+        """Kill leftovers of each task's group, reap, remove the spool: the one release point."""
+        for task in self.tasks:
+            if task.watch is None:
+                continue
+            if not task.running:
+                task.watch.kill_group(signal.SIGKILL)  # stragglers a runtime left in its group
+                task.watch.reap()
+        if self._spool is not None:
+            spool, self._spool = self._spool, None
+            if self.settings.oci.disable_cleanup:
+                self.log.info("DisableCleanup: keeping the spool dir", spool_dir=spool.layout.step_dir)
+                spool.close()
+            else:
+                try:
+                    await asyncio.to_thread(spool.remove)
+                except SpoolError as e:
+                    self.log.error("spool dir could not be removed", error=str(e))
+
+
+def _env_dict(entries: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for entry in entries:
+        name, eq, value = entry.partition("=")
+        if eq:
+            env[name] = value
+    return env

@@ -1,0 +1,63 @@
+"""Environments: the step's (for the container) and the runtime commands' own."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+
+__all__ = ["env_file_bytes", "exclude_env", "runtime_environment", "validate_env_name"]
+
+
+def validate_env_name(name: str) -> None:
+    """Raise ValueError unless name can stand before the '=' of an environment entry."""
+    if not name:
+        raise ValueError("an environment variable name must not be empty")
+    if "=" in name:
+        raise ValueError(f"environment variable name {name!r} must not contain '='")
+    if "\0" in name:
+        raise ValueError(f"environment variable name {name!r} must not contain a NUL byte")
+
+
+def exclude_env(env: Mapping[str, str], regex: re.Pattern[str] | None) -> dict[str, str]:
+    """Drop entries whose whole "NAME=value" text matches regex anywhere (EnvExclude semantics)."""
+    if regex is None:
+        return dict(env)
+    return {name: value for name, value in env.items() if regex.search(f"{name}={value}") is None}
+
+
+def env_file_bytes(env: Mapping[str, str], fmt: str) -> bytes:
+    """The environment file for CreateEnvFile=null or CreateEnvFile=newline."""
+    if fmt == "null":
+        terminator = b"\0"
+    elif fmt == "newline":
+        terminator = b"\n"
+    elif fmt == "disabled":
+        raise ValueError("CreateEnvFile is disabled: there is no environment file to write")
+    else:
+        raise ValueError(f"unknown environment file format {fmt!r}; expected 'null' or 'newline'")
+    out = bytearray()
+    for name, value in env.items():
+        validate_env_name(name)
+        if "\0" in value:
+            raise ValueError(f"the value of environment variable {name!r} contains a NUL byte")
+        # One entry per line cannot carry a newline; CreateEnvFile=newline drops such
+        # variables. A newline in the name would break the file the same way.
+        if fmt == "newline" and ("\n" in value or "\n" in name):
+            continue
+        # fsencode: values taken from os.environ may hold undecodable bytes as surrogates.
+        out += os.fsencode(f"{name}={value}") + terminator
+    return bytes(out)
+
+
+def runtime_environment(
+    daemon_env: Mapping[str, str], regex: re.Pattern[str] | None, *, user: str, home: str, uid: int
+) -> dict[str, str]:
+    """Environment for the RunTime* commands: the daemon's, minus RunTimeEnvExclude, as the user."""
+    env = exclude_env(daemon_env, regex)
+    # Set after filtering: the runtime needs these to be the step user's, whatever the regex says.
+    env["HOME"] = home
+    env["USER"] = user
+    env["LOGNAME"] = user
+    env["XDG_RUNTIME_DIR"] = f"/run/user/{uid}"
+    return env

@@ -1,0 +1,43 @@
+#!/bin/sh
+# Install what nodestepd and its tests need on a Debian 12 machine (as root). Idempotent.
+#   Debian: runc, busybox-static (test bundles), charliecloud-runtime (ch-run), python3-venv
+#   PyPI:   nodestepd with its test extras, in a venv every user can read (/opt/nodestepd/venv),
+#           because the tests run nodestepctl as unprivileged users.
+#   Users:  nsdtest1, nsdtest2 (unprivileged test users).
+set -eu
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv=${NODESTEPD_VENV:-/opt/nodestepd/venv}
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root (the daemon runs as root; it creates test users)" >&2
+    exit 1
+fi
+
+missing=""
+for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
+    echo "setup.sh: installing Debian packages:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+
+umask 022
+if [ ! -x "$venv/bin/python" ]; then
+    echo "setup.sh: creating $venv"
+    mkdir -p "$(dirname "$venv")"
+    /usr/bin/python3 -m venv "$venv"
+fi
+echo "setup.sh: installing nodestepd into $venv"
+"$venv/bin/pip" install -q --disable-pip-version-check "$repo[test]"
+ln -sf "$venv/bin/nodestepd" /usr/local/bin/nodestepd
+ln -sf "$venv/bin/nodestepctl" /usr/local/bin/nodestepctl
+
+for user in nsdtest1 nsdtest2; do
+    id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$user"
+    uid=$(id -u "$user")
+    # runc's --root=/run/user/UID needs the user's runtime dir (systemd-logind makes it on login).
+    install -d -m 0700 -o "$user" -g "$user" "/run/user/$uid"
+done
+echo "setup.sh: ready"

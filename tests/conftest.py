@@ -1,0 +1,219 @@
+"""Shared fixtures: real test users, a real rootless bundle, a real daemon on a private socket.
+
+The tests run as root (like CI); the daemon runs as root and clients run as the
+unprivileged test users through setpriv, which execs (so a client's pid is its own).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+NODESTEPD = BIN / "nodestepd"
+NODESTEPCTL = BIN / "nodestepctl"
+TEST_USERS = ("nsdtest1", "nsdtest2")
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RUNC_RUN_CONF = (REPO / "tests" / "oci-conf-examples" / "runc-run.conf").read_text()
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name, "PATH": SYSTEM_PATH, "LANG": "C.UTF-8"}
+
+    def command(self, argv: list[str]) -> list[str]:
+        """argv run as this user: setpriv execs, so the process keeps its pid."""
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", "--", *argv]
+
+
+def _ensure_user(name: str) -> User:
+    if os.geteuid() != 0:
+        pytest.skip("these tests run as root: the daemon is root and clients are test users")
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+        pw = pwd.getpwnam(name)
+    runtime_dir = Path(f"/run/user/{pw.pw_uid}")
+    runtime_dir.mkdir(parents=True, exist_ok=True)
+    os.chown(runtime_dir, pw.pw_uid, pw.pw_gid)
+    runtime_dir.chmod(0o700)
+    return User(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+
+
+def _clear_runc_root(user: User) -> None:
+    """Containers an earlier, interrupted run left behind would confuse the container counts."""
+    for name in runc_containers(user):
+        subprocess.run(user.command(["runc", "--root", f"/run/user/{user.uid}/", "delete", "--force", name]),
+                       env=user.env, check=True)
+
+
+@pytest.fixture(scope="session")
+def user() -> User:
+    user = _ensure_user(TEST_USERS[0])
+    _clear_runc_root(user)
+    return user
+
+
+@pytest.fixture(scope="session")
+def other_user() -> User:
+    return _ensure_user(TEST_USERS[1])
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Path:
+    """A directory every test user can traverse (pytest's own tmp dirs are root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="nodestepd-tests-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_bundle(owner: User, path: Path) -> Path:
+    subprocess.run(["sh", str(REPO / "scripts" / "make-bundle.sh"), owner.name, str(path)], check=True)
+    # A program that exists only inside the image: proves the command is not resolved on the host.
+    only = path / "rootfs" / "bin" / "only-in-image"
+    only.write_text("#!/bin/sh\necho only-in-image \"$@\"\n")
+    only.chmod(0o755)
+    os.chown(only, owner.uid, owner.gid)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundle(workdir: Path, user: User) -> Path:
+    return make_bundle(user, workdir / "bundle")
+
+
+@dataclass
+class Daemon:
+    socket: Path
+    spool_dir: Path
+    state_dir: Path
+    oci_conf: Path
+    log_path: Path
+    proc: subprocess.Popen
+    clients: list[subprocess.Popen] = field(default_factory=list)
+
+    def ctl_argv(self, *args: str) -> list[str]:
+        return [str(NODESTEPCTL), "--socket", str(self.socket), *args]
+
+    def ctl(self, user: User, *args: str, timeout: float = 60, env: dict | None = None, cwd: str | None = None,
+            input: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            user.command(self.ctl_argv(*args)), env=env or user.env, cwd=cwd or "/", input=input,
+            capture_output=True, timeout=timeout,
+        )
+
+    def ctl_popen(self, user: User, *args: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        proc = subprocess.Popen(user.command(self.ctl_argv(*args)), env=env or user.env, cwd="/", **kwargs)
+        self.clients.append(proc)
+        return proc
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        for client in self.clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_daemon(workdir: Path, request):
+    """start_daemon(oci_conf_text, *extra_args) -> Daemon, ready (READY=1 received) and stopped after the test."""
+    started: list[Daemon] = []
+    base = Path(tempfile.mkdtemp(prefix="daemon-", dir=workdir))
+    base.chmod(0o755)
+
+    def start(oci_conf: str = RUNC_RUN_CONF, *extra: str, env: dict | None = None) -> Daemon:
+        n = len(started)
+        conf = base / f"oci-{n}.conf"
+        conf.write_text(textwrap.dedent(oci_conf))
+        notify_path = base / f"notify-{n}"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.settimeout(30)
+        log_path = base / f"daemon-{n}.log"
+        daemon_env = {"PATH": SYSTEM_PATH, "NOTIFY_SOCKET": str(notify_path), "LANG": "C.UTF-8", **(env or {})}
+        argv = [
+            str(NODESTEPD), "--socket", str(base / f"sock-{n}"), "--oci-conf", str(conf),
+            "--spool-dir", str(base / f"spool-{n}"), "--state-dir", str(base / f"state-{n}"),
+            "--node-name", "testnode", "--log-level", "debug", *extra,
+        ]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(argv, env=daemon_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        daemon = Daemon(base / f"sock-{n}", base / f"spool-{n}", base / f"state-{n}", conf, log_path, proc)
+        started.append(daemon)
+        try:
+            message = notify.recv(4096)
+        except TimeoutError:
+            raise AssertionError(f"nodestepd did not report READY=1 within 30 s:\n{daemon.log()}") from None
+        finally:
+            notify.close()
+        assert message == b"READY=1", (message, daemon.log())
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def read_line_from(stream, expect: bytes, timeout: float = 30) -> bytes:
+    """Read lines from a pipe until one equals `expect`; returns everything read. Event-driven via select."""
+    import select
+
+    seen = b""
+    fd = stream.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"timed out waiting for {expect!r}; got {seen!r}"
+        chunk = os.read(fd, 4096)
+        assert chunk, f"stream ended before {expect!r}; got {seen!r}"
+        seen += chunk
+        if expect in seen.split(b"\n"):
+            return seen
+
+
+def runc_containers(user: User) -> list[str]:
+    """Containers runc knows in the user's root (the guide's --root=/run/user/UID/)."""
+    out = subprocess.run(
+        user.command(["runc", "--root", f"/run/user/{user.uid}/", "list", "-q"]),
+        capture_output=True, text=True, env=user.env, check=True,
+    )
+    return out.stdout.split()
+
+
+def spool_entries(daemon: Daemon) -> list[str]:
+    return sorted(os.listdir(daemon.spool_dir)) if daemon.spool_dir.exists() else []
