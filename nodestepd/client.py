@@ -1,8 +1,11 @@
 """`nodestepctl`: the command-line client of nodestepd.
 
-Synchronous on purpose: one request, one connection. For an attached run the client
-hands its own stdin/stdout/stderr to the daemon, so container output never passes
-through either process, and forwards the signals it receives to the step.
+Synchronous on purpose: one request, one connection. Messages are plain dicts framed by
+wire.py (docs/protocol.md lists their fields); the daemon validates them. The client
+stays off msgspec and asyncio because its start-up time is part of every launch.
+For an attached run the client hands its own stdin/stdout/stderr to the daemon, so
+container output never passes through either process, and it forwards the signals it
+receives to the step.
 """
 
 from __future__ import annotations
@@ -17,23 +20,8 @@ import socket
 import sys
 import time
 
-import msgspec
-
-from . import __version__, protocol
-from .protocol import (
-    CancelRequest,
-    ErrorReply,
-    ExitReply,
-    ProtocolError,
-    PsRequest,
-    RunRequest,
-    SignalRequest,
-    StartedReply,
-    StatusReply,
-    StatusRequest,
-    StepsReply,
-    WaitRequest,
-)
+from . import __version__, wire
+from .wire import ProtocolError
 
 DEFAULT_SOCKET = "/run/nodestepd/nodestepd.sock"
 DEFAULT_OCI_CONF = "/etc/slurm/oci.conf"
@@ -66,8 +54,8 @@ def connect(path: str) -> socket.socket:
     return sock
 
 
-def send(sock: socket.socket, message: msgspec.Struct, fds: list[int] | None = None) -> None:
-    data = protocol.frame(message)
+def send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
+    data = wire.frame_dict({"v": wire.VERSION, **message})
     if fds:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         sent = sock.sendmsg([data], ancillary)
@@ -85,25 +73,33 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return bytes(chunks)
 
 
-def receive(sock: socket.socket):
+def receive(sock: socket.socket) -> dict | None:
     """The next reply, or None when the daemon closed the connection."""
-    header = _recv_exact(sock, protocol.HEADER.size)
+    header = _recv_exact(sock, wire.HEADER.size)
     if header is None:
         return None
-    body = _recv_exact(sock, protocol.frame_length(header))
+    body = _recv_exact(sock, wire.frame_length(header))
     if body is None:
         return None
-    return protocol.decode_reply(body)
+    try:
+        reply = json.loads(body)
+    except ValueError as e:
+        raise ProtocolError(f"malformed reply from nodestepd: {e}") from None
+    if not isinstance(reply, dict) or not isinstance(reply.get("type"), str):
+        raise ProtocolError("malformed reply from nodestepd: no type")
+    return reply
 
 
-def request(path: str, message: msgspec.Struct):
+def request(path: str, message: dict, expect: str) -> dict:
     with connect(path) as sock:
         send(sock, message)
         reply = receive(sock)
     if reply is None:
         raise ClientError("nodestepd closed the connection without replying")
-    if isinstance(reply, ErrorReply):
-        raise ClientError(reply.error, reply.status or EXIT_ERROR)
+    if reply["type"] == "error":
+        raise ClientError(reply.get("error", "unknown error"), reply.get("status") or EXIT_ERROR)
+    if reply["type"] != expect:
+        raise ProtocolError(f"unexpected reply from nodestepd: {reply['type']!r} instead of {expect!r}")
     return reply
 
 
@@ -123,7 +119,7 @@ def _int_from_env(name: str) -> int:
     try:
         return int(os.environ[name])
     except ValueError:
-        raise ClientError(f"{name}={os.environ[name]!r} is not a number", protocol.STATUS_LAUNCH_FAILED) from None
+        raise ClientError(f"{name}={os.environ[name]!r} is not a number", wire.STATUS_LAUNCH_FAILED) from None
 
 
 def _read_bundle_config(bundle: str) -> tuple[str | None, str | None]:
@@ -131,11 +127,11 @@ def _read_bundle_config(bundle: str) -> tuple[str | None, str | None]:
     path = os.path.join(bundle, "config.json")
     try:
         with open(path, "rb") as f:
-            data = f.read(protocol.MAX_MESSAGE // 2 + 1)
+            data = f.read(wire.MAX_MESSAGE // 2 + 1)
     except OSError as e:
         return None, e.strerror or str(e)
-    if len(data) > protocol.MAX_MESSAGE // 2:
-        return None, f"larger than {protocol.MAX_MESSAGE // 2} bytes"
+    if len(data) > wire.MAX_MESSAGE // 2:
+        return None, f"larger than {wire.MAX_MESSAGE // 2} bytes"
     try:
         return data.decode("utf-8"), None
     except UnicodeDecodeError as e:
@@ -156,11 +152,11 @@ def _open_output(path: str) -> int:
     try:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     except OSError as e:
-        raise ClientError(f"cannot open output file {path}: {e.strerror}", protocol.STATUS_LAUNCH_FAILED) from None
+        raise ClientError(f"cannot open output file {path}: {e.strerror}", wire.STATUS_LAUNCH_FAILED) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    failed = protocol.STATUS_LAUNCH_FAILED
+    failed = wire.STATUS_LAUNCH_FAILED
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise ClientError("no command given: nodestepctl run --bundle DIR -- COMMAND [ARG...]", EXIT_USAGE)
@@ -176,20 +172,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ) if args.export == "ALL" else {}
     env.update(_parse_env(args.env))
     chdir = os.path.abspath(args.chdir) if args.chdir else os.getcwd()
-    message = RunRequest(
-        v=protocol.VERSION,
-        bundle=bundle,
-        args=command,
-        env=env,
-        job_id=job_id,
-        step_id=step_id,
-        ntasks=args.ntasks,
-        chdir=chdir,
-        pty=args.pty,
-        detach=args.detach,
-        config_json=config_json,
-        config_json_error=config_json_error,
-    )
+    message = {
+        "op": "run",
+        "bundle": bundle,
+        "args": command,
+        "env": env,
+        "job_id": job_id,
+        "step_id": step_id,
+        "ntasks": args.ntasks,
+        "chdir": chdir,
+        "pty": args.pty,
+        "detach": args.detach,
+        "config_json": config_json,
+        "config_json_error": config_json_error,
+    }
     owned: list[int] = []
     try:
         if args.detach:
@@ -213,15 +209,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             reply = receive(sock)
             if reply is None:
                 raise ClientError("nodestepd closed the connection during the launch", failed)
-            if isinstance(reply, ErrorReply):
-                raise ClientError(reply.error, reply.status or failed)
-            if not isinstance(reply, StartedReply):
-                raise ClientError(f"unexpected reply from nodestepd: {type(reply).__name__}", failed)
+            if reply["type"] == "error":
+                raise ClientError(reply.get("error", "unknown error"), reply.get("status") or failed)
+            if reply["type"] != "started":
+                raise ClientError(f"unexpected reply from nodestepd: {reply['type']!r}", failed)
+            ref = f"{reply['job_id']}.{reply['step_id']}"
             if args.detach:
-                print(f"{reply.job_id}.{reply.step_id}")
+                print(ref)
                 return 0
             assert wakeup is not None
-            return _attend(sock, wakeup, f"{reply.job_id}.{reply.step_id}")
+            return _attend(sock, wakeup, ref)
     finally:
         for fd in owned:
             os.close(fd)
@@ -242,7 +239,7 @@ def _attend(sock: socket.socket, wakeup: int, ref: str) -> int:
         if wakeup in readable:
             try:
                 for signum in os.read(wakeup, 64):
-                    send(sock, SignalRequest(v=protocol.VERSION, signal=signal.Signals(signum).name))
+                    send(sock, {"op": "signal", "signal": signal.Signals(signum).name})
             except BlockingIOError:
                 pass
             except (BrokenPipeError, ConnectionResetError):
@@ -253,12 +250,12 @@ def _attend(sock: socket.socket, wakeup: int, ref: str) -> int:
                 raise ClientError(
                     f"lost the connection to nodestepd; step {ref} may still be running "
                     f"(nodestepctl wait {ref} tells its status)",
-                    protocol.STATUS_CONNECTION_LOST,
+                    wire.STATUS_CONNECTION_LOST,
                 )
-            if isinstance(reply, ExitReply):
-                return reply.status
-            if isinstance(reply, ErrorReply):
-                print(f"nodestepctl: {reply.error}", file=sys.stderr)
+            if reply["type"] == "exit":
+                return reply["status"]
+            if reply["type"] == "error":
+                print(f"nodestepctl: {reply.get('error')}", file=sys.stderr)
 
 
 # ---- other commands -------------------------------------------------------------
@@ -266,43 +263,41 @@ def _attend(sock: socket.socket, wakeup: int, ref: str) -> int:
 
 def _ref(text: str) -> tuple[int, int]:
     try:
-        return protocol.parse_step_ref(text)
+        return wire.parse_step_ref(text)
     except ValueError as e:
         raise ClientError(str(e), EXIT_USAGE) from None
 
 
 def cmd_signal(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
-    request(args.socket, SignalRequest(v=protocol.VERSION, signal=args.signal, job_id=job_id, step_id=step_id))
+    request(args.socket, {"op": "signal", "signal": args.signal, "job_id": job_id, "step_id": step_id}, "ok")
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
-    reply = request(args.socket, CancelRequest(v=protocol.VERSION, job_id=job_id, step_id=step_id))
-    print(f"step {job_id}.{step_id} cancelled (status {reply.status})")
+    reply = request(args.socket, {"op": "cancel", "job_id": job_id, "step_id": step_id}, "exit")
+    print(f"step {job_id}.{step_id} cancelled (status {reply['status']})")
     return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
-    reply = request(args.socket, WaitRequest(v=protocol.VERSION, job_id=job_id, step_id=step_id))
-    assert isinstance(reply, ExitReply)
-    return reply.status
+    reply = request(args.socket, {"op": "wait", "job_id": job_id, "step_id": step_id}, "exit")
+    return reply["status"]
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    reply = request(args.socket, PsRequest(v=protocol.VERSION))
-    assert isinstance(reply, StepsReply)
+    steps = request(args.socket, {"op": "ps"}, "steps")["steps"]
     if args.json:
-        print(json.dumps(msgspec.to_builtins(reply.steps), indent=2))
+        print(json.dumps(steps, indent=2))
         return 0
     rows = [("STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND")]
     now = time.time()
-    for s in reply.steps:
+    for s in steps:
         rows.append((
-            f"{s.job_id}.{s.step_id}", s.user, s.state, str(len(s.tasks)),
-            "-" if s.status is None else str(s.status), _age(now - s.started_at), " ".join(s.args),
+            f"{s['job_id']}.{s['step_id']}", s["user"], s["state"], str(len(s["tasks"])),
+            "-" if s["status"] is None else str(s["status"]), _age(now - s["started_at"]), " ".join(s["args"]),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -320,15 +315,14 @@ def _age(seconds: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    reply = request(args.socket, StatusRequest(v=protocol.VERSION))
-    assert isinstance(reply, StatusReply)
-    print(f"nodestepd {reply.version} on {reply.node_name}, up {_age(reply.uptime)}")
-    print(f"config file:  {reply.config_file or '(none, built-in defaults)'}")
-    print(f"oci.conf:     {reply.oci_conf} ({reply.oci_mode} mode)")
-    print(f"socket:       {reply.socket}")
-    print(f"spool dir:    {reply.spool_dir}")
-    print(f"state dir:    {reply.state_dir}")
-    print(f"steps:        {reply.steps_running} running, {reply.steps_finished} finished")
+    r = request(args.socket, {"op": "status"}, "status")
+    print(f"nodestepd {r['version']} on {r['node_name']}, up {_age(r['uptime'])}")
+    print(f"config file:  {r['config_file'] or '(none, built-in defaults)'}")
+    print(f"oci.conf:     {r['oci_conf']} ({r['oci_mode']} mode)")
+    print(f"socket:       {r['socket']}")
+    print(f"spool dir:    {r['spool_dir']}")
+    print(f"state dir:    {r['state_dir']}")
+    print(f"steps:        {r['steps_running']} running, {r['steps_finished']} finished")
     return 0
 
 

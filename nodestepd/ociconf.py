@@ -338,7 +338,7 @@ def _unknown_key_message(key: str) -> str:
     lower = key.lower()
     legacy = _KEY_BY_LOWER.get(lower.removeprefix("oci")) if lower.startswith("ociruntime") else None
     if legacy is not None:
-        return f"unknown key; did you mean {legacy}? (the OCIRunTime* names are from Slurm 21.08 and were renamed)"
+        return f"unknown key; did you mean {legacy}? (OCIRunTime* is the old spelling of these keys, as in the guide's Singularity 3.8 example)"
     close = difflib.get_close_matches(lower, list(_KEY_BY_LOWER), n=1, cutoff=0.75)
     if close:
         return f"unknown key; did you mean {_KEY_BY_LOWER[close[0]]}?"

@@ -1,29 +1,28 @@
 """The wire protocol between nodestepctl (or any client) and nodestepd.
 
-Framing: a 4-byte big-endian length, then that many bytes of a UTF-8 JSON object.
-File descriptors travel as SCM_RIGHTS ancillary data on the bytes of the message they
-belong to. docs/protocol.md is the reference; keep the two in step.
+The message types, as msgspec structs: decoding a request validates it completely
+(types, required fields, no unknown fields) with an error that names the field.
+Framing lives in wire.py. docs/protocol.md is the reference; keep the three in step.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Union
 
 import msgspec
 
-VERSION = 1
-MAX_MESSAGE = 1 << 20  # bytes of JSON in one message
-MAX_FDS = 3  # stdin, stdout, stderr of a launch
-HEADER = struct.Struct(">I")
-
-# Exit status conventions shared by the daemon and the client.
-STATUS_LAUNCH_FAILED = 125  # the step could not start (as docker/podman run do)
-STATUS_CONNECTION_LOST = 255
-
-
-class ProtocolError(Exception):
-    """A message that cannot be decoded; the text is safe to send back to the peer."""
+from .wire import (  # noqa: F401  (re-exported: the daemon's single view of the protocol)
+    HEADER,
+    MAX_FDS,
+    MAX_MESSAGE,
+    STATUS_CONNECTION_LOST,
+    STATUS_LAUNCH_FAILED,
+    VERSION,
+    ProtocolError,
+    frame_body,
+    frame_length,
+    parse_step_ref,
+)
 
 
 # ---- requests -------------------------------------------------------------------
@@ -164,15 +163,7 @@ _encoder = msgspec.json.Encoder()
 
 
 def frame(message: msgspec.Struct) -> bytes:
-    body = _encoder.encode(message)
-    return HEADER.pack(len(body)) + body
-
-
-def frame_length(header: bytes) -> int:
-    (length,) = HEADER.unpack(header)
-    if length > MAX_MESSAGE:
-        raise ProtocolError(f"message of {length} bytes is larger than the limit of {MAX_MESSAGE}")
-    return length
+    return frame_body(_encoder.encode(message))
 
 
 def decode_request(body: bytes) -> AnyRequest:
@@ -190,15 +181,3 @@ def decode_reply(body: bytes) -> AnyReply:
         return _reply_decoder.decode(body)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"malformed reply from nodestepd: {e}") from None
-
-
-def parse_step_ref(text: str) -> tuple[int, int]:
-    """'JOB.STEP' (or 'JOB', meaning step 0) as the client and logs write it."""
-    job, _, step = text.partition(".")
-    try:
-        job_id, step_id = int(job), int(step or "0")
-    except ValueError:
-        raise ValueError(f"{text!r} is not a step reference: expected JOB.STEP, e.g. 42.0") from None
-    if job_id < 0 or step_id < 0:
-        raise ValueError(f"{text!r} is not a step reference: ids are non-negative")
-    return job_id, step_id

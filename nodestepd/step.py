@@ -9,6 +9,7 @@ the one place that releases them (_finalize).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import os
 import signal
@@ -21,7 +22,7 @@ from .configjson import BundleConfigError
 from .logs import get_logger
 from .ociconf import OciConf
 from .patterns import PatternContext, expand
-from .runtime import Identity, RuntimeNotFound, find_program, run_helper, signal_group_except_leader, spawn_shell
+from .runtime import HelperResult, Identity, RuntimeNotFound, find_program, run_helper, signal_group_except_leader, spawn_shell
 from .spool import SpoolError, StepSpool, spool_layout
 from .watch import ProcessWatch
 
@@ -337,11 +338,12 @@ class Step:
         log = self.log.bind(task_id=task.task_id)
         kill = await self._helper("RunTimeKill", self.settings.oci.runtime_kill, task)
         if task.running:
-            if kill.status != 0:
-                log.warning(
-                    "RunTimeKill failed; killing the runtime's process group now",
-                    status=kill.status, output=kill.output,
-                )
+            if kill is None or kill.status != 0:
+                if kill is not None:
+                    log.warning(
+                        "RunTimeKill failed; killing the runtime's process group now",
+                        status=kill.status, output=kill.output,
+                    )
                 task.watch.kill_group(signal.SIGKILL)
             else:
                 try:
@@ -354,13 +356,15 @@ class Step:
 
     async def _runtime_delete(self, task: Task, log) -> None:
         result = await self._helper("RunTimeDelete", self.settings.oci.runtime_delete, task)
-        if result.status != 0:
+        if result is not None and result.status != 0:
             log.info("RunTimeDelete failed", status=result.status, output=result.output)
 
-    async def _helper(self, key: str, pattern: str | None, task: Task):
-        assert task.watch is not None and pattern is not None
-        ctx = task.context.__class__(**{**task.context.__dict__, "pid": task.watch.pid})
-        command = expand(pattern, ctx)
+    async def _helper(self, key: str, pattern: str | None, task: Task) -> HelperResult | None:
+        """Run RunTimeKill/RunTimeDelete for a task with its real pid as %p; None when not configured."""
+        assert task.watch is not None
+        if pattern is None:
+            return None
+        command = expand(pattern, dataclasses.replace(task.context, pid=task.watch.pid))
         self.log.debug("running runtime command", key=key, task_id=task.task_id, command=command)
         return await run_helper(
             command, identity=self.spec.identity, cwd=task.dir, env=self._runtime_env, timeout=self.settings.kill_wait

@@ -137,7 +137,7 @@ def test_invalid_singularity_example_reports_both_problems() -> None:
     with pytest.raises(OciConfError) as info:
         load_oci_conf(path)
     problems = info.value.problems
-    legacy = [p for p in problems if "OCIRunTime* names are from Slurm 21.08" in p.message]
+    legacy = [p for p in problems if "OCIRunTime* is the old spelling" in p.message]
     assert [(p.line, p.key) for p in legacy] == [
         (3, "OCIRunTimeQuery"),
         (4, "OCIRunTimeCreate"),
@@ -265,7 +265,7 @@ def test_legacy_key_suggestion() -> None:
     p = only_problem(RUN_MODE + "OCIRunTimeQuery=q\n")
     assert (p.line, p.key) == (2, "OCIRunTimeQuery")
     assert p.message == (
-        "unknown key; did you mean RunTimeQuery? (the OCIRunTime* names are from Slurm 21.08 and were renamed)"
+        "unknown key; did you mean RunTimeQuery? (OCIRunTime* is the old spelling of these keys, as in the guide's Singularity 3.8 example)"
     )
 
 

@@ -1,0 +1,134 @@
+"""A launch that cannot start fails with one clear sentence, status 125, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import RUNC_RUN_CONF, runc_containers, spool_entries
+
+LAUNCH_FAILED = 125
+
+
+def _nothing_left(daemon, user) -> None:
+    assert spool_entries(daemon) == []
+    assert runc_containers(user) == []
+    steps = json.loads(daemon.ctl(user, "ps", "--json").stdout)
+    assert steps == []
+
+
+def _one_sentence(stderr: bytes) -> str:
+    text = stderr.decode()
+    assert text.startswith("nodestepctl: ") and text.count("\n") == 1, text
+    return text
+
+
+@pytest.fixture
+def bundle_copy(workdir, user, bundle, request):
+    """A private copy of the test bundle whose config.json a test may break."""
+    path = workdir / f"bundle-{request.node.name}"
+    shutil.copytree(bundle, path, symlinks=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_missing_bundle(start_daemon, user, workdir):
+    daemon = start_daemon()
+    result = daemon.ctl(user, "run", "--bundle", str(workdir / "no-such-bundle"), "--", "true")
+    assert result.returncode == LAUNCH_FAILED
+    assert "no-such-bundle does not exist or is not a directory" in _one_sentence(result.stderr)
+    _nothing_left(daemon, user)
+
+
+def test_config_json_the_user_cannot_read(start_daemon, user, bundle_copy):
+    daemon = start_daemon()
+    config = bundle_copy / "config.json"
+    os.chown(config, 0, 0)
+    config.chmod(0o600)  # root can read it; the user cannot, so neither may the launch
+    result = daemon.ctl(user, "run", "--bundle", str(bundle_copy), "--", "true")
+    assert result.returncode == LAUNCH_FAILED
+    assert f"cannot read {config}: Permission denied" in _one_sentence(result.stderr)
+    _nothing_left(daemon, user)
+
+
+def test_config_json_that_is_not_json(start_daemon, user, bundle_copy):
+    daemon = start_daemon()
+    (bundle_copy / "config.json").write_text('{"process": {"args": ["sh"]},\n  oops\n}')
+    result = daemon.ctl(user, "run", "--bundle", str(bundle_copy), "--", "true")
+    assert result.returncode == LAUNCH_FAILED
+    message = _one_sentence(result.stderr)
+    assert str(bundle_copy / "config.json") in message and "line 2" in message
+    _nothing_left(daemon, user)
+
+
+def test_config_json_symlink_to_a_root_only_file_gains_nothing(start_daemon, user, bundle_copy):
+    daemon = start_daemon()
+    (bundle_copy / "config.json").unlink()
+    (bundle_copy / "config.json").symlink_to("/etc/shadow")
+    result = daemon.ctl(user, "run", "--bundle", str(bundle_copy), "--", "true")
+    assert result.returncode == LAUNCH_FAILED
+    assert "Permission denied" in _one_sentence(result.stderr)
+    _nothing_left(daemon, user)
+
+
+def test_runtime_not_found(start_daemon, user, bundle):
+    daemon = start_daemon(RUNC_RUN_CONF.replace('RunTimeRun="runc ', 'RunTimeRun="runc-not-installed '))
+    result = daemon.ctl(user, "run", "--bundle", str(bundle), "--", "true")
+    assert result.returncode == LAUNCH_FAILED
+    assert "runtime program 'runc-not-installed' is not found in PATH=" in _one_sentence(result.stderr)
+    _nothing_left(daemon, user)
+
+
+def test_runtime_given_by_a_path_that_does_not_exist(start_daemon, user, bundle):
+    daemon = start_daemon(RUNC_RUN_CONF.replace('RunTimeRun="runc ', 'RunTimeRun="/opt/nowhere/runc '))
+    result = daemon.ctl(user, "run", "--bundle", str(bundle), "--", "true")
+    assert result.returncode == LAUNCH_FAILED
+    assert "/opt/nowhere/runc does not exist or is not executable" in _one_sentence(result.stderr)
+    _nothing_left(daemon, user)
+
+
+def test_spool_dir_not_creatable(start_daemon, user, bundle, workdir):
+    blocker = workdir / "a-file"
+    blocker.write_text("not a directory\n")
+    daemon = start_daemon(f'ContainerPath="{blocker}/%u"\n' + RUNC_RUN_CONF)
+    result = daemon.ctl(user, "run", "--bundle", str(bundle), "--", "true")
+    assert result.returncode == LAUNCH_FAILED
+    assert str(blocker) in _one_sentence(result.stderr)
+    assert blocker.read_text() == "not a directory\n"
+    _nothing_left(daemon, user)
+
+
+def test_spool_dir_left_over_is_not_reused(start_daemon, user, bundle):
+    daemon = start_daemon()
+    leftover = daemon.spool_dir / "oci-job70-0"
+    leftover.mkdir()
+    (leftover / "keep").write_text("from an earlier step\n")
+    result = daemon.ctl(user, "run", "--job-id", "70", "--bundle", str(bundle), "--", "true")
+    assert result.returncode == LAUNCH_FAILED
+    assert "already exists" in _one_sentence(result.stderr)
+    assert (leftover / "keep").read_text() == "from an earlier step\n"
+    assert runc_containers(user) == []
+
+
+def test_no_command(start_daemon, user, bundle):
+    daemon = start_daemon()
+    result = daemon.ctl(user, "run", "--bundle", str(bundle))
+    assert result.returncode == 2
+    assert b"no command given" in result.stderr
+
+
+def test_daemon_not_running(user, workdir, bundle):
+    from conftest import NODESTEPCTL
+    import subprocess
+
+    result = subprocess.run(
+        user.command([str(NODESTEPCTL), "--socket", str(workdir / "nobody-here.sock"), "run", "--bundle", str(bundle),
+                      "--", "true"]),
+        capture_output=True, env=user.env,
+    )
+    assert result.returncode == 1
+    assert b"nodestepd is not running: no socket at" in result.stderr
