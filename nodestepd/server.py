@@ -81,6 +81,11 @@ class Server:
         self.log.info(
             "listening", socket=self.config.socket, oci_conf=self.oci.path, mode=self.oci.mode, version=__version__
         )
+        if self.oci.runtime_run is None:
+            self.log.warning(
+                "oci.conf uses create/start mode, which this version cannot run yet: every launch will be refused",
+                oci_conf=self.oci.path,
+            )
 
     async def serve(self) -> None:
         assert self._listener is not None and self._stopping is not None
@@ -136,6 +141,7 @@ class Server:
                 if received is None:
                     return
                 body, fds = received
+                received_at = time.monotonic()
                 try:
                     request = protocol.decode_request(body)
                 except ProtocolError as e:
@@ -144,7 +150,7 @@ class Server:
                     await conn.send(ErrorReply(code="bad-request", error=str(e)))
                     continue
                 if isinstance(request, RunRequest):
-                    await self._run(conn, request, fds, log)
+                    await self._run(conn, request, fds, log, received_at)
                     return  # a run owns its connection until the step ends (or is detached)
                 _close_all(fds)
                 await self._dispatch(conn, request)
@@ -183,7 +189,7 @@ class Server:
 
     # ---- run ----------------------------------------------------------------------
 
-    async def _run(self, conn: Connection, request: RunRequest, fds: list[int], log) -> None:
+    async def _run(self, conn: Connection, request: RunRequest, fds: list[int], log, received_at: float) -> None:
         try:
             try:
                 spec = await self._validate_run(conn.peer_uid, request, fds)
@@ -205,7 +211,7 @@ class Server:
             self.steps[key] = step
             try:
                 with open(os.devnull, "rb") as null:
-                    await step.launch(Stdio(fds[0], fds[1], fds[2], null.fileno()))
+                    await step.launch(Stdio(fds[0], fds[1], fds[2], null.fileno()), received_at)
             except LaunchFailed as e:
                 del self.steps[key]
                 step.log.warning("launch failed", error=str(e))

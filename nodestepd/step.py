@@ -130,8 +130,11 @@ class Step:
 
     # ---- launch ---------------------------------------------------------------
 
-    async def launch(self, stdio: Stdio) -> None:
-        """Prepare the spool and start every task. Raises LaunchFailed with nothing left behind."""
+    async def launch(self, stdio: Stdio, received_at: float) -> None:
+        """Prepare the spool and start every task. Raises LaunchFailed with nothing left behind.
+
+        received_at: time.monotonic() when the request arrived, for the launch latency in the log.
+        """
         prepared = await asyncio.to_thread(self._prepare)
         self._spool = prepared.spool
         self.tasks = prepared.tasks
@@ -153,12 +156,18 @@ class Step:
             await self._undo_launch()
             raise LaunchFailed(f"cannot start the runtime as {self.spec.identity.user}: {e.strerror or e}") from None
         self.state = StepState.RUNNING
-        self.log.info("step started", ntasks=self.spec.ntasks, bundle=self.spec.bundle)
+        launch_ms = round((time.monotonic() - received_at) * 1000, 3)
+        self.log.info("step started", ntasks=self.spec.ntasks, bundle=self.spec.bundle, launch_ms=launch_ms)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"step {self.ref}")
 
     def _prepare(self) -> _Prepared:
         """Blocking filesystem work (spool dirs, files): runs in a worker thread."""
         spec, settings, oci = self.spec, self.settings, self.settings.oci
+        if oci.runtime_run is None:
+            raise LaunchFailed(
+                f"{oci.path} uses create/start mode (RunTimeCreate/RunTimeStart), which this nodestepd "
+                "cannot run yet; use the RunTimeRun form"
+            )
         bundle_config = self._bundle_config()
         rootfs = configjson.rootfs_path(bundle_config, spec.bundle) if bundle_config is not None else spec.bundle
         step_env = stepenv.exclude_env(spec.env, oci.env_exclude_re)

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install what nodestepd and its tests need on a Debian 12 machine (as root). Idempotent.
-#   Debian: runc, busybox-static (test bundles), charliecloud-runtime (ch-run), python3-venv
+#   Debian: runc, busybox-static (test bundles), charliecloud-runtime (ch-run), python3-venv,
+#           systemd (systemd-analyze verifies the unit)
 #   PyPI:   nodestepd with its test extras, in a venv every user can read (/opt/nodestepd/venv),
 #           because the tests run nodestepctl as unprivileged users.
 #   Users:  nsdtest1, nsdtest2 (unprivileged test users).
@@ -14,7 +15,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=""
-for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip; do
+for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip systemd; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then

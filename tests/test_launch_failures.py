@@ -132,3 +132,14 @@ def test_daemon_not_running(user, workdir, bundle):
     )
     assert result.returncode == 1
     assert b"nodestepd is not running: no socket at" in result.stderr
+
+
+def test_create_start_mode_is_refused_clearly_until_supported(start_daemon, user, bundle):
+    from conftest import REPO
+
+    daemon = start_daemon((REPO / "tests" / "oci-conf-examples" / "runc-create-start.conf").read_text())
+    assert "create/start mode, which this version cannot run yet" in daemon.log()
+    result = daemon.ctl(user, "run", "--bundle", str(bundle), "--", "true")
+    assert result.returncode == LAUNCH_FAILED
+    assert "uses create/start mode" in _one_sentence(result.stderr)
+    _nothing_left(daemon, user)
