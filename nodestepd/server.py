@@ -64,6 +64,7 @@ class Server:
         self._listener: socket.socket | None = None
         self._stopping: asyncio.Event | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._job_ids: JobIdAllocator | None = None
         self.spool_dir = config.spool_dir
 
@@ -219,7 +220,9 @@ class Server:
                 return
         finally:
             _close_all(fds)  # the tasks have their own copies now
-        asyncio.create_task(self._retire(step))
+        retire = asyncio.create_task(self._retire(step))
+        self._background.add(retire)  # the loop holds tasks weakly
+        retire.add_done_callback(self._background.discard)
         await conn.send(StartedReply(job_id=spec.job_id, step_id=spec.step_id, ntasks=spec.ntasks))
         if request.detach:
             return

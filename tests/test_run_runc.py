@@ -226,3 +226,50 @@ def test_sigterm_stops_the_daemon_and_cancels_running_steps(start_daemon, user, 
     assert runc_containers(user) == []
     assert spool_entries(daemon) == []
     assert not daemon.socket.exists()
+
+
+def test_pty_gives_the_container_a_terminal(daemon, user, bundle):
+    import pty  # noqa: F401  (documents the dependency on a real pseudo-terminal)
+
+    master, slave = os.openpty()
+    client = subprocess.Popen(
+        user.command(daemon.ctl_argv("run", "--pty", "--bundle", str(bundle), "--",
+                                     "sh", "-c", "tty; [ -t 0 ] && echo stdin-is-a-tty; exit 4")),
+        stdin=slave, stdout=slave, stderr=slave, env=user.env, cwd="/", start_new_session=True,
+    )
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every holder of the terminal is gone
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    assert client.wait(timeout=30) == 4, output
+    assert b"/dev/pts/" in output and b"stdin-is-a-tty" in output
+
+
+def test_pty_without_a_terminal_is_refused(daemon, user, bundle):
+    result = daemon.ctl(user, "run", "--pty", "--bundle", str(bundle), "--", "true")
+    assert result.returncode == 2
+    assert b"--pty needs a terminal on standard input" in result.stderr
+
+
+def test_runtime_runs_without_capabilities_or_root_fds(start_daemon, user, bundle):
+    # The runtime command itself reports its credentials: effective/permitted/inheritable/
+    # ambient capabilities all empty, the user's ids, and no descriptors beyond stdio.
+    daemon = start_daemon(
+        'RunTimeRun="grep -E \'^(Uid|Gid|CapInh|CapPrm|CapEff|CapAmb):\' /proc/self/status; echo Fds: $(ls /proc/self/fd)"\n'
+        'RunTimeKill="kill -s SIGTERM %p"\nRunTimeDelete="kill -s SIGKILL %p"\nIgnoreFileConfigJson=true\n'
+    )
+    result = daemon.ctl(user, "run", "--bundle", str(bundle), "--", "true")
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(":", 1) for line in result.stdout.decode().splitlines() if ":" in line)
+    assert fields["Uid"].split() == [str(user.uid)] * 4
+    assert fields["Gid"].split() == [str(user.gid)] * 4
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(fields[cap], 16) == 0, (cap, fields[cap])
+    assert fields["Fds"].split() == ["0", "1", "2", "3"]  # stdio, plus the directory `ls` itself opens
