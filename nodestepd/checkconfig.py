@@ -9,6 +9,7 @@ import sys
 
 from .ociconf import OciConfError, load_oci_conf
 from .patterns import PatternContext, expand
+from .runtime import shell_warnings
 
 SAMPLE_JOB, SAMPLE_STEP, SAMPLE_TASK = 1234, 0, 0
 SAMPLE_ARGS = ("/bin/echo", "hello world")
@@ -59,6 +60,8 @@ def check_config(path: str, *, node_name: str | None = None) -> int:
         print(f"  {key + ':':<{width + 1}} {expand(pattern, sample)}")
     if oci.create_env_file != "disabled":
         print(f"  environment file (%e): {task_dir}/environment, {oci.create_env_file}-separated")
+    for warning in shell_warnings(patterns):
+        print(f"warning: {warning}")
     return 0
 
 

@@ -148,6 +148,17 @@ def _parse_env(values: list[str]) -> dict[str, str]:
     return env
 
 
+def _require_utf8(what: str, value: str) -> None:
+    """The protocol carries text; a value Python could only decode with surrogates would not survive."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ClientError(
+            f"{what} is not valid UTF-8 ({os.fsencode(value)!r}); nodestepd passes text only",
+            wire.STATUS_LAUNCH_FAILED,
+        ) from None
+
+
 def _open_output(path: str) -> int:
     try:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
@@ -172,6 +183,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ) if args.export == "ALL" else {}
     env.update(_parse_env(args.env))
     chdir = os.path.abspath(args.chdir) if args.chdir else os.getcwd()
+    _require_utf8("the bundle path", bundle)
+    _require_utf8("the working directory", chdir)
+    for i, arg in enumerate(command):
+        _require_utf8(f"command argument {i}", arg)
+    for name, value in env.items():
+        _require_utf8(f"environment variable {name!r}", name + value)
+        if "\0" in value:
+            raise ClientError(f"environment variable {name!r} contains a NUL byte", failed)
     message = {
         "op": "run",
         "bundle": bundle,

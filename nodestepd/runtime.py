@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import re
 import shutil
 import shlex
 import signal
@@ -240,3 +241,27 @@ _SHELL_WORDS = {"exec", "kill", "test", "[", "echo", "printf", "cd", "true", "fa
 def _is_assignment(word: str) -> bool:
     name, eq, _ = word.partition("=")
     return bool(eq) and name.isidentifier()
+
+
+_SIG_PREFIXED_KILL = re.compile(r"\bkill\s+(-s\s+|-)SIG[A-Z0-9]+")
+
+
+def shell_warnings(patterns: Mapping[str, str], shell: str = SHELL) -> list[str]:
+    """Things in an oci.conf that this host's /bin/sh will not do as the site expects.
+
+    The guide's Charliecloud, Singularity and Enroot examples use `kill -s SIGTERM %p`;
+    dash's kill builtin (Debian's /bin/sh) rejects signal names with the SIG prefix, so
+    the command fails and termination falls through to SIGKILL.
+    """
+    if os.path.basename(os.path.realpath(shell)) != "dash":
+        return []
+    warnings = []
+    for key, pattern in patterns.items():
+        match = _SIG_PREFIXED_KILL.search(pattern)
+        if match:
+            fixed = match.group(0).replace("SIG", "", 1)
+            warnings.append(
+                f"{key}: {shell} is dash here, whose kill rejects {match.group(0)!r}: "
+                f"the command will fail (write {fixed!r})"
+            )
+    return warnings

@@ -38,7 +38,7 @@ from .protocol import (
     TaskInfo,
     WaitRequest,
 )
-from .runtime import Identity
+from .runtime import Identity, shell_warnings
 from .state import JobIdAllocator
 from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState
 from .stepenv import validate_env_name
@@ -82,6 +82,8 @@ class Server:
         self.log.info(
             "listening", socket=self.config.socket, oci_conf=self.oci.path, mode=self.oci.mode, version=__version__
         )
+        for warning in shell_warnings(self.oci.patterns()):
+            self.log.warning("oci.conf will not work as written on this host", problem=warning)
         if self.oci.runtime_run is None:
             self.log.warning(
                 "oci.conf uses create/start mode, which this version cannot run yet: every launch will be refused",

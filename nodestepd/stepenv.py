@@ -50,11 +50,20 @@ def env_file_bytes(env: Mapping[str, str], fmt: str) -> bytes:
     return bytes(out)
 
 
+# The service manager's conversation with the daemon itself (sd_notify, socket
+# activation, watchdog, journal stream): a runtime that saw them would answer for the
+# daemon (runc, for one, proxies NOTIFY_SOCKET into every container).
+SERVICE_MANAGER_VARIABLES = frozenset(
+    {"NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", "WATCHDOG_USEC", "JOURNAL_STREAM"}
+)
+
+
 def runtime_environment(
     daemon_env: Mapping[str, str], regex: re.Pattern[str] | None, *, user: str, home: str, uid: int
 ) -> dict[str, str]:
-    """Environment for the RunTime* commands: the daemon's, minus RunTimeEnvExclude, as the user."""
-    env = exclude_env(daemon_env, regex)
+    """Environment for the RunTime* commands: the daemon's, minus RunTimeEnvExclude and the
+    service manager's variables, as the user."""
+    env = {k: v for k, v in exclude_env(daemon_env, regex).items() if k not in SERVICE_MANAGER_VARIABLES}
     # Set after filtering: the runtime needs these to be the step user's, whatever the regex says.
     env["HOME"] = home
     env["USER"] = user

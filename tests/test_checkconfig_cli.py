@@ -54,3 +54,34 @@ def test_missing_file():
     result = check("/nonexistent/oci.conf")
     assert result.returncode == 1
     assert "/nonexistent/oci.conf" in result.stderr and "No such file" in result.stderr
+
+
+def test_sig_prefixed_kill_is_flagged_when_sh_is_dash():
+    import os
+
+    result = check(str(EXAMPLES / "charliecloud.conf"))
+    warnings = [l for l in result.stdout.splitlines() if l.startswith("warning:")]
+    if os.path.basename(os.path.realpath("/bin/sh")) == "dash":
+        assert warnings == [
+            "warning: RunTimeDelete: /bin/sh is dash here, whose kill rejects 'kill -s SIGKILL': "
+            "the command will fail (write 'kill -s KILL')",
+            "warning: RunTimeKill: /bin/sh is dash here, whose kill rejects 'kill -s SIGTERM': "
+            "the command will fail (write 'kill -s TERM')",
+        ]
+    else:
+        assert warnings == []
+
+
+def test_shell_warnings_only_for_dash(tmp_path):
+    from nodestepd.runtime import shell_warnings
+
+    dash = tmp_path / "sh"
+    dash.symlink_to("/usr/bin/dash")
+    bash = tmp_path / "bash-sh"
+    bash.symlink_to("/bin/bash")
+    patterns = {"RunTimeKill": "kill -SIGTERM %p", "RunTimeDelete": "kill -s KILL %p"}
+    assert shell_warnings(patterns, shell=str(dash)) == [
+        f"RunTimeKill: {dash} is dash here, whose kill rejects 'kill -SIGTERM': the command will fail "
+        "(write 'kill -TERM')"
+    ]
+    assert shell_warnings(patterns, shell=str(bash)) == []
