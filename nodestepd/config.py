@@ -28,19 +28,24 @@ class DaemonConfig:
     log_level: str = "info"
     config_file: str | None = None  # where the settings came from, for `status`
 
-    def validate(self, source: str) -> None:
+    def validate(self, sources: Mapping[str, str]) -> None:
+        """sources: where each setting came from (a file, the command line), for the message."""
+
+        def fail(name: str, message: str) -> ConfigError:
+            return ConfigError(f"{sources.get(name, 'default')}: {name}: {message}")
+
         for name in ("socket", "oci_conf", "spool_dir", "state_dir"):
             value = getattr(self, name)
             if not os.path.isabs(value):
-                raise ConfigError(f"{source}: {name}: must be an absolute path, got {value!r}")
+                raise fail(name, f"must be an absolute path, got {value!r}")
         if not self.node_name or "/" in self.node_name or any(c.isspace() for c in self.node_name):
-            raise ConfigError(f"{source}: node_name: {self.node_name!r} is not a usable node name")
+            raise fail("node_name", f"{self.node_name!r} is not a usable node name")
         if not (0 < self.kill_wait <= 3600):
-            raise ConfigError(f"{source}: kill_wait: must be between 0 and 3600 seconds, got {self.kill_wait}")
+            raise fail("kill_wait", f"must be between 0 and 3600 seconds, got {self.kill_wait}")
         if self.log_format not in ("console", "json"):
-            raise ConfigError(f"{source}: log_format: must be 'console' or 'json', got {self.log_format!r}")
+            raise fail("log_format", f"must be 'console' or 'json', got {self.log_format!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ConfigError(f"{source}: log_level: must be debug, info, warning or error, got {self.log_level!r}")
+            raise fail("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -83,9 +88,13 @@ def load_config(config_file: str | None, overrides: Mapping[str, Any]) -> Daemon
     """Defaults, then the TOML file (required only when named explicitly), then overrides (None = unset)."""
     path = config_file or DEFAULT_CONFIG_FILE
     settings = _from_toml(path, required=config_file is not None)
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    sources = {key: path for key in settings}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings.update(given)
+    sources.update({key: "--" + key.replace("_", "-") for key in given})
     if not settings.get("node_name"):
         settings["node_name"] = socket.gethostname().split(".", 1)[0]
+        sources["node_name"] = "host name"
     config = dataclasses.replace(DaemonConfig(), **settings, config_file=path if os.path.exists(path) else None)
-    config.validate(path if settings else "settings")
+    config.validate(sources)
     return config

@@ -30,7 +30,12 @@ class Connection:
         sock.setblocking(False)
         self.sock = sock
         self._buffer = bytearray()
-        self._fds: list[int] = []
+        self._offset = 0  # stream offset of self._buffer[0]
+        # (stream offset of the last byte of the recvmsg chunk they came with, fds). The
+        # kernel ends a read right after the segment that carried fds, and a client sends
+        # a message's fds with its first bytes in one sendmsg, so a batch belongs to the
+        # message that holds the last byte of its chunk.
+        self._fd_batches: list[tuple[int, list[int]]] = []
         self._eof = False
         self.peer_pid, self.peer_uid, self.peer_gid = struct.unpack(
             "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -49,7 +54,8 @@ class Connection:
                 if len(self._buffer) >= end:
                     body = bytes(self._buffer[protocol.HEADER.size : end])
                     del self._buffer[:end]
-                    fds, self._fds = self._fds, []
+                    fds = self._take_fds(self._offset + end)
+                    self._offset += end
                     return body, fds
             if self._eof:
                 if self._buffer:
@@ -59,6 +65,13 @@ class Connection:
             await self._readable()
             self._read_some()
 
+    def _take_fds(self, message_end: int) -> list[int]:
+        """The fds of every batch whose chunk ended inside the message now complete."""
+        fds: list[int] = []
+        while self._fd_batches and self._fd_batches[0][0] < message_end:
+            fds.extend(self._fd_batches.pop(0)[1])
+        return fds
+
     def _read_some(self) -> None:
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(_RECV_CHUNK, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
@@ -67,20 +80,21 @@ class Connection:
         except ConnectionResetError:
             self._eof = True
             return
+        received: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-                self._fds.extend(fds)
-        if flags & socket.MSG_CTRUNC:
+                received.extend(fds)
+        if received:
+            last_byte = self._offset + len(self._buffer) + len(data) - 1
+            self._fd_batches.append((last_byte, received))
+        if flags & socket.MSG_CTRUNC or len(received) > protocol.MAX_FDS:
             self._close_fds()
             raise ProtocolError(f"too many file descriptors in one message (at most {protocol.MAX_FDS})")
         if not data:
             self._eof = True
         self._buffer.extend(data)
-        if len(self._fds) > protocol.MAX_FDS:
-            self._close_fds()
-            raise ProtocolError(f"too many file descriptors in one message (at most {protocol.MAX_FDS})")
 
     async def _readable(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,9 +115,10 @@ class Connection:
         return True
 
     def _close_fds(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        for _, fds in self._fd_batches:
+            for fd in fds:
+                os.close(fd)
+        self._fd_batches = []
 
     def close(self) -> None:
         self._close_fds()

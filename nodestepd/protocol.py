@@ -166,14 +166,25 @@ def frame(message: msgspec.Struct) -> bytes:
     return frame_body(_encoder.encode(message))
 
 
+class _Versioned(msgspec.Struct):
+    v: int
+
+
+_version_decoder = msgspec.json.Decoder(_Versioned)
+
+
 def decode_request(body: bytes) -> AnyRequest:
+    # The version first, leniently: a newer client's request may have a shape we don't know.
     try:
-        request = _request_decoder.decode(body)
+        version = _version_decoder.decode(body).v
+    except msgspec.DecodeError:
+        version = VERSION  # let the full decode name what is wrong
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this daemon speaks {VERSION})")
+    try:
+        return _request_decoder.decode(body)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"malformed request: {e}") from None
-    if request.v != VERSION:
-        raise ProtocolError(f"unsupported protocol version {request.v} (this daemon speaks {VERSION})")
-    return request
 
 
 def decode_reply(body: bytes) -> AnyReply:

@@ -9,6 +9,7 @@ its pidfd. Each command gets its own process group, led by the shell.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import pwd
 import re
@@ -61,8 +62,14 @@ def spawn_shell(
 ) -> ProcessWatch:
     """Start `/bin/sh -c command` as the user in a new process group and watch it by pidfd.
 
-    Raises OSError when the shell cannot be started (e.g. cwd not accessible to the user).
+    cwd must be a directory the user owns (a task spool dir): subprocess enters it before
+    it switches to the user's ids, so without that rule the user could be handed a
+    working directory it could not open itself. Raises PermissionError if it is not, and
+    OSError when the shell cannot be started.
     """
+    st = os.stat(cwd)
+    if st.st_uid != identity.uid:
+        raise PermissionError(errno.EACCES, f"working directory {cwd} is not owned by {identity.user}")
     popen = subprocess.Popen(
         [SHELL, "-c", command],
         executable=SHELL,
@@ -116,10 +123,11 @@ async def run_helper(
         except TimeoutError:
             watch.kill_group(signal.SIGKILL)
             status = await watch.wait()
-            os.lseek(out, 0, os.SEEK_SET)
             return HelperResult(status, f"timed out after {timeout:g} s; killed")
         finally:
             if not watch.running:
+                # Whatever the helper left in its group would outlive it unowned.
+                watch.kill_group(signal.SIGKILL)
                 watch.reap()
         os.lseek(out, 0, os.SEEK_SET)
         data = os.read(out, 64 * 1024)
@@ -196,10 +204,11 @@ def signal_group_except_leader(leader: int, sig: int) -> int:
 def find_program(command: str, env: Mapping[str, str]) -> str | None:
     """The program a shell command line starts first, resolved like the shell would.
 
-    Understands leading NAME=value assignments and `env [-i] [NAME=value...] PROG`
-    (the published Charliecloud config starts that way; env's own PATH= then applies).
-    Returns the resolved path, or None when the command is not simple enough to tell
-    (shell syntax, functions, builtins): then the shell itself reports the problem.
+    Understands leading NAME=value assignments (a PATH= among them is the one searched),
+    `env [-i] [NAME=value...] PROG` (the published Charliecloud config starts that way;
+    env's own PATH= then applies) and `~/` (the user's HOME). Returns the resolved path,
+    or None when the command does not start with a plain program name (shell syntax,
+    builtins, keywords, relative paths): then the shell itself reports any problem.
     Raises RuntimeNotFound when the program is definitely missing.
     """
     try:
@@ -209,6 +218,8 @@ def find_program(command: str, env: Mapping[str, str]) -> str | None:
     path = env.get("PATH", os.defpath)
     i = 0
     while i < len(words) and _is_assignment(words[i]):
+        if words[i].startswith("PATH="):
+            path = words[i][len("PATH="):]
         i += 1
     if i < len(words) and words[i] in ("env", "/usr/bin/env", "/bin/env"):
         i += 1
@@ -221,21 +232,30 @@ def find_program(command: str, env: Mapping[str, str]) -> str | None:
     if i >= len(words):
         return None
     program = words[i]
-    if any(c in program for c in "$`\\*?[;|&<>(){}"):
+    if program in _SHELL_WORDS or any(c in program for c in "$`\\*?[;|&<>(){}="):
         return None
+    if program == "~" or program.startswith("~/"):
+        program = env.get("HOME", "") + program[1:]
+    elif program.startswith("~"):
+        return None  # ~user: not worth resolving
     if "/" in program:
+        if not os.path.isabs(program):
+            return None  # relative to the task dir at run time
         if os.path.isfile(program) and os.access(program, os.X_OK):
             return program
         raise RuntimeNotFound(f"runtime program {program} does not exist or is not executable")
     found = shutil.which(program, path=path)
     if found is None:
-        if program in _SHELL_WORDS:
-            return None
         raise RuntimeNotFound(f"runtime program {program!r} is not found in PATH={path}")
     return found
 
 
-_SHELL_WORDS = {"exec", "kill", "test", "[", "echo", "printf", "cd", "true", "false", ":", ".", "eval", "command", "set", "trap", "wait", "if", "for", "while", "case"}
+# dash's builtins and the shell's reserved words: never looked up on PATH.
+_SHELL_WORDS = frozenset(
+    ". : [ alias bg break cd chdir command continue echo eval exec exit export false fc fg getopts hash jobs "
+    "kill local printf pwd read readonly return set shift test times trap true type ulimit umask unalias unset "
+    "wait ! { } case do done elif else esac fi for if in then until while".split()
+)
 
 
 def _is_assignment(word: str) -> bool:

@@ -51,12 +51,19 @@ class ProcessWatch:
         return await asyncio.shield(self._exited)
 
     def _on_readable(self) -> None:
-        if self._status is not None or self._pidfd is None:
-            return
+        self._peek()
+
+    def _peek(self) -> bool:
+        """Record the exit status if the process has ended, without reaping it. True if it has."""
+        if self._status is not None:
+            return True
+        if self._pidfd is None:
+            return False
         info = os.waitid(os.P_PIDFD, self._pidfd, _WAIT_FLAGS | os.WNOWAIT)
         if info is None:
-            return  # spurious wake-up: still running
+            return False  # still running (or a spurious wake-up)
         self._set_status(exit_status(info))
+        return True
 
     def _set_status(self, status: int) -> None:
         self._status = status
@@ -71,7 +78,7 @@ class ProcessWatch:
 
     def send_signal(self, sig: int) -> bool:
         """Signal the process itself. False when it has already exited."""
-        if self._pidfd is None or self._status is not None:
+        if self._pidfd is None or self._peek():
             return False
         try:
             signal.pidfd_send_signal(self._pidfd, sig)
@@ -90,14 +97,18 @@ class ProcessWatch:
             pass
 
     def reap(self) -> None:
-        """Collect the zombie and release the pidfd. The one place a watched process is released."""
+        """Collect the zombie and release the pidfd. The one place a watched process is released.
+
+        The process must have exited (kill it and wait() first): reaping never blocks.
+        """
         if self._pidfd is None:
             return
+        info = os.waitid(os.P_PIDFD, self._pidfd, _WAIT_FLAGS)
+        if info is None:
+            raise RuntimeError(f"pid {self.pid} is still running: reap() needs it to have exited")
+        if self._status is None:
+            self._set_status(exit_status(info))
         self._stop_reading()
-        if self._status is not None:
-            info = os.waitid(os.P_PIDFD, self._pidfd, _WAIT_FLAGS)
-            if info is not None and self._status is None:
-                self._set_status(exit_status(info))
         os.close(self._pidfd)
         self._pidfd = None
 

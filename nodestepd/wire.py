@@ -8,6 +8,7 @@ its start-up time is part of every launch.
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 VERSION = 1
@@ -41,11 +42,10 @@ def frame_length(header: bytes) -> int:
 
 def parse_step_ref(text: str) -> tuple[int, int]:
     """'JOB.STEP' (or 'JOB', meaning step 0) as the client and logs write it."""
-    job, _, step = text.partition(".")
-    try:
-        job_id, step_id = int(job), int(step or "0")
-    except ValueError:
-        raise ValueError(f"{text!r} is not a step reference: expected JOB.STEP, e.g. 42.0") from None
-    if job_id < 0 or step_id < 0:
-        raise ValueError(f"{text!r} is not a step reference: ids are non-negative")
-    return job_id, step_id
+    match = _STEP_REF.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a step reference: expected JOB.STEP, e.g. 42.0")
+    return int(match.group(1)), int(match.group(2) or "0")
+
+
+_STEP_REF = re.compile(r"([0-9]+)(?:\.([0-9]+))?", re.ASCII)

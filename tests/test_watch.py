@@ -220,21 +220,12 @@ async def test_send_signal_reaches_the_process_and_not_after_exit(spawn, pipe):
     assert proc_state(watch.pid) == "Z"  # the signals did not touch it
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "send_signal checks only the status wait() recorded: for a process that has exited but whose exit "
-    "nobody has read yet, pidfd_send_signal to the zombie succeeds and send_signal returns True"
-))
 async def test_send_signal_to_an_exited_process_not_yet_waited_for_returns_false(spawn):
     watch = spawn(["true"])
     wait_exited_without_reaping(watch.pid)
     assert watch.send_signal(signal.SIGTERM) is False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reap() collects the zombie only when wait() already recorded the status; after an exit nobody waited "
-    "for, it just closes the pidfd, leaving the zombie behind for good (and status None), although its "
-    "docstring makes it the one place a watched process is released"
-))
 async def test_reap_without_wait_collects_the_zombie(spawn):
     watch = spawn(["sh", "-c", "exit 3"])
     pid = watch.pid
