@@ -220,6 +220,12 @@ class Server:
                 step.log.warning("launch failed", error=str(e))
                 await conn.send(ErrorReply(code="launch-failed", error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
                 return
+            except Exception as e:
+                del self.steps[key]
+                step.log.exception("launch failed unexpectedly")
+                message = f"internal error in nodestepd while launching: {e!r} (see the daemon's log)"
+                await conn.send(ErrorReply(code="launch-failed", error=message, status=protocol.STATUS_LAUNCH_FAILED))
+                return
         finally:
             _close_all(fds)  # the tasks have their own copies now
         retire = asyncio.create_task(self._retire(step))
@@ -241,14 +247,15 @@ class Server:
                 with contextlib.suppress(asyncio.CancelledError):
                     await incoming
                 break
+            reason = "attached client went away"
             try:
                 received = incoming.result()
             except (ProtocolError, ConnectionClosed) as e:
-                received = None
-                step.log.warning("attached client sent garbage", error=str(e))
+                received, reason = None, f"attached client's connection broke: {e}"
             if received is None:
-                await step.cancel("attached client went away")
-                return
+                # Like srun: the step does not outlive the client that holds its stdio.
+                await step.cancel(reason)
+                break
             body, fds = received
             _close_all(fds)
             try:

@@ -215,5 +215,14 @@ def runc_containers(user: User) -> list[str]:
     return out.stdout.split()
 
 
+def proc_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, Z, ...), or None when the pid is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
 def spool_entries(daemon: Daemon) -> list[str]:
     return sorted(os.listdir(daemon.spool_dir)) if daemon.spool_dir.exists() else []

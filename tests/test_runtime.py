@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import proc_state
 import uvloop
 
 from nodestepd.runtime import (
@@ -101,14 +103,6 @@ def uid_exists(uid: int) -> bool:
     except KeyError:
         return False
     return True
-
-
-def proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
 
 
 def our_children() -> set[int]:

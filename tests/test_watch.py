@@ -11,6 +11,8 @@ import subprocess
 import time
 
 import pytest
+
+from conftest import proc_state
 import uvloop
 
 from nodestepd.watch import ProcessWatch, exit_status
@@ -80,14 +82,6 @@ def pipe():
             os.close(fd)
         except OSError:
             pass
-
-
-def proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
 
 
 def wait_exited_without_reaping(pid: int) -> None:
