@@ -20,6 +20,7 @@ from typing import Mapping
 from . import configjson, stepenv
 from .configjson import BundleConfigError
 from .logs import get_logger
+from .wire import STATUS_LAUNCH_FAILED
 from .ociconf import OciConf
 from .patterns import PatternContext, expand
 from .runtime import HelperResult, Identity, RuntimeNotFound, find_program, run_helper, signal_group_except_leader, spawn_shell
@@ -122,6 +123,7 @@ class Step:
         self._runtime_env: dict[str, str] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._termination: asyncio.Task[None] | None = None
+        self._cancel_reason: str | None = None
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
 
     @property
@@ -135,6 +137,22 @@ class Step:
 
         received_at: time.monotonic() when the request arrived, for the launch latency in the log.
         """
+        try:
+            await self._launch(stdio)
+        except BaseException:
+            # Whoever waits for this step (wait, cancel) learns that it never ran.
+            self.state = StepState.FINISHED
+            self.result = StepResult(STATUS_LAUNCH_FAILED, tuple(None for _ in range(self.spec.ntasks)), False)
+            self._done.set_result(self.result)
+            raise
+        self.state = StepState.RUNNING
+        launch_ms = round((time.monotonic() - received_at) * 1000, 3)
+        self.log.info("step started", ntasks=self.spec.ntasks, bundle=self.spec.bundle, launch_ms=launch_ms)
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"step {self.ref}")
+        if self._cancel_reason is not None:  # cancelled while it was launching
+            self._begin_termination()
+
+    async def _launch(self, stdio: Stdio) -> None:
         prepared = await asyncio.to_thread(self._prepare)
         self._spool = prepared.spool
         self.tasks = prepared.tasks
@@ -155,10 +173,6 @@ class Step:
             self.log.error("runtime could not be started", error=str(e))
             await self._undo_launch()
             raise LaunchFailed(f"cannot start the runtime as {self.spec.identity.user}: {e.strerror or e}") from None
-        self.state = StepState.RUNNING
-        launch_ms = round((time.monotonic() - received_at) * 1000, 3)
-        self.log.info("step started", ntasks=self.spec.ntasks, bundle=self.spec.bundle, launch_ms=launch_ms)
-        self._supervisor = asyncio.create_task(self._supervise(), name=f"step {self.ref}")
 
     def _prepare(self) -> _Prepared:
         """Blocking filesystem work (spool dirs, files): runs in a worker thread."""
@@ -281,7 +295,6 @@ class Step:
             if task.watch is not None:
                 await task.watch.wait()
         await self._release()
-        self.state = StepState.FINISHED
 
     # ---- running --------------------------------------------------------------
 
@@ -332,11 +345,17 @@ class Step:
         return delivered
 
     async def cancel(self, reason: str) -> StepResult:
-        if self._termination is None and self.state is not StepState.FINISHED:
+        if self._cancel_reason is None and self.state is not StepState.FINISHED:
+            self._cancel_reason = reason
             self.log.info("cancelling step", reason=reason)
-            self.state = StepState.TERMINATING
-            self._termination = asyncio.create_task(self._terminate())
+            if self.state is StepState.RUNNING:
+                self._begin_termination()
+            # Still launching: launch() begins the termination once the tasks exist.
         return await self.wait()
+
+    def _begin_termination(self) -> None:
+        self.state = StepState.TERMINATING
+        self._termination = asyncio.create_task(self._terminate())
 
     async def _terminate(self) -> None:
         await asyncio.gather(*(self._terminate_task(task) for task in self.tasks if task.running))
