@@ -38,6 +38,10 @@ class ClientError(Exception):
         self.status = status
 
 
+class ConnectionLost(ClientError):
+    pass
+
+
 # ---- talking to the daemon ----------------------------------------------------------
 
 
@@ -56,11 +60,15 @@ def connect(path: str) -> socket.socket:
 
 def send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
     data = wire.frame_dict({"v": wire.VERSION, **message})
-    if fds:
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = sock.sendmsg([data], ancillary)
-        data = data[sent:]
-    sock.sendall(data)
+    try:
+        if fds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sent = sock.sendmsg([data], ancillary)
+            data = data[sent:]
+        if data:  # sendall(b"") still calls send(): EPIPE if the daemon already answered and closed
+            sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        raise ConnectionLost("nodestepd closed the connection before the request was sent") from None
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -221,7 +229,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         wakeup = None if args.detach else _catch_signals()
         sock = connect(args.socket)
         with sock:
-            send(sock, message, fds)
+            try:
+                send(sock, message, fds)
+            except ConnectionLost as e:
+                raise ClientError(str(e), failed) from None
             for fd in owned:
                 os.close(fd)
             owned = []
@@ -261,7 +272,7 @@ def _attend(sock: socket.socket, wakeup: int, ref: str) -> int:
                     send(sock, {"op": "signal", "signal": signal.Signals(signum).name})
             except BlockingIOError:
                 pass
-            except (BrokenPipeError, ConnectionResetError):
+            except ConnectionLost:
                 pass  # the daemon is gone; the read below says so
         if sock in readable:
             reply = receive(sock)

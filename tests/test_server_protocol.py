@@ -43,7 +43,8 @@ def send_raw(sock: socket.socket, data: bytes, fds=()) -> None:
     if fds:
         sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
         data = data[sent:]
-    sock.sendall(data)
+    if data:  # sendall(b"") still calls send(): EPIPE if the daemon already answered and closed
+        sock.sendall(data)
 
 
 def send_body(sock: socket.socket, body: bytes, fds=()) -> None:
@@ -102,9 +103,12 @@ def run_msg(bundle: Path, args: list[str], **fields) -> dict:
 
 
 def request(path, message: dict, fds=()):
+    """One request and its reply; returns once the daemon has closed its side too."""
     with connect(path) as sock:
         send(sock, message, fds)
-        return receive(sock)
+        reply = receive(sock)
+        finish(sock)
+        return reply
 
 
 def status(daemon) -> StatusReply:
@@ -114,7 +118,15 @@ def status(daemon) -> StatusReply:
 
 
 def daemon_fds(daemon) -> list[str]:
-    return sorted(os.listdir(f"/proc/{daemon.proc.pid}/fd"), key=int)
+    """The daemon's open fds, each as 'N -> target', so a failure says what leaked."""
+    fd_dir = f"/proc/{daemon.proc.pid}/fd"
+    fds = []
+    for fd in sorted(os.listdir(fd_dir), key=int):
+        try:
+            fds.append(f"{fd} -> {os.readlink(f'{fd_dir}/{fd}')}")
+        except FileNotFoundError:
+            pass  # closed while we looked
+    return fds
 
 
 def ps_as_root(daemon) -> list[dict]:
