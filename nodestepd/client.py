@@ -74,7 +74,10 @@ def send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> No
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     chunks = bytearray()
     while len(chunks) < n:
-        chunk = sock.recv(n - len(chunks))
+        try:
+            chunk = sock.recv(n - len(chunks))
+        except ConnectionResetError:
+            return None
         if not chunk:
             return None
         chunks.extend(chunk)
