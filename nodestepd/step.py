@@ -157,8 +157,17 @@ class Step:
         self._spool = prepared.spool
         self.tasks = prepared.tasks
         self._runtime_env = prepared.runtime_env
-        try:
-            for task, command in zip(self.tasks, prepared.run_commands):
+        # fork+exec blocks for a millisecond or so per task: off the loop, like the spool work.
+        error = await asyncio.to_thread(self._spawn_tasks, prepared.run_commands, stdio)
+        if error is not None:
+            self.log.error("runtime could not be started", error=str(error))
+            await self._undo_launch()
+            raise LaunchFailed(f"cannot start the runtime as {self.spec.identity.user}: {error.strerror or error}")
+
+    def _spawn_tasks(self, commands: list[str], stdio: Stdio) -> OSError | None:
+        """Start each task's runtime (worker thread). Stops at the first failure and returns it."""
+        for task, command in zip(self.tasks, commands):
+            try:
                 task.watch = spawn_shell(
                     command,
                     identity=self.spec.identity,
@@ -168,11 +177,10 @@ class Step:
                     stdout=stdio.stdout,
                     stderr=stdio.stderr,
                 )
-                self.log.debug("task started", task_id=task.task_id, pid=task.watch.pid, command=command)
-        except OSError as e:
-            self.log.error("runtime could not be started", error=str(e))
-            await self._undo_launch()
-            raise LaunchFailed(f"cannot start the runtime as {self.spec.identity.user}: {e.strerror or e}") from None
+            except OSError as e:
+                return e
+            self.log.debug("task started", task_id=task.task_id, pid=task.watch.pid, command=command)
+        return None
 
     def _prepare(self) -> _Prepared:
         """Blocking filesystem work (spool dirs, files): runs in a worker thread."""

@@ -23,11 +23,13 @@ def exit_status(info: os.waitid_result) -> int:
 
 
 class ProcessWatch:
+    """Created in any thread (spawning may run off the loop); waited on in the loop's."""
+
     def __init__(self, pid: int, pidfd: int) -> None:
         self.pid = pid
         self._pidfd: int | None = pidfd
         self._status: int | None = None
-        self._exited = asyncio.get_running_loop().create_future()
+        self._exited: asyncio.Future[int] | None = None
         self._reading = False
 
     @classmethod
@@ -44,10 +46,15 @@ class ProcessWatch:
         return self._status is None
 
     async def wait(self) -> int:
-        if self._status is None and not self._reading and self._pidfd is not None:
-            self._reading = True
-            asyncio.get_running_loop().add_reader(self._pidfd, self._on_readable)
-            self._on_readable()  # it may have ended before we started watching
+        if self._status is not None:
+            return self._status
+        if self._exited is None:
+            loop = asyncio.get_running_loop()
+            self._exited = loop.create_future()
+            if self._pidfd is not None:
+                self._reading = True
+                loop.add_reader(self._pidfd, self._on_readable)
+                self._peek()  # it may have ended before we started watching
         return await asyncio.shield(self._exited)
 
     def _on_readable(self) -> None:
@@ -68,7 +75,7 @@ class ProcessWatch:
     def _set_status(self, status: int) -> None:
         self._status = status
         self._stop_reading()
-        if not self._exited.done():
+        if self._exited is not None and not self._exited.done():
             self._exited.set_result(status)
 
     def _stop_reading(self) -> None:
