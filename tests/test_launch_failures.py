@@ -75,19 +75,15 @@ def test_config_json_symlink_to_a_root_only_file_gains_nothing(start_daemon, use
     _nothing_left(daemon, user)
 
 
-def test_runtime_not_found(start_daemon, user, bundle):
-    daemon = start_daemon(RUNC_RUN_CONF.replace('RunTimeRun="runc ', 'RunTimeRun="runc-not-installed '))
+@pytest.mark.parametrize("runtime, message", [
+    ("runc-not-installed", "runtime program 'runc-not-installed' is not found in PATH="),
+    ("/opt/nowhere/runc", "/opt/nowhere/runc does not exist or is not executable"),
+])
+def test_runtime_not_found(start_daemon, user, bundle, runtime, message):
+    daemon = start_daemon(RUNC_RUN_CONF.replace('RunTimeRun="runc ', f'RunTimeRun="{runtime} '))
     result = daemon.ctl(user, "run", "--bundle", str(bundle), "--", "true")
     assert result.returncode == LAUNCH_FAILED
-    assert "runtime program 'runc-not-installed' is not found in PATH=" in _one_sentence(result.stderr)
-    _nothing_left(daemon, user)
-
-
-def test_runtime_given_by_a_path_that_does_not_exist(start_daemon, user, bundle):
-    daemon = start_daemon(RUNC_RUN_CONF.replace('RunTimeRun="runc ', 'RunTimeRun="/opt/nowhere/runc '))
-    result = daemon.ctl(user, "run", "--bundle", str(bundle), "--", "true")
-    assert result.returncode == LAUNCH_FAILED
-    assert "/opt/nowhere/runc does not exist or is not executable" in _one_sentence(result.stderr)
+    assert message in _one_sentence(result.stderr)
     _nothing_left(daemon, user)
 
 
