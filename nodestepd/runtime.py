@@ -13,9 +13,9 @@ import errno
 import os
 import pwd
 import re
-import shutil
 import shlex
 import signal
+import stat
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping
@@ -201,7 +201,7 @@ def signal_group_except_leader(leader: int, sig: int) -> int:
     return sent
 
 
-def find_program(command: str, env: Mapping[str, str]) -> str | None:
+def find_program(command: str, env: Mapping[str, str], identity: Identity | None = None) -> str | None:
     """The program a shell command line starts first, resolved like the shell would.
 
     Understands leading NAME=value assignments (a PATH= among them is the one searched),
@@ -209,7 +209,9 @@ def find_program(command: str, env: Mapping[str, str]) -> str | None:
     env's own PATH= then applies) and `~/` (the user's HOME). Returns the resolved path,
     or None when the command does not start with a plain program name (shell syntax,
     builtins, keywords, relative paths): then the shell itself reports any problem.
-    Raises RuntimeNotFound when the program is definitely missing.
+    Raises RuntimeNotFound when the program is definitely missing, or (given identity)
+    exists but that user may not execute it: the daemon checks as root, the shell will
+    run as the user.
     """
     try:
         words = shlex.split(command, comments=False, posix=True)
@@ -241,13 +243,34 @@ def find_program(command: str, env: Mapping[str, str]) -> str | None:
     if "/" in program:
         if not os.path.isabs(program):
             return None  # relative to the task dir at run time
-        if os.path.isfile(program) and os.access(program, os.X_OK):
-            return program
-        raise RuntimeNotFound(f"runtime program {program} does not exist or is not executable")
-    found = shutil.which(program, path=path)
-    if found is None:
-        raise RuntimeNotFound(f"runtime program {program!r} is not found in PATH={path}")
-    return found
+        candidates = [program]
+    else:
+        candidates = [os.path.join(d or ".", program) for d in path.split(":")]
+    denied = None
+    for candidate in candidates:
+        if not os.path.isfile(candidate):
+            continue
+        if _executable_by(candidate, identity):
+            return candidate
+        denied = denied or candidate
+    if denied is not None:
+        who = identity.user if identity else "anyone"
+        raise RuntimeNotFound(f"runtime program {denied} is not executable by {who}")
+    if "/" in program:
+        raise RuntimeNotFound(f"runtime program {program} does not exist")
+    raise RuntimeNotFound(f"runtime program {program!r} is not found in PATH={path}")
+
+
+def _executable_by(path: str, identity: Identity | None) -> bool:
+    """The kernel's execute check for a user (owner, then group, then other bits)."""
+    st = os.stat(path)
+    if identity is None:
+        return bool(st.st_mode & 0o111)
+    if st.st_uid == identity.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == identity.gid or st.st_gid in identity.groups:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
 
 
 # dash's builtins and the shell's reserved words: never looked up on PATH.

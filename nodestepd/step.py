@@ -232,7 +232,7 @@ class Step:
         ]
         run_commands = [expand(oci.runtime_run, task.context) for task in tasks]
         try:
-            find_program(run_commands[0], runtime_env)
+            find_program(run_commands[0], runtime_env, spec.identity)
         except RuntimeNotFound as e:
             raise LaunchFailed(str(e)) from None
 

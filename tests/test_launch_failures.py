@@ -77,7 +77,7 @@ def test_config_json_symlink_to_a_root_only_file_gains_nothing(start_daemon, use
 
 @pytest.mark.parametrize("runtime, message", [
     ("runc-not-installed", "runtime program 'runc-not-installed' is not found in PATH="),
-    ("/opt/nowhere/runc", "/opt/nowhere/runc does not exist or is not executable"),
+    ("/opt/nowhere/runc", "runtime program /opt/nowhere/runc does not exist"),
 ])
 def test_runtime_not_found(start_daemon, user, bundle, runtime, message):
     daemon = start_daemon(RUNC_RUN_CONF.replace('RunTimeRun="runc ', f'RunTimeRun="{runtime} '))

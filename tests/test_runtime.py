@@ -446,10 +446,31 @@ def test_find_program_skips_leading_assignments(bindir):
 
 def test_find_program_absolute_paths(bindir):
     assert find_program(f"{bindir}/myruntime run", {"PATH": ""}) == f"{bindir}/myruntime"
-    for missing in (f"{bindir}/nope", f"{bindir}/not-executable", f"{bindir}/subdir"):
+    for missing in (f"{bindir}/nope", f"{bindir}/subdir"):
         with pytest.raises(RuntimeNotFound) as e:
             find_program(f"{missing} run", {"PATH": str(bindir)})
-        assert str(e.value) == f"runtime program {missing} does not exist or is not executable"
+        assert str(e.value) == f"runtime program {missing} does not exist"
+    with pytest.raises(RuntimeNotFound) as e:
+        find_program(f"{bindir}/not-executable run", {"PATH": str(bindir)})
+    assert str(e.value) == f"runtime program {bindir}/not-executable is not executable by anyone"
+
+
+def test_find_program_checks_execute_permission_as_the_user(bindir, identity):
+    # Root may execute anything with an x bit; the user the shell runs as may not.
+    private = bindir / "root-only-runtime"
+    private.write_text("#!/bin/sh\n")
+    private.chmod(0o700)
+    with pytest.raises(RuntimeNotFound) as e:
+        find_program("root-only-runtime run", {"PATH": str(bindir)}, identity)
+    assert str(e.value) == f"runtime program {private} is not executable by {identity.user}"
+    assert find_program("myruntime run", {"PATH": str(bindir)}, identity) == f"{bindir}/myruntime"
+    # A later PATH entry the user may run wins, as in the shell.
+    later = bindir / "later"
+    later.mkdir()
+    (later / "root-only-runtime").write_text("#!/bin/sh\n")
+    (later / "root-only-runtime").chmod(0o755)
+    found = find_program("root-only-runtime run", {"PATH": f"{bindir}:{later}"}, identity)
+    assert found == f"{later}/root-only-runtime"
 
 
 def test_find_program_missing_program(bindir):
