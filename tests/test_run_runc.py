@@ -229,8 +229,6 @@ def test_sigterm_stops_the_daemon_and_cancels_running_steps(start_daemon, user, 
 
 
 def test_pty_gives_the_container_a_terminal(daemon, user, bundle):
-    import pty  # noqa: F401  (documents the dependency on a real pseudo-terminal)
-
     master, slave = os.openpty()
     client = subprocess.Popen(
         user.command(daemon.ctl_argv("run", "--pty", "--bundle", str(bundle), "--",
