@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import os
 import socket
@@ -56,7 +57,8 @@ def check_config(path: str, *, node_name: str | None = None) -> int:
     patterns = oci.patterns()
     width = max(len(k) for k in patterns)
     for key, pattern in patterns.items():
-        sample = ctx if key not in ("RunTimeRun", "RunTimeCreate") else _without_pid(ctx)
+        # In the commands that start a task, %p is the shell's own pid ($$).
+        sample = ctx if key not in ("RunTimeRun", "RunTimeCreate") else dataclasses.replace(ctx, pid=None)
         print(f"  {key + ':':<{width + 1}} {expand(pattern, sample)}")
     if oci.create_env_file != "disabled":
         print(f"  environment file (%e): {task_dir}/environment, {oci.create_env_file}-separated")
@@ -64,8 +66,3 @@ def check_config(path: str, *, node_name: str | None = None) -> int:
         print(f"warning: {warning}")
     return 0
 
-
-def _without_pid(ctx: PatternContext) -> PatternContext:
-    from dataclasses import replace
-
-    return replace(ctx, pid=None)

@@ -101,17 +101,21 @@ def receive(sock: socket.socket) -> dict | None:
     return reply
 
 
-def request(path: str, message: dict, expect: str) -> dict:
+def expect(reply: dict | None, kind: str, status: int = EXIT_ERROR) -> dict:
+    """The reply if it is of `kind`; otherwise a ClientError exiting with the daemon's status, or `status`."""
+    if reply is None:
+        raise ClientError("nodestepd closed the connection without replying", status)
+    if reply["type"] == "error":
+        raise ClientError(reply.get("error", "unknown error"), reply.get("status") or status)
+    if reply["type"] != kind:
+        raise ClientError(f"unexpected reply from nodestepd: {reply['type']!r} instead of {kind!r}", status)
+    return reply
+
+
+def request(path: str, message: dict, kind: str) -> dict:
     with connect(path) as sock:
         send(sock, message)
-        reply = receive(sock)
-    if reply is None:
-        raise ClientError("nodestepd closed the connection without replying")
-    if reply["type"] == "error":
-        raise ClientError(reply.get("error", "unknown error"), reply.get("status") or EXIT_ERROR)
-    if reply["type"] != expect:
-        raise ProtocolError(f"unexpected reply from nodestepd: {reply['type']!r} instead of {expect!r}")
-    return reply
+        return expect(receive(sock), kind)
 
 
 # ---- run ----------------------------------------------------------------------
@@ -239,13 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             for fd in owned:
                 os.close(fd)
             owned = []
-            reply = receive(sock)
-            if reply is None:
-                raise ClientError("nodestepd closed the connection during the launch", failed)
-            if reply["type"] == "error":
-                raise ClientError(reply.get("error", "unknown error"), reply.get("status") or failed)
-            if reply["type"] != "started":
-                raise ClientError(f"unexpected reply from nodestepd: {reply['type']!r}", failed)
+            reply = expect(receive(sock), "started", failed)
             ref = f"{reply['job_id']}.{reply['step_id']}"
             if args.detach:
                 print(ref)

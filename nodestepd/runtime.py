@@ -62,6 +62,8 @@ def spawn_shell(
 ) -> ProcessWatch:
     """Start `/bin/sh -c command` as the user in a new process group and watch it by pidfd.
 
+    stdin/stdout/stderr are fds, or subprocess.DEVNULL.
+
     cwd must be a directory the user owns (a task spool dir): subprocess enters it before
     it switches to the user's ids, so without that rule the user could be handed a
     working directory it could not open itself. Raises PermissionError if it is not, and
@@ -114,21 +116,22 @@ async def run_helper(
     """
     out = os.memfd_create("nodestepd-helper", os.MFD_CLOEXEC)
     try:
-        with open(os.devnull, "rb") as devnull:
-            watch = spawn_shell(
-                command, identity=identity, cwd=cwd, env=env, stdin=devnull.fileno(), stdout=out, stderr=out
-            )
+        watch = spawn_shell(
+            command, identity=identity, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+        timed_out = False
         try:
-            status = await asyncio.wait_for(watch.wait(), timeout)
+            await asyncio.wait_for(watch.wait(), timeout)
         except TimeoutError:
-            watch.kill_group(signal.SIGKILL)
-            status = await watch.wait()
-            return HelperResult(status, f"timed out after {timeout:g} s; killed")
+            timed_out = True
         finally:
-            if not watch.running:
-                # Whatever the helper left in its group would outlive it unowned.
-                watch.kill_group(signal.SIGKILL)
-                watch.reap()
+            # Whatever is left in the helper's group (all of it, after a timeout) would
+            # outlive it unowned.
+            watch.kill_group(signal.SIGKILL)
+        status = await watch.wait()
+        watch.reap()
+        if timed_out:
+            return HelperResult(status, f"timed out after {timeout:g} s; killed")
         os.lseek(out, 0, os.SEEK_SET)
         data = os.read(out, 64 * 1024)
         return HelperResult(status, data.decode("utf-8", "replace").strip())

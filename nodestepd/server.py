@@ -49,8 +49,19 @@ MAX_NTASKS = 1024
 FINISHED_KEPT = 1024  # finished steps remembered for `wait` and `ps`
 
 
-class BadRequest(Exception):
+class Refused(Exception):
+    """A request the daemon will not carry out; becomes an error reply with this code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class BadRequest(Refused):
     """A request that is well-formed JSON but asks for something invalid."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad-request", message)
 
 
 class Server:
@@ -66,19 +77,25 @@ class Server:
         self._connections: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._job_ids: JobIdAllocator | None = None
-        self.spool_dir = config.spool_dir
+        self._step_settings: StepSettings | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
         self._stopping = asyncio.Event()
         os.makedirs(self.config.spool_dir, mode=0o755, exist_ok=True)
-        # Steps walk to their spool dir refusing every symlink; resolve the operator's own
-        # links (/var/run -> /run and the like) once, here.
-        self.spool_dir = os.path.realpath(self.config.spool_dir)
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         self._job_ids = JobIdAllocator(self.config.state_dir)
         self._listener = _bind(self.config.socket)
+        self._step_settings = StepSettings(
+            oci=self.oci,
+            # Steps walk to their spool dir refusing every symlink; resolve the operator's
+            # own links (/var/run -> /run and the like) once, here.
+            spool_dir=os.path.realpath(self.config.spool_dir),
+            node_name=self.config.node_name,
+            kill_wait=self.config.kill_wait,
+            daemon_env=dict(os.environ),
+        )
         self.log.info(
             "listening", socket=self.config.socket, oci_conf=self.oci.path, mode=self.oci.mode, version=__version__
         )
@@ -184,10 +201,8 @@ class Server:
                 reply = _exit_reply(step, await step.wait())
             else:
                 raise BadRequest(f"unexpected request {type(request).__name__}")
-        except _Refused as e:
+        except Refused as e:
             reply = ErrorReply(code=e.code, error=str(e))
-        except BadRequest as e:
-            reply = ErrorReply(code="bad-request", error=str(e))
         await conn.send(reply)
 
     # ---- run ----------------------------------------------------------------------
@@ -196,34 +211,26 @@ class Server:
         try:
             try:
                 spec = await self._validate_run(conn.peer_uid, request, fds)
-            except BadRequest as e:
+                key = (spec.job_id, spec.step_id)
+                if key in self.steps:
+                    raise Refused("conflict", f"step {spec.job_id}.{spec.step_id} is already running on this node")
+            except Refused as e:
                 log.info("launch refused", error=str(e))
-                await conn.send(ErrorReply(code="bad-request", error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
+                await conn.send(ErrorReply(code=e.code, error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
                 return
-            key = (spec.job_id, spec.step_id)
-            if key in self.steps:
-                await conn.send(
-                    ErrorReply(
-                        code="conflict",
-                        error=f"step {spec.job_id}.{spec.step_id} is already running on this node",
-                        status=protocol.STATUS_LAUNCH_FAILED,
-                    )
-                )
-                return
-            step = Step(spec, self._step_settings())
+            assert self._step_settings is not None
+            step = Step(spec, self._step_settings)
             self.steps[key] = step
             try:
-                with open(os.devnull, "rb") as null:
-                    await step.launch(Stdio(fds[0], fds[1], fds[2], null.fileno()), received_at)
-            except LaunchFailed as e:
-                del self.steps[key]
-                step.log.warning("launch failed", error=str(e))
-                await conn.send(ErrorReply(code="launch-failed", error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
-                return
+                await step.launch(Stdio(fds[0], fds[1], fds[2]), received_at)
             except Exception as e:
                 del self.steps[key]
-                step.log.exception("launch failed unexpectedly")
-                message = f"internal error in nodestepd while launching: {e!r} (see the daemon's log)"
+                if isinstance(e, LaunchFailed):
+                    step.log.warning("launch failed", error=str(e))
+                    message = str(e)
+                else:
+                    step.log.exception("launch failed unexpectedly")
+                    message = f"internal error in nodestepd while launching: {e!r} (see the daemon's log)"
                 await conn.send(ErrorReply(code="launch-failed", error=message, status=protocol.STATUS_LAUNCH_FAILED))
                 return
         finally:
@@ -321,15 +328,6 @@ class Server:
             config_json_error=request.config_json_error,
         )
 
-    def _step_settings(self) -> StepSettings:
-        return StepSettings(
-            oci=self.oci,
-            spool_dir=self.spool_dir,
-            node_name=self.config.node_name,
-            kill_wait=self.config.kill_wait,
-            daemon_env=dict(os.environ),
-        )
-
     # ---- lookups and authorisation -------------------------------------------------------
 
     def _visible_steps(self, uid: int) -> list[Step]:
@@ -341,13 +339,13 @@ class Server:
         step = self.steps.get(key) or self.finished.get(key)
         if step is None or (uid != 0 and step.spec.identity.uid != uid):
             # Someone else's step is reported exactly like a missing one: no probing.
-            raise _Refused("not-found", f"no step {job_id}.{step_id} of yours on this node")
+            raise Refused("not-found", f"no step {job_id}.{step_id} of yours on this node")
         return step
 
     def _own_running_step(self, uid: int, job_id: int, step_id: int) -> Step:
         step = self._own_step(uid, job_id, step_id)
         if step.state is StepState.FINISHED:
-            raise _Refused("not-found", f"step {job_id}.{step_id} has already finished")
+            raise Refused("not-found", f"step {job_id}.{step_id} has already finished")
         return step
 
     def _status(self) -> StatusReply:
@@ -365,12 +363,6 @@ class Server:
             steps_running=len(self.steps),
             steps_finished=len(self.finished),
         )
-
-
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def _bind(path: str) -> socket.socket:

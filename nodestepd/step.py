@@ -3,7 +3,7 @@
 Data flows one way: StepSpec (validated request) -> prepared spool (StepSpool, rewritten
 config.json, environment file) -> one runtime process per task (spawn_shell) -> watched
 tasks (ProcessWatch) -> StepResult. A Step owns its spool and its task processes and is
-the one place that releases them (_finalize).
+the one place that releases them (_release).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import dataclasses
 import enum
 import os
 import signal
+import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 from . import configjson, stepenv
@@ -66,10 +67,11 @@ class StepSettings:
 
 @dataclass(frozen=True)
 class Stdio:
+    """The caller's fds. Task 0 gets stdin; the other tasks read /dev/null."""
+
     stdin: int
     stdout: int
     stderr: int
-    null: int  # /dev/null, the stdin of every task but task 0
 
 
 class StepState(enum.Enum):
@@ -107,7 +109,7 @@ class _Prepared:
     spool: StepSpool
     tasks: list[Task]
     runtime_env: dict[str, str]
-    run_commands: list[str] = field(default_factory=list)
+    run_commands: list[str]
 
 
 class Step:
@@ -121,7 +123,7 @@ class Step:
         self.log = get_logger(job_id=spec.job_id, step_id=spec.step_id, user=spec.identity.user)
         self._spool: StepSpool | None = None
         self._runtime_env: dict[str, str] = {}
-        self._supervisor: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None  # held: the loop keeps tasks only weakly
         self._termination: asyncio.Task[None] | None = None
         self._cancel_reason: str | None = None
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
@@ -173,7 +175,7 @@ class Step:
                     identity=self.spec.identity,
                     cwd=task.dir,
                     env=self._runtime_env,
-                    stdin=stdio.stdin if task.task_id == 0 else stdio.null,
+                    stdin=stdio.stdin if task.task_id == 0 else subprocess.DEVNULL,
                     stdout=stdio.stdout,
                     stderr=stdio.stderr,
                 )
@@ -190,8 +192,7 @@ class Step:
                 f"{oci.path} uses create/start mode (RunTimeCreate/RunTimeStart), which this nodestepd "
                 "cannot run yet; use the RunTimeRun form"
             )
-        bundle_config = self._bundle_config()
-        rootfs = configjson.rootfs_path(bundle_config, spec.bundle) if bundle_config is not None else spec.bundle
+        bundle_config, rootfs = self._bundle_config()
         step_env = stepenv.exclude_env(spec.env, oci.env_exclude_re)
         runtime_env = stepenv.runtime_environment(
             settings.daemon_env, oci.runtime_env_exclude_re,
@@ -278,10 +279,11 @@ class Step:
             data = stepenv.env_file_bytes(container_env, oci.create_env_file)
             spool.write_task_file(task.task_id, ENV_FILE_NAME, data, 0o600)
 
-    def _bundle_config(self) -> dict | None:
+    def _bundle_config(self) -> tuple[dict | None, str]:
+        """The bundle's config.json (None when the site ignores it) and the rootfs path (%r)."""
         spec = self.spec
         if self.settings.oci.ignore_file_config_json:
-            return None
+            return None, spec.bundle
         path = os.path.join(spec.bundle, CONFIG_FILE_NAME)
         if spec.config_json_error is not None:
             raise LaunchFailed(f"cannot read {path}: {spec.config_json_error}")
@@ -289,10 +291,9 @@ class Step:
             raise LaunchFailed(f"cannot read {path}: the request did not include it")
         try:
             config = configjson.parse_bundle_config(spec.config_json, spec.bundle)
-            configjson.rootfs_path(config, spec.bundle)
+            return config, configjson.rootfs_path(config, spec.bundle)
         except BundleConfigError as e:
             raise LaunchFailed(str(e)) from None
-        return config
 
     async def _undo_launch(self) -> None:
         """A task failed to spawn: stop the ones that did, then remove everything."""

@@ -112,24 +112,6 @@ def test_tables_are_unknown_settings(tmp_path):
         load_config(path, {})
 
 
-@pytest.mark.parametrize(
-    "line, message",
-    [
-        ("socket = 5", "socket: expected str, got int"),
-        ('kill_wait = "30"', "kill_wait: expected int, got str"),
-        ("kill_wait = true", "kill_wait: expected int, got bool"),
-        ('log_level = ["info"]', "log_level: expected str, got list"),
-        ("node_name = 1.5", "node_name: expected str, got float"),
-        ("spool_dir = {path = '/x'}", "spool_dir: expected str, got dict"),
-    ],
-)
-def test_wrong_types(tmp_path, line, message):
-    path = toml(tmp_path, line + "\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(path, {})
-    assert str(e.value) == f"{path}: {message}"
-
-
 @pytest.mark.parametrize("name", ["socket", "oci_conf", "spool_dir", "state_dir"])
 def test_relative_paths(tmp_path, name):
     path = toml(tmp_path, f'{name} = "relative/dir"\n')
@@ -139,8 +121,9 @@ def test_relative_paths(tmp_path, name):
 
 
 def test_relative_path_from_the_command_line():
-    with pytest.raises(ConfigError, match=r"spool_dir: must be an absolute path, got 'spool'$"):
+    with pytest.raises(ConfigError) as e:
         load_config(None, {"spool_dir": "spool"})
+    assert str(e.value) == "--spool-dir: spool_dir: must be an absolute path, got 'spool'"
 
 
 def test_a_bad_command_line_value_is_not_blamed_on_a_missing_file(default_file):
@@ -152,6 +135,14 @@ def test_a_bad_command_line_value_is_not_blamed_on_a_missing_file(default_file):
 @pytest.mark.parametrize(
     "line, message",
     [
+        # wrong types
+        ("socket = 5", "socket: expected str, got int"),
+        ('kill_wait = "30"', "kill_wait: expected int, got str"),
+        ("kill_wait = true", "kill_wait: expected int, got bool"),
+        ('log_level = ["info"]', "log_level: expected str, got list"),
+        ("node_name = 1.5", "node_name: expected str, got float"),
+        ("spool_dir = {path = '/x'}", "spool_dir: expected str, got dict"),
+        # right types, unusable values
         ('log_format = "xml"', "log_format: must be 'console' or 'json', got 'xml'"),
         ('log_format = "JSON"', "log_format: must be 'console' or 'json', got 'JSON'"),
         ('log_level = "trace"', "log_level: must be debug, info, warning or error, got 'trace'"),
@@ -164,7 +155,7 @@ def test_a_bad_command_line_value_is_not_blamed_on_a_missing_file(default_file):
         ('node_name = "cn/1"', "node_name: 'cn/1' is not a usable node name"),
     ],
 )
-def test_bad_values(tmp_path, line, message):
+def test_wrong_types_and_bad_values(tmp_path, line, message):
     path = toml(tmp_path, line + "\n")
     with pytest.raises(ConfigError) as e:
         load_config(path, {})

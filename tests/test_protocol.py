@@ -127,9 +127,13 @@ def test_defaults_are_not_shared_between_decoded_requests():
     ],
 )
 def test_unknown_op_and_missing_fields(body, message):
+    assert_malformed(decode_request, body, "malformed request: ", message)
+
+
+def assert_malformed(decode, body: bytes, prefix: str, message: str) -> None:
     with pytest.raises(ProtocolError) as e:
-        decode_request(body)
-    assert str(e.value).startswith("malformed request: ")
+        decode(body)
+    assert str(e.value).startswith(prefix)
     assert message in str(e.value)
 
 
@@ -243,10 +247,7 @@ def test_replies_tolerate_fields_a_newer_daemon_adds():
     ],
 )
 def test_bad_replies(body, message):
-    with pytest.raises(ProtocolError) as e:
-        decode_reply(body)
-    assert str(e.value).startswith("malformed reply from nodestepd: ")
-    assert message in str(e.value)
+    assert_malformed(decode_reply, body, "malformed reply from nodestepd: ", message)
 
 
 # ---- step references ---------------------------------------------------------------------
