@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NODESTEPD = BIN / "nodestepd"
 NODESTEPCTL = BIN / "nodestepctl"
-TEST_USERS = ("nsdtest1", "nsdtest2")
+# Two unprivileged users; NODESTEPD_TEST_USERS=a,b picks others so that two checkouts can run
+# their suites at once without clearing each other's containers.
+TEST_USERS = tuple(os.environ.get("NODESTEPD_TEST_USERS", "nsdtest1,nsdtest2").split(","))
+assert len(TEST_USERS) == 2, "NODESTEPD_TEST_USERS names exactly two users"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RUNC_RUN_CONF = (REPO / "tests" / "oci-conf-examples" / "runc-run.conf").read_text()
 

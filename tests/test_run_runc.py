@@ -38,7 +38,7 @@ def test_container_killed_by_signal_reports_128_plus_n(daemon, user, bundle):
     )
     read_line_from(client.stdout, b"ready")
     state = subprocess.run(
-        user.command(["runc", "--root", f"/run/user/{user.uid}/", "state", "testnode.nsdtest1.50.0.0"]),
+        user.command(["runc", "--root", f"/run/user/{user.uid}/", "state", f"testnode.{user.name}.50.0.0"]),
         capture_output=True, env=user.env, check=True,
     )
     # As the kernel's OOM killer would: the container's own process dies by SIGKILL.
@@ -99,7 +99,7 @@ def test_cancel_kills_deletes_and_cleans_up(daemon, user, bundle):
         "sh", "-c", "echo ready; exec sleep 1000",
     )
     read_line_from(client.stdout, b"ready")
-    assert runc_containers(user) == ["testnode.nsdtest1.51.2.0"]
+    assert runc_containers(user) == [f"testnode.{user.name}.51.2.0"]
     assert spool_entries(daemon) == ["oci-job51-2"]
     cancelled = daemon.ctl(user, "cancel", "51.2")
     assert cancelled.returncode == 0, cancelled.stderr
@@ -135,7 +135,7 @@ def test_several_tasks_each_with_own_container_and_task_id(daemon, user, bundle)
     )
     for _ in range(3):
         read_line_from(client.stdout, b"ready")
-    assert sorted(runc_containers(user)) == [f"testnode.nsdtest1.53.0.{t}" for t in range(3)]
+    assert sorted(runc_containers(user)) == [f"testnode.{user.name}.53.0.{t}" for t in range(3)]
     assert sorted(os.listdir(daemon.spool_dir / "oci-job53-0")) == ["task-0", "task-1", "task-2"]
     daemon.ctl(user, "cancel", "53.0")
     client.communicate(timeout=30)
@@ -175,7 +175,7 @@ def test_ps_and_status(daemon, user, other_user, bundle):
     daemon.ctl(user, "run", "--job-id", "60", "--bundle", str(bundle), "--", "true")
     table = daemon.ctl(user, "ps").stdout.decode().splitlines()
     assert table[0].split() == ["STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND"]
-    assert table[1].split()[:5] == ["60.0", "nsdtest1", "finished", "1", "0"]
+    assert table[1].split()[:5] == ["60.0", user.name, "finished", "1", "0"]
     # Another user does not see it.
     assert len(daemon.ctl(other_user, "ps").stdout.decode().splitlines()) == 1
     status = daemon.ctl(user, "status")
@@ -193,7 +193,7 @@ def test_other_users_cannot_touch_a_step(daemon, user, other_user, bundle):
         refused = daemon.ctl(other_user, *args)
         assert refused.returncode == 1
         assert b"no step 61.0 of yours" in refused.stderr
-    assert runc_containers(user) == ["testnode.nsdtest1.61.0.0"]
+    assert runc_containers(user) == [f"testnode.{user.name}.61.0.0"]
     daemon.ctl(user, "cancel", "61.0")
     client.communicate(timeout=30)
 
@@ -213,7 +213,7 @@ def test_same_step_twice_is_refused(daemon, user, bundle):
 def test_daemon_log_lines_carry_step_fields(daemon, user, bundle):
     daemon.ctl(user, "run", "--job-id", "63", "--bundle", str(bundle), "--", "true")
     lines = [l for l in daemon.log().splitlines() if "task exited" in l]
-    assert lines and all(f in lines[0] for f in ("job_id=63", "step_id=0", "task_id=0", "user=nsdtest1"))
+    assert lines and all(f in lines[0] for f in ("job_id=63", "step_id=0", "task_id=0", f"user={user.name}"))
 
 
 def test_sigterm_stops_the_daemon_and_cancels_running_steps(start_daemon, user, bundle):
