@@ -24,6 +24,7 @@ class DaemonConfig:
     state_dir: str = "/var/lib/nodestepd"
     node_name: str = ""  # empty: the short host name, resolved by load_config
     kill_wait: float = 30.0
+    runtime_timeout: float = 60.0
     log_format: str = "console"
     log_level: str = "info"
     config_file: str | None = None  # where the settings came from, for `status`
@@ -42,6 +43,8 @@ class DaemonConfig:
             raise fail("node_name", f"{self.node_name!r} is not a usable node name")
         if not (0 < self.kill_wait <= 3600):
             raise fail("kill_wait", f"must be between 0 and 3600 seconds, got {self.kill_wait}")
+        if not (0 < self.runtime_timeout <= 3600):
+            raise fail("runtime_timeout", f"must be between 0 and 3600 seconds, got {self.runtime_timeout}")
         if self.log_format not in ("console", "json"):
             raise fail("log_format", f"must be 'console' or 'json', got {self.log_format!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -55,6 +58,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "state_dir": (str,),
     "node_name": (str,),
     "kill_wait": (int, float),
+    "runtime_timeout": (int, float),
     "log_format": (str,),
     "log_level": (str,),
 }
@@ -80,7 +84,7 @@ def _from_toml(path: str, required: bool) -> dict[str, Any]:
         types = _FIELD_TYPES[key]
         if isinstance(value, bool) or not isinstance(value, types):
             raise ConfigError(f"{path}: {key}: expected {types[0].__name__}, got {type(value).__name__}")
-        settings[key] = float(value) if key == "kill_wait" else value
+        settings[key] = float(value) if types == (int, float) else value
     return settings
 
 

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-name", metavar="NAME", help="node name for %%n (default: the short host name)")
     p.add_argument("--kill-wait", metavar="SECONDS", type=float,
                    help=f"grace period between RunTimeKill and SIGKILL (default {_DEFAULTS.kill_wait:g})")
+    p.add_argument("--runtime-timeout", metavar="SECONDS", type=float,
+                   help="bound on each RunTime* command and on waiting for a created container "
+                   f"(default {_DEFAULTS.runtime_timeout:g})")
     p.add_argument("--log-format", choices=["console", "json"], help="log line format (default console)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--version", action="version", version=f"nodestepd {__version__}")
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "state_dir": args.state_dir,
         "node_name": args.node_name,
         "kill_wait": args.kill_wait,
+        "runtime_timeout": args.runtime_timeout,
         "log_format": args.log_format,
         "log_level": args.log_level,
     }

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
-from .watch import ProcessWatch
+from .watch import SPAWN_LOCK, ProcessWatch
 
 SHELL = "/bin/sh"
 RUNTIME_UMASK = 0o022
@@ -72,23 +72,24 @@ def spawn_shell(
     st = os.stat(cwd)
     if st.st_uid != identity.uid:
         raise PermissionError(errno.EACCES, f"working directory {cwd} is not owned by {identity.user}")
-    popen = subprocess.Popen(
-        [SHELL, "-c", command],
-        executable=SHELL,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        cwd=cwd,
-        env=dict(env),
-        user=identity.uid,
-        group=identity.gid,
-        extra_groups=list(identity.groups),
-        process_group=0,
-        umask=RUNTIME_UMASK,
-        close_fds=True,
-        restore_signals=True,
-    )
-    watch = ProcessWatch.open(popen.pid)
+    with SPAWN_LOCK:  # until the pidfd is ours, the reaper must not take the new child for an orphan
+        popen = subprocess.Popen(
+            [SHELL, "-c", command],
+            executable=SHELL,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=dict(env),
+            user=identity.uid,
+            group=identity.gid,
+            extra_groups=list(identity.groups),
+            process_group=0,
+            umask=RUNTIME_UMASK,
+            close_fds=True,
+            restore_signals=True,
+        )
+        watch = ProcessWatch.open(popen.pid)
     # ProcessWatch reaps it; a returncode keeps subprocess from ever calling waitpid on
     # this pid (its __del__ would otherwise queue it for a waitpid of its own).
     popen.returncode = 0
@@ -99,6 +100,7 @@ def spawn_shell(
 class HelperResult:
     status: int
     output: str  # stdout and stderr together, trimmed
+    timed_out: bool = False
 
 
 async def run_helper(
@@ -131,7 +133,7 @@ async def run_helper(
         status = await watch.wait()
         watch.reap()
         if timed_out:
-            return HelperResult(status, f"timed out after {timeout:g} s; killed")
+            return HelperResult(status, f"timed out after {timeout:g} s; killed", timed_out=True)
         os.lseek(out, 0, os.SEEK_SET)
         data = os.read(out, 64 * 1024)
         return HelperResult(status, data.decode("utf-8", "replace").strip())

@@ -40,6 +40,7 @@ from .protocol import (
 )
 from .runtime import Identity, shell_warnings
 from .state import JobIdAllocator
+from .reaper import Reaper, become_subreaper
 from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState
 from .stepenv import validate_env_name
 
@@ -78,6 +79,7 @@ class Server:
         self._background: set[asyncio.Task[None]] = set()
         self._job_ids: JobIdAllocator | None = None
         self._step_settings: StepSettings | None = None
+        self.reaper = Reaper()
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -86,6 +88,9 @@ class Server:
         os.makedirs(self.config.spool_dir, mode=0o755, exist_ok=True)
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         self._job_ids = JobIdAllocator(self.config.state_dir)
+        # Container inits that create/start runtimes leave behind become our children, so
+        # their real exit statuses are ours to collect (container.py, reaper.py).
+        become_subreaper()
         self._listener = _bind(self.config.socket)
         self._step_settings = StepSettings(
             oci=self.oci,
@@ -94,6 +99,7 @@ class Server:
             spool_dir=os.path.realpath(self.config.spool_dir),
             node_name=self.config.node_name,
             kill_wait=self.config.kill_wait,
+            runtime_timeout=self.config.runtime_timeout,
             daemon_env=dict(os.environ),
         )
         self.log.info(
@@ -101,11 +107,6 @@ class Server:
         )
         for warning in shell_warnings(self.oci.patterns()):
             self.log.warning("oci.conf will not work as written on this host", problem=warning)
-        if self.oci.runtime_run is None:
-            self.log.warning(
-                "oci.conf uses create/start mode, which this version cannot run yet: every launch will be refused",
-                oci_conf=self.oci.path,
-            )
 
     async def serve(self) -> None:
         assert self._listener is not None and self._stopping is not None
@@ -219,7 +220,7 @@ class Server:
                 await conn.send(ErrorReply(code=e.code, error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
                 return
             assert self._step_settings is not None
-            step = Step(spec, self._step_settings)
+            step = Step(spec, self._step_settings, self.reaper)
             self.steps[key] = step
             try:
                 await step.launch(Stdio(fds[0], fds[1], fds[2]), received_at)

@@ -1,9 +1,16 @@
 """One container step on this node, from validated request to exit event.
 
 Data flows one way: StepSpec (validated request) -> prepared spool (StepSpool, rewritten
-config.json, environment file) -> one runtime process per task (spawn_shell) -> watched
-tasks (ProcessWatch) -> StepResult. A Step owns its spool and its task processes and is
-the one place that releases them (_release).
+config.json, environment file) -> per task, the runtime (spawn_shell) -> watched tasks
+(ProcessWatch) -> StepResult. A Step owns its spool and its task processes and is the
+one place that releases them (_release).
+
+Two lifecycles, from oci.conf's mode:
+- run: the task is RunTimeRun's process; it ends when that process ends.
+- create/start: RunTimeCreate (with the task's stdio, so the container gets them), a
+  RunTimeQuery until `created`, RunTimeStart; the task is then the container's init,
+  adopted by the daemon as subreaper and watched by pidfd (container.py), and ends
+  when the init ends. One more RunTimeQuery confirms `stopped`; RunTimeDelete follows.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from . import configjson, stepenv
+from . import configjson, container, stepenv
 from .configjson import BundleConfigError
+from .container import ContainerError, PolledContainer
 from .logs import get_logger
 from .wire import STATUS_LAUNCH_FAILED
 from .ociconf import OciConf
 from .patterns import PatternContext, expand
+from .reaper import Reaper
 from .runtime import HelperResult, Identity, RuntimeNotFound, find_program, run_helper, signal_group_except_leader, spawn_shell
 from .spool import SpoolError, StepSpool, spool_layout
-from .watch import ProcessWatch
+from .watch import SPAWN_LOCK, NotWatchable, ProcessWatch
 
 ENV_FILE_NAME = "environment"
 CONFIG_FILE_NAME = "config.json"
@@ -62,6 +71,7 @@ class StepSettings:
     spool_dir: str
     node_name: str
     kill_wait: float
+    runtime_timeout: float  # bound on each RunTime* command, and on waiting for `created`
     daemon_env: Mapping[str, str]
 
 
@@ -86,7 +96,9 @@ class Task:
     task_id: int
     dir: str
     context: PatternContext
-    watch: ProcessWatch | None = None
+    # What the task's end is the end of: run mode, the runtime's shell; create/start, the
+    # container's init (or the RunTimeQuery poller when there is no pid to watch).
+    watch: ProcessWatch | PolledContainer | None = None
 
     @property
     def status(self) -> int | None:
@@ -109,13 +121,15 @@ class _Prepared:
     spool: StepSpool
     tasks: list[Task]
     runtime_env: dict[str, str]
-    run_commands: list[str]
+    first_commands: list[str]  # per task: RunTimeRun, or RunTimeCreate in create/start mode
 
 
 class Step:
-    def __init__(self, spec: StepSpec, settings: StepSettings) -> None:
+    def __init__(self, spec: StepSpec, settings: StepSettings, reaper: Reaper) -> None:
         self.spec = spec
         self.settings = settings
+        self.create_start = settings.oci.runtime_run is None
+        self.reaper = reaper
         self.state = StepState.LAUNCHING
         self.started_at = time.time()
         self.tasks: list[Task] = []
@@ -159,8 +173,11 @@ class Step:
         self._spool = prepared.spool
         self.tasks = prepared.tasks
         self._runtime_env = prepared.runtime_env
+        if self.create_start:
+            await self._create_and_start(prepared.first_commands, stdio)
+            return
         # fork+exec blocks for a millisecond or so per task: off the loop, like the spool work.
-        error = await asyncio.to_thread(self._spawn_tasks, prepared.run_commands, stdio)
+        error = await asyncio.to_thread(self._spawn_tasks, prepared.first_commands, stdio)
         if error is not None:
             self.log.error("runtime could not be started", error=str(error))
             await self._undo_launch()
@@ -187,10 +204,10 @@ class Step:
     def _prepare(self) -> _Prepared:
         """Blocking filesystem work (spool dirs, files): runs in a worker thread."""
         spec, settings, oci = self.spec, self.settings, self.settings.oci
-        if oci.runtime_run is None:
+        if spec.pty and self.create_start:
             raise LaunchFailed(
-                f"{oci.path} uses create/start mode (RunTimeCreate/RunTimeStart), which this nodestepd "
-                "cannot run yet; use the RunTimeRun form"
+                f"--pty needs RunTimeRun: {oci.path} uses create/start, where the runtime would need a "
+                "console socket to hand the terminal over"
             )
         bundle_config, rootfs = self._bundle_config()
         step_env = stepenv.exclude_env(spec.env, oci.env_exclude_re)
@@ -231,9 +248,11 @@ class Step:
         tasks = [
             Task(t, layout.task_dirs[t], context(t, layout.step_dir, layout.task_dirs[t])) for t in range(spec.ntasks)
         ]
-        run_commands = [expand(oci.runtime_run, task.context) for task in tasks]
+        first = oci.runtime_create if self.create_start else oci.runtime_run
+        assert first is not None  # ociconf guarantees one mode or the other
+        first_commands = [expand(first, task.context) for task in tasks]
         try:
-            find_program(run_commands[0], runtime_env, spec.identity)
+            find_program(first_commands[0], runtime_env, spec.identity)
         except RuntimeNotFound as e:
             raise LaunchFailed(str(e)) from None
 
@@ -255,7 +274,7 @@ class Step:
             if isinstance(e, (BundleConfigError, ValueError)):
                 raise LaunchFailed(str(e)) from None
             raise LaunchFailed(f"cannot prepare the spool dir {layout.step_dir}: {e}") from None
-        return _Prepared(spool, tasks, runtime_env, run_commands)
+        return _Prepared(spool, tasks, runtime_env, first_commands)
 
     def _write_task_files(
         self, spool: StepSpool, task: Task, bundle_config: dict | None, step_env: Mapping[str, str], step_dir: str
@@ -295,6 +314,93 @@ class Step:
         except BundleConfigError as e:
             raise LaunchFailed(str(e)) from None
 
+    # ---- create/start ---------------------------------------------------------------
+
+    async def _create_and_start(self, create_commands: list[str], stdio: Stdio) -> None:
+        """Bring every task's container to running; on any failure, remove them all and raise LaunchFailed."""
+        outcomes = await asyncio.gather(
+            *(self._create_task(task, command, stdio) for task, command in zip(self.tasks, create_commands)),
+            return_exceptions=True,
+        )
+        failures = [(task, e) for task, e in zip(self.tasks, outcomes) if isinstance(e, BaseException)]
+        if not failures:
+            return
+        for task, error in failures:
+            self.log.error("container could not be started", task_id=task.task_id, error=str(error))
+        await self._undo_containers()
+        task, error = failures[0]
+        if isinstance(error, (ContainerError, OSError)):
+            prefix = f"task {task.task_id}: " if self.spec.ntasks > 1 else ""
+            detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise LaunchFailed(f"{prefix}{detail}")
+        raise error
+
+    async def _create_task(self, task: Task, command: str, stdio: Stdio) -> None:
+        """RunTimeCreate, wait for `created`, watch the init, RunTimeStart."""
+        oci, timeout = self.settings.oci, self.settings.runtime_timeout
+        log = self.log.bind(task_id=task.task_id)
+        log.debug("running runtime command", key="RunTimeCreate", command=command)
+        # The container inherits RunTimeCreate's stdio: that is how its output reaches the
+        # client. So we wait for the create command to exit, never for end-of-file.
+        create = await asyncio.to_thread(
+            spawn_shell,
+            command,
+            identity=self.spec.identity,
+            cwd=task.dir,
+            env=self._runtime_env,
+            stdin=stdio.stdin if task.task_id == 0 else subprocess.DEVNULL,
+            stdout=stdio.stdout,
+            stderr=stdio.stderr,
+        )
+        try:
+            try:
+                status = await asyncio.wait_for(create.wait(), timeout)
+            except TimeoutError:
+                create.kill_group(signal.SIGKILL)
+                await create.wait()
+                raise ContainerError(f"RunTimeCreate did not finish within {timeout:g} s and was killed") from None
+        finally:
+            create.reap()
+        if status != 0:
+            raise ContainerError(f"RunTimeCreate failed with exit status {status} (the runtime's message is above)")
+        state = await container.wait_until_created(lambda: self._helper("RunTimeQuery", oci.runtime_query, task), timeout)
+        task.watch = self._watch_container(task, state, log)
+        start = await self._helper("RunTimeStart", oci.runtime_start, task)
+        assert start is not None
+        if start.status != 0:
+            raise ContainerError(f"RunTimeStart failed with exit status {start.status}: {start.output or '(no output)'}")
+        log.debug("container started", pid=task.watch.pid, watched="pidfd" if task.watch.pid else "RunTimeQuery")
+
+    def _watch_container(self, task: Task, state: container.ContainerState, log) -> ProcessWatch | PolledContainer:
+        problem = "RunTimeQuery reports no pid"
+        if state.pid is not None:
+            try:
+                with SPAWN_LOCK:  # the reaper's sweep may have taken the orphaned init in first
+                    return self.reaper.take(state.pid, self.spec.identity.uid) or ProcessWatch.adopt(
+                        state.pid, self.spec.identity.uid
+                    )
+            except NotWatchable as e:
+                problem = str(e)
+        log.warning(
+            "cannot watch the container's process; polling RunTimeQuery instead (its exit status will not be known)",
+            problem=problem,
+        )
+        return PolledContainer(lambda: self._helper("RunTimeQuery", self.settings.oci.runtime_query, task))
+
+    async def _undo_containers(self) -> None:
+        """A create/start launch failed: kill and delete every task's container, then remove everything."""
+        async def undo(task: Task) -> None:
+            log = self.log.bind(task_id=task.task_id)
+            if task.watch is not None and task.watch.running:
+                task.watch.send_signal(signal.SIGKILL)
+                if isinstance(task.watch, ProcessWatch):
+                    await task.watch.wait()
+            # Delete even when create failed half-way: runc may have registered the container.
+            await self._runtime_delete(task, log)
+
+        await asyncio.gather(*(undo(task) for task in self.tasks))
+        await self._release()
+
     async def _undo_launch(self) -> None:
         """A task failed to spawn: stop the ones that did, then remove everything."""
         for task in self.tasks:
@@ -330,22 +436,51 @@ class Step:
         assert task.watch is not None
         status = await task.watch.wait()
         log = self.log.bind(task_id=task.task_id)
-        log.info("task exited", status=status)
-        if status >= 128 and self._termination is None:
+        if task.watch.status_known:
+            log.info("task exited", status=status)
+        else:
+            log.warning("task ended; its exit status is unknown, reporting 0", status=status)
+        if self._termination is not None:
+            return status  # the termination deletes the container
+        if self.create_start:
+            await self._confirm_stopped(task, log)
+            await self._runtime_delete(task, log)
+        elif status >= 128:
             # The runtime died by a signal: it may not have removed its container.
             await self._runtime_delete(task, log)
         return status
+
+    async def _confirm_stopped(self, task: Task, log) -> None:
+        """The one RunTimeQuery after the container's end: the runtime should agree it stopped."""
+        try:
+            state = await container.query(lambda: self._helper("RunTimeQuery", self.settings.oci.runtime_query, task))
+        except ContainerError as e:
+            log.warning("RunTimeQuery after the container ended failed", error=str(e))
+            return
+        if state.status != "stopped":
+            log.warning("the container's process ended but RunTimeQuery reports it not stopped", state=state.status)
 
     async def wait(self) -> StepResult:
         return await asyncio.shield(self._done)
 
     def signal(self, sig: int) -> int:
-        """Deliver sig to each running task's runtime (its process group, minus the shell that started it)."""
+        """Deliver sig to each running task.
+
+        run mode: to the runtime (its process group, minus the shell that started it).
+        create/start: to the container's init, through the pidfd we hold.
+        """
         delivered = 0
         for task in self.tasks:
             if not task.running:
                 continue
             assert task.watch is not None
+            if self.create_start:
+                if task.watch.send_signal(sig):
+                    delivered += 1
+                else:
+                    self.log.warning("cannot signal a container whose pid is not known", task_id=task.task_id)
+                continue
+            assert isinstance(task.watch, ProcessWatch)
             if signal_group_except_leader(task.watch.pid, sig) == 0:
                 # Nothing below the shell (yet, or any more): the shell is all there is to signal.
                 task.watch.send_signal(sig)
@@ -374,22 +509,33 @@ class Step:
         assert task.watch is not None
         log = self.log.bind(task_id=task.task_id)
         kill = await self._helper("RunTimeKill", self.settings.oci.runtime_kill, task)
+        what = "the container's init" if self.create_start else "the runtime's process group"
         if task.running:
             if kill is None or kill.status != 0:
                 if kill is not None:
-                    log.warning(
-                        "RunTimeKill failed; killing the runtime's process group now",
-                        status=kill.status, output=kill.output,
-                    )
-                task.watch.kill_group(signal.SIGKILL)
+                    log.warning(f"RunTimeKill failed; killing {what} now", status=kill.status, output=kill.output)
+                self._kill_task(task)
             else:
                 try:
                     await asyncio.wait_for(task.watch.wait(), self.settings.kill_wait)
                 except TimeoutError:
-                    log.warning("task still running after kill_wait; killing its process group", kill_wait=self.settings.kill_wait)
-                    task.watch.kill_group(signal.SIGKILL)
+                    log.warning(f"task still running after kill_wait; killing {what}", kill_wait=self.settings.kill_wait)
+                    self._kill_task(task)
+            if isinstance(task.watch, PolledContainer):
+                await self._runtime_delete(task, log)  # --force is all that is left; the poller sees it go
+                await task.watch.wait()
+                return
             await task.watch.wait()
         await self._runtime_delete(task, log)
+
+    def _kill_task(self, task: Task) -> None:
+        assert task.watch is not None
+        if isinstance(task.watch, PolledContainer):
+            return  # no pid: RunTimeDelete (with --force) has to do it
+        if self.create_start:
+            task.watch.send_signal(signal.SIGKILL)  # the init: in its pid namespace, that ends them all
+        else:
+            task.watch.kill_group(signal.SIGKILL)
 
     async def _runtime_delete(self, task: Task, log) -> None:
         result = await self._helper("RunTimeDelete", self.settings.oci.runtime_delete, task)
@@ -397,26 +543,37 @@ class Step:
             log.info("RunTimeDelete failed", status=result.status, output=result.output)
 
     async def _helper(self, key: str, pattern: str | None, task: Task) -> HelperResult | None:
-        """Run RunTimeKill/RunTimeDelete for a task with its real pid as %p; None when not configured."""
-        assert task.watch is not None
+        """Run a RunTime* command for a task, bounded by runtime_timeout; None when not configured.
+
+        %p is the task's real pid: the runtime's shell (run mode) or the container's init
+        (create/start), kept unreaped until the step is released so it cannot be recycled.
+        """
         if pattern is None:
             return None
-        command = expand(pattern, dataclasses.replace(task.context, pid=task.watch.pid))
+        pid = task.watch.pid if task.watch is not None else None
+        command = expand(pattern, dataclasses.replace(task.context, pid=pid))
         self.log.debug("running runtime command", key=key, task_id=task.task_id, command=command)
-        return await run_helper(
-            command, identity=self.spec.identity, cwd=task.dir, env=self._runtime_env, timeout=self.settings.kill_wait
+        result = await run_helper(
+            command, identity=self.spec.identity, cwd=task.dir, env=self._runtime_env,
+            timeout=self.settings.runtime_timeout,
         )
+        if result.timed_out:
+            self.log.error("runtime command hung and was killed", key=key, task_id=task.task_id,
+                           timeout=self.settings.runtime_timeout, command=command)
+        return result
 
     # ---- release ----------------------------------------------------------------
 
     async def _release(self) -> None:
         """Kill leftovers of each task's group, reap, remove the spool: the one release point."""
         for task in self.tasks:
-            if task.watch is None:
+            if task.watch is None or task.running:
                 continue
-            if not task.running:
+            if not self.create_start:
+                assert isinstance(task.watch, ProcessWatch)
                 task.watch.kill_group(signal.SIGKILL)  # stragglers a runtime left in its group
-                task.watch.reap()
+            task.watch.reap()
+        self.reaper.sweep()  # whatever the runtimes left orphaned to us
         if self._spool is not None:
             spool, self._spool = self._spool, None
             if self.settings.oci.disable_cleanup:

@@ -15,7 +15,7 @@ from nodestepd import config as config_module
 from nodestepd.config import ConfigError, DaemonConfig, load_config
 from nodestepd.state import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
-KNOWN = "kill_wait, log_format, log_level, node_name, oci_conf, socket, spool_dir, state_dir"
+KNOWN = "kill_wait, log_format, log_level, node_name, oci_conf, runtime_timeout, socket, spool_dir, state_dir"
 EX_CONFIG = 78
 
 
@@ -50,6 +50,7 @@ def test_defaults_without_any_file():
         state_dir="/var/lib/nodestepd",
         node_name="node17",  # the short host name
         kill_wait=30.0,
+        runtime_timeout=60.0,
         log_format="console",
         log_level="info",
         config_file=None,
@@ -58,7 +59,7 @@ def test_defaults_without_any_file():
 
 def test_unset_overrides_are_ignored():
     overrides = {name: None for name in ("socket", "oci_conf", "spool_dir", "state_dir", "node_name", "kill_wait",
-                                         "log_format", "log_level")}
+                                         "runtime_timeout", "log_format", "log_level")}
     assert load_config(None, overrides) == load_config(None, {})
 
 
@@ -70,13 +71,16 @@ def test_values_from_toml(tmp_path):
         state_dir = "/var/lib/x"
         node_name = "cn042"
         kill_wait = 5
+        runtime_timeout = 7
         log_format = "json"
         log_level = "debug"
     """.replace("\n        ", "\n"))
     config = load_config(path, {})
-    assert config == DaemonConfig("/run/x/x.sock", "/etc/x/oci.conf", "/var/spool/x", "/var/lib/x", "cn042", 5.0, "json",
-                                  "debug", config_file=path)
-    assert type(config.kill_wait) is float
+    assert config == DaemonConfig(
+        socket="/run/x/x.sock", oci_conf="/etc/x/oci.conf", spool_dir="/var/spool/x", state_dir="/var/lib/x",
+        node_name="cn042", kill_wait=5.0, runtime_timeout=7.0, log_format="json", log_level="debug", config_file=path,
+    )
+    assert type(config.kill_wait) is float and type(config.runtime_timeout) is float
 
 
 def test_default_file_is_read_when_present(default_file):
@@ -151,6 +155,8 @@ def test_a_bad_command_line_value_is_not_blamed_on_a_missing_file(default_file):
         ("kill_wait = 3600.5", "kill_wait: must be between 0 and 3600 seconds, got 3600.5"),
         ("kill_wait = nan", "kill_wait: must be between 0 and 3600 seconds, got nan"),
         ("kill_wait = inf", "kill_wait: must be between 0 and 3600 seconds, got inf"),
+        ('runtime_timeout = "60"', "runtime_timeout: expected int, got str"),
+        ("runtime_timeout = 0", "runtime_timeout: must be between 0 and 3600 seconds, got 0.0"),
         ('node_name = "cn 1"', "node_name: 'cn 1' is not a usable node name"),
         ('node_name = "cn/1"', "node_name: 'cn/1' is not a usable node name"),
     ],

@@ -129,12 +129,17 @@ def test_daemon_not_running(user, workdir, bundle):
     assert b"nodestepd is not running: no socket at" in result.stderr
 
 
-def test_create_start_mode_is_refused_clearly_until_supported(start_daemon, user, bundle):
+def test_pty_in_create_start_mode_is_refused_clearly(start_daemon, user, bundle):
     from conftest import REPO
 
     daemon = start_daemon((REPO / "tests" / "oci-conf-examples" / "runc-create-start.conf").read_text())
-    assert "create/start mode, which this version cannot run yet" in daemon.log()
-    result = daemon.ctl(user, "run", "--bundle", str(bundle), "--", "true")
+    master, slave = os.openpty()
+    try:
+        result = daemon.ctl_popen(user, "run", "--pty", "--bundle", str(bundle), "--", "true", stdin=slave)
+        _, err = result.communicate(timeout=60)
+    finally:
+        os.close(master)
+        os.close(slave)
     assert result.returncode == LAUNCH_FAILED
-    assert "uses create/start mode" in _one_sentence(result.stderr)
+    assert "--pty needs RunTimeRun" in _one_sentence(err)
     _nothing_left(daemon, user)

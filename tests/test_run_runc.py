@@ -1,4 +1,8 @@
-"""End to end with the real daemon, the real client and real runc (the guide's run-mode oci.conf)."""
+"""End to end with the real daemon, the real client and real runc.
+
+Every test that takes `daemon` runs twice: with the guide's run-mode oci.conf and with its
+create/start oci.conf, which must behave the same to the caller. `run_daemon` is run mode only.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,26 @@ import subprocess
 
 import pytest
 
-from conftest import read_line_from, runc_containers, spool_entries
+from conftest import REPO, read_line_from, runc_containers, spool_entries
+
+MODES = {
+    "run": None,  # conftest's default: the guide's runc run-mode config
+    "create-start": (REPO / "tests" / "oci-conf-examples" / "runc-create-start.conf").read_text(),
+}
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request) -> str:
+    return request.param
 
 
 @pytest.fixture
-def daemon(start_daemon):
+def daemon(start_daemon, mode):
+    return start_daemon() if MODES[mode] is None else start_daemon(MODES[mode])
+
+
+@pytest.fixture
+def run_daemon(start_daemon):
     return start_daemon()
 
 
@@ -147,8 +166,8 @@ def test_step_status_is_the_first_nonzero_task_status(daemon, user, bundle, tmp_
     assert result.returncode == 4, result.stderr
 
 
-def test_detach_prints_the_step_and_wait_returns_its_status(daemon, user, bundle, workdir):
-    outdir = workdir / "detached"
+def test_detach_prints_the_step_and_wait_returns_its_status(daemon, mode, user, bundle, workdir):
+    outdir = workdir / f"detached-{mode}"
     outdir.mkdir()
     os.chown(outdir, user.uid, user.gid)
     out, err = outdir / "out", outdir / "err"
@@ -171,7 +190,7 @@ def test_slurm_ids_are_used_when_set(daemon, user, bundle):
     assert daemon.ctl(user, "wait", "777.3").returncode == 0
 
 
-def test_ps_and_status(daemon, user, other_user, bundle):
+def test_ps_and_status(daemon, mode, user, other_user, bundle):
     daemon.ctl(user, "run", "--job-id", "60", "--bundle", str(bundle), "--", "true")
     table = daemon.ctl(user, "ps").stdout.decode().splitlines()
     assert table[0].split() == ["STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND"]
@@ -181,7 +200,7 @@ def test_ps_and_status(daemon, user, other_user, bundle):
     status = daemon.ctl(user, "status")
     assert status.returncode == 0
     text = status.stdout.decode()
-    assert "run mode" in text and str(daemon.oci_conf) in text and "0 running, 1 finished" in text
+    assert f"{mode} mode" in text and str(daemon.oci_conf) in text and "0 running, 1 finished" in text
 
 
 def test_other_users_cannot_touch_a_step(daemon, user, other_user, bundle):
@@ -228,7 +247,8 @@ def test_sigterm_stops_the_daemon_and_cancels_running_steps(start_daemon, user, 
     assert not daemon.socket.exists()
 
 
-def test_pty_gives_the_container_a_terminal(daemon, user, bundle):
+def test_pty_gives_the_container_a_terminal(run_daemon, user, bundle):
+    daemon = run_daemon
     master, slave = os.openpty()
     client = subprocess.Popen(
         user.command(daemon.ctl_argv("run", "--pty", "--bundle", str(bundle), "--",
@@ -250,7 +270,8 @@ def test_pty_gives_the_container_a_terminal(daemon, user, bundle):
     assert b"/dev/pts/" in output and b"stdin-is-a-tty" in output
 
 
-def test_pty_without_a_terminal_is_refused(daemon, user, bundle):
+def test_pty_without_a_terminal_is_refused(run_daemon, user, bundle):
+    daemon = run_daemon
     result = daemon.ctl(user, "run", "--pty", "--bundle", str(bundle), "--", "true")
     assert result.returncode == 2
     assert b"--pty needs a terminal on standard input" in result.stderr

@@ -307,7 +307,7 @@ async def test_run_helper_timeout_kills_the_group(identity, home):
     result = await run_helper(f"sleep 1000 & echo $$ $! > {shlex.quote(str(pids))}; wait",
                               identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"}, timeout=0.5)
     elapsed = time.monotonic() - started
-    assert result == HelperResult(128 + signal.SIGKILL, "timed out after 0.5 s; killed")
+    assert result == HelperResult(128 + signal.SIGKILL, "timed out after 0.5 s; killed", timed_out=True)
     assert 0.5 <= elapsed < 10
     leader, grandchild = map(int, pids.read_text().split())
     assert_exits(grandchild)  # in the group: killed too

@@ -15,7 +15,7 @@ import pytest
 from conftest import proc_state
 import uvloop
 
-from nodestepd.watch import ProcessWatch, exit_status
+from nodestepd.watch import CLAIMED, NotWatchable, ProcessWatch, exit_status, exit_status_from_wait_status
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Overriding the "event_loop_policy" fixture is deprecated:pytest.PytestDeprecationWarning'
@@ -301,3 +301,90 @@ async def test_waiting_costs_no_wakeups():
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     assert switches <= 6, f"{switches} wake-ups while waiting {elapsed:.2f} s"
     assert cpu < 0.05, f"{cpu:.3f} s of CPU while waiting"
+
+
+# ---- processes we did not spawn (container inits named by a runtime) ----------------------
+
+@pytest.fixture
+def grandchild(pipe):
+    """grandchild(code, reap_delay) -> (pid, parent Popen): a process whose parent is not us.
+
+    The parent prints the grandchild's pid, waits for a line on our pipe, then reaps it
+    after reap_delay seconds (as a runtime's monitor would), then exits itself."""
+    started: list[subprocess.Popen] = []
+    r, w = pipe
+
+    def start(code: int, reap_delay: float = 0.0) -> tuple[int, subprocess.Popen]:
+        script = (
+            "import os, sys, time\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            f"    os.read({r}, 1)\n"
+            f"    os._exit({code})\n"
+            "print(pid, flush=True)\n"
+            "time.sleep(" + repr(reap_delay) + ")\n"  # let the exit sit unreaped a while
+            "os.waitpid(pid, 0)\n"
+        )
+        parent = subprocess.Popen(["python3", "-c", script], stdout=subprocess.PIPE, pass_fds=(r,))
+        started.append(parent)
+        return int(parent.stdout.readline()), parent
+
+    yield start
+    for parent in started:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
+async def test_adopted_non_child_gives_its_exit_status_through_the_pidfd(grandchild, pipe):
+    pid, parent = grandchild(6)
+    watch = ProcessWatch.adopt(pid, os.getuid())
+    assert not watch.child and watch.running
+    os.write(pipe[1], b"x")  # let it exit
+    assert await asyncio.wait_for(watch.wait(), 10) == 6
+    assert watch.status_known
+    watch.reap()  # releases the pidfd; its own parent reaps it
+    await asyncio.to_thread(parent.wait)
+
+
+async def test_adopted_non_child_exit_status_once_its_parent_reaps_it_late(grandchild, pipe):
+    pid, parent = grandchild(9, reap_delay=0.3)  # the kernel knows the status only after the reap
+    watch = ProcessWatch.adopt(pid, os.getuid())
+    os.write(pipe[1], b"x")
+    assert await asyncio.wait_for(watch.wait(), 10) == 9
+    watch.reap()
+    await asyncio.to_thread(parent.wait)
+
+
+async def test_adopt_refuses_a_process_of_another_uid(grandchild):
+    pid, _ = grandchild(0)
+    with pytest.raises(NotWatchable, match=f"pid {pid} runs as uid 0, not 4242"):
+        ProcessWatch.adopt(pid, 4242)
+
+
+async def test_adopt_refuses_a_pid_that_is_gone(spawn):
+    watch = spawn(["true"])
+    await watch.wait()
+    pid = watch.pid
+    watch.reap()
+    with pytest.raises(NotWatchable):
+        ProcessWatch.adopt(pid, os.getuid())
+
+
+async def test_adopting_our_own_child_reads_and_reaps_it_like_open(pipe):
+    r, w = pipe
+    popen = subprocess.Popen(["sh", "-c", "read x; exit 4"], stdin=r, process_group=0)
+    popen.returncode = 0
+    watch = ProcessWatch.adopt(popen.pid, os.getuid())
+    assert watch.child and popen.pid in CLAIMED
+    os.write(w, b"go\n")
+    assert await asyncio.wait_for(watch.wait(), 10) == 4
+    assert proc_state(popen.pid) == "Z"  # kept unreaped until reap(), like open()
+    watch.reap()
+    assert proc_state(popen.pid) is None and popen.pid not in CLAIMED
+
+
+def test_exit_status_from_wait_status():
+    assert exit_status_from_wait_status(3 << 8) == 3
+    assert exit_status_from_wait_status(signal.SIGKILL) == 137
+    assert exit_status_from_wait_status(signal.SIGSEGV | 0x80) == 128 + signal.SIGSEGV  # with a core dump

@@ -1,0 +1,98 @@
+"""The daemon as child subreaper: orphans of the runtimes become ours, and we reap them.
+
+A create/start runtime leaves the container's init behind when RunTimeCreate exits.
+As a subreaper (PR_SET_CHILD_SUBREAPER) the daemon inherits it instead of PID 1, so it
+can wait for it through a pidfd and collect its real exit status (see container.py).
+
+Whatever else gets orphaned into the daemon (a process a runtime left running, a
+container init whose runc was killed) must be reaped too, or it stays a zombie. There is
+no SIGCHLD to tell us (uvloop owns it) and waitpid(-1) would steal the statuses that
+ProcessWatch owns, so `sweep()` looks at our children in /proc, skips the ones a
+ProcessWatch has claimed, reaps the dead ones and watches the live ones through a pidfd
+until they end. Steps call it when they release their processes, which is when their
+leftovers appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+
+from .logs import get_logger
+from .watch import CLAIMED, SPAWN_LOCK, ProcessWatch, proc_ids
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+log = get_logger()
+
+
+def become_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(k) for k in f.read().split())
+        except FileNotFoundError:
+            continue
+    return kids
+
+
+class Reaper:
+    """Owns the orphans: the daemon's children that no ProcessWatch claimed."""
+
+    def __init__(self) -> None:
+        self._orphans: dict[int, ProcessWatch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def orphans(self) -> list[int]:
+        return sorted(self._orphans)
+
+    def sweep(self) -> None:
+        """Reap dead orphans and watch live ones. Call on the event loop."""
+        with SPAWN_LOCK:
+            for pid in children(os.getpid()):
+                if pid in CLAIMED or pid in self._orphans:
+                    continue
+                try:
+                    watch = ProcessWatch.open(pid)
+                except ProcessLookupError:
+                    continue
+                status = watch.poll()
+                if status is not None:
+                    watch.reap()
+                    log.info("reaped an orphaned process", pid=pid, status=status)
+                    continue
+                self._orphans[pid] = watch
+                task = asyncio.create_task(self._reap(watch), name=f"orphan {pid}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def take(self, pid: int, uid: int) -> ProcessWatch | None:
+        """Hand over an orphan's watch to a new owner: a container init the sweep got to first.
+
+        Only a process running as `uid` is handed over (as ProcessWatch.adopt checks)."""
+        if pid not in self._orphans:
+            return None
+        try:
+            _, real_uid = proc_ids(pid)
+        except FileNotFoundError:
+            return None
+        if real_uid != uid:
+            return None
+        return self._orphans.pop(pid)
+
+    async def _reap(self, watch: ProcessWatch) -> None:
+        status = await watch.wait()
+        if self._orphans.get(watch.pid) is watch:
+            del self._orphans[watch.pid]
+            watch.reap()
+            log.info("reaped an orphaned process", pid=watch.pid, status=status)
