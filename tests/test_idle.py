@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
-from conftest import read_line_from
+import pytest
+
+from conftest import REPO, read_line_from
+
+CREATE_START_CONF = (REPO / "tests" / "oci-conf-examples" / "runc-create-start.conf").read_text()
 
 
 def _switches(pid: int) -> int:
@@ -19,8 +24,10 @@ def _switches(pid: int) -> int:
     return total
 
 
-def test_running_steps_cost_the_daemon_no_wakeups(start_daemon, user, bundle):
-    daemon = start_daemon()
+@pytest.mark.parametrize("mode", ["run", "create-start"])
+def test_running_steps_cost_the_daemon_no_wakeups(start_daemon, user, bundle, mode):
+    # create/start: Slurm would run RunTimeQuery about once a second per step here.
+    daemon = start_daemon() if mode == "run" else start_daemon(CREATE_START_CONF)
     clients = [
         daemon.ctl_popen(user, "run", "--job-id", str(90 + i), "--bundle", str(bundle), "--",
                          "sh", "-c", "echo ready; exec sleep 1000")
@@ -28,6 +35,12 @@ def test_running_steps_cost_the_daemon_no_wakeups(start_daemon, user, bundle):
     ]
     for client in clients:
         read_line_from(client.stdout, b"ready")
+    # In create/start mode "ready" can come before RunTimeStart has returned: let every
+    # launch finish (ps says running), then let the last request's connection close.
+    deadline = time.monotonic() + 30
+    while not all(s["state"] == "running" for s in json.loads(daemon.ctl(user, "ps", "--json").stdout)):
+        assert time.monotonic() < deadline, "the steps never all reached running"
+    time.sleep(0.5)
     before = _switches(daemon.proc.pid)
     time.sleep(2.0)  # the measuring window, not a wait for an event
     woke = _switches(daemon.proc.pid) - before
