@@ -20,7 +20,7 @@ import ctypes
 import os
 
 from .logs import get_logger
-from .watch import CLAIMED, SPAWN_LOCK, ProcessWatch, proc_ids
+from .watch import CLAIMED, SPAWN_LOCK, ProcessWatch, children, proc_ids
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -32,17 +32,6 @@ def become_subreaper() -> None:
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
-
-
-def children(pid: int) -> list[int]:
-    kids: list[int] = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids.extend(int(k) for k in f.read().split())
-        except FileNotFoundError:
-            continue
-    return kids
 
 
 class Reaper:

@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
-from .watch import SPAWN_LOCK, ProcessWatch
+from .watch import SPAWN_LOCK, ProcessWatch, children
 
 SHELL = "/bin/sh"
 RUNTIME_UMASK = 0o022
@@ -153,26 +153,11 @@ def group_members(leader: int) -> list[int]:
     frontier = [leader]
     while frontier:
         pid = frontier.pop()
-        for child in _children(pid):
+        for child in children(pid):
             if _pgid(child) == leader:
                 members.append(child)
                 frontier.append(child)
     return members
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return kids
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids.extend(int(k) for k in f.read().split())
-        except FileNotFoundError:
-            continue
-    return kids
 
 
 def _pgid(pid: int) -> int | None:

@@ -187,19 +187,23 @@ class Step:
         """Start each task's runtime (worker thread). Stops at the first failure and returns it."""
         for task, command in zip(self.tasks, commands):
             try:
-                task.watch = spawn_shell(
-                    command,
-                    identity=self.spec.identity,
-                    cwd=task.dir,
-                    env=self._runtime_env,
-                    stdin=stdio.stdin if task.task_id == 0 else subprocess.DEVNULL,
-                    stdout=stdio.stdout,
-                    stderr=stdio.stderr,
-                )
+                task.watch = self._spawn_with_stdio(task, command, stdio)
             except OSError as e:
                 return e
             self.log.debug("task started", task_id=task.task_id, pid=task.watch.pid, command=command)
         return None
+
+    def _spawn_with_stdio(self, task: Task, command: str, stdio: Stdio) -> ProcessWatch:
+        """The task's first runtime command, holding its stdio (blocking: call in a worker thread)."""
+        return spawn_shell(
+            command,
+            identity=self.spec.identity,
+            cwd=task.dir,
+            env=self._runtime_env,
+            stdin=stdio.stdin if task.task_id == 0 else subprocess.DEVNULL,
+            stdout=stdio.stdout,
+            stderr=stdio.stderr,
+        )
 
     def _prepare(self) -> _Prepared:
         """Blocking filesystem work (spool dirs, files): runs in a worker thread."""
@@ -342,16 +346,7 @@ class Step:
         log.debug("running runtime command", key="RunTimeCreate", command=command)
         # The container inherits RunTimeCreate's stdio: that is how its output reaches the
         # client. So we wait for the create command to exit, never for end-of-file.
-        create = await asyncio.to_thread(
-            spawn_shell,
-            command,
-            identity=self.spec.identity,
-            cwd=task.dir,
-            env=self._runtime_env,
-            stdin=stdio.stdin if task.task_id == 0 else subprocess.DEVNULL,
-            stdout=stdio.stdout,
-            stderr=stdio.stderr,
-        )
+        create = await asyncio.to_thread(self._spawn_with_stdio, task, command, stdio)
         try:
             try:
                 status = await asyncio.wait_for(create.wait(), timeout)
@@ -362,7 +357,7 @@ class Step:
         finally:
             create.reap()
         if status != 0:
-            raise ContainerError(f"RunTimeCreate failed with exit status {status} (the runtime's message is above)")
+            raise ContainerError(f"RunTimeCreate failed with exit status {status} (the runtime's own message went to the step's stderr)")
         state = await container.wait_until_created(lambda: self._helper("RunTimeQuery", oci.runtime_query, task), timeout)
         task.watch = self._watch_container(task, state, log)
         start = await self._helper("RunTimeStart", oci.runtime_start, task)

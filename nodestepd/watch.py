@@ -80,6 +80,22 @@ def _pidfd_readable(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
+def children(pid: int) -> list[int]:
+    """pid's child processes, from /proc/PID/task/*/children (empty when pid is gone)."""
+    kids: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return kids
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(k) for k in f.read().split())
+        except FileNotFoundError:
+            continue
+    return kids
+
+
 def proc_ids(pid: int) -> tuple[int, int]:
     """(parent pid, real uid) from /proc/PID/status."""
     ppid = uid = -1

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import read_line_from, runc_containers, spool_entries
+from nodestepd.watch import children
 
 RUNC = "runc --rootless=true --root=/run/user/%U/"
 NAME = "%n.%u.%j.%s.%t"
@@ -78,12 +79,7 @@ def calls(tools: Path) -> list[str]:
 
 
 def daemon_children(daemon) -> list[int]:
-    pid = daemon.proc.pid
-    kids = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/children") as f:
-            kids += [int(k) for k in f.read().split()]
-    return kids
+    return children(daemon.proc.pid)
 
 
 def nothing_left(daemon, user) -> None:
@@ -185,7 +181,7 @@ def test_a_failing_create_is_a_clear_launch_error_with_nothing_left(start_daemon
     err = result.stderr.decode()
     assert "no-such-rootfs" in err  # runc's own message, on the caller's stderr
     assert err.splitlines()[-1] == (
-        "nodestepctl: RunTimeCreate failed with exit status 1 (the runtime's message is above)"
+        "nodestepctl: RunTimeCreate failed with exit status 1 (the runtime's own message went to the step's stderr)"
     )
     nothing_left(daemon, user)
     assert json.loads(daemon.ctl(user, "ps", "--json").stdout) == []

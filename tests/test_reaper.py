@@ -13,8 +13,8 @@ import textwrap
 PRELUDE = textwrap.dedent("""
     import asyncio, json, os, subprocess, sys
     import uvloop
-    from nodestepd.reaper import Reaper, become_subreaper, children
-    from nodestepd.watch import SPAWN_LOCK, CLAIMED, ProcessWatch
+    from nodestepd.reaper import Reaper, become_subreaper
+    from nodestepd.watch import SPAWN_LOCK, CLAIMED, ProcessWatch, children
 
     def spawn(argv, **kw):
         with SPAWN_LOCK:
