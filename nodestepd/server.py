@@ -248,7 +248,8 @@ class Server:
             raise Refused("reload-failed", "this nodestepd cannot reload")
         problems = await self.reload_handler()
         if problems:
-            raise Refused("reload-failed", "configuration not reloaded, the old one stays in use: " + "; ".join(problems))
+            listing = "".join(f"\n  {problem}" for problem in problems)
+            raise Refused("reload-failed", f"configuration not reloaded, the old one stays in use:{listing}")
         return OkReply()
 
     # ---- run ----------------------------------------------------------------------
