@@ -171,9 +171,9 @@ def _show(value: object) -> str:
     return repr(text) if (not text or any(c.isspace() for c in text)) and isinstance(value, str) else text
 
 
-def journal_renderer(_logger: object, _method: str, event_dict: dict) -> list[Field]:
-    """The last structlog processor for `--log-format journal`: hands fields to JournalLogger."""
-    return record_fields(event_dict)
+def journal_renderer(_logger: object, _method: str, event_dict: dict) -> tuple[tuple[list[Field]], dict]:
+    """The last structlog processor for `--log-format journal`: hands the fields to JournalLogger.msg."""
+    return (record_fields(event_dict),), {}
 
 
 class JournalLogger:

@@ -84,6 +84,9 @@ def test_traceback_follows_the_message_on_its_own_lines():
     fields = dict(record_fields({"event": "boom", "level": "error", "exception": "Traceback:\n  x\nValueError\n"}))
     assert fields["MESSAGE"] == "boom\nTraceback:\n  x\nValueError"
     assert fields["PRIORITY"] == "3"
+    message = b"boom\nTraceback:\n  x\nValueError"
+    assert encode_record(record_fields({"event": "boom", "level": "error", "exception": "Traceback:\n  x\nValueError\n"}))\
+        .startswith(b"MESSAGE\n" + struct.pack("<Q", len(message)) + message + b"\nPRIORITY=3\n")
 
 
 def test_sender_sends_one_datagram_per_record(journal_socket, tmp_path):
