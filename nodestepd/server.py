@@ -44,6 +44,7 @@ from .runtime import Identity, shell_warnings
 from .state import JobIdAllocator
 from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState
 from .stepenv import validate_env_name
+from .journal import JournalSender
 from .stepoutput import StepOutputToJournal
 
 MAX_STEP_ID = 0xFFFFFFF0  # Slurm keeps the ids above for its special steps
@@ -86,7 +87,7 @@ class Server:
         # asked to reload, and the journal for detached steps' output (when logging there).
         self.on_steps_changed: Callable[[], None] = lambda: None
         self.reload_handler: Callable[[], Awaitable[list[str]]] | None = None
-        self.output_journal = None  # a journal.JournalSender, or None
+        self.output_journal: JournalSender | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
 

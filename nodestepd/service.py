@@ -38,6 +38,15 @@ def steps_summary(steps: Iterable[Step], socket: str) -> str:
     return status_line(f"{len(steps)} {noun} running: {named}{more}")
 
 
+def stopping_summary(running: int, steps_on_stop: str) -> str:
+    if running == 0:
+        return "stopping; no steps running"
+    noun = "step" if running == 1 else "steps"
+    if steps_on_stop == "cancel":
+        return f"stopping; cancelling {running} running {noun}"
+    return f"stopping; leaving {running} running {noun} alone"
+
+
 class Service:
     def __init__(
         self,
@@ -75,9 +84,8 @@ class Service:
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
-            running = len(self.server.steps)
-            what = "cancelling" if self.server.config.steps_on_stop == "cancel" else "leaving alone"
-            self.notifier.notify("STOPPING=1", "STATUS=" + status_line(f"stopping; {what} {running} running steps"))
+            self.notifier.notify("STOPPING=1", "STATUS=" + stopping_summary(len(self.server.steps),
+                                                                            self.server.config.steps_on_stop))
             await self.server.shutdown()
 
     # ---- status and watchdog ---------------------------------------------------------

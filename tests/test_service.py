@@ -111,7 +111,7 @@ def test_notifications_in_order_with_watchdog_from_the_loop(workdir, user, bundl
         assert ctl("cancel", "4001.0").returncode == 0
         assert next_message() == {"STATUS": f"idle, serving {sock}"}
         proc.send_signal(signal.SIGTERM)
-        assert next_message() == {"STOPPING": "1", "STATUS": "stopping; cancelling 0 running steps"}
+        assert next_message() == {"STOPPING": "1", "STATUS": "stopping; no steps running"}
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
