@@ -19,6 +19,7 @@ from typing import Awaitable, Callable
 from . import __version__, activation, protocol
 from .config import DaemonConfig
 from .connection import Connection, ConnectionClosed
+from .journal import JournalSender
 from .logs import get_logger
 from .ociconf import OciConf
 from .protocol import (
@@ -44,7 +45,6 @@ from .runtime import Identity, shell_warnings
 from .state import JobIdAllocator
 from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState
 from .stepenv import validate_env_name
-from .journal import JournalSender
 from .stepoutput import StepOutputToJournal
 
 MAX_STEP_ID = 0xFFFFFFF0  # Slurm keeps the ids above for its special steps
@@ -103,7 +103,7 @@ class Server:
             self._listener = listener
         self.apply_config(self.config, self.oci)
         self.log.info(
-            "listening", socket=self.config.socket, oci_conf=self.oci.path, mode=self.oci.mode, version=__version__,
+            "listening", socket=self.socket_path(), oci_conf=self.oci.path, mode=self.oci.mode, version=__version__,
             activated=listener is not None,
         )
         self.warn_about_oci_conf()
