@@ -219,6 +219,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "detach": args.detach,
         "config_json": config_json,
         "config_json_error": config_json_error,
+        # Detached with nowhere to write: the daemon sends the output to the journal when it logs there.
+        "output_to_journal": args.detach and not args.output and not args.error,
     }
     owned: list[int] = []
     try:
@@ -357,6 +359,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    request(args.socket, {"op": "reload"}, "ok")
+    print("nodestepd reloaded its settings file and oci.conf")
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .checkconfig import check_config
 
@@ -406,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ALL: pass this environment plus --env (default); NONE: only --env")
     run.add_argument("--pty", action="store_true", help="give the container a terminal (process.terminal)")
     run.add_argument("--detach", action="store_true", help="print JOB.STEP and return at once; the step runs on")
-    run.add_argument("--output", metavar="FILE", help="with --detach: stdout (and stderr) to FILE, opened by you (default: discarded)")
+    run.add_argument("--output", metavar="FILE",
+                     help="with --detach: stdout (and stderr) to FILE, opened by you (default: the journal, "
+                     "with the step's fields, when nodestepd logs there; else discarded)")
     run.add_argument("--error", metavar="FILE", help="with --detach: stderr to FILE (default: same as --output)")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     run.set_defaults(func=cmd_run)
@@ -439,6 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="daemon version, uptime, configuration and step counts",
                             epilog="Example:\n  nodestepctl status", formatter_class=raw)
     status.set_defaults(func=cmd_status)
+
+    reload = sub.add_parser(
+        "reload", formatter_class=raw, help="make nodestepd re-read its settings file and oci.conf (root)",
+        description="Re-read the daemon's TOML settings file and oci.conf (as SIGHUP does) and wait for the\n"
+        "outcome. New steps use the new configuration; running steps keep the one they started with.\n"
+        "A file with problems is rejected, every problem printed, and the old configuration stays in use\n"
+        "(exit status 1). socket, state_dir, log_format and log_level change only at restart.",
+        epilog="Example:\n  nodestepctl reload   # what systemctl reload nodestepd runs",
+    )
+    reload.set_defaults(func=cmd_reload)
 
     check = sub.add_parser(
         "check-config", formatter_class=raw, help="validate an oci.conf (no daemon needed)",

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 DEFAULT_CONFIG_FILE = "/etc/nodestepd/nodestepd.toml"
+LOG_FORMATS = ("auto", "console", "json", "journal")
+STEPS_ON_STOP = ("leave", "cancel")
 
 
 class ConfigError(Exception):
@@ -25,8 +27,9 @@ class DaemonConfig:
     node_name: str = ""  # empty: the short host name, resolved by load_config
     kill_wait: float = 30.0
     runtime_timeout: float = 60.0
-    log_format: str = "console"
+    log_format: str = "auto"  # console, json, journal; auto: journal when stderr is journald's, else console
     log_level: str = "info"
+    steps_on_stop: str = "leave"  # on SIGTERM: leave running steps alone, or cancel them
     config_file: str | None = None  # where the settings came from, for `status`
 
     def validate(self, sources: Mapping[str, str]) -> None:
@@ -45,8 +48,10 @@ class DaemonConfig:
             raise fail("kill_wait", f"must be between 0 and 3600 seconds, got {self.kill_wait}")
         if not (0 < self.runtime_timeout <= 3600):
             raise fail("runtime_timeout", f"must be between 0 and 3600 seconds, got {self.runtime_timeout}")
-        if self.log_format not in ("console", "json"):
-            raise fail("log_format", f"must be 'console' or 'json', got {self.log_format!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise fail("log_format", f"must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.steps_on_stop not in STEPS_ON_STOP:
+            raise fail("steps_on_stop", f"must be 'leave' or 'cancel', got {self.steps_on_stop!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise fail("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
 
@@ -61,6 +66,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "runtime_timeout": (int, float),
     "log_format": (str,),
     "log_level": (str,),
+    "steps_on_stop": (str,),
 }
 
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import socket
 import sys
 
 import uvloop
 
-from . import __version__
-from .config import DEFAULT_CONFIG_FILE, ConfigError, DaemonConfig, load_config
-from .logs import configure_logging, get_logger
+from . import __version__, journal
+from .activation import ACTIVATION_VARIABLES, ActivationError, activated_listener, socket_path
+from .config import DEFAULT_CONFIG_FILE, LOG_FORMATS, STEPS_ON_STOP, ConfigError, DaemonConfig, load_config
+from .logs import configure_logging, get_logger, resolve_log_format
 from .ociconf import OciConf, OciConfError, load_oci_conf
+from .sdnotify import Notifier, WatchdogSettingError, watchdog_interval
 from .server import Server
+from .service import Service
 
 EX_CONFIG = 78  # sysexits: configuration error (systemd shows it by name)
 
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nodestepd",
         description="Run OCI container steps on this compute node as the requesting users, "
-        "configured by Slurm's oci.conf. Runs in the foreground; stop it with SIGTERM.",
+        "configured by Slurm's oci.conf. Runs in the foreground (a systemd Type=notify service, "
+        "socket-activated or binding its own socket); SIGHUP reloads the settings file and oci.conf, "
+        "SIGTERM stops it.",
         epilog="Settings come from the TOML file, then these options. Example:\n"
         "  nodestepd --oci-conf /etc/slurm/oci.conf --log-format json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,8 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-timeout", metavar="SECONDS", type=float,
                    help="bound on each RunTime* command and on waiting for a created container "
                    f"(default {_DEFAULTS.runtime_timeout:g})")
-    p.add_argument("--log-format", choices=["console", "json"], help="log line format (default console)")
+    p.add_argument("--log-format", choices=LOG_FORMATS,
+                   help="console lines, JSON lines, or journald records with NODESTEPD_* fields; "
+                   "auto (default): journal when stderr is journald's (JOURNAL_STREAM), else console")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    p.add_argument("--steps-on-stop", choices=STEPS_ON_STOP,
+                   help="on SIGTERM, leave running steps alone (default) or cancel them")
     p.add_argument("--version", action="version", version=f"nodestepd {__version__}")
     return p
 
@@ -60,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         "runtime_timeout": args.runtime_timeout,
         "log_format": args.log_format,
         "log_level": args.log_level,
+        "steps_on_stop": args.steps_on_stop,
     }
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"nodestepd: {e}", file=sys.stderr)
         return EX_CONFIG
-    configure_logging(config.log_format, config.log_level)
+    log_format = resolve_log_format(config.log_format, os.environ)
+    configure_logging(log_format, config.log_level)
     log = get_logger()
     try:
         oci = load_oci_conf(config.oci_conf)
@@ -74,45 +83,59 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             log.error("invalid oci.conf", problem=str(problem))
         return EX_CONFIG
+    try:
+        notifier = Notifier.from_environ(os.environ)
+        watchdog = watchdog_interval(os.environ, os.getpid())
+    except (ValueError, WatchdogSettingError) as e:
+        log.error("unusable service manager setting", error=str(e))
+        return EX_CONFIG
     if os.geteuid() != 0:
         log.warning("not running as root: steps can only run as this daemon's own user", uid=os.geteuid())
-    return uvloop.run(_serve(config, oci))
 
+    def reload() -> tuple[DaemonConfig, OciConf]:
+        new = load_config(args.config, overrides)
+        return new, load_oci_conf(new.oci_conf)
 
-async def _serve(config: DaemonConfig, oci: OciConf) -> int:
-    server = Server(config, oci)
+    output_journal = journal.JournalSender(journal.socket_path(os.environ)) if log_format == "journal" else None
     try:
-        server.start()
-    except (OSError, ValueError) as e:
-        get_logger().error("cannot start", error=str(e))
-        return 1
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.request_shutdown)
-    _sd_notify("READY=1")
-    try:
-        await server.serve()
+        return uvloop.run(_serve(config, oci, notifier, watchdog, reload, output_journal))
     finally:
-        _sd_notify("STOPPING=1")
-        await server.shutdown()
-    get_logger().info("stopped")
+        notifier.close()
+
+
+async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdog: float | None, reload,
+                 output_journal) -> int:
+    log = get_logger()
+    server = Server(config, oci)
+    server.output_journal = output_journal
+    try:
+        listener = _take_activated_socket()
+        if listener is not None:
+            path = socket_path(listener)
+            log.info("serving the socket passed by the service manager", socket=path)
+            if path != config.socket:
+                log.warning("the passed socket is not the configured one; clients use the passed one",
+                            passed=path, configured=config.socket)
+        server.start(listener)
+    except ActivationError as e:
+        log.error("cannot use the socket passed by the service manager", error=str(e))
+        return EX_CONFIG
+    except (OSError, ValueError) as e:
+        log.error("cannot start", error=str(e))
+        return 1
+    await Service(server, notifier, reload, watchdog).run()
+    log.info("stopped")
     return 0
 
 
-def _sd_notify(message: str) -> None:
-    """Tell the service manager (or a test) how we are doing; a no-op without NOTIFY_SOCKET."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
+def _take_activated_socket() -> socket.socket | None:
+    """The listening socket systemd passed, if any; the LISTEN_* variables are consumed
+    (as sd_listen_fds(1) does), so nothing started later mistakes them for its own."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(address)
-            s.sendall(message.encode())
-    except OSError as e:
-        # The manager went away or never listened: nothing to tell, and no reason to stop.
-        get_logger().warning("cannot notify the service manager", notify_socket=address, error=str(e))
+        return activated_listener(os.environ, os.getpid())
+    finally:
+        for name in ACTIVATION_VARIABLES:
+            os.environ.pop(name, None)
 
 
 if __name__ == "__main__":

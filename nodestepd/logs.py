@@ -1,20 +1,34 @@
-"""Structured logging: structlog to stderr, console or JSON lines.
+"""Structured logging: structlog to stderr (console or JSON lines) or to the journal.
 
 Step loggers carry job_id, step_id, task_id and user as fields, so every line a step
-produces can be filtered by job.
+produces can be filtered by job (in the journal: NODESTEPD_JOB_ID and so on).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Mapping
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+def resolve_log_format(fmt: str, env: Mapping[str, str]) -> str:
+    """`auto`: the journal when stderr is the journal stream systemd connected, else console."""
+    from .journal import stderr_is_journal
+
+    if fmt != "auto":
+        return fmt
+    return "journal" if stderr_is_journal(env) else "console"
+
+
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
+    if fmt == "journal":
+        _configure_journal(level)
+        return
     renderer = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -30,6 +44,29 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _configure_journal(level: str) -> None:
+    from . import journal
+
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.CallsiteParameterAdder(
+                {
+                    structlog.processors.CallsiteParameter.PATHNAME,
+                    structlog.processors.CallsiteParameter.LINENO,
+                    structlog.processors.CallsiteParameter.FUNC_NAME,
+                }
+            ),
+            structlog.processors.format_exc_info,
+            journal.journal_renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=journal.JournalLoggerFactory(journal.socket_path(os.environ)),
         cache_logger_on_first_use=True,
     )
 

@@ -48,6 +48,9 @@ class RunRequest(Request, tag="run"):
     # could not be read: the daemon never opens paths under the caller's control as root.
     config_json: str | None = None
     config_json_error: str | None = None
+    # Detached without output files: the daemon sends the tasks' stdout and stderr to the
+    # journal with the step's fields (when it logs to the journal; else the fds are used).
+    output_to_journal: bool = False
 
 
 class SignalRequest(Request, tag="signal"):
@@ -79,7 +82,11 @@ class StatusRequest(Request, tag="status"):
     pass
 
 
-AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest]
+class ReloadRequest(Request, tag="reload"):
+    """Re-read the settings file and oci.conf (root only). Reply: ok, or error with every reason."""
+
+
+AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest]
 
 # ---- replies --------------------------------------------------------------------
 
@@ -89,7 +96,7 @@ class Reply(msgspec.Struct, tag_field="type"):
 
 
 class ErrorReply(Reply, tag="error"):
-    code: str = "error"  # bad-request, not-found, permission-denied, launch-failed, conflict
+    code: str = "error"  # bad-request, not-found, permission-denied, launch-failed, conflict, reload-failed
     error: str = ""
     status: int | None = None  # exit status the client should use, when it has one
 

@@ -14,10 +14,12 @@ import signal
 import socket
 import stat
 import time
+from typing import Awaitable, Callable
 
-from . import __version__, protocol
+from . import __version__, activation, protocol
 from .config import DaemonConfig
 from .connection import Connection, ConnectionClosed
+from .journal import JournalSender
 from .logs import get_logger
 from .ociconf import OciConf
 from .protocol import (
@@ -27,6 +29,7 @@ from .protocol import (
     OkReply,
     ProtocolError,
     PsRequest,
+    ReloadRequest,
     RunRequest,
     SignalRequest,
     StartedReply,
@@ -43,6 +46,7 @@ from .state import JobIdAllocator
 from .reaper import Reaper, become_subreaper
 from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState
 from .stepenv import validate_env_name
+from .stepoutput import StepOutputToJournal
 
 MAX_STEP_ID = 0xFFFFFFF0  # Slurm keeps the ids above for its special steps
 MAX_JOB_ID = 0xFFFFFFF0
@@ -80,31 +84,51 @@ class Server:
         self._job_ids: JobIdAllocator | None = None
         self._step_settings: StepSettings | None = None
         self.reaper = Reaper()
+        self._bound_path: str | None = None  # the socket file we created (never a passed one)
+        # Hooks the service layer (service.py) sets: told when the running steps change,
+        # asked to reload, and the journal for detached steps' output (when logging there).
+        self.on_steps_changed: Callable[[], None] = lambda: None
+        self.reload_handler: Callable[[], Awaitable[list[str]]] | None = None
+        self.output_journal: JournalSender | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, listener: socket.socket | None = None) -> None:
+        """Prepare directories and serve `listener` (a socket passed by the service manager), else bind our own."""
         self._stopping = asyncio.Event()
-        os.makedirs(self.config.spool_dir, mode=0o755, exist_ok=True)
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         self._job_ids = JobIdAllocator(self.config.state_dir)
         # Container inits that create/start runtimes leave behind become our children, so
         # their real exit statuses are ours to collect (container.py, reaper.py).
         become_subreaper()
-        self._listener = _bind(self.config.socket)
+        if listener is None:
+            self._listener = _bind(self.config.socket)
+            self._bound_path = self.config.socket
+        else:
+            self._listener = listener
+        self.apply_config(self.config, self.oci)
+        self.log.info(
+            "listening", socket=self.socket_path(), oci_conf=self.oci.path, mode=self.oci.mode, version=__version__,
+            activated=listener is not None,
+        )
+        self.warn_about_oci_conf()
+
+    def apply_config(self, config: DaemonConfig, oci: OciConf) -> None:
+        """Use these settings for steps launched from now on; running steps keep the ones they started with."""
+        os.makedirs(config.spool_dir, mode=0o755, exist_ok=True)
+        self.config, self.oci = config, oci
         self._step_settings = StepSettings(
-            oci=self.oci,
+            oci=oci,
             # Steps walk to their spool dir refusing every symlink; resolve the operator's
             # own links (/var/run -> /run and the like) once, here.
-            spool_dir=os.path.realpath(self.config.spool_dir),
-            node_name=self.config.node_name,
-            kill_wait=self.config.kill_wait,
-            runtime_timeout=self.config.runtime_timeout,
+            spool_dir=os.path.realpath(config.spool_dir),
+            node_name=config.node_name,
+            kill_wait=config.kill_wait,
+            runtime_timeout=config.runtime_timeout,
             daemon_env=dict(os.environ),
         )
-        self.log.info(
-            "listening", socket=self.config.socket, oci_conf=self.oci.path, mode=self.oci.mode, version=__version__
-        )
+
+    def warn_about_oci_conf(self) -> None:
         for warning in shell_warnings(self.oci.patterns()):
             self.log.warning("oci.conf will not work as written on this host", problem=warning)
 
@@ -132,16 +156,27 @@ class Server:
             self._stopping.set()
 
     async def shutdown(self) -> None:
-        """Stop accepting, then cancel running steps (restart survival is not built yet)."""
+        """Stop accepting, then leave running steps alone, or cancel them (steps_on_stop = "cancel").
+
+        A socket passed by the service manager stays: it is the manager's, and clients
+        that connect while we are down wait in it for the next start.
+        """
         if self._listener is not None:
             self._listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.config.socket)
+            if self._bound_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._bound_path)
             self._listener = None
         running = list(self.steps.values())
-        if running:
+        if running and self.config.steps_on_stop == "cancel":
             self.log.info("shutting down: cancelling running steps", steps=len(running))
             await asyncio.gather(*(step.cancel("daemon shutdown") for step in running))
+        elif running:
+            # Restart survival is not built yet: the next daemon will not know these steps.
+            self.log.info("shutting down: leaving running steps alone", steps=len(running),
+                          refs=[step.ref for step in running])
+            for step in running:
+                step.leave_running()
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
@@ -200,11 +235,24 @@ class Server:
             elif isinstance(request, WaitRequest):
                 step = self._own_step(conn.peer_uid, request.job_id, request.step_id)
                 reply = _exit_reply(step, await step.wait())
+            elif isinstance(request, ReloadRequest):
+                reply = await self._reload(conn.peer_uid)
             else:
                 raise BadRequest(f"unexpected request {type(request).__name__}")
         except Refused as e:
             reply = ErrorReply(code=e.code, error=str(e))
         await conn.send(reply)
+
+    async def _reload(self, uid: int) -> OkReply:
+        if uid != 0:
+            raise Refused("permission-denied", "only root may reload nodestepd's configuration")
+        if self.reload_handler is None:
+            raise Refused("reload-failed", "this nodestepd cannot reload")
+        problems = await self.reload_handler()
+        if problems:
+            listing = "".join(f"\n  {problem}" for problem in problems)
+            raise Refused("reload-failed", f"configuration not reloaded, the old one stays in use:{listing}")
+        return OkReply()
 
     # ---- run ----------------------------------------------------------------------
 
@@ -222,8 +270,14 @@ class Server:
             assert self._step_settings is not None
             step = Step(spec, self._step_settings, self.reaper)
             self.steps[key] = step
+            output = None
             try:
-                await step.launch(Stdio(fds[0], fds[1], fds[2]), received_at)
+                stdio = Stdio(fds[0], fds[1], fds[2])
+                if request.output_to_journal and request.detach and self.output_journal is not None:
+                    output = StepOutputToJournal(self.output_journal, job_id=spec.job_id, step_id=spec.step_id,
+                                                 user=spec.identity.user, ntasks=spec.ntasks)
+                    stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs)
+                await step.launch(stdio, received_at)
             except Exception as e:
                 del self.steps[key]
                 if isinstance(e, LaunchFailed):
@@ -234,8 +288,12 @@ class Server:
                     message = f"internal error in nodestepd while launching: {e!r} (see the daemon's log)"
                 await conn.send(ErrorReply(code="launch-failed", error=message, status=protocol.STATUS_LAUNCH_FAILED))
                 return
+            finally:
+                if output is not None:
+                    output.release_write_ends()  # the tasks have their own; end of file when they are gone
         finally:
             _close_all(fds)  # the tasks have their own copies now
+        self.on_steps_changed()
         retire = asyncio.create_task(self._retire(step))
         self._background.add(retire)  # the loop holds tasks weakly
         retire.add_done_callback(self._background.discard)
@@ -281,6 +339,7 @@ class Server:
         key = (step.spec.job_id, step.spec.step_id)
         if self.steps.get(key) is step:
             del self.steps[key]
+            self.on_steps_changed()
         self.finished[key] = step
         self.finished.move_to_end(key)
         while len(self.finished) > FINISHED_KEPT:
@@ -349,6 +408,12 @@ class Server:
             raise Refused("not-found", f"step {job_id}.{step_id} has already finished")
         return step
 
+    def socket_path(self) -> str:
+        """Where clients connect: the socket we bound, or the one the service manager passed."""
+        if self._bound_path is None and self._listener is not None:
+            return activation.socket_path(self._listener)
+        return self._bound_path or self.config.socket
+
     def _status(self) -> StatusReply:
         c = self.config
         return StatusReply(
@@ -358,7 +423,7 @@ class Server:
             config_file=c.config_file,
             oci_conf=self.oci.path,
             oci_mode=self.oci.mode,
-            socket=c.socket,
+            socket=self.socket_path(),
             spool_dir=c.spool_dir,
             state_dir=c.state_dir,
             steps_running=len(self.steps),

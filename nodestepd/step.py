@@ -77,11 +77,19 @@ class StepSettings:
 
 @dataclass(frozen=True)
 class Stdio:
-    """The caller's fds. Task 0 gets stdin; the other tasks read /dev/null."""
+    """The caller's fds. Task 0 gets stdin; the other tasks read /dev/null.
+
+    task_outputs, when given, holds each task's own (stdout, stderr) in place of the
+    shared pair (a detached step's output sent to the journal, one pipe pair per task).
+    """
 
     stdin: int
     stdout: int
     stderr: int
+    task_outputs: tuple[tuple[int, int], ...] | None = None
+
+    def outputs_for(self, task_id: int) -> tuple[int, int]:
+        return self.task_outputs[task_id] if self.task_outputs is not None else (self.stdout, self.stderr)
 
 
 class StepState(enum.Enum):
@@ -140,6 +148,7 @@ class Step:
         self._supervisor: asyncio.Task[None] | None = None  # held: the loop keeps tasks only weakly
         self._termination: asyncio.Task[None] | None = None
         self._cancel_reason: str | None = None
+        self._left_running = False  # the daemon stopped and left this step's tasks alone
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
 
     @property
@@ -195,14 +204,15 @@ class Step:
 
     def _spawn_with_stdio(self, task: Task, command: str, stdio: Stdio) -> ProcessWatch:
         """The task's first runtime command, holding its stdio (blocking: call in a worker thread)."""
+        stdout, stderr = stdio.outputs_for(task.task_id)
         return spawn_shell(
             command,
             identity=self.spec.identity,
             cwd=task.dir,
             env=self._runtime_env,
             stdin=stdio.stdin if task.task_id == 0 else subprocess.DEVNULL,
-            stdout=stdio.stdout,
-            stderr=stdio.stderr,
+            stdout=stdout,
+            stderr=stderr,
         )
 
     def _prepare(self) -> _Prepared:
@@ -417,15 +427,18 @@ class Step:
             status = next((s for s in statuses if s), 0)
             self.result = StepResult(status, tuple(statuses), cancelled)
         except BaseException as e:  # never leave the step half-released
+            if self._left_running:
+                raise  # nothing to release: the tasks run on, their spool with them
             self.log.exception("step supervision failed", error=str(e))
             self.result = StepResult(255, tuple(t.status for t in self.tasks), self._termination is not None)
             raise
         finally:
-            await self._release()
-            self.state = StepState.FINISHED
-            self.log.info("step finished", status=self.result.status if self.result else None)
-            if not self._done.done():
-                self._done.set_result(self.result)
+            if not self._left_running:
+                await self._release()
+                self.state = StepState.FINISHED
+                self.log.info("step finished", status=self.result.status if self.result else None)
+                if not self._done.done():
+                    self._done.set_result(self.result)
 
     async def _watch_task(self, task: Task) -> int:
         assert task.watch is not None
@@ -491,6 +504,19 @@ class Step:
                 self._begin_termination()
             # Still launching: launch() begins the termination once the tasks exist.
         return await self.wait()
+
+    def leave_running(self) -> None:
+        """The daemon stops and leaves this step alone: stop watching it, end nothing, remove nothing.
+
+        Its tasks run on (reparented when the daemon exits) and its spool dir stays; no
+        RunTimeKill or RunTimeDelete runs for it. Until restart survival exists, the next
+        daemon does not know the step.
+        """
+        if self.state is StepState.FINISHED or self._supervisor is None:
+            return
+        self._left_running = True
+        self.log.info("daemon stopping: step left running", pids=[t.watch.pid for t in self.tasks if t.watch])
+        self._supervisor.cancel()
 
     def _begin_termination(self) -> None:
         self.state = StepState.TERMINATING

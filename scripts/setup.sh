@@ -1,7 +1,7 @@
 #!/bin/sh
 # Install what nodestepd and its tests need on a Debian 12 machine (as root). Idempotent.
 #   Debian: runc, busybox-static (test bundles), charliecloud-runtime (ch-run), python3-venv,
-#           systemd (systemd-analyze verifies the unit)
+#           systemd (systemd-analyze verifies the units; systemd-socket-activate tests activation)
 #   PyPI:   nodestepd with its test extras, in a venv every user can read (/opt/nodestepd/venv),
 #           because the tests run nodestepctl as unprivileged users.
 #   Users:  nsdtest1, nsdtest2 (unprivileged test users).

@@ -114,7 +114,17 @@ class Daemon:
     oci_conf: Path
     log_path: Path
     proc: subprocess.Popen
+    notify: socket.socket  # the daemon's NOTIFY_SOCKET, bound by the test: read what it tells systemd
     clients: list[subprocess.Popen] = field(default_factory=list)
+
+    def next_notification(self, timeout: float = 30) -> dict[str, str]:
+        """The next sd_notify datagram as {VAR: value}."""
+        self.notify.settimeout(timeout)
+        try:
+            data = self.notify.recv(4096)
+        except TimeoutError:
+            raise AssertionError(f"no notification from nodestepd within {timeout} s:\n{self.log()}") from None
+        return dict(line.split("=", 1) for line in data.decode().split("\n"))
 
     def ctl_argv(self, *args: str) -> list[str]:
         return [str(NODESTEPCTL), "--socket", str(self.socket), *args]
@@ -149,12 +159,18 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.notify.close()
         return self.proc.returncode
 
 
 @pytest.fixture
 def start_daemon(workdir: Path, request):
-    """start_daemon(oci_conf_text, *extra_args) -> Daemon, ready (READY=1 received) and stopped after the test."""
+    """start_daemon(oci_conf_text, *extra_args) -> Daemon, ready (READY=1 received) and stopped after the test.
+
+    The daemon cancels its running steps when stopped (--steps-on-stop cancel), so that a
+    failing test leaves no containers behind; a test of the default passes
+    --steps-on-stop leave, which comes later on the command line and wins.
+    """
     started: list[Daemon] = []
     base = Path(tempfile.mkdtemp(prefix="daemon-", dir=workdir))
     base.chmod(0o755)
@@ -172,18 +188,16 @@ def start_daemon(workdir: Path, request):
         argv = [
             str(NODESTEPD), "--socket", str(base / f"sock-{n}"), "--oci-conf", str(conf),
             "--spool-dir", str(base / f"spool-{n}"), "--state-dir", str(base / f"state-{n}"),
-            "--node-name", "testnode", "--log-level", "debug", *extra,
+            "--node-name", "testnode", "--log-level", "debug", "--steps-on-stop", "cancel", *extra,
         ]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, env=daemon_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        daemon = Daemon(base / f"sock-{n}", base / f"spool-{n}", base / f"state-{n}", conf, log_path, proc)
+        daemon = Daemon(base / f"sock-{n}", base / f"spool-{n}", base / f"state-{n}", conf, log_path, proc, notify)
         started.append(daemon)
         try:
             message = notify.recv(4096)
         except TimeoutError:
             raise AssertionError(f"nodestepd did not report READY=1 within 30 s:\n{daemon.log()}") from None
-        finally:
-            notify.close()
         assert message == b"READY=1", (message, daemon.log())
         return daemon
 

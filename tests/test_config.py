@@ -15,7 +15,7 @@ from nodestepd import config as config_module
 from nodestepd.config import ConfigError, DaemonConfig, load_config
 from nodestepd.state import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
-KNOWN = "kill_wait, log_format, log_level, node_name, oci_conf, runtime_timeout, socket, spool_dir, state_dir"
+KNOWN = "kill_wait, log_format, log_level, node_name, oci_conf, runtime_timeout, socket, spool_dir, state_dir, steps_on_stop"
 EX_CONFIG = 78
 
 
@@ -51,15 +51,16 @@ def test_defaults_without_any_file():
         node_name="node17",  # the short host name
         kill_wait=30.0,
         runtime_timeout=60.0,
-        log_format="console",
+        log_format="auto",  # the journal when stderr is journald's, else console
         log_level="info",
+        steps_on_stop="leave",
         config_file=None,
     )
 
 
 def test_unset_overrides_are_ignored():
     overrides = {name: None for name in ("socket", "oci_conf", "spool_dir", "state_dir", "node_name", "kill_wait",
-                                         "runtime_timeout", "log_format", "log_level")}
+                                         "runtime_timeout", "log_format", "log_level", "steps_on_stop")}
     assert load_config(None, overrides) == load_config(None, {})
 
 
@@ -147,11 +148,12 @@ def test_a_bad_command_line_value_is_not_blamed_on_a_missing_file(default_file):
         ("node_name = 1.5", "node_name: expected str, got float"),
         ("spool_dir = {path = '/x'}", "spool_dir: expected str, got dict"),
         # right types, unusable values
-        ('log_format = "xml"', "log_format: must be 'console' or 'json', got 'xml'"),
-        ('log_format = "JSON"', "log_format: must be 'console' or 'json', got 'JSON'"),
+        ('log_format = "xml"', "log_format: must be one of auto, console, json, journal, got 'xml'"),
+        ('log_format = "JSON"', "log_format: must be one of auto, console, json, journal, got 'JSON'"),
         ('log_level = "trace"', "log_level: must be debug, info, warning or error, got 'trace'"),
         ("kill_wait = 0", "kill_wait: must be between 0 and 3600 seconds, got 0.0"),
         ("kill_wait = -1", "kill_wait: must be between 0 and 3600 seconds, got -1.0"),
+        ('steps_on_stop = "kill"', "steps_on_stop: must be 'leave' or 'cancel', got 'kill'"),
         ("kill_wait = 3600.5", "kill_wait: must be between 0 and 3600 seconds, got 3600.5"),
         ("kill_wait = nan", "kill_wait: must be between 0 and 3600 seconds, got nan"),
         ("kill_wait = inf", "kill_wait: must be between 0 and 3600 seconds, got inf"),
@@ -249,7 +251,7 @@ def test_bad_settings_file_exits_78(tmp_path):
     settings = toml(tmp_path, 'log_format = "xml"\n')
     result = run_nodestepd(tmp_path, "--config", settings)
     assert result.returncode == EX_CONFIG
-    assert result.stderr == f"nodestepd: {settings}: log_format: must be 'console' or 'json', got 'xml'\n"
+    assert result.stderr == f"nodestepd: {settings}: log_format: must be one of auto, console, json, journal, got 'xml'\n"
 
 
 def test_relative_directory_on_the_command_line_exits_78(tmp_path):

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, read_line_from, runc_containers, spool_entries
+from conftest import REPO, RUNC_RUN_CONF, read_line_from, runc_containers, spool_entries
 
 MODES = {
     "run": None,  # conftest's default: the guide's runc run-mode config
@@ -235,8 +235,8 @@ def test_daemon_log_lines_carry_step_fields(daemon, user, bundle):
     assert lines and all(f in lines[0] for f in ("job_id=63", "step_id=0", "task_id=0", f"user={user.name}"))
 
 
-def test_sigterm_stops_the_daemon_and_cancels_running_steps(start_daemon, user, bundle):
-    daemon = start_daemon()
+def test_sigterm_with_steps_on_stop_cancel_cancels_running_steps(start_daemon, user, bundle):
+    daemon = start_daemon(RUNC_RUN_CONF, "--steps-on-stop", "cancel")
     client = daemon.ctl_popen(
         user, "run", "--job-id", "64", "--bundle", str(bundle), "--", "sh", "-c", "echo ready; exec sleep 1000",
     )

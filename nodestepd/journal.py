@@ -1,0 +1,203 @@
+"""journald's native protocol: structured records sent as datagrams to the journal socket.
+
+A record is a list of FIELD=value entries (systemd.journal-fields(7), the "native
+protocol" of systemd-journald.service(8)). A value without a newline is sent as
+
+    NAME=value\\n
+
+and a value with one as the field name, a newline, the value's length as 64-bit
+little-endian, the value, a newline. A record too large for one datagram is written
+to a sealed memfd whose descriptor is sent instead, as sd_journal_send(3) does.
+
+The daemon's log records become journal records here (`--log-format journal`), every
+structlog key its own field (job_id -> NODESTEPD_JOB_ID), so that
+`journalctl -u nodestepd NODESTEPD_JOB_ID=42` shows one job.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import os
+import re
+import socket
+import struct
+import sys
+from typing import Iterable, Mapping, Sequence
+
+DEFAULT_SOCKET = "/run/systemd/journal/socket"
+# Tests (and only tests) point the daemon at a socket of their own.
+SOCKET_ENV = "NODESTEPD_JOURNAL_SOCKET"
+SYSLOG_IDENTIFIER = "nodestepd"
+FIELD_PREFIX = "NODESTEPD_"
+
+Field = tuple[str, "str | bytes"]
+
+_VALID_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_LENGTH = struct.Struct("<Q")
+# syslog priorities (PRIORITY=) by structlog level
+PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3, "critical": 2, "fatal": 2}
+
+
+def socket_path(env: Mapping[str, str]) -> str:
+    return env.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+def stderr_is_journal(env: Mapping[str, str], stderr_fd: int = 2) -> bool:
+    """Whether stderr is the journal stream the service manager connected (JOURNAL_STREAM=dev:inode)."""
+    value = env.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    dev, sep, ino = value.partition(":")
+    try:
+        st = os.fstat(stderr_fd)
+        return bool(sep) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
+def field_name(key: str) -> str:
+    """A structlog key as a journal field of ours: job_id -> NODESTEPD_JOB_ID."""
+    name = FIELD_PREFIX + re.sub(r"[^A-Z0-9_]", "_", key.upper())
+    return name[:64]
+
+
+def encode_field(name: str, value: str | bytes) -> bytes:
+    if not _VALID_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a journal field name (A-Z, 0-9, _; a letter first; at most 64)")
+    data = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    if b"\n" in data:
+        return name.encode() + b"\n" + _LENGTH.pack(len(data)) + data + b"\n"
+    return name.encode() + b"=" + data + b"\n"
+
+
+def encode_record(fields: Iterable[Field]) -> bytes:
+    return b"".join(encode_field(name, value) for name, value in fields)
+
+
+def decode_record(data: bytes) -> list[tuple[str, bytes]]:
+    """The fields of one native-protocol record, in order (what journald does on receipt)."""
+    fields: list[tuple[str, bytes]] = []
+    i = 0
+    while i < len(data):
+        end = data.index(b"\n", i)
+        line = data[i:end]
+        if b"=" in line:
+            name, _, value = line.partition(b"=")
+            fields.append((name.decode(), value))
+            i = end + 1
+        else:
+            (length,) = _LENGTH.unpack_from(data, end + 1)
+            start = end + 1 + _LENGTH.size
+            value = data[start:start + length]
+            if data[start + length:start + length + 1] != b"\n":
+                raise ValueError(f"field {line!r}: binary value not followed by a newline")
+            fields.append((line.decode(), value))
+            i = start + length + 1
+    return fields
+
+
+class JournalSender:
+    """One datagram socket to journald; send() raises OSError when the journal cannot take a record."""
+
+    def __init__(self, path: str = DEFAULT_SOCKET) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def send(self, fields: Iterable[Field]) -> None:
+        data = encode_record(fields)
+        try:
+            self._sock.sendto(data, self.path)
+        except OSError as e:
+            if e.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                raise
+            self._send_as_memfd(data)
+
+    def _send_as_memfd(self, data: bytes) -> None:
+        """Too big for a datagram: a sealed memfd, which journald reads whole."""
+        fd = os.memfd_create("nodestepd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            self._sock.sendmsg([], rights, 0, self.path)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+# ---- structlog ------------------------------------------------------------------------
+
+# structlog keys with a standard journal field; everything else becomes NODESTEPD_<KEY>.
+_STANDARD = {"pathname": "CODE_FILE", "lineno": "CODE_LINE", "func_name": "CODE_FUNC"}
+_NOT_FIELDS = {"event", "level", "timestamp", "exception", "logger"}
+
+
+def record_fields(event_dict: Mapping[str, object]) -> list[Field]:
+    """A structlog event as journal fields (pure): MESSAGE, PRIORITY, CODE_*, one field per key.
+
+    MESSAGE repeats the keys as key=value, since plain `journalctl` shows only MESSAGE;
+    a traceback follows on its own lines.
+    """
+    level = str(event_dict.get("level", "info"))
+    context = [(k, v) for k, v in event_dict.items() if k not in _NOT_FIELDS and k not in _STANDARD]
+    message = str(event_dict.get("event", ""))
+    if context:
+        message += " " + " ".join(f"{k}={_show(v)}" for k, v in context)
+    if event_dict.get("exception"):
+        message += "\n" + str(event_dict["exception"]).rstrip("\n")
+    fields: list[Field] = [
+        ("MESSAGE", message),
+        ("PRIORITY", str(PRIORITIES.get(level, 6))),
+        ("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER),
+    ]
+    fields += [(name, str(event_dict[key])) for key, name in _STANDARD.items() if key in event_dict]
+    fields += [(field_name(k), _text(v)) for k, v in context]
+    return fields
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _show(value: object) -> str:
+    text = _text(value)
+    return repr(text) if (not text or any(c.isspace() for c in text)) and isinstance(value, str) else text
+
+
+def journal_renderer(_logger: object, _method: str, event_dict: dict) -> tuple[tuple[list[Field]], dict]:
+    """The last structlog processor for `--log-format journal`: hands the fields to JournalLogger.msg."""
+    return (record_fields(event_dict),), {}
+
+
+class JournalLogger:
+    """structlog's logger for journal records. When the journal cannot take a record, the
+    record goes to stderr with the reason instead: never dropped, never silently."""
+
+    def __init__(self, sender: JournalSender) -> None:
+        self._sender = sender
+
+    def msg(self, fields: Sequence[Field]) -> None:
+        try:
+            self._sender.send(fields)
+        except OSError as e:
+            message = next((v for k, v in fields if k == "MESSAGE"), "")
+            text = message if isinstance(message, str) else message.decode(errors="replace")
+            print(f"nodestepd: journal {self._sender.path} unavailable ({e.strerror or e}): {text}",
+                  file=sys.stderr, flush=True)
+
+    debug = info = warning = warn = error = err = critical = fatal = exception = failure = msg
+
+
+class JournalLoggerFactory:
+    def __init__(self, path: str) -> None:
+        self._logger = JournalLogger(JournalSender(path))
+
+    def __call__(self, *args: object) -> JournalLogger:
+        return self._logger
