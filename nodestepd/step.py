@@ -52,6 +52,20 @@ class StepSpec:
     attached: bool
     config_json: str | None  # the bundle's config.json as read by the caller
     config_json_error: str | None
+    # Per-task launches (docs/protocol.md): this launch's task ids start at task_offset;
+    # None is a whole-step launch (task ids from 0).
+    task_offset: int | None = None
+    local_offset: int | None = None
+    node_id: int | None = None
+    container_id: str | None = None
+
+    @property
+    def first_task(self) -> int:
+        return self.task_offset or 0
+
+    @property
+    def task_ids(self) -> range:
+        return range(self.first_task, self.first_task + self.ntasks)
 
 
 @dataclass(frozen=True)
@@ -130,7 +144,8 @@ class Step:
 
     @property
     def ref(self) -> str:
-        return f"{self.spec.job_id}.{self.spec.step_id}"
+        ref = f"{self.spec.job_id}.{self.spec.step_id}"
+        return ref if self.spec.task_offset is None else f"{ref} task {self.spec.task_offset}"
 
     # ---- launch ---------------------------------------------------------------
 
@@ -175,7 +190,7 @@ class Step:
                     identity=self.spec.identity,
                     cwd=task.dir,
                     env=self._runtime_env,
-                    stdin=stdio.stdin if task.task_id == 0 else subprocess.DEVNULL,
+                    stdin=stdio.stdin if task.task_id == self.spec.first_task else subprocess.DEVNULL,
                     stdout=stdio.stdout,
                     stderr=stdio.stderr,
                 )
@@ -193,7 +208,6 @@ class Step:
                 "cannot run yet; use the RunTimeRun form"
             )
         bundle_config, rootfs = self._bundle_config()
-        step_env = stepenv.exclude_env(spec.env, oci.env_exclude_re)
         runtime_env = stepenv.runtime_environment(
             settings.daemon_env, oci.runtime_env_exclude_re,
             user=spec.identity.user, home=spec.identity.home, uid=spec.identity.uid,
@@ -225,11 +239,13 @@ class Step:
                 job_id=spec.job_id,
                 step_id=spec.step_id,
                 ntasks=spec.ntasks,
+                task_offset=spec.task_offset,
             )
         except SpoolError as e:
             raise LaunchFailed(str(e)) from None
         tasks = [
-            Task(t, layout.task_dirs[t], context(t, layout.step_dir, layout.task_dirs[t])) for t in range(spec.ntasks)
+            Task(t, layout.task_dirs[i], context(t, layout.step_dir, layout.task_dirs[i]))
+            for i, t in enumerate(spec.task_ids)
         ]
         run_commands = [expand(oci.runtime_run, task.context) for task in tasks]
         try:
@@ -243,6 +259,9 @@ class Step:
             raise LaunchFailed(str(e)) from None
         try:
             for task in tasks:
+                # Slurm's task variables first, then EnvExclude, as Slurm gives them to a task.
+                task_env = {**spec.env, **stepenv.slurm_task_env(self._slurm_task(task))}
+                step_env = stepenv.exclude_env(task_env, oci.env_exclude_re)
                 self._write_task_files(spool, task, bundle_config, step_env, layout.step_dir)
             spool.hand_over()
         except Exception as e:
@@ -273,11 +292,24 @@ class Step:
                 mount_spool=mount,
                 disable_hooks=oci.disable_hooks,
             )
-            spool.write_task_file(task.task_id, CONFIG_FILE_NAME, configjson.config_json_bytes(rewritten), 0o750)
+            spool.write_task_file(task.task_id - spec.first_task, CONFIG_FILE_NAME, configjson.config_json_bytes(rewritten), 0o750)
             container_env = _env_dict(rewritten["process"].get("env", []))
         if oci.create_env_file != "disabled":
             data = stepenv.env_file_bytes(container_env, oci.create_env_file)
-            spool.write_task_file(task.task_id, ENV_FILE_NAME, data, 0o600)
+            spool.write_task_file(task.task_id - spec.first_task, ENV_FILE_NAME, data, 0o600)
+
+    def _slurm_task(self, task: Task) -> stepenv.SlurmTask:
+        spec = self.spec
+        local_first = spec.local_offset if spec.local_offset is not None else spec.first_task
+        return stepenv.SlurmTask(
+            job_id=spec.job_id,
+            step_id=spec.step_id,
+            task_id=task.task_id,
+            local_id=local_first + task.task_id - spec.first_task,
+            node_id=spec.node_id,
+            container=spec.bundle,
+            container_id=spec.container_id,
+        )
 
     def _bundle_config(self) -> tuple[dict | None, str]:
         """The bundle's config.json (None when the site ignores it) and the rootfs path (%r)."""

@@ -15,7 +15,7 @@ from nodestepd import config as config_module
 from nodestepd.config import ConfigError, DaemonConfig, load_config
 from nodestepd.state import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
-KNOWN = "kill_wait, log_format, log_level, node_name, oci_conf, socket, spool_dir, state_dir"
+KNOWN = "kill_wait, log_format, log_level, node_name, oci_conf, slurm_conf, socket, spool_dir, state_dir"
 EX_CONFIG = 78
 
 
