@@ -58,7 +58,8 @@ class Check:
     fix: str | None = None  # one sentence; None when there is nothing to do
 
     def line(self) -> str:
-        text = f"{self.level.value:<4}  {self.name}: {self.message}"
+        message = self.message.replace("\n", "\n      ")
+        text = f"{self.level.value:<4}  {self.name}: {message}"
         return text if self.fix is None else f"{text}\n      fix: {self.fix}"
 
 
@@ -202,29 +203,29 @@ def check_runtime_programs(oci: OciConf, identity: Identity, env: Mapping[str, s
     ctx = sample_context(identity, node_name, bundle="/nonexistent", rootfs="/nonexistent/rootfs",
                          task_dir="/nonexistent/task-0", args=RUN_ARGS)
     checks: list[Check] = []
-    probed: dict[str, str] = {}
+    programs: dict[str, list[str]] = {}  # program -> the keys that start it
+    missing: dict[str, list[str]] = {}  # why -> the keys
     for key, pattern in oci.patterns().items():
         if not key.startswith("RunTime"):
             continue
-        command = expand(pattern, ctx)
-        name = f"runtime of {key}"
         try:
-            program = find_program(command, env, identity)
+            program = find_program(expand(pattern, ctx), env, identity)
         except RuntimeNotFound as e:
-            checks.append(fail(name, str(e), f"install it, or give its full path in {key}."))
+            missing.setdefault(str(e), []).append(key)
             continue
-        if program is None:
-            continue  # a shell builtin or shell syntax: the shell itself runs it
-        if program in probed:
-            continue
+        if program is not None:  # None: a shell builtin or shell syntax, which the shell itself runs
+            programs.setdefault(program, []).append(key)
+    for why, keys in missing.items():
+        checks.append(fail(f"runtime of {', '.join(keys)}", why, f"install it, or give its full path in {keys[0]}."))
+    for program, keys in programs.items():
+        name = f"runtime {program}"
         result = run_as(identity, [program, "--version"], env=env, cwd="/", timeout=PROBE_TIMEOUT)
         first = result.output.splitlines()[0] if result.output else "(no output)"
         if result.status != 0:
             checks.append(fail(name, f"`{program} --version` as {identity.user} failed (status {result.status}): {first}",
                                f"make {program} work for {identity.user} outside nodestepd first."))
         else:
-            checks.append(ok(name, f"{program}: {first}"))
-        probed[program] = first
+            checks.append(ok(name, f"{first} (for {', '.join(keys)})"))
     return checks
 
 
