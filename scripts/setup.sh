@@ -1,7 +1,9 @@
 #!/bin/sh
 # Install what nodestepd and its tests need on a Debian 12 machine (as root). Idempotent.
 #   Debian: runc, busybox-static (test bundles), charliecloud-runtime (ch-run), python3-venv,
-#           systemd (systemd-analyze verifies the unit)
+#           systemd (systemd-analyze verifies the unit), man-db (the man page test renders with man -l),
+#           munge slurmctld slurmd slurm-client (a private single-node Slurm for the srun test;
+#           no service is enabled or configured, the test starts its own daemons)
 #   PyPI:   nodestepd with its test extras, in a venv every user can read (/opt/nodestepd/venv),
 #           because the tests run nodestepctl as unprivileged users.
 #   Users:  nsdtest1, nsdtest2 (unprivileged test users).
@@ -15,7 +17,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=""
-for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip systemd; do
+for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip systemd man-db \
+           munge slurmctld slurmd slurm-client; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then
