@@ -538,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the bundle, and finally the Slurm guide's \"test outside Slurm\" with the configured commands.\n"
         "One line per check (ok, warn, fail) with the fix; exits 0 only when nothing fails.\n"
         "An ordinary user checks for themselves. root must name the user with --user: every runtime\n"
-        "command then runs as that user (never as root).",
+        "command then runs as that user (never as root). The runtimes see doctor's environment (PATH)\n"
+        "where the daemon's would see the daemon's: run doctor with the daemon's environment.",
         epilog="Examples:\n"
         "  nodestepctl doctor --bundle ~/images/alpine\n"
         "  nodestepctl doctor --user alice --bundle /home/alice/images/alpine   # as root\n"

@@ -272,17 +272,17 @@ def _check_daemon_dir(label: str, path: str) -> Check:
     existing = path
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
+    # The daemon resolves the operator's own links (/var/run -> /run) once at start: judge the real path.
+    existing = os.path.realpath(existing)
     for directory in _self_and_ancestors(existing):
         st = os.lstat(directory)
-        if stat.S_ISLNK(st.st_mode):
-            st = os.stat(directory)
         writable_by_others = st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and directory != existing)
         if st.st_uid != 0 or writable_by_others:
             who = _user_name(st.st_uid)
             return fail(label, f"{directory} (owner {who}, mode {stat.S_IMODE(st.st_mode):04o}) can be changed by "
                         f"someone other than root, so {path} is not safe for the daemon",
                         f"chown root {directory} and chmod go-w {directory}.")
-    if existing != path:
+    if not os.path.lexists(path):
         return ok(label, f"{path} does not exist yet; the daemon creates it under {existing} at start")
     if os.geteuid() == 0 and os.statvfs(path).f_flag & os.ST_RDONLY:
         return fail(label, f"{path} is on a read-only file system", f"put {label} on a writable file system.")
@@ -388,7 +388,7 @@ def check_outside_slurm(
             command = expand(pattern, ctx)
             result = run_shell_as(identity, command, env=env, cwd=task_dir, timeout=SEQUENCE_TIMEOUT)
             if result.status != 0:
-                failed = fail(name, f"{key} failed (status {result.status}): {command}\n      "
+                failed = fail(name, f"{key} failed (status {result.status}): {command}\n"
                               f"runtime said: {result.output or '(nothing)'}",
                               f"run that command as {identity.user} by hand and fix what the runtime reports.")
                 break
@@ -398,8 +398,10 @@ def check_outside_slurm(
             result = run_shell_as(identity, expand(delete, ctx), env=env, cwd=task_dir, timeout=SEQUENCE_TIMEOUT)
             if result.status == 0:
                 done.append("RunTimeDelete")
+            # In run mode the runtime has usually removed the container itself already, so a
+            # failing delete says nothing (the daemon, too, only logs it).
             elif failed is None and not run_mode:
-                failed = fail(name, f"RunTimeDelete failed (status {result.status}): {expand(delete, ctx)}\n      "
+                failed = fail(name, f"RunTimeDelete failed (status {result.status}): {expand(delete, ctx)}\n"
                               f"runtime said: {result.output or '(nothing)'}",
                               f"run that command as {identity.user} by hand and fix what the runtime reports.")
         if failed is not None:

@@ -352,17 +352,13 @@ class Server:
 
     def _check_no_overlap(self, spec: StepSpec) -> None:
         """Launches of one job.step may coexist on a node only with disjoint task ids."""
-        for (job_id, step_id, _), other in self.steps.items():
-            if (job_id, step_id) != (spec.job_id, spec.step_id):
-                continue
-            shared = set(other.spec.task_ids) & set(spec.task_ids)
-            if not shared:
-                continue
-            if spec.task_offset is None and other.spec.task_offset is None:
-                raise Refused("conflict", f"step {spec.job_id}.{spec.step_id} is already running on this node")
-            raise Refused(
-                "conflict", f"task {min(shared)} of step {spec.job_id}.{spec.step_id} is already running on this node"
-            )
+        others = [s.spec for key, s in self.steps.items() if key[:2] == (spec.job_id, spec.step_id)]
+        shared = {t for other in others for t in other.task_ids if t in spec.task_ids}
+        if not shared:
+            return
+        if spec.task_offset is None and all(o.task_offset is None for o in others):
+            raise Refused("conflict", f"step {spec.job_id}.{spec.step_id} is already running on this node")
+        raise Refused("conflict", f"task {min(shared)} of step {spec.job_id}.{spec.step_id} is already running on this node")
 
     def _parts(self, job_id: int, step_id: int) -> list[Step]:
         """Every launch of job.step this daemon knows: the running ones, and finished ones not since relaunched."""

@@ -144,8 +144,7 @@ class Step:
 
     @property
     def ref(self) -> str:
-        ref = f"{self.spec.job_id}.{self.spec.step_id}"
-        return ref if self.spec.task_offset is None else f"{ref} task {self.spec.task_offset}"
+        return f"{self.spec.job_id}.{self.spec.step_id}"
 
     # ---- launch ---------------------------------------------------------------
 
@@ -292,7 +291,8 @@ class Step:
                 mount_spool=mount,
                 disable_hooks=oci.disable_hooks,
             )
-            spool.write_task_file(task.task_id - spec.first_task, CONFIG_FILE_NAME, configjson.config_json_bytes(rewritten), 0o750)
+            data = configjson.config_json_bytes(rewritten)
+            spool.write_task_file(task.task_id - spec.first_task, CONFIG_FILE_NAME, data, 0o750)
             container_env = _env_dict(rewritten["process"].get("env", []))
         if oci.create_env_file != "disabled":
             data = stepenv.env_file_bytes(container_env, oci.create_env_file)
