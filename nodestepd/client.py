@@ -298,7 +298,7 @@ def _await_started(sock: socket.socket) -> dict:
                       file=sys.stderr)
             return reply
         if time.monotonic() >= deadline:
-            print(f"nodestepctl: still launching after {time.monotonic() - began:.0f} s: nodestepd is preparing "
+            print(f"nodestepctl: still launching after {deadline - began:.0f} s: nodestepd is preparing "
                   "the step (spool, stage-in, runtime create)", file=sys.stderr, flush=True)
             noted = True
             deadline += PROGRESS_EVERY

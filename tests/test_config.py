@@ -28,8 +28,11 @@ def default_file(monkeypatch, tmp_path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def hostname(monkeypatch) -> str:
+def hostname(monkeypatch, tmp_path) -> str:
     monkeypatch.setattr(config_module.socket, "gethostname", lambda: "node17.cluster.example")
+    # This machine's own slurm.conf, if it has one, must not change the defaults tested here
+    # (tests/test_slurmconf.py tests that path).
+    monkeypatch.setattr(config_module, "DEFAULT_SLURM_CONF", str(tmp_path / "no-slurm.conf"))
     return "node17"
 
 
