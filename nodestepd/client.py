@@ -130,6 +130,27 @@ def _step_ids(args: argparse.Namespace) -> tuple[int | None, int | None]:
     return job_id, step_id
 
 
+def _slurm_task_fields(args: argparse.Namespace) -> dict:
+    """The per-task fields of a run request (docs/protocol.md).
+
+    Under srun (SLURM_STEP_ID and SLURM_PROCID set) each nodestepctl is one task of the
+    step, so the launch is that task: %t is SLURM_PROCID. An explicit --ntasks means
+    "this many containers from here", a whole-step launch; --task-id makes a per-task
+    launch outside srun.
+    """
+    task_offset, local_offset = args.task_id, args.local_id
+    under_srun = bool(os.environ.get("SLURM_STEP_ID") and os.environ.get("SLURM_PROCID"))
+    if task_offset is None and args.ntasks is None and under_srun:
+        task_offset = _int_from_env("SLURM_PROCID")
+        if local_offset is None and os.environ.get("SLURM_LOCALID"):
+            local_offset = _int_from_env("SLURM_LOCALID")
+    if task_offset is None and local_offset is not None:
+        raise ClientError("--local-id goes with a per-task launch (--task-id, or srun's SLURM_PROCID)", EXIT_USAGE)
+    node_id = _int_from_env("SLURM_NODEID") if os.environ.get("SLURM_NODEID") else None
+    container_id = args.container_id or os.environ.get("SLURM_CONTAINER_ID") or None
+    return {"task_offset": task_offset, "local_offset": local_offset, "node_id": node_id, "container_id": container_id}
+
+
 def _int_from_env(name: str) -> int:
     try:
         return int(os.environ[name])
@@ -195,6 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ClientError("--output and --error go with --detach", EXIT_USAGE)
     config_json, config_json_error = _read_bundle_config(bundle)
     job_id, step_id = _step_ids(args)
+    task_fields = _slurm_task_fields(args)
     env = dict(os.environ) if args.export == "ALL" else {}
     env.update(_parse_env(args.env))
     chdir = os.path.abspath(args.chdir) if args.chdir else os.getcwd()
@@ -213,7 +235,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "env": env,
         "job_id": job_id,
         "step_id": step_id,
-        "ntasks": args.ntasks,
+        "ntasks": args.ntasks if args.ntasks is not None else 1,
         "chdir": chdir,
         "pty": args.pty,
         "detach": args.detach,
@@ -221,6 +243,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "config_json_error": config_json_error,
         # Detached with nowhere to write: the daemon sends the output to the journal when it logs there.
         "output_to_journal": args.detach and not args.output and not args.error,
+        **task_fields,
     }
     owned: list[int] = []
     try:
@@ -245,7 +268,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             for fd in owned:
                 os.close(fd)
             owned = []
-            reply = expect(receive(sock), "started", failed)
+            reply = _await_started(sock)
             ref = f"{reply['job_id']}.{reply['step_id']}"
             if args.detach:
                 print(ref)
@@ -255,6 +278,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         for fd in owned:
             os.close(fd)
+
+
+PROGRESS_AFTER = 1.0  # seconds without a reply before the first progress line
+PROGRESS_EVERY = 10.0
+
+
+def _await_started(sock: socket.socket) -> dict:
+    """The `started` reply. While the daemon is still preparing the step (stage-in, a
+    slow runtime create), say so on stderr: after PROGRESS_AFTER seconds, not before."""
+    began = time.monotonic()
+    deadline = began + PROGRESS_AFTER
+    noted = False
+    while True:
+        readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if readable:
+            reply = expect(receive(sock), "started", wire.STATUS_LAUNCH_FAILED)
+            if noted:
+                waited = time.monotonic() - began
+                print(f"nodestepctl: step {reply['job_id']}.{reply['step_id']} started after {waited:.1f} s",
+                      file=sys.stderr)
+            return reply
+        if time.monotonic() >= deadline:
+            print(f"nodestepctl: still launching after {deadline - began:.0f} s: nodestepd is preparing "
+                  "the step (spool, stage-in, runtime create)", file=sys.stderr, flush=True)
+            noted = True
+            deadline += PROGRESS_EVERY
 
 
 def _catch_signals() -> int:
@@ -371,6 +420,26 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return check_config(args.file, node_name=args.node_name)
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import DoctorOptions, DoctorUsageError, print_report, run_doctor
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    options = DoctorOptions(user=args.user, bundle=args.bundle, config_file=args.config, oci_conf=args.oci_conf,
+                            args=tuple(command))
+    try:
+        checks = run_doctor(options)
+    except DoctorUsageError as e:
+        raise ClientError(str(e), EXIT_USAGE) from None
+    return print_report(checks, as_json=args.json)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import bash_completion
+
+    sys.stdout.write(bash_completion(build_parser()))
+    return 0
+
+
 # ---- command line ----------------------------------------------------------------
 
 
@@ -398,16 +467,28 @@ def build_parser() -> argparse.ArgumentParser:
         "nodestepctl (INT, TERM, HUP, USR1, USR2, CONT, TSTP) go to the step, the step is cancelled if\n"
         "nodestepctl dies, and nodestepctl exits with the step's status: the first non-zero task\n"
         "status (128+N for signal N), else 0. 125: the step could not start.\n"
-        "COMMAND is passed as given; the container resolves it against its own PATH.",
+        "COMMAND is passed as given; the container resolves it against its own PATH.\n"
+        "Under srun (SLURM_JOB_ID, SLURM_STEP_ID, SLURM_PROCID set) each nodestepctl is one task of\n"
+        "Slurm's step: %j %s %t are SLURM_JOB_ID, SLURM_STEP_ID, SLURM_PROCID, and the container sees\n"
+        "SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID as Slurm gives them to the task.\n"
+        "While the daemon prepares a slow launch, a progress line goes to stderr after 1 s.",
         epilog="Examples:\n"
         "  nodestepctl run --bundle /images/alpine -- uname -a\n"
         "  nodestepctl run --ntasks 4 --env MODE=fast --bundle /images/app -- /app/run\n"
-        "  nodestepctl run --detach --output job.log --bundle /images/app -- /app/run  # prints JOB.STEP",
+        "  nodestepctl run --detach --output job.log --bundle /images/app -- /app/run  # prints JOB.STEP\n"
+        "  srun -N 64 --ntasks-per-node 2 nodestepctl run --bundle /images/app -- /app/run  # one container per task",
     )
     run.add_argument("--bundle", required=True, metavar="DIR", help="OCI bundle (with config.json unless the site ignores it)")
     run.add_argument("--job-id", type=int, metavar="J", help="job id (default $SLURM_JOB_ID, else assigned by the daemon)")
     run.add_argument("--step-id", type=int, metavar="S", help="step id (default $SLURM_STEP_ID, else 0)")
-    run.add_argument("--ntasks", type=int, default=1, metavar="N", help="containers to run, task ids 0..N-1 (default 1)")
+    run.add_argument("--ntasks", type=int, metavar="N",
+                     help="containers to run from this one launch, task ids 0..N-1 (default 1; under srun: this task)")
+    run.add_argument("--task-id", type=int, metavar="T",
+                     help="launch task T of the step only (default under srun: $SLURM_PROCID); "
+                     "other launches of the step may run the other tasks")
+    run.add_argument("--local-id", type=int, metavar="L",
+                     help="with a per-task launch: SLURM_LOCALID of the task (default $SLURM_LOCALID, else T)")
+    run.add_argument("--container-id", metavar="ID", help="SLURM_CONTAINER_ID in the container (default $SLURM_CONTAINER_ID)")
     run.add_argument("--chdir", metavar="DIR", help="the step's working directory, %%Z in oci.conf (default: here)")
     run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set a variable in the step (repeatable)")
     run.add_argument("--export", choices=["ALL", "NONE"], default="ALL",
@@ -469,6 +550,39 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", default=DEFAULT_OCI_CONF, metavar="FILE", help=f"default {DEFAULT_OCI_CONF}")
     check.add_argument("--node-name", help="node name for %%n in the sample (default: this host)")
     check.set_defaults(func=cmd_check_config)
+
+    doctor = sub.add_parser(
+        "doctor", formatter_class=raw, help="find what keeps containers from running here (no daemon needed)",
+        description="Check this node for a user: user namespaces, the daemon's settings and oci.conf, every\n"
+        "runtime program (`--version` as the user), /run/user/UID and lingering, the spool and state dirs,\n"
+        "the bundle, and finally the Slurm guide's \"test outside Slurm\" with the configured commands.\n"
+        "One line per check (ok, warn, fail) with the fix; exits 0 only when nothing fails.\n"
+        "An ordinary user checks for themselves. root must name the user with --user: every runtime\n"
+        "command then runs as that user (never as root). The runtimes see doctor's environment (PATH)\n"
+        "where the daemon's would see the daemon's: run doctor with the daemon's environment.",
+        epilog="Examples:\n"
+        "  nodestepctl doctor --bundle ~/images/alpine\n"
+        "  nodestepctl doctor --user alice --bundle /home/alice/images/alpine   # as root\n"
+        "  nodestepctl doctor --oci-conf /etc/slurm/oci.conf --bundle B -- /bin/echo hello",
+    )
+    doctor.add_argument("--bundle", metavar="DIR", help="OCI bundle to check and to run the test on")
+    doctor.add_argument("--user", metavar="NAME", help="as root: the user to check for (default: yourself)")
+    doctor.add_argument("--config", metavar="FILE",
+                        help="the daemon's TOML settings (default /etc/nodestepd/nodestepd.toml, optional)")
+    doctor.add_argument("--oci-conf", metavar="FILE", help="oci.conf to check (default: the daemon's setting)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]",
+                        help="command for the test run (default: true in run mode, sleep 60 in create/start mode)")
+    doctor.set_defaults(func=cmd_doctor)
+
+    completion = sub.add_parser(
+        "completion", formatter_class=raw, help="print the bash completion script",
+        description="Print the bash completion script for nodestepctl (the package also installs it\n"
+        "in share/bash-completion/completions).",
+        epilog="Example:\n  source <(nodestepctl completion bash)",
+    )
+    completion.add_argument("shell", choices=["bash"], help="the shell (bash)")
+    completion.set_defaults(func=cmd_completion)
     return p
 
 

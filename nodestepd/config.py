@@ -9,6 +9,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .slurmconf import DEFAULT_SLURM_CONF, SlurmConfError, read_slurm_conf
+
 DEFAULT_CONFIG_FILE = "/etc/nodestepd/nodestepd.toml"
 LOG_FORMATS = ("auto", "console", "json", "journal")
 STEPS_ON_STOP = ("leave", "cancel")
@@ -30,6 +32,7 @@ class DaemonConfig:
     log_format: str = "auto"  # console, json, journal; auto: journal when stderr is journald's, else console
     log_level: str = "info"
     steps_on_stop: str = "leave"  # on SIGTERM: leave running steps alone, or cancel them
+    slurm_conf: str = DEFAULT_SLURM_CONF  # when it exists: default node_name and spool_dir
     config_file: str | None = None  # where the settings came from, for `status`
 
     def validate(self, sources: Mapping[str, str]) -> None:
@@ -38,7 +41,7 @@ class DaemonConfig:
         def fail(name: str, message: str) -> ConfigError:
             return ConfigError(f"{sources.get(name, 'default')}: {name}: {message}")
 
-        for name in ("socket", "oci_conf", "spool_dir", "state_dir"):
+        for name in ("socket", "oci_conf", "spool_dir", "state_dir", "slurm_conf"):
             value = getattr(self, name)
             if not os.path.isabs(value):
                 raise fail(name, f"must be an absolute path, got {value!r}")
@@ -67,6 +70,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "log_format": (str,),
     "log_level": (str,),
     "steps_on_stop": (str,),
+    "slurm_conf": (str,),
 }
 
 
@@ -102,9 +106,35 @@ def load_config(config_file: str | None, overrides: Mapping[str, Any]) -> Daemon
     given = {k: v for k, v in overrides.items() if v is not None}
     settings.update(given)
     sources.update({key: "--" + key.replace("_", "-") for key in given})
+    _defaults_from_slurm_conf(settings, sources)
     if not settings.get("node_name"):
         settings["node_name"] = socket.gethostname().split(".", 1)[0]
         sources["node_name"] = "host name"
     config = dataclasses.replace(DaemonConfig(), **settings, config_file=path if os.path.exists(path) else None)
     config.validate(sources)
     return config
+
+
+def _defaults_from_slurm_conf(settings: dict[str, Any], sources: dict[str, str]) -> None:
+    """Where Slurm runs, its own NodeName for this host and SlurmdSpoolDir, unless set here."""
+    path = settings.get("slurm_conf", DEFAULT_SLURM_CONF)
+    if settings.get("node_name") and settings.get("spool_dir"):
+        return
+    try:
+        slurm = read_slurm_conf(path)
+    except SlurmConfError as e:
+        raise ConfigError(str(e)) from None
+    if slurm is None:
+        return
+    hostname = socket.gethostname()
+    if not settings.get("node_name"):
+        name = slurm.node_name_for(hostname)
+        if name is not None:
+            settings["node_name"] = name
+            sources["node_name"] = f"{path}: NodeName"
+    if not settings.get("spool_dir"):
+        node = settings.get("node_name") or hostname.split(".", 1)[0]
+        spool = slurm.spool_dir_for(node, hostname)
+        if spool is not None:
+            settings["spool_dir"] = spool
+            sources["spool_dir"] = f"{path}: SlurmdSpoolDir"

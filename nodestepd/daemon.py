@@ -37,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help=f"TOML settings file (default {DEFAULT_CONFIG_FILE}, optional)")
     p.add_argument("--socket", metavar="PATH", help=f"Unix socket to serve (default {_DEFAULTS.socket})")
     p.add_argument("--oci-conf", metavar="FILE", help=f"Slurm oci.conf to use (default {_DEFAULTS.oci_conf})")
-    p.add_argument("--spool-dir", metavar="DIR", help=f"parent of per-step spool dirs (default {_DEFAULTS.spool_dir})")
+    p.add_argument("--spool-dir", metavar="DIR",
+                   help=f"parent of per-step spool dirs (default: slurm.conf's SlurmdSpoolDir, else {_DEFAULTS.spool_dir})")
     p.add_argument("--state-dir", metavar="DIR", help=f"daemon state (default {_DEFAULTS.state_dir})")
-    p.add_argument("--node-name", metavar="NAME", help="node name for %%n (default: the short host name)")
+    p.add_argument("--node-name", metavar="NAME",
+                   help="node name for %%n (default: this host's NodeName in slurm.conf, else the short host name)")
+    p.add_argument("--slurm-conf", metavar="FILE",
+                   help=f"Slurm's slurm.conf, read for those two defaults when it exists (default {_DEFAULTS.slurm_conf})")
     p.add_argument("--kill-wait", metavar="SECONDS", type=float,
                    help=f"grace period between RunTimeKill and SIGKILL (default {_DEFAULTS.kill_wait:g})")
     p.add_argument("--runtime-timeout", metavar="SECONDS", type=float,
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "log_format": args.log_format,
         "log_level": args.log_level,
         "steps_on_stop": args.steps_on_stop,
+        "slurm_conf": args.slurm_conf,
     }
     try:
         config = load_config(args.config, overrides)

@@ -51,6 +51,14 @@ class RunRequest(Request, tag="run"):
     # Detached without output files: the daemon sends the tasks' stdout and stderr to the
     # journal with the step's fields (when it logs to the journal; else the fds are used).
     output_to_journal: bool = False
+    # A per-task launch (srun starts one nodestepctl per task): this launch's tasks are
+    # task_offset ... task_offset+ntasks-1 of the step, and other launches of the same
+    # job.step may run beside it as long as their task ids do not overlap. None: the
+    # launch is the whole step on this node (task ids from 0).
+    task_offset: int | None = None
+    local_offset: int | None = None  # SLURM_LOCALID of the first task (default: its task id)
+    node_id: int | None = None  # SLURM_NODEID, when the caller knows it
+    container_id: str | None = None  # SLURM_CONTAINER_ID (srun --container-id), when given
 
 
 class SignalRequest(Request, tag="signal"):

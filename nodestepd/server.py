@@ -51,6 +51,7 @@ from .stepoutput import StepOutputToJournal
 MAX_STEP_ID = 0xFFFFFFF0  # Slurm keeps the ids above for its special steps
 MAX_JOB_ID = 0xFFFFFFF0
 MAX_NTASKS = 1024
+MAX_TASK_ID = 0xFFFFFFF0  # task offsets, local ids and node ids are Slurm's 32-bit ids
 FINISHED_KEPT = 1024  # finished steps remembered for `wait` and `ps`
 
 
@@ -75,8 +76,10 @@ class Server:
         self.oci = oci
         self.log = get_logger()
         self.started_at = time.time()
-        self.steps: dict[tuple[int, int], Step] = {}
-        self.finished: collections.OrderedDict[tuple[int, int], Step] = collections.OrderedDict()
+        # Keyed (job id, step id, first task id): a step launched task by task (srun -n 2 on
+        # one node) is several entries, one per launch (see _parts).
+        self.steps: dict[tuple[int, int, int], Step] = {}
+        self.finished: collections.OrderedDict[tuple[int, int, int], Step] = collections.OrderedDict()
         self._listener: socket.socket | None = None
         self._stopping: asyncio.Event | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -226,15 +229,19 @@ class Server:
             elif isinstance(request, SignalRequest):
                 if request.job_id is None:
                     raise BadRequest("signal needs a job id outside an attached run")
-                step = self._own_running_step(conn.peer_uid, request.job_id, request.step_id or 0)
-                step.signal(_parse_signal(request.signal))
+                sig = _parse_signal(request.signal)
+                for step in self._own_running_parts(conn.peer_uid, request.job_id, request.step_id or 0):
+                    step.signal(sig)
                 reply = OkReply()
             elif isinstance(request, CancelRequest):
-                step = self._own_running_step(conn.peer_uid, request.job_id, request.step_id)
-                reply = _exit_reply(step, await step.cancel(f"cancel requested by uid {conn.peer_uid}"))
+                parts = self._own_running_parts(conn.peer_uid, request.job_id, request.step_id)
+                reason = f"cancel requested by uid {conn.peer_uid}"
+                results = await asyncio.gather(*(step.cancel(reason) for step in parts))
+                reply = _parts_exit_reply(list(zip(parts, results)))
             elif isinstance(request, WaitRequest):
-                step = self._own_step(conn.peer_uid, request.job_id, request.step_id)
-                reply = _exit_reply(step, await step.wait())
+                parts = self._own_parts(conn.peer_uid, request.job_id, request.step_id)
+                results = await asyncio.gather(*(step.wait() for step in parts))
+                reply = _parts_exit_reply(list(zip(parts, results)))
             elif isinstance(request, ReloadRequest):
                 reply = await self._reload(conn.peer_uid)
             else:
@@ -260,9 +267,8 @@ class Server:
         try:
             try:
                 spec = await self._validate_run(conn.peer_uid, request, fds)
-                key = (spec.job_id, spec.step_id)
-                if key in self.steps:
-                    raise Refused("conflict", f"step {spec.job_id}.{spec.step_id} is already running on this node")
+                key = _key(spec)
+                self._check_no_overlap(spec)
             except Refused as e:
                 log.info("launch refused", error=str(e))
                 await conn.send(ErrorReply(code=e.code, error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
@@ -275,7 +281,7 @@ class Server:
                 stdio = Stdio(fds[0], fds[1], fds[2])
                 if request.output_to_journal and request.detach and self.output_journal is not None:
                     output = StepOutputToJournal(self.output_journal, job_id=spec.job_id, step_id=spec.step_id,
-                                                 user=spec.identity.user, ntasks=spec.ntasks)
+                                                 user=spec.identity.user, task_ids=spec.task_ids)
                     stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs)
                 await step.launch(stdio, received_at)
             except Exception as e:
@@ -336,7 +342,7 @@ class Server:
     async def _retire(self, step: Step) -> None:
         """Move a step from running to finished when it ends, keeping a bounded history."""
         await step.wait()
-        key = (step.spec.job_id, step.spec.step_id)
+        key = _key(step.spec)
         if self.steps.get(key) is step:
             del self.steps[key]
             self.on_steps_changed()
@@ -362,6 +368,12 @@ class Server:
                 raise BadRequest(f"environment variable {name} contains a NUL byte")
         if not 1 <= request.ntasks <= MAX_NTASKS:
             raise BadRequest(f"ntasks must be between 1 and {MAX_NTASKS}, got {request.ntasks}")
+        for name in ("task_offset", "local_offset", "node_id"):
+            value = getattr(request, name)
+            if value is not None and not 0 <= value <= MAX_TASK_ID:
+                raise BadRequest(f"{name} must be between 0 and {MAX_TASK_ID}, got {value}")
+        if request.container_id is not None and ("\0" in request.container_id or not request.container_id):
+            raise BadRequest("container_id must be a non-empty string without NUL bytes")
         if request.job_id is not None and not 0 < request.job_id < MAX_JOB_ID:
             raise BadRequest(f"job id must be between 1 and {MAX_JOB_ID - 1}, got {request.job_id}")
         step_id = request.step_id if request.step_id is not None else 0
@@ -386,6 +398,10 @@ class Server:
             attached=not request.detach,
             config_json=request.config_json,
             config_json_error=request.config_json_error,
+            task_offset=request.task_offset,
+            local_offset=request.local_offset,
+            node_id=request.node_id,
+            container_id=request.container_id,
         )
 
     # ---- lookups and authorisation -------------------------------------------------------
@@ -394,19 +410,34 @@ class Server:
         steps = list(self.steps.values()) + list(self.finished.values())
         return [s for s in steps if uid == 0 or s.spec.identity.uid == uid]
 
-    def _own_step(self, uid: int, job_id: int, step_id: int) -> Step:
-        key = (job_id, step_id)
-        step = self.steps.get(key) or self.finished.get(key)
-        if step is None or (uid != 0 and step.spec.identity.uid != uid):
+    def _check_no_overlap(self, spec: StepSpec) -> None:
+        """Launches of one job.step may coexist on a node only with disjoint task ids."""
+        others = [s.spec for key, s in self.steps.items() if key[:2] == (spec.job_id, spec.step_id)]
+        shared = {t for other in others for t in other.task_ids if t in spec.task_ids}
+        if not shared:
+            return
+        if spec.task_offset is None and all(o.task_offset is None for o in others):
+            raise Refused("conflict", f"step {spec.job_id}.{spec.step_id} is already running on this node")
+        raise Refused("conflict", f"task {min(shared)} of step {spec.job_id}.{spec.step_id} is already running on this node")
+
+    def _parts(self, job_id: int, step_id: int) -> list[Step]:
+        """Every launch of job.step this daemon knows: the running ones, and finished ones not since relaunched."""
+        running = {k: s for k, s in self.steps.items() if k[:2] == (job_id, step_id)}
+        finished = {k: s for k, s in self.finished.items() if k[:2] == (job_id, step_id) and k not in running}
+        return [s for _, s in sorted({**finished, **running}.items())]
+
+    def _own_parts(self, uid: int, job_id: int, step_id: int) -> list[Step]:
+        parts = [s for s in self._parts(job_id, step_id) if uid == 0 or s.spec.identity.uid == uid]
+        if not parts:
             # Someone else's step is reported exactly like a missing one: no probing.
             raise Refused("not-found", f"no step {job_id}.{step_id} of yours on this node")
-        return step
+        return parts
 
-    def _own_running_step(self, uid: int, job_id: int, step_id: int) -> Step:
-        step = self._own_step(uid, job_id, step_id)
-        if step.state is StepState.FINISHED:
+    def _own_running_parts(self, uid: int, job_id: int, step_id: int) -> list[Step]:
+        parts = [s for s in self._own_parts(uid, job_id, step_id) if s.state is not StepState.FINISHED]
+        if not parts:
             raise Refused("not-found", f"step {job_id}.{step_id} has already finished")
-        return step
+        return parts
 
     def socket_path(self) -> str:
         """Where clients connect: the socket we bound, or the one the service manager passed."""
@@ -476,6 +507,10 @@ def _parse_signal(name: str) -> int:
         raise BadRequest(f"unknown signal {name!r}") from None
 
 
+def _key(spec: StepSpec) -> tuple[int, int, int]:
+    return (spec.job_id, spec.step_id, spec.first_task)
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -500,10 +535,24 @@ def _step_info(step: Step) -> StepInfo:
 
 
 def _exit_reply(step: Step, result: StepResult) -> ExitReply:
+    return _parts_exit_reply([(step, result)])
+
+
+def _parts_exit_reply(parts: list[tuple[Step, StepResult]]) -> ExitReply:
+    """One exit for a step launched in one or several parts: the first non-zero task status in task order."""
+    tasks = sorted(
+        (TaskExit(task_id=t, status=s) for step, result in parts for t, s in zip(step.spec.task_ids, result.task_statuses)),
+        key=lambda task: task.task_id,
+    )
+    # Each part's status is its first non-zero task status, and parts hold disjoint runs
+    # of task ids: in task order, the first non-zero part status is the step's.
+    ordered = sorted(parts, key=lambda part: part[0].spec.first_task)
+    status = next((result.status for _, result in ordered if result.status), 0)
+    spec = parts[0][0].spec
     return ExitReply(
-        job_id=step.spec.job_id,
-        step_id=step.spec.step_id,
-        status=result.status,
-        tasks=[TaskExit(task_id=i, status=s) for i, s in enumerate(result.task_statuses)],
-        cancelled=result.cancelled,
+        job_id=spec.job_id,
+        step_id=spec.step_id,
+        status=status,
+        tasks=tasks,
+        cancelled=any(result.cancelled for _, result in parts),
     )

@@ -51,26 +51,42 @@ def spool_layout(
     job_id: int,
     step_id: int,
     ntasks: int,
+    task_offset: int | None = None,
 ) -> SpoolLayout:
-    """Compute where a step's spool dir and its task dirs go (see oci-conf-semantics.md)."""
+    """Compute where a step's spool dir and its task dirs go (see oci-conf-semantics.md).
+
+    task_offset: a per-task launch (docs/protocol.md) of tasks task_offset... Several such
+    launches of one step share a node, and each owns its spool dir, so theirs is named
+    oci-job%j-%s-task%t after their first task.
+    """
     if ntasks < 0:
         raise ValueError(f"ntasks must not be negative, got {ntasks}")
     step_name = f"oci-job{job_id}-{step_id}"
+    first = 0
+    if task_offset is not None:
+        first = task_offset
+        step_name += f"-task{task_offset}"
+        if container_path and cut_before_task_component(container_path) is not None:
+            raise SpoolError(
+                f"ContainerPath {container_path!r} puts every task of a step under one step dir (the part before %t),"
+                " so the step cannot be launched task by task; launch it once with --ntasks instead"
+            )
+    ids = range(first, first + ntasks)
     if not container_path:
         base = _normalised(spool_dir, "the spool dir is")
         step_dir = _join(base, step_name)
-        task_dirs = [_join(step_dir, f"task-{t}") for t in range(ntasks)]
+        task_dirs = [_join(step_dir, f"task-{t}") for t in ids]
         create_parents = False
     else:
         prefix = cut_before_task_component(container_path)
         if prefix is None:
             base = _normalised(expand(container_path, 0), f"ContainerPath {container_path!r} expands to")
             step_dir = _join(base, step_name)
-            task_dirs = [_join(step_dir, f"task-{t}") for t in range(ntasks)]
+            task_dirs = [_join(step_dir, f"task-{t}") for t in ids]
         else:
             what = f"ContainerPath {container_path!r} expands to"
             step_dir = _normalised(expand(prefix, 0), what)
-            task_dirs = [_normalised(expand(container_path, t), what) for t in range(ntasks)]
+            task_dirs = [_normalised(expand(container_path, t), what) for t in ids]
         create_parents = True
 
     _normalised(step_dir, "the step spool dir is")
@@ -245,7 +261,7 @@ class StepSpool:
         try:
             self._step = _make_private_dir(current, os.path.basename(self.layout.step_dir), self.layout.step_dir)
         except FileExistsError:
-            match = re.fullmatch(r"oci-job(\d+)-(.+)", os.path.basename(self.layout.step_dir))
+            match = re.fullmatch(r"oci-job(\d+)-(\d+)(?:-task\d+)?", os.path.basename(self.layout.step_dir))
             which = f"step {match[1]}.{match[2]}" if match else "this step"
             raise SpoolError(
                 f"spool dir {self.layout.step_dir} already exists: is {which} already running,"

@@ -61,6 +61,20 @@ class StepSpec:
     attached: bool
     config_json: str | None  # the bundle's config.json as read by the caller
     config_json_error: str | None
+    # Per-task launches (docs/protocol.md): this launch's task ids start at task_offset;
+    # None is a whole-step launch (task ids from 0).
+    task_offset: int | None = None
+    local_offset: int | None = None
+    node_id: int | None = None
+    container_id: str | None = None
+
+    @property
+    def first_task(self) -> int:
+        return self.task_offset or 0
+
+    @property
+    def task_ids(self) -> range:
+        return range(self.first_task, self.first_task + self.ntasks)
 
 
 @dataclass(frozen=True)
@@ -86,7 +100,7 @@ class Stdio:
     stdin: int
     stdout: int
     stderr: int
-    task_outputs: tuple[tuple[int, int], ...] | None = None
+    task_outputs: Mapping[int, tuple[int, int]] | None = None  # by task id
 
     def outputs_for(self, task_id: int) -> tuple[int, int]:
         return self.task_outputs[task_id] if self.task_outputs is not None else (self.stdout, self.stderr)
@@ -210,7 +224,7 @@ class Step:
             identity=self.spec.identity,
             cwd=task.dir,
             env=self._runtime_env,
-            stdin=stdio.stdin if task.task_id == 0 else subprocess.DEVNULL,
+            stdin=stdio.stdin if task.task_id == self.spec.first_task else subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
         )
@@ -224,7 +238,6 @@ class Step:
                 "console socket to hand the terminal over"
             )
         bundle_config, rootfs = self._bundle_config()
-        step_env = stepenv.exclude_env(spec.env, oci.env_exclude_re)
         runtime_env = stepenv.runtime_environment(
             settings.daemon_env, oci.runtime_env_exclude_re,
             user=spec.identity.user, home=spec.identity.home, uid=spec.identity.uid,
@@ -256,11 +269,13 @@ class Step:
                 job_id=spec.job_id,
                 step_id=spec.step_id,
                 ntasks=spec.ntasks,
+                task_offset=spec.task_offset,
             )
         except SpoolError as e:
             raise LaunchFailed(str(e)) from None
         tasks = [
-            Task(t, layout.task_dirs[t], context(t, layout.step_dir, layout.task_dirs[t])) for t in range(spec.ntasks)
+            Task(t, layout.task_dirs[i], context(t, layout.step_dir, layout.task_dirs[i]))
+            for i, t in enumerate(spec.task_ids)
         ]
         first = oci.runtime_create if self.create_start else oci.runtime_run
         assert first is not None  # ociconf guarantees one mode or the other
@@ -276,6 +291,9 @@ class Step:
             raise LaunchFailed(str(e)) from None
         try:
             for task in tasks:
+                # Slurm's task variables first, then EnvExclude, as Slurm gives them to a task.
+                task_env = {**spec.env, **stepenv.slurm_task_env(self._slurm_task(task))}
+                step_env = stepenv.exclude_env(task_env, oci.env_exclude_re)
                 self._write_task_files(spool, task, bundle_config, step_env, layout.step_dir)
             spool.hand_over()
         except Exception as e:
@@ -306,11 +324,25 @@ class Step:
                 mount_spool=mount,
                 disable_hooks=oci.disable_hooks,
             )
-            spool.write_task_file(task.task_id, CONFIG_FILE_NAME, configjson.config_json_bytes(rewritten), 0o750)
+            data = configjson.config_json_bytes(rewritten)
+            spool.write_task_file(task.task_id - spec.first_task, CONFIG_FILE_NAME, data, 0o750)
             container_env = _env_dict(rewritten["process"].get("env", []))
         if oci.create_env_file != "disabled":
             data = stepenv.env_file_bytes(container_env, oci.create_env_file)
-            spool.write_task_file(task.task_id, ENV_FILE_NAME, data, 0o600)
+            spool.write_task_file(task.task_id - spec.first_task, ENV_FILE_NAME, data, 0o600)
+
+    def _slurm_task(self, task: Task) -> stepenv.SlurmTask:
+        spec = self.spec
+        local_first = spec.local_offset if spec.local_offset is not None else spec.first_task
+        return stepenv.SlurmTask(
+            job_id=spec.job_id,
+            step_id=spec.step_id,
+            task_id=task.task_id,
+            local_id=local_first + task.task_id - spec.first_task,
+            node_id=spec.node_id,
+            container=spec.bundle,
+            container_id=spec.container_id,
+        )
 
     def _bundle_config(self) -> tuple[dict | None, str]:
         """The bundle's config.json (None when the site ignores it) and the rootfs path (%r)."""

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-__all__ = ["env_file_bytes", "exclude_env", "runtime_environment", "validate_env_name"]
+__all__ = [
+    "SlurmTask", "env_file_bytes", "exclude_env", "runtime_environment", "slurm_task_env", "validate_env_name",
+]
 
 
 def validate_env_name(name: str) -> None:
@@ -69,4 +72,36 @@ def runtime_environment(
     env["USER"] = user
     env["LOGNAME"] = user
     env["XDG_RUNTIME_DIR"] = f"/run/user/{uid}"
+    return env
+
+
+@dataclass(frozen=True)
+class SlurmTask:
+    """Who one task is, in Slurm's terms."""
+
+    job_id: int
+    step_id: int
+    task_id: int  # the task's rank in the step: %t, SLURM_PROCID
+    local_id: int  # its rank among the step's tasks on this node: SLURM_LOCALID
+    node_id: int | None  # SLURM_NODEID, when the caller knows it
+    container: str  # the bundle: SLURM_CONTAINER (srun --container)
+    container_id: str | None  # SLURM_CONTAINER_ID (srun --container-id), when given
+
+
+def slurm_task_env(task: SlurmTask) -> dict[str, str]:
+    """The variables Slurm gives a task of a containerised step; they override the caller's
+    own (a step launched from inside another carries that one's ids)."""
+    env = {
+        "SLURM_JOB_ID": str(task.job_id),
+        "SLURM_JOBID": str(task.job_id),
+        "SLURM_STEP_ID": str(task.step_id),
+        "SLURM_STEPID": str(task.step_id),
+        "SLURM_PROCID": str(task.task_id),
+        "SLURM_LOCALID": str(task.local_id),
+        "SLURM_CONTAINER": task.container,
+    }
+    if task.node_id is not None:
+        env["SLURM_NODEID"] = str(task.node_id)
+    if task.container_id is not None:
+        env["SLURM_CONTAINER_ID"] = task.container_id
     return env

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from typing import Mapping, Sequence
 
 from .journal import JournalSender
 from .logs import get_logger
@@ -29,7 +30,7 @@ STREAMS = (("stdout", "6"), ("stderr", "3"))
 class StepOutputToJournal:
     """Owns the pipes of one step: the write ends until release_write_ends(), the read ends until end of file."""
 
-    def __init__(self, sender: JournalSender, *, job_id: int, step_id: int, user: str, ntasks: int) -> None:
+    def __init__(self, sender: JournalSender, *, job_id: int, step_id: int, user: str, task_ids: Sequence[int]) -> None:
         self._sender = sender
         self._base = [
             ("SYSLOG_IDENTIFIER", "nodestepd-step"),
@@ -40,9 +41,9 @@ class StepOutputToJournal:
         self._write_ends: list[int] = []
         self._readers: dict[int, _LineReader] = {}
         loop = asyncio.get_running_loop()
-        outputs: list[tuple[int, int]] = []
+        outputs: dict[int, tuple[int, int]] = {}
         try:
-            for task_id in range(ntasks):
+            for task_id in task_ids:
                 pair = []
                 for stream, priority in STREAMS:
                     r, w = os.pipe2(os.O_CLOEXEC)
@@ -51,13 +52,13 @@ class StepOutputToJournal:
                     self._readers[r] = _LineReader(r, self._emitter(task_id, stream, priority))
                     loop.add_reader(r, self._on_readable, r)
                     pair.append(w)
-                outputs.append((pair[0], pair[1]))
+                outputs[task_id] = (pair[0], pair[1])
         except BaseException:
             self.release_write_ends()
             for r in list(self._readers):
                 self._close_reader(r)
             raise
-        self.task_outputs: tuple[tuple[int, int], ...] = tuple(outputs)
+        self.task_outputs: Mapping[int, tuple[int, int]] = outputs
 
     def release_write_ends(self) -> None:
         """After the tasks were spawned (they hold their own copies): end of file comes when they are gone."""

@@ -1,7 +1,10 @@
 #!/bin/sh
 # Install what nodestepd and its tests need on a Debian 12 machine (as root). Idempotent.
 #   Debian: runc, busybox-static (test bundles), charliecloud-runtime (ch-run), python3-venv,
-#           systemd (systemd-analyze verifies the units; systemd-socket-activate tests activation)
+#           systemd (systemd-analyze verifies the units; systemd-socket-activate tests activation),
+#           man-db (the man page test renders with man -l),
+#           munge slurmctld slurmd slurm-client (a private single-node Slurm for the srun test;
+#           no service is enabled or configured, the test starts its own daemons)
 #   PyPI:   nodestepd with its test extras, in a venv every user can read (/opt/nodestepd/venv),
 #           because the tests run nodestepctl as unprivileged users.
 #   Users:  nsdtest1, nsdtest2 (unprivileged test users).
@@ -15,11 +18,18 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=""
-for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip systemd; do
+for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip systemd man-db \
+           munge slurmctld slurmd slurm-client; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then
     echo "setup.sh: installing Debian packages:$missing"
+    # Installing must not start services (munged, slurmd): the tests start their own, privately.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod 0755 /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi

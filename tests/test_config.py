@@ -15,7 +15,7 @@ from nodestepd import config as config_module
 from nodestepd.config import ConfigError, DaemonConfig, load_config
 from nodestepd.state import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
-KNOWN = "kill_wait, log_format, log_level, node_name, oci_conf, runtime_timeout, socket, spool_dir, state_dir, steps_on_stop"
+KNOWN = "kill_wait, log_format, log_level, node_name, oci_conf, runtime_timeout, slurm_conf, socket, spool_dir, state_dir, steps_on_stop"
 EX_CONFIG = 78
 
 
@@ -28,8 +28,11 @@ def default_file(monkeypatch, tmp_path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def hostname(monkeypatch) -> str:
+def hostname(monkeypatch, tmp_path) -> str:
     monkeypatch.setattr(config_module.socket, "gethostname", lambda: "node17.cluster.example")
+    # This machine's own slurm.conf, if it has one, must not change the defaults tested here
+    # (tests/test_slurmconf.py tests that path).
+    monkeypatch.setattr(config_module, "DEFAULT_SLURM_CONF", str(tmp_path / "no-slurm.conf"))
     return "node17"
 
 

@@ -419,6 +419,12 @@ CONTAINER_ENV = [
 ]
 
 
+def slurm_vars(job: int, bundle, step: int = 0, task: int = 0, local: int | None = None) -> list[str]:
+    """What the daemon adds for a task, as Slurm gives it to a task (after the step's own variables)."""
+    return [f"SLURM_JOB_ID={job}", f"SLURM_JOBID={job}", f"SLURM_STEP_ID={step}", f"SLURM_STEPID={step}",
+            f"SLURM_PROCID={task}", f"SLURM_LOCALID={task if local is None else local}", f"SLURM_CONTAINER={bundle}"]
+
+
 def _run_with_step_env(daemon, user, bundle, out, job: int) -> dict:
     env_args = [a for name, value in STEP_ENV for a in ("--env", f"{name}={value}")]
     result = daemon.ctl(user, "run", "--job-id", str(job), "--export", "NONE", *env_args, "--bundle", str(bundle),
@@ -439,7 +445,7 @@ def test_env_file_null_and_env_exclude(start_daemon, user, env_bundle, out):
     daemon = start_daemon(oci_conf(out, extra=f"CreateEnvFile=null\n{EXCLUDE}"))
     run = _run_with_step_env(daemon, user, env_bundle, out, 1011)
     process_env = run["bundle_config"]["content"]["process"]["env"]
-    assert process_env == CONTAINER_ENV
+    assert process_env == CONTAINER_ENV + slurm_vars(1011, env_bundle)
     assert env_file_bytes(run) == b"".join(e.encode() + b"\0" for e in process_env)
     assert b"MULTI=line1\nline2\0" in env_file_bytes(run)
 
@@ -448,7 +454,7 @@ def test_env_file_newline_drops_multiline_values(start_daemon, user, env_bundle,
     daemon = start_daemon(oci_conf(out, extra=f"CreateEnvFile=newline\n{EXCLUDE}"))
     run = _run_with_step_env(daemon, user, env_bundle, out, 1012)
     process_env = run["bundle_config"]["content"]["process"]["env"]
-    assert process_env == CONTAINER_ENV
+    assert process_env == CONTAINER_ENV + slurm_vars(1012, env_bundle)
     assert "MULTI=line1\nline2" in process_env  # config.json can carry it, the file cannot
     data = env_file_bytes(run)
     assert data == b"".join(e.encode() + b"\n" for e in process_env if "\n" not in e)
@@ -486,7 +492,8 @@ def test_rewritten_config_json(start_daemon, user, env_bundle, out):
     new = run["bundle_config"]["content"]
     assert new["process"]["terminal"] is False  # no --pty, whatever the bundle said
     assert new["process"]["args"] == command
-    assert new["process"]["env"] == ["PATH=/bundle/bin", "BUNDLE_ONLY=1", "OVERRIDE=step", "NEW=n"]
+    assert new["process"]["env"] == ["PATH=/bundle/bin", "BUNDLE_ONLY=1", "OVERRIDE=step", "NEW=n",
+                                     *slurm_vars(1014, env_bundle)]
     assert new["root"] == {"path": str(env_bundle / "rootfs"), "readonly": True}
     assert new["mounts"] == BUNDLE_CONFIG["mounts"] + [
         {"destination": "/var/run/slurm-1014-0", "type": "bind", "source": step_dir, "options": ["rbind", "rw"]}
@@ -531,7 +538,8 @@ def test_ignore_file_config_json(start_daemon, user, workdir, out):
         assert (values["b"], values["r"]) == (str(bundle), str(bundle))
         assert run["bundle_config"]["exists"] is False
         assert sorted(run["cwd_entries"]) == ["environment"]  # no config.json written
-        assert env_file_bytes(run) == b"A=1\nB=x y\n"  # only the step's env: there is no bundle env
+        # Only the step's env and Slurm's task variables: there is no bundle env.
+        assert env_file_bytes(run) == "".join(f"{e}\n" for e in ["A=1", "B=x y", *slurm_vars(1017, bundle)]).encode()
         assert sorted(os.listdir(bundle)) == ["rootfs"]
     finally:
         shutil.rmtree(bundle, ignore_errors=True)

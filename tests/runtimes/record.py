@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """A recording "runtime" for end-to-end tests: oci.conf's RunTime* commands call it.
 
+    record.py --version
     record.py --out FILE [--exit N | --exit N0,N1,... --task T] [--bundle B] [--env-file E]
               [--step-dir M] [--stat PATH]... [--proc PID] [--say TEXT] [--block]
               [--killpg PGID] -- REST...
@@ -136,6 +137,9 @@ def write_record(out, record):
 
 def main():
     argv = sys.argv[1:]
+    if argv == ["--version"]:  # what `nodestepctl doctor` asks every runtime program
+        print("record.py (nodestepd test runtime)")
+        return 0
     opts, rest = parse(argv)
     umask = os.umask(0)
     os.umask(umask)
