@@ -1,7 +1,7 @@
 #!/bin/sh
-# One command on a fresh Debian 12 machine (as root): install, start nodestepd with the
-# Slurm guide's runc run-mode oci.conf, and run a real container step through it as an
-# unprivileged user. Leaves nothing running.
+# One command on a fresh Debian 12 machine (as root): install, ask `nodestepctl doctor`
+# about the node, start nodestepd with the Slurm guide's runc run-mode oci.conf, and run a
+# real container step through it as an unprivileged user. Leaves nothing running.
 set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)
 "$repo/scripts/setup.sh"
@@ -12,9 +12,19 @@ mkdir -p "$demo"
 chmod 755 "$demo"
 [ -f "$demo/bundle/config.json" ] || sh "$repo/scripts/make-bundle.sh" "$user" "$demo/bundle"
 cp "$repo/tests/oci-conf-examples/runc-run.conf" "$demo/oci.conf"
+cat > "$demo/nodestepd.toml" <<EOF
+socket = "$demo/nodestepd.sock"
+oci_conf = "$demo/oci.conf"
+spool_dir = "$demo/spool"
+state_dir = "$demo/state"
+EOF
 
-nodestepd --socket "$demo/nodestepd.sock" --oci-conf "$demo/oci.conf" \
-    --spool-dir "$demo/spool" --state-dir "$demo/state" 2>"$demo/nodestepd.log" &
+echo "demo: first, what could keep $user's containers from running here:"
+echo "  nodestepctl doctor --config $demo/nodestepd.toml --user $user --bundle $demo/bundle"
+nodestepctl doctor --config "$demo/nodestepd.toml" --user "$user" --bundle "$demo/bundle"
+echo
+
+nodestepd --config "$demo/nodestepd.toml" 2>"$demo/nodestepd.log" &
 daemon=$!
 trap 'kill "$daemon" 2>/dev/null; wait "$daemon" 2>/dev/null || true' EXIT
 # Wait (bounded) for the daemon to answer.
