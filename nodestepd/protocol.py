@@ -48,6 +48,14 @@ class RunRequest(Request, tag="run"):
     # could not be read: the daemon never opens paths under the caller's control as root.
     config_json: str | None = None
     config_json_error: str | None = None
+    # Operators only (docs/security.md): run the step as this user (a name or a decimal
+    # uid). The daemon then reads config.json itself, as that user, so the two fields
+    # above must be null.
+    user: str | None = None
+    # Files the daemon opens as the step's user for the tasks' stdout/stderr, in place of
+    # the fds that came with the request (how an operator's --output reaches the user's files).
+    output: str | None = None
+    error: str | None = None
 
 
 class SignalRequest(Request, tag="signal"):
@@ -89,7 +97,8 @@ class Reply(msgspec.Struct, tag_field="type"):
 
 
 class ErrorReply(Reply, tag="error"):
-    code: str = "error"  # bad-request, not-found, permission-denied, launch-failed, conflict
+    # bad-request, not-found, permission-denied, launch-failed, conflict, limit, timeout, busy
+    code: str = "error"
     error: str = ""
     status: int | None = None  # exit status the client should use, when it has one
 
@@ -177,7 +186,7 @@ def decode_request(body: bytes) -> AnyRequest:
     # The version first, leniently: a newer client's request may have a shape we don't know.
     try:
         version = _version_decoder.decode(body).v
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         version = VERSION  # let the full decode name what is wrong
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version} (this daemon speaks {VERSION})")
@@ -185,6 +194,10 @@ def decode_request(body: bytes) -> AnyRequest:
         return _request_decoder.decode(body)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"malformed request: {e}") from None
+    except RecursionError:
+        # msgspec raises this for JSON nested deeper than it recurses, even where the
+        # nesting sits in a field it would only skip or reject.
+        raise ProtocolError("malformed request: JSON nested too deeply") from None
 
 
 def decode_reply(body: bytes) -> AnyReply:
