@@ -241,8 +241,9 @@ class Server:
             elif isinstance(request, SignalRequest):
                 if request.job_id is None:
                     raise BadRequest("signal needs a job id outside an attached run")
+                signum = _parse_signal(request.signal)  # a bad request before any lookup
                 step = self._own_running_step(conn.peer_uid, request.job_id, request.step_id or 0)
-                step.signal(_parse_signal(request.signal))
+                step.signal(signum)
                 reply = OkReply()
             elif isinstance(request, CancelRequest):
                 step = self._own_running_step(conn.peer_uid, request.job_id, request.step_id)

@@ -33,5 +33,6 @@ def untrusted_reason(path: str) -> str | None:
             return f"{directory} is owned by uid {st.st_uid}, not root"
         writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if writable_by_others and (last or not (st.st_mode & stat.S_ISVTX)):
-            return f"{directory} is writable by {'group' if st.st_mode & stat.S_IWGRP else 'others'} (mode {stat.S_IMODE(st.st_mode):04o})"
+            who = "others" if st.st_mode & stat.S_IWOTH else "its group"
+            return f"{directory} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
