@@ -402,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
         "  nodestepctl run --bundle /images/alpine -- uname -a\n"
         "  nodestepctl run --ntasks 4 --env MODE=fast --bundle /images/app -- /app/run\n"
-        "  nodestepctl run --detach --output job.log --bundle /images/app -- /app/run  # prints JOB.STEP",
+        "  nodestepctl run --detach --output job.log --bundle /images/app -- /app/run  # prints JOB.STEP\n"
+        "  nodestepctl run --user alice --detach --output /home/alice/job.log --bundle /home/alice/app -- /app/run"
+        "  # operators",
     )
     run.add_argument("--bundle", required=True, metavar="DIR", help="OCI bundle (with config.json unless the site ignores it)")
     run.add_argument("--job-id", type=int, metavar="J", help="job id (default $SLURM_JOB_ID, else assigned by the daemon)")

@@ -325,6 +325,7 @@ class Server:
                     raise ProtocolError("an attached run accepts only signal requests without ids")
                 step.signal(_parse_signal(request.signal))
             except (ProtocolError, BadRequest) as e:
+                step.log.info("request refused on an attached run", peer_uid=conn.peer_uid, error=str(e))
                 await conn.send(ErrorReply(code="bad-request", error=str(e)))
         await conn.send(_exit_reply(step, done.result()))
 
