@@ -458,7 +458,7 @@ class Server:
                 fds[2] = os.dup(fds[1])
         if request.error is not None:
             os.close(fds[2])
-            # The same path twice was opened twice: each fd has one owner.
+            # One file for both: a second fd of it, so that each fd has one owner.
             fds[2] = by_path[request.error] if request.error != request.output else os.dup(fds[1])
         return config_json, config_json_error
 
