@@ -208,13 +208,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         raise ClientError("no command given: nodestepctl run --bundle DIR -- COMMAND [ARG...]", EXIT_USAGE)
     bundle = os.path.abspath(args.bundle)
-    if not os.path.isdir(bundle):
+    if args.user is None and not os.path.isdir(bundle):
         raise ClientError(f"bundle {bundle} does not exist or is not a directory", failed)
     if args.pty and not args.detach and not os.isatty(0):
         raise ClientError("--pty needs a terminal on standard input", EXIT_USAGE)
     if (args.output or args.error) and not args.detach:
         raise ClientError("--output and --error go with --detach", EXIT_USAGE)
-    config_json, config_json_error = _read_bundle_config(bundle)
+    # With --user the daemon opens config.json and the output files as that user, never
+    # with our (an operator's) rights: see docs/security.md.
+    config_json, config_json_error = _read_bundle_config(bundle) if args.user is None else (None, None)
     job_id, step_id = _step_ids(args)
     task_fields = _slurm_task_fields(args)
     env = dict(os.environ) if args.export == "ALL" else {}
@@ -245,14 +247,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         "output_to_journal": args.detach and not args.output and not args.error,
         **task_fields,
     }
+    if args.user is not None:
+        message["user"] = args.user
+        for name in ("output", "error"):
+            if getattr(args, name):
+                message[name] = os.path.abspath(getattr(args, name))
     owned: list[int] = []
     try:
         if args.detach:
             stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             owned.append(stdin)
-            stdout = _open_output(args.output or os.devnull)
+            user_opens = args.user is not None  # the daemon opens --output/--error as the user
+            stdout = _open_output(args.output if args.output and not user_opens else os.devnull)
             owned.append(stdout)
-            stderr = stdout if not args.error else _open_output(args.error)
+            stderr = stdout if not args.error or user_opens else _open_output(args.error)
             if stderr != stdout:
                 owned.append(stderr)
             fds = [stdin, stdout, stderr]
@@ -476,7 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  nodestepctl run --bundle /images/alpine -- uname -a\n"
         "  nodestepctl run --ntasks 4 --env MODE=fast --bundle /images/app -- /app/run\n"
         "  nodestepctl run --detach --output job.log --bundle /images/app -- /app/run  # prints JOB.STEP\n"
-        "  srun -N 64 --ntasks-per-node 2 nodestepctl run --bundle /images/app -- /app/run  # one container per task",
+        "  srun -N 64 --ntasks-per-node 2 nodestepctl run --bundle /images/app -- /app/run  # one container per task\n"
+        "  nodestepctl run --user alice --detach --output /home/alice/job.log --bundle /home/alice/app -- /app/run"
+        "  # operators",
     )
     run.add_argument("--bundle", required=True, metavar="DIR", help="OCI bundle (with config.json unless the site ignores it)")
     run.add_argument("--job-id", type=int, metavar="J", help="job id (default $SLURM_JOB_ID, else assigned by the daemon)")
@@ -499,10 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --detach: stdout (and stderr) to FILE, opened by you (default: the journal, "
                      "with the step's fields, when nodestepd logs there; else discarded)")
     run.add_argument("--error", metavar="FILE", help="with --detach: stderr to FILE (default: same as --output)")
+    run.add_argument("--user", metavar="NAME|UID",
+                     help="operators only: run the step as this user (config.json and --output/--error are then "
+                     "opened by the daemon as that user)")
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     run.set_defaults(func=cmd_run)
 
-    ps = sub.add_parser("ps", help="list steps (yours; all of them for root)",
+    ps = sub.add_parser("ps", help="list steps (yours; everyone's for operators)",
                         description="List running and recently finished steps.",
                         epilog="Examples:\n  nodestepctl ps\n  nodestepctl ps --json | jq '.[].job_id'", formatter_class=raw)
     ps.add_argument("--json", action="store_true", help="machine-readable output")

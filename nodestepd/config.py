@@ -33,6 +33,16 @@ class DaemonConfig:
     log_level: str = "info"
     steps_on_stop: str = "leave"  # on SIGTERM: leave running steps alone, or cancel them
     slurm_conf: str = DEFAULT_SLURM_CONF  # when it exists: default node_name and spool_dir
+    # Security and limits (docs/security.md). operators None: root and `slurm` if it exists.
+    operators: tuple[str | int, ...] | None = None
+    no_new_privs: bool = True
+    max_message_size: int = 1 << 20
+    max_args_bytes: int = 64 * 1024
+    max_env_bytes: int = 256 * 1024
+    max_connections: int = 1024
+    max_steps: int = 1024
+    max_steps_per_user: int = 128
+    client_timeout: float = 30.0
     config_file: str | None = None  # where the settings came from, for `status`
 
     def validate(self, sources: Mapping[str, str]) -> None:
@@ -57,6 +67,10 @@ class DaemonConfig:
             raise fail("steps_on_stop", f"must be 'leave' or 'cancel', got {self.steps_on_stop!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise fail("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
+        from .limits import setting_problems  # limits imports this module
+
+        for name, message in setting_problems(self):
+            raise fail(name, message)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -71,7 +85,17 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "log_level": (str,),
     "steps_on_stop": (str,),
     "slurm_conf": (str,),
+    "operators": (list,),
+    "no_new_privs": (bool,),
+    "max_message_size": (int,),
+    "max_args_bytes": (int,),
+    "max_env_bytes": (int,),
+    "max_connections": (int,),
+    "max_steps": (int,),
+    "max_steps_per_user": (int,),
+    "client_timeout": (int, float),
 }
+_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout")
 
 
 def _from_toml(path: str, required: bool) -> dict[str, Any]:
@@ -92,9 +116,11 @@ def _from_toml(path: str, required: bool) -> dict[str, Any]:
             known = ", ".join(sorted(_FIELD_TYPES))
             raise ConfigError(f"{path}: unknown setting {key!r} (known: {known})")
         types = _FIELD_TYPES[key]
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             raise ConfigError(f"{path}: {key}: expected {types[0].__name__}, got {type(value).__name__}")
-        settings[key] = float(value) if types == (int, float) else value
+        if key == "operators":
+            value = tuple(value)
+        settings[key] = float(value) if key in _FLOATS else value
     return settings
 
 

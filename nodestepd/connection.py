@@ -26,9 +26,14 @@ class ConnectionClosed(Exception):
 
 
 class Connection:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(
+        self, sock: socket.socket, *, max_message: int = protocol.MAX_MESSAGE, send_timeout: float | None = None
+    ) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.max_message = max_message
+        # A peer that stops reading must not hold a handler forever on a full socket buffer.
+        self.send_timeout = send_timeout
         self._buffer = bytearray()
         self._offset = 0  # stream offset of self._buffer[0]
         # (stream offset of the last byte of the recvmsg chunk they came with, fds). The
@@ -49,7 +54,7 @@ class Connection:
         """
         while True:
             if len(self._buffer) >= protocol.HEADER.size:
-                length = protocol.frame_length(bytes(self._buffer[: protocol.HEADER.size]))
+                length = protocol.frame_length(bytes(self._buffer[: protocol.HEADER.size]), self.max_message)
                 end = protocol.HEADER.size + length
                 if len(self._buffer) >= end:
                     body = bytes(self._buffer[protocol.HEADER.size : end])
@@ -107,10 +112,21 @@ class Connection:
             loop.remove_reader(fd)
 
     async def send(self, message: msgspec.Struct) -> bool:
-        """False when the peer is gone: replies to a vanished client are not an error."""
+        """False when the peer is gone or stopped reading: replies to a vanished client are not an error.
+
+        After a timed-out send the stream may hold half a reply: the connection is shut down.
+        """
         try:
-            await asyncio.get_running_loop().sock_sendall(self.sock, protocol.frame(message))
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_sendall(self.sock, protocol.frame(message)), self.send_timeout
+            )
         except (BrokenPipeError, ConnectionResetError):
+            return False
+        except TimeoutError:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             return False
         return True
 

@@ -59,6 +59,14 @@ class RunRequest(Request, tag="run"):
     local_offset: int | None = None  # SLURM_LOCALID of the first task (default: its task id)
     node_id: int | None = None  # SLURM_NODEID, when the caller knows it
     container_id: str | None = None  # SLURM_CONTAINER_ID (srun --container-id), when given
+    # Operators only (docs/security.md): run the step as this user (a name or a decimal
+    # uid). The daemon then reads config.json itself, as that user, so the two fields
+    # above must be null.
+    user: str | None = None
+    # Files the daemon opens as the step's user for the tasks' stdout/stderr, in place of
+    # the fds that came with the request (how an operator's --output reaches the user's files).
+    output: str | None = None
+    error: str | None = None
 
 
 class SignalRequest(Request, tag="signal"):
@@ -104,7 +112,8 @@ class Reply(msgspec.Struct, tag_field="type"):
 
 
 class ErrorReply(Reply, tag="error"):
-    code: str = "error"  # bad-request, not-found, permission-denied, launch-failed, conflict, reload-failed
+    # bad-request, not-found, permission-denied, launch-failed, conflict, reload-failed, limit, timeout, busy
+    code: str = "error"
     error: str = ""
     status: int | None = None  # exit status the client should use, when it has one
 
@@ -192,7 +201,7 @@ def decode_request(body: bytes) -> AnyRequest:
     # The version first, leniently: a newer client's request may have a shape we don't know.
     try:
         version = _version_decoder.decode(body).v
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         version = VERSION  # let the full decode name what is wrong
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version} (this daemon speaks {VERSION})")
@@ -200,10 +209,18 @@ def decode_request(body: bytes) -> AnyRequest:
         return _request_decoder.decode(body)
     except msgspec.DecodeError as e:
         raise ProtocolError(f"malformed request: {e}") from None
+    except UnicodeDecodeError:
+        # msgspec raises this (not a DecodeError) for a tag value that is not valid UTF-8,
+        # such as an encoded lone surrogate in "op".
+        raise ProtocolError("malformed request: invalid UTF-8") from None
+    except RecursionError:
+        # msgspec raises this for JSON nested deeper than it recurses, even where the
+        # nesting sits in a field it would only skip or reject.
+        raise ProtocolError("malformed request: JSON nested too deeply") from None
 
 
 def decode_reply(body: bytes) -> AnyReply:
     try:
         return _reply_decoder.decode(body)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"malformed reply from nodestepd: {e}") from None

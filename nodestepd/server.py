@@ -13,10 +13,12 @@ import os
 import signal
 import socket
 import stat
+import struct
 import time
 from typing import Awaitable, Callable
 
-from . import __version__, activation, protocol
+from . import __version__, activation, asuser, limits, privileges, protocol
+from .authz import Policy, parse_user, resolve_operators
 from .config import DaemonConfig
 from .connection import Connection, ConnectionClosed
 from .journal import JournalSender
@@ -47,6 +49,7 @@ from .reaper import Reaper, become_subreaper
 from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState
 from .stepenv import validate_env_name
 from .stepoutput import StepOutputToJournal
+from .trustedpaths import untrusted_reason
 
 MAX_STEP_ID = 0xFFFFFFF0  # Slurm keeps the ids above for its special steps
 MAX_JOB_ID = 0xFFFFFFF0
@@ -58,9 +61,10 @@ FINISHED_KEPT = 1024  # finished steps remembered for `wait` and `ps`
 class Refused(Exception):
     """A request the daemon will not carry out; becomes an error reply with this code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, **detail: object) -> None:
         super().__init__(message)
         self.code = code
+        self.detail = detail  # for the log only, never the reply (e.g. whose step it really was)
 
 
 class BadRequest(Refused):
@@ -93,6 +97,7 @@ class Server:
         self.on_steps_changed: Callable[[], None] = lambda: None
         self.reload_handler: Callable[[], Awaitable[list[str]]] | None = None
         self.output_journal: JournalSender | None = None
+        self.policy = Policy(frozenset({0}))
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -100,6 +105,9 @@ class Server:
         """Prepare directories and serve `listener` (a socket passed by the service manager), else bind our own."""
         self._stopping = asyncio.Event()
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.dirname(self.config.socket), mode=0o755, exist_ok=True)
+        self.apply_config(self.config, self.oci)  # first: it refuses untrusted paths before anything uses them
+        self._secure_process()
         self._job_ids = JobIdAllocator(self.config.state_dir)
         # Container inits that create/start runtimes leave behind become our children, so
         # their real exit statuses are ours to collect (container.py, reaper.py).
@@ -109,7 +117,6 @@ class Server:
             self._bound_path = self.config.socket
         else:
             self._listener = listener
-        self.apply_config(self.config, self.oci)
         self.log.info(
             "listening", socket=self.socket_path(), oci_conf=self.oci.path, mode=self.oci.mode, version=__version__,
             activated=listener is not None,
@@ -117,9 +124,14 @@ class Server:
         self.warn_about_oci_conf()
 
     def apply_config(self, config: DaemonConfig, oci: OciConf) -> None:
-        """Use these settings for steps launched from now on; running steps keep the ones they started with."""
+        """Use these settings for steps launched from now on; running steps keep the ones they started with.
+
+        Raises OSError, changing nothing, when a directory cannot be made or a path is not
+        safe for a root daemon (at start and on every reload alike)."""
         os.makedirs(config.spool_dir, mode=0o755, exist_ok=True)
-        self.config, self.oci = config, oci
+        _check_trusted(config, oci)
+        policy = Policy(resolve_operators(config.operators))
+        self.config, self.oci, self.policy = config, oci, policy
         self._step_settings = StepSettings(
             oci=oci,
             # Steps walk to their spool dir refusing every symlink; resolve the operator's
@@ -135,6 +147,18 @@ class Server:
         for warning in shell_warnings(self.oci.patterns()):
             self.log.warning("oci.conf will not work as written on this host", problem=warning)
 
+    def _secure_process(self) -> None:
+        """Security checks and settings before serving anyone (docs/security.md)."""
+        c = self.config
+        soft, hard = limits.raise_fd_limit(c.max_connections)
+        if soft < c.max_connections + 64:
+            self.log.warning("RLIMIT_NOFILE is too low for max_connections", soft=soft, hard=hard,
+                             max_connections=c.max_connections)
+        if c.no_new_privs:
+            privileges.set_no_new_privs()
+        self.log.info("security settings", operators=sorted(self.policy.operators),
+                      no_new_privs=privileges.no_new_privs(), nofile_limit=soft)
+
     async def serve(self) -> None:
         assert self._listener is not None and self._stopping is not None
         loop = asyncio.get_running_loop()
@@ -146,13 +170,30 @@ class Server:
                 if stopping in done:
                     break
                 sock, _ = accept.result()
+                accept = asyncio.ensure_future(loop.sock_accept(self._listener))
+                if len(self._connections) >= self.config.max_connections:
+                    self._refuse_connection(sock)
+                    continue
                 task = asyncio.create_task(self._handle(sock))
                 self._connections.add(task)
                 task.add_done_callback(self._connections.discard)
-                accept = asyncio.ensure_future(loop.sock_accept(self._listener))
         finally:
             accept.cancel()
             stopping.cancel()
+
+    def _refuse_connection(self, sock: socket.socket) -> None:
+        """Over max_connections: one error reply if the socket takes it at once, then close."""
+        limit = self.config.max_connections
+        try:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            self.log.warning("connection refused: too many connections", peer_uid=uid, peer_pid=pid, limit=limit)
+            sock.setblocking(False)
+            sock.send(protocol.frame(ErrorReply(code="busy", error=f"nodestepd has too many connections "
+                                                f"(limit {limit}); try again later")))
+        except OSError:
+            pass  # the reply is a courtesy; closing is the refusal
+        finally:
+            sock.close()
 
     def request_shutdown(self) -> None:
         if self._stopping is not None:
@@ -187,12 +228,19 @@ class Server:
     # ---- connections ------------------------------------------------------------------
 
     async def _handle(self, sock: socket.socket) -> None:
-        conn = Connection(sock)
+        timeout = self.config.client_timeout
+        conn = Connection(sock, max_message=self.config.max_message_size, send_timeout=timeout)
         log = self.log.bind(peer_uid=conn.peer_uid, peer_pid=conn.peer_pid)
         try:
             while True:
                 try:
-                    received = await conn.receive()
+                    # Idle or slow (half a message, then nothing): either way the
+                    # connection is given up after client_timeout, and with it its fds.
+                    received = await asyncio.wait_for(conn.receive(), timeout)
+                except TimeoutError:
+                    log.info("client timed out; closing connection", client_timeout=timeout)
+                    await conn.send(ErrorReply(code="timeout", error=f"no complete request within {timeout:g} s"))
+                    return
                 except ProtocolError as e:
                     log.warning("bad message; closing connection", error=str(e))
                     await conn.send(ErrorReply(code="bad-request", error=str(e)))
@@ -212,7 +260,7 @@ class Server:
                     await self._run(conn, request, fds, log, received_at)
                     return  # a run owns its connection until the step ends (or is detached)
                 _close_all(fds)
-                await self._dispatch(conn, request)
+                await self._dispatch(conn, request, log)
         except ConnectionClosed:
             pass
         except Exception:
@@ -220,7 +268,7 @@ class Server:
         finally:
             conn.close()
 
-    async def _dispatch(self, conn: Connection, request) -> None:
+    async def _dispatch(self, conn: Connection, request, log) -> None:
         try:
             if isinstance(request, StatusRequest):
                 reply = self._status()
@@ -229,9 +277,9 @@ class Server:
             elif isinstance(request, SignalRequest):
                 if request.job_id is None:
                     raise BadRequest("signal needs a job id outside an attached run")
-                sig = _parse_signal(request.signal)
+                signum = _parse_signal(request.signal)  # a bad request before any lookup
                 for step in self._own_running_parts(conn.peer_uid, request.job_id, request.step_id or 0):
-                    step.signal(sig)
+                    step.signal(signum)
                 reply = OkReply()
             elif isinstance(request, CancelRequest):
                 parts = self._own_running_parts(conn.peer_uid, request.job_id, request.step_id)
@@ -247,6 +295,7 @@ class Server:
             else:
                 raise BadRequest(f"unexpected request {type(request).__name__}")
         except Refused as e:
+            log.info("request refused", op=type(request).__name__, code=e.code, error=str(e), **e.detail)
             reply = ErrorReply(code=e.code, error=str(e))
         await conn.send(reply)
 
@@ -269,8 +318,9 @@ class Server:
                 spec = await self._validate_run(conn.peer_uid, request, fds)
                 key = _key(spec)
                 self._check_no_overlap(spec)
+                self._check_step_limits(spec.identity)
             except Refused as e:
-                log.info("launch refused", error=str(e))
+                log.info("launch refused", code=e.code, error=str(e), **e.detail)
                 await conn.send(ErrorReply(code=e.code, error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
                 return
             assert self._step_settings is not None
@@ -336,8 +386,19 @@ class Server:
                     raise ProtocolError("an attached run accepts only signal requests without ids")
                 step.signal(_parse_signal(request.signal))
             except (ProtocolError, BadRequest) as e:
+                step.log.info("request refused on an attached run", peer_uid=conn.peer_uid, error=str(e))
                 await conn.send(ErrorReply(code="bad-request", error=str(e)))
         await conn.send(_exit_reply(step, done.result()))
+
+    def _check_step_limits(self, identity: Identity) -> None:
+        """Called right before a step is added, with no await in between: the counts are exact."""
+        c = self.config
+        if len(self.steps) >= c.max_steps:
+            raise Refused("limit", f"this node runs its maximum of {c.max_steps} steps (max_steps); try again later")
+        own = sum(1 for s in self.steps.values() if s.spec.identity.uid == identity.uid)
+        if own >= c.max_steps_per_user:
+            raise Refused("limit", f"{identity.user} already has {own} steps on this node, the maximum "
+                          f"(max_steps_per_user)")
 
     async def _retire(self, step: Step) -> None:
         """Move a step from running to finished when it ends, keeping a bounded history."""
@@ -356,9 +417,21 @@ class Server:
             raise BadRequest(f"a run request carries exactly 3 file descriptors (stdin, stdout, stderr), got {len(fds)}")
         _check_path("bundle", request.bundle)
         _check_path("chdir", request.chdir)
+        for name in ("output", "error"):
+            if getattr(request, name) is not None:
+                _check_path(name, getattr(request, name))
+        if not request.args:
+            raise BadRequest("no command given: args must not be empty")
         for arg in request.args:
             if "\0" in arg:
                 raise BadRequest("command arguments cannot contain NUL bytes")
+        c = self.config
+        if limits.args_size(request.args) > c.max_args_bytes:
+            raise Refused("limit", f"the command is {limits.args_size(request.args)} bytes, more than max_args_bytes "
+                          f"({c.max_args_bytes})")
+        if limits.env_size(request.env) > c.max_env_bytes:
+            raise Refused("limit", f"the environment is {limits.env_size(request.env)} bytes, more than max_env_bytes "
+                          f"({c.max_env_bytes})")
         for name, value in request.env.items():
             try:
                 validate_env_name(name)
@@ -379,10 +452,24 @@ class Server:
         step_id = request.step_id if request.step_id is not None else 0
         if not 0 <= step_id < MAX_STEP_ID:
             raise BadRequest(f"step id must be between 0 and {MAX_STEP_ID - 1}, got {step_id}")
+        target = uid
+        if request.user is not None:
+            if request.config_json is not None or request.config_json_error is not None:
+                raise BadRequest("a run with user must not carry config_json: the daemon reads it as that user")
+            try:
+                target = await asyncio.to_thread(parse_user, request.user)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+            if not self.policy.may_launch_as(uid, target):
+                raise Refused("permission-denied", f"only operators may launch steps as another user "
+                              f"(uid {uid} is not one; see `operators` in nodestepd.toml)", target_uid=target)
         try:
-            identity = await asyncio.to_thread(Identity.for_uid, uid)
+            identity = await asyncio.to_thread(Identity.for_uid, target)
         except LookupError as e:
             raise BadRequest(str(e)) from None
+        config_json, config_json_error = request.config_json, request.config_json_error
+        if request.user is not None or request.output is not None or request.error is not None:
+            config_json, config_json_error = await self._open_as_user(identity, request, fds)
         assert self._job_ids is not None
         job_id = request.job_id if request.job_id is not None else await asyncio.to_thread(self._job_ids.allocate)
         return StepSpec(
@@ -396,19 +483,62 @@ class Server:
             workdir=request.chdir,
             pty=request.pty,
             attached=not request.detach,
-            config_json=request.config_json,
-            config_json_error=request.config_json_error,
+            config_json=config_json,
+            config_json_error=config_json_error,
             task_offset=request.task_offset,
             local_offset=request.local_offset,
             node_id=request.node_id,
             container_id=request.container_id,
         )
 
+    async def _open_as_user(
+        self, identity: Identity, request: RunRequest, fds: list[int]
+    ) -> tuple[str | None, str | None]:
+        """Read config.json (for a run with `user`) and open output/error as the step's user.
+
+        The opened output files replace fds[1] and fds[2] (closing the ones the request
+        brought). Returns (config_json, config_json_error) for the step.
+        """
+        reads = []
+        if request.user is not None and not self.oci.ignore_file_config_json:
+            reads.append(os.path.join(os.path.normpath(request.bundle), "config.json"))
+        writes = list(dict.fromkeys(p for p in (request.output, request.error) if p is not None))
+        try:
+            opened = await asyncio.to_thread(
+                asuser.open_as, identity, reads, writes, timeout=self.config.client_timeout
+            )
+        except OSError as e:
+            raise Refused("launch-failed", str(e)) from None
+        config_json = config_json_error = None
+        if reads:
+            result = opened.pop(0)
+            if result.fd is None:
+                config_json_error = result.error
+            else:
+                limit = self.config.max_message_size
+                config_json, config_json_error = await asyncio.to_thread(asuser.read_regular, result, limit)
+        failed = next((o for o in opened if o.fd is None), None)
+        if failed is not None:
+            _close_all([o.fd for o in opened if o.fd is not None])
+            raise Refused("launch-failed", f"cannot open {failed.path} as {identity.user}: {failed.error}")
+        by_path = {o.path: o.fd for o in opened}
+        if request.output is not None:
+            os.close(fds[1])
+            fds[1] = by_path[request.output]
+            if request.error is None:
+                os.close(fds[2])
+                fds[2] = os.dup(fds[1])
+        if request.error is not None:
+            os.close(fds[2])
+            # One file for both: a second fd of it, so that each fd has one owner.
+            fds[2] = by_path[request.error] if request.error != request.output else os.dup(fds[1])
+        return config_json, config_json_error
+
     # ---- lookups and authorisation -------------------------------------------------------
 
     def _visible_steps(self, uid: int) -> list[Step]:
         steps = list(self.steps.values()) + list(self.finished.values())
-        return [s for s in steps if uid == 0 or s.spec.identity.uid == uid]
+        return [s for s in steps if self.policy.may_act_on(uid, s.spec.identity.uid)]
 
     def _check_no_overlap(self, spec: StepSpec) -> None:
         """Launches of one job.step may coexist on a node only with disjoint task ids."""
@@ -427,11 +557,16 @@ class Server:
         return [s for _, s in sorted({**finished, **running}.items())]
 
     def _own_parts(self, uid: int, job_id: int, step_id: int) -> list[Step]:
-        parts = [s for s in self._parts(job_id, step_id) if uid == 0 or s.spec.identity.uid == uid]
+        parts = self._parts(job_id, step_id)
         if not parts:
-            # Someone else's step is reported exactly like a missing one: no probing.
             raise Refused("not-found", f"no step {job_id}.{step_id} of yours on this node")
-        return parts
+        mine = [s for s in parts if self.policy.may_act_on(uid, s.spec.identity.uid)]
+        if not mine:
+            # Someone else's step is reported exactly like a missing one: no probing.
+            raise Refused("not-found", f"no step {job_id}.{step_id} of yours on this node",
+                          owner_uid=parts[0].spec.identity.uid,
+                          reason="not the caller's step and the caller is no operator")
+        return mine
 
     def _own_running_parts(self, uid: int, job_id: int, step_id: int) -> list[Step]:
         parts = [s for s in self._own_parts(uid, job_id, step_id) if s.state is not StepState.FINISHED]
@@ -460,6 +595,17 @@ class Server:
             steps_running=len(self.steps),
             steps_finished=len(self.finished),
         )
+
+
+def _check_trusted(config: DaemonConfig, oci: OciConf) -> None:
+    """Refuse paths anyone but root could change: the daemon would act as root through them."""
+    if os.geteuid() != 0:
+        return  # a daemon run by a user for itself trusts that user's paths anyway
+    for what, path in (("spool_dir", config.spool_dir), ("state_dir", config.state_dir),
+                       ("socket directory", os.path.dirname(config.socket)), ("oci_conf", oci.path)):
+        reason = untrusted_reason(path)
+        if reason is not None:
+            raise OSError(f"{what} {path} is not safe for a root daemon: {reason}")
 
 
 def _bind(path: str) -> socket.socket:
@@ -494,10 +640,14 @@ def _check_path(name: str, value: str) -> None:
     if "\0" in value:
         raise BadRequest(f"{name} contains a NUL byte")
     if not os.path.isabs(value):
-        raise BadRequest(f"{name} must be an absolute path, got {value!r}")
+        raise BadRequest(f"{name} must be an absolute path, got {value[:200]!r}")
+    if len(value.encode("utf-8", "surrogatepass")) > limits.MAX_PATH_BYTES:
+        raise BadRequest(f"{name} is longer than {limits.MAX_PATH_BYTES} bytes")
 
 
 def _parse_signal(name: str) -> int:
+    if not name.isascii() or len(name) > 32:
+        raise BadRequest(f"unknown signal {name[:32]!r}")
     text = name.strip().upper()
     try:
         if text.isdigit():

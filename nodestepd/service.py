@@ -23,7 +23,9 @@ from .step import Step
 
 # Settings a running daemon cannot change: the socket is bound, the job id file is
 # open, the loggers are built. A reload keeps the old value and says so.
-RESTART_ONLY = ("socket", "state_dir", "log_format", "log_level")
+# Process-wide at start: the socket, the state, logging, the no-new-privs bit (it cannot be
+# unset) and the file descriptor limit that max_connections sized.
+RESTART_ONLY = ("socket", "state_dir", "log_format", "log_level", "no_new_privs", "max_connections")
 SHOWN_STEPS = 4  # steps named in STATUS=; the rest are counted
 
 
@@ -141,7 +143,7 @@ class Service:
         try:
             self.server.apply_config(config, oci)
         except OSError as e:
-            return [f"spool_dir {config.spool_dir}: {e.strerror or e}"]
+            return [str(e) if e.strerror is None else f"spool_dir {config.spool_dir}: {e.strerror}"]
         self.log.info("configuration reloaded", oci_conf=oci.path, mode=oci.mode, config_file=config.config_file,
                       spool_dir=config.spool_dir, kill_wait=config.kill_wait, steps_on_stop=config.steps_on_stop)
         self.server.warn_about_oci_conf()

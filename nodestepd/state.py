@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -10,30 +11,49 @@ import threading
 FIRST_DAEMON_JOB_ID = 100_000_000
 
 
+_NAME = "next-job-id"
+_TMP_NAME = "next-job-id.tmp"
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class JobIdAllocator:
-    """Job ids unique on this node across daemon restarts: the next free id lives in a file."""
+    """Job ids unique on this node across daemon restarts: the next free id lives in a file.
+
+    The file is read and replaced relative to the state dir's fd, never following a
+    symlink: even a state dir someone else could write (the daemon refuses to start
+    with one) could not make root write through a link.
+    """
 
     def __init__(self, state_dir: str) -> None:
-        self._path = os.path.join(state_dir, "next-job-id")
+        self._path = os.path.join(state_dir, _NAME)
         self._next = FIRST_DAEMON_JOB_ID
         self._lock = threading.Lock()
+        self._dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            with open(self._path) as f:
-                self._next = max(FIRST_DAEMON_JOB_ID, int(f.read().strip()))
+            fd = os.open(_NAME, os.O_RDONLY | _NOFOLLOW, dir_fd=self._dir_fd)
         except FileNotFoundError:
-            pass
+            return
+        except OSError as e:
+            os.close(self._dir_fd)
+            raise ValueError(f"{self._path}: cannot read: {e.strerror}") from None
+        try:
+            with os.fdopen(fd) as f:
+                self._next = max(FIRST_DAEMON_JOB_ID, int(f.read(64).strip()))
         except ValueError:
+            os.close(self._dir_fd)
             raise ValueError(f"{self._path}: not a job id; remove the file to start again at {FIRST_DAEMON_JOB_ID}") from None
 
     def allocate(self) -> int:
         """Blocking (a small atomic write): call through asyncio.to_thread."""
         with self._lock:
             job_id = self._next
-            tmp = f"{self._path}.tmp"
-            with open(tmp, "w") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_TMP_NAME, dir_fd=self._dir_fd)  # O_EXCL below: whatever was there is gone
+            fd = os.open(_TMP_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._dir_fd)
+            with os.fdopen(fd, "w") as f:
                 f.write(f"{job_id + 1}\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self._path)
+            os.replace(_TMP_NAME, _NAME, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
             self._next = job_id + 1
             return job_id

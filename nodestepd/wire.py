@@ -33,10 +33,10 @@ def frame_dict(message: dict) -> bytes:
     return frame_body(json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode())
 
 
-def frame_length(header: bytes) -> int:
+def frame_length(header: bytes, limit: int = MAX_MESSAGE) -> int:
     (length,) = HEADER.unpack(header)
-    if length > MAX_MESSAGE:
-        raise ProtocolError(f"message of {length} bytes is larger than the limit of {MAX_MESSAGE}")
+    if length > limit:
+        raise ProtocolError(f"message of {length} bytes is larger than the limit of {limit}")
     return length
 
 

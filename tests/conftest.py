@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -194,10 +195,16 @@ def start_daemon(workdir: Path, request):
             proc = subprocess.Popen(argv, env=daemon_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         daemon = Daemon(base / f"sock-{n}", base / f"spool-{n}", base / f"state-{n}", conf, log_path, proc, notify)
         started.append(daemon)
+        # Whichever comes first: the daemon's first notification, or its exit (then fail at once).
+        exited = os.pidfd_open(proc.pid)
         try:
-            message = notify.recv(4096)
-        except TimeoutError:
-            raise AssertionError(f"nodestepd did not report READY=1 within 30 s:\n{daemon.log()}") from None
+            ready, _, _ = select.select([notify, exited], [], [], 30)
+        finally:
+            os.close(exited)
+        if notify not in ready:
+            what = f"exited with status {proc.wait()}" if ready else "did not report READY=1 within 30 s"
+            raise AssertionError(f"nodestepd {what}:\n{daemon.log()}")
+        message = notify.recv(4096)
         assert message == b"READY=1", (message, daemon.log())
         return daemon
 

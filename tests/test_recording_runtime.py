@@ -567,3 +567,40 @@ def test_the_daemons_notify_socket_does_not_reach_the_runtime(start_daemon, user
     result = daemon.ctl(user, "run", "--job-id", "1021", "--bundle", str(bundle), "--", "true")
     assert result.returncode == 0, result.stderr
     assert "NOTIFY_SOCKET" not in load(out / "run-0.json")["env"]
+
+
+# ---- the privilege drop is total -----------------------------------------------------------
+
+
+NO_CAPS = ["0000000000000000"]
+
+
+@pytest.mark.parametrize("no_new_privs", [True, False])
+def test_the_runtime_has_the_users_ids_no_capabilities_and_only_stdio(
+    start_daemon, user, bundle, out, workdir, supplementary_group, no_new_privs
+):
+    """/proc/PID/status and /proc/PID/fd of the runtime (and of the shell that started it)."""
+    settings = workdir / f"nnp-{no_new_privs}.toml"
+    settings.write_text(f"no_new_privs = {str(no_new_privs).lower()}\n")
+    daemon = start_daemon(oci_conf(out, run="--say recorded --block"), "--config", str(settings))
+    client = daemon.ctl_popen(user, "run", "--job-id", "1030", "--bundle", str(bundle), "--", "x")
+    read_line_from(client.stdout, b"recorded")
+    run = load(out / "run-0.json")
+    with open(f"/proc/{daemon.proc.pid}/status") as f:
+        daemon_bounding = next(line.split()[1:] for line in f if line.startswith("CapBnd:"))
+    groups = sorted(os.getgrouplist(user.name, user.gid))
+    assert supplementary_group in groups
+    for status in (run["status"], run["parent_status"]):
+        assert status["Uid"] == [str(user.uid)] * 4 and status["Gid"] == [str(user.gid)] * 4, status
+        assert sorted(int(g) for g in status["Groups"]) == groups
+        assert (status["CapInh"], status["CapPrm"], status["CapEff"], status["CapAmb"]) == (NO_CAPS,) * 4
+        # The bounding set stays the system's (a rootless runtime needs it inside its user
+        # namespace); with NoNewPrivs no execve on the host can raise privileges through it.
+        assert status["CapBnd"] == daemon_bounding
+        assert status["NoNewPrivs"] == ["1" if no_new_privs else "0"]
+    # stdin, stdout, stderr from the client and nothing of the daemon's (socket, pidfds, spool dir fds).
+    assert sorted(run["fds"]) == ["0", "1", "2"], run["fds"]
+    assert sorted(run["parent_fds"]) == ["0", "1", "2"], run["parent_fds"]
+    assert run["umask"] == 0o022
+    assert daemon.ctl(user, "cancel", "1030.0").returncode == 0
+    client.communicate(timeout=30)

@@ -109,6 +109,27 @@ def proc_state(pid):
     return text[text.rindex(")") + 2:].split()[0]
 
 
+STATUS_FIELDS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")
+
+
+def proc_status(pid):
+    """The identity, capability and no_new_privs lines of /proc/PID/status, as lists of words."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    return {name: fields.get(name, "").split() for name in STATUS_FIELDS}
+
+
+def open_fds(pid):
+    """{fd: target} of a process; the fd listing /proc itself is gone by readlink time and left out."""
+    fds = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            pass
+    return fds
+
+
 def exit_code(opts):
     codes = [int(c) for c in opts.get("--exit", "0").split(",")]
     if len(codes) == 1:
@@ -141,6 +162,7 @@ def main():
         print("record.py (nodestepd test runtime)")
         return 0
     opts, rest = parse(argv)
+    fds = open_fds("self")  # first: before this program opens anything of its own
     umask = os.umask(0)
     os.umask(umask)
     cwd = os.getcwd()
@@ -163,6 +185,11 @@ def main():
         "pgid": os.getpgrp(),
         "sid": os.getsid(0),
         "umask": umask,
+        "fds": fds,
+        "status": proc_status("self"),
+        # The /bin/sh that started us (dash does not exec): the task's first process.
+        "parent_fds": open_fds(os.getppid()),
+        "parent_status": proc_status(os.getppid()),
         "monotonic_ns": time.monotonic_ns(),
         "stat": {path: stat_of(path) for path in opts["--stat"]},
     }

@@ -1,0 +1,38 @@
+"""Start-up checks that the daemon's own paths cannot be redirected by an unprivileged user.
+
+The daemon works in its spool, state and socket directories by name as root (the socket
+is bound and chmod-ed by path, the state file replaced by rename), and reads oci.conf,
+whose commands it runs as every user. That is only safe when no one but root can change
+what those names refer to: every directory on the way must be root-owned and not
+writable by group or others (a sticky directory like /tmp is fine: others cannot rename
+or replace root's entries in it), every symlink on the way root-owned, and the object
+itself root-owned and not writable by group or others. Like sshd's StrictModes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+
+def untrusted_reason(path: str) -> str | None:
+    """Why `path` (which must exist) could be changed by someone other than root, or None."""
+    parts = [p for p in os.path.normpath(path).split("/") if p]
+    prefix = ""
+    for part in parts:
+        prefix += "/" + part
+        st = os.lstat(prefix)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid != 0:
+            return f"{prefix} is a symbolic link owned by uid {st.st_uid}"
+    real_parts = [p for p in os.path.realpath(path).split("/") if p]
+    chain = ["/"] + ["/" + "/".join(real_parts[:i]) for i in range(1, len(real_parts) + 1)]
+    for i, directory in enumerate(chain):
+        st = os.stat(directory)
+        last = i == len(chain) - 1
+        if st.st_uid != 0:
+            return f"{directory} is owned by uid {st.st_uid}, not root"
+        writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable_by_others and (last or not (st.st_mode & stat.S_ISVTX)):
+            who = "others" if st.st_mode & stat.S_IWOTH else "its group"
+            return f"{directory} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
