@@ -307,6 +307,14 @@ class StepSpool:
             raise IndexError(f"task index {task_index} is out of range for {len(self._tasks)} task(s)")
         return self._tasks[task_index]
 
+    def task_dir_pinned(self, task_index: int) -> str:
+        """A path to the task dir through the daemon's own fd (/proc/PID/fd/N).
+
+        The runtime's working directory is entered by this path, as root, just before the
+        switch to the user: the user owns the step dir and could swap task-N for a link
+        after any check of the name, but not the directory this fd holds."""
+        return f"/proc/{os.getpid()}/fd/{self._task(task_index).fd}"
+
     def write_task_file(self, task_index: int, name: str, data: bytes, mode: int) -> str:
         """Create name exclusively in the task dir, owned by the user with the given mode."""
         if not name or "/" in name or "\0" in name or name in (".", ".."):

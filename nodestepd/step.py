@@ -116,8 +116,9 @@ class StepState(enum.Enum):
 @dataclass
 class Task:
     task_id: int
-    dir: str
+    dir: str  # the path, for patterns and messages
     context: PatternContext
+    cwd: str = ""  # the same dir pinned through the spool's fd: where runtime commands start
     # What the task's end is the end of: run mode, the runtime's shell; create/start, the
     # container's init (or the RunTimeQuery poller when there is no pid to watch).
     watch: ProcessWatch | PolledContainer | None = None
@@ -222,7 +223,7 @@ class Step:
         return spawn_shell(
             command,
             identity=self.spec.identity,
-            cwd=task.dir,
+            cwd=task.cwd,
             env=self._runtime_env,
             stdin=stdio.stdin if task.task_id == self.spec.first_task else subprocess.DEVNULL,
             stdout=stdout,
@@ -291,6 +292,7 @@ class Step:
             raise LaunchFailed(str(e)) from None
         try:
             for task in tasks:
+                task.cwd = spool.task_dir_pinned(task.task_id - spec.first_task)
                 # Slurm's task variables first, then EnvExclude, as Slurm gives them to a task.
                 task_env = {**spec.env, **stepenv.slurm_task_env(self._slurm_task(task))}
                 step_env = stepenv.exclude_env(task_env, oci.env_exclude_re)
@@ -607,7 +609,7 @@ class Step:
         command = expand(pattern, dataclasses.replace(task.context, pid=pid))
         self.log.debug("running runtime command", key=key, task_id=task.task_id, command=command)
         result = await run_helper(
-            command, identity=self.spec.identity, cwd=task.dir, env=self._runtime_env,
+            command, identity=self.spec.identity, cwd=task.cwd, env=self._runtime_env,
             timeout=self.settings.runtime_timeout,
         )
         if result.timed_out:

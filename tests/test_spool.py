@@ -167,6 +167,27 @@ def test_create_write_hand_over_remove(spool_dir):
     spool.close()
 
 
+def test_task_dir_pinned_stays_on_the_directory_when_its_name_is_swapped(spool_dir, tmp_path):
+    """The user owns the step dir after hand-over and may rename task-0 and plant a link in
+    its place: the pinned path (where runtime commands start, as root) still leads to the
+    real task dir, never to the link's target."""
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID)
+    spool.write_task_file(0, "marker", b"", 0o600)
+    spool.hand_over()
+    pinned = spool.task_dir_pinned(0)
+    assert pinned.startswith(f"/proc/{os.getpid()}/fd/")
+    step = spool_dir / "oci-job12-3"
+    elsewhere = tmp_path / "root-only"
+    elsewhere.mkdir(mode=0o700)
+    os.rename(step / "task-0", step / "moved")
+    os.symlink(elsewhere, step / "task-0")
+    assert os.path.samefile(pinned, step / "moved")
+    assert os.listdir(pinned) == ["marker"]
+    os.unlink(step / "task-0")
+    os.rename(step / "moved", step / "task-0")
+    spool.remove()
+
+
 def test_large_file_written_completely(spool_dir):
     data = os.urandom(3 * 1024 * 1024 + 7)
     with StepSpool.create(layout(None, spool_dir=str(spool_dir), ntasks=1), USER_UID, USER_GID) as spool:
