@@ -92,6 +92,23 @@ def workdir() -> Path:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def user_dir(workdir, user):
+    """user_dir(prefix, mode=0o755) -> a new directory owned by the test user, removed after the test."""
+    made: list[Path] = []
+
+    def make(prefix: str, mode: int = 0o755) -> Path:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+        os.chown(path, user.uid, user.gid)
+        path.chmod(mode)
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def make_bundle(owner: User, path: Path) -> Path:
     subprocess.run(["sh", str(REPO / "scripts" / "make-bundle.sh"), owner.name, str(path)], check=True)
     # A program that exists only inside the image: proves the command is not resolved on the host.

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,13 +18,9 @@ def identity(user) -> Identity:
 
 
 @pytest.fixture
-def home(workdir, user) -> Path:
+def home(user_dir) -> Path:
     """A directory only the user may enter."""
-    path = Path(tempfile.mkdtemp(prefix="asuser-", dir=workdir))
-    os.chown(path, user.uid, user.gid)
-    path.chmod(0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return user_dir("asuser-", 0o700)
 
 
 def test_reads_and_writes_with_the_users_rights(identity, user, home, workdir):

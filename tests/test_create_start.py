@@ -12,7 +12,6 @@ import os
 import select
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,14 +49,12 @@ SCRIPTS = {
 
 
 @pytest.fixture
-def tools(workdir, user) -> Path:
+def tools(user_dir) -> Path:
     """A directory of the user's holding the wrapper scripts and their logs."""
-    path = Path(tempfile.mkdtemp(prefix="tools-", dir=workdir))
-    path.chmod(0o755)
+    path = user_dir("tools-")
     for name, body in SCRIPTS.items():
         (path / name).write_text("#!/bin/sh\n" + body)
         (path / name).chmod(0o755)
-    os.chown(path, user.uid, user.gid)
     return path
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NODESTEPD, RUNC_RUN_CONF, SYSTEM_PATH, make_bundle
+from conftest import NODESTEPD, RUNC_RUN_CONF, SYSTEM_PATH
 
 
 def parse(datagram: bytes) -> dict[str, bytes]:

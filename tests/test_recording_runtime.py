@@ -96,13 +96,9 @@ def supplementary_group(user) -> int:
 
 
 @pytest.fixture
-def out(workdir, user) -> Path:
+def out(user_dir) -> Path:
     """Where record.py writes: owned by the test user (the runtime runs as that user)."""
-    path = Path(tempfile.mkdtemp(prefix="records-", dir=workdir))
-    os.chown(path, user.uid, user.gid)
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return user_dir("records-")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,12 +21,8 @@ from nodestepd.stepenv import SlurmTask, slurm_task_env
 
 
 @pytest.fixture
-def out(workdir, user) -> Path:
-    path = Path(tempfile.mkdtemp(prefix="records-", dir=workdir))
-    os.chown(path, user.uid, user.gid)
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def out(user_dir) -> Path:
+    return user_dir("records-")
 
 
 def srun_env(user, job: int, step: int, procid: int | None = None, localid: int | None = None,
