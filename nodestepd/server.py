@@ -1,7 +1,9 @@
 """The socket server: accepts clients, authenticates them by peer credentials, dispatches requests.
 
-Lifecycle like uvicorn's: Server(config, oci).start() binds and prepares directories,
-serve() accepts until shutdown() is called, shutdown() stops accepting and ends steps.
+Lifecycle like uvicorn's: Server(config, oci).start() checks the paths, prepares
+directories and binds (or takes the socket systemd passed), serve() accepts until
+request_shutdown(), and shutdown() stops accepting and leaves running steps alone or
+cancels them (steps_on_stop).
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ from .protocol import (
     TaskInfo,
     WaitRequest,
 )
+from .reaper import Reaper, become_subreaper
 from .runtime import Identity, shell_warnings
 from .state import JobIdAllocator
-from .reaper import Reaper, become_subreaper
 from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState
 from .stepenv import validate_env_name
 from .stepoutput import StepOutputToJournal
