@@ -376,6 +376,7 @@ def check_outside_slurm(
         ]
         done: list[str] = []
         failed: Check | None = None
+        kill_warning: Check | None = None
         for key, pattern in sequence:
             if pattern is None:
                 continue
@@ -384,6 +385,16 @@ def check_outside_slurm(
                 continue
             command = expand(pattern, ctx)
             result = run_shell_as(identity, command, env=env, cwd=task_dir, timeout=SEQUENCE_TIMEOUT)
+            if result.status != 0 and key == "RunTimeKill":
+                # Steps still work: nodestepd then SIGKILLs the container's init at once. But
+                # a cancelled container gets no chance to stop gracefully.
+                kill_warning = warn(
+                    name, f"RunTimeKill failed (status {result.status}): {command}\n"
+                    f"runtime said: {result.output or '(nothing)'}\n"
+                    "nodestepd then kills the container's init with SIGKILL at once: no graceful stop",
+                    "make that command work as the user (runc's `kill -a` needs the cgroup freezer; "
+                    "plain `kill` does not).")
+                continue
             if result.status != 0:
                 failed = fail(name, f"{key} failed (status {result.status}): {command}\n"
                               f"runtime said: {result.output or '(nothing)'}",
@@ -403,7 +414,8 @@ def check_outside_slurm(
                               f"run that command as {identity.user} by hand and fix what the runtime reports.")
         if failed is not None:
             return [failed]
-        return [ok(name, f"{', '.join(done)} succeeded as {identity.user} with {' '.join(args)!r} in {bundle}")]
+        passed = ok(name, f"{', '.join(done)} succeeded as {identity.user} with {' '.join(args)!r} in {bundle}")
+        return [passed] if kill_warning is None else [passed, kill_warning]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

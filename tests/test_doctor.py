@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NODESTEPCTL, RUNC_RUN_CONF, make_bundle, runc_containers
+from conftest import NODESTEPCTL, REPO, RUNC_RUN_CONF, make_bundle, runc_containers
 from nodestepd import doctor
 from nodestepd.doctor import DoctorOptions, DoctorUsageError, Level, check_daemon_dirs, check_user_namespaces
 from nodestepd.config import DaemonConfig
@@ -359,3 +359,21 @@ def test_create_start_sequence_in_order_and_the_first_failure(site, user, bundle
         assert sorted(p.name for p in out.iterdir()) == ["create.json", "delete.json", "start.json"]
     finally:
         shutil.rmtree(out)
+
+
+def test_guide_create_start_with_a_failing_kill_is_a_warning_not_a_failure(site, user, bundle):
+    """Real runc, the guide's create/start config with a RunTimeKill that fails: steps still
+    work (nodestepd SIGKILLs the init at once), so doctor warns, names it, and exits 0."""
+    conf = (REPO / "tests" / "oci-conf-examples" / "runc-create-start.conf").read_text()
+    kill = 'RunTimeKill="runc --rootless=true --root=/run/user/%U/ kill %n.%u.%j.%s.%t NOSUCHSIGNAL"'
+    lines_ = [kill if line.startswith("RunTimeKill=") else line for line in conf.splitlines()]
+    (site / "oci.conf").write_text("\n".join(lines_) + "\n")
+    result = doctor_cli("--user", user.name, "--config", str(site / "nodestepd.toml"), "--bundle", str(bundle),
+                        "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    tests = by_name(result)["test outside Slurm"]
+    assert [t["level"] for t in tests] == ["ok", "warn"], tests
+    assert tests[0]["message"].startswith("RunTimeCreate, RunTimeStart, RunTimeQuery, RunTimeDelete succeeded ")
+    assert tests[1]["message"].startswith("RunTimeKill failed (status 1): runc ")
+    assert "NOSUCHSIGNAL" in tests[1]["message"] and "SIGKILL at once" in tests[1]["message"]
+    assert runc_containers(user) == []  # deleted all the same
