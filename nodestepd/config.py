@@ -40,6 +40,7 @@ class DaemonConfig:
     max_args_bytes: int = 64 * 1024
     max_env_bytes: int = 256 * 1024
     max_connections: int = 1024
+    max_connections_per_user: int = 256
     max_steps: int = 1024
     max_steps_per_user: int = 128
     client_timeout: float = 30.0
@@ -91,6 +92,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_args_bytes": (int,),
     "max_env_bytes": (int,),
     "max_connections": (int,),
+    "max_connections_per_user": (int,),
     "max_steps": (int,),
     "max_steps_per_user": (int,),
     "client_timeout": (int, float),

@@ -27,6 +27,7 @@ _INT_BOUNDS = {
     "max_args_bytes": (256, ARGS_BYTES_CEILING),
     "max_env_bytes": (1024, 16 << 20),
     "max_connections": (1, 1_000_000),
+    "max_connections_per_user": (1, 1_000_000),
     "max_steps": (1, 100_000),
     "max_steps_per_user": (1, 100_000),
 }

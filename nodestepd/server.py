@@ -89,6 +89,7 @@ class Server:
         self._listener: socket.socket | None = None
         self._stopping: asyncio.Event | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._connections_of: collections.Counter[int] = collections.Counter()  # by peer uid
         self._background: set[asyncio.Task[None]] = set()
         self._job_ids: JobIdAllocator | None = None
         self._step_settings: StepSettings | None = None
@@ -173,25 +174,44 @@ class Server:
                     break
                 sock, _ = accept.result()
                 accept = asyncio.ensure_future(loop.sock_accept(self._listener))
-                if len(self._connections) >= self.config.max_connections:
-                    self._refuse_connection(sock)
+                pid, uid = _peer(sock)
+                refusal = self._connection_refusal(uid)
+                if refusal is not None:
+                    self._refuse_connection(sock, pid, uid, refusal)
                     continue
+                self._connections_of[uid] += 1
                 task = asyncio.create_task(self._handle(sock))
                 self._connections.add(task)
                 task.add_done_callback(self._connections.discard)
+                task.add_done_callback(lambda _, uid=uid: self._connection_ended(uid))
         finally:
             accept.cancel()
             stopping.cancel()
 
-    def _refuse_connection(self, sock: socket.socket) -> None:
-        """Over max_connections: one error reply if the socket takes it at once, then close."""
-        limit = self.config.max_connections
+    def _connection_refusal(self, uid: int) -> str | None:
+        """Why a new connection from uid cannot be served now, or None.
+
+        max_connections is node-wide; max_connections_per_user keeps one user from taking
+        all of it (operators, srun's launcher among them, are not held to it)."""
+        c = self.config
+        if len(self._connections) >= c.max_connections:
+            return f"nodestepd has too many connections (limit {c.max_connections}); try again later"
+        if self._connections_of[uid] >= c.max_connections_per_user and not self.policy.is_operator(uid):
+            return (f"you have too many connections to nodestepd (limit {c.max_connections_per_user} per user); "
+                    "try again later")
+        return None
+
+    def _connection_ended(self, uid: int) -> None:
+        self._connections_of[uid] -= 1
+        if not self._connections_of[uid]:
+            del self._connections_of[uid]
+
+    def _refuse_connection(self, sock: socket.socket, pid: int, uid: int, reason: str) -> None:
+        """One `busy` error reply if the socket takes it at once, then close."""
+        self.log.warning("connection refused: too many connections", peer_uid=uid, peer_pid=pid, reason=reason)
         try:
-            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-            self.log.warning("connection refused: too many connections", peer_uid=uid, peer_pid=pid, limit=limit)
             sock.setblocking(False)
-            sock.send(protocol.frame(ErrorReply(code="busy", error=f"nodestepd has too many connections "
-                                                f"(limit {limit}); try again later")))
+            sock.send(protocol.frame(ErrorReply(code="busy", error=reason)))
         except OSError:
             pass  # the reply is a courtesy; closing is the refusal
         finally:
@@ -597,6 +617,12 @@ class Server:
             steps_running=len(self.steps),
             steps_finished=len(self.finished),
         )
+
+
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the peer, from the kernel (SO_PEERCRED)."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid
 
 
 def _check_trusted(config: DaemonConfig, oci: OciConf) -> None:

@@ -44,6 +44,7 @@ def null_fds():
     ("max_message_size = 100", "max_message_size: must be between 4096 and 16777216, got 100"),
     ("max_args_bytes = 200000", "max_args_bytes: must be between 256 and 98304, got 200000"),
     ("max_steps = 10\nmax_steps_per_user = 20", "max_steps_per_user: must not exceed max_steps (10)"),
+    ("max_connections_per_user = 0", "max_connections_per_user: must be between 1 and 1000000, got 0"),
     ("client_timeout = 0", "client_timeout: must be between 0.1 and 3600 seconds, got 0.0"),
     ("operators = [-1]", "operators: uid -1 is out of range"),
     ("operators = [true]", "operators: True is neither a user name nor a uid"),
@@ -92,6 +93,52 @@ def test_max_connections_refuses_beyond_the_limit_cleanly(start_daemon, workdir)
         for sock in held:
             sock.close()
     assert "connection refused: too many connections" in daemon.log()
+
+
+def test_one_user_cannot_take_every_connection(start_daemon, workdir, user, other_user):
+    """max_connections_per_user: a user at the cap is refused `busy`; other users, and
+    operators (root here), are served all the while."""
+    daemon = start_daemon(RUNC_RUN_CONF, "--config",
+                          settings(workdir, "max_connections = 10\nmax_connections_per_user = 2\n"))
+    report_r, report_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the user holding its two connections until released
+        code = 1
+        try:
+            os.setgroups(os.getgrouplist(user.name, user.gid))
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+            held = [connect(daemon.socket) for _ in range(2)]
+            for sock in held:
+                send(sock, msg("status"))
+                assert isinstance(receive(sock), StatusReply)
+            with connect(daemon.socket) as extra:
+                reply = receive(extra)
+            os.write(report_w, f"{reply.code}|{reply.error}".encode())
+            os.read(release_r, 1)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(report_w)
+    os.close(release_r)
+    try:
+        code, error = os.read(report_r, 4096).decode().split("|", 1)
+        assert (code, error) == (
+            "busy", "you have too many connections to nodestepd (limit 2 per user); try again later")
+        assert isinstance(as_user(other_user, status, daemon), StatusReply)
+        root_held = [connect(daemon.socket) for _ in range(3)]  # an operator: not held to the cap
+        for sock in root_held:
+            send(sock, msg("status"))
+            assert isinstance(receive(sock), StatusReply)
+            sock.close()
+    finally:
+        os.write(release_w, b"x")
+        os.close(release_w)
+        os.close(report_r)
+        _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    assert f"peer_uid={user.uid}" in daemon.log() and "per user" in daemon.log()
 
 
 @pytest.mark.parametrize("what", ["idle", "half a message", "a slow trickle"])
