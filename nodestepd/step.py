@@ -399,9 +399,12 @@ class Step:
                 await create.wait()
                 raise ContainerError(f"RunTimeCreate did not finish within {timeout:g} s and was killed") from None
         finally:
-            create.reap()
+            if not create.running:  # else we are being cancelled: the reaper collects it later
+                create.reap()
         if status != 0:
-            raise ContainerError(f"RunTimeCreate failed with exit status {status} (the runtime's own message went to the step's stderr)")
+            raise ContainerError(
+                f"RunTimeCreate failed with exit status {status} (the runtime's own message went to the step's stderr)"
+            )
         state = await container.wait_until_created(lambda: self._helper("RunTimeQuery", oci.runtime_query, task), timeout)
         task.watch = self._watch_container(task, state, log)
         start = await self._helper("RunTimeStart", oci.runtime_start, task)
