@@ -11,9 +11,6 @@ import pwd
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-DEFAULT_OPERATORS = ("root", "slurm")  # slurm only when such a user exists
-
-
 def resolve_operators(
     entries: Iterable[str | int] | None, getpwnam: Callable[[str], pwd.struct_passwd] = pwd.getpwnam
 ) -> frozenset[int]:

@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Re-read the daemon's TOML settings file and oci.conf (as SIGHUP does) and wait for the\n"
         "outcome. New steps use the new configuration; running steps keep the one they started with.\n"
         "A file with problems is rejected, every problem printed, and the old configuration stays in use\n"
-        "(exit status 1). socket, state_dir, log_format and log_level change only at restart.",
+        "(exit status 1). socket, state_dir, log_format, log_level, no_new_privs and max_connections\n"
+        "change only at restart.",
         epilog="Example:\n  nodestepctl reload   # what systemctl reload nodestepd runs",
     )
     reload.set_defaults(func=cmd_reload)

@@ -98,7 +98,6 @@ class PolledContainer:
     status_known = False
 
     def __init__(self, run_query: Query) -> None:
-        self.queries = 0
         self._run_query = run_query
         self._status: int | None = None
         self._poller: asyncio.Task[int] | None = None
@@ -119,7 +118,6 @@ class PolledContainer:
     async def _poll(self) -> int:
         for delay in backoff():
             await asyncio.sleep(delay)
-            self.queries += 1
             try:
                 state = await query(self._run_query)
             except ContainerError:

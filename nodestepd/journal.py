@@ -76,28 +76,6 @@ def encode_record(fields: Iterable[Field]) -> bytes:
     return b"".join(encode_field(name, value) for name, value in fields)
 
 
-def decode_record(data: bytes) -> list[tuple[str, bytes]]:
-    """The fields of one native-protocol record, in order (what journald does on receipt)."""
-    fields: list[tuple[str, bytes]] = []
-    i = 0
-    while i < len(data):
-        end = data.index(b"\n", i)
-        line = data[i:end]
-        if b"=" in line:
-            name, _, value = line.partition(b"=")
-            fields.append((name.decode(), value))
-            i = end + 1
-        else:
-            (length,) = _LENGTH.unpack_from(data, end + 1)
-            start = end + 1 + _LENGTH.size
-            value = data[start:start + length]
-            if data[start + length:start + length + 1] != b"\n":
-                raise ValueError(f"field {line!r}: binary value not followed by a newline")
-            fields.append((line.decode(), value))
-            i = start + length + 1
-    return fields
-
-
 class JournalSender:
     """One datagram socket to journald; send() raises OSError when the journal cannot take a record."""
 

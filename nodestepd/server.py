@@ -88,8 +88,7 @@ class Server:
         self.finished: collections.OrderedDict[tuple[int, int, int], Step] = collections.OrderedDict()
         self._listener: socket.socket | None = None
         self._stopping: asyncio.Event | None = None
-        self._connections: set[asyncio.Task[None]] = set()
-        self._connections_of: collections.Counter[int] = collections.Counter()  # by peer uid
+        self._connections: dict[asyncio.Task[None], int] = {}  # each connection's handler, and its peer's uid
         self._background: set[asyncio.Task[None]] = set()
         self._job_ids: JobIdAllocator | None = None
         self._step_settings: StepSettings | None = None
@@ -179,11 +178,9 @@ class Server:
                 if refusal is not None:
                     self._refuse_connection(sock, pid, uid, refusal)
                     continue
-                self._connections_of[uid] += 1
                 task = asyncio.create_task(self._handle(sock))
-                self._connections.add(task)
-                task.add_done_callback(self._connections.discard)
-                task.add_done_callback(lambda _, uid=uid: self._connection_ended(uid))
+                self._connections[task] = uid
+                task.add_done_callback(self._connections.pop)
         finally:
             accept.cancel()
             stopping.cancel()
@@ -196,15 +193,11 @@ class Server:
         c = self.config
         if len(self._connections) >= c.max_connections:
             return f"nodestepd has too many connections (limit {c.max_connections}); try again later"
-        if self._connections_of[uid] >= c.max_connections_per_user and not self.policy.is_operator(uid):
+        if (not self.policy.is_operator(uid)
+                and sum(1 for peer in self._connections.values() if peer == uid) >= c.max_connections_per_user):
             return (f"you have too many connections to nodestepd (limit {c.max_connections_per_user} per user); "
                     "try again later")
         return None
-
-    def _connection_ended(self, uid: int) -> None:
-        self._connections_of[uid] -= 1
-        if not self._connections_of[uid]:
-            del self._connections_of[uid]
 
     def _refuse_connection(self, sock: socket.socket, pid: int, uid: int, reason: str) -> None:
         """One `busy` error reply if the socket takes it at once, then close."""

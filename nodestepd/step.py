@@ -91,7 +91,7 @@ class StepSettings:
 
 @dataclass(frozen=True)
 class Stdio:
-    """The caller's fds. Task 0 gets stdin; the other tasks read /dev/null.
+    """The caller's fds. The launch's first task gets stdin; the other tasks read /dev/null.
 
     task_outputs, when given, holds each task's own (stdout, stderr) in place of the
     shared pair (a detached step's output sent to the journal, one pipe pair per task).

@@ -93,13 +93,15 @@ def workdir() -> Path:
 
 
 @pytest.fixture
-def user_dir(workdir, user):
-    """user_dir(prefix, mode=0o755) -> a new directory owned by the test user, removed after the test."""
+def new_dir(workdir):
+    """new_dir(prefix, mode=0o755, owner=None) -> a new directory under workdir (root's unless
+    owner is given), removed after the test."""
     made: list[Path] = []
 
-    def make(prefix: str, mode: int = 0o755) -> Path:
+    def make(prefix: str, mode: int = 0o755, owner: User | None = None) -> Path:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
-        os.chown(path, user.uid, user.gid)
+        if owner is not None:
+            os.chown(path, owner.uid, owner.gid)
         path.chmod(mode)
         made.append(path)
         return path
@@ -107,6 +109,12 @@ def user_dir(workdir, user):
     yield make
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def user_dir(new_dir, user):
+    """user_dir(prefix, mode=0o755) -> a new directory owned by the test user, removed after the test."""
+    return lambda prefix, mode=0o755: new_dir(prefix, mode, owner=user)
 
 
 def make_bundle(owner: User, path: Path) -> Path:

@@ -26,15 +26,8 @@ SUBCOMMANDS = list(subparsers(ctl_parser()))
 
 
 @pytest.fixture
-def out(workdir, user):
-    import shutil
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="records-", dir=workdir))
-    os.chown(path, user.uid, user.gid)
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def out(user_dir) -> Path:
+    return user_dir("records-")
 
 
 # ---- --help ----------------------------------------------------------------------------------
@@ -51,6 +44,14 @@ def test_every_subcommand_has_help_with_an_example(subcommand):
 def test_the_subcommands_are_the_expected_ones():
     assert SUBCOMMANDS == ["run", "ps", "signal", "cancel", "wait", "status", "reload", "check-config", "doctor",
                            "completion"]
+
+
+def test_reload_help_names_every_setting_that_needs_a_restart():
+    from nodestepd.service import RESTART_ONLY
+
+    description = " ".join(subparsers(ctl_parser())["reload"].description.split())
+    missing = [name for name in RESTART_ONLY if name not in description]
+    assert missing == [], description
 
 
 # ---- man pages -------------------------------------------------------------------------------

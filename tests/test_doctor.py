@@ -306,13 +306,11 @@ def test_identity_switch_runs_as_the_user(user):
         doctor.run_as(Identity.for_uid(0), ["true"], env={}, cwd="/", timeout=30)
 
 
-def test_create_start_sequence_in_order_and_the_first_failure(site, user, bundle, workdir):
+def test_create_start_sequence_in_order_and_the_first_failure(site, user, bundle, user_dir):
     """create, start, query, kill, then delete whatever happened, each as the user (recording runtime)."""
     from test_recording_runtime import REC
 
-    out = Path(tempfile.mkdtemp(prefix="records-", dir=workdir))
-    os.chown(out, user.uid, user.gid)
-    out.chmod(0o755)
+    out = user_dir("records-")
 
     def conf(start_options: str) -> str:
         rec = f"{REC} --out {out}"
@@ -322,43 +320,40 @@ def test_create_start_sequence_in_order_and_the_first_failure(site, user, bundle
                 f'RunTimeKill="{rec}/kill.json -- %n.%u.%j.%s.%t"\n'
                 f'RunTimeDelete="{rec}/delete.json -- %n.%u.%j.%s.%t"\n')
 
-    try:
-        (site / "oci.conf").write_text(conf(""))
-        result = doctor_cli("--user", user.name, "--config", str(site / "nodestepd.toml"), "--bundle", str(bundle),
-                            "--json")
-        checks = by_name(result)
-        (test,) = checks["test outside Slurm"]
-        assert test["level"] == "ok", test
-        assert test["message"].startswith("RunTimeCreate, RunTimeStart, RunTimeQuery, RunTimeKill, RunTimeDelete ")
-        records = {name: json.loads((out / f"{name}.json").read_text())
-                   for name in ("create", "start", "query", "kill", "delete")}
-        times = [records[n]["monotonic_ns"] for n in ("create", "start", "query", "kill", "delete")]
-        assert times == sorted(times)
-        assert {r["uid"] for r in records.values()} == {user.uid}
-        name, task_bundle = records["create"]["rest"]
-        assert name.startswith(f"doctornode.{user.name}.4294967000.")
-        assert {r["rest"][0] for r in records.values()} == {name}  # one container name throughout
-        # The bundle the runtime got: the user's config.json rewritten like a step's, in doctor's own
-        # task dir (removed afterwards), running the create/start default command without a terminal.
-        process = records["create"]["bundle_config"]["content"]["process"]
-        assert (process["args"], process["terminal"]) == (["sleep", "60"], False)
-        assert records["create"]["bundle_config"]["stat"]["uid"] == user.uid
-        assert not Path(task_bundle).exists()
+    (site / "oci.conf").write_text(conf(""))
+    result = doctor_cli("--user", user.name, "--config", str(site / "nodestepd.toml"), "--bundle", str(bundle),
+                        "--json")
+    checks = by_name(result)
+    (test,) = checks["test outside Slurm"]
+    assert test["level"] == "ok", test
+    assert test["message"].startswith("RunTimeCreate, RunTimeStart, RunTimeQuery, RunTimeKill, RunTimeDelete ")
+    records = {name: json.loads((out / f"{name}.json").read_text())
+               for name in ("create", "start", "query", "kill", "delete")}
+    times = [records[n]["monotonic_ns"] for n in ("create", "start", "query", "kill", "delete")]
+    assert times == sorted(times)
+    assert {r["uid"] for r in records.values()} == {user.uid}
+    name, task_bundle = records["create"]["rest"]
+    assert name.startswith(f"doctornode.{user.name}.4294967000.")
+    assert {r["rest"][0] for r in records.values()} == {name}  # one container name throughout
+    # The bundle the runtime got: the user's config.json rewritten like a step's, in doctor's own
+    # task dir (removed afterwards), running the create/start default command without a terminal.
+    process = records["create"]["bundle_config"]["content"]["process"]
+    assert (process["args"], process["terminal"]) == (["sleep", "60"], False)
+    assert records["create"]["bundle_config"]["stat"]["uid"] == user.uid
+    assert not Path(task_bundle).exists()
 
-        for record in out.iterdir():
-            record.unlink()
-        (site / "oci.conf").write_text(conf("--exit 7 --say the-runtime-said-no"))
-        result = doctor_cli("--user", user.name, "--config", str(site / "nodestepd.toml"), "--bundle", str(bundle),
-                            "--json")
-        assert result.returncode == 1
-        (test,) = by_name(result)["test outside Slurm"]
-        assert test["level"] == "fail"
-        assert test["message"].startswith("RunTimeStart failed (status 7): ")
-        assert test["message"].endswith("runtime said: the-runtime-said-no")
-        # Nothing after the failure but the delete that cleans up.
-        assert sorted(p.name for p in out.iterdir()) == ["create.json", "delete.json", "start.json"]
-    finally:
-        shutil.rmtree(out)
+    for record in out.iterdir():
+        record.unlink()
+    (site / "oci.conf").write_text(conf("--exit 7 --say the-runtime-said-no"))
+    result = doctor_cli("--user", user.name, "--config", str(site / "nodestepd.toml"), "--bundle", str(bundle),
+                        "--json")
+    assert result.returncode == 1
+    (test,) = by_name(result)["test outside Slurm"]
+    assert test["level"] == "fail"
+    assert test["message"].startswith("RunTimeStart failed (status 7): ")
+    assert test["message"].endswith("runtime said: the-runtime-said-no")
+    # Nothing after the failure but the delete that cleans up.
+    assert sorted(p.name for p in out.iterdir()) == ["create.json", "delete.json", "start.json"]
 
 
 def test_guide_create_start_with_a_failing_kill_is_a_warning_not_a_failure(site, user, bundle):

@@ -11,7 +11,30 @@ import struct
 import pytest
 
 from nodestepd import journal
-from nodestepd.journal import JournalSender, decode_record, encode_field, encode_record, field_name, record_fields
+from nodestepd.journal import JournalSender, encode_field, encode_record, field_name, record_fields
+
+
+def decode_record(data: bytes) -> list[tuple[str, bytes]]:
+    """The fields of one native-protocol record, in order, decoded as journald does on receipt
+    (written here from the protocol's description, not with the daemon's encoder)."""
+    fields: list[tuple[str, bytes]] = []
+    i = 0
+    while i < len(data):
+        end = data.index(b"\n", i)
+        line = data[i:end]
+        if b"=" in line:
+            name, _, value = line.partition(b"=")
+            fields.append((name.decode(), value))
+            i = end + 1
+        else:
+            (length,) = struct.unpack_from("<Q", data, end + 1)
+            start = end + 1 + 8
+            value = data[start:start + length]
+            if data[start + length:start + length + 1] != b"\n":
+                raise ValueError(f"field {line!r}: binary value not followed by a newline")
+            fields.append((line.decode(), value))
+            i = start + length + 1
+    return fields
 
 
 @pytest.fixture

@@ -18,27 +18,15 @@ from pathlib import Path
 import pytest
 
 from conftest import NODESTEPD, RUNC_RUN_CONF, SYSTEM_PATH
+from test_journal import decode_record
 
 
 def parse(datagram: bytes) -> dict[str, bytes]:
-    """One native-protocol record: NAME=value lines, or NAME, 64-bit LE length, bytes, newline."""
-    fields: dict[str, bytes] = {}
-    rest = datagram
-    while rest:
-        line, nl, after = rest.partition(b"\n")
-        assert nl, f"field without a newline: {rest[:80]!r}"
-        if b"=" in line:
-            name, _, value = line.partition(b"=")
-            rest = after
-        else:
-            name = line
-            (length,) = struct.unpack("<Q", after[:8])
-            value, end = after[8:8 + length], after[8 + length:8 + length + 1]
-            assert end == b"\n", f"{name!r}: value not followed by a newline"
-            rest = after[8 + length + 1:]
-        assert name.decode().isupper() or name.decode().replace("_", "").isalnum()
-        fields[name.decode()] = value
-    return fields
+    """One native-protocol record, by field name."""
+    fields = decode_record(datagram)
+    for name, _ in fields:
+        assert name.isupper() or name.replace("_", "").isalnum(), name
+    return dict(fields)
 
 
 class Journal:

@@ -102,12 +102,9 @@ def out(user_dir) -> Path:
 
 
 @pytest.fixture
-def scratch(workdir) -> Path:
+def scratch(new_dir) -> Path:
     """A root-owned, world-traversable dir for ContainerPath and %Z."""
-    path = Path(tempfile.mkdtemp(prefix="scratch-", dir=workdir))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return new_dir("scratch-")
 
 
 def plain_bundle(path: Path, owner, config: dict | None) -> Path:

@@ -194,12 +194,9 @@ def test_operators_are_root_and_slurm_by_default_and_unknown_names_stop_the_daem
 
 
 @pytest.fixture
-def scratch(workdir) -> Path:
+def scratch(new_dir) -> Path:
     """A world-writable sticky dir, like /tmp or a scratch file system, where ContainerPath points."""
-    path = Path(tempfile.mkdtemp(prefix="scratch-", dir=workdir))
-    path.chmod(0o1777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return new_dir("scratch-", 0o1777)
 
 
 @pytest.mark.parametrize("planted", ["symlink by the step's user", "symlink by another user", "file by another user",

@@ -32,11 +32,8 @@ def recording_conf(out: Path) -> str:
 
 
 @pytest.fixture
-def user_dir(workdir, user):
-    path = Path(tempfile.mkdtemp(prefix="service-", dir=workdir))
-    os.chown(path, user.uid, user.gid)
-    path.chmod(0o755)
-    return path
+def service_dir(user_dir) -> Path:
+    return user_dir("service-")
 
 
 def until(daemon, key: str) -> dict[str, str]:
@@ -126,12 +123,12 @@ def test_notifications_in_order_with_watchdog_from_the_loop(workdir, user, bundl
 # ---- reload -----------------------------------------------------------------------------
 
 
-def test_reload_applies_to_new_steps_and_running_steps_keep_their_config(start_daemon, user, bundle, user_dir):
-    old_out, new_out = user_dir / "old", user_dir / "new"
+def test_reload_applies_to_new_steps_and_running_steps_keep_their_config(start_daemon, user, bundle, service_dir):
+    old_out, new_out = service_dir / "old", service_dir / "new"
     for out in (old_out, new_out):
         out.mkdir()
         os.chown(out, user.uid, user.gid)
-    settings = user_dir / "nodestepd.toml"
+    settings = service_dir / "nodestepd.toml"
     settings.write_text("kill_wait = 30\n")
     daemon = start_daemon(recording_conf(old_out), "--config", str(settings))
     first = daemon.ctl_popen(user, "run", "--job-id", "4101", "--bundle", str(bundle), "--", "x")
@@ -168,8 +165,8 @@ def test_bad_oci_conf_is_rejected_with_reasons_and_the_old_config_kept(start_dae
     assert (run.returncode, run.stdout) == (0, b"old config\n"), run.stderr
 
 
-def test_sighup_with_a_bad_settings_file_tells_systemd_and_keeps_serving(start_daemon, user, bundle, user_dir):
-    settings = user_dir / "nodestepd.toml"
+def test_sighup_with_a_bad_settings_file_tells_systemd_and_keeps_serving(start_daemon, user, bundle, service_dir):
+    settings = service_dir / "nodestepd.toml"
     settings.write_text("kill_wait = 30\n")
     daemon = start_daemon(RUNC_RUN_CONF, "--config", str(settings))
     settings.write_text('kill_wait = "soon"\n')
@@ -182,8 +179,8 @@ def test_sighup_with_a_bad_settings_file_tells_systemd_and_keeps_serving(start_d
     assert daemon.ctl(user, "status").returncode == 0
 
 
-def test_settings_that_need_a_restart_are_kept_and_named(start_daemon, user, user_dir):
-    settings = user_dir / "nodestepd.toml"
+def test_settings_that_need_a_restart_are_kept_and_named(start_daemon, user, service_dir):
+    settings = service_dir / "nodestepd.toml"
     settings.write_text("")
     daemon = start_daemon(RUNC_RUN_CONF, "--config", str(settings))
     settings.write_text('log_format = "json"\nkill_wait = 3\n')
@@ -204,9 +201,9 @@ def test_only_root_may_reload(start_daemon, user):
 # ---- stop -------------------------------------------------------------------------------
 
 
-def test_sigterm_leaves_running_steps_alone_by_default(start_daemon, user, bundle, user_dir):
+def test_sigterm_leaves_running_steps_alone_by_default(start_daemon, user, bundle, service_dir):
     daemon = start_daemon(RUNC_RUN_CONF, "--steps-on-stop", "leave")
-    fifo = user_dir / "out"
+    fifo = service_dir / "out"
     os.mkfifo(fifo)
     os.chown(fifo, user.uid, user.gid)
     # Our own write end keeps the fifo from reading as end-of-file before the container opens it.
