@@ -343,7 +343,7 @@ def _attend(sock: socket.socket, wakeup: int, ref: str) -> int:
                     wire.STATUS_CONNECTION_LOST,
                 )
             if reply["type"] == "exit":
-                return reply["status"]
+                return _exit_status(reply)
             if reply["type"] == "error":
                 print(f"nodestepctl: {reply.get('error')}", file=sys.stderr)
 
@@ -367,14 +367,26 @@ def cmd_signal(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
     reply = request(args.socket, {"op": "cancel", "job_id": job_id, "step_id": step_id}, "exit")
-    print(f"step {job_id}.{step_id} cancelled (status {reply['status']})")
+    status = "unknown" if reply["status"] is None else reply["status"]
+    print(f"step {job_id}.{step_id} cancelled (status {status})")
     return 0
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
     reply = request(args.socket, {"op": "wait", "job_id": job_id, "step_id": step_id}, "exit")
-    return reply["status"]
+    return _exit_status(reply)
+
+
+def _exit_status(reply: dict) -> int:
+    """The step's status; when the daemon could not know it, say so and exit STATUS_UNKNOWN."""
+    if reply["status"] is not None:
+        return reply["status"]
+    unknown = [str(t["task_id"]) for t in reply.get("tasks", []) if t["status"] is None]
+    print(f"nodestepctl: step {reply['job_id']}.{reply['step_id']} ended, but the exit status of task(s) "
+          f"{', '.join(unknown) or '?'} is not known (they ended while nodestepd was not running and no "
+          f"record of their status survived); exiting with {wire.STATUS_UNKNOWN}", file=sys.stderr)
+    return wire.STATUS_UNKNOWN
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -387,12 +399,18 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for s in steps:
         rows.append((
             f"{s['job_id']}.{s['step_id']}", s["user"], s["state"], str(len(s["tasks"])),
-            "-" if s["status"] is None else str(s["status"]), _age(now - s["started_at"]), " ".join(s["args"]),
+            _status_column(s), _age(now - s["started_at"]), " ".join(s["args"]),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
     return 0
+
+
+def _status_column(step: dict) -> str:
+    if step["status"] is not None:
+        return str(step["status"])
+    return "unknown" if step["state"] == "finished" else "-"
 
 
 def _age(seconds: float) -> str:

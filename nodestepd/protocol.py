@@ -130,13 +130,16 @@ class StartedReply(Reply, tag="started"):
 
 class TaskExit(msgspec.Struct):
     task_id: int
-    status: int | None  # exit code, 128+N for signal N; None: never started
+    status: int | None  # exit code, 128+N for signal N; None: never started, or not known
 
 
 class ExitReply(Reply, tag="exit"):
     job_id: int = 0
     step_id: int = 0
-    status: int = 0  # the first non-zero task status, else 0
+    # The first non-zero task status, else 0; None (null) when no task failed but some
+    # task's status is not known (it ended while no daemon watched it and no record of
+    # its status survived): never a made-up 0.
+    status: int | None = 0
     tasks: list[TaskExit] = []
     cancelled: bool = False
 

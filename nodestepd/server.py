@@ -1,9 +1,10 @@
 """The socket server: accepts clients, authenticates them by peer credentials, dispatches requests.
 
 Lifecycle like uvicorn's: Server(config, oci).start() checks the paths, prepares
-directories and binds (or takes the socket systemd passed), serve() accepts until
-request_shutdown(), and shutdown() stops accepting and leaves running steps alone or
-cancels them (steps_on_stop).
+directories and binds (or takes the socket systemd passed), recover() takes over the
+steps a previous daemon left (recovery.py), serve() accepts until request_shutdown(),
+and shutdown() stops accepting and leaves running steps alone (their records stay for
+the next daemon) or cancels them (steps_on_stop).
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from .protocol import (
 )
 from .reaper import Reaper, become_subreaper
 from .runtime import Identity, shell_warnings
+from .recovery import recover_steps
 from .state import JobIdAllocator
-from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState
+from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState, step_status
+from .steprecord import RecordStore
 from .stepenv import validate_env_name
 from .stepoutput import StepOutputToJournal
 from .trustedpaths import untrusted_reason
@@ -91,6 +94,7 @@ class Server:
         self._connections: dict[asyncio.Task[None], int] = {}  # each connection's handler, and its peer's uid
         self._background: set[asyncio.Task[None]] = set()
         self._job_ids: JobIdAllocator | None = None
+        self.store: RecordStore | None = None
         self._step_settings: StepSettings | None = None
         self.reaper = Reaper()
         self._bound_path: str | None = None  # the socket file we created (never a passed one)
@@ -111,6 +115,7 @@ class Server:
         self.apply_config(self.config, self.oci)  # first: it refuses untrusted paths before anything uses them
         self._secure_process()
         self._job_ids = JobIdAllocator(self.config.state_dir)
+        self.store = RecordStore(self.config.state_dir)
         # Container inits that create/start runtimes leave behind become our children, so
         # their real exit statuses are ours to collect (container.py, reaper.py).
         become_subreaper()
@@ -124,6 +129,20 @@ class Server:
             activated=listener is not None,
         )
         self.warn_about_oci_conf()
+
+    async def recover(self) -> None:
+        """Take over the steps the records in the state dir name (before serving anyone)."""
+        assert self.store is not None
+        for step in await recover_steps(self.store, self.reaper):
+            key = _key(step.spec)
+            if step.state is StepState.FINISHED:  # an undone launch
+                self.finished[key] = step
+                continue
+            self.steps[key] = step
+            retire = asyncio.create_task(self._retire(step))
+            self._background.add(retire)
+            retire.add_done_callback(self._background.discard)
+        self.on_steps_changed()
 
     def apply_config(self, config: DaemonConfig, oci: OciConf) -> None:
         """Use these settings for steps launched from now on; running steps keep the ones they started with.
@@ -231,8 +250,8 @@ class Server:
             self.log.info("shutting down: cancelling running steps", steps=len(running))
             await asyncio.gather(*(step.cancel("daemon shutdown") for step in running))
         elif running:
-            # Restart survival is not built yet: the next daemon will not know these steps.
-            self.log.info("shutting down: leaving running steps alone", steps=len(running),
+            # Their records stay: the next daemon takes them over (recovery.py).
+            self.log.info("shutting down: leaving running steps alone for the next daemon", steps=len(running),
                           refs=[step.ref for step in running])
             for step in running:
                 step.leave_running()
@@ -339,7 +358,8 @@ class Server:
                 await conn.send(ErrorReply(code=e.code, error=str(e), status=protocol.STATUS_LAUNCH_FAILED))
                 return
             assert self._step_settings is not None
-            step = Step(spec, self._step_settings, self.reaper)
+            assert self.store is not None
+            step = Step(spec, self._step_settings, self.reaper, self.store)
             self.steps[key] = step
             output = None
             try:
@@ -700,7 +720,8 @@ def _step_info(step: Step) -> StepInfo:
         bundle=spec.bundle,
         args=list(spec.args),
         started_at=step.started_at,
-        tasks=[TaskInfo(task_id=t.task_id, pid=t.watch.pid if t.watch else None, status=t.status) for t in step.tasks],
+        tasks=[TaskInfo(task_id=t.task_id, pid=t.watch.pid if t.watch else None,
+                        status=t.status if t.status_known else None) for t in step.tasks],
         status=step.result.status if step.result else None,
     )
 
@@ -718,7 +739,7 @@ def _parts_exit_reply(parts: list[tuple[Step, StepResult]]) -> ExitReply:
     # Each part's status is its first non-zero task status, and parts hold disjoint runs
     # of task ids: in task order, the first non-zero part status is the step's.
     ordered = sorted(parts, key=lambda part: part[0].spec.first_task)
-    status = next((result.status for _, result in ordered if result.status), 0)
+    status = step_status([result.status for _, result in ordered])
     spec = parts[0][0].spec
     return ExitReply(
         job_id=spec.job_id,

@@ -75,6 +75,8 @@ class Service:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         self.server.on_steps_changed = self._update_status
         self.server.reload_handler = self.reload
+        # Steps a previous daemon left are ours again before anyone is told we are ready.
+        await self.server.recover()
         # Clients that connected earlier wait in the listen backlog: served as soon as serve() runs.
         self.notifier.notify("READY=1")
         self._update_status()

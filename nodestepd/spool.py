@@ -284,6 +284,83 @@ class StepSpool:
                 self._inner[path] = current
             self._tasks.append(current)
 
+    def created_dirs(self) -> list[tuple[str, int, int]]:
+        """(path, st_dev, st_ino) of every directory this spool created, parents first.
+
+        What a step record keeps, so that a restarted daemon can tell these directories
+        from anything put in their place (reopen)."""
+        result = []
+        for d in reversed(self._created_dirs_deepest_first()):
+            st = os.fstat(d.fd)
+            result.append((d.path, st.st_dev, st.st_ino))
+        return result
+
+    @classmethod
+    def reopen(cls, layout: SpoolLayout, created: list[tuple[str, int, int]], uid: int, gid: int) -> StepSpool | None:
+        """Take a step's spool dir back after a daemon restart, to run commands in it and remove it.
+
+        Walks the path as create() does (O_NOFOLLOW, one component at a time) and accepts
+        a created directory only if it is the very one recorded (same device and inode):
+        the user owns the step dir and could have replaced anything below or beside it.
+        Returns None when the step dir no longer exists. Raises SpoolError when something
+        is in the way that is not ours.
+        """
+        spool = cls(layout, uid, gid)
+        try:
+            return spool if spool._reopen({p: (dev, ino) for p, dev, ino in created}) else None
+        except BaseException:
+            spool.close()
+            raise
+
+    def _reopen(self, created: dict[str, tuple[int, int]]) -> bool:
+        def open_child(parent: _Dir, name: str, path: str) -> _Dir | None:
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise _describe_open_error(exc, parent, name, path) from exc
+            d = _Dir(fd=fd, path=path, parent=parent, created=path in created)
+            if d.created:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != created[path]:
+                    os.close(fd)
+                    raise SpoolError(f"{path} is no longer the directory the step created; it was left alone")
+            return d
+
+        current = _Dir(fd=os.open("/", _DIR_FLAGS), path="/", parent=None, created=False)
+        self._above.append(current)
+        for part in _components(self.layout.step_dir)[:-1]:
+            child = open_child(current, part, _join(current.path, part))
+            if child is None:
+                return False
+            if not child.created and not current.created:
+                os.close(current.fd)  # still above everything we made: move the anchor down
+                current.fd, current.path = child.fd, child.path
+                continue
+            self._above.append(child)
+            current = child
+        self._step = open_child(current, os.path.basename(self.layout.step_dir), self.layout.step_dir)
+        if self._step is None:
+            return False
+        if not self._step.created:
+            raise SpoolError(f"{self.layout.step_dir} is not recorded as created by the step; it was left alone")
+        for task_dir in self.layout.task_dirs:
+            current = self._step
+            for part in _components(task_dir.removeprefix(self.layout.step_dir)):
+                path = _join(current.path, part)
+                existing = self._inner.get(path)
+                if existing is None:
+                    existing = open_child(current, part, path)
+                    if existing is None or not existing.created:
+                        if existing is not None:
+                            os.close(existing.fd)
+                        raise SpoolError(f"{path} is missing or not the one the step created")
+                    self._inner[path] = existing
+                current = existing
+            self._tasks.append(current)
+        return True
+
     def _created_dirs_deepest_first(self) -> list[_Dir]:
         dirs = [d for d in self._above if d.created]
         if self._step is not None:

@@ -1,9 +1,14 @@
 """One container step on this node, from validated request to exit event.
 
 Data flows one way: StepSpec (validated request) -> prepared spool (StepSpool, rewritten
-config.json, environment file) -> per task, the runtime (spawn_shell) -> watched tasks
-(ProcessWatch) -> StepResult. A Step owns its spool and its task processes and is the
-one place that releases them (_release).
+config.json, environment file) -> durable record (steprecord.py) -> per task, the
+runtime started by the task's own monitor (monitor.py) -> watched tasks -> StepResult.
+A Step owns its spool, its record and its task processes and is the one place that
+releases them (_release).
+
+Every task's first runtime command runs under a nodestepd-monitor, its parent outside
+the daemon: if the daemon dies, the task runs on and the monitor writes its exit
+status to the step's exit file, where a restarted daemon finds it (recovery.py).
 
 Two lifecycles, from oci.conf's mode:
 - run: the task is RunTimeRun's process; it ends when that process ends.
@@ -23,19 +28,21 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
-from . import configjson, container, stepenv
+from . import configjson, container, stepenv, steprecord
 from .configjson import BundleConfigError
 from .container import ContainerError, PolledContainer
 from .logs import get_logger
 from .wire import STATUS_LAUNCH_FAILED
 from .ociconf import OciConf
 from .patterns import PatternContext, expand
+from .monitor import Monitor, MonitoredProcess
 from .reaper import Reaper
-from .runtime import HelperResult, Identity, RuntimeNotFound, find_program, run_helper, signal_group_except_leader, spawn_shell
+from .runtime import HelperResult, Identity, RuntimeNotFound, find_program, run_helper, signal_group_except_leader
 from .spool import SpoolError, StepSpool, spool_layout
-from .watch import SPAWN_LOCK, NotWatchable, ProcessWatch
+from .steprecord import ProcRecord, RecordStore, StepRecord
+from .watch import NotWatchable, ProcessWatch, start_time
 
 ENV_FILE_NAME = "environment"
 CONFIG_FILE_NAME = "config.json"
@@ -120,8 +127,16 @@ class Task:
     context: PatternContext
     cwd: str = ""  # the same dir pinned through the spool's fd: where runtime commands start
     # What the task's end is the end of: run mode, the runtime's shell; create/start, the
-    # container's init (or the RunTimeQuery poller when there is no pid to watch).
-    watch: ProcessWatch | PolledContainer | None = None
+    # container's init (or the RunTimeQuery poller when there is no pid to watch). After
+    # a daemon restart, the watch recovery.py gives it.
+    watch: MonitoredProcess | ProcessWatch | PolledContainer | Any = None
+    monitor: Monitor | None = None  # this daemon's link to the task's monitor (None after a restart)
+    proc: ProcRecord | None = None  # watch's process, for the record
+    monitor_proc: ProcRecord | None = None
+
+    @property
+    def status_known(self) -> bool:
+        return self.watch is not None and self.watch.status_known
 
     @property
     def status(self) -> int | None:
@@ -134,7 +149,11 @@ class Task:
 
 @dataclass(frozen=True)
 class StepResult:
-    status: int
+    """status: the first non-zero known task status, else 0; None when no task failed
+    but some task's status is unknown. A task's status is None when it never started
+    or its status is not known: never a made-up 0."""
+
+    status: int | None
     task_statuses: tuple[int | None, ...]
     cancelled: bool
 
@@ -145,14 +164,17 @@ class _Prepared:
     tasks: list[Task]
     runtime_env: dict[str, str]
     first_commands: list[str]  # per task: RunTimeRun, or RunTimeCreate in create/start mode
+    spool_record: steprecord.SpoolRecord
 
 
 class Step:
-    def __init__(self, spec: StepSpec, settings: StepSettings, reaper: Reaper) -> None:
+    def __init__(self, spec: StepSpec, settings: StepSettings, reaper: Reaper, store: RecordStore) -> None:
         self.spec = spec
         self.settings = settings
         self.create_start = settings.oci.runtime_run is None
         self.reaper = reaper
+        self.store = store
+        self.name = steprecord.record_name(spec.job_id, spec.step_id, spec.first_task)
         self.state = StepState.LAUNCHING
         self.started_at = time.time()
         self.tasks: list[Task] = []
@@ -164,6 +186,10 @@ class Step:
         self._termination: asyncio.Task[None] | None = None
         self._cancel_reason: str | None = None
         self._left_running = False  # the daemon stopped and left this step's tasks alone
+        self._spool_record: steprecord.SpoolRecord | None = None
+        self._pending_saves: set[asyncio.Task[None]] = set()
+        self._save_lock = asyncio.Lock()
+        self._recorded = False  # a record is on disk: _release removes it
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
 
     @property
@@ -195,32 +221,55 @@ class Step:
     async def _launch(self, stdio: Stdio) -> None:
         prepared = await asyncio.to_thread(self._prepare)
         self._spool = prepared.spool
+        self._spool_record = prepared.spool_record
         self.tasks = prepared.tasks
         self._runtime_env = prepared.runtime_env
-        if self.create_start:
-            await self._create_and_start(prepared.first_commands, stdio)
-            return
-        # fork+exec blocks for a millisecond or so per task: off the loop, like the spool work.
-        error = await asyncio.to_thread(self._spawn_tasks, prepared.first_commands, stdio)
-        if error is not None:
-            self.log.error("runtime could not be started", error=str(error))
-            await self._undo_launch()
-            raise LaunchFailed(f"cannot start the runtime as {self.spec.identity.user}: {error.strerror or error}")
+        # Recorded before anything runs: a daemon that dies from here on leaves a record
+        # that says what to clean up.
+        await self._save_or_undo(self._release)
+        exits = await asyncio.to_thread(self.store.open_exits, self.name)
+        try:
+            if self.create_start:
+                await self._create_and_start(prepared.first_commands, stdio, exits)
+            else:
+                # fork+exec blocks for a millisecond or so per task: off the loop, like the spool work.
+                error = await asyncio.to_thread(self._spawn_tasks, prepared.first_commands, stdio, exits)
+                if error is not None:
+                    self.log.error("runtime could not be started", error=str(error))
+                    await self._undo_launch()
+                    raise LaunchFailed(
+                        f"cannot start the runtime as {self.spec.identity.user}: {error.strerror or error}"
+                    )
+        finally:
+            os.close(exits)  # each monitor holds its own
+        self.state = StepState.RUNNING
+        await self._save_or_undo(self._undo_containers if self.create_start else self._undo_launch)
 
-    def _spawn_tasks(self, commands: list[str], stdio: Stdio) -> OSError | None:
+    async def _save_or_undo(self, undo) -> None:
+        """Write the record; a launch that cannot be recorded does not go on (undo, LaunchFailed)."""
+        try:
+            await self._save()
+        except OSError as e:
+            self.log.error("cannot write the step's record", error=str(e), state_dir=self.store.path)
+            await undo()
+            raise LaunchFailed(f"cannot record the step in {self.store.path}: {e.strerror or e}") from None
+
+    def _spawn_tasks(self, commands: list[str], stdio: Stdio, exits: int) -> OSError | None:
         """Start each task's runtime (worker thread). Stops at the first failure and returns it."""
         for task, command in zip(self.tasks, commands):
             try:
-                task.watch = self._spawn_with_stdio(task, command, stdio)
+                task.watch = self._spawn_with_stdio(task, command, stdio, exits)
+                task.proc = _proc_record(task.watch.pid)
             except OSError as e:
                 return e
             self.log.debug("task started", task_id=task.task_id, pid=task.watch.pid, command=command)
         return None
 
-    def _spawn_with_stdio(self, task: Task, command: str, stdio: Stdio) -> ProcessWatch:
-        """The task's first runtime command, holding its stdio (blocking: call in a worker thread)."""
+    def _spawn_with_stdio(self, task: Task, command: str, stdio: Stdio, exits: int) -> MonitoredProcess:
+        """The task's first runtime command, under the task's monitor, holding its stdio
+        (blocking: call in a worker thread). Returns the command's own process."""
         stdout, stderr = stdio.outputs_for(task.task_id)
-        return spawn_shell(
+        task.monitor = Monitor.spawn(
             command,
             identity=self.spec.identity,
             cwd=task.cwd,
@@ -228,6 +277,58 @@ class Step:
             stdin=stdio.stdin if task.task_id == self.spec.first_task else subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
+            exit_fd=exits,
+        )
+        task.monitor_proc = _proc_record(task.monitor.pid)
+        return task.monitor.task
+
+    # ---- the record -------------------------------------------------------------------
+
+    async def _save(self) -> None:
+        """Write the step's current state to its record (serialised: the last state wins)."""
+        async with self._save_lock:
+            record = self.snapshot()
+            await asyncio.to_thread(self.store.write, record)
+            self._recorded = True
+
+    def _save_soon(self, what: str) -> None:
+        """A state change the step does not wait on; a failure is logged (the old record stands)."""
+        async def save() -> None:
+            try:
+                await self._save()
+            except OSError as e:
+                self.log.error("cannot write the step's record", error=str(e), change=what)
+        task = asyncio.create_task(save())
+        self._pending_saves.add(task)
+        task.add_done_callback(self._pending_saves.discard)
+
+    def snapshot(self) -> StepRecord:
+        spec, settings, oci = self.spec, self.settings, self.settings.oci
+        ident = spec.identity
+        return StepRecord(
+            format=steprecord.FORMAT, version=steprecord.VERSION,
+            job_id=spec.job_id, step_id=spec.step_id, first_task=spec.first_task, ntasks=spec.ntasks,
+            task_offset=spec.task_offset, local_offset=spec.local_offset, node_id=spec.node_id,
+            container_id=spec.container_id,
+            user=steprecord.UserRecord(ident.user, ident.uid, ident.gid, list(ident.groups), ident.home),
+            bundle=spec.bundle, args=list(spec.args), workdir=spec.workdir, attached=spec.attached,
+            started_at=self.started_at, state="finished" if self.result is not None else self.state.value,
+            settings=steprecord.SettingsRecord(
+                oci_conf=oci.path, runtime_run=oci.runtime_run, runtime_create=oci.runtime_create,
+                runtime_start=oci.runtime_start, runtime_query=oci.runtime_query, runtime_kill=oci.runtime_kill,
+                runtime_delete=oci.runtime_delete, disable_cleanup=oci.disable_cleanup,
+                spool_dir=settings.spool_dir, node_name=settings.node_name, kill_wait=settings.kill_wait,
+                runtime_timeout=settings.runtime_timeout, runtime_env=dict(self._runtime_env),
+            ),
+            tasks=[
+                steprecord.TaskRecord(
+                    task_id=t.task_id, dir=t.dir, context=_context_dict(t.context), monitor=t.monitor_proc,
+                    process=t.proc, status=None if t.running or t.watch is None else t.status,
+                    status_known=t.status_known if t.watch is not None and not t.running else True,
+                )
+                for t in self.tasks
+            ],
+            spool=self._spool_record, cancel_reason=self._cancel_reason, daemon_pid=os.getpid(),
         )
 
     def _prepare(self) -> _Prepared:
@@ -298,6 +399,11 @@ class Step:
                 step_env = stepenv.exclude_env(task_env, oci.env_exclude_re)
                 self._write_task_files(spool, task, bundle_config, step_env, layout.step_dir)
             spool.hand_over()
+            spool_record = steprecord.SpoolRecord(
+                step_dir=layout.step_dir, task_dirs=list(layout.task_dirs),
+                created=[steprecord.DirRecord(p, dev, ino) for p, dev, ino in spool.created_dirs()],
+                kept=oci.disable_cleanup,
+            )
         except Exception as e:
             try:
                 spool.remove()
@@ -308,7 +414,7 @@ class Step:
             if isinstance(e, (BundleConfigError, ValueError)):
                 raise LaunchFailed(str(e)) from None
             raise LaunchFailed(f"cannot prepare the spool dir {layout.step_dir}: {e}") from None
-        return _Prepared(spool, tasks, runtime_env, first_commands)
+        return _Prepared(spool, tasks, runtime_env, first_commands, spool_record)
 
     def _write_task_files(
         self, spool: StepSpool, task: Task, bundle_config: dict | None, step_env: Mapping[str, str], step_dir: str
@@ -364,10 +470,10 @@ class Step:
 
     # ---- create/start ---------------------------------------------------------------
 
-    async def _create_and_start(self, create_commands: list[str], stdio: Stdio) -> None:
+    async def _create_and_start(self, create_commands: list[str], stdio: Stdio, exits: int) -> None:
         """Bring every task's container to running; on any failure, remove them all and raise LaunchFailed."""
         outcomes = await asyncio.gather(
-            *(self._create_task(task, command, stdio) for task, command in zip(self.tasks, create_commands)),
+            *(self._create_task(task, command, stdio, exits) for task, command in zip(self.tasks, create_commands)),
             return_exceptions=True,
         )
         failures = [(task, e) for task, e in zip(self.tasks, outcomes) if isinstance(e, BaseException)]
@@ -383,14 +489,14 @@ class Step:
             raise LaunchFailed(f"{prefix}{detail}")
         raise error
 
-    async def _create_task(self, task: Task, command: str, stdio: Stdio) -> None:
+    async def _create_task(self, task: Task, command: str, stdio: Stdio, exits: int) -> None:
         """RunTimeCreate, wait for `created`, watch the init, RunTimeStart."""
         oci, timeout = self.settings.oci, self.settings.runtime_timeout
         log = self.log.bind(task_id=task.task_id)
         log.debug("running runtime command", key="RunTimeCreate", command=command)
         # The container inherits RunTimeCreate's stdio: that is how its output reaches the
         # client. So we wait for the create command to exit, never for end-of-file.
-        create = await asyncio.to_thread(self._spawn_with_stdio, task, command, stdio)
+        create = await asyncio.to_thread(self._spawn_with_stdio, task, command, stdio, exits)
         try:
             try:
                 status = await asyncio.wait_for(create.wait(), timeout)
@@ -399,7 +505,7 @@ class Step:
                 await create.wait()
                 raise ContainerError(f"RunTimeCreate did not finish within {timeout:g} s and was killed") from None
         finally:
-            if not create.running:  # else we are being cancelled: the reaper collects it later
+            if not create.running:  # else we are being cancelled: its monitor reaps it once released
                 create.reap()
         if status != 0:
             raise ContainerError(
@@ -407,20 +513,21 @@ class Step:
             )
         state = await container.wait_until_created(lambda: self._helper("RunTimeQuery", oci.runtime_query, task), timeout)
         task.watch = self._watch_container(task, state, log)
+        if task.watch.pid is not None:
+            task.proc = _proc_record(task.watch.pid)
         start = await self._helper("RunTimeStart", oci.runtime_start, task)
         assert start is not None
         if start.status != 0:
             raise ContainerError(f"RunTimeStart failed with exit status {start.status}: {start.output or '(no output)'}")
         log.debug("container started", pid=task.watch.pid, watched="pidfd" if task.watch.pid else "RunTimeQuery")
 
-    def _watch_container(self, task: Task, state: container.ContainerState, log) -> ProcessWatch | PolledContainer:
+    def _watch_container(self, task: Task, state: container.ContainerState, log) -> MonitoredProcess | PolledContainer:
         problem = "RunTimeQuery reports no pid"
         if state.pid is not None:
+            assert task.monitor is not None
             try:
-                with SPAWN_LOCK:  # the reaper's sweep may have taken the orphaned init in first
-                    return self.reaper.take(state.pid, self.spec.identity.uid) or ProcessWatch.adopt(
-                        state.pid, self.spec.identity.uid
-                    )
+                # RunTimeCreate left the init behind: orphaned, it is now its monitor's child.
+                return task.monitor.adopt(state.pid, self.spec.identity.uid)
             except NotWatchable as e:
                 problem = str(e)
         log.warning(
@@ -435,7 +542,7 @@ class Step:
             log = self.log.bind(task_id=task.task_id)
             if task.watch is not None and task.watch.running:
                 task.watch.send_signal(signal.SIGKILL)
-                if isinstance(task.watch, ProcessWatch):
+                if not isinstance(task.watch, PolledContainer):
                     await task.watch.wait()
             # Delete even when create failed half-way: runc may have registered the container.
             await self._runtime_delete(task, log)
@@ -453,6 +560,54 @@ class Step:
                 await task.watch.wait()
         await self._release()
 
+    # ---- after a daemon restart -------------------------------------------------------
+
+    async def resume(self, recorded_state: str, cancel_reason: str | None, spool: StepSpool | None) -> None:
+        """Take the step over again after a restart; recovery.py built it from its record,
+        with each task's watch. The spool (reopened, or None when it is gone) becomes ours.
+
+        A step that was still launching was never acknowledged: it is undone (its
+        waiters get 125). One being cancelled is cancelled again. Any other is watched
+        to its end like a step launched by this daemon."""
+        self._spool = spool
+        self._recorded = True
+        for i, task in enumerate(self.tasks):
+            # Runtime commands start in the task dir; "/" when it is gone (any user may enter it).
+            task.cwd = spool.task_dir_pinned(i) if spool is not None else "/"
+        if recorded_state == "launching":
+            self._cancel_reason = "the daemon restarted while the step was launching"
+            self.log.warning("step was still launching when the daemon stopped; undoing the launch")
+            await self._abandon_launch()
+            return
+        for task in self.tasks:
+            if task.watch is None:
+                # The container's pid was never known (or never pinned): RunTimeQuery it is.
+                self.log.warning("recovered task has no process to watch; polling RunTimeQuery instead",
+                                 task_id=task.task_id)
+                task.watch = PolledContainer(
+                    lambda task=task: self._helper("RunTimeQuery", self.settings.oci.runtime_query, task)
+                )
+        self.state = StepState.RUNNING
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"step {self.ref}")
+        if recorded_state == "terminating":
+            self._cancel_reason = cancel_reason or "cancelled before the daemon restarted"
+            self.log.info("going on cancelling the step", reason=self._cancel_reason)
+            self._begin_termination()
+
+    async def _abandon_launch(self) -> None:
+        try:
+            for task in self.tasks:
+                if task.watch is not None and task.running:
+                    self._kill_task(task)
+                    await task.watch.wait()
+            await asyncio.gather(*(self._runtime_delete(task, self.log.bind(task_id=task.task_id))
+                                   for task in self.tasks))
+            await self._release()
+        finally:
+            self.state = StepState.FINISHED
+            self.result = StepResult(STATUS_LAUNCH_FAILED, tuple(None for _ in self.tasks), True)
+            self._done.set_result(self.result)
+
     # ---- running --------------------------------------------------------------
 
     async def _supervise(self) -> None:
@@ -461,13 +616,15 @@ class Step:
             if self._termination is not None:
                 await self._termination
             cancelled = self._termination is not None
-            status = next((s for s in statuses if s), 0)
-            self.result = StepResult(status, tuple(statuses), cancelled)
+            self.result = StepResult(step_status(statuses), tuple(statuses), cancelled)
+            await self._save_quietly("finished")  # cleanup pending: a restart finishes it
         except BaseException as e:  # never leave the step half-released
             if self._left_running:
                 raise  # nothing to release: the tasks run on, their spool with them
             self.log.exception("step supervision failed", error=str(e))
-            self.result = StepResult(255, tuple(t.status for t in self.tasks), self._termination is not None)
+            self.result = StepResult(
+                None, tuple(t.status if t.status_known else None for t in self.tasks), self._termination is not None
+            )
             raise
         finally:
             if not self._left_running:
@@ -477,23 +634,31 @@ class Step:
                 if not self._done.done():
                     self._done.set_result(self.result)
 
-    async def _watch_task(self, task: Task) -> int:
+    async def _watch_task(self, task: Task) -> int | None:
+        """The task's exit status once it ends (None: not known), after its container is deleted."""
         assert task.watch is not None
-        status = await task.watch.wait()
+        status: int | None = await task.watch.wait()
         log = self.log.bind(task_id=task.task_id)
         if task.watch.status_known:
             log.info("task exited", status=status)
         else:
-            log.warning("task ended; its exit status is unknown, reporting 0", status=status)
+            log.warning("task ended; its exit status is unknown and is reported as unknown")
+            status = None
         if self._termination is not None:
             return status  # the termination deletes the container
         if self.create_start:
             await self._confirm_stopped(task, log)
             await self._runtime_delete(task, log)
-        elif status >= 128:
-            # The runtime died by a signal: it may not have removed its container.
+        elif status is None or status >= 128:
+            # The runtime died by a signal (or we cannot tell): it may not have removed its container.
             await self._runtime_delete(task, log)
         return status
+
+    async def _save_quietly(self, change: str) -> None:
+        try:
+            await self._save()
+        except OSError as e:
+            self.log.error("cannot write the step's record", error=str(e), change=change)
 
     async def _confirm_stopped(self, task: Task, log) -> None:
         """The one RunTimeQuery after the container's end: the runtime should agree it stopped."""
@@ -525,7 +690,6 @@ class Step:
                 else:
                     self.log.warning("cannot signal a container whose pid is not known", task_id=task.task_id)
                 continue
-            assert isinstance(task.watch, ProcessWatch)
             if signal_group_except_leader(task.watch.pid, sig) == 0:
                 # Nothing below the shell (yet, or any more): the shell is all there is to signal.
                 task.watch.send_signal(sig)
@@ -545,9 +709,9 @@ class Step:
     def leave_running(self) -> None:
         """The daemon stops and leaves this step alone: stop watching it, end nothing, remove nothing.
 
-        Its tasks run on (reparented when the daemon exits) and its spool dir stays; no
-        RunTimeKill or RunTimeDelete runs for it. Until restart survival exists, the next
-        daemon does not know the step.
+        Its tasks run on under their monitors, its spool dir and its record stay; no
+        RunTimeKill or RunTimeDelete runs for it. The next daemon recovers it from the
+        record (recovery.py).
         """
         if self.state is StepState.FINISHED or self._supervisor is None:
             return
@@ -560,6 +724,8 @@ class Step:
         self._termination = asyncio.create_task(self._terminate())
 
     async def _terminate(self) -> None:
+        # Recorded first: a daemon that dies now leaves a step the next one goes on cancelling.
+        await self._save_quietly("terminating")
         await asyncio.gather(*(self._terminate_task(task) for task in self.tasks if task.running))
 
     async def _terminate_task(self, task: Task) -> None:
@@ -623,14 +789,16 @@ class Step:
     # ---- release ----------------------------------------------------------------
 
     async def _release(self) -> None:
-        """Kill leftovers of each task's group, reap, remove the spool: the one release point."""
+        """Kill leftovers of each task's group, reap, remove the spool and the record: the one release point."""
         for task in self.tasks:
-            if task.watch is None or task.running:
-                continue
-            if not self.create_start:
-                assert isinstance(task.watch, ProcessWatch)
-                task.watch.kill_group(signal.SIGKILL)  # stragglers a runtime left in its group
-            task.watch.reap()
+            if task.watch is not None and not task.running:
+                if not self.create_start:
+                    task.watch.kill_group(signal.SIGKILL)  # stragglers a runtime left in its group
+                task.watch.reap()
+            if task.monitor is not None:
+                # The monitor reaps what it held for us and exits; the reaper collects it.
+                task.monitor.release(self.reaper)
+                task.monitor = None
         self.reaper.sweep()  # whatever the runtimes left orphaned to us
         if self._spool is not None:
             spool, self._spool = self._spool, None
@@ -642,6 +810,33 @@ class Step:
                     await asyncio.to_thread(spool.remove)
                 except SpoolError as e:
                     self.log.error("spool dir could not be removed", error=str(e))
+        if self._recorded:
+            async with self._save_lock:  # after any write still under way
+                try:
+                    await asyncio.to_thread(self.store.remove, self.name)
+                    self._recorded = False
+                except OSError as e:
+                    self.log.error("cannot remove the step's record", error=str(e), state_dir=self.store.path)
+
+
+def step_status(statuses: list[int | None] | tuple[int | None, ...]) -> int | None:
+    """The first non-zero known task status; else 0 if every status is known; else None (unknown)."""
+    failed = next((s for s in statuses if s), None)
+    if failed is not None:
+        return failed
+    return None if any(s is None for s in statuses) else 0
+
+
+def _proc_record(pid: int) -> ProcRecord:
+    started = start_time(pid)
+    # The process is held unreaped by its monitor (or by us), so /proc still shows it.
+    return ProcRecord(pid, started if started is not None else 0)
+
+
+def _context_dict(context: PatternContext) -> dict[str, object]:
+    fields = dataclasses.asdict(context)
+    fields["args"] = list(context.args)
+    return fields
 
 
 def _env_dict(entries: list[str]) -> dict[str, str]:

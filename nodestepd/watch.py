@@ -96,6 +96,21 @@ def children(pid: int) -> list[int]:
     return kids
 
 
+def start_time(pid: int) -> int | None:
+    """When pid started (field 22 of /proc/PID/stat, clock ticks after boot); None when it is gone.
+
+    A pid and its start time name one process for the life of the machine: a recycled
+    pid has a later start time."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19])
+
+
 def proc_ids(pid: int) -> tuple[int, int]:
     """(parent pid, real uid) from /proc/PID/status."""
     ppid = uid = -1
@@ -128,12 +143,13 @@ class ProcessWatch:
         return cls(pid, os.pidfd_open(pid))
 
     @classmethod
-    def adopt(cls, pid: int, uid: int) -> "ProcessWatch":
+    def adopt(cls, pid: int, uid: int, start: int | None = None) -> "ProcessWatch":
         """Watch a process a runtime named (a container's init), checking it is the one it should be.
 
         The pid is pinned by the pidfd first; then /proc must show it running as `uid` (a
-        recycled pid would belong to someone else). One that has already exited is fine:
-        its status is still to be had. Raises NotWatchable.
+        recycled pid would belong to someone else) and, given `start` (a start time
+        recorded earlier, see start_time), started at that very time. One that has already
+        exited is fine: its status is still to be had. Raises NotWatchable.
         """
         try:
             pidfd = os.pidfd_open(pid)
@@ -146,6 +162,9 @@ class ProcessWatch:
                 raise NotWatchable(f"pid {pid} has already exited and been reaped") from None
             if real_uid != uid:
                 raise NotWatchable(f"pid {pid} runs as uid {real_uid}, not {uid}: not the container's process")
+            if start is not None and start_time(pid) != start:
+                raise NotWatchable(f"pid {pid} is another process now (it started at tick {start_time(pid)}, "
+                                   f"not {start}): the pid was recycled")
         except BaseException:
             os.close(pidfd)
             raise

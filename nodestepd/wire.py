@@ -19,6 +19,10 @@ HEADER = struct.Struct(">I")
 # Exit status conventions shared by the daemon and the client.
 STATUS_LAUNCH_FAILED = 125  # the step could not start (as docker/podman run do)
 STATUS_CONNECTION_LOST = 255
+# The step ended, but no task failed that we know of and some task's status is not known
+# (it ended while no daemon watched it, with no record left): the same "we cannot tell
+# how it ended" as a lost connection, said on stderr.
+STATUS_UNKNOWN = 255
 
 
 class ProtocolError(Exception):

@@ -468,3 +468,73 @@ def test_close_keeps_tree_and_is_idempotent(spool_dir):
     with pytest.raises(SpoolError, match="already closed"):
         spool.hand_over()
     assert tree(spool_dir)[0] == "oci-job12-3"
+
+
+# --- reopen (after a daemon restart) ---
+
+
+def _created_and_closed(lay):
+    spool = StepSpool.create(lay, USER_UID, USER_GID)
+    spool.write_task_file(0, "config.json", b"{}", 0o600)
+    spool.hand_over()
+    created = spool.created_dirs()
+    spool.close()  # the daemon died: its fds are gone, the tree stays
+    return created
+
+
+def test_reopen_and_remove_after_restart(spool_dir):
+    lay = layout(None, spool_dir=str(spool_dir))
+    created = _created_and_closed(lay)
+    assert [p for p, _, _ in created] == [lay.step_dir, *lay.task_dirs]
+    fds = open_fds()
+    spool = StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    assert spool is not None
+    assert os.path.samefile(spool.task_dir_pinned(1), lay.task_dirs[1])
+    spool.remove()
+    assert os.listdir(spool_dir) == []
+    assert open_fds() == fds
+
+
+def test_reopen_removes_created_parents_too(tmp_path):
+    lay = layout(str(tmp_path / "scratch/%u/%j.%s/%t"), ntasks=2)
+    created = _created_and_closed(lay)
+    assert [p for p, _, _ in created][0] == str(tmp_path / "scratch")
+    spool = StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    spool.remove()
+    assert os.listdir(tmp_path) == []
+
+
+def test_reopen_of_a_removed_step_dir_is_none(spool_dir):
+    lay = layout(None, spool_dir=str(spool_dir))
+    created = _created_and_closed(lay)
+    shutil.rmtree(lay.step_dir)
+    assert StepSpool.reopen(lay, created, USER_UID, USER_GID) is None
+
+
+def test_reopen_leaves_a_replaced_step_dir_alone(spool_dir, tmp_path):
+    """The user owns the step dir and may put another directory (or a link) in its place
+    while the daemon is down: the restarted daemon must not remove that."""
+    lay = layout(None, spool_dir=str(spool_dir))
+    created = _created_and_closed(lay)
+    os.rename(lay.step_dir, str(tmp_path / "moved"))
+    os.mkdir(lay.step_dir)
+    (spool_dir / "oci-job12-3" / "keep").write_text("mine")
+    with pytest.raises(SpoolError, match="no longer the directory the step created"):
+        StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    assert (spool_dir / "oci-job12-3" / "keep").read_text() == "mine"
+    shutil.rmtree(lay.step_dir)
+    os.symlink(tmp_path / "moved", lay.step_dir)
+    with pytest.raises(SpoolError, match="symbolic link"):
+        StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    assert (tmp_path / "moved" / "task-0" / "config.json").exists()
+
+
+def test_reopen_refuses_a_swapped_task_dir(spool_dir, tmp_path):
+    lay = layout(None, spool_dir=str(spool_dir))
+    created = _created_and_closed(lay)
+    os.rename(lay.task_dirs[0], str(tmp_path / "moved"))
+    os.symlink(tmp_path / "moved", lay.task_dirs[0])
+    fds = open_fds()
+    with pytest.raises(SpoolError, match="symbolic link"):
+        StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    assert open_fds() == fds
