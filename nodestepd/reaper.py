@@ -10,7 +10,8 @@ no SIGCHLD to tell us (uvloop owns it) and waitpid(-1) would steal the statuses 
 ProcessWatch owns, so `sweep()` looks at our children in /proc, skips the ones a
 ProcessWatch has claimed, reaps the dead ones and watches the live ones through a pidfd
 until they end. Steps call it when they release their processes, which is when their
-leftovers appear.
+leftovers appear. `reap_later` takes over a child its owner lets go of while it still
+runs: a task monitor after release (monitor.py), which exits once its task has.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ from .watch import CLAIMED, SPAWN_LOCK, ProcessWatch, children, proc_ids
 
 _PR_SET_CHILD_SUBREAPER = 36
 
-log = get_logger()
+
+def _log():
+    """The logger, looked up when used: one bound at import would miss configure_logging()."""
+    return get_logger()
 
 
 def become_subreaper() -> None:
@@ -39,6 +43,7 @@ class Reaper:
 
     def __init__(self) -> None:
         self._orphans: dict[int, ProcessWatch] = {}
+        self._released: dict[int, ProcessWatch] = {}  # children let go of by their owner (task monitors)
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -58,7 +63,7 @@ class Reaper:
                 status = watch.poll()
                 if status is not None:
                     watch.reap()
-                    log.info("reaped an orphaned process", pid=pid, status=status)
+                    _log().info("reaped an orphaned process", pid=pid, status=status)
                     continue
                 self._orphans[pid] = watch
                 task = asyncio.create_task(self._reap(watch), name=f"orphan {pid}")
@@ -79,9 +84,30 @@ class Reaper:
             return None
         return self._orphans.pop(pid)
 
+    def reap_later(self, watch: ProcessWatch, what: str) -> None:
+        """Take over a child its owner has let go of (a task monitor after release) and reap
+        it when it exits, without blocking anyone. Call on the event loop."""
+        self._released[watch.pid] = watch
+        task = asyncio.create_task(self._reap_released(watch, what), name=f"{what} {watch.pid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def released(self) -> list[int]:
+        return sorted(self._released)
+
+    async def _reap_released(self, watch: ProcessWatch, what: str) -> None:
+        status = await watch.wait()
+        del self._released[watch.pid]
+        watch.reap()
+        if status == 0:
+            _log().debug(f"reaped a {what}", pid=watch.pid)
+        else:
+            _log().warning(f"a {what} ended with a failure", pid=watch.pid, status=status)
+
     async def _reap(self, watch: ProcessWatch) -> None:
         status = await watch.wait()
         if self._orphans.get(watch.pid) is watch:
             del self._orphans[watch.pid]
             watch.reap()
-            log.info("reaped an orphaned process", pid=watch.pid, status=status)
+            _log().info("reaped an orphaned process", pid=watch.pid, status=status)

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install what nodestepd and its tests need on a Debian 12 machine (as root). Idempotent.
 #   Debian: runc, busybox-static (test bundles), charliecloud-runtime (ch-run), python3-venv,
+#           gcc libc6-dev (pip compiles nodestepd-monitor, the per-task parent, from C),
 #           systemd (systemd-analyze verifies the units; systemd-socket-activate tests activation),
 #           man-db (the man page test renders with man -l),
 #           munge slurmctld slurmd slurm-client (a private single-node Slurm for the srun test;
@@ -18,8 +19,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=""
-for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip systemd man-db \
-           munge slurmctld slurmd slurm-client; do
+for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip gcc libc6-dev systemd \
+           man-db munge slurmctld slurmd slurm-client; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then

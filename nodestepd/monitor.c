@@ -1,0 +1,572 @@
+/*
+ * nodestepd-monitor: the parent of one task, outside the daemon (docs/monitor.md).
+ *
+ *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
+ *                     -- PROGRAM ARG...
+ *
+ * Started by nodestepd (as root, once per task). It forks PROGRAM as the user and
+ * stays its parent, and the parent of whatever gets orphaned below it (it is a child
+ * subreaper), so that a task's exit status is written down even while the daemon is
+ * down: for every child that exits it appends "PID STATUS\n" to the exit file (fd M,
+ * opened O_APPEND by the daemon), then sends "exit PID STATUS\n" on ctl.
+ *
+ * ctl (fd N) is one end of an AF_UNIX SOCK_SEQPACKET socketpair: one message per
+ * record, so neither side ever sees half a line. We send, in order:
+ *   "started PID\n"            the task was exec'ed (or "error ERRNO STEP\n", then exit 1)
+ *   "exit PID STATUS\n"        per child, once, after its line is in the exit file
+ *   "warning exit-file ERRNO\n" a record could not be written to the exit file
+ * The daemon sends nothing; closing its end (end-of-file for us) means "released":
+ * the daemon let go of the task, or died. Until then exited children stay zombies, so
+ * their pids and the process groups they lead cannot be reused while the daemon still
+ * signals them (RunTimeKill with %p, a final SIGKILL to the group). Once released, we
+ * reap every zombie, then record and reap each child as it exits, and exit 0 when none
+ * is left.
+ *
+ * STATUS is the shell's: the exit code, or 128+N for death by signal N.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+/* What the task's child side was doing when it failed: sent with the errno. */
+enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_EXEC };
+static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "exec"};
+
+struct child {
+	pid_t pid;
+	int status;
+	bool exited; /* recorded in the exit file */
+	bool sent;   /* and on ctl (or there is no ctl any more) */
+};
+
+static struct child *children;
+static size_t nchildren, children_cap;
+static int ctl_fd = -1; /* -1 once released */
+static int exit_fd = -1;
+
+static void die(const char *what)
+{
+	/* Only reached before the task exists, or for a broken invariant: our stderr is the
+	   task's, so say as little as possible there; the daemon learns it from ctl's EOF. */
+	fprintf(stderr, "nodestepd-monitor: %s: %s\n", what, strerror(errno));
+	exit(2);
+}
+
+/* ---- ctl -------------------------------------------------------------------------- */
+
+static void release(void)
+{
+	if (ctl_fd >= 0) {
+		close(ctl_fd);
+		ctl_fd = -1;
+	}
+}
+
+/* One message. 0: sent (or nobody to send to); 1: the daemon is not reading: try again
+   when ctl is writable. Never blocks, never raises SIGPIPE: a daemon that stopped
+   reading or died must not stop us recording. */
+static int ctl_send(const char *msg)
+{
+	if (ctl_fd < 0)
+		return 0;
+	for (;;) {
+		if (send(ctl_fd, msg, strlen(msg), MSG_DONTWAIT | MSG_NOSIGNAL) >= 0)
+			return 0;
+		if (errno == EINTR)
+			continue;
+		if (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)
+			return 1;
+		release(); /* EPIPE, ECONNRESET: the daemon is gone */
+		return 0;
+	}
+}
+
+/* ---- children ------------------------------------------------------------------------ */
+
+static struct child *find_child(pid_t pid, bool add)
+{
+	for (size_t i = 0; i < nchildren; i++)
+		if (children[i].pid == pid)
+			return &children[i];
+	if (!add)
+		return NULL;
+	if (nchildren == children_cap) {
+		size_t cap = children_cap ? children_cap * 2 : 16;
+		struct child *grown = realloc(children, cap * sizeof *grown);
+		if (!grown)
+			die("realloc");
+		children = grown;
+		children_cap = cap;
+	}
+	children[nchildren] = (struct child){.pid = pid};
+	return &children[nchildren++];
+}
+
+static void forget_child(struct child *c)
+{
+	*c = children[--nchildren];
+}
+
+static int shell_status(const siginfo_t *si)
+{
+	return si->si_code == CLD_EXITED ? si->si_status : 128 + si->si_status;
+}
+
+static int write_all(int fd, const char *buf, size_t len)
+{
+	while (len > 0) {
+		ssize_t n = write(fd, buf, len);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return -1;
+		buf += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* Write the child's status down: the exit file first (what survives us and the daemon),
+   then ctl. No fsync: a crash of the node kills the tasks too, so there is nothing to
+   recover; surviving the daemon only needs the page cache. */
+static void record(struct child *c, int status)
+{
+	char line[64];
+	c->exited = true;
+	c->status = status;
+	int len = snprintf(line, sizeof line, "%d %d\n", (int)c->pid, status);
+	if (write_all(exit_fd, line, (size_t)len) < 0) {
+		char warning[64];
+		snprintf(warning, sizeof warning, "warning exit-file %d\n", errno);
+		ctl_send(warning); /* best effort: the exit record below matters more */
+	}
+}
+
+/* Send every exit record not sent yet, oldest child first. false: ctl is full. */
+static bool flush_records(void)
+{
+	for (size_t i = 0; i < nchildren; i++) {
+		struct child *c = &children[i];
+		if (!c->exited || c->sent)
+			continue;
+		char msg[64];
+		snprintf(msg, sizeof msg, "exit %d %d\n", (int)c->pid, c->status);
+		if (ctl_send(msg))
+			return false;
+		c->sent = true;
+	}
+	return true;
+}
+
+/* Not released: record every child that has exited, and keep it a zombie.
+   /proc/thread-self/children lists our children, zombies included (we are one thread).
+   We reap nothing while scanning and new children are appended at the end of the
+   kernel's list, so one read sees every child. */
+static void scan_children(void)
+{
+	static char *buf;
+	static size_t cap;
+	int fd = open("/proc/thread-self/children", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		die("open /proc/thread-self/children");
+	size_t len = 0;
+	for (;;) {
+		if (len + 1 >= cap) {
+			size_t grown_cap = cap ? cap * 2 : 4096;
+			char *grown = realloc(buf, grown_cap);
+			if (!grown)
+				die("realloc");
+			buf = grown;
+			cap = grown_cap;
+		}
+		ssize_t n = read(fd, buf + len, cap - len - 1);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			die("read /proc/thread-self/children");
+		if (n == 0)
+			break;
+		len += (size_t)n;
+	}
+	close(fd);
+	buf[len] = '\0';
+	for (char *p = buf, *end; *p; p = end) {
+		long pid = strtol(p, &end, 10);
+		if (end == p)
+			break;
+		struct child *c = find_child((pid_t)pid, true);
+		if (c->exited)
+			continue;
+		siginfo_t si;
+		memset(&si, 0, sizeof si);
+		/* WNOWAIT: look, do not reap. */
+		if (waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT) < 0) {
+			if (errno == ECHILD || errno == EINTR)
+				continue; /* cannot happen (we reap nothing yet); look again at the next SIGCHLD */
+			die("waitid");
+		}
+		if (si.si_pid != 0)
+			record(c, shell_status(&si));
+	}
+}
+
+/* Released: record and reap every child that has exited. true when none is left. */
+static bool reap_children(void)
+{
+	for (;;) {
+		siginfo_t si;
+		memset(&si, 0, sizeof si);
+		if (waitid(P_ALL, 0, &si, WEXITED | WNOHANG | WNOWAIT) < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == ECHILD)
+				return true;
+			die("waitid");
+		}
+		if (si.si_pid == 0)
+			return false; /* children left, all running */
+		struct child *c = find_child(si.si_pid, true);
+		if (!c->exited)
+			record(c, shell_status(&si)); /* before the reap: the pid stays ours until written */
+		siginfo_t reaped;
+		memset(&reaped, 0, sizeof reaped);
+		while (waitid(P_PID, (id_t)si.si_pid, &reaped, WEXITED | WNOHANG) < 0 && errno == EINTR)
+			;
+		forget_child(c);
+	}
+}
+
+/* ---- the task ------------------------------------------------------------------------- */
+
+struct options {
+	uid_t uid;
+	gid_t gid;
+	gid_t *groups;
+	size_t ngroups;
+	const char *cwd;
+	char **argv;
+};
+
+static _Noreturn void child_failed(int report_fd, enum step step)
+{
+	int msg[2] = {errno, step};
+	if (write(report_fd, msg, sizeof msg) < 0) {
+		/* nothing left to tell anyone: the parent reads EOF and a status of 127 */
+	}
+	_exit(127);
+}
+
+/* In the forked child: become the task. Everything before execv runs as root. */
+static _Noreturn void become_task(const struct options *o, int report_fd)
+{
+	struct sigaction dfl;
+	memset(&dfl, 0, sizeof dfl);
+	dfl.sa_handler = SIG_DFL;
+	for (int sig = 1; sig < NSIG; sig++)
+		if (sig != SIGKILL && sig != SIGSTOP)
+			sigaction(sig, &dfl, NULL); /* EINVAL for the C library's own signals: fine */
+	sigset_t none;
+	sigemptyset(&none);
+	if (sigprocmask(SIG_SETMASK, &none, NULL) < 0)
+		child_failed(report_fd, STEP_SETUP);
+	/* Its own process group, led by the task, as the daemon's runtime commands get. */
+	if (setpgid(0, 0) < 0)
+		child_failed(report_fd, STEP_SETUP);
+	/* As root: the daemon hands in its pinned fd on the task dir (/proc/PID/fd/N). */
+	if (chdir(o->cwd) < 0)
+		child_failed(report_fd, STEP_CHDIR);
+	if (setgroups(o->ngroups, o->groups) < 0)
+		child_failed(report_fd, STEP_GROUPS);
+	if (setresgid(o->gid, o->gid, o->gid) < 0)
+		child_failed(report_fd, STEP_GID);
+	/* Every uid away from 0 clears the permitted, effective and ambient capabilities. */
+	if (setresuid(o->uid, o->uid, o->uid) < 0)
+		child_failed(report_fd, STEP_UID);
+	/* Root entered the directory; the user must be able to work in it too. */
+	if (access(".", X_OK) < 0)
+		child_failed(report_fd, STEP_CHDIR);
+	umask(022);
+	/* Only 0, 1, 2 survive the exec. CLOEXEC rather than close: report_fd must stay open
+	   until the exec succeeds (which closes it, telling the parent). */
+	if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+		long max = sysconf(_SC_OPEN_MAX);
+		for (int fd = 3; fd < (max > 0 ? max : 65536); fd++)
+			if (fd != report_fd)
+				fcntl(fd, F_SETFD, FD_CLOEXEC); /* EBADF for fds not open: fine */
+	}
+	execv(o->argv[0], o->argv);
+	child_failed(report_fd, STEP_EXEC);
+}
+
+/* Fork the task. Returns its pid, or -1 with *err and *step when it could not start
+   (the failed child is reaped). */
+static pid_t start_task(const struct options *o, int *err, enum step *step)
+{
+	int report[2];
+	if (pipe2(report, O_CLOEXEC) < 0) {
+		*err = errno;
+		*step = STEP_SETUP;
+		return -1;
+	}
+	pid_t pid = fork();
+	if (pid < 0) {
+		*err = errno;
+		*step = STEP_SETUP;
+		close(report[0]);
+		close(report[1]);
+		return -1;
+	}
+	if (pid == 0) {
+		close(report[0]);
+		become_task(o, report[1]);
+	}
+	close(report[1]);
+	int msg[2];
+	ssize_t n;
+	do
+		n = read(report[0], msg, sizeof msg);
+	while (n < 0 && errno == EINTR);
+	int read_errno = errno;
+	close(report[0]);
+	if (n == 0)
+		return pid; /* the exec closed the pipe */
+	*err = n == (ssize_t)sizeof msg ? msg[0] : n < 0 ? read_errno : EIO;
+	*step = n == (ssize_t)sizeof msg && msg[1] >= 0 && msg[1] <= STEP_EXEC ? (enum step)msg[1] : STEP_SETUP;
+	while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+		;
+	return -1;
+}
+
+/* ---- start-up ------------------------------------------------------------------------ */
+
+static _Noreturn void usage(const char *problem)
+{
+	fprintf(stderr,
+		"nodestepd-monitor: %s\n"
+		"usage: nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR"
+		" -- PROGRAM ARG...\n"
+		"(started by nodestepd, once per task; see docs/monitor.md)\n",
+		problem);
+	if (ctl_fd >= 0) {
+		char msg[64];
+		snprintf(msg, sizeof msg, "error %d setup\n", EINVAL);
+		ctl_send(msg);
+	}
+	exit(2);
+}
+
+/* A decimal number in [0, max]; no sign, no spaces, nothing after it. */
+static bool parse_number(const char *s, unsigned long long max, unsigned long long *out)
+{
+	if (*s < '0' || *s > '9')
+		return false;
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || *end || v > max)
+		return false;
+	*out = v;
+	return true;
+}
+
+static int parse_fd(const char *s)
+{
+	unsigned long long v;
+	if (!parse_number(s, INT_MAX, &v) || v < 3)
+		usage("fds must be numbers above 2");
+	return (int)v;
+}
+
+static void parse_groups(const char *list, struct options *o)
+{
+	size_t n = *list ? 1 : 0;
+	for (const char *p = list; *p; p++)
+		n += *p == ',';
+	if (n > (size_t)NGROUPS_MAX)
+		usage("too many groups");
+	o->groups = calloc(n ? n : 1, sizeof *o->groups);
+	if (!o->groups)
+		die("calloc");
+	char *copy = strdup(list);
+	if (!copy)
+		die("strdup");
+	char *save = NULL;
+	for (char *g = strtok_r(copy, ",", &save); g; g = strtok_r(NULL, ",", &save)) {
+		unsigned long long v;
+		if (!parse_number(g, (gid_t)-2, &v))
+			usage("--groups: not a list of gids");
+		o->groups[o->ngroups++] = (gid_t)v;
+	}
+	if (o->ngroups != n)
+		usage("--groups: empty entry");
+	free(copy);
+}
+
+static void parse_args(int argc, char **argv, struct options *o)
+{
+	bool have_uid = false, have_gid = false, have_groups = false;
+	int i = 1;
+	/* ctl first, so that every later complaint also reaches the daemon */
+	for (int j = 1; j + 1 < argc && strcmp(argv[j], "--") != 0; j += 2)
+		if (strcmp(argv[j], "--ctl-fd") == 0) {
+			unsigned long long v;
+			if (parse_number(argv[j + 1], INT_MAX, &v) && v > 2)
+				ctl_fd = (int)v;
+		}
+	for (; i < argc && strcmp(argv[i], "--") != 0; i += 2) {
+		if (i + 1 >= argc)
+			usage("an option without its value");
+		const char *name = argv[i], *value = argv[i + 1];
+		unsigned long long v;
+		if (strcmp(name, "--ctl-fd") == 0) {
+			ctl_fd = parse_fd(value);
+		} else if (strcmp(name, "--exit-fd") == 0) {
+			exit_fd = parse_fd(value);
+		} else if (strcmp(name, "--uid") == 0) {
+			if (!parse_number(value, (uid_t)-2, &v))
+				usage("--uid: not a uid");
+			o->uid = (uid_t)v;
+			have_uid = true;
+		} else if (strcmp(name, "--gid") == 0) {
+			if (!parse_number(value, (gid_t)-2, &v))
+				usage("--gid: not a gid");
+			o->gid = (gid_t)v;
+			have_gid = true;
+		} else if (strcmp(name, "--groups") == 0) {
+			parse_groups(value, o);
+			have_groups = true;
+		} else if (strcmp(name, "--cwd") == 0) {
+			o->cwd = value;
+		} else {
+			usage("unknown option");
+		}
+	}
+	if (ctl_fd < 0 || exit_fd < 0 || !have_uid || !have_gid || !have_groups || !o->cwd)
+		usage("every option is required");
+	if (ctl_fd == exit_fd)
+		usage("--ctl-fd and --exit-fd are the same fd");
+	if (i + 1 >= argc || argv[i + 1][0] != '/')
+		usage("no absolute PROGRAM after --");
+	o->argv = &argv[i + 1];
+}
+
+/* ctl must be a SOCK_SEQPACKET socket and the exit file open for appending: anything
+   else would lose or tear records. */
+static void check_fds(void)
+{
+	int type;
+	socklen_t len = sizeof type;
+	if (getsockopt(ctl_fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0 || type != SOCK_SEQPACKET)
+		usage("--ctl-fd is not a SOCK_SEQPACKET socket");
+	int flags = fcntl(exit_fd, F_GETFL);
+	if (flags < 0 || (flags & O_ACCMODE) == O_RDONLY || !(flags & O_APPEND))
+		usage("--exit-fd is not open for appending");
+	/* Ours alone: the task must not inherit them (it gets 0-2 only anyway). */
+	if (fcntl(ctl_fd, F_SETFD, FD_CLOEXEC) < 0 || fcntl(exit_fd, F_SETFD, FD_CLOEXEC) < 0)
+		die("fcntl");
+}
+
+int main(int argc, char **argv)
+{
+	struct options o = {0};
+	parse_args(argc, argv, &o);
+	check_fds();
+
+	/* Our own session: a signal to the daemon's process group, or a hang-up of its
+	   terminal, must not reach us. The daemon never starts us as a group leader. */
+	if (setsid() < 0)
+		die("setsid");
+	/* Orphans below us (a container's init left by RunTimeCreate) become our children. */
+	if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+		die("prctl(PR_SET_CHILD_SUBREAPER)");
+	/* Whoever stops the daemon (systemd's SIGTERM to its cgroup, a ^C) must not stop us. */
+	struct sigaction ign;
+	memset(&ign, 0, sizeof ign);
+	ign.sa_handler = SIG_IGN;
+	const int ignored[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGPIPE};
+	for (size_t k = 0; k < sizeof ignored / sizeof ignored[0]; k++)
+		if (sigaction(ignored[k], &ign, NULL) < 0)
+			die("sigaction");
+	/* SIGCHLD through a signalfd, blocked before the fork so that no exit goes unseen.
+	   Its disposition stays SIG_DFL: SIG_IGN would make the kernel reap children for us. */
+	sigset_t chld;
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	if (sigprocmask(SIG_BLOCK, &chld, NULL) < 0)
+		die("sigprocmask");
+	int sfd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (sfd < 0)
+		die("signalfd");
+
+	int err = 0;
+	enum step step = STEP_SETUP;
+	pid_t task = start_task(&o, &err, &step);
+	char msg[64];
+	if (task < 0) {
+		snprintf(msg, sizeof msg, "error %d %s\n", err, step_names[step]);
+		ctl_send(msg);
+		return 1;
+	}
+	/* The task's stdio is the task's: holding it would keep a pipe or a client's terminal
+	   open after the task is gone. Nothing here may block the daemon's view of EOF. */
+	int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+	if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0)
+		die("/dev/null");
+	if (null > 2)
+		close(null);
+	if (chdir("/") < 0) /* pin no directory */
+		die("chdir /");
+	snprintf(msg, sizeof msg, "started %d\n", (int)task);
+	ctl_send(msg); /* the first message on an empty socket: it fits */
+	find_child(task, true);
+
+	for (;;) {
+		bool writable = true;
+		if (ctl_fd >= 0) {
+			scan_children();
+			writable = flush_records();
+		}
+		if (ctl_fd < 0 && reap_children())
+			return 0;
+		struct pollfd fds[2] = {
+			{.fd = sfd, .events = POLLIN},
+			{.fd = ctl_fd, .events = (short)(POLLIN | (writable ? 0 : POLLOUT))},
+		};
+		if (poll(fds, ctl_fd >= 0 ? 2 : 1, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			die("poll");
+		}
+		if (fds[0].revents) {
+			struct signalfd_siginfo info;
+			while (read(sfd, &info, sizeof info) > 0)
+				; /* one scan covers every SIGCHLD queued */
+		}
+		if (ctl_fd >= 0 && (fds[1].revents & (POLLIN | POLLHUP | POLLERR))) {
+			char buf[256];
+			ssize_t n = recv(ctl_fd, buf, sizeof buf, MSG_DONTWAIT);
+			if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+				release(); /* the daemon let go of the task, or died */
+			/* a message from the daemon: none is defined; ignored */
+		}
+	}
+}
