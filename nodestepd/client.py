@@ -276,7 +276,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             for fd in owned:
                 os.close(fd)
             owned = []
-            reply = _await_started(sock)
+            reply = _await_started(sock, None if job_id is None else f"{job_id}.{step_id or 0}")
             ref = f"{reply['job_id']}.{reply['step_id']}"
             if args.detach:
                 print(ref)
@@ -292,16 +292,27 @@ PROGRESS_AFTER = 1.0  # seconds without a reply before the first progress line
 PROGRESS_EVERY = 10.0
 
 
-def _await_started(sock: socket.socket) -> dict:
+def _await_started(sock: socket.socket, ref: str | None) -> dict:
     """The `started` reply. While the daemon is still preparing the step (stage-in, a
-    slow runtime create), say so on stderr: after PROGRESS_AFTER seconds, not before."""
+    slow runtime create), say so on stderr: after PROGRESS_AFTER seconds, not before.
+
+    ref: the step's JOB.STEP when the caller chose the job id, for the message when the
+    daemon goes away before its reply (then nobody here knows whether the step runs)."""
     began = time.monotonic()
     deadline = began + PROGRESS_AFTER
     noted = False
     while True:
         readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
         if readable:
-            reply = expect(receive(sock), "started", wire.STATUS_LAUNCH_FAILED)
+            received = receive(sock)
+            if received is None:
+                which = f"step {ref}" if ref else "the step"
+                then = f"nodestepctl wait {ref}" if ref else "nodestepctl ps"
+                raise ClientError(
+                    f"lost the connection to nodestepd before it acknowledged the launch; {which} may be "
+                    f"running ({then} tells)", wire.STATUS_CONNECTION_LOST,
+                )
+            reply = expect(received, "started", wire.STATUS_LAUNCH_FAILED)
             if noted:
                 waited = time.monotonic() - began
                 print(f"nodestepctl: step {reply['job_id']}.{reply['step_id']} started after {waited:.1f} s",
@@ -384,8 +395,8 @@ def _exit_status(reply: dict) -> int:
         return reply["status"]
     unknown = [str(t["task_id"]) for t in reply.get("tasks", []) if t["status"] is None]
     print(f"nodestepctl: step {reply['job_id']}.{reply['step_id']} ended, but the exit status of task(s) "
-          f"{', '.join(unknown) or '?'} is not known (they ended while nodestepd was not running and no "
-          f"record of their status survived); exiting with {wire.STATUS_UNKNOWN}", file=sys.stderr)
+          f"{', '.join(unknown) or '?'} is not known (nodestepd could not watch their process: the daemon's "
+          f"log says why); exiting with {wire.STATUS_UNKNOWN}", file=sys.stderr)
     return wire.STATUS_UNKNOWN
 
 

@@ -90,7 +90,7 @@ class PolledContainer:
     """The fallback when the container's pid cannot be watched: RunTimeQuery with backoff until `stopped`.
 
     It offers what Step needs of a ProcessWatch. The exit status is not known this way
-    (the runtime's state has none), so it is 0, as Slurm reports, and status_known is False.
+    (the runtime's state has none): status_known is False, and the step reports it as unknown.
     """
 
     pid = None

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 from .logs import get_logger
 from .runtime import SHELL, Identity
-from .watch import CLAIMED, SPAWN_LOCK, NotWatchable, ProcessWatch, _pidfd_readable, exit_status, proc_ids
+from .watch import CLAIMED, SPAWN_LOCK, NotWatchable, ProcessWatch, _pidfd_readable, exit_status, proc_ids, start_time
 
 if TYPE_CHECKING:
     from .reaper import Reaper
@@ -66,25 +66,6 @@ def monitor_program() -> str:
             "(Debian: gcc, libc6-dev)"
         )
     return path
-
-
-def start_time(pid: int) -> int | None:
-    """When pid started, in clock ticks since boot (field 22 of /proc/PID/stat); None when gone.
-
-    A recycled pid has another start time, so (pid, start_time) names one process for the
-    life of the node: a pid recorded before a daemon restart is that process only if its
-    start time still matches. A zombie still has its start time.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = data.rpartition(b")")[2].split()
-    if len(fields) < 20:
-        return None  # gone while we read it
-    return int(fields[19])
 
 
 class ExitRecords(NamedTuple):

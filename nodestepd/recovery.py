@@ -24,6 +24,7 @@ import asyncio
 from typing import Callable
 
 from .logs import get_logger
+from .monitor import parse_exit_records
 from .ociconf import OciConf
 from .patterns import PatternContext
 from .reaper import Reaper
@@ -33,18 +34,11 @@ from .step import Step, StepSettings, StepSpec, Task
 from .steprecord import RecordStore, StepRecord, TaskRecord
 from .watch import NotWatchable, ProcessWatch
 
-log = get_logger()
+
 
 
 def parse_exits(data: bytes) -> dict[int, int]:
-    """The exit file: one `PID STATUS` line per process a monitor saw end. A line that does
-    not parse (a torn last write) is skipped; for a pid seen twice, the last line counts."""
-    exits: dict[int, int] = {}
-    for line in data.split(b"\n"):
-        fields = line.split()
-        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
-            exits[int(fields[0])] = int(fields[1])
-    return exits
+    return parse_exit_records(data).statuses
 
 
 class EndedProcess:
@@ -128,19 +122,19 @@ async def recover_steps(store: RecordStore, reaper: Reaper) -> list[Step]:
     """Every step the records name, resumed; bad records quarantined. Never raises for one step."""
     records, problems = await asyncio.to_thread(store.load_all)
     for problem in problems:
-        log.error("step record unreadable; quarantined", file=problem.name, reason=problem.reason)
+        get_logger().error("step record unreadable; quarantined", file=problem.name, reason=problem.reason)
     steps = []
     for record in records:
         try:
             steps.append(await recover_step(record, store, reaper))
         except Exception as e:  # one bad record must not keep the others from recovering
-            log.exception("cannot recover step; record quarantined", record=record.name, error=str(e))
+            get_logger().exception("cannot recover step; record quarantined", record=record.name, error=str(e))
             try:
                 await asyncio.to_thread(store.quarantine, record.name + ".json")
             except OSError as q:
-                log.error("cannot quarantine the record", record=record.name, error=str(q))
+                get_logger().error("cannot quarantine the record", record=record.name, error=str(q))
     if records or problems:
-        log.info("recovery done", steps=len(steps), quarantined=len(records) + len(problems) - len(steps))
+        get_logger().info("recovery done", steps=len(steps), quarantined=len(records) + len(problems) - len(steps))
     return steps
 
 
@@ -225,7 +219,7 @@ def _watch(record: StepRecord, t: TaskRecord, exits: dict[int, int], store: Reco
         watch = ProcessWatch.adopt(pid, record.user.uid, start=t.process.start)
     except NotWatchable as e:
         status = exits.get(pid)
-        log.info("task ended while the daemon was down", job_id=record.job_id, step_id=record.step_id,
+        get_logger().info("task ended while the daemon was down", job_id=record.job_id, step_id=record.step_id,
                  task_id=t.task_id, pid=pid, status=status, found=str(e))
         return EndedProcess(status)
 

@@ -142,7 +142,6 @@ class Server:
             retire = asyncio.create_task(self._retire(step))
             self._background.add(retire)
             retire.add_done_callback(self._background.discard)
-        self.on_steps_changed()
 
     def apply_config(self, config: DaemonConfig, oci: OciConf) -> None:
         """Use these settings for steps launched from now on; running steps keep the ones they started with.

@@ -97,17 +97,21 @@ def children(pid: int) -> list[int]:
 
 
 def start_time(pid: int) -> int | None:
-    """When pid started (field 22 of /proc/PID/stat, clock ticks after boot); None when it is gone.
+    """When pid started, in clock ticks since boot (field 22 of /proc/PID/stat); None when gone.
 
-    A pid and its start time name one process for the life of the machine: a recycled
-    pid has a later start time."""
+    A recycled pid has another start time, so (pid, start_time) names one process for the
+    life of the node: a pid recorded before a daemon restart is that process only if its
+    start time still matches. A zombie still has its start time.
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = data.rpartition(b")")[2].split()
+    if len(fields) < 20:
+        return None  # gone while we read it
     return int(fields[19])
 
 

@@ -193,6 +193,10 @@ class Daemon:
 def start_daemon(workdir: Path, request):
     """start_daemon(oci_conf_text, *extra_args) -> Daemon, ready (READY=1 received) and stopped after the test.
 
+    start_daemon(..., after=previous) starts the next daemon of the same node: the same
+    socket, oci.conf, spool and state dirs as `previous` (which must have stopped), with
+    its own log and notify socket. Its READY=1 comes after its recovery.
+
     The daemon cancels its running steps when stopped (--steps-on-stop cancel), so that a
     failing test leaves no containers behind; a test of the default passes
     --steps-on-stop leave, which comes later on the command line and wins.
@@ -201,10 +205,17 @@ def start_daemon(workdir: Path, request):
     base = Path(tempfile.mkdtemp(prefix="daemon-", dir=workdir))
     base.chmod(0o755)
 
-    def start(oci_conf: str = RUNC_RUN_CONF, *extra: str, env: dict | None = None) -> Daemon:
+    def start(oci_conf: str = RUNC_RUN_CONF, *extra: str, env: dict | None = None, after: Daemon | None = None,
+              ready_timeout: float = 30) -> Daemon:
         n = len(started)
         conf = base / f"oci-{n}.conf"
-        conf.write_text(textwrap.dedent(oci_conf))
+        if after is None:
+            conf.write_text(textwrap.dedent(oci_conf))
+            m = n
+        else:
+            assert after.proc.poll() is not None, "the previous daemon is still running"
+            conf = after.oci_conf
+            m = int(after.socket.name.removeprefix("sock-"))
         notify_path = base / f"notify-{n}"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
@@ -212,22 +223,22 @@ def start_daemon(workdir: Path, request):
         log_path = base / f"daemon-{n}.log"
         daemon_env = {"PATH": SYSTEM_PATH, "NOTIFY_SOCKET": str(notify_path), "LANG": "C.UTF-8", **(env or {})}
         argv = [
-            str(NODESTEPD), "--socket", str(base / f"sock-{n}"), "--oci-conf", str(conf),
-            "--spool-dir", str(base / f"spool-{n}"), "--state-dir", str(base / f"state-{n}"),
+            str(NODESTEPD), "--socket", str(base / f"sock-{m}"), "--oci-conf", str(conf),
+            "--spool-dir", str(base / f"spool-{m}"), "--state-dir", str(base / f"state-{m}"),
             "--node-name", "testnode", "--log-level", "debug", "--steps-on-stop", "cancel", *extra,
         ]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(argv, env=daemon_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        daemon = Daemon(base / f"sock-{n}", base / f"spool-{n}", base / f"state-{n}", conf, log_path, proc, notify)
+        daemon = Daemon(base / f"sock-{m}", base / f"spool-{m}", base / f"state-{m}", conf, log_path, proc, notify)
         started.append(daemon)
         # Whichever comes first: the daemon's first notification, or its exit (then fail at once).
         exited = os.pidfd_open(proc.pid)
         try:
-            ready, _, _ = select.select([notify, exited], [], [], 30)
+            ready, _, _ = select.select([notify, exited], [], [], ready_timeout)
         finally:
             os.close(exited)
         if notify not in ready:
-            what = f"exited with status {proc.wait()}" if ready else "did not report READY=1 within 30 s"
+            what = f"exited with status {proc.wait()}" if ready else f"did not report READY=1 within {ready_timeout} s"
             raise AssertionError(f"nodestepd {what}:\n{daemon.log()}")
         message = notify.recv(4096)
         assert message == b"READY=1", (message, daemon.log())
