@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto (default): journal when stderr is journald's (JOURNAL_STREAM), else console")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--steps-on-stop", choices=STEPS_ON_STOP,
-                   help="on SIGTERM, leave running steps alone (default) or cancel them")
+                   help="on SIGTERM, leave running steps alone for the next daemon to take over (default) or cancel them")
     p.add_argument("--version", action="version", version=f"nodestepd {__version__}")
     return p
 
