@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What nodestepd-monitor adds per task: launch time and memory.
+"""What restart survival adds: per task, nodestepd-monitor's launch time and memory; per step, its record.
 
 Run as root from the repository, with nodestepd installed (pip builds the monitor):
     /opt/nodestepd/venv/bin/python bench/monitor_overhead.py [--runs 200] [--monitors 100] [--user nsdtest1]
@@ -15,6 +15,11 @@ Memory: --monitors monitors, each with a task that sleeps; per monitor, from
 /proc/PID/smaps_rollup: RSS, PSS (shared pages divided among the processes mapping
 them) and USS (its private pages), plus its page tables (VmPTE). The kernel's own
 per-process cost (task_struct, a 16 KiB kernel stack) is not in these.
+
+Records: a step's record written (temporary file, fsync, rename, fsync of the dir) as
+the daemon does it, --runs times, in a new directory under --state-parent (default
+/var/lib, where the default state dir lives). A launch writes it twice before its reply
+(launching, running), once when its tasks have ended, and removes it after cleanup.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--monitors", type=int, default=100)
     parser.add_argument("--user", default="nsdtest1")
+    parser.add_argument("--state-parent", default="/var/lib", help="where to write the records (default /var/lib)")
     args = parser.parse_args()
     configure_logging(level="warning")
     if os.geteuid() != 0:
@@ -140,6 +146,7 @@ def main() -> int:
         os.close(exit_fd)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    writes, removals = measure_records(args.state_parent, args.runs)
 
     program = monitor_program()
     with open(program, "rb") as f:
@@ -161,7 +168,55 @@ def main() -> int:
     for name, samples in (("monitor", mon_mem), ("task (sleep)", task_mem)):
         row = [statistics.median(s[k] for s in samples) for k in ("Rss", "Pss", "USS", "VmPTE")]
         print(f"  {name:<12} " + " ".join(f"{v:6.0f}" for v in row))
+    print()
+    print(f"step record in {args.state_parent}         median      p95")
+    for name, values in (("write (fsync'd)", writes), ("remove", removals)):
+        print(f"  {name:<28} {statistics.median(values) * 1000:7.3f} ms {p95(values) * 1000:7.3f} ms")
+    print(f"  on a launch's path (2 writes): +{2 * statistics.median(writes) * 1000:.3f} ms per step")
     return 0
+
+
+def measure_records(parent: str, runs: int) -> tuple[list[float], list[float]]:
+    from nodestepd import steprecord
+
+    state = tempfile.mkdtemp(prefix="nodestepd-bench-state-", dir=parent)
+    try:
+        store = steprecord.RecordStore(state)
+        writes, removals = [], []
+        for i in range(runs):
+            record = _sample_record(job_id=100 + i)
+            start = time.perf_counter()
+            store.write(record)
+            writes.append(time.perf_counter() - start)
+        for i in range(runs):
+            start = time.perf_counter()
+            store.remove(steprecord.record_name(100 + i, 0, 0))
+            removals.append(time.perf_counter() - start)
+        store.close()
+        return writes, removals
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _sample_record(job_id: int):
+    """A one-task run-mode record of the usual size (the runtime's environment included)."""
+    from nodestepd import steprecord as r
+
+    return r.StepRecord(
+        format=r.FORMAT, version=r.VERSION, job_id=job_id, step_id=0, first_task=0, ntasks=1, task_offset=None,
+        local_offset=None, node_id=None, container_id=None, user=r.UserRecord("u", 1000, 1000, [1000], "/home/u"),
+        bundle="/home/u/bundle", args=["/app/run", "--fast"], workdir="/home/u", attached=True, started_at=time.time(),
+        state="running",
+        settings=r.SettingsRecord(
+            oci_conf="/etc/slurm/oci.conf", runtime_run="runc --rootless=true --root=/run/user/%U/ run %n.%u.%j.%s.%t -b %b",
+            runtime_create=None, runtime_start=None, runtime_query="runc state %n.%u.%j.%s.%t",
+            runtime_kill="runc kill -a %n.%u.%j.%s.%t", runtime_delete="runc delete --force %n.%u.%j.%s.%t",
+            disable_cleanup=False, spool_dir="/var/spool/nodestepd", node_name="node1", kill_wait=30.0,
+            runtime_timeout=60.0, runtime_env=dict(os.environ),
+        ),
+        tasks=[r.TaskRecord(0, "/var/spool/nodestepd/oci-job1-0/task-0", {"task_id": 0},
+                            monitor=r.ProcRecord(2, 3), process=r.ProcRecord(4, 5))],
+    )
 
 
 if __name__ == "__main__":
