@@ -314,3 +314,25 @@ def test_a_launch_cut_short_by_the_restart_is_undone(start_daemon, user, bundle,
         assert_nothing_left(second, user)
     finally:
         (gate_dir / "go").touch()  # the old daemon's RunTimeStart, orphaned, may finish (and fail)
+
+
+def test_a_cancel_cut_short_by_the_restart_goes_on(start_daemon, conf, user, bundle):
+    """The daemon dies while it waits kill_wait for a container that ignores RunTimeKill's
+    SIGTERM: the next daemon goes on cancelling it (with the step's own kill_wait)."""
+    # Plain `runc kill` (SIGTERM), not the guide's `kill -a`, which fails here at once.
+    daemon = start_daemon(conf.replace(" kill -a ", " kill "), "--kill-wait", "3")
+    launch_detached(daemon, user, bundle, 7801, ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"])
+    cancel = daemon.ctl_popen(user, "cancel", "7801.0")
+    deadline = time.monotonic() + 30
+    while [r["state"] for r in records(daemon).values()] != ["terminating"]:
+        assert time.monotonic() < deadline, "the cancellation was not recorded"
+        time.sleep(0.01)
+    kill_daemon(daemon)
+    cancel.communicate(timeout=30)
+    assert cancel.returncode != 0  # its daemon died under it
+    second = start_daemon(after=daemon)
+    assert "going on cancelling the step" in second.log()
+    result = second.ctl(user, "wait", "7801.0")
+    assert result.returncode == 128 + signal.SIGKILL, result.stderr
+    assert "task still running after kill_wait" in second.log()
+    assert_nothing_left(second, user)
