@@ -48,6 +48,7 @@ from .protocol import (
 )
 from .reaper import Reaper, become_subreaper
 from .runtime import Identity, shell_warnings
+from .monitor import MonitorMissing, monitor_program
 from .recovery import recover_steps
 from .state import JobIdAllocator
 from .step import LaunchFailed, Stdio, Step, StepResult, StepSettings, StepSpec, StepState, step_status
@@ -639,10 +640,15 @@ def _peer(sock: socket.socket) -> tuple[int, int]:
 
 def _check_trusted(config: DaemonConfig, oci: OciConf) -> None:
     """Refuse paths anyone but root could change: the daemon would act as root through them."""
+    try:
+        monitor = monitor_program()  # every task starts through it: no launch could work without
+    except MonitorMissing as e:
+        raise OSError(str(e)) from None
     if os.geteuid() != 0:
         return  # a daemon run by a user for itself trusts that user's paths anyway
     for what, path in (("spool_dir", config.spool_dir), ("state_dir", config.state_dir),
-                       ("socket directory", os.path.dirname(config.socket)), ("oci_conf", oci.path)):
+                       ("socket directory", os.path.dirname(config.socket)), ("oci_conf", oci.path),
+                       ("nodestepd-monitor (run as root for every task)", monitor)):
         reason = untrusted_reason(path)
         if reason is not None:
             raise OSError(f"{what} {path} is not safe for a root daemon: {reason}")

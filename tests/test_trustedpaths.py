@@ -54,3 +54,32 @@ def test_user_owned_dirs_and_links_are_untrusted(base):
     assert untrusted_reason(str(base / "link")) is None  # root's own link to a root dir
     os.lchown(base / "link", 4242, 4242)
     assert untrusted_reason(str(base / "link")) == f"{base}/link is a symbolic link owned by uid 4242"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon checks its paths when it runs as root")
+def test_the_daemon_refuses_a_monitor_program_others_can_replace(base, monkeypatch):
+    """nodestepd-monitor runs as root for every task: a copy in a directory anyone may
+    write (a venv made by a user, say) is refused, like a writable oci.conf; and without
+    the program, no task could start, so the daemon refuses to start at all."""
+    from nodestepd import monitor, server
+    from nodestepd.config import DaemonConfig
+    from nodestepd.ociconf import OciConf
+
+    for d in ("spool", "state", "run"):
+        (base / d).mkdir(mode=0o755)
+    (base / "oci.conf").write_text("")
+    config = DaemonConfig(spool_dir=str(base / "spool"), state_dir=str(base / "state"), socket=str(base / "run/s"))
+    oci = OciConf(path=str(base / "oci.conf"))
+    server._check_trusted(config, oci)  # the installed program is root's
+
+    shared = base / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    (shared / monitor.PROGRAM_NAME).write_bytes(b"")
+    (shared / monitor.PROGRAM_NAME).chmod(0o755)
+    monkeypatch.setattr(monitor, "LIBEXEC_DIR", str(shared))
+    with pytest.raises(OSError, match="nodestepd-monitor .run as root for every task. .* is not safe"):
+        server._check_trusted(config, oci)
+    (shared / monitor.PROGRAM_NAME).unlink()
+    with pytest.raises(OSError, match="is missing or not executable: reinstall nodestepd"):
+        server._check_trusted(config, oci)
