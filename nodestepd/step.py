@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from . import configjson, container, stepenv
+from . import configjson, container, metrics, stepenv
 from .configjson import BundleConfigError
 from .container import ContainerError, PolledContainer
 from .logs import get_logger
@@ -165,6 +165,7 @@ class Step:
         self._cancel_reason: str | None = None
         self._left_running = False  # the daemon stopped and left this step's tasks alone
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self.timings: metrics.StepTimings | metrics._Off = metrics.OFF  # the server sets one under debug_timings
 
     @property
     def ref(self) -> str:
@@ -220,7 +221,7 @@ class Step:
     def _spawn_with_stdio(self, task: Task, command: str, stdio: Stdio) -> ProcessWatch:
         """The task's first runtime command, holding its stdio (blocking: call in a worker thread)."""
         stdout, stderr = stdio.outputs_for(task.task_id)
-        return spawn_shell(
+        process = spawn_shell(
             command,
             identity=self.spec.identity,
             cwd=task.cwd,
@@ -229,6 +230,8 @@ class Step:
             stdout=stdout,
             stderr=stderr,
         )
+        self.timings.spawned()
+        return process
 
     def _prepare(self) -> _Prepared:
         """Blocking filesystem work (spool dirs, files): runs in a worker thread."""
@@ -480,6 +483,7 @@ class Step:
     async def _watch_task(self, task: Task) -> int:
         assert task.watch is not None
         status = await task.watch.wait()
+        self.timings.exited()
         log = self.log.bind(task_id=task.task_id)
         if task.watch.status_known:
             log.info("task exited", status=status)
