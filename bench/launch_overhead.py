@@ -1,123 +1,73 @@
-#!/usr/bin/env python3
-"""Launch overhead of `nodestepctl run` next to the same runc command run directly.
-
-Run as root from the repository after scripts/setup.sh:
-    /opt/nodestepd/venv/bin/python bench/launch_overhead.py [--runs 30]
+"""Sections 1 and 2: launch overhead of `nodestepctl run` next to the same runc command run
+directly, and the daemon's own latency from the timestamps it takes (`--debug-timings`).
 
 Both sides run the trivial container `true` from the same rootless busybox bundle as the
-unprivileged user nsdtest1, interleaved (A B A B ...) so machine noise hits both alike.
-Reported: median and p95 wall time of each side, their ratio, the daemon-side launch
-latency (request received -> every runtime process spawned, from the daemon's log), and
-the client's own start-up (`nodestepctl --version`).
+unprivileged user, interleaved (A B A B ...) so that machine noise hits both alike. Also
+interleaved: nodestepctl's run path alone (the same command against a socket nobody
+listens on, so it parses, reads config.json and fails at connect) and the Python
+interpreter's own start-up floor (`python -I -S -c pass`), which any Python client pays.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-USER = "nsdtest1"
-PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+from .common import RUNC_RUN_CONF, Context, direct_bundle, p95, start_daemon, timed
+from .report import Row
 
-
-def as_user(uid: int, gid: int, argv: list[str]) -> list[str]:
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--", *argv]
+FULL = {"runs": 40}
+QUICK = {"runs": 3}
+TARGET_RATIO = 1.10
+TARGET_DAEMON_MS = 2.0
+S1 = "1 launch overhead"
+S2 = "2 daemon-side latency"
 
 
-def timed(argv: list[str], env: dict) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
-
-
-def p95(values: list[float]) -> float:
-    return statistics.quantiles(values, n=20)[-1]
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=30)
-    args = parser.parse_args()
-    import pwd
-
-    pw = pwd.getpwnam(USER)
-    uid, gid = pw.pw_uid, pw.pw_gid
-    env = {"PATH": PATH, "HOME": pw.pw_dir, "USER": USER, "LOGNAME": USER, "XDG_RUNTIME_DIR": f"/run/user/{uid}"}
-    base = Path(tempfile.mkdtemp(prefix="nodestepd-bench-", dir="/tmp"))
-    base.chmod(0o755)
-    daemon = None
+def run(ctx: Context, params: dict) -> list[Row]:
+    user, bundle = ctx.user, ctx.bundle
+    direct = direct_bundle(user, bundle, ctx.base / "s1-direct", ["true"])
+    daemon = start_daemon(ctx.base, "s1", RUNC_RUN_CONF.read_text(), "--debug-timings")
     try:
-        bundle = base / "bundle"
-        subprocess.run(["sh", str(REPO / "scripts" / "make-bundle.sh"), USER, str(bundle)], check=True)
-        # The direct side: the bundle as nodestepd would rewrite it (absolute rootfs, args `true`).
-        direct = base / "direct"
-        direct.mkdir()
-        config = json.loads((bundle / "config.json").read_text())
-        config["root"]["path"] = str(bundle / "rootfs")
-        config["process"]["args"] = ["true"]
-        (direct / "config.json").write_text(json.dumps(config))
-        shutil.chown(direct, uid, gid)
-        shutil.chown(direct / "config.json", uid, gid)
+        def ctl_run(job: int) -> list[str]:
+            return daemon.ctl + ["run", "--job-id", str(job), "--bundle", str(bundle), "--", "true"]
 
-        notify_path = base / "notify"
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(notify_path))
-        notify.settimeout(30)
-        sock = base / "sock"
-        log_path = base / "daemon.log"
-        with open(log_path, "wb") as log:
-            daemon = subprocess.Popen(
-                [str(BIN / "nodestepd"), "--socket", str(sock), "--oci-conf", str(REPO / "tests/oci-conf-examples/runc-run.conf"),
-                 "--spool-dir", str(base / "spool"), "--state-dir", str(base / "state"), "--node-name", "bench",
-                 "--log-format", "json"],
-                env={"PATH": PATH, "NOTIFY_SOCKET": str(notify_path)}, stdout=log, stderr=subprocess.STDOUT,
-            )
-        assert notify.recv(64) == b"READY=1"
-
-        ctl = [str(BIN / "nodestepctl"), "--socket", str(sock)]
-        runc = f"runc --rootless=true --root=/run/user/{uid}/ run bench-direct -b {direct}"
-        timed(as_user(uid, gid, ctl + ["run", "--bundle", str(bundle), "--", "true"]), env)  # warm caches
-        timed(as_user(uid, gid, ["/bin/sh", "-c", runc]), env)
-        via, ref, startup = [], [], []
-        for i in range(args.runs):
-            ref.append(timed(as_user(uid, gid, ["/bin/sh", "-c", runc]), env))
-            via.append(timed(as_user(uid, gid, ctl + ["run", "--job-id", str(10_000 + i), "--bundle", str(bundle), "--", "true"]), env))
-            startup.append(timed(as_user(uid, gid, ctl + ["--version"]), env))
-        launch_ms = [
-            rec["launch_ms"] for rec in map(json.loads, log_path.read_text().splitlines())
-            if rec.get("event") == "step started"
-        ][1:]
-        rows = [
-            ("runc run, direct (reference)", statistics.median(ref) * 1000, p95(ref) * 1000),
-            ("nodestepctl run", statistics.median(via) * 1000, p95(via) * 1000),
-            ("  of which nodestepctl start-up", statistics.median(startup) * 1000, p95(startup) * 1000),
-            ("  of which daemon launch (request -> spawned)", statistics.median(launch_ms), p95(launch_ms)),
-        ]
-        print(f"# launch overhead, {args.runs} runs each, {time.strftime('%Y-%m-%d')}, "
-              f"{os.cpu_count()} cores, kernel {platform.release()}")
-        print(f"{'':48} {'median ms':>10} {'p95 ms':>10}")
-        for name, med, high in rows:
-            print(f"{name:48} {med:10.1f} {high:10.1f}")
-        print(f"ratio of medians nodestepctl/direct: {statistics.median(via) / statistics.median(ref):.2f}")
-        return 0
+        client_alone = [*daemon.ctl[:1], "--socket", str(ctx.base / "nobody.sock"), "run", "--bundle", str(bundle),
+                        "--", "true"]
+        runc = ["/bin/sh", "-c", f"{user.runc} run s1-direct -b {direct}"]
+        floor = [sys.executable, "-I", "-S", "-c", "pass"]
+        env = user.env
+        for argv in (runc, ctl_run(999)):  # warm the page cache and runc's first-run costs
+            timed(user.argv(argv), env)
+        times: dict[str, list[float]] = {"runc": [], "ctl": [], "alone": [], "floor": []}
+        for i in range(params["runs"]):
+            times["runc"].append(timed(user.argv(runc), env))
+            times["ctl"].append(timed(user.argv(ctl_run(1000 + i)), env))
+            times["alone"].append(timed(user.argv(client_alone), env, check=False))
+            times["floor"].append(timed(user.argv(floor), env))
     finally:
-        if daemon is not None:
-            daemon.terminate()
-            daemon.wait()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        daemon.stop()
+    launch = [r["request_to_spawn_ms"] for r in daemon.records("launch timing")][1:]  # [0] is the warm-up
+    started = [r["request_to_started_ms"] for r in daemon.records("launch timing")][1:]
+    exits = [r["exit_to_event_ms"] for r in daemon.records("exit timing")][1:]
+    ms = {k: [t * 1000 for t in v] for k, v in times.items()}
+    ratio = statistics.median(ms["ctl"]) / statistics.median(ms["runc"])
+    runc_median = statistics.median(ms["runc"])
+    runc_ref = "runc run direct, median ms"
+    return [
+        Row(S1, "nodestepctl run `true`, median", statistics.median(ms["ctl"]), "ms", "runc run direct, median ms",
+            runc_median),
+        Row(S1, "nodestepctl run `true`, p95", p95(ms["ctl"]), "ms", "runc run direct, p95 ms", p95(ms["runc"])),
+        Row(S1, "ratio of medians, nodestepctl / direct", ratio, "x", "target", TARGET_RATIO,
+            f"<= {TARGET_RATIO:.2f}", ratio <= TARGET_RATIO),
+        Row(S1, "nodestepctl alone (run path, no daemon), median", statistics.median(ms["alone"]), "ms",
+            "python -I -S -c pass, median ms", statistics.median(ms["floor"])),
+        Row(S2, "request received -> runtime spawned, median", statistics.median(launch), "ms", runc_ref,
+            runc_median, f"< {TARGET_DAEMON_MS:g} ms", statistics.median(launch) < TARGET_DAEMON_MS),
+        Row(S2, "request received -> runtime spawned, p95", p95(launch), "ms", runc_ref, runc_median),
+        Row(S2, "request received -> `started` sent, median", statistics.median(started), "ms", runc_ref,
+            runc_median),
+        Row(S2, "task exit -> exit event sent, median", statistics.median(exits), "ms", runc_ref, runc_median,
+            f"< {TARGET_DAEMON_MS:g} ms", statistics.median(exits) < TARGET_DAEMON_MS),
+        Row(S2, "task exit -> exit event sent, p95", p95(exits), "ms", runc_ref, runc_median),
+    ]

@@ -480,7 +480,8 @@ def cmd_completion(args: argparse.Namespace) -> int:
 # ---- command line ----------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (only=NAME) the same with just that subcommand's parser."""
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
         prog="nodestepctl",
@@ -497,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nodestepctl {__version__}")
     sub = p.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
+    for name, add in SUBCOMMANDS.items():
+        if only is None or name == only:
+            add(sub, raw)
+    return p
+
+
+def _add_run(sub, raw) -> None:
     run = sub.add_parser(
         "run", formatter_class=raw, help="run a container step and wait for it (or --detach)",
         description="Run COMMAND in a container made from the OCI bundle DIR, one container per task.\n"
@@ -544,12 +552,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     run.set_defaults(func=cmd_run)
 
+
+def _add_ps(sub, raw) -> None:
     ps = sub.add_parser("ps", help="list steps (yours; everyone's for operators)",
                         description="List running and recently finished steps.",
                         epilog="Examples:\n  nodestepctl ps\n  nodestepctl ps --json | jq '.[].job_id'", formatter_class=raw)
     ps.add_argument("--json", action="store_true", help="machine-readable output")
     ps.set_defaults(func=cmd_ps)
 
+
+def _add_signal(sub, raw) -> None:
     sig = sub.add_parser("signal", help="send a signal to a step's runtimes",
                          description="Send SIGNAL (a name like USR1 or SIGUSR1, or a number) to every task of the step.",
                          epilog="Example:\n  nodestepctl signal 42.0 USR1", formatter_class=raw)
@@ -557,22 +569,30 @@ def build_parser() -> argparse.ArgumentParser:
     sig.add_argument("signal", metavar="SIGNAL")
     sig.set_defaults(func=cmd_signal)
 
+
+def _add_cancel(sub, raw) -> None:
     cancel = sub.add_parser("cancel", help="cancel a step: RunTimeKill, grace period, SIGKILL, RunTimeDelete, cleanup",
                             description="Cancel a step and wait until its containers are gone and its spool removed.",
                             epilog="Example:\n  nodestepctl cancel 42.0", formatter_class=raw)
     cancel.add_argument("step", metavar="JOB.STEP")
     cancel.set_defaults(func=cmd_cancel)
 
+
+def _add_wait(sub, raw) -> None:
     wait = sub.add_parser("wait", help="wait for a step and exit with its status",
                           description="Wait until the step ends; exit with its status (also for a step that already ended).",
                           epilog="Example:\n  nodestepctl wait 42.0; echo $?", formatter_class=raw)
     wait.add_argument("step", metavar="JOB.STEP")
     wait.set_defaults(func=cmd_wait)
 
+
+def _add_status(sub, raw) -> None:
     status = sub.add_parser("status", help="daemon version, uptime, configuration and step counts",
                             epilog="Example:\n  nodestepctl status", formatter_class=raw)
     status.set_defaults(func=cmd_status)
 
+
+def _add_reload(sub, raw) -> None:
     reload = sub.add_parser(
         "reload", formatter_class=raw, help="make nodestepd re-read its settings file and oci.conf (root)",
         description="Re-read the daemon's TOML settings file and oci.conf (as SIGHUP does) and wait for the\n"
@@ -584,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reload.set_defaults(func=cmd_reload)
 
+
+def _add_check_config(sub, raw) -> None:
     check = sub.add_parser(
         "check-config", formatter_class=raw, help="validate an oci.conf (no daemon needed)",
         description="Validate an oci.conf the way nodestepd loads it; print the mode and every RunTime*\n"
@@ -594,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--node-name", help="node name for %%n in the sample (default: this host)")
     check.set_defaults(func=cmd_check_config)
 
+
+def _add_doctor(sub, raw) -> None:
     doctor = sub.add_parser(
         "doctor", formatter_class=raw, help="find what keeps containers from running here (no daemon needed)",
         description="Check this node for a user: user namespaces, the daemon's settings and oci.conf, every\n"
@@ -618,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="command for the test run (default: true in run mode, sleep 60 in create/start mode)")
     doctor.set_defaults(func=cmd_doctor)
 
+
+def _add_completion(sub, raw) -> None:
     completion = sub.add_parser(
         "completion", formatter_class=raw, help="print the bash completion script",
         description="Print the bash completion script for nodestepctl (the package also installs it\n"
@@ -626,11 +652,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     completion.add_argument("shell", choices=["bash"], help="the shell (bash)")
     completion.set_defaults(func=cmd_completion)
-    return p
+
+
+# Each subcommand's parser, built only when needed: building them all costs nodestepctl
+# several milliseconds at every start, and `run` is on every launch's path.
+SUBCOMMANDS = {
+    "run": _add_run,
+    "ps": _add_ps,
+    "signal": _add_signal,
+    "cancel": _add_cancel,
+    "wait": _add_wait,
+    "status": _add_status,
+    "reload": _add_reload,
+    "check-config": _add_check_config,
+    "doctor": _add_doctor,
+    "completion": _add_completion,
+}
+
+
+def named_subcommand(argv: list[str]) -> str | None:
+    """The subcommand argv names, read the way argparse reads it; None when unsure.
+
+    Past the global option --socket VALUE (or --socket=VALUE), the first word is the
+    subcommand. Anything else starting with "-" (--help, --version, an abbreviation, a
+    mistake) gives None, and then the whole parser decides, with its usual messages. The
+    global part of the parser is the same either way, so a parser built with only the
+    named subcommand reads argv exactly as the whole one would.
+    """
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--socket":
+            i += 2
+        elif word.startswith("--socket="):
+            i += 1
+        elif word.startswith("-"):
+            return None
+        else:
+            return word if word in SUBCOMMANDS else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+    args = build_parser(only=named_subcommand(argv)).parse_args(argv)
     try:
         return args.func(args)
     except ClientError as e:

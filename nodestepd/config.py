@@ -44,6 +44,7 @@ class DaemonConfig:
     max_steps: int = 1024
     max_steps_per_user: int = 128
     client_timeout: float = 30.0
+    debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
     config_file: str | None = None  # where the settings came from, for `status`
 
     def validate(self, sources: Mapping[str, str]) -> None:
@@ -96,6 +97,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_steps": (int,),
     "max_steps_per_user": (int,),
     "client_timeout": (int, float),
+    "debug_timings": (bool,),
 }
 _FLOATS = ("kill_wait", "runtime_timeout", "client_timeout")
 

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--steps-on-stop", choices=STEPS_ON_STOP,
                    help="on SIGTERM, leave running steps alone for the next daemon to take over (default) or cancel them")
+    p.add_argument("--debug-timings", action="store_true", default=None,
+                   help="log each step's daemon-side latency: request received to runtime spawned "
+                   "(\"launch timing\") and task exit to exit event sent (\"exit timing\"), in ms")
     p.add_argument("--version", action="version", version=f"nodestepd {__version__}")
     return p
 
@@ -73,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "log_level": args.log_level,
         "steps_on_stop": args.steps_on_stop,
         "slurm_conf": args.slurm_conf,
+        "debug_timings": args.debug_timings,
     }
     try:
         config = load_config(args.config, overrides)

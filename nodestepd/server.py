@@ -20,7 +20,7 @@ import struct
 import time
 from typing import Awaitable, Callable
 
-from . import __version__, activation, asuser, limits, privileges, protocol
+from . import __version__, activation, asuser, limits, metrics, privileges, protocol
 from .authz import Policy, parse_user, resolve_operators
 from .config import DaemonConfig
 from .connection import Connection, ConnectionClosed
@@ -360,6 +360,7 @@ class Server:
             assert self._step_settings is not None
             assert self.store is not None
             step = Step(spec, self._step_settings, self.reaper, self.store)
+            step.timings = metrics.for_step(self.config.debug_timings, received_at)
             self.steps[key] = step
             output = None
             try:
@@ -389,6 +390,7 @@ class Server:
         self._background.add(retire)  # the loop holds tasks weakly
         retire.add_done_callback(self._background.discard)
         await conn.send(StartedReply(job_id=spec.job_id, step_id=spec.step_id, ntasks=spec.ntasks))
+        step.timings.started(step.log)
         if request.detach:
             return
         await self._attend(conn, step)
@@ -424,6 +426,7 @@ class Server:
                 step.log.info("request refused on an attached run", peer_uid=conn.peer_uid, error=str(e))
                 await conn.send(ErrorReply(code="bad-request", error=str(e)))
         await conn.send(_exit_reply(step, done.result()))
+        step.timings.sent(step.log)
 
     def _check_step_limits(self, identity: Identity) -> None:
         """Called right before a step is added, with no await in between: the counts are exact."""

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from . import configjson, container, stepenv, steprecord
+from . import configjson, container, metrics, stepenv, steprecord
 from .configjson import BundleConfigError
 from .container import ContainerError, PolledContainer
 from .logs import get_logger
@@ -187,10 +187,10 @@ class Step:
         self._cancel_reason: str | None = None
         self._left_running = False  # the daemon stopped and left this step's tasks alone
         self._spool_record: steprecord.SpoolRecord | None = None
-        self._pending_saves: set[asyncio.Task[None]] = set()
         self._save_lock = asyncio.Lock()
         self._recorded = False  # a record is on disk: _release removes it
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self.timings: metrics.StepTimings | metrics._Off = metrics.OFF  # the server sets one under debug_timings
 
     @property
     def ref(self) -> str:
@@ -280,6 +280,7 @@ class Step:
             exit_fd=exits,
         )
         task.monitor_proc = _proc_record(task.monitor.pid)
+        self.timings.spawned()
         return task.monitor.task
 
     # ---- the record -------------------------------------------------------------------
@@ -290,17 +291,6 @@ class Step:
             record = self.snapshot()
             await asyncio.to_thread(self.store.write, record)
             self._recorded = True
-
-    def _save_soon(self, what: str) -> None:
-        """A state change the step does not wait on; a failure is logged (the old record stands)."""
-        async def save() -> None:
-            try:
-                await self._save()
-            except OSError as e:
-                self.log.error("cannot write the step's record", error=str(e), change=what)
-        task = asyncio.create_task(save())
-        self._pending_saves.add(task)
-        task.add_done_callback(self._pending_saves.discard)
 
     def snapshot(self) -> StepRecord:
         spec, settings, oci = self.spec, self.settings, self.settings.oci
@@ -638,6 +628,7 @@ class Step:
         """The task's exit status once it ends (None: not known), after its container is deleted."""
         assert task.watch is not None
         status: int | None = await task.watch.wait()
+        self.timings.exited()
         log = self.log.bind(task_id=task.task_id)
         if task.watch.status_known:
             log.info("task exited", status=status)

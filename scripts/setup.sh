@@ -6,8 +6,9 @@
 #           man-db (the man page test renders with man -l),
 #           munge slurmctld slurmd slurm-client (a private single-node Slurm for the srun test;
 #           no service is enabled or configured, the test starts its own daemons)
-#   PyPI:   nodestepd with its test extras, in a venv every user can read (/opt/nodestepd/venv),
-#           because the tests run nodestepctl as unprivileged users.
+#   PyPI:   nodestepd with its test extras (matplotlib among them, for the bench smoke test's
+#           chart), in a venv every user can read (/opt/nodestepd/venv), because the tests run
+#           nodestepctl as unprivileged users.
 #   Users:  nsdtest1, nsdtest2 (unprivileged test users).
 set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)

@@ -223,3 +223,48 @@ def test_a_fast_launch_shows_no_progress(start_daemon, user, bundle, out):
 def test_nodestepd_help_and_version():
     result = subprocess.run([str(NODESTEPD), "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and "--slurm-conf" in result.stdout and "Example" in result.stdout
+
+
+# ---- the parser built for one subcommand -------------------------------------------------------
+
+@pytest.mark.parametrize("argv, named", [
+    (["run", "--bundle", "/b", "--", "true"], "run"),
+    (["--socket", "/s", "ps", "--json"], "ps"),
+    (["--socket=/s", "wait", "4.0"], "wait"),
+    (["--socket", "run", "ps"], "ps"),  # "run" is the socket's path here, as argparse reads it
+    (["--sock", "/s", "ps"], None),  # an abbreviation: the whole parser decides
+    (["--version"], None),
+    (["--help"], None),
+    (["frobnicate"], None),
+    ([], None),
+])
+def test_named_subcommand_reads_argv_as_argparse_does(argv, named):
+    from nodestepd.client import named_subcommand
+
+    assert named_subcommand(argv) == named
+
+
+@pytest.mark.parametrize("argv", [
+    ["--socket", "/s", "run", "--job-id", "7", "--ntasks", "2", "--env", "A=1", "--detach", "--bundle", "/b", "--",
+     "sh", "-c", "echo hi"],
+    ["run", "--bundle", "/b", "--export", "NONE", "--", "--not-an-option"],
+    ["--socket=/s", "signal", "4.1", "USR1"],
+    ["doctor", "--bundle", "/b", "--json", "--", "true"],
+])
+def test_a_parser_with_only_the_named_subcommand_parses_like_the_whole_one(argv):
+    from nodestepd.client import named_subcommand
+
+    only = named_subcommand(argv)
+    assert only is not None
+    assert vars(ctl_parser(only=only).parse_args(argv)) == vars(ctl_parser().parse_args(argv))
+
+
+def test_usage_errors_are_the_same_with_only_the_named_subcommand():
+    # `run` without --bundle: the message comes from run's own parser, which is the same either way.
+    result = subprocess.run([str(NODESTEPCTL), "run", "--", "true"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "nodestepctl run: error: the following arguments are required: --bundle" in result.stderr
+    # An unknown subcommand: the whole parser, listing the real ones.
+    result = subprocess.run([str(NODESTEPCTL), "frobnicate"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "invalid choice: 'frobnicate'" in result.stderr and "'run'" in result.stderr
