@@ -100,6 +100,22 @@ def wait_recorded_running(daemon, job: int, timeout: float = 30) -> None:
         time.sleep(0.01)
 
 
+def held_start(daemon, gate_dir) -> list[int]:
+    """The daemon's children running the gated RunTimeStart."""
+    pid = daemon.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(k) for k in f.read().split()]
+    held = []
+    for child in children:
+        try:
+            with open(f"/proc/{child}/cmdline") as f:
+                if str(gate_dir) in f.read():
+                    held.append(child)
+        except FileNotFoundError:
+            pass
+    return held
+
+
 def kill_daemon(daemon) -> None:
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
@@ -297,12 +313,14 @@ def test_a_launch_cut_short_by_the_restart_is_undone(start_daemon, user, bundle,
     assert start in MODES["create-start"]
     daemon = start_daemon(MODES["create-start"].replace(start, held))
     client = daemon.ctl_popen(user, "run", "--detach", "--job-id", "7701", "--bundle", str(bundle), "--", "true")
-    name = f"testnode.{user.name}.7701.0.0"
     deadline = time.monotonic() + 30
-    while name not in runc_containers(user):  # created, and RunTimeStart held at the gate
-        assert time.monotonic() < deadline
+    while not (held := held_start(daemon, gate_dir)):  # created, and RunTimeStart held at the gate
+        assert time.monotonic() < deadline, "RunTimeStart did not start"
         time.sleep(0.02)
+    assert f"testnode.{user.name}.7701.0.0" in runc_containers(user)
     assert [r["state"] for r in records(daemon).values()] == ["launching"]
+    # The held RunTimeStart is the daemon's child; pinned now, it is waited for at the end.
+    held_starts = [os.pidfd_open(pid) for pid in held]
     kill_daemon(daemon)
     client.communicate(timeout=30)
     assert client.returncode == 255
@@ -313,7 +331,10 @@ def test_a_launch_cut_short_by_the_restart_is_undone(start_daemon, user, bundle,
         assert result.returncode == 125, result.stderr
         assert_nothing_left(second, user)
     finally:
-        (gate_dir / "go").touch()  # the old daemon's RunTimeStart, orphaned, may finish (and fail)
+        (gate_dir / "go").touch()  # the old daemon's RunTimeStart, orphaned, finishes (and fails)
+        for fd in held_starts:
+            assert select.select([fd], [], [], 30)[0], "the held RunTimeStart did not end"
+            os.close(fd)
 
 
 def test_a_cancel_cut_short_by_the_restart_goes_on(start_daemon, conf, user, bundle):
