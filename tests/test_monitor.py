@@ -541,14 +541,24 @@ async def test_adopting_an_orphan_that_already_ended_takes_its_record(harness, i
 
 async def test_a_zombie_left_by_the_task_is_recorded_when_it_reaches_the_monitor(harness, identity):
     """The task's own zombie child (never reaped: the task exec'ed sleep) is handed to the
-    monitor, already dead, when the task dies."""
+    monitor, already dead, when the task dies.
+
+    The child ends only once the test closes its stdin, after the shell has exec'ed: dash
+    may reap a finished background job before an exec, and then there is no zombie."""
     r, w = os.pipe2(os.O_CLOEXEC)
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     try:
-        monitor = await harness.spawn("(exit 5) & echo $!; exec sleep 1000", stdout=w)
-        (zombie,) = map(int, await read_lines_until(r, 1))
+        # dash gives background jobs /dev/null as stdin: the gate goes in as fd 3.
+        monitor = await harness.spawn(
+            "exec 3<&0; (read x <&3; exit 5) & echo $!; exec sh -c 'echo exec; exec sleep 1000'",
+            stdin=gate_r, stdout=w)
+        lines = await read_lines_until(r, 2)
+        assert lines[1] == "exec"
+        zombie = int(lines[0])
     finally:
-        os.close(r)
-        os.close(w)
+        for fd in (r, w, gate_r):
+            os.close(fd)
+    os.close(gate_w)  # the child's read ends: it exits, and nobody reaps it
     await exited(zombie)
     assert proc_state(zombie) == "Z"
     monitor.task.send_signal(signal.SIGKILL)
