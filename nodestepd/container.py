@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterator
 
 from .runtime import HelperResult
+from .watch import ExitWatch
 
 # Slurm's backoff, which the fallback keeps: a few ms, doubling, capped at one second.
 POLL_FIRST_DELAY = 0.004
@@ -86,10 +87,10 @@ async def wait_until_created(run_query: Query, timeout: float) -> ContainerState
     raise AssertionError("unreachable")
 
 
-class PolledContainer:
+class PolledContainer(ExitWatch):
     """The fallback when the container's pid cannot be watched: RunTimeQuery with backoff until `stopped`.
 
-    It offers what Step needs of a ProcessWatch. The exit status is not known this way
+    The exit status is not known this way
     (the runtime's state has none): status_known is False, and the step reports it as unknown.
     """
 
@@ -101,14 +102,6 @@ class PolledContainer:
         self._run_query = run_query
         self._status: int | None = None
         self._poller: asyncio.Task[int] | None = None
-
-    @property
-    def status(self) -> int | None:
-        return self._status
-
-    @property
-    def running(self) -> bool:
-        return self._status is None
 
     async def wait(self) -> int:
         if self._poller is None:

@@ -18,7 +18,7 @@ Here:
 - If the monitor dies unexpectedly, each process still waiting is watched through its
   own pidfd (ProcessWatch: our child by then, as the daemon is a subreaper, or the
   kernel's PIDFD_INFO_EXIT); a status nobody can know is reported as unknown.
-- `start_time` and `read_exit_file` are for recovery after a daemon restart.
+- `read_exit_file` is for recovery after a daemon restart (through steprecord.RecordStore).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 from .logs import get_logger
 from .runtime import SHELL, Identity
-from .watch import CLAIMED, SPAWN_LOCK, NotWatchable, ProcessWatch, _pidfd_readable, exit_status, proc_ids, start_time
+from .watch import CLAIMED, SPAWN_LOCK, ExitWatch, NotWatchable, ProcessWatch, _pidfd_readable, exit_status, proc_ids
 
 if TYPE_CHECKING:
     from .reaper import Reaper
@@ -389,7 +389,7 @@ class Monitor:
             del self._procs[proc.pid]
 
 
-class MonitoredProcess:
+class MonitoredProcess(ExitWatch):
     """A process the monitor reports on: ProcessWatch's interface, fed by `exit` records.
 
     Created in any thread; waited on in the event loop's. The pid is pinned by a pidfd; its
@@ -406,14 +406,6 @@ class MonitoredProcess:
         # Once the monitor can no longer tell us (released, or died): watched by pidfd instead.
         self._fallback: ProcessWatch | None = None
         self._fallback_task: asyncio.Task[None] | None = None
-
-    @property
-    def status(self) -> int | None:
-        return self._status
-
-    @property
-    def running(self) -> bool:
-        return self._status is None
 
     async def wait(self) -> int:
         if self._status is None and self._fallback is None:

@@ -21,7 +21,7 @@ import ctypes
 import os
 
 from .logs import get_logger
-from .watch import CLAIMED, SPAWN_LOCK, ProcessWatch, children, proc_ids
+from .watch import CLAIMED, SPAWN_LOCK, ProcessWatch, children
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -69,20 +69,6 @@ class Reaper:
                 task = asyncio.create_task(self._reap(watch), name=f"orphan {pid}")
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-
-    def take(self, pid: int, uid: int) -> ProcessWatch | None:
-        """Hand over an orphan's watch to a new owner: a container init the sweep got to first.
-
-        Only a process running as `uid` is handed over (as ProcessWatch.adopt checks)."""
-        if pid not in self._orphans:
-            return None
-        try:
-            _, real_uid = proc_ids(pid)
-        except FileNotFoundError:
-            return None
-        if real_uid != uid:
-            return None
-        return self._orphans.pop(pid)
 
     def reap_later(self, watch: ProcessWatch, what: str) -> None:
         """Take over a child its owner has let go of (a task monitor after release) and reap

@@ -24,7 +24,6 @@ import asyncio
 from typing import Callable
 
 from .logs import get_logger
-from .monitor import parse_exit_records
 from .ociconf import OciConf
 from .patterns import PatternContext
 from .reaper import Reaper
@@ -32,16 +31,12 @@ from .runtime import Identity
 from .spool import SpoolError, SpoolLayout, StepSpool
 from .step import Step, StepSettings, StepSpec, Task
 from .steprecord import RecordStore, StepRecord, TaskRecord
-from .watch import NotWatchable, ProcessWatch
+from .watch import ExitWatch, NotWatchable, ProcessWatch
 
 
 
 
-def parse_exits(data: bytes) -> dict[int, int]:
-    return parse_exit_records(data).statuses
-
-
-class EndedProcess:
+class EndedProcess(ExitWatch):
     """A task that had ended before this daemon started: its status, or unknown (None)."""
 
     pid = None
@@ -50,12 +45,6 @@ class EndedProcess:
     def __init__(self, status: int | None) -> None:
         self.status_known = status is not None
         self._status = status if status is not None else 0
-
-    @property
-    def status(self) -> int:
-        return self._status
-
-    running = False
 
     async def wait(self) -> int:
         return self._status
@@ -73,7 +62,7 @@ class EndedProcess:
         pass
 
 
-class RecoveredProcess:
+class RecoveredProcess(ExitWatch):
     """A task process still there after the restart, watched through a pidfd (not our child)."""
 
     child = False
@@ -139,15 +128,14 @@ async def recover_steps(store: RecordStore, reaper: Reaper) -> list[Step]:
 
 
 async def recover_step(record: StepRecord, store: RecordStore, reaper: Reaper) -> Step:
-    exits = parse_exits(await asyncio.to_thread(store.read_exits, record.name))
     step = Step(_spec(record), _settings(record), reaper, store)
-    step.started_at = record.started_at
-    step._runtime_env = dict(record.settings.runtime_env)
-    step._spool_record = record.spool
-    step.tasks = [_task(record, t, exits, store) for t in record.tasks]
+    exits = await asyncio.to_thread(store.read_exits, record.name)
+    if exits.problems:
+        step.log.warning("the step's exit file has lines that are not records", problems=exits.problems)
+    tasks = [_task(record, t, exits.statuses, store) for t in record.tasks]
     step.log.info(
         "recovering step", state=record.state, previous_daemon=record.daemon_pid,
-        tasks={t.task_id: _describe(t) for t in step.tasks},
+        tasks={t.task_id: _describe(t) for t in tasks},
     )
     spool = None
     if record.spool is not None:
@@ -157,7 +145,7 @@ async def recover_step(record: StepRecord, store: RecordStore, reaper: Reaper) -
             spool = await asyncio.to_thread(StepSpool.reopen, layout, created, record.user.uid, record.user.gid)
         except SpoolError as e:
             step.log.error("cannot take the spool dir back; it is left alone", error=str(e))
-    await step.resume(record.state, record.cancel_reason, spool)
+    await step.resume(record, tasks, spool)
     return step
 
 
@@ -224,7 +212,7 @@ def _watch(record: StepRecord, t: TaskRecord, exits: dict[int, int], store: Reco
         return EndedProcess(status)
 
     def recorded() -> int | None:
-        return parse_exits(store.read_exits(record.name)).get(pid)
+        return store.read_exits(record.name).statuses.get(pid)
 
     return RecoveredProcess(watch, recorded)
 

@@ -140,9 +140,7 @@ class Server:
                 self.finished[key] = step
                 continue
             self.steps[key] = step
-            retire = asyncio.create_task(self._retire(step))
-            self._background.add(retire)
-            retire.add_done_callback(self._background.discard)
+            self._retire_when_done(step)
 
     def apply_config(self, config: DaemonConfig, oci: OciConf) -> None:
         """Use these settings for steps launched from now on; running steps keep the ones they started with.
@@ -386,9 +384,7 @@ class Server:
         finally:
             _close_all(fds)  # the tasks have their own copies now
         self.on_steps_changed()
-        retire = asyncio.create_task(self._retire(step))
-        self._background.add(retire)  # the loop holds tasks weakly
-        retire.add_done_callback(self._background.discard)
+        self._retire_when_done(step)
         await conn.send(StartedReply(job_id=spec.job_id, step_id=spec.step_id, ntasks=spec.ntasks))
         step.timings.started(step.log)
         if request.detach:
@@ -437,6 +433,11 @@ class Server:
         if own >= c.max_steps_per_user:
             raise Refused("limit", f"{identity.user} already has {own} steps on this node, the maximum "
                           f"(max_steps_per_user)")
+
+    def _retire_when_done(self, step: Step) -> None:
+        retire = asyncio.create_task(self._retire(step))
+        self._background.add(retire)  # the loop holds tasks weakly
+        retire.add_done_callback(self._background.discard)
 
     async def _retire(self, step: Step) -> None:
         """Move a step from running to finished when it ends, keeping a bounded history."""

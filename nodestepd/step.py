@@ -28,7 +28,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 from . import configjson, container, metrics, stepenv, steprecord
 from .configjson import BundleConfigError
@@ -42,7 +42,7 @@ from .reaper import Reaper
 from .runtime import HelperResult, Identity, RuntimeNotFound, find_program, run_helper, signal_group_except_leader
 from .spool import SpoolError, StepSpool, spool_layout
 from .steprecord import ProcRecord, RecordStore, StepRecord
-from .watch import NotWatchable, ProcessWatch, start_time
+from .watch import ExitWatch, NotWatchable, start_time
 
 ENV_FILE_NAME = "environment"
 CONFIG_FILE_NAME = "config.json"
@@ -126,10 +126,11 @@ class Task:
     dir: str  # the path, for patterns and messages
     context: PatternContext
     cwd: str = ""  # the same dir pinned through the spool's fd: where runtime commands start
+    deleted: bool = False  # RunTimeDelete has run for it
     # What the task's end is the end of: run mode, the runtime's shell; create/start, the
     # container's init (or the RunTimeQuery poller when there is no pid to watch). After
     # a daemon restart, the watch recovery.py gives it.
-    watch: MonitoredProcess | ProcessWatch | PolledContainer | Any = None
+    watch: ExitWatch | None = None
     monitor: Monitor | None = None  # this daemon's link to the task's monitor (None after a restart)
     proc: ProcRecord | None = None  # watch's process, for the record
     monitor_proc: ProcRecord | None = None
@@ -145,6 +146,10 @@ class Task:
     @property
     def running(self) -> bool:
         return self.watch is not None and self.watch.running
+
+    @property
+    def ended(self) -> bool:
+        return self.watch is not None and not self.watch.running
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,6 @@ class Step:
         self._left_running = False  # the daemon stopped and left this step's tasks alone
         self._spool_record: steprecord.SpoolRecord | None = None
         self._save_lock = asyncio.Lock()
-        self._recorded = False  # a record is on disk: _release removes it
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         self.timings: metrics.StepTimings | metrics._Off = metrics.OFF  # the server sets one under debug_timings
 
@@ -290,7 +294,6 @@ class Step:
         async with self._save_lock:
             record = self.snapshot()
             await asyncio.to_thread(self.store.write, record)
-            self._recorded = True
 
     def snapshot(self) -> StepRecord:
         spec, settings, oci = self.spec, self.settings, self.settings.oci
@@ -302,7 +305,7 @@ class Step:
             container_id=spec.container_id,
             user=steprecord.UserRecord(ident.user, ident.uid, ident.gid, list(ident.groups), ident.home),
             bundle=spec.bundle, args=list(spec.args), workdir=spec.workdir, attached=spec.attached,
-            started_at=self.started_at, state="finished" if self.result is not None else self.state.value,
+            started_at=self.started_at, state=self.state.value,
             settings=steprecord.SettingsRecord(
                 oci_conf=oci.path, runtime_run=oci.runtime_run, runtime_create=oci.runtime_create,
                 runtime_start=oci.runtime_start, runtime_query=oci.runtime_query, runtime_kill=oci.runtime_kill,
@@ -313,8 +316,7 @@ class Step:
             tasks=[
                 steprecord.TaskRecord(
                     task_id=t.task_id, dir=t.dir, context=_context_dict(t.context), monitor=t.monitor_proc,
-                    process=t.proc, status=None if t.running or t.watch is None else t.status,
-                    status_known=t.status_known if t.watch is not None and not t.running else True,
+                    process=t.proc, status=t.status if t.ended else None, status_known=t.status_known or not t.ended,
                 )
                 for t in self.tasks
             ],
@@ -552,15 +554,19 @@ class Step:
 
     # ---- after a daemon restart -------------------------------------------------------
 
-    async def resume(self, recorded_state: str, cancel_reason: str | None, spool: StepSpool | None) -> None:
-        """Take the step over again after a restart; recovery.py built it from its record,
-        with each task's watch. The spool (reopened, or None when it is gone) becomes ours.
+    async def resume(self, record: StepRecord, tasks: list[Task], spool: StepSpool | None) -> None:
+        """Take the step over again after a restart, from its record: recovery.py found each
+        task's watch again and reopened the spool (None when it is gone); both become ours.
 
         A step that was still launching was never acknowledged: it is undone (its
         waiters get 125). One being cancelled is cancelled again. Any other is watched
         to its end like a step launched by this daemon."""
+        self.started_at = record.started_at
+        self._runtime_env = dict(record.settings.runtime_env)
+        self._spool_record = record.spool
+        self.tasks = tasks
         self._spool = spool
-        self._recorded = True
+        recorded_state, cancel_reason = record.state, record.cancel_reason
         for i, task in enumerate(self.tasks):
             # Runtime commands start in the task dir; "/" when it is gone (any user may enter it).
             task.cwd = spool.task_dir_pinned(i) if spool is not None else "/"
@@ -607,7 +613,6 @@ class Step:
                 await self._termination
             cancelled = self._termination is not None
             self.result = StepResult(step_status(statuses), tuple(statuses), cancelled)
-            await self._save_quietly("finished")  # cleanup pending: a restart finishes it
         except BaseException as e:  # never leave the step half-released
             if self._left_running:
                 raise  # nothing to release: the tasks run on, their spool with them
@@ -717,12 +722,18 @@ class Step:
     async def _terminate(self) -> None:
         # Recorded first: a daemon that dies now leaves a step the next one goes on cancelling.
         await self._save_quietly("terminating")
-        await asyncio.gather(*(self._terminate_task(task) for task in self.tasks if task.running))
+        # Not only the running tasks: one that ended while no daemon watched it (a cancel cut
+        # short by a restart) still has its container to delete.
+        await asyncio.gather(*(self._terminate_task(task) for task in self.tasks
+                               if task.watch is not None and not task.deleted))
 
     async def _terminate_task(self, task: Task) -> None:
         """RunTimeKill; wait (bounded by kill_wait); SIGKILL the group; RunTimeDelete."""
         assert task.watch is not None
         log = self.log.bind(task_id=task.task_id)
+        if not task.running:
+            await self._runtime_delete(task, log)
+            return
         kill = await self._helper("RunTimeKill", self.settings.oci.runtime_kill, task)
         what = "the container's init" if self.create_start else "the runtime's process group"
         if task.running:
@@ -754,6 +765,7 @@ class Step:
 
     async def _runtime_delete(self, task: Task, log) -> None:
         result = await self._helper("RunTimeDelete", self.settings.oci.runtime_delete, task)
+        task.deleted = True
         if result is not None and result.status != 0:
             log.info("RunTimeDelete failed", status=result.status, output=result.output)
 
@@ -801,13 +813,11 @@ class Step:
                     await asyncio.to_thread(spool.remove)
                 except SpoolError as e:
                     self.log.error("spool dir could not be removed", error=str(e))
-        if self._recorded:
-            async with self._save_lock:  # after any write still under way
-                try:
-                    await asyncio.to_thread(self.store.remove, self.name)
-                    self._recorded = False
-                except OSError as e:
-                    self.log.error("cannot remove the step's record", error=str(e), state_dir=self.store.path)
+        async with self._save_lock:  # after any write still under way
+            try:
+                await asyncio.to_thread(self.store.remove, self.name)
+            except OSError as e:
+                self.log.error("cannot remove the step's record", error=str(e), state_dir=self.store.path)
 
 
 def step_status(statuses: list[int | None] | tuple[int | None, ...]) -> int | None:

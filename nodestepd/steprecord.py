@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import msgspec
 
+from .monitor import ExitRecords, read_exit_file
+
 FORMAT = "nodestepd-step"
 VERSION = 1
 STEPS_DIR = "steps"
@@ -105,7 +107,7 @@ class StepRecord(msgspec.Struct, forbid_unknown_fields=True):
     workdir: str
     attached: bool
     started_at: float
-    state: str  # launching, running, terminating, finished (cleanup not yet done)
+    state: str  # launching, running, terminating
     settings: SettingsRecord
     tasks: list[TaskRecord]
     spool: SpoolRecord | None = None
@@ -117,7 +119,7 @@ class StepRecord(msgspec.Struct, forbid_unknown_fields=True):
         return record_name(self.job_id, self.step_id, self.first_task)
 
 
-STATES = ("launching", "running", "terminating", "finished")
+STATES = ("launching", "running", "terminating")
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(StepRecord)
@@ -219,14 +221,12 @@ class RecordStore:
             name + EXITS_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o600, dir_fd=self._fd
         )
 
-    def read_exits(self, name: str) -> bytes:
-        """The exit file's contents (b"" when no task ended while it existed)."""
+    def read_exits(self, name: str) -> ExitRecords:
+        """The statuses the step's monitors recorded (none when no task ended yet)."""
         try:
-            fd = os.open(name + EXITS_SUFFIX, os.O_RDONLY | _NOFOLLOW, dir_fd=self._fd)
+            return read_exit_file(name + EXITS_SUFFIX, dir_fd=self._fd)
         except FileNotFoundError:
-            return b""
-        with os.fdopen(fd, "rb") as f:
-            return f.read(1 << 20)
+            return ExitRecords({}, [])
 
     def load_all(self) -> tuple[list[StepRecord], list[LoadProblem]]:
         """Every record, in name order; each file that is not one is quarantined and reported."""

@@ -127,7 +127,30 @@ def proc_ids(pid: int) -> tuple[int, int]:
     return ppid, uid
 
 
-class ProcessWatch:
+class ExitWatch:
+    """What a step needs of whatever tells it that a task ended: ProcessWatch here,
+    monitor.MonitoredProcess, container.PolledContainer, and recovery's watches.
+
+    `status` is None until the end is known; then the exit code, or 128+N for signal N
+    (with status_known False, a stand-in that must be reported as unknown). The other
+    methods: wait() for the status, poll() without blocking, send_signal() to the process
+    (False once it has ended), kill_group() for its process group, reap() to release it.
+    """
+
+    pid: int | None
+    status_known: bool = True
+    _status: int | None = None
+
+    @property
+    def status(self) -> int | None:
+        return self._status
+
+    @property
+    def running(self) -> bool:
+        return self._status is None
+
+
+class ProcessWatch(ExitWatch):
     """Created in any thread (spawning may run off the loop); waited on in the loop's."""
 
     def __init__(self, pid: int, pidfd: int, *, child: bool = True) -> None:
@@ -173,14 +196,6 @@ class ProcessWatch:
             os.close(pidfd)
             raise
         return cls(pid, pidfd, child=ppid == os.getpid())
-
-    @property
-    def status(self) -> int | None:
-        return self._status
-
-    @property
-    def running(self) -> bool:
-        return self._status is None
 
     async def wait(self) -> int:
         if self._status is not None:

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-import uvloop
 
 from conftest import proc_state
 from nodestepd import monitor as monitor_module
@@ -34,36 +33,30 @@ from nodestepd.monitor import (
     monitor_program,
     parse_exit_records,
     read_exit_file,
-    start_time,
 )
 from nodestepd.reaper import Reaper
 from nodestepd.runtime import Identity
-from nodestepd.watch import NotWatchable, children
+from nodestepd.watch import NotWatchable, children, start_time
+from uvloop_fixtures import OVERRIDE_WARNING, event_loop_policy, identity, on_uvloop  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.filterwarnings(
-    'ignore:Overriding the "event_loop_policy" fixture is deprecated:pytest.PytestDeprecationWarning'
-)
+pytestmark = pytest.mark.filterwarnings(OVERRIDE_WARNING)
 
 PATH_ENV = {"PATH": "/usr/bin:/bin"}
 
 
-@pytest.fixture(scope="module")
-def event_loop_policy():
-    return uvloop.EventLoopPolicy()
-
-
-@pytest.fixture(autouse=True)
-async def on_uvloop():
-    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
-
-
-@pytest.fixture
-def identity(user) -> Identity:
-    return Identity.for_uid(user.uid)
-
-
 def our_children() -> set[int]:
     return set(children(os.getpid()))  # worker threads come and go: children() copes
+
+
+async def readable(fd: int, timeout: float) -> None:
+    """Until fd polls readable, woken by the event loop; TimeoutError after timeout."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, timeout)
+    finally:
+        loop.remove_reader(fd)
 
 
 async def exited(pid: int, timeout: float = 10) -> None:
@@ -72,31 +65,22 @@ async def exited(pid: int, timeout: float = 10) -> None:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
     try:
-        await asyncio.wait_for(ready, timeout)
+        await readable(fd, timeout)
     except TimeoutError:
         raise AssertionError(f"process {pid} ({proc_state(pid)}) still alive after {timeout} s") from None
     finally:
-        loop.remove_reader(fd)
         os.close(fd)
 
 
 async def read_lines_until(fd: int, count: int, timeout: float = 10) -> list[str]:
     """The first `count` lines from a pipe, woken by the loop on readability."""
-    loop = asyncio.get_running_loop()
     data = b""
     while data.count(b"\n") < count:
-        ready = loop.create_future()
-        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
         try:
-            await asyncio.wait_for(ready, timeout)
+            await readable(fd, timeout)
         except TimeoutError:
             raise AssertionError(f"timed out; got {data!r}") from None
-        finally:
-            loop.remove_reader(fd)
         chunk = os.read(fd, 4096)
         assert chunk, f"end of stream; got {data!r}"
         data += chunk

@@ -337,23 +337,44 @@ def test_a_launch_cut_short_by_the_restart_is_undone(start_daemon, user, bundle,
             os.close(fd)
 
 
-def test_a_cancel_cut_short_by_the_restart_goes_on(start_daemon, conf, user, bundle):
-    """The daemon dies while it waits kill_wait for a container that ignores RunTimeKill's
-    SIGTERM: the next daemon goes on cancelling it (with the step's own kill_wait)."""
+def cancel_cut_short(start_daemon, conf, user, bundle, job: int):
+    """A step cancelled while its container ignores RunTimeKill's SIGTERM, and the daemon
+    SIGKILLed during kill_wait (the record says `terminating`). Returns the dead daemon."""
     # Plain `runc kill` (SIGTERM), not the guide's `kill -a`, which fails here at once.
     daemon = start_daemon(conf.replace(" kill -a ", " kill "), "--kill-wait", "3")
-    launch_detached(daemon, user, bundle, 7801, ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"])
-    cancel = daemon.ctl_popen(user, "cancel", "7801.0")
+    launch_detached(daemon, user, bundle, job, ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"])
+    cancel = daemon.ctl_popen(user, "cancel", f"{job}.0")
     deadline = time.monotonic() + 30
     while [r["state"] for r in records(daemon).values()] != ["terminating"]:
         assert time.monotonic() < deadline, "the cancellation was not recorded"
         time.sleep(0.01)
+    pids = task_pids(daemon, job)
     kill_daemon(daemon)
     cancel.communicate(timeout=30)
     assert cancel.returncode != 0  # its daemon died under it
+    return daemon, pids
+
+
+def test_a_cancel_cut_short_by_the_restart_goes_on(start_daemon, conf, user, bundle):
+    """The next daemon goes on cancelling the step (with the step's own kill_wait)."""
+    daemon, _ = cancel_cut_short(start_daemon, conf, user, bundle, 7801)
     second = start_daemon(after=daemon)
     assert "going on cancelling the step" in second.log()
     result = second.ctl(user, "wait", "7801.0")
     assert result.returncode == 128 + signal.SIGKILL, result.stderr
     assert "task still running after kill_wait" in second.log()
+    assert_nothing_left(second, user)
+
+
+def test_a_cancel_whose_tasks_end_while_the_daemon_is_down_is_finished(start_daemon, conf, user, bundle):
+    """The container dies while no daemon runs: the next one has nothing left to kill, but
+    still deletes the container (create/start leaves a stopped one registered) and cleans up."""
+    daemon, pids = cancel_cut_short(start_daemon, conf, user, bundle, 7802)
+    subprocess.run(user.command(["runc", "--root", f"/run/user/{user.uid}/", "kill",
+                                 f"testnode.{user.name}.7802.0.0", "KILL"]), env=user.env, check=True)
+    wait_gone(pids)
+    second = start_daemon(after=daemon)
+    result = second.ctl(user, "wait", "7802.0")
+    assert result.returncode == 128 + signal.SIGKILL, result.stderr
+    assert "task still running after kill_wait" not in second.log()
     assert_nothing_left(second, user)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from conftest import proc_state
-import uvloop
 
 from nodestepd.runtime import (
     HelperResult,
@@ -26,25 +25,9 @@ from nodestepd.runtime import (
     signal_group_except_leader,
     spawn_shell,
 )
+from uvloop_fixtures import OVERRIDE_WARNING, event_loop_policy, identity, on_uvloop  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.filterwarnings(
-    'ignore:Overriding the "event_loop_policy" fixture is deprecated:pytest.PytestDeprecationWarning'
-)
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy():
-    return uvloop.EventLoopPolicy()  # as in the daemon: uvloop owns SIGCHLD
-
-
-@pytest.fixture(autouse=True)
-async def on_uvloop():
-    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
-
-
-@pytest.fixture
-def identity(user) -> Identity:
-    return Identity.for_uid(user.uid)
+pytestmark = pytest.mark.filterwarnings(OVERRIDE_WARNING)
 
 
 @pytest.fixture

@@ -16,10 +16,9 @@ from conftest import proc_state
 import uvloop
 
 from nodestepd.watch import CLAIMED, NotWatchable, ProcessWatch, exit_status, exit_status_from_wait_status
+from uvloop_fixtures import OVERRIDE_WARNING, on_uvloop  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.filterwarnings(
-    'ignore:Overriding the "event_loop_policy" fixture is deprecated:pytest.PytestDeprecationWarning'
-)
+pytestmark = pytest.mark.filterwarnings(OVERRIDE_WARNING)
 
 
 class TimerCountingLoop(uvloop.Loop):
@@ -46,11 +45,6 @@ class TimerCountingPolicy(uvloop.EventLoopPolicy):
 @pytest.fixture(scope="module")
 def event_loop_policy():
     return TimerCountingPolicy()
-
-
-@pytest.fixture(autouse=True)
-async def on_uvloop():
-    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
 
 
 @pytest.fixture
