@@ -1,7 +1,7 @@
 """Build step for the one C program in nodestepd: nodestepd-monitor (docs/monitor.md).
 
-pyproject.toml holds the metadata; this only compiles nodestepd/monitor.c into the
-package as nodestepd/_libexec/nodestepd-monitor (mode 0755), where the installed daemon
+pyproject.toml holds the metadata; this only compiles nodestepd/process/monitor.c into the
+package as nodestepd/process/_libexec/nodestepd-monitor (mode 0755), where the installed daemon
 finds it next to its modules. It is rebuilt on every build, so a reinstall never ships
 a stale binary. A copy also goes into the source tree (as `build_ext --inplace` would;
 ignored by git): the tests import nodestepd from the checkout. Linked statically when the C library allows (less memory per task and
@@ -19,8 +19,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.dist import Distribution
 
-SOURCE = os.path.join("nodestepd", "monitor.c")
-TARGET = os.path.join("nodestepd", "_libexec", "nodestepd-monitor")
+SOURCE = os.path.join("nodestepd", "process", "monitor.c")
+TARGET = os.path.join("nodestepd", "process", "_libexec", "nodestepd-monitor")
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 NO_COMPILER = (
     "nodestepd needs a C compiler and the C library headers to build nodestepd-monitor: "

@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from nodestepd import client
+from nodestepd.ctl import main as client
 
 
 def _each(count: int, concurrency: int, work: Callable[[int], str | None]) -> tuple[float, list[str]]:

@@ -41,9 +41,10 @@ from pathlib import Path
 import uvloop
 
 from nodestepd.logs import configure_logging
-from nodestepd.monitor import Monitor, monitor_program
-from nodestepd.reaper import Reaper
-from nodestepd.runtime import Identity, spawn_shell
+from nodestepd.process.monitor import Monitor, monitor_program
+from nodestepd.process.reaper import Reaper
+from nodestepd.process.identity import Identity
+from nodestepd.process.spawn import spawn_shell
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -177,7 +178,7 @@ def main() -> int:
 
 
 def measure_records(parent: str, runs: int) -> tuple[list[float], list[float]]:
-    from nodestepd import steprecord
+    from nodestepd.step import record as steprecord
 
     state = tempfile.mkdtemp(prefix="nodestepd-bench-state-", dir=parent)
     try:
@@ -200,7 +201,7 @@ def measure_records(parent: str, runs: int) -> tuple[list[float], list[float]]:
 
 def _sample_record(job_id: int):
     """A one-task run-mode record of the usual size (the runtime's environment included)."""
-    from nodestepd import steprecord as r
+    from nodestepd.step import record as r
 
     return r.StepRecord(
         format=r.FORMAT, version=r.VERSION, job_id=job_id, step_id=0, first_task=0, ntasks=1, task_offset=None,

@@ -18,7 +18,7 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 def resolve_log_format(fmt: str, env: Mapping[str, str]) -> str:
     """`auto`: the journal when stderr is the journal stream systemd connected, else console."""
-    from .journal import stderr_is_journal
+    from nodestepd.systemd.journal import stderr_is_journal
 
     if fmt != "auto":
         return fmt
@@ -49,7 +49,7 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
 
 
 def _configure_journal(level: str) -> None:
-    from . import journal
+    from nodestepd.systemd import journal
 
     structlog.configure(
         processors=[

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import uvloop
 
-from nodestepd.runtime import Identity
+from nodestepd.process.identity import Identity
 
 OVERRIDE_WARNING = 'ignore:Overriding the "event_loop_policy" fixture is deprecated:pytest.PytestDeprecationWarning'
 

@@ -1,0 +1,170 @@
+"""Daemon settings: built-in defaults, then the TOML file, then command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from nodestepd.config.slurmconf import DEFAULT_SLURM_CONF, SlurmConfError, read_slurm_conf
+
+DEFAULT_CONFIG_FILE = "/etc/nodestepd/nodestepd.toml"
+LOG_FORMATS = ("auto", "console", "json", "journal")
+STEPS_ON_STOP = ("leave", "cancel")
+
+
+class ConfigError(Exception):
+    """A settings problem; the message names the file and the setting."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: str = "/run/nodestepd/nodestepd.sock"
+    oci_conf: str = "/etc/slurm/oci.conf"
+    spool_dir: str = "/var/spool/nodestepd"
+    state_dir: str = "/var/lib/nodestepd"
+    node_name: str = ""  # empty: the short host name, resolved by load_config
+    kill_wait: float = 30.0
+    runtime_timeout: float = 60.0
+    log_format: str = "auto"  # console, json, journal; auto: journal when stderr is journald's, else console
+    log_level: str = "info"
+    steps_on_stop: str = "leave"  # on SIGTERM: leave running steps alone, or cancel them
+    slurm_conf: str = DEFAULT_SLURM_CONF  # when it exists: default node_name and spool_dir
+    # Security and limits (docs/security.md). operators None: root and `slurm` if it exists.
+    operators: tuple[str | int, ...] | None = None
+    no_new_privs: bool = True
+    max_message_size: int = 1 << 20
+    max_args_bytes: int = 64 * 1024
+    max_env_bytes: int = 256 * 1024
+    max_connections: int = 1024
+    max_connections_per_user: int = 256
+    max_steps: int = 1024
+    max_steps_per_user: int = 128
+    client_timeout: float = 30.0
+    debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
+    config_file: str | None = None  # where the settings came from, for `status`
+
+    def validate(self, sources: Mapping[str, str]) -> None:
+        """sources: where each setting came from (a file, the command line), for the message."""
+
+        def fail(name: str, message: str) -> ConfigError:
+            return ConfigError(f"{sources.get(name, 'default')}: {name}: {message}")
+
+        for name in ("socket", "oci_conf", "spool_dir", "state_dir", "slurm_conf"):
+            value = getattr(self, name)
+            if not os.path.isabs(value):
+                raise fail(name, f"must be an absolute path, got {value!r}")
+        if not self.node_name or "/" in self.node_name or any(c.isspace() for c in self.node_name):
+            raise fail("node_name", f"{self.node_name!r} is not a usable node name")
+        if not (0 < self.kill_wait <= 3600):
+            raise fail("kill_wait", f"must be between 0 and 3600 seconds, got {self.kill_wait}")
+        if not (0 < self.runtime_timeout <= 3600):
+            raise fail("runtime_timeout", f"must be between 0 and 3600 seconds, got {self.runtime_timeout}")
+        if self.log_format not in LOG_FORMATS:
+            raise fail("log_format", f"must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.steps_on_stop not in STEPS_ON_STOP:
+            raise fail("steps_on_stop", f"must be 'leave' or 'cancel', got {self.steps_on_stop!r}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise fail("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
+        from nodestepd.config.limits import setting_problems  # limits imports this module
+
+        for name, message in setting_problems(self):
+            raise fail(name, message)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "socket": (str,),
+    "oci_conf": (str,),
+    "spool_dir": (str,),
+    "state_dir": (str,),
+    "node_name": (str,),
+    "kill_wait": (int, float),
+    "runtime_timeout": (int, float),
+    "log_format": (str,),
+    "log_level": (str,),
+    "steps_on_stop": (str,),
+    "slurm_conf": (str,),
+    "operators": (list,),
+    "no_new_privs": (bool,),
+    "max_message_size": (int,),
+    "max_args_bytes": (int,),
+    "max_env_bytes": (int,),
+    "max_connections": (int,),
+    "max_connections_per_user": (int,),
+    "max_steps": (int,),
+    "max_steps_per_user": (int,),
+    "client_timeout": (int, float),
+    "debug_timings": (bool,),
+}
+_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout")
+
+
+def _from_toml(path: str, required: bool) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: no such file") from None
+        return {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _FIELD_TYPES:
+            known = ", ".join(sorted(_FIELD_TYPES))
+            raise ConfigError(f"{path}: unknown setting {key!r} (known: {known})")
+        types = _FIELD_TYPES[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise ConfigError(f"{path}: {key}: expected {types[0].__name__}, got {type(value).__name__}")
+        if key == "operators":
+            value = tuple(value)
+        settings[key] = float(value) if key in _FLOATS else value
+    return settings
+
+
+def load_config(config_file: str | None, overrides: Mapping[str, Any]) -> DaemonConfig:
+    """Defaults, then the TOML file (required only when named explicitly), then overrides (None = unset)."""
+    path = config_file or DEFAULT_CONFIG_FILE
+    settings = _from_toml(path, required=config_file is not None)
+    sources = {key: path for key in settings}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings.update(given)
+    sources.update({key: "--" + key.replace("_", "-") for key in given})
+    _defaults_from_slurm_conf(settings, sources)
+    if not settings.get("node_name"):
+        settings["node_name"] = socket.gethostname().split(".", 1)[0]
+        sources["node_name"] = "host name"
+    config = dataclasses.replace(DaemonConfig(), **settings, config_file=path if os.path.exists(path) else None)
+    config.validate(sources)
+    return config
+
+
+def _defaults_from_slurm_conf(settings: dict[str, Any], sources: dict[str, str]) -> None:
+    """Where Slurm runs, its own NodeName for this host and SlurmdSpoolDir, unless set here."""
+    path = settings.get("slurm_conf", DEFAULT_SLURM_CONF)
+    if settings.get("node_name") and settings.get("spool_dir"):
+        return
+    try:
+        slurm = read_slurm_conf(path)
+    except SlurmConfError as e:
+        raise ConfigError(str(e)) from None
+    if slurm is None:
+        return
+    hostname = socket.gethostname()
+    if not settings.get("node_name"):
+        name = slurm.node_name_for(hostname)
+        if name is not None:
+            settings["node_name"] = name
+            sources["node_name"] = f"{path}: NodeName"
+    if not settings.get("spool_dir"):
+        node = settings.get("node_name") or hostname.split(".", 1)[0]
+        spool = slurm.spool_dir_for(node, hostname)
+        if spool is not None:
+            settings["spool_dir"] = spool
+            sources["spool_dir"] = f"{path}: SlurmdSpoolDir"

@@ -1,0 +1,520 @@
+"""The daemon's side of nodestepd-monitor, the per-task parent that outlives the daemon.
+
+Each task's first runtime command (RunTimeRun, or RunTimeCreate) is started by a small
+root-owned C program of its own (monitor.c, installed next to this module), not by the
+daemon: the task is the monitor's child, and so is whatever gets orphaned below it (a
+create/start container's init), because the monitor is a child subreaper. The monitor
+writes every child's exit status to the task's exit file, then tells us on ctl, so a
+status is never lost while the daemon is down. docs/monitor.md has the protocol.
+
+Here:
+- `Monitor.spawn` starts a monitor (blocking: call it in a worker thread, like
+  spawn_shell) and returns once the task runs, or raises OSError as spawn_shell does.
+- `MonitoredProcess` is a process the monitor reports on (the task, or one `adopt`ed):
+  the same interface as ProcessWatch (wait, poll, status, send_signal, kill_group, reap).
+  Its exit status comes from the monitor's `exit` record, read on the event loop.
+- `Monitor.release` lets go: the monitor reaps its zombies and exits when its last
+  child has; the daemon's Reaper reaps the monitor itself.
+- If the monitor dies unexpectedly, each process still waiting is watched through its
+  own pidfd (ProcessWatch: our child by then, as the daemon is a subreaper, or the
+  kernel's PIDFD_INFO_EXIT); a status nobody can know is reported as unknown.
+- `read_exit_file` is for recovery after a daemon restart (through steprecord.RecordStore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import stat
+import subprocess
+from typing import TYPE_CHECKING, Mapping, NamedTuple
+
+from nodestepd.logs import get_logger
+from nodestepd.process.spawn import SHELL
+from nodestepd.process.identity import Identity
+from nodestepd.process.watch import (
+    CLAIMED,
+    SPAWN_LOCK,
+    ExitWatch,
+    NotWatchable,
+    ProcessWatch,
+    _pidfd_readable,
+    exit_status,
+    proc_ids,
+)
+
+if TYPE_CHECKING:
+    from nodestepd.process.reaper import Reaper
+
+PROGRAM_NAME = "nodestepd-monitor"
+LIBEXEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_libexec")
+_MESSAGE_SIZE = 256  # every message the monitor sends is one short line
+_MAX_EXIT_FILE = 16 * 1024 * 1024  # a task orphaning millions of processes: read this much, say so
+_MAX_PROBLEMS = 10
+# What the monitor was doing when the task could not start: names the file in the OSError.
+_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup"}
+
+
+def _log():
+    """The logger, looked up when used: one bound at import would miss configure_logging()."""
+    return get_logger()
+
+
+class MonitorMissing(RuntimeError):
+    """nodestepd-monitor is not installed next to the package (a build without a C compiler)."""
+
+
+def monitor_program() -> str:
+    """The installed nodestepd-monitor. Raises MonitorMissing when it is not there."""
+    path = os.path.join(LIBEXEC_DIR, PROGRAM_NAME)
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise MonitorMissing(
+            f"{path} is missing or not executable: reinstall nodestepd where a C compiler is available "
+            "(Debian: gcc, libc6-dev)"
+        )
+    return path
+
+
+class ExitRecords(NamedTuple):
+    statuses: dict[int, int]  # pid -> status (exit code, or 128+N for signal N)
+    problems: list[str]  # what was not a record, for the log; empty for a clean file
+
+
+def parse_exit_records(data: bytes) -> ExitRecords:
+    """Parse the lines of an exit file (`PID STATUS\\n` each). Never raises.
+
+    A last line without its newline is a write cut short and is ignored (reported among
+    the problems). Anything else that is not a record is skipped and reported. A pid
+    recorded twice was reused after the monitor reaped it: the first record is the
+    earlier process, the one a recorded pid names, so it is kept.
+    """
+    statuses: dict[int, int] = {}
+    problems: list[str] = []
+    lines = data.split(b"\n")
+    torn = lines.pop()  # empty when the data ends with a newline
+    skipped = 0
+    for number, line in enumerate(lines, 1):
+        fields = line.split(b" ")
+        if (len(fields) == 2 and all(f.isdigit() and len(f) <= 10 for f in fields)
+                and 0 < int(fields[0]) < 2**22 and int(fields[1]) <= 255):
+            pid, status = int(fields[0]), int(fields[1])
+            if pid in statuses:
+                problem = f"line {number}: pid {pid} recorded again (a reused pid); the first record is kept"
+            else:
+                statuses[pid] = status
+                continue
+        else:
+            problem = f"line {number}: not a record: {line[:60]!r}"
+        if len(problems) < _MAX_PROBLEMS:
+            problems.append(problem)
+        else:
+            skipped += 1
+    if skipped:
+        problems.append(f"{skipped} more problems")
+    if torn:
+        problems.append(f"incomplete last line ignored: {torn[:60]!r}")
+    return ExitRecords(statuses, problems)
+
+
+def read_exit_file(path: str | os.PathLike[str] | int, *, dir_fd: int | None = None) -> ExitRecords:
+    """The records of an exit file: a path (relative to dir_fd if given) or an open fd.
+
+    Never raises on the content; raises OSError when the file cannot be opened (a missing
+    file is FileNotFoundError: the caller decides what that means). Symlinks are not
+    followed and only a regular file is read (at most 16 MiB).
+    """
+    if isinstance(path, int):
+        fd = os.dup(path)
+    else:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ExitRecords({}, ["not a regular file"])
+        chunks: list[bytes] = []
+        size = offset = 0
+        while size <= _MAX_EXIT_FILE:
+            chunk = os.pread(fd, 1024 * 1024, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    records = parse_exit_records(data[:_MAX_EXIT_FILE])
+    if size > _MAX_EXIT_FILE:
+        records.problems.append(f"only the first {_MAX_EXIT_FILE} bytes were read")
+    return records
+
+
+class Monitor:
+    """One running nodestepd-monitor, its ctl socket and the processes it reports on.
+
+    Created in a worker thread by spawn(); used on the event loop from then on.
+    """
+
+    def __init__(self, watch: ProcessWatch, ctl: socket.socket, task_pid: int, task_pidfd: int) -> None:
+        self.pid = watch.pid
+        self._watch: ProcessWatch | None = watch  # the monitor itself, our child; None once handed on or reaped
+        self._ctl: socket.socket | None = ctl  # None once released, or the monitor closed it
+        self._reading = False
+        self._released = False
+        self._lost: asyncio.Task[None] | None = None  # the monitor died: resolving what still waits
+        self._records: dict[int, int] = {}  # every `exit` record so far, pid -> status
+        self._procs: dict[int, MonitoredProcess] = {}
+        self.task = self._track(task_pid, task_pidfd)
+
+    # ---- starting -------------------------------------------------------------------
+
+    @classmethod
+    def spawn(
+        cls,
+        command: str,
+        *,
+        identity: Identity,
+        cwd: str,
+        env: Mapping[str, str],
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        exit_fd: int,
+        shell: str = SHELL,
+    ) -> "Monitor":
+        """Start `shell -c command` as the user under a new monitor; return once it runs.
+
+        Blocking (a fork and two execs): call it in a worker thread. The same rules as
+        runtime.spawn_shell: cwd must be a directory the user owns (PermissionError if
+        not), entered as root through a pinned path (/proc/PID/fd/N); the task gets
+        stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own process
+        group, umask 022, the user's uid, gid and groups and no other fd. When it cannot
+        start, raises OSError with the errno of the step that failed (FileNotFoundError
+        for a missing shell, PermissionError for a directory the user cannot enter), and
+        nothing is left behind.
+
+        exit_fd: the task's exit file, opened O_WRONLY|O_APPEND by the caller, who keeps
+        its own fd. The monitor appends `PID STATUS` lines to it for as long as it lives.
+        """
+        st = os.stat(cwd)
+        if st.st_uid != identity.uid:
+            raise PermissionError(errno.EACCES, f"working directory {cwd} is not owned by {identity.user}")
+        program = monitor_program()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            argv = [
+                program, "--ctl-fd", str(theirs.fileno()), "--exit-fd", str(exit_fd),
+                "--uid", str(identity.uid), "--gid", str(identity.gid),
+                "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
+                "--", shell, "-c", command,
+            ]
+            with SPAWN_LOCK:  # until the pidfd is ours, the reaper must not take the monitor for an orphan
+                popen = subprocess.Popen(
+                    argv,
+                    executable=program,
+                    stdin=stdin,
+                    stdout=stdout,
+                    stderr=stderr,
+                    cwd="/",  # the monitor pins no directory; the task's is entered by the monitor
+                    env=dict(env),  # the monitor passes it on to the task unchanged
+                    close_fds=True,
+                    pass_fds=(theirs.fileno(), exit_fd),
+                    restore_signals=True,
+                )
+                watch = ProcessWatch.open(popen.pid)
+            popen.returncode = 0  # reaped through its pidfd, never by subprocess
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the monitor holds its end alone: its exit is our end-of-file
+        try:
+            try:
+                reply = ours.recv(_MESSAGE_SIZE)  # blocks until the task is exec'ed or has failed
+            except OSError:
+                reply = b""
+            words = reply.split()
+            if len(words) == 2 and words[0] == b"started" and words[1].isdigit():
+                task_pid = int(words[1])
+                # The monitor keeps the task unreaped until we release it: the pid is the task's.
+                task_pidfd = os.pidfd_open(task_pid)
+                ours.setblocking(False)
+                return cls(watch, ours, task_pid, task_pidfd)
+        except BaseException:
+            ours.close()
+            _kill_and_reap(watch)
+            raise
+        ours.close()  # released: a monitor that reported nothing usable exits with its children reaped
+        status = _kill_and_reap(watch, kill=not (words[:1] == [b"error"]))
+        if len(words) >= 2 and words[0] == b"error" and words[1].isdigit():
+            err = int(words[1])
+            step = words[2].decode("ascii", "replace") if len(words) > 2 else "exec"
+            filename = shell if step == "exec" else cwd if step == "chdir" else None
+            raise OSError(err, os.strerror(err), filename)
+        raise OSError(errno.EIO, f"nodestepd-monitor ended without starting the task (status {status}, said {reply!r})")
+
+    # ---- watching -----------------------------------------------------------------------
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @property
+    def holding(self) -> bool:
+        """True while the monitor keeps its exited children as zombies (ctl open, not released)."""
+        return self._ctl is not None
+
+    def adopt(self, pid: int, uid: int) -> "MonitoredProcess":
+        """Report on another child of the monitor: a container's init that RunTimeCreate left
+        behind. The pid is pinned by a pidfd, then /proc must show the monitor as its parent
+        and `uid` as its real uid. One that has already exited is fine (the monitor holds
+        it): a record that came for it counts. Raises NotWatchable. Call on the event loop.
+        """
+        if not self.holding:
+            raise NotWatchable(f"pid {pid} cannot be watched through the task monitor: it has let go")
+        self._drain()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            raise NotWatchable(f"pid {pid} cannot be watched: {e.strerror or e}") from None
+        try:
+            try:
+                ppid, real_uid = proc_ids(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                raise NotWatchable(f"pid {pid} has already exited and been reaped") from None
+            if ppid != self.pid:
+                raise NotWatchable(f"pid {pid} is not a child of the task monitor {self.pid} (its parent is {ppid})")
+            if real_uid != uid:
+                raise NotWatchable(f"pid {pid} runs as uid {real_uid}, not {uid}: not the container's process")
+        except BaseException:
+            os.close(pidfd)
+            raise
+        if pid in self._procs:  # adopted before (or the task itself): one watcher per process
+            os.close(pidfd)
+            return self._procs[pid]
+        return self._track(pid, pidfd)
+
+    def _track(self, pid: int, pidfd: int) -> "MonitoredProcess":
+        proc = MonitoredProcess(self, pid, pidfd)
+        self._procs[pid] = proc
+        if pid in self._records:
+            proc._set_status(self._records[pid])
+        return proc
+
+    def _start_reading(self) -> None:
+        """Read ctl on the event loop from now on (idempotent)."""
+        if self._reading or self._ctl is None:
+            return
+        asyncio.get_running_loop().add_reader(self._ctl.fileno(), self._drain)
+        self._reading = True
+        self._drain()
+
+    def _drain(self) -> None:
+        """Read every message waiting on ctl. Never blocks."""
+        while self._ctl is not None:
+            try:
+                message = self._ctl.recv(_MESSAGE_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:  # ECONNRESET: as good as end-of-file
+                message = b""
+            if not message:
+                self._on_monitor_gone()
+                return
+            self._dispatch(message)
+
+    def _dispatch(self, message: bytes) -> None:
+        words = message.split()
+        if len(words) == 3 and words[0] == b"exit" and words[1].isdigit() and words[2].isdigit():
+            pid, status = int(words[1]), int(words[2])
+            if pid in self._records:
+                _log().warning("task monitor recorded a process twice", monitor_pid=self.pid, pid=pid)
+                return
+            self._records[pid] = status
+            proc = self._procs.get(pid)
+            if proc is not None:
+                proc._set_status(status)
+        elif len(words) == 3 and words[0] == b"warning" and words[1] == b"exit-file" and words[2].isdigit():
+            err = int(words[2])
+            _log().error("task monitor cannot write the exit file: a status will be lost if the daemon restarts",
+                      monitor_pid=self.pid, error=os.strerror(err))
+        else:
+            _log().warning("unexpected message from the task monitor", monitor_pid=self.pid, message=message[:80])
+
+    def _close_ctl(self) -> None:
+        if self._ctl is None:
+            return
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self._ctl.fileno())
+            self._reading = False
+        self._ctl.close()
+        self._ctl = None
+
+    def _on_monitor_gone(self) -> None:
+        """End-of-file on ctl that we did not cause: the monitor died (killed, or a bug)."""
+        self._close_ctl()
+        if self._lost is None:
+            self._lost = asyncio.get_running_loop().create_task(self._after_loss(), name=f"monitor {self.pid} lost")
+
+    async def _after_loss(self) -> None:
+        assert self._watch is not None
+        # Its pidfd turns readable only after the kernel has handed its children on (to
+        # us, as subreaper): from then on their parent is final.
+        status = await self._watch.wait()
+        self._watch.reap()
+        self._watch = None
+        waiting = [proc.pid for proc in self._procs.values() if proc.running]
+        _log().error("task monitor died; watching its processes by pidfd", monitor_pid=self.pid, status=status,
+                  pids=waiting)
+        for proc in list(self._procs.values()):
+            proc._fall_back()
+
+    # ---- letting go -----------------------------------------------------------------------
+
+    def release(self, reaper: "Reaper") -> None:
+        """Let go of the task. Call on the event loop, after the final signals to its groups.
+
+        The monitor then reaps its zombies (their pids may be reused from now on) and exits
+        once its last child has; `reaper` reaps the monitor. A process still running is left
+        to the monitor and watched through its pidfd (its status from PIDFD_INFO_EXIT).
+        """
+        if self._released:
+            return
+        self._released = True
+        if self._ctl is not None:
+            self._drain()  # records already sent still count
+            self._close_ctl()
+        if self._lost is not None:
+            return  # it died: _after_loss reaps it and hands its processes over once it has exited
+        for proc in list(self._procs.values()):
+            proc._fall_back()
+        if self._watch is not None:
+            reaper.reap_later(self._watch, "task monitor")
+            self._watch = None
+
+    def _forget(self, proc: "MonitoredProcess") -> None:
+        if self._procs.get(proc.pid) is proc:
+            del self._procs[proc.pid]
+
+
+class MonitoredProcess(ExitWatch):
+    """A process the monitor reports on: ProcessWatch's interface, fed by `exit` records.
+
+    Created in any thread; waited on in the event loop's. The pid is pinned by a pidfd; its
+    process group stays reserved while the monitor holds the zombie (until release).
+    """
+
+    def __init__(self, monitor: Monitor, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.monitor = monitor
+        self._pidfd: int | None = pidfd
+        self._status: int | None = None
+        self.status_known = True  # False only when neither the monitor nor the kernel told us
+        self._exited: asyncio.Future[int] | None = None
+        # Once the monitor can no longer tell us (released, or died): watched by pidfd instead.
+        self._fallback: ProcessWatch | None = None
+        self._fallback_task: asyncio.Task[None] | None = None
+
+    async def wait(self) -> int:
+        if self._status is None and self._fallback is None:
+            self.monitor._start_reading()
+        if self._status is not None:
+            return self._status
+        if self._exited is None:
+            self._exited = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(self._exited)
+
+    def poll(self) -> int | None:
+        """The exit status if it is known yet, else None. Never blocks."""
+        if self._status is None:
+            if self._fallback is not None:
+                self._fallback.poll()
+            else:
+                self.monitor._drain()
+        return self._status
+
+    def _set_status(self, status: int, known: bool = True) -> None:
+        if self._status is not None:
+            return
+        self._status = status
+        self.status_known = known
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(status)
+
+    def _fall_back(self) -> None:
+        """Watch the pidfd directly: the monitor will not report this process any more."""
+        if self._status is not None or self._pidfd is None or self._fallback is not None:
+            return
+        try:
+            ppid, _ = proc_ids(self.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            ppid = -1  # reaped already: only the kernel's exit info is left
+        # Our child now (we are the subreaper its monitor's death handed it to), unless the
+        # reaper's sweep got to it first: then it is the sweep's to reap, and the kernel
+        # gives us its status (PIDFD_INFO_EXIT) once reaped.
+        child = ppid == os.getpid() and self.pid not in CLAIMED
+        self._fallback = ProcessWatch(self.pid, os.dup(self._pidfd), child=child)
+        self._fallback_task = asyncio.get_running_loop().create_task(
+            self._await_fallback(self._fallback), name=f"monitored {self.pid}")
+
+    async def _await_fallback(self, watch: ProcessWatch) -> None:
+        status = await watch.wait()
+        if not watch.status_known:
+            _log().error("a monitored process ended after its monitor was gone; its exit status is unknown",
+                      pid=self.pid, monitor_pid=self.monitor.pid)
+        self._set_status(status, watch.status_known)
+
+    def send_signal(self, sig: int) -> bool:
+        """Signal the process itself, through its pidfd. False once it has exited."""
+        if self._pidfd is None or self._status is not None or _pidfd_readable(self._pidfd):
+            return False
+        try:
+            signal.pidfd_send_signal(self._pidfd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def kill_group(self, sig: int) -> None:
+        """Signal the process group this process leads (its pid).
+
+        Safe while the zombie is held (by the monitor until release, or by us as its
+        parent after the monitor died): the group id cannot be reused. Once nobody holds
+        it, only while the process still runs.
+        """
+        if self._pidfd is None:
+            return
+        held = self._fallback.child if self._fallback is not None else self.monitor.holding
+        if not held and _pidfd_readable(self._pidfd):
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> None:
+        """Release the pidfd (idempotent). The zombie itself is the monitor's, reaped after
+        release; after the monitor died, a zombie that became ours is reaped here."""
+        if self._pidfd is None:
+            return
+        if self._fallback is not None:
+            self._fallback.reap()  # a child of ours must have exited, as with ProcessWatch
+            if self._fallback_task is not None and not self._fallback_task.done():
+                self._fallback_task.cancel()
+        os.close(self._pidfd)
+        self._pidfd = None
+        self.monitor._forget(self)
+
+    def __del__(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+
+
+def _kill_and_reap(watch: ProcessWatch, kill: bool = True) -> int:
+    """A monitor that failed to start its task: (kill,) wait for and reap it. Blocking."""
+    if kill:
+        watch.send_signal(signal.SIGKILL)
+    info = os.waitid(os.P_PID, watch.pid, os.WEXITED | os.WNOWAIT)
+    watch.reap()
+    return exit_status(info) if info is not None else 0

@@ -1,0 +1,229 @@
+"""The wire protocol between nodestepctl (or any client) and nodestepd.
+
+The message types, as msgspec structs: decoding a request validates it completely
+(types, required fields, no unknown fields) with an error that names the field.
+Framing lives in wire.py. docs/protocol.md is the reference; keep the three in step.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from nodestepd.protocol.wire import (  # noqa: F401  (re-exported: the daemon's single view of the protocol)
+    HEADER,
+    MAX_FDS,
+    MAX_MESSAGE,
+    STATUS_CONNECTION_LOST,
+    STATUS_LAUNCH_FAILED,
+    VERSION,
+    ProtocolError,
+    frame_body,
+    frame_length,
+    parse_step_ref,
+)
+
+
+# ---- requests -------------------------------------------------------------------
+
+
+class Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
+    v: int
+
+
+class RunRequest(Request, tag="run"):
+    """Launch a step. Exactly three fds ride along: the tasks' stdin, stdout, stderr."""
+
+    bundle: str
+    args: list[str]
+    env: dict[str, str] = {}
+    job_id: int | None = None
+    step_id: int | None = None
+    ntasks: int = 1
+    chdir: str = "/"
+    pty: bool = False
+    detach: bool = False
+    # The bundle's config.json as the caller read it with its own rights, or why it
+    # could not be read: the daemon never opens paths under the caller's control as root.
+    config_json: str | None = None
+    config_json_error: str | None = None
+    # Detached without output files: the daemon sends the tasks' stdout and stderr to the
+    # journal with the step's fields (when it logs to the journal; else the fds are used).
+    output_to_journal: bool = False
+    # A per-task launch (srun starts one nodestepctl per task): this launch's tasks are
+    # task_offset ... task_offset+ntasks-1 of the step, and other launches of the same
+    # job.step may run beside it as long as their task ids do not overlap. None: the
+    # launch is the whole step on this node (task ids from 0).
+    task_offset: int | None = None
+    local_offset: int | None = None  # SLURM_LOCALID of the first task (default: its task id)
+    node_id: int | None = None  # SLURM_NODEID, when the caller knows it
+    container_id: str | None = None  # SLURM_CONTAINER_ID (srun --container-id), when given
+    # Operators only (docs/security.md): run the step as this user (a name or a decimal
+    # uid). The daemon then reads config.json itself, as that user, so the two fields
+    # above must be null.
+    user: str | None = None
+    # Files the daemon opens as the step's user for the tasks' stdout/stderr, in place of
+    # the fds that came with the request (how an operator's --output reaches the user's files).
+    output: str | None = None
+    error: str | None = None
+
+
+class SignalRequest(Request, tag="signal"):
+    """Signal a step. Without ids: the step this connection launched (attached runs)."""
+
+    signal: str
+    job_id: int | None = None
+    step_id: int | None = None
+
+
+class StepRef(Request):
+    job_id: int
+    step_id: int
+
+
+class CancelRequest(StepRef, tag="cancel"):
+    pass
+
+
+class WaitRequest(StepRef, tag="wait"):
+    pass
+
+
+class PsRequest(Request, tag="ps"):
+    pass
+
+
+class StatusRequest(Request, tag="status"):
+    pass
+
+
+class ReloadRequest(Request, tag="reload"):
+    """Re-read the settings file and oci.conf (root only). Reply: ok, or error with every reason."""
+
+
+AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest]
+
+# ---- replies --------------------------------------------------------------------
+
+
+class Reply(msgspec.Struct, tag_field="type"):
+    v: int = VERSION
+
+
+class ErrorReply(Reply, tag="error"):
+    # bad-request, not-found, permission-denied, launch-failed, conflict, reload-failed, limit, timeout, busy
+    code: str = "error"
+    error: str = ""
+    status: int | None = None  # exit status the client should use, when it has one
+
+
+class OkReply(Reply, tag="ok"):
+    pass
+
+
+class StartedReply(Reply, tag="started"):
+    job_id: int = 0
+    step_id: int = 0
+    ntasks: int = 1
+
+
+class TaskExit(msgspec.Struct):
+    task_id: int
+    status: int | None  # exit code, 128+N for signal N; None: never started, or not known
+
+
+class ExitReply(Reply, tag="exit"):
+    job_id: int = 0
+    step_id: int = 0
+    # The first non-zero task status, else 0; None (null) when no task failed but some
+    # task's status is not known (it ended while no daemon watched it and no record of
+    # its status survived): never a made-up 0.
+    status: int | None = 0
+    tasks: list[TaskExit] = []
+    cancelled: bool = False
+
+
+class TaskInfo(msgspec.Struct):
+    task_id: int
+    pid: int | None
+    status: int | None
+
+
+class StepInfo(msgspec.Struct):
+    job_id: int
+    step_id: int
+    user: str
+    uid: int
+    state: str  # launching, running, terminating, finished
+    attached: bool
+    bundle: str
+    args: list[str]
+    started_at: float
+    tasks: list[TaskInfo]
+    status: int | None = None
+
+
+class StepsReply(Reply, tag="steps"):
+    steps: list[StepInfo] = []
+
+
+class StatusReply(Reply, tag="status"):
+    version: str = ""
+    uptime: float = 0.0
+    node_name: str = ""
+    config_file: str | None = None
+    oci_conf: str = ""
+    oci_mode: str = ""
+    socket: str = ""
+    spool_dir: str = ""
+    state_dir: str = ""
+    steps_running: int = 0
+    steps_finished: int = 0
+
+
+AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply]
+
+_request_decoder = msgspec.json.Decoder(AnyRequest)
+_reply_decoder = msgspec.json.Decoder(AnyReply)
+_encoder = msgspec.json.Encoder()
+
+
+def frame(message: msgspec.Struct) -> bytes:
+    return frame_body(_encoder.encode(message))
+
+
+class _Versioned(msgspec.Struct):
+    v: int
+
+
+_version_decoder = msgspec.json.Decoder(_Versioned)
+
+
+def decode_request(body: bytes) -> AnyRequest:
+    # The version first, leniently: a newer client's request may have a shape we don't know.
+    try:
+        version = _version_decoder.decode(body).v
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        version = VERSION  # let the full decode name what is wrong
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this daemon speaks {VERSION})")
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed request: {e}") from None
+    except UnicodeDecodeError:
+        # msgspec raises this (not a DecodeError) for a tag value that is not valid UTF-8,
+        # such as an encoded lone surrogate in "op".
+        raise ProtocolError("malformed request: invalid UTF-8") from None
+    except RecursionError:
+        # msgspec raises this for JSON nested deeper than it recurses, even where the
+        # nesting sits in a field it would only skip or reject.
+        raise ProtocolError("malformed request: JSON nested too deeply") from None
+
+
+def decode_reply(body: bytes) -> AnyReply:
+    try:
+        return _reply_decoder.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed reply from nodestepd: {e}") from None

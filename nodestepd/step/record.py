@@ -1,0 +1,274 @@
+"""Durable step records in --state-dir: what a restarted daemon needs to manage a step.
+
+One JSON file per launch, `steps/JOB.STEP.FIRSTTASK.json`, written atomically
+(temporary file, fsync, rename, fsync of the directory) before the launch is
+acknowledged and on every state change, and removed only after the step's cleanup.
+Next to it, `JOB.STEP.FIRSTTASK.exits` is the exit file the step's task monitors
+append to (docs/monitor.md). The format is described in docs/restart.md.
+
+A file that cannot be read as a record of this version (truncated, garbage, written by
+another version) is moved to `quarantine/` with its reason logged: it never stops the
+daemon, nor the recovery of the other steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import msgspec
+
+from nodestepd.process.monitor import ExitRecords, read_exit_file
+
+FORMAT = "nodestepd-step"
+VERSION = 1
+STEPS_DIR = "steps"
+QUARANTINE_DIR = "quarantine"
+RECORD_SUFFIX = ".json"
+EXITS_SUFFIX = ".exits"
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
+
+
+class UserRecord(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    uid: int
+    gid: int
+    groups: list[int]
+    home: str
+
+
+class ProcRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """A process, named so that a recycled pid is never taken for it: pid plus start time."""
+
+    pid: int
+    start: int  # /proc/PID/stat field 22: clock ticks after boot
+
+
+class TaskRecord(msgspec.Struct, forbid_unknown_fields=True):
+    task_id: int
+    dir: str
+    context: dict[str, object]  # the task's PatternContext, for RunTime* commands after a restart
+    monitor: ProcRecord | None = None
+    # What the task's end is the end of: run mode, the runtime's shell; create/start, the
+    # container's init (None until it is created).
+    process: ProcRecord | None = None
+    status: int | None = None  # once ended; with status_known False it is not the real one
+    status_known: bool = True
+
+
+class DirRecord(msgspec.Struct, forbid_unknown_fields=True):
+    path: str
+    dev: int
+    ino: int
+
+
+class SpoolRecord(msgspec.Struct, forbid_unknown_fields=True):
+    step_dir: str
+    task_dirs: list[str]
+    created: list[DirRecord]  # every directory the launch created, parents first
+    kept: bool = False  # DisableCleanup
+
+
+class SettingsRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """The configuration the step started with: a reload or an upgrade changes nothing for it."""
+
+    oci_conf: str
+    runtime_run: str | None
+    runtime_create: str | None
+    runtime_start: str | None
+    runtime_query: str | None
+    runtime_kill: str | None
+    runtime_delete: str | None
+    disable_cleanup: bool
+    spool_dir: str
+    node_name: str
+    kill_wait: float
+    runtime_timeout: float
+    runtime_env: dict[str, str]
+
+
+class StepRecord(msgspec.Struct, forbid_unknown_fields=True):
+    format: str
+    version: int
+    job_id: int
+    step_id: int
+    first_task: int
+    ntasks: int
+    task_offset: int | None
+    local_offset: int | None
+    node_id: int | None
+    container_id: str | None
+    user: UserRecord
+    bundle: str
+    args: list[str]
+    workdir: str
+    attached: bool
+    started_at: float
+    state: str  # launching, running, terminating
+    settings: SettingsRecord
+    tasks: list[TaskRecord]
+    spool: SpoolRecord | None = None
+    cancel_reason: str | None = None
+    daemon_pid: int = 0  # the daemon that wrote it (for the log after a restart)
+
+    @property
+    def name(self) -> str:
+        return record_name(self.job_id, self.step_id, self.first_task)
+
+
+STATES = ("launching", "running", "terminating")
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(StepRecord)
+
+
+class RecordError(Exception):
+    """A state file that is not a usable step record; the text says why."""
+
+
+def record_name(job_id: int, step_id: int, first_task: int) -> str:
+    return f"{job_id}.{step_id}.{first_task}"
+
+
+def encode(record: StepRecord) -> bytes:
+    return _encoder.encode(record) + b"\n"
+
+
+def decode(data: bytes) -> StepRecord:
+    """Raises RecordError for anything but a complete record of this format and version."""
+    try:
+        header = msgspec.json.decode(data, type=dict)
+    except msgspec.DecodeError as e:
+        raise RecordError(f"not JSON ({_trimmed(e)}): truncated or overwritten") from None
+    if header.get("format") != FORMAT:
+        raise RecordError(f"not a {FORMAT} record")
+    if header.get("version") != VERSION:
+        raise RecordError(f"record version {header.get('version')!r}; this nodestepd reads version {VERSION}")
+    try:
+        record = _decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise RecordError(f"invalid record: {_trimmed(e)}") from None
+    if record.state not in STATES:
+        raise RecordError(f"invalid record: unknown state {record.state!r}")
+    if len(record.tasks) != record.ntasks:
+        raise RecordError(f"invalid record: {len(record.tasks)} tasks for ntasks={record.ntasks}")
+    return record
+
+
+def _trimmed(e: Exception) -> str:
+    return str(e)[:200]
+
+
+@dataclass(frozen=True)
+class LoadProblem:
+    name: str  # the file's name in steps/
+    reason: str
+
+
+class RecordStore:
+    """The steps/ directory of the state dir: the one writer and remover of step records.
+
+    Every operation works relative to the directory's fd and never follows a symlink.
+    All methods block (small writes with fsync): call them through asyncio.to_thread.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, STEPS_DIR)
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self._fd = os.open(self.path, _DIR_FLAGS)
+        st = os.fstat(self._fd)
+        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
+            os.close(self._fd)
+            raise OSError(f"{self.path} must be owned by root and writable by root only")
+        self._quarantine = os.path.join(state_dir, QUARANTINE_DIR)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def write(self, record: StepRecord) -> None:
+        """Replace the record atomically and durably."""
+        data = encode(record)
+        final = record.name + RECORD_SUFFIX
+        tmp = f".{final}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=self._fd)  # O_EXCL below: nothing stale may be written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        os.fsync(self._fd)
+
+    def remove(self, name: str) -> None:
+        """The step is cleaned up: its record and exit file go."""
+        for suffix in (RECORD_SUFFIX, EXITS_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name + suffix, dir_fd=self._fd)
+        os.fsync(self._fd)
+
+    def open_exits(self, name: str) -> int:
+        """The step's exit file, for its task monitors to append to (a new fd, O_APPEND)."""
+        return os.open(
+            name + EXITS_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o600, dir_fd=self._fd
+        )
+
+    def read_exits(self, name: str) -> ExitRecords:
+        """The statuses the step's monitors recorded (none when no task ended yet)."""
+        try:
+            return read_exit_file(name + EXITS_SUFFIX, dir_fd=self._fd)
+        except FileNotFoundError:
+            return ExitRecords({}, [])
+
+    def load_all(self) -> tuple[list[StepRecord], list[LoadProblem]]:
+        """Every record, in name order; each file that is not one is quarantined and reported."""
+        records: list[StepRecord] = []
+        problems: list[LoadProblem] = []
+        for name in sorted(os.listdir(self._fd)):
+            if name.startswith(".") and name.endswith(".tmp"):
+                # A write the previous daemon did not finish: the record before it stands.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=self._fd)
+                continue
+            if not name.endswith(RECORD_SUFFIX):
+                continue
+            try:
+                record = decode(self._read(name))
+                if record.name + RECORD_SUFFIX != name:
+                    raise RecordError(f"names step {record.name}, not {name.removesuffix(RECORD_SUFFIX)}")
+            except (RecordError, OSError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                problems.append(LoadProblem(name, f"{reason}; moved to {self.quarantine(name)}"))
+                continue
+            records.append(record)
+        return records, problems
+
+    def _read(self, name: str) -> bytes:
+        fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=self._fd)
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def quarantine(self, name: str) -> str:
+        """Move a bad record (and its exit file) out of the way, keeping it for a human to read."""
+        os.makedirs(self._quarantine, mode=0o700, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = os.path.join(self._quarantine, f"{name}.{stamp}.{os.getpid()}")
+        qfd = os.open(self._quarantine, _DIR_FLAGS)
+        try:
+            os.replace(name, os.path.basename(target), src_dir_fd=self._fd, dst_dir_fd=qfd)
+            exits = name.removesuffix(RECORD_SUFFIX) + EXITS_SUFFIX
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(exits, os.path.basename(target) + EXITS_SUFFIX, src_dir_fd=self._fd, dst_dir_fd=qfd)
+            os.fsync(qfd)
+        finally:
+            os.close(qfd)
+        os.fsync(self._fd)
+        return target

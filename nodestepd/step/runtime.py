@@ -1,0 +1,126 @@
+"""oci.conf's RunTime* commands as the shell will run them: finding the program a command
+starts, and what this host's /bin/sh will not do as a site expects."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import stat
+from typing import Mapping
+
+from nodestepd.process.identity import Identity
+from nodestepd.process.spawn import SHELL
+
+
+class RuntimeNotFound(Exception):
+    """The program a RunTime* command starts cannot be found; the text says which and where we looked."""
+
+
+def find_program(command: str, env: Mapping[str, str], identity: Identity | None = None) -> str | None:
+    """The program a shell command line starts first, resolved like the shell would.
+
+    Understands leading NAME=value assignments (a PATH= among them is the one searched),
+    `env [-i] [NAME=value...] PROG` (the published Charliecloud config starts that way;
+    env's own PATH= then applies) and `~/` (the user's HOME). Returns the resolved path,
+    or None when the command does not start with a plain program name (shell syntax,
+    builtins, keywords, relative paths): then the shell itself reports any problem.
+    Raises RuntimeNotFound when the program is definitely missing, or (given identity)
+    exists but that user may not execute it: the daemon checks as root, the shell will
+    run as the user.
+    """
+    try:
+        words = shlex.split(command, comments=False, posix=True)
+    except ValueError:
+        return None
+    path = env.get("PATH", os.defpath)
+    i = 0
+    while i < len(words) and _is_assignment(words[i]):
+        if words[i].startswith("PATH="):
+            path = words[i][len("PATH="):]
+        i += 1
+    if i < len(words) and words[i] in ("env", "/usr/bin/env", "/bin/env"):
+        i += 1
+        while i < len(words) and (words[i].startswith("-") or _is_assignment(words[i])):
+            if words[i].startswith("PATH="):
+                path = words[i][len("PATH="):]
+            if words[i] in ("-u", "-C", "-S", "--unset", "--chdir"):
+                return None  # options with arguments: not worth second-guessing
+            i += 1
+    if i >= len(words):
+        return None
+    program = words[i]
+    if program in _SHELL_WORDS or any(c in program for c in "$`\\*?[;|&<>(){}="):
+        return None
+    if program == "~" or program.startswith("~/"):
+        program = env.get("HOME", "") + program[1:]
+    elif program.startswith("~"):
+        return None  # ~user: not worth resolving
+    if "/" in program:
+        if not os.path.isabs(program):
+            return None  # relative to the task dir at run time
+        candidates = [program]
+    else:
+        candidates = [os.path.join(d or ".", program) for d in path.split(":")]
+    denied = None
+    for candidate in candidates:
+        if not os.path.isfile(candidate):
+            continue
+        if _executable_by(candidate, identity):
+            return candidate
+        denied = denied or candidate
+    if denied is not None:
+        who = identity.user if identity else "anyone"
+        raise RuntimeNotFound(f"runtime program {denied} is not executable by {who}")
+    if "/" in program:
+        raise RuntimeNotFound(f"runtime program {program} does not exist")
+    raise RuntimeNotFound(f"runtime program {program!r} is not found in PATH={path}")
+
+
+def _executable_by(path: str, identity: Identity | None) -> bool:
+    """The kernel's execute check for a user (owner, then group, then other bits)."""
+    st = os.stat(path)
+    if identity is None:
+        return bool(st.st_mode & 0o111)
+    if st.st_uid == identity.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == identity.gid or st.st_gid in identity.groups:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)
+
+
+# dash's builtins and the shell's reserved words: never looked up on PATH.
+_SHELL_WORDS = frozenset(
+    ". : [ alias bg break cd chdir command continue echo eval exec exit export false fc fg getopts hash jobs "
+    "kill local printf pwd read readonly return set shift test times trap true type ulimit umask unalias unset "
+    "wait ! { } case do done elif else esac fi for if in then until while".split()
+)
+
+
+def _is_assignment(word: str) -> bool:
+    name, eq, _ = word.partition("=")
+    return bool(eq) and name.isidentifier()
+
+
+_SIG_PREFIXED_KILL = re.compile(r"\bkill\s+(-s\s+|-)SIG[A-Z0-9]+")
+
+
+def shell_warnings(patterns: Mapping[str, str], shell: str = SHELL) -> list[str]:
+    """Things in an oci.conf that this host's /bin/sh will not do as the site expects.
+
+    The guide's Charliecloud, Singularity and Enroot examples use `kill -s SIGTERM %p`;
+    dash's kill builtin (Debian's /bin/sh) rejects signal names with the SIG prefix, so
+    the command fails and termination falls through to SIGKILL.
+    """
+    if os.path.basename(os.path.realpath(shell)) != "dash":
+        return []
+    warnings = []
+    for key, pattern in patterns.items():
+        match = _SIG_PREFIXED_KILL.search(pattern)
+        if match:
+            fixed = match.group(0).replace("SIG", "", 1)
+            warnings.append(
+                f"{key}: {shell} is dash here, whose kill rejects {match.group(0)!r}: "
+                f"the command will fail (write {fixed!r})"
+            )
+    return warnings

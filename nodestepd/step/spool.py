@@ -1,0 +1,588 @@
+"""Per-step spool directories: where they go, and creating/removing them safely as root.
+
+The daemon runs as root, but the spool tree ends up owned by the step's user, and
+ContainerPath may put it anywhere (including directories the user can write). So every
+path is walked one component at a time from an open directory fd with O_NOFOLLOW, and
+nothing here ever resolves a multi-component path name as root.
+
+Ownership story: ``StepSpool.create`` returns an object that holds open fds for the
+directories it created. The caller then either calls ``remove()`` (normal cleanup; it
+implies ``close()``) or ``close()`` alone (DisableCleanup: leave the tree in place).
+Used as a context manager it only closes on exit; it never removes implicitly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from nodestepd.config.patterns import cut_before_task_component
+
+__all__ = ["SpoolError", "SpoolLayout", "StepSpool", "spool_layout"]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PRIVATE_DIR_MODE = 0o700
+
+
+class SpoolError(Exception):
+    """A spool directory could not be laid out, created, written or removed."""
+
+
+@dataclass(frozen=True)
+class SpoolLayout:
+    step_dir: str  # absolute and normalised
+    task_dirs: tuple[str, ...]  # absolute, one per task, each strictly inside step_dir
+    # False when the parent of step_dir is the daemon's own spool dir: the daemon creates
+    # that at startup, root-owned, shared by all users, so it must never be created here
+    # (it would end up owned by whichever user's step came first).
+    create_parents: bool = True
+
+
+def spool_layout(
+    *,
+    container_path: str | None,
+    spool_dir: str,
+    expand: Callable[[str, int], str],
+    job_id: int,
+    step_id: int,
+    ntasks: int,
+    task_offset: int | None = None,
+) -> SpoolLayout:
+    """Compute where a step's spool dir and its task dirs go (see oci-conf-semantics.md).
+
+    task_offset: a per-task launch (docs/protocol.md) of tasks task_offset... Several such
+    launches of one step share a node, and each owns its spool dir, so theirs is named
+    oci-job%j-%s-task%t after their first task.
+    """
+    if ntasks < 0:
+        raise ValueError(f"ntasks must not be negative, got {ntasks}")
+    step_name = f"oci-job{job_id}-{step_id}"
+    first = 0
+    if task_offset is not None:
+        first = task_offset
+        step_name += f"-task{task_offset}"
+        if container_path and cut_before_task_component(container_path) is not None:
+            raise SpoolError(
+                f"ContainerPath {container_path!r} puts every task of a step under one step dir (the part before %t),"
+                " so the step cannot be launched task by task; launch it once with --ntasks instead"
+            )
+    ids = range(first, first + ntasks)
+    if not container_path:
+        base = _normalised(spool_dir, "the spool dir is")
+        step_dir = _join(base, step_name)
+        task_dirs = [_join(step_dir, f"task-{t}") for t in ids]
+        create_parents = False
+    else:
+        prefix = cut_before_task_component(container_path)
+        if prefix is None:
+            base = _normalised(expand(container_path, 0), f"ContainerPath {container_path!r} expands to")
+            step_dir = _join(base, step_name)
+            task_dirs = [_join(step_dir, f"task-{t}") for t in ids]
+        else:
+            what = f"ContainerPath {container_path!r} expands to"
+            step_dir = _normalised(expand(prefix, 0), what)
+            task_dirs = [_normalised(expand(container_path, t), what) for t in ids]
+        create_parents = True
+
+    _normalised(step_dir, "the step spool dir is")
+    if step_dir == "/":
+        raise SpoolError("the step spool dir would be / itself; ContainerPath needs a directory before its %t component")
+    for task_dir in task_dirs:
+        if not task_dir.startswith(step_dir + "/"):
+            raise SpoolError(f"task spool dir {task_dir} is not inside the step spool dir {step_dir}")
+    if len(set(task_dirs)) != len(task_dirs):
+        raise SpoolError(f"task spool dirs under {step_dir} are not distinct: ContainerPath must give each task its own dir")
+    # Sorting by component lists puts every directory right before its descendants.
+    ordered = sorted(task_dirs, key=lambda p: p.split("/"))
+    for outer, inner in zip(ordered, ordered[1:]):
+        if inner.startswith(outer + "/"):
+            raise SpoolError(f"task spool dir {inner} is nested inside task spool dir {outer}")
+    return SpoolLayout(step_dir=step_dir, task_dirs=tuple(task_dirs), create_parents=create_parents)
+
+
+def _join(base: str, name: str) -> str:
+    return "/" + name if base == "/" else f"{base}/{name}"
+
+
+def _normalised(path: str, what: str) -> str:
+    """Return path without trailing slashes, or raise unless it is absolute and plain."""
+    if "\0" in path:
+        raise SpoolError(f"{what} {path!r}, which contains a NUL byte")
+    if not path.startswith("/"):
+        raise SpoolError(f"{what} {path!r}, which is not an absolute path")
+    # A trailing slash (ContainerPath=/scratch/) is harmless; anything else irregular is
+    # refused rather than silently fixed, because '..' would let a path escape its parent.
+    path = path.rstrip("/") or "/"
+    if path != "/" and any(part in ("", ".", "..") for part in path.split("/")[1:]):
+        raise SpoolError(f"{what} {path!r}, which is not normalised (it has an empty, '.' or '..' component)")
+    return path
+
+
+def _components(path: str) -> list[str]:
+    return [part for part in path.split("/") if part]
+
+
+@dataclass
+class _Dir:
+    fd: int
+    path: str  # absolute, for messages only: never resolved by name
+    parent: _Dir | None  # None only for the anchor (deepest pre-existing ancestor)
+    created: bool  # made by this StepSpool, so handed over and removed by it
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+
+def _describe_open_error(exc: OSError, parent: _Dir, name: str, path: str) -> SpoolError:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        # O_DIRECTORY|O_NOFOLLOW reports a symlink as ENOTDIR on Linux; lstat tells them apart.
+        try:
+            st = os.lstat(name, dir_fd=parent.fd)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            return SpoolError(f"{path} is a symbolic link; refusing to follow it")
+        return SpoolError(f"{path} is not a directory")
+    return SpoolError(f"cannot open {path}: {exc.strerror}")
+
+
+def _open_dir(parent: _Dir, name: str, path: str) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
+    except OSError as exc:
+        raise _describe_open_error(exc, parent, name, path) from exc
+
+
+def _make_private_dir(parent: _Dir, name: str, path: str) -> _Dir:
+    """mkdir name (root-owned, 0700) and open it; FileExistsError when it already exists."""
+    try:
+        os.mkdir(name, _PRIVATE_DIR_MODE, dir_fd=parent.fd)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise SpoolError(f"cannot create {path}: {exc.strerror}") from exc
+    new = _Dir(fd=-1, path=path, parent=parent, created=True)
+    ours = True
+    try:
+        new.fd = _open_dir(parent, name, path)
+        st = os.fstat(new.fd)
+        # Between mkdir and open, someone able to write the parent could have swapped in
+        # a directory of their own; only a directory we own can be ours.
+        if st.st_uid != os.geteuid():
+            ours = False
+            raise SpoolError(f"{path} was replaced by a directory owned by uid {st.st_uid} while it was being created")
+        # Explicit mode: umask must not matter, and a setgid parent must not leak its bit.
+        os.fchmod(new.fd, _PRIVATE_DIR_MODE)
+    except BaseException:
+        if new.fd >= 0:
+            os.close(new.fd)
+        if ours:
+            # rmdir never follows a symlink and only removes an empty directory.
+            try:
+                os.rmdir(name, dir_fd=parent.fd)
+            except OSError:
+                pass
+        raise
+    return new
+
+
+class StepSpool:
+    """Owns the step's directory fds; the only place that creates and removes spool dirs."""
+
+    layout: SpoolLayout
+
+    def __init__(self, layout: SpoolLayout, uid: int, gid: int) -> None:
+        # Use StepSpool.create(); this only sets up an empty holder.
+        self.layout = layout
+        self._uid = uid
+        self._gid = gid
+        self._above: list[_Dir] = []  # anchor, then created ancestors, down to the step dir's parent
+        self._step: _Dir | None = None
+        self._inner: dict[str, _Dir] = {}  # created dirs below the step dir, by absolute path, parents first
+        self._tasks: list[_Dir] = []
+        self._closed = False
+        self._removed = False
+
+    @classmethod
+    def create(cls, layout: SpoolLayout, uid: int, gid: int) -> StepSpool:
+        """Create the step dir and task dirs, root-owned 0700 until hand_over()."""
+        spool = cls(layout, uid, gid)
+        try:
+            spool._create()
+        except BaseException as exc:
+            undo_errors = spool._undo_create()
+            if isinstance(exc, SpoolError) and undo_errors:
+                raise SpoolError(f"{exc} (and undoing the partial creation failed: {undo_errors[0]})") from exc
+            raise
+        return spool
+
+    def _create(self) -> None:
+        parent_parts = _components(self.layout.step_dir)[:-1]
+        anchor = _Dir(fd=os.open("/", _DIR_FLAGS), path="/", parent=None, created=False)
+        self._above.append(anchor)
+        current = anchor
+        for part in parent_parts:
+            path = _join(current.path, part)
+            try:
+                fd = os.open(part, _DIR_FLAGS, dir_fd=current.fd)
+            except FileNotFoundError:
+                fd = -1
+            except OSError as exc:
+                raise _describe_open_error(exc, current, part, path) from exc
+            if fd >= 0:
+                if current.created:
+                    # Cannot happen unless someone else writes into our private dir.
+                    os.close(fd)
+                    raise SpoolError(f"{path} appeared inside a directory this daemon had just created")
+                # Still only pre-existing dirs: move the anchor down, keep just one fd.
+                os.close(current.fd)
+                current.fd, current.path = fd, path
+                continue
+            if not self.layout.create_parents:
+                raise SpoolError(f"{path} does not exist; the daemon's spool dir must be created at startup")
+            try:
+                current = _make_private_dir(current, part, path)
+            except FileExistsError:
+                # Another step created it concurrently: use it, but it is not ours.
+                if current.created:
+                    raise SpoolError(f"{path} appeared inside a directory this daemon had just created") from None
+                fd = _open_dir(current, part, path)
+                os.close(current.fd)
+                current.fd, current.path = fd, path
+                continue
+            self._above.append(current)
+
+        try:
+            self._step = _make_private_dir(current, os.path.basename(self.layout.step_dir), self.layout.step_dir)
+        except FileExistsError:
+            match = re.fullmatch(r"oci-job(\d+)-(\d+)(?:-task\d+)?", os.path.basename(self.layout.step_dir))
+            which = f"step {match[1]}.{match[2]}" if match else "this step"
+            raise SpoolError(
+                f"spool dir {self.layout.step_dir} already exists: is {which} already running,"
+                " or left over by DisableCleanup?"
+            ) from None
+
+        for task_dir in self.layout.task_dirs:
+            current = self._step
+            for part in _components(task_dir.removeprefix(self.layout.step_dir)):
+                path = _join(current.path, part)
+                existing = self._inner.get(path)
+                if existing is not None:
+                    current = existing
+                    continue
+                try:
+                    current = _make_private_dir(current, part, path)
+                except FileExistsError:
+                    # The step dir is fresh and private: only root could have put this here.
+                    raise SpoolError(f"{path} appeared inside a directory this daemon had just created") from None
+                self._inner[path] = current
+            self._tasks.append(current)
+
+    def created_dirs(self) -> list[tuple[str, int, int]]:
+        """(path, st_dev, st_ino) of every directory this spool created, parents first.
+
+        What a step record keeps, so that a restarted daemon can tell these directories
+        from anything put in their place (reopen)."""
+        result = []
+        for d in reversed(self._created_dirs_deepest_first()):
+            st = os.fstat(d.fd)
+            result.append((d.path, st.st_dev, st.st_ino))
+        return result
+
+    @classmethod
+    def reopen(cls, layout: SpoolLayout, created: list[tuple[str, int, int]], uid: int, gid: int) -> StepSpool | None:
+        """Take a step's spool dir back after a daemon restart, to run commands in it and remove it.
+
+        Walks the path as create() does (O_NOFOLLOW, one component at a time) and accepts
+        a created directory only if it is the very one recorded (same device and inode):
+        the user owns the step dir and could have replaced anything below or beside it.
+        Returns None when the step dir no longer exists. Raises SpoolError when something
+        is in the way that is not ours.
+        """
+        spool = cls(layout, uid, gid)
+        try:
+            return spool if spool._reopen({p: (dev, ino) for p, dev, ino in created}) else None
+        except BaseException:
+            spool.close()
+            raise
+
+    def _reopen(self, created: dict[str, tuple[int, int]]) -> bool:
+        def open_child(parent: _Dir, name: str, path: str) -> _Dir | None:
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent.fd)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise _describe_open_error(exc, parent, name, path) from exc
+            d = _Dir(fd=fd, path=path, parent=parent, created=path in created)
+            if d.created:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != created[path]:
+                    os.close(fd)
+                    raise SpoolError(f"{path} is no longer the directory the step created; it was left alone")
+            return d
+
+        current = _Dir(fd=os.open("/", _DIR_FLAGS), path="/", parent=None, created=False)
+        self._above.append(current)
+        for part in _components(self.layout.step_dir)[:-1]:
+            child = open_child(current, part, _join(current.path, part))
+            if child is None:
+                return False
+            if not child.created and not current.created:
+                os.close(current.fd)  # still above everything we made: move the anchor down
+                current.fd, current.path = child.fd, child.path
+                continue
+            self._above.append(child)
+            current = child
+        self._step = open_child(current, os.path.basename(self.layout.step_dir), self.layout.step_dir)
+        if self._step is None:
+            return False
+        if not self._step.created:
+            raise SpoolError(f"{self.layout.step_dir} is not recorded as created by the step; it was left alone")
+        for task_dir in self.layout.task_dirs:
+            current = self._step
+            for part in _components(task_dir.removeprefix(self.layout.step_dir)):
+                path = _join(current.path, part)
+                existing = self._inner.get(path)
+                if existing is None:
+                    existing = open_child(current, part, path)
+                    if existing is None or not existing.created:
+                        if existing is not None:
+                            os.close(existing.fd)
+                        raise SpoolError(f"{path} is missing or not the one the step created")
+                    self._inner[path] = existing
+                current = existing
+            self._tasks.append(current)
+        return True
+
+    def _created_dirs_deepest_first(self) -> list[_Dir]:
+        dirs = [d for d in self._above if d.created]
+        if self._step is not None:
+            dirs.append(self._step)
+        dirs.extend(self._inner.values())
+        return dirs[::-1]
+
+    def _undo_create(self) -> list[str]:
+        # Everything created so far is root-owned 0700 and empty (no files are written
+        # during create), so plain rmdir through the parent fds is enough and safe.
+        errors: list[str] = []
+        for d in self._created_dirs_deepest_first():
+            _rmdir_if_same(d, errors, ignore_not_empty=False)
+        self.close()
+        return errors
+
+    def _task(self, task_index: int) -> _Dir:
+        if self._closed:
+            raise SpoolError(f"spool dir {self.layout.step_dir} is already closed")
+        if not 0 <= task_index < len(self._tasks):
+            raise IndexError(f"task index {task_index} is out of range for {len(self._tasks)} task(s)")
+        return self._tasks[task_index]
+
+    def task_dir_pinned(self, task_index: int) -> str:
+        """A path to the task dir through the daemon's own fd (/proc/PID/fd/N).
+
+        The runtime's working directory is entered by this path, as root, just before the
+        switch to the user: the user owns the step dir and could swap task-N for a link
+        after any check of the name, but not the directory this fd holds."""
+        return f"/proc/{os.getpid()}/fd/{self._task(task_index).fd}"
+
+    def write_task_file(self, task_index: int, name: str, data: bytes, mode: int) -> str:
+        """Create name exclusively in the task dir, owned by the user with the given mode."""
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a plain file name")
+        task = self._task(task_index)
+        path = _join(task.path, name)
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=task.fd)
+        except OSError as exc:
+            raise SpoolError(f"cannot create {path}: {exc.strerror}") from exc
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fchown(fd, self._uid, self._gid)
+            # After fchown: chown clears set-id bits, so the mode must come last.
+            os.fchmod(fd, mode)
+        except OSError as exc:
+            try:
+                os.unlink(name, dir_fd=task.fd)
+            except OSError:
+                pass
+            raise SpoolError(f"cannot write {path}: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        return path
+
+    def hand_over(self) -> None:
+        """Give every directory this spool created to the user (modes stay 0700)."""
+        if self._closed:
+            raise SpoolError(f"spool dir {self.layout.step_dir} is already closed")
+        for d in self._created_dirs_deepest_first():
+            try:
+                os.fchown(d.fd, self._uid, self._gid)
+            except OSError as exc:
+                raise SpoolError(f"cannot hand {d.path} over to uid {self._uid}: {exc.strerror}") from exc
+
+    def remove(self) -> None:
+        """Remove the step dir tree and now-empty created ancestors; implies close()."""
+        if self._removed:
+            return
+        if self._closed:
+            raise SpoolError(f"spool dir {self.layout.step_dir} was closed without removal; it can no longer be removed safely")
+        errors: list[str] = []
+        step = self._step
+        assert step is not None and step.parent is not None
+        # Empty the tree through the fd we hold, so a rename of the step dir by its
+        # (user) owner cannot redirect us anywhere else.
+        _clear_dir(step.fd, step.path, errors)
+        _rmdir_if_same(step, errors, ignore_not_empty=False)
+        for d in reversed(self._above):
+            if d.created:
+                _rmdir_if_same(d, errors, ignore_not_empty=True)
+        self._removed = True
+        self.close()
+        if errors:
+            more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+            raise SpoolError(f"could not fully remove spool dir {self.layout.step_dir}: {errors[0]}{more}")
+
+    def close(self) -> None:
+        """Close every fd held; idempotent. Leaves the tree on disk."""
+        if self._closed:
+            return
+        self._closed = True
+        all_dirs = [*self._above, *([self._step] if self._step is not None else []), *self._inner.values()]
+        for d in all_dirs:
+            if d.fd >= 0:
+                os.close(d.fd)
+                d.fd = -1
+
+    def __enter__(self) -> StepSpool:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _rmdir_if_same(d: _Dir, errors: list[str], *, ignore_not_empty: bool) -> None:
+    """rmdir d by name in its parent, but only if the name still refers to d itself."""
+    assert d.parent is not None
+    try:
+        here = os.lstat(d.name, dir_fd=d.parent.fd)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        errors.append(f"cannot inspect {d.path}: {exc.strerror}")
+        return
+    mine = os.fstat(d.fd)
+    if (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+        # The owner renamed it away and put something else there: not ours to delete.
+        errors.append(f"{d.path} was replaced by something else, which was left alone")
+        return
+    try:
+        os.rmdir(d.name, dir_fd=d.parent.fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if ignore_not_empty and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return
+        errors.append(f"cannot remove {d.path}: {exc.strerror}")
+
+
+@dataclass
+class _Frame:
+    fd: int
+    path: str
+    pending: list[str]
+
+
+def _list_dir(fd: int, path: str, errors: list[str]) -> list[str]:
+    try:
+        return os.listdir(fd)
+    except OSError as exc:
+        errors.append(f"cannot list {path}: {exc.strerror}")
+        return []
+
+
+def _clear_dir(top_fd: int, top_path: str, errors: list[str]) -> None:
+    """Delete everything inside the directory open at top_fd, never following symlinks.
+
+    Iterative rather than recursive: the user can nest directories deeper than Python's
+    recursion limit. It still holds one fd per level being descended.
+    """
+    try:
+        top_dev = os.fstat(top_fd).st_dev
+    except OSError as exc:
+        errors.append(f"cannot inspect {top_path}: {exc.strerror}")
+        return
+    stack = [_Frame(top_fd, top_path, _list_dir(top_fd, top_path, errors))]
+    try:
+        while stack:
+            frame = stack[-1]
+            if not frame.pending:
+                stack.pop()
+                if stack:
+                    os.close(frame.fd)
+                    _remove_entry(stack[-1], os.path.basename(frame.path), errors, rmdir=True)
+                continue
+            name = frame.pending.pop()
+            path = _join(frame.path, name)
+            if _remove_entry(frame, name, errors, rmdir=False):
+                continue
+            # It is a directory (unlink said so): open it without following anything.
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=frame.fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                    # Swapped for a file or symlink since the unlink attempt: try once more.
+                    if not _remove_entry(frame, name, errors, rmdir=False):
+                        errors.append(f"cannot remove {path}: it keeps changing")
+                else:
+                    errors.append(f"cannot open {path}: {exc.strerror}")
+                continue
+            try:
+                dev = os.fstat(fd).st_dev
+            except OSError as exc:
+                os.close(fd)
+                errors.append(f"cannot inspect {path}: {exc.strerror}")
+                continue
+            if dev != top_dev:
+                # A mount point (e.g. a user's FUSE mount): never descend into another fs.
+                os.close(fd)
+                errors.append(f"{path} is a mount point, which was left alone")
+                continue
+            stack.append(_Frame(fd, path, _list_dir(fd, path, errors)))
+    finally:
+        # Only reached with frames left when something unexpected was raised.
+        for frame in stack[1:]:
+            os.close(frame.fd)
+
+
+def _remove_entry(frame: _Frame, name: str, errors: list[str], *, rmdir: bool) -> bool:
+    """unlink (or rmdir) name in frame's dir; False only when it turned out to be a directory."""
+    path = _join(frame.path, name)
+    try:
+        if rmdir:
+            os.rmdir(name, dir_fd=frame.fd)
+        else:
+            os.unlink(name, dir_fd=frame.fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        # Linux answers unlink() of a directory with EISDIR, POSIX allows EPERM.
+        if not rmdir and exc.errno in (errno.EISDIR, errno.EPERM):
+            try:
+                if stat.S_ISDIR(os.lstat(name, dir_fd=frame.fd).st_mode):
+                    return False
+            except OSError:
+                pass
+        errors.append(f"cannot remove {path}: {exc.strerror}")
+    return True

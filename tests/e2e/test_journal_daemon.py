@@ -1,0 +1,177 @@
+"""The daemon logging to the journal over the native protocol, end to end.
+
+A datagram socket bound by the test stands where journald's is
+(NODESTEPD_JOURNAL_SOCKET); records are parsed here field by field, independently of
+nodestepd's own encoder. Job ids 5100-5199 belong to this file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import NODESTEPD, RUNC_RUN_CONF, SYSTEM_PATH
+from journal_records import decode_record
+
+
+def parse(datagram: bytes) -> dict[str, bytes]:
+    """One native-protocol record, by field name."""
+    fields = decode_record(datagram)
+    for name, _ in fields:
+        assert name.isupper() or name.replace("_", "").isalnum(), name
+    return dict(fields)
+
+
+class Journal:
+    """Collects records on a thread: the daemon's sends block when nobody reads, like journald's would."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.raw: list[bytes] = []
+        self._cond = threading.Condition()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        os.chmod(path, 0o666)
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(1 << 20)
+            except OSError:
+                return
+            with self._cond:
+                self.raw.append(data)
+                self._cond.notify_all()
+
+    def wait_for(self, predicate, count: int = 1, timeout: float = 60) -> list[dict[str, bytes]]:
+        """The first `count` records matching predicate, waiting for them to arrive."""
+        def matching():
+            return [r for r in map(parse, self.raw) if predicate(r)]
+
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(matching()) >= count, timeout), [parse(r) for r in self.raw]
+            return matching()[:count]
+
+    def close(self) -> None:
+        self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+
+@pytest.fixture
+def journal(workdir):
+    base = Path(tempfile.mkdtemp(prefix="journal-", dir=workdir))
+    j = Journal(base / "socket")
+    yield j
+    j.close()
+
+
+def journal_daemon(start_daemon, journal):
+    return start_daemon(RUNC_RUN_CONF, "--log-format", "journal", env={"NODESTEPD_JOURNAL_SOCKET": str(journal.path)})
+
+
+def test_step_log_records_carry_the_step_fields(start_daemon, journal, user, bundle):
+    daemon = journal_daemon(start_daemon, journal)
+    run = daemon.ctl(user, "run", "--job-id", "5101", "--bundle", str(bundle), "--", "true")
+    assert run.returncode == 0, run.stderr
+    (record,) = journal.wait_for(lambda r: r["MESSAGE"].startswith(b"task exited") and r.get("NODESTEPD_JOB_ID") == b"5101")
+    assert record["NODESTEPD_STEP_ID"] == b"0"
+    assert record["NODESTEPD_TASK_ID"] == b"0"
+    assert record["NODESTEPD_USER"] == user.name.encode()
+    assert record["NODESTEPD_STATUS"] == b"0"
+    assert record["PRIORITY"] == b"6"
+    assert record["SYSLOG_IDENTIFIER"] == b"nodestepd"
+    assert record["MESSAGE"] == f"task exited job_id=5101 step_id=0 user={user.name} task_id=0 status=0".encode()
+    # CODE_FILE/CODE_LINE point at the line that logged it.
+    source = Path(record["CODE_FILE"].decode())
+    assert source.name == "step.py" and record["CODE_FUNC"] == b"_watch_task"
+    assert 'log.info("task exited"' in source.read_text().splitlines()[int(record["CODE_LINE"]) - 1]
+    assert daemon.log() == ""  # nothing went to stderr
+
+
+def test_a_value_with_a_newline_uses_the_binary_form(start_daemon, journal, user, workdir):
+    daemon = journal_daemon(start_daemon, journal)
+    # A user-chosen directory name with a newline: it reaches the log as one value, never as a forged field.
+    odd = Path(tempfile.mkdtemp(prefix="odd-", dir=workdir)) / "bundle\nPRIORITY=0"
+    odd.mkdir()
+    odd.parent.chmod(0o755)
+    run = daemon.ctl(user, "run", "--job-id", "5102", "--bundle", str(odd), "--", "true")
+    assert run.returncode == 125
+    (record,) = journal.wait_for(lambda r: r["MESSAGE"].startswith(b"launch failed"))
+    error = record["NODESTEPD_ERROR"]
+    assert error == f"cannot read {odd}/config.json: No such file or directory".encode()
+    raw = next(d for d in journal.raw if b"launch failed" in d)
+    # NAME, newline, the length as 64-bit little-endian, the bytes, newline.
+    assert b"\nNODESTEPD_ERROR\n" + struct.pack("<Q", len(error)) + error + b"\n" in raw
+    assert b"\nPRIORITY=0\n" not in raw
+    assert record["PRIORITY"] == b"4"  # the real one: a warning
+    # MESSAGE stays one line for `journalctl`, the value escaped; the field holds it exactly.
+    assert b"\n" not in record["MESSAGE"] and b"bundle\\nPRIORITY=0/config.json" in record["MESSAGE"]
+    assert record["NODESTEPD_JOB_ID"] == b"5102" and record["NODESTEPD_USER"] == user.name.encode()
+
+
+def test_detached_step_output_goes_to_the_journal_per_task_and_stream(start_daemon, journal, user, bundle):
+    daemon = journal_daemon(start_daemon, journal)
+    run = daemon.ctl(user, "run", "--detach", "--ntasks", "2", "--job-id", "5103", "--step-id", "4",
+                     "--bundle", str(bundle), "--", "sh", "-c", "echo one; echo two; echo oops >&2; printf tail")
+    assert run.returncode == 0, run.stderr
+    assert daemon.ctl(user, "wait", "5103.4").returncode == 0
+    records = journal.wait_for(lambda r: r["SYSLOG_IDENTIFIER"] == b"nodestepd-step", count=8)
+    seen = set()
+    for r in records:
+        assert (r["NODESTEPD_JOB_ID"], r["NODESTEPD_STEP_ID"], r["NODESTEPD_USER"]) == (b"5103", b"4", user.name.encode())
+        assert r["PRIORITY"] == {b"stdout": b"6", b"stderr": b"3"}[r["NODESTEPD_STREAM"]]
+        seen.add((r["NODESTEPD_TASK_ID"], r["NODESTEPD_STREAM"], r["MESSAGE"]))
+    assert seen == {(t, s, m) for t in (b"0", b"1")
+                    for s, m in ((b"stdout", b"one"), (b"stdout", b"two"), (b"stderr", b"oops"), (b"stdout", b"tail"))}
+    for t in (b"0", b"1"):  # in order within a stream
+        assert [r["MESSAGE"] for r in records if r["NODESTEPD_TASK_ID"] == t and r["NODESTEPD_STREAM"] == b"stdout"] == [
+            b"one", b"two", b"tail"]
+
+
+def _nodestepd(tmp: Path, env: dict, stderr) -> subprocess.CompletedProcess:
+    """A daemon that stops at once (invalid oci.conf, exit 78) after logging why."""
+    (tmp / "oci.conf").write_text("NoSuchKey=1\n")
+    return subprocess.run(
+        [str(NODESTEPD), "--oci-conf", str(tmp / "oci.conf"), "--socket", str(tmp / "sock"),
+         "--spool-dir", str(tmp / "spool"), "--state-dir", str(tmp / "state")],
+        env={"PATH": SYSTEM_PATH, **env}, stderr=stderr, stdout=subprocess.DEVNULL, timeout=60,
+    )
+
+
+def test_journal_is_the_default_when_stderr_is_the_journal_stream(journal, tmp_path):
+    with open(tmp_path / "stderr", "wb") as err:
+        st = os.fstat(err.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", "NODESTEPD_JOURNAL_SOCKET": str(journal.path)}
+        assert _nodestepd(tmp_path, env, err).returncode == 78
+    (record,) = journal.wait_for(lambda r: r["MESSAGE"].startswith(b"invalid oci.conf"))
+    assert b"NoSuchKey" in record["NODESTEPD_PROBLEM"] and record["PRIORITY"] == b"3"
+    assert (tmp_path / "stderr").read_text() == ""
+
+
+def test_console_when_journal_stream_is_someone_elses(journal, tmp_path):
+    with open(tmp_path / "stderr", "wb") as err:
+        st = os.fstat(err.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}", "NODESTEPD_JOURNAL_SOCKET": str(journal.path)}
+        assert _nodestepd(tmp_path, env, err).returncode == 78
+    text = (tmp_path / "stderr").read_text()
+    assert "[error    ] invalid oci.conf" in text and "NoSuchKey" in text
+
+
+def test_records_the_journal_cannot_take_go_to_stderr_with_the_reason(tmp_path):
+    env = {"NODESTEPD_JOURNAL_SOCKET": str(tmp_path / "no-journal")}
+    (tmp_path / "oci.conf").write_text("NoSuchKey=1\n")
+    result = subprocess.run(
+        [str(NODESTEPD), "--log-format", "journal", "--oci-conf", str(tmp_path / "oci.conf"),
+         "--socket", str(tmp_path / "sock"), "--spool-dir", str(tmp_path / "spool"), "--state-dir", str(tmp_path / "s")],
+        env={"PATH": SYSTEM_PATH, **env}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 78
+    assert f"nodestepd: journal {tmp_path}/no-journal unavailable (No such file or directory): invalid oci.conf" in result.stderr

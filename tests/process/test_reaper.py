@@ -1,0 +1,96 @@
+"""reaper.py: the daemon as child subreaper adopts the orphans of what it spawned and reaps them.
+
+Each test runs in a fresh Python process: becoming a subreaper is for the life of the process,
+and pytest's own process should not adopt other tests' orphans."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+PRELUDE = textwrap.dedent("""
+    import asyncio, json, os, subprocess, sys
+    import uvloop
+    from nodestepd.process.reaper import Reaper, become_subreaper
+    from nodestepd.process.watch import SPAWN_LOCK, CLAIMED, ProcessWatch, children
+
+    def spawn(argv, **kw):
+        with SPAWN_LOCK:
+            p = subprocess.Popen(argv, process_group=0, **kw)
+            w = ProcessWatch.open(p.pid)
+        p.returncode = 0
+        return w
+
+    def zombies():
+        out = []
+        for pid in children(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        out.append(pid)
+            except FileNotFoundError:
+                pass
+        return out
+""")
+
+
+def run_script(body: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(body)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_orphans_become_ours_and_are_reaped_dead_or_alive():
+    out = run_script("""
+        async def main():
+            become_subreaper()
+            reaper = Reaper()
+            # The shell leaves two background processes behind: one dies at once, one waits for our pipe.
+            # (dash gives background jobs /dev/null as stdin: the pipe goes in as fd 3.)
+            r, w = os.pipe()
+            shell = spawn(["sh", "-c", "exec 3<&0; true & sh -c 'read x <&3' & exit 0"], stdin=r)
+            await shell.wait()
+            shell.reap()
+            while True:  # the short-lived orphan has ended, unreaped: a zombie of ours
+                await asyncio.sleep(0.01)
+                if zombies():
+                    break
+            before = {"children": len(children(os.getpid())), "zombies": len(zombies())}
+            reaper.sweep()
+            after_sweep = {"zombies": len(zombies()), "watched": len(reaper.orphans)}
+            os.write(w, b"x\\n")  # let the live one end; the reaper reaps it when it does
+            await asyncio.wait_for(asyncio.gather(*reaper._tasks), 10)
+            print(json.dumps({"before": before, "after_sweep": after_sweep,
+                              "end": {"children": children(os.getpid()), "watched": reaper.orphans}}))
+        uvloop.run(main())
+    """)
+    assert out["before"] == {"children": 2, "zombies": 1}
+    assert out["after_sweep"] == {"zombies": 0, "watched": 1}
+    assert out["end"] == {"children": [], "watched": []}
+
+
+def test_sweep_leaves_claimed_children_alone_and_reaps_orphans_when_they_end():
+    out = run_script("""
+        async def main():
+            become_subreaper()
+            reaper = Reaper()
+            ours = spawn(["sh", "-c", "exit 3"])
+            await ours.wait()  # a zombie, but a ProcessWatch owns its status
+            r, w = os.pipe()
+            shell = spawn(["sh", "-c", "exec 3<&0; sh -c 'read x <&3; exit 5' & exit 0"], stdin=r)
+            await shell.wait()
+            shell.reap()
+            reaper.sweep()
+            watched = reaper.orphans
+            os.write(w, b"x\\n")
+            await asyncio.wait_for(asyncio.gather(*reaper._tasks), 10)
+            ours_status = ours.status
+            ours.reap()
+            print(json.dumps({"ours": ours_status, "watched_after_sweep": len(watched), "left": children(os.getpid()),
+                              "claimed": sorted(CLAIMED), "watched": reaper.orphans}))
+        uvloop.run(main())
+    """)
+    assert out == {"ours": 3, "watched_after_sweep": 1, "left": [], "claimed": [], "watched": []}

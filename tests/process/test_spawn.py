@@ -1,0 +1,494 @@
+"""The runtime driver with real processes: spawn_shell, run_helper, group signalling, find_program."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pwd
+import select
+import shlex
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import proc_state
+
+from nodestepd.process.spawn import HelperResult, group_members, run_helper, signal_group_except_leader, spawn_shell
+from nodestepd.process.identity import Identity
+from nodestepd.step.runtime import RuntimeNotFound, find_program
+from uvloop_fixtures import OVERRIDE_WARNING, event_loop_policy, identity, on_uvloop  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.filterwarnings(OVERRIDE_WARNING)
+
+
+@pytest.fixture
+def home(workdir, user, request) -> Path:
+    """A directory only the test user may enter."""
+    path = workdir / f"home-{request.node.name}"
+    path.mkdir()
+    os.chown(path, user.uid, user.gid)
+    path.chmod(0o700)
+    return path
+
+
+@pytest.fixture
+async def spawned():
+    """Watches to clean up: their groups are killed and the leaders reaped after the test."""
+    watches = []
+    yield watches
+    for watch in watches:
+        if watch._pidfd is not None:
+            watch.kill_group(signal.SIGKILL)
+            await asyncio.wait_for(watch.wait(), 10)
+            watch.reap()
+
+
+def memfd() -> int:
+    return os.memfd_create("test-output", os.MFD_CLOEXEC)
+
+
+def read_all(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    return data.decode()
+
+
+async def run_shell(command: str, identity: Identity, cwd: str, env: dict, spawned: list, stdin: int | None = None):
+    """spawn_shell, wait, reap: (status, pid, output)."""
+    out = memfd()
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        watch = spawn_shell(command, identity=identity, cwd=cwd, env=env, stdin=null if stdin is None else stdin,
+                            stdout=out, stderr=out)
+        spawned.append(watch)
+        status = await asyncio.wait_for(watch.wait(), 30)
+        watch.reap()
+        return status, watch.pid, read_all(out)
+    finally:
+        os.close(out)
+        os.close(null)
+
+
+def uid_exists(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def our_children() -> set[int]:
+    kids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/children") as f:
+            kids.update(int(k) for k in f.read().split())
+    return kids
+
+
+def assert_exits(pid: int, timeout: float = 10) -> None:
+    """Wait on a pidfd (no polling) until a process, not necessarily our child, has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"process {pid} ({proc_state(pid)}) still alive after {timeout} s: {describe(pid)}"
+    finally:
+        os.close(fd)
+
+
+def describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode()
+        with open(f"/proc/{pid}/status") as f:
+            status = [l.strip() for l in f if l.startswith(("Sig", "PPid", "NSpgid", "Uid"))]
+    except FileNotFoundError:
+        return "gone"
+    return f"{cmdline!r} {status}"
+
+
+async def read_lines_until(fd: int, predicate, timeout: float = 10) -> list[str]:
+    """Lines from a pipe until predicate(lines) holds, woken by the loop on readability."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    deadline = loop.time() + timeout
+    while True:
+        lines = data.decode().splitlines()
+        if data.endswith(b"\n") and predicate(lines):
+            return lines
+        ready = loop.create_future()
+        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await asyncio.wait_for(ready, max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise AssertionError(f"timed out; got {data!r}") from None
+        finally:
+            loop.remove_reader(fd)
+        chunk = os.read(fd, 4096)
+        assert chunk, f"end of stream; got {data!r}"
+        data += chunk
+
+
+# ---- Identity -------------------------------------------------------------------------
+
+
+def test_identity_for_uid(user):
+    identity = Identity.for_uid(user.uid)
+    assert (identity.user, identity.uid, identity.gid, identity.home) == (user.name, user.uid, user.gid, user.home)
+    assert user.gid in identity.groups
+    assert sorted(identity.groups) == sorted(set(os.getgrouplist(user.name, user.gid)))
+
+
+def test_identity_for_an_unknown_uid():
+    uid = 54321
+    while uid_exists(uid):
+        uid += 1
+    with pytest.raises(LookupError, match=f"^uid {uid} has no passwd entry on this node$"):
+        Identity.for_uid(uid)
+
+
+# ---- spawn_shell ----------------------------------------------------------------------
+
+
+async def test_spawn_shell_runs_as_the_identity(identity, home, spawned):
+    old_umask = os.umask(0o077)  # the child must get RUNTIME_UMASK, not ours
+    try:
+        status, pid, out = await run_shell(
+            # exec: the shell's own process reads its status (a shell busy forking or waiting blocks signals).
+            "exec grep -E '^(Uid|Gid|Groups|Umask|SigIgn|SigBlk|NSpgid|NSsid):' /proc/self/status",
+            identity, str(home), {"PATH": "/usr/bin:/bin"}, spawned,
+        )
+    finally:
+        os.umask(old_umask)
+    assert status == 0, out
+    fields = dict(line.split(":", 1) for line in out.splitlines())
+    fields = {k: v.split() for k, v in fields.items()}
+    assert fields["Uid"] == [str(identity.uid)] * 4
+    assert fields["Gid"] == [str(identity.gid)] * 4
+    assert sorted(int(g) for g in fields["Groups"]) == sorted(identity.groups)
+    assert fields["Umask"] == ["0022"]
+    assert int(fields["SigIgn"][0], 16) == 0  # Python's SIG_IGN for SIGPIPE is not inherited
+    assert int(fields["SigBlk"][0], 16) == 0
+    # Its own process group, led by the shell; our session (no setsid).
+    assert fields["NSpgid"] == [str(pid)]
+    assert int(fields["NSpgid"][0]) != os.getpgid(0)
+    assert fields["NSsid"] == [str(os.getsid(0))]
+
+
+async def test_spawn_shell_is_its_own_process_group_while_running(identity, home, spawned):
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        watch = spawn_shell("echo ready; exec sleep 1000", identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"},
+                            stdin=r, stdout=w, stderr=w)
+        spawned.append(watch)
+        os.close(w)
+        w = -1
+        assert await read_lines_until(r, lambda lines: "ready" in lines) == ["ready"]
+        assert os.getpgid(watch.pid) == watch.pid
+        assert watch.pid in our_children()
+        watch.kill_group(signal.SIGKILL)
+        assert await asyncio.wait_for(watch.wait(), 10) == 128 + signal.SIGKILL
+        watch.reap()
+        assert watch.pid not in our_children()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+async def test_spawn_shell_cwd_env_and_stdio(identity, home, spawned):
+    env = {"PATH": "/usr/bin:/bin", "ODD": "a b\tc", "EMPTY": "", "UNI": "\u00e9"}
+    status, _, out = await run_shell(
+        'readlink /proc/$$/cwd; readlink /proc/$$/fd/0; tr "\\0" "\\n" < /proc/$$/environ; true',
+        identity, str(home), env, spawned,
+    )
+    assert status == 0, out
+    lines = out.splitlines()
+    assert lines[0] == str(home)
+    assert lines[1] == "/dev/null"
+    assert sorted(lines[2:]) == sorted(f"{k}={v}" for k, v in env.items())  # exactly the given env
+
+
+async def test_spawn_shell_passes_no_fds_beyond_stdio(identity, home, spawned):
+    leak_r, leak_w = os.pipe()
+    os.set_inheritable(leak_r, True)
+    os.set_inheritable(leak_w, True)
+    try:
+        status, _, out = await run_shell("ls /proc/$$/fd; true", identity, str(home), {"PATH": "/usr/bin:/bin"}, spawned)
+    finally:
+        os.close(leak_r)
+        os.close(leak_w)
+    assert status == 0, out
+    assert sorted(int(fd) for fd in out.split()) == [0, 1, 2]
+
+
+async def test_spawn_shell_in_a_directory_the_user_cannot_enter(identity, workdir, spawned):
+    closed = workdir / "root-only"
+    closed.mkdir(exist_ok=True)
+    closed.chmod(0o700)
+    children = our_children()
+    try:
+        watch = spawn_shell("true", identity=identity, cwd=str(closed), env={}, stdin=0, stdout=1, stderr=2)
+    except PermissionError:
+        pass
+    else:
+        spawned.append(watch)
+        pytest.fail(f"the shell was started as uid {identity.uid} in {closed} (mode 0700, owned by root)")
+    assert our_children() == children  # nothing left behind, not even a zombie
+
+
+async def test_spawn_shell_status_of_a_command(identity, home, spawned):
+    assert (await run_shell("exit 42", identity, str(home), {}, spawned))[0] == 42
+    assert (await run_shell("kill -TERM $$", identity, str(home), {}, spawned))[0] == 128 + signal.SIGTERM
+
+
+# ---- run_helper ----------------------------------------------------------------------
+
+
+async def test_run_helper_collects_output_and_status(identity, home):
+    result = await run_helper("echo out; echo err >&2; printf '  tail  \\n\\n'; exit 3",
+                              identity=identity, cwd=str(home), env={}, timeout=30)
+    assert result == HelperResult(3, "out\nerr\n  tail")
+
+
+async def test_run_helper_runs_as_the_user_with_env_and_cwd(identity, home):
+    result = await run_helper('echo "$(id -u):$(id -g):$(pwd):$X"', identity=identity, cwd=str(home),
+                              env={"X": "x", "PATH": "/usr/bin:/bin"}, timeout=30)
+    assert result == HelperResult(0, f"{identity.uid}:{identity.gid}:{home}:x")
+
+
+async def test_run_helper_does_not_wait_for_end_of_file(identity, home):
+    """A process the helper leaves behind keeps its output open: the helper returns at its
+    exit anyway, and the leftover (still in the helper's process group) is killed."""
+    started = time.monotonic()
+    result = await run_helper("sleep 1000 & echo $!", identity=identity, cwd=str(home),
+                              env={"PATH": "/usr/bin:/bin"}, timeout=30)
+    leftover = int(result.output)
+    assert result.status == 0
+    assert time.monotonic() - started < 10
+    assert_exits(leftover)
+    assert proc_state(leftover) in (None, "Z")
+
+
+async def test_run_helper_timeout_kills_the_group(identity, home):
+    pids = home / "pids"
+    children = our_children()
+    started = time.monotonic()
+    result = await run_helper(f"sleep 1000 & echo $$ $! > {shlex.quote(str(pids))}; wait",
+                              identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"}, timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert result == HelperResult(128 + signal.SIGKILL, "timed out after 0.5 s; killed", timed_out=True)
+    assert 0.5 <= elapsed < 10
+    leader, grandchild = map(int, pids.read_text().split())
+    assert_exits(grandchild)  # in the group: killed too
+    assert our_children() == children  # and the shell was reaped
+    with pytest.raises(ChildProcessError):
+        os.waitid(os.P_PID, leader, os.WEXITED | os.WNOHANG)
+
+
+async def test_run_helper_output_is_bounded(identity, home):
+    result = await run_helper("head -c 200000 /dev/zero | tr '\\0' x", identity=identity, cwd=str(home),
+                              env={"PATH": "/usr/bin:/bin"}, timeout=30)
+    assert result.status == 0
+    assert result.output == "x" * 65536
+
+
+# ---- group_members / signal_group_except_leader ------------------------------------------------
+
+
+async def test_signal_reaches_the_leaders_descendants_but_not_the_leader(identity, home, spawned):
+    """The leader shell runs an inner shell that exits 7 on USR1. If the leader got USR1 it would die
+    by the signal (status 138) and never report the inner shell's status."""
+    inner = (
+        'trap "exit 7" USR1; echo ready $$; '
+        # Each child reports once it is a fresh program: a signal that came between fork and exec
+        # would hit the inner shell's trap in the child, and be lost.
+        "sh -c 'echo sleeper $$; exec sleep 1000' & "
+        "setsid sh -c 'echo other $$; exec sleep 1000' & "  # another session: not in the group
+        "wait"
+    )
+    command = f"sh -c {shlex.quote(inner)}; echo inner=$?"
+    r, w = os.pipe2(os.O_CLOEXEC)
+    other = None
+    try:
+        watch = spawn_shell(command, identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"},
+                            stdin=r, stdout=w, stderr=w)
+        spawned.append(watch)
+        os.close(w)
+        w = -1
+        lines = await read_lines_until(r, lambda ls: {l.split()[0] for l in ls} >= {"ready", "sleeper", "other"})
+        pid_of = {l.split()[0]: int(l.split()[1]) for l in lines}
+        inner_pid, sleep_pid, other = pid_of["ready"], pid_of["sleeper"], pid_of["other"]
+        assert os.getpgid(other) != watch.pid
+
+        members = group_members(watch.pid)
+        assert sorted(members) == sorted([inner_pid, sleep_pid])
+        assert watch.pid not in members and other not in members
+
+        assert signal_group_except_leader(watch.pid, signal.SIGUSR1) == 2
+        assert await asyncio.wait_for(watch.wait(), 10) == 0
+        rest = await read_lines_until(r, lambda ls: any(l.startswith("inner=") for l in ls))
+        assert "inner=7" in rest
+        assert_exits(sleep_pid)
+        assert proc_state(other) in ("S", "R")  # outside the group: untouched
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        if other is not None and proc_state(other) not in (None, "Z"):
+            fd = os.pidfd_open(other)
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            os.close(fd)
+            assert_exits(other)
+
+
+async def test_a_lone_leader_has_no_members(identity, home, spawned):
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        watch = spawn_shell("echo ready; exec sleep 1000", identity=identity, cwd=str(home),
+                            env={"PATH": "/usr/bin:/bin"}, stdin=r, stdout=w, stderr=w)
+        spawned.append(watch)
+        os.close(w)
+        w = -1
+        await read_lines_until(r, lambda ls: "ready" in ls)
+        assert group_members(watch.pid) == []
+        assert signal_group_except_leader(watch.pid, signal.SIGTERM) == 0
+        assert proc_state(watch.pid) in ("S", "R")
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_group_members_of_a_vanished_process():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert group_members(pid) == []
+    assert signal_group_except_leader(pid, signal.SIGTERM) == 0
+
+
+# ---- find_program ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bindir(tmp_path) -> Path:
+    d = tmp_path / "bin"
+    d.mkdir()
+    for name in ("myruntime", "other"):
+        p = d / name
+        p.write_text("#!/bin/sh\necho hi\n")
+        p.chmod(0o755)
+    (d / "not-executable").write_text("data\n")
+    (d / "subdir").mkdir()
+    return d
+
+
+def test_find_program_searches_path(bindir):
+    assert find_program("myruntime --root=/run/user/1/ run x -b /b", {"PATH": f"/nonexistent:{bindir}"}) == f"{bindir}/myruntime"
+
+
+def test_find_program_uses_the_runtime_environments_path_not_ours(bindir, monkeypatch):
+    monkeypatch.setenv("PATH", str(bindir))
+    with pytest.raises(RuntimeNotFound):
+        find_program("myruntime run", {"PATH": "/usr/bin:/bin"})
+
+
+def test_find_program_without_path_uses_the_default_path():
+    assert find_program("sh -c true", {}) == "/bin/sh"
+
+
+def test_find_program_env_with_its_own_path(bindir):
+    env = {"PATH": "/usr/bin:/bin"}
+    assert find_program(f"env -i PATH={bindir} USER=$(whoami) myruntime -w %r", env) == f"{bindir}/myruntime"
+    assert find_program(f"/usr/bin/env PATH={bindir} other", env) == f"{bindir}/other"
+    # env itself is found in the runtime environment's PATH; the program in env's.
+    with pytest.raises(RuntimeNotFound, match=f"PATH={bindir}"):
+        find_program(f"env -i PATH={bindir} runc run", env)
+
+
+def test_find_program_skips_leading_assignments(bindir):
+    env = {"PATH": str(bindir)}
+    assert find_program("FOO=1 BAR='a b' other --flag", env) == f"{bindir}/other"
+    assert find_program("env -i A=1 other", env) == f"{bindir}/other"
+
+
+def test_find_program_absolute_paths(bindir):
+    assert find_program(f"{bindir}/myruntime run", {"PATH": ""}) == f"{bindir}/myruntime"
+    for missing in (f"{bindir}/nope", f"{bindir}/subdir"):
+        with pytest.raises(RuntimeNotFound) as e:
+            find_program(f"{missing} run", {"PATH": str(bindir)})
+        assert str(e.value) == f"runtime program {missing} does not exist"
+    with pytest.raises(RuntimeNotFound) as e:
+        find_program(f"{bindir}/not-executable run", {"PATH": str(bindir)})
+    assert str(e.value) == f"runtime program {bindir}/not-executable is not executable by anyone"
+
+
+def test_find_program_checks_execute_permission_as_the_user(bindir, identity):
+    # Root may execute anything with an x bit; the user the shell runs as may not.
+    private = bindir / "root-only-runtime"
+    private.write_text("#!/bin/sh\n")
+    private.chmod(0o700)
+    with pytest.raises(RuntimeNotFound) as e:
+        find_program("root-only-runtime run", {"PATH": str(bindir)}, identity)
+    assert str(e.value) == f"runtime program {private} is not executable by {identity.user}"
+    assert find_program("myruntime run", {"PATH": str(bindir)}, identity) == f"{bindir}/myruntime"
+    # A later PATH entry the user may run wins, as in the shell.
+    later = bindir / "later"
+    later.mkdir()
+    (later / "root-only-runtime").write_text("#!/bin/sh\n")
+    (later / "root-only-runtime").chmod(0o755)
+    found = find_program("root-only-runtime run", {"PATH": f"{bindir}:{later}"}, identity)
+    assert found == f"{later}/root-only-runtime"
+
+
+def test_find_program_missing_program(bindir):
+    with pytest.raises(RuntimeNotFound) as e:
+        find_program("nosuch-runtime run %n", {"PATH": f"{bindir}:/usr/bin"})
+    assert str(e.value) == f"runtime program 'nosuch-runtime' is not found in PATH={bindir}:/usr/bin"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "$RUNTIME run x",
+        "`which runc` run",
+        "exec runc run x",
+        "cd /tmp && runc run",
+        "if true; then runc; fi",
+        "{ runc run; }",
+        "(runc run)",
+        "2>/dev/null runc run",
+        "'unterminated",
+        "env -u HOME runc run",
+        "env -C /tmp runc run",
+        "",
+        "FOO=1",
+        "env -i",
+    ],
+)
+def test_find_program_gives_up_on_shell_syntax(command):
+    assert find_program(command, {"PATH": "/nonexistent"}) is None
+
+
+@pytest.mark.parametrize("command", [
+    "export X=1; runc run x", "unset X; runc run x", "umask 077; runc run x", "ulimit -c 0; exec runc run x",
+    "readonly X; runc run x", "! runc run x",
+])
+def test_find_program_gives_up_on_builtins(command):
+    assert find_program(command, {"PATH": "/usr/bin:/bin"}) is None
+
+
+def test_find_program_honours_a_leading_path_assignment(bindir):
+    assert find_program(f"PATH={bindir} myruntime run", {"PATH": "/usr/bin:/bin"}) == f"{bindir}/myruntime"
+
+
+def test_find_program_tilde(bindir):
+    assert find_program("~/myruntime run", {"PATH": "/usr/bin", "HOME": str(bindir)}) in (None, f"{bindir}/myruntime")

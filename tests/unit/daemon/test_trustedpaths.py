@@ -1,0 +1,86 @@
+"""trustedpaths.py: the daemon's own paths must be root's alone (like sshd's StrictModes)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from nodestepd.daemon.trustedpaths import untrusted_reason
+
+
+@pytest.fixture
+def base() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="trusted-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    for p in sorted(path.rglob("*"), reverse=True):
+        p.unlink() if p.is_symlink() or not p.is_dir() else p.rmdir()
+    path.rmdir()
+
+
+def test_root_owned_paths_under_a_sticky_tmp_are_trusted(base):
+    (base / "spool").mkdir(mode=0o755)
+    (base / "oci.conf").write_text("")
+    (base / "oci.conf").chmod(0o644)
+    assert untrusted_reason(str(base / "spool")) is None
+    assert untrusted_reason(str(base / "oci.conf")) is None
+    assert untrusted_reason("/") is None
+
+
+@pytest.mark.parametrize("mode, who", [(0o777, "others"), (0o775, "its group"), (0o1777, "others")])
+def test_writable_by_others_is_untrusted(base, mode, who):
+    d = base / "spool"
+    d.mkdir()
+    d.chmod(mode)
+    assert untrusted_reason(str(d)) == f"{d} is writable by {who} (mode {mode:04o})"
+
+
+def test_a_writable_non_sticky_ancestor_is_untrusted(base):
+    (base / "open").mkdir()
+    (base / "open").chmod(0o777)
+    (base / "open" / "spool").mkdir(mode=0o755)
+    assert untrusted_reason(str(base / "open" / "spool")) == f"{base}/open is writable by others (mode 0777)"
+
+
+def test_user_owned_dirs_and_links_are_untrusted(base):
+    (base / "mine").mkdir()
+    os.chown(base / "mine", 4242, 4242)
+    assert untrusted_reason(str(base / "mine")) == f"{base}/mine is owned by uid 4242, not root"
+    (base / "real").mkdir(mode=0o755)
+    (base / "link").symlink_to(base / "real")
+    assert untrusted_reason(str(base / "link")) is None  # root's own link to a root dir
+    os.lchown(base / "link", 4242, 4242)
+    assert untrusted_reason(str(base / "link")) == f"{base}/link is a symbolic link owned by uid 4242"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon checks its paths when it runs as root")
+def test_the_daemon_refuses_a_monitor_program_others_can_replace(base, monkeypatch):
+    """nodestepd-monitor runs as root for every task: a copy in a directory anyone may
+    write (a venv made by a user, say) is refused, like a writable oci.conf; and without
+    the program, no task could start, so the daemon refuses to start at all."""
+    from nodestepd.process import monitor
+    from nodestepd.daemon import server
+    from nodestepd.config.settings import DaemonConfig
+    from nodestepd.config.ociconf import OciConf
+
+    for d in ("spool", "state", "run"):
+        (base / d).mkdir(mode=0o755)
+    (base / "oci.conf").write_text("")
+    config = DaemonConfig(spool_dir=str(base / "spool"), state_dir=str(base / "state"), socket=str(base / "run/s"))
+    oci = OciConf(path=str(base / "oci.conf"))
+    server._check_trusted(config, oci)  # the installed program is root's
+
+    shared = base / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    (shared / monitor.PROGRAM_NAME).write_bytes(b"")
+    (shared / monitor.PROGRAM_NAME).chmod(0o755)
+    monkeypatch.setattr(monitor, "LIBEXEC_DIR", str(shared))
+    with pytest.raises(OSError, match="nodestepd-monitor .run as root for every task. .* is not safe"):
+        server._check_trusted(config, oci)
+    (shared / monitor.PROGRAM_NAME).unlink()
+    with pytest.raises(OSError, match="is missing or not executable: reinstall nodestepd"):
+        server._check_trusted(config, oci)

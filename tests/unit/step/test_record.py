@@ -1,0 +1,134 @@
+import os
+import stat
+
+import pytest
+
+from nodestepd.step import record as steprecord
+from nodestepd.step.record import RecordError, RecordStore, StepRecord
+
+
+def make_record(job_id=7, step_id=0, state="running") -> StepRecord:
+    return StepRecord(
+        format=steprecord.FORMAT, version=steprecord.VERSION, job_id=job_id, step_id=step_id, first_task=0,
+        ntasks=1, task_offset=None, local_offset=None, node_id=None, container_id=None,
+        user=steprecord.UserRecord("alice", 1000, 1000, [1000, 27], "/home/alice"),
+        bundle="/b", args=["sleep", "3"], workdir="/w", attached=False, started_at=1.5, state=state,
+        settings=steprecord.SettingsRecord(
+            oci_conf="/etc/slurm/oci.conf", runtime_run="runc run %n", runtime_create=None, runtime_start=None,
+            runtime_query=None, runtime_kill="runc kill %n", runtime_delete="runc delete %n",
+            disable_cleanup=False, spool_dir="/s", node_name="n1", kill_wait=30.0, runtime_timeout=60.0,
+            runtime_env={"PATH": "/usr/bin"},
+        ),
+        tasks=[steprecord.TaskRecord(0, "/s/oci-job7-0/task-0", {"task_id": 0},
+                                     monitor=steprecord.ProcRecord(10, 100), process=steprecord.ProcRecord(11, 101))],
+    )
+
+
+def test_round_trip():
+    record = make_record()
+    assert steprecord.decode(steprecord.encode(record)) == record
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "not JSON"),
+    (b'{"format": "nodestepd-step", "version": 1, "job_', "not JSON"),
+    (b"\x00\xff garbage", "not JSON"),
+    (b"[1, 2]", "not JSON"),
+    (b'{"format": "something-else"}', "not a nodestepd-step record"),
+    (b'{"format": "nodestepd-step", "version": 0}', "record version 0"),
+    (b'{"format": "nodestepd-step", "version": 1}', "invalid record"),
+])
+def test_decode_refuses(data, reason):
+    with pytest.raises(RecordError, match=reason):
+        steprecord.decode(data)
+
+
+def test_decode_refuses_truncation_at_every_length():
+    data = steprecord.encode(make_record())
+    for n in range(len(data) - 1):  # every prefix short of the closing brace
+        with pytest.raises(RecordError):
+            steprecord.decode(data[:n])
+
+
+def test_decode_refuses_bad_state_and_task_count():
+    import msgspec
+    raw = msgspec.json.decode(steprecord.encode(make_record()))
+    raw["state"] = "sleeping"
+    with pytest.raises(RecordError, match="unknown state"):
+        steprecord.decode(msgspec.json.encode(raw))
+    raw["state"] = "running"
+    raw["ntasks"] = 2
+    with pytest.raises(RecordError, match="1 tasks for ntasks=2"):
+        steprecord.decode(msgspec.json.encode(raw))
+
+
+def test_store_write_load_remove(tmp_path):
+    store = RecordStore(str(tmp_path))
+    a, b = make_record(7), make_record(8, state="terminating")
+    store.write(a)
+    store.write(b)
+    path = tmp_path / "steps" / "7.0.0.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "steps").stat().st_mode) == 0o700
+    records, problems = store.load_all()
+    assert (records, problems) == ([a, b], [])
+    b.state = "running"
+    store.write(b)
+    assert store.load_all()[0][1].state == "running"
+    assert sorted(os.listdir(tmp_path / "steps")) == ["7.0.0.json", "8.0.0.json"]  # no temporary left
+    store.remove("7.0.0")
+    assert [r.job_id for r in store.load_all()[0]] == [8]
+
+
+def test_exit_file(tmp_path):
+    store = RecordStore(str(tmp_path))
+    assert store.read_exits("7.0.0") == ({}, [])
+    fd = store.open_exits("7.0.0")
+    os.write(fd, b"11 4\n")
+    os.close(fd)
+    fd = store.open_exits("7.0.0")  # a second monitor appends
+    os.write(fd, b"12 137\n13 1")  # the last write cut short
+    os.close(fd)
+    assert store.read_exits("7.0.0") == ({11: 4, 12: 137}, ["incomplete last line ignored: b'13 1'"])
+    store.remove("7.0.0")
+    assert store.read_exits("7.0.0") == ({}, [])
+
+
+def test_bad_files_are_quarantined_and_the_rest_load(tmp_path):
+    store = RecordStore(str(tmp_path))
+    good = make_record(7)
+    store.write(good)
+    full = steprecord.encode(make_record(8))
+    (tmp_path / "steps" / "8.0.0.json").write_bytes(full[: len(full) // 2])  # truncated
+    (tmp_path / "steps" / "8.0.0.exits").write_bytes(b"11 0\n")
+    (tmp_path / "steps" / "9.0.0.json").write_bytes(b"\x00garbage")
+    (tmp_path / "steps" / "10.0.0.json").write_bytes(steprecord.encode(make_record(11)))  # misnamed
+    (tmp_path / "steps" / ".12.0.0.json.tmp").write_bytes(b"half")  # an unfinished write
+    records, problems = store.load_all()
+    assert records == [good]
+    by_name = {p.name: p.reason for p in problems}
+    assert set(by_name) == {"8.0.0.json", "9.0.0.json", "10.0.0.json"}
+    assert "not JSON" in by_name["8.0.0.json"] and "quarantine" in by_name["8.0.0.json"]
+    assert "names step 11.0.0" in by_name["10.0.0.json"]
+    assert sorted(os.listdir(tmp_path / "steps")) == ["7.0.0.json"]
+    kept = sorted(os.listdir(tmp_path / "quarantine"))
+    assert len(kept) == 4 and any(k.endswith(".exits") for k in kept)
+    assert any((tmp_path / "quarantine" / k).read_bytes() == full[: len(full) // 2] for k in kept)
+
+
+def test_store_never_writes_through_a_symlink(tmp_path):
+    store = RecordStore(str(tmp_path))
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "steps" / "7.0.0.exits")
+    with pytest.raises(OSError):
+        store.open_exits("7.0.0")
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the ownership check applies to root")
+def test_store_refuses_a_steps_dir_others_can_write(tmp_path):
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps").chmod(0o777)
+    with pytest.raises(OSError, match="writable by root only"):
+        RecordStore(str(tmp_path))

@@ -1,0 +1,540 @@
+import os
+import re
+import resource
+import shutil
+import stat
+import subprocess
+
+import pytest
+
+from nodestepd.step.spool import SpoolError, SpoolLayout, StepSpool, spool_layout
+
+USER_UID = 65534
+USER_GID = 65534
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="spool tests chown and need root")
+
+
+def fake_expand(pattern: str, task_id: int) -> str:
+    values = {"%": "%", "t": str(task_id), "j": "12", "s": "3", "u": "alice"}
+    return re.sub(r"%(.)", lambda m: values[m[1]], pattern)
+
+
+def layout(container_path, spool_dir="/var/spool/nodestepd", ntasks=2, expand=fake_expand):
+    return spool_layout(
+        container_path=container_path, spool_dir=spool_dir, expand=expand, job_id=12, step_id=3, ntasks=ntasks
+    )
+
+
+def owner_mode(path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def tree(path) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            out.append(os.path.relpath(os.path.join(root, name), path))
+    return sorted(out)
+
+
+# --- spool_layout ---
+
+
+def test_layout_default():
+    assert layout(None) == SpoolLayout(
+        step_dir="/var/spool/nodestepd/oci-job12-3",
+        task_dirs=("/var/spool/nodestepd/oci-job12-3/task-0", "/var/spool/nodestepd/oci-job12-3/task-1"),
+        create_parents=False,
+    )
+
+
+def test_layout_default_trailing_slash_and_empty_container_path():
+    assert layout("", spool_dir="/spool/").step_dir == "/spool/oci-job12-3"
+
+
+def test_layout_container_path_without_task():
+    assert layout("/scratch/%u/oci/") == SpoolLayout(
+        step_dir="/scratch/alice/oci/oci-job12-3",
+        task_dirs=("/scratch/alice/oci/oci-job12-3/task-0", "/scratch/alice/oci/oci-job12-3/task-1"),
+        create_parents=True,
+    )
+
+
+def test_layout_escaped_percent_t_is_not_a_task_component():
+    assert layout("/scratch/%%t", ntasks=1).task_dirs == ("/scratch/%t/oci-job12-3/task-0",)
+
+
+def test_layout_container_path_with_task():
+    assert layout("/scratch/%u/oci-%j.%s/task%t/x", ntasks=3) == SpoolLayout(
+        step_dir="/scratch/alice/oci-12.3",
+        task_dirs=(
+            "/scratch/alice/oci-12.3/task0/x",
+            "/scratch/alice/oci-12.3/task1/x",
+            "/scratch/alice/oci-12.3/task2/x",
+        ),
+        create_parents=True,
+    )
+
+
+def test_layout_zero_tasks():
+    assert layout(None, ntasks=0).task_dirs == ()
+
+
+@pytest.mark.parametrize(
+    "container_path,spool_dir,message",
+    [
+        (None, "spool", "not an absolute path"),
+        ("scratch/%u", "/s", "not an absolute path"),
+        ("/scratch/../etc", "/s", "not normalised"),
+        ("/scratch//x", "/s", "not normalised"),
+        ("/scratch/./x/%t", "/s", "not normalised"),
+        ("/%t", "/s", "would be / itself"),
+        ("%t/x", "/s", "not an absolute path"),
+        ("/a/%t/../../etc", "/s", "not normalised"),
+        ("/a\0b", "/s", "NUL"),
+    ],
+)
+def test_layout_rejects(container_path, spool_dir, message):
+    with pytest.raises(SpoolError, match=message):
+        layout(container_path, spool_dir=spool_dir)
+
+
+def test_layout_rejects_duplicate_task_dirs():
+    def same_for_all(pattern, task_id):
+        return pattern.replace("%t", "x")
+
+    with pytest.raises(SpoolError, match="not distinct"):
+        layout("/s/j/%t", expand=same_for_all)
+
+
+def test_layout_rejects_nested_task_dirs():
+    def nested(pattern, task_id):
+        return pattern.replace("%t", "a/b" if task_id else "a")
+
+    with pytest.raises(SpoolError, match="/s/j/a/b is nested inside task spool dir /s/j/a"):
+        layout("/s/j/%t", expand=nested)
+
+
+def test_layout_rejects_task_dir_outside_step_dir():
+    def escape(pattern, task_id):
+        return "/elsewhere/x" if "%t" in pattern else pattern
+
+    with pytest.raises(SpoolError, match="/elsewhere/x is not inside the step spool dir /s/j"):
+        layout("/s/j/%t", expand=escape)
+
+
+# --- StepSpool ---
+
+
+@pytest.fixture
+def spool_dir(tmp_path):
+    d = tmp_path / "spool"
+    d.mkdir(mode=0o755)
+    return d
+
+
+def test_create_write_hand_over_remove(spool_dir):
+    fds = open_fds()
+    lay = layout(None, spool_dir=str(spool_dir))
+    spool = StepSpool.create(lay, USER_UID, USER_GID)
+    step = spool_dir / "oci-job12-3"
+    assert spool.layout is lay
+    assert owner_mode(step) == (0, 0, 0o700)
+    assert owner_mode(step / "task-0") == (0, 0, 0o700)
+    assert owner_mode(step / "task-1") == (0, 0, 0o700)
+
+    path = spool.write_task_file(1, "config.json", b"{}\n", 0o750)
+    assert path == str(step / "task-1" / "config.json")
+    assert (step / "task-1" / "config.json").read_bytes() == b"{}\n"
+    assert owner_mode(path) == (USER_UID, USER_GID, 0o750)
+
+    spool.hand_over()
+    for d in (step, step / "task-0", step / "task-1"):
+        assert owner_mode(d) == (USER_UID, USER_GID, 0o700)
+    # The daemon's spool dir is not the user's.
+    assert owner_mode(spool_dir) == (0, 0, 0o755)
+
+    spool.remove()
+    assert os.listdir(spool_dir) == []
+    assert open_fds() == fds
+    spool.remove()  # idempotent
+    spool.close()
+
+
+def test_task_dir_pinned_stays_on_the_directory_when_its_name_is_swapped(spool_dir, tmp_path):
+    """The user owns the step dir after hand-over and may rename task-0 and plant a link in
+    its place: the pinned path (where runtime commands start, as root) still leads to the
+    real task dir, never to the link's target."""
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID)
+    spool.write_task_file(0, "marker", b"", 0o600)
+    spool.hand_over()
+    pinned = spool.task_dir_pinned(0)
+    assert pinned.startswith(f"/proc/{os.getpid()}/fd/")
+    step = spool_dir / "oci-job12-3"
+    elsewhere = tmp_path / "root-only"
+    elsewhere.mkdir(mode=0o700)
+    os.rename(step / "task-0", step / "moved")
+    os.symlink(elsewhere, step / "task-0")
+    assert os.path.samefile(pinned, step / "moved")
+    assert os.listdir(pinned) == ["marker"]
+    os.unlink(step / "task-0")
+    os.rename(step / "moved", step / "task-0")
+    spool.remove()
+
+
+def test_large_file_written_completely(spool_dir):
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    with StepSpool.create(layout(None, spool_dir=str(spool_dir), ntasks=1), USER_UID, USER_GID) as spool:
+        path = spool.write_task_file(0, "environment", data, 0o600)
+        with open(path, "rb") as f:
+            assert f.read() == data
+        spool.remove()
+    assert not os.path.exists(path)
+
+
+def test_step_dir_mode_exact_despite_umask_and_setgid_parent(spool_dir):
+    os.chmod(spool_dir, 0o2775)
+    old = os.umask(0o077)
+    try:
+        spool = StepSpool.create(layout(None, spool_dir=str(spool_dir), ntasks=1), USER_UID, USER_GID)
+    finally:
+        os.umask(old)
+    try:
+        assert owner_mode(spool_dir / "oci-job12-3") == (0, 0, 0o700)
+        assert owner_mode(spool_dir / "oci-job12-3" / "task-0") == (0, 0, 0o700)
+    finally:
+        spool.remove()
+
+
+def test_container_path_parents_created_private_then_handed_over(tmp_path):
+    lay = layout(str(tmp_path / "scratch" / "%u" / "oci-%j.%s" / "t%t" / "x"), ntasks=2)
+    spool = StepSpool.create(lay, USER_UID, USER_GID)
+    scratch = tmp_path / "scratch"
+    step = scratch / "alice" / "oci-12.3"
+    for d in (scratch, scratch / "alice", step, step / "t0", step / "t0" / "x", step / "t1" / "x"):
+        assert owner_mode(d) == (0, 0, 0o700), d
+    spool.write_task_file(0, "environment", b"A=1\0", 0o600)
+    spool.hand_over()
+    for d in (scratch, scratch / "alice", step, step / "t0", step / "t0" / "x", step / "t1", step / "t1" / "x"):
+        assert owner_mode(d) == (USER_UID, USER_GID, 0o700), d
+    assert owner_mode(tmp_path)[0] == 0
+    spool.remove()
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_parents_are_not_touched_and_nonempty_created_parents_stay(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir(mode=0o755)
+    lay = layout(str(base / "new" / "deeper"), ntasks=1)
+    spool = StepSpool.create(lay, USER_UID, USER_GID)
+    spool.hand_over()
+    assert owner_mode(base) == (0, 0, 0o755)
+    # The user put something of their own next to the step dir.
+    (base / "new" / "mine").write_text("keep")
+    spool.remove()
+    assert tree(base) == ["new", "new/mine"]
+
+
+def test_symlink_parent_component_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "scratch").mkdir()
+    os.symlink(outside, tmp_path / "scratch" / "alice")
+    lay = layout(str(tmp_path / "scratch" / "%u" / "oci"))
+    with pytest.raises(SpoolError, match=f"{tmp_path}/scratch/alice is a symbolic link; refusing to follow it"):
+        StepSpool.create(lay, USER_UID, USER_GID)
+    assert os.listdir(outside) == []
+
+
+def test_symlink_to_file_parent_component_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    os.symlink(tmp_path / "f", tmp_path / "l")
+    with pytest.raises(SpoolError, match="/l is a symbolic link"):
+        StepSpool.create(layout(str(tmp_path / "l")), USER_UID, USER_GID)
+
+
+def test_file_parent_component_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SpoolError, match=f"{tmp_path}/f is not a directory"):
+        StepSpool.create(layout(str(tmp_path / "f" / "x")), USER_UID, USER_GID)
+    assert tree(tmp_path) == ["f"]
+
+
+def test_symlink_at_step_dir_refused(spool_dir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, spool_dir / "oci-job12-3")
+    with pytest.raises(SpoolError, match=r"oci-job12-3 already exists: is step 12\.3 already running"):
+        StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID)
+    assert os.listdir(outside) == []
+    assert os.readlink(spool_dir / "oci-job12-3") == str(outside)
+
+
+def test_existing_step_dir_refused_and_left_alone(spool_dir):
+    step = spool_dir / "oci-job12-3"
+    step.mkdir()
+    (step / "leftover").write_text("x")
+    with pytest.raises(SpoolError) as e:
+        StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID)
+    assert str(e.value) == (
+        f"spool dir {step} already exists: is step 12.3 already running, or left over by DisableCleanup?"
+    )
+    assert tree(spool_dir) == ["oci-job12-3", "oci-job12-3/leftover"]
+
+
+def test_existing_step_dir_from_task_pattern(tmp_path):
+    # ContainerPath=/tmp/%t would make /tmp itself the step dir: refused, never removed later.
+    with pytest.raises(SpoolError, match=f"spool dir {tmp_path} already exists: is this step already running"):
+        StepSpool.create(layout(str(tmp_path / "%t")), USER_UID, USER_GID)
+
+
+def test_missing_daemon_spool_dir_is_not_created(tmp_path):
+    with pytest.raises(SpoolError, match="does not exist; the daemon's spool dir must be created at startup"):
+        StepSpool.create(layout(None, spool_dir=str(tmp_path / "spool")), USER_UID, USER_GID)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_create_leaves_nothing_behind(tmp_path):
+    fds = open_fds()
+    step = f"{tmp_path}/a/b/oci-job12-3"
+    # The second task dir's name is too long for the file system: fails after the
+    # parents, the step dir and the first task dir were created.
+    lay = SpoolLayout(step_dir=step, task_dirs=(f"{step}/task-0/x", f"{step}/{'n' * 300}"), create_parents=True)
+    with pytest.raises(SpoolError, match="cannot create .*nnnn: File name too long"):
+        StepSpool.create(lay, USER_UID, USER_GID)
+    assert os.listdir(tmp_path) == []
+    assert open_fds() == fds
+
+
+def test_failed_create_keeps_preexisting_parents(tmp_path):
+    (tmp_path / "a").mkdir()
+    step = f"{tmp_path}/a/b/s"
+    lay = SpoolLayout(step_dir=step, task_dirs=(f"{step}/{'n' * 300}",))
+    with pytest.raises(SpoolError):
+        StepSpool.create(lay, USER_UID, USER_GID)
+    assert tree(tmp_path) == ["a"]
+
+
+def test_remove_does_not_follow_planted_symlinks(spool_dir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary").write_text("alive")
+    (outside / "sub").mkdir()
+    (outside / "sub" / "canary2").write_text("alive")
+
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID)
+    spool.write_task_file(0, "config.json", b"{}", 0o750)
+    spool.hand_over()
+    step = spool_dir / "oci-job12-3"
+    # What the user (now owner of the tree) might leave behind.
+    os.symlink(outside, step / "task-0" / "link-to-dir")
+    os.symlink(outside / "canary", step / "task-0" / "link-to-file")
+    os.symlink(outside, step / "link-at-top")
+    os.rename(step / "task-1", step / "renamed")
+    (step / "renamed" / "deep" / "er").mkdir(parents=True)
+    os.symlink(outside / "sub", step / "renamed" / "deep" / "er" / "l")
+    (step / "renamed" / "locked").mkdir(mode=0)
+    (step / "renamed" / "locked" / "f").write_text("x")
+    os.chmod(step / "renamed" / "locked", 0)
+    os.mkfifo(step / "fifo")
+    os.link(outside / "canary", step / "hardlink")
+
+    spool.remove()
+    assert not os.path.lexists(step)
+    assert os.listdir(spool_dir) == []
+    assert (outside / "canary").read_text() == "alive"
+    assert (outside / "sub" / "canary2").read_text() == "alive"
+    assert tree(outside) == ["canary", "sub", "sub/canary2"]
+
+
+def test_remove_after_step_dir_swapped_for_symlink(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "canary").write_text("alive")
+    home = tmp_path / "home"
+    lay = layout(str(home), ntasks=1)  # the parent "home" is created and handed to the user
+    spool = StepSpool.create(lay, USER_UID, USER_GID)
+    spool.hand_over()
+    step = home / "oci-job12-3"
+    (step / "task-0" / "result").write_text("x")
+    # The user owns home/, so can move the step dir away and plant a symlink instead.
+    os.rename(step, home / "moved")
+    os.symlink(outside, step)
+
+    with pytest.raises(SpoolError, match="was replaced by something else, which was left alone"):
+        spool.remove()
+    assert tree(outside) == ["canary"]
+    assert (outside / "canary").read_text() == "alive"
+    assert os.path.islink(step)
+    # Emptied through the fd held, wherever it went.
+    assert tree(home / "moved") == []
+    spool.remove()  # already removed as far as it could: no second attempt, no error
+
+
+def test_remove_does_not_descend_into_mount_points(spool_dir):
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir), ntasks=1), USER_UID, USER_GID)
+    spool.hand_over()
+    mnt = spool_dir / "oci-job12-3" / "task-0" / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], capture_output=True).returncode != 0:
+        spool.remove()
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mnt / "canary").write_text("alive")
+        with pytest.raises(SpoolError, match="task-0/mnt is a mount point, which was left alone"):
+            spool.remove()
+        assert (mnt / "canary").read_text() == "alive"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_remove_tolerates_already_removed_tree(tmp_path):
+    lay = layout(str(tmp_path / "c"), ntasks=1)
+    spool = StepSpool.create(lay, USER_UID, USER_GID)
+    shutil.rmtree(tmp_path / "c")
+    spool.remove()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2000, reason="needs an fd per level")
+def test_remove_deeply_nested_tree(spool_dir):
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir), ntasks=1), USER_UID, USER_GID)
+    spool.hand_over()
+    # Deeper than Python's default recursion limit, built with fds to stay under PATH_MAX.
+    fd = os.open(spool_dir / "oci-job12-3" / "task-0", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1100):
+        os.mkdir("d", dir_fd=fd)
+        new = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = new
+    os.close(fd)
+    fds = open_fds()
+    spool.remove()
+    assert os.listdir(spool_dir) == []
+    assert open_fds() <= fds
+
+
+def test_write_task_file_is_exclusive_and_does_not_follow_symlinks(spool_dir, tmp_path):
+    target = tmp_path / "target"
+    target.write_text("original")
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID)
+    try:
+        spool.write_task_file(0, "config.json", b"1", 0o750)
+        with pytest.raises(SpoolError, match="cannot create .*task-0/config.json: File exists"):
+            spool.write_task_file(0, "config.json", b"2", 0o750)
+        os.symlink(target, spool_dir / "oci-job12-3" / "task-1" / "environment")
+        with pytest.raises(SpoolError, match="task-1/environment"):
+            spool.write_task_file(1, "environment", b"evil", 0o600)
+        assert target.read_text() == "original"
+        assert owner_mode(target)[0] == 0
+        assert (spool_dir / "oci-job12-3" / "task-0" / "config.json").read_bytes() == b"1"
+    finally:
+        spool.remove()
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "..", ".", "/x", "a\0"])
+def test_write_task_file_rejects_non_plain_names(spool_dir, name):
+    with StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID) as spool:
+        with pytest.raises(ValueError):
+            spool.write_task_file(0, name, b"", 0o600)
+        spool.remove()
+
+
+def test_write_task_file_bad_index(spool_dir):
+    with StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID) as spool:
+        with pytest.raises(IndexError):
+            spool.write_task_file(2, "x", b"", 0o600)
+        spool.remove()
+
+
+def test_close_keeps_tree_and_is_idempotent(spool_dir):
+    fds = open_fds()
+    with StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID) as spool:
+        spool.write_task_file(0, "config.json", b"{}", 0o750)
+        spool.hand_over()
+    assert open_fds() == fds
+    spool.close()
+    assert tree(spool_dir) == ["oci-job12-3", "oci-job12-3/task-0", "oci-job12-3/task-0/config.json", "oci-job12-3/task-1"]
+    with pytest.raises(SpoolError, match="closed without removal"):
+        spool.remove()
+    with pytest.raises(SpoolError, match="already closed"):
+        spool.write_task_file(1, "x", b"", 0o600)
+    with pytest.raises(SpoolError, match="already closed"):
+        spool.hand_over()
+    assert tree(spool_dir)[0] == "oci-job12-3"
+
+
+# --- reopen (after a daemon restart) ---
+
+
+def _created_and_closed(lay):
+    spool = StepSpool.create(lay, USER_UID, USER_GID)
+    spool.write_task_file(0, "config.json", b"{}", 0o600)
+    spool.hand_over()
+    created = spool.created_dirs()
+    spool.close()  # the daemon died: its fds are gone, the tree stays
+    return created
+
+
+def test_reopen_and_remove_after_restart(spool_dir):
+    lay = layout(None, spool_dir=str(spool_dir))
+    created = _created_and_closed(lay)
+    assert [p for p, _, _ in created] == [lay.step_dir, *lay.task_dirs]
+    fds = open_fds()
+    spool = StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    assert spool is not None
+    assert os.path.samefile(spool.task_dir_pinned(1), lay.task_dirs[1])
+    spool.remove()
+    assert os.listdir(spool_dir) == []
+    assert open_fds() == fds
+
+
+def test_reopen_removes_created_parents_too(tmp_path):
+    lay = layout(str(tmp_path / "scratch/%u/%j.%s/%t"), ntasks=2)
+    created = _created_and_closed(lay)
+    assert [p for p, _, _ in created][0] == str(tmp_path / "scratch")
+    spool = StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    spool.remove()
+    assert os.listdir(tmp_path) == []
+
+
+def test_reopen_of_a_removed_step_dir_is_none(spool_dir):
+    lay = layout(None, spool_dir=str(spool_dir))
+    created = _created_and_closed(lay)
+    shutil.rmtree(lay.step_dir)
+    assert StepSpool.reopen(lay, created, USER_UID, USER_GID) is None
+
+
+def test_reopen_leaves_a_replaced_step_dir_alone(spool_dir, tmp_path):
+    """The user owns the step dir and may put another directory (or a link) in its place
+    while the daemon is down: the restarted daemon must not remove that."""
+    lay = layout(None, spool_dir=str(spool_dir))
+    created = _created_and_closed(lay)
+    os.rename(lay.step_dir, str(tmp_path / "moved"))
+    os.mkdir(lay.step_dir)
+    (spool_dir / "oci-job12-3" / "keep").write_text("mine")
+    with pytest.raises(SpoolError, match="no longer the directory the step created"):
+        StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    assert (spool_dir / "oci-job12-3" / "keep").read_text() == "mine"
+    shutil.rmtree(lay.step_dir)
+    os.symlink(tmp_path / "moved", lay.step_dir)
+    with pytest.raises(SpoolError, match="symbolic link"):
+        StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    assert (tmp_path / "moved" / "task-0" / "config.json").exists()
+
+
+def test_reopen_refuses_a_swapped_task_dir(spool_dir, tmp_path):
+    lay = layout(None, spool_dir=str(spool_dir))
+    created = _created_and_closed(lay)
+    os.rename(lay.task_dirs[0], str(tmp_path / "moved"))
+    os.symlink(tmp_path / "moved", lay.task_dirs[0])
+    fds = open_fds()
+    with pytest.raises(SpoolError, match="symbolic link"):
+        StepSpool.reopen(lay, created, USER_UID, USER_GID)
+    assert open_fds() == fds
