@@ -71,5 +71,8 @@ def _configure_journal(level: str) -> None:
     )
 
 
-def get_logger(**fields: object) -> structlog.typing.FilteringBoundLogger:
+BoundLogger = structlog.typing.FilteringBoundLogger
+
+
+def get_logger(**fields: object) -> BoundLogger:
     return structlog.get_logger("nodestepd").bind(**fields)

@@ -1,11 +1,14 @@
-"""Daemon settings: built-in defaults, then the TOML file, then command-line overrides."""
+"""Daemon settings: built-in defaults, then the TOML file, then command-line overrides,
+and the bounds each setting must stay within."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import socket
 import tomllib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -69,10 +72,70 @@ class DaemonConfig:
             raise fail("steps_on_stop", f"must be 'leave' or 'cancel', got {self.steps_on_stop!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise fail("log_level", f"must be debug, info, warning or error, got {self.log_level!r}")
-        from nodestepd.config.limits import setting_problems  # limits imports this module
-
         for name, message in setting_problems(self):
             raise fail(name, message)
+
+
+# One RunTimeRun command line, with %@ expanded, is a single argument of `/bin/sh -c`:
+# Linux refuses any single argument over 128 KiB (MAX_ARG_STRLEN) with E2BIG.
+ARGS_BYTES_CEILING = 96 * 1024
+MESSAGE_SIZE_RANGE = (4096, 16 << 20)
+
+# The bounds of the limit settings (docs/security.md lists them): name -> (lowest, highest).
+_INT_BOUNDS = {
+    "max_message_size": MESSAGE_SIZE_RANGE,
+    "max_args_bytes": (256, ARGS_BYTES_CEILING),
+    "max_env_bytes": (1024, 16 << 20),
+    "max_connections": (1, 1_000_000),
+    "max_connections_per_user": (1, 1_000_000),
+    "max_steps": (1, 100_000),
+    "max_steps_per_user": (1, 100_000),
+}
+
+
+def setting_problems(config: DaemonConfig) -> list[tuple[str, str]]:
+    """(setting, message) for each limit or security setting out of range, in a fixed order."""
+    problems = []
+    for name, (low, high) in _INT_BOUNDS.items():
+        value = getattr(config, name)
+        if not low <= value <= high:
+            problems.append((name, f"must be between {low} and {high}, got {value}"))
+    if config.max_steps_per_user > config.max_steps:
+        problems.append(("max_steps_per_user", f"must not exceed max_steps ({config.max_steps})"))
+    if not 0.1 <= config.client_timeout <= 3600:
+        problems.append(("client_timeout", f"must be between 0.1 and 3600 seconds, got {config.client_timeout}"))
+    try:
+        resolve_operators(config.operators)
+    except ValueError as e:
+        problems.append(("operators", str(e)))
+    return problems
+
+
+def resolve_operators(
+    entries: Iterable[str | int] | None, getpwnam: Callable[[str], pwd.struct_passwd] = pwd.getpwnam
+) -> frozenset[int]:
+    """The operators' uids. Explicit names must exist (ValueError naming the first that does not)."""
+    if entries is None:
+        uids = {0}
+        try:
+            uids.add(getpwnam("slurm").pw_uid)
+        except KeyError:
+            pass
+        return frozenset(uids)
+    uids = set()
+    for entry in entries:
+        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+            raise ValueError(f"{entry!r} is neither a user name nor a uid")
+        if isinstance(entry, int):
+            if not 0 <= entry < 0xFFFFFFFF:
+                raise ValueError(f"uid {entry} is out of range")
+            uids.add(entry)
+            continue
+        try:
+            uids.add(getpwnam(entry).pw_uid)
+        except KeyError:
+            raise ValueError(f"no user {entry!r} on this node") from None
+    return frozenset(uids)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {

@@ -8,34 +8,8 @@ exists) may also launch as another user and act on everyone's steps.
 from __future__ import annotations
 
 import pwd
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-
-def resolve_operators(
-    entries: Iterable[str | int] | None, getpwnam: Callable[[str], pwd.struct_passwd] = pwd.getpwnam
-) -> frozenset[int]:
-    """The operators' uids. Explicit names must exist (ValueError naming the first that does not)."""
-    if entries is None:
-        uids = {0}
-        try:
-            uids.add(getpwnam("slurm").pw_uid)
-        except KeyError:
-            pass
-        return frozenset(uids)
-    uids = set()
-    for entry in entries:
-        if isinstance(entry, bool) or not isinstance(entry, (int, str)):
-            raise ValueError(f"{entry!r} is neither a user name nor a uid")
-        if isinstance(entry, int):
-            if not 0 <= entry < 0xFFFFFFFF:
-                raise ValueError(f"uid {entry} is out of range")
-            uids.add(entry)
-            continue
-        try:
-            uids.add(getpwnam(entry).pw_uid)
-        except KeyError:
-            raise ValueError(f"no user {entry!r} on this node") from None
-    return frozenset(uids)
 
 
 @dataclass(frozen=True)

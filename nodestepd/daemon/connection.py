@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import os
 import socket
-import struct
+from collections.abc import Iterable
 
 import msgspec
 
@@ -27,8 +28,10 @@ class ConnectionClosed(Exception):
 
 class Connection:
     def __init__(
-        self, sock: socket.socket, *, max_message: int = protocol.MAX_MESSAGE, send_timeout: float | None = None
+        self, sock: socket.socket, peer: tuple[int, int, int], *, max_message: int = protocol.MAX_MESSAGE,
+        send_timeout: float | None = None,
     ) -> None:
+        """peer: (pid, uid, gid) of the client, from the kernel (process/kernel.py peer_credentials)."""
         sock.setblocking(False)
         self.sock = sock
         self.max_message = max_message
@@ -42,9 +45,7 @@ class Connection:
         # message that holds the last byte of its chunk.
         self._fd_batches: list[tuple[int, list[int]]] = []
         self._eof = False
-        self.peer_pid, self.peer_uid, self.peer_gid = struct.unpack(
-            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        )
+        self.peer_pid, self.peer_uid, self.peer_gid = peer
 
     async def receive(self) -> tuple[bytes, list[int]] | None:
         """The next message body and the fds that came with it, or None at end of stream.
@@ -139,3 +140,11 @@ class Connection:
     def close(self) -> None:
         self._close_fds()
         self.sock.close()
+
+
+def close_all(fds: Iterable[int | None]) -> None:
+    """Close fds a request brought (or that were opened for it) that nobody will own."""
+    for fd in fds:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -1,17 +1,24 @@
-"""`nodestepd`: the daemon's command line and main loop (foreground, systemd style)."""
+"""`nodestepd`: the daemon's command line; it builds the daemon's parts and runs them
+(foreground, systemd style).
+
+Start-up, in order: the settings and oci.conf are loaded and checked (an invalid one
+exits 78, EX_CONFIG); the socket systemd passed is taken; the daemon's directories are
+made and every root path is checked (configuration.py); the process is secured (fd
+limit, no_new_privs) and becomes a child subreaper; the socket is bound unless passed;
+then the Service runs the Server: recovery, READY=1, serving, shutdown.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
+import time
 
 import uvloop
 
 from nodestepd import __version__
-from nodestepd.systemd import journal
-from nodestepd.systemd.activation import ACTIVATION_VARIABLES, ActivationError, activated_listener, socket_path
+from nodestepd.config.ociconf import OciConf, OciConfError, load_oci_conf
 from nodestepd.config.settings import (
     DEFAULT_CONFIG_FILE,
     LOG_FORMATS,
@@ -20,11 +27,22 @@ from nodestepd.config.settings import (
     DaemonConfig,
     load_config,
 )
-from nodestepd.logs import configure_logging, get_logger, resolve_log_format
-from nodestepd.config.ociconf import OciConf, OciConfError, load_oci_conf
-from nodestepd.systemd.notify import Notifier, WatchdogSettingError, watchdog_interval
+from nodestepd.daemon.admission import Admission
+from nodestepd.daemon.configuration import Configuration
+from nodestepd.daemon.jobids import JobIdAllocator
+from nodestepd.daemon.listener import BoundListener, Listener, PassedListener
+from nodestepd.daemon.registry import Registry
 from nodestepd.daemon.server import Server
 from nodestepd.daemon.service import Service
+from nodestepd.daemon.session import DaemonState
+from nodestepd.logs import configure_logging, get_logger, resolve_log_format
+from nodestepd.process import kernel
+from nodestepd.process.reaper import Reaper, become_subreaper
+from nodestepd.step.record import RecordStore
+from nodestepd.systemd import journal
+from nodestepd.systemd.activation import ActivationError
+from nodestepd.systemd.journal import JournalSender
+from nodestepd.systemd.notify import Notifier, WatchdogSettingError, watchdog_interval
 
 EX_CONFIG = 78  # sysexits: configuration error (systemd shows it by name)
 
@@ -113,46 +131,72 @@ def main(argv: list[str] | None = None) -> int:
         new = load_config(args.config, overrides)
         return new, load_oci_conf(new.oci_conf)
 
-    output_journal = journal.JournalSender(journal.socket_path(os.environ)) if log_format == "journal" else None
+    output_journal = JournalSender(journal.socket_path(os.environ)) if log_format == "journal" else None
     try:
         return uvloop.run(_serve(config, oci, notifier, watchdog, reload, output_journal))
     finally:
         notifier.close()
 
 
-async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdog: float | None, reload,
-                 output_journal) -> int:
+async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdog: float | None, load,
+                 output_journal: JournalSender | None) -> int:
     log = get_logger()
-    server = Server(config, oci)
-    server.output_journal = output_journal
     try:
-        listener = _take_activated_socket()
-        if listener is not None:
-            path = socket_path(listener)
-            log.info("serving the socket passed by the service manager", socket=path)
-            if path != config.socket:
-                log.warning("the passed socket is not the configured one; clients use the passed one",
-                            passed=path, configured=config.socket)
-        server.start(listener)
+        configuration, listener, store, job_ids, reaper = _start(config, oci)
     except ActivationError as e:
         log.error("cannot use the socket passed by the service manager", error=str(e))
         return EX_CONFIG
     except (OSError, ValueError) as e:
         log.error("cannot start", error=str(e))
         return 1
-    await Service(server, notifier, reload, watchdog).run()
+    service = Service(notifier, watchdog, load, configuration, listener.path)
+    registry = Registry(on_change=service.steps_changed)
+    state = DaemonState(
+        configuration=configuration, registry=registry, admission=Admission(configuration, job_ids), store=store,
+        reaper=reaper, reload=service.reload, socket_path=listener.path, started_at=time.time(),
+        output_journal=output_journal,
+    )
+    await service.run(Server(state, listener))
     log.info("stopped")
     return 0
 
 
-def _take_activated_socket() -> socket.socket | None:
-    """The listening socket systemd passed, if any; the LISTEN_* variables are consumed
-    (as sd_listen_fds(1) does), so nothing started later mistakes them for its own."""
-    try:
-        return activated_listener(os.environ, os.getpid())
-    finally:
-        for name in ACTIVATION_VARIABLES:
-            os.environ.pop(name, None)
+def _start(config: DaemonConfig, oci: OciConf) -> tuple[Configuration, Listener, RecordStore, JobIdAllocator, Reaper]:
+    log = get_logger()
+    # First: the LISTEN_* variables are consumed, so nothing started later mistakes them for its own.
+    passed = PassedListener.take(os.environ, os.getpid())
+    if passed is not None:
+        log.info("serving the socket passed by the service manager", socket=passed.path)
+        if passed.path != config.socket:
+            log.warning("the passed socket is not the configured one; clients use the passed one",
+                        passed=passed.path, configured=config.socket)
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+    os.makedirs(os.path.dirname(config.socket), mode=0o755, exist_ok=True)
+    # Before anything uses a path: it refuses untrusted ones.
+    configuration = Configuration(config, oci)
+    _secure_process(configuration)
+    job_ids = JobIdAllocator(config.state_dir)
+    store = RecordStore(config.state_dir)
+    # Whatever gets orphaned below us (task monitors released, children of a monitor that
+    # died) becomes our child, for us to reap (process/reaper.py).
+    become_subreaper()
+    listener: Listener = passed if passed is not None else BoundListener(config.socket)
+    log.info("listening", socket=listener.path, oci_conf=oci.path, mode=oci.mode, version=__version__,
+             activated=listener.passed)
+    return configuration, listener, store, job_ids, Reaper()
+
+
+def _secure_process(configuration: Configuration) -> None:
+    """Security checks and settings before serving anyone (docs/security.md)."""
+    c = configuration.config
+    soft, hard = kernel.raise_fd_limit(c.max_connections)
+    if soft < c.max_connections + 64:
+        get_logger().warning("RLIMIT_NOFILE is too low for max_connections", soft=soft, hard=hard,
+                             max_connections=c.max_connections)
+    if c.no_new_privs:
+        kernel.set_no_new_privs()
+    get_logger().info("security settings", operators=sorted(configuration.policy.operators),
+                      no_new_privs=kernel.no_new_privs(), nofile_limit=soft)
 
 
 if __name__ == "__main__":

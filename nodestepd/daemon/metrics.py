@@ -8,13 +8,14 @@ daemon can see where they begin and end:
 - exit: from a task's end noticed (its pidfd became readable and its watch returned; with
   several tasks, the last one) to the exit event written to the attached client.
 
-When the setting is on, the server gives each step a StepTimings, the step marks the
-moments, and two log lines carry the intervals in milliseconds: "launch timing"
+When the setting is on, the session gives each step a StepTimings; the step marks the
+spawn and the exit (step/spec.py Timings), the session the replies, and two log lines
+carry the intervals in milliseconds: "launch timing"
 (`request_to_spawn_ms`, and `request_to_started_ms` when the `started` reply went out)
 and, for attached runs, "exit timing" (`exit_to_event_ms`). When it is off, each step has
 OFF, whose marks do nothing, so the hot path pays one method call per mark.
 
-The clock is the monotonic one, the server's receive time included.
+The clock is the monotonic one, the session's receive time included.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class StepTimings:
     """The moments of one step. spawned() may be called from a worker thread (spawning runs off the loop)."""
 
     def __init__(self, received_at: float) -> None:
-        self.received_ns = round(received_at * 1e9)  # the server's time.monotonic() at the request
+        self.received_ns = round(received_at * 1e9)  # the session's time.monotonic() at the request
         self.spawned_ns: int | None = None
         self.exited_ns: int | None = None
 
@@ -53,7 +54,7 @@ class StepTimings:
         log.info("exit timing", exit_to_event_ms=_ms(self.exited_ns, time.monotonic_ns()))
 
 
-class _Off:
+class Off:
     """debug_timings off: every mark is a no-op."""
 
     def spawned(self) -> None:
@@ -69,9 +70,9 @@ class _Off:
         pass
 
 
-OFF = _Off()
+OFF = Off()
 
 
-def for_step(enabled: bool, received_at: float) -> StepTimings | _Off:
+def for_step(enabled: bool, received_at: float) -> StepTimings | Off:
     """received_at: time.monotonic() when the run request was read."""
     return StepTimings(received_at) if enabled else OFF

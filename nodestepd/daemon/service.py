@@ -14,12 +14,13 @@ import dataclasses
 import signal
 from typing import Callable, Iterable
 
-from nodestepd.config.settings import ConfigError, DaemonConfig
-from nodestepd.logs import get_logger
 from nodestepd.config.ociconf import OciConf, OciConfError
-from nodestepd.systemd.notify import Notifier, monotonic_usec, status_line
+from nodestepd.config.settings import ConfigError, DaemonConfig
+from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.server import Server
+from nodestepd.logs import get_logger
 from nodestepd.step.step import Step
+from nodestepd.systemd.notify import Notifier, monotonic_usec, status_line
 
 # Settings a running daemon cannot change: the socket is bound, the job id file is
 # open, the loggers are built. A reload keeps the old value and says so.
@@ -52,50 +53,59 @@ def stopping_summary(running: int, steps_on_stop: str) -> str:
 class Service:
     def __init__(
         self,
-        server: Server,
         notifier: Notifier,
-        load: Callable[[], tuple[DaemonConfig, OciConf]],
         watchdog_interval: float | None,
+        load: Callable[[], tuple[DaemonConfig, OciConf]],
+        configuration: Configuration,
+        socket_path: str,
     ) -> None:
         """load: reads the settings file and oci.conf again (blocking; run in a thread)."""
-        self.server = server
         self.notifier = notifier
+        self.configuration = configuration
+        self.socket_path = socket_path
         self._load = load
         self._watchdog_interval = watchdog_interval
         self._watchdog: asyncio.TimerHandle | None = None
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[list[str]]] = set()
+        self._running: list[Step] = []  # as the registry last told us
+        self._ready = False
         self.log = get_logger()
 
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT. The server has been started (its socket is listening)."""
+    async def run(self, server: Server) -> None:
+        """Serve until SIGTERM or SIGINT."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.server.request_shutdown)
+            loop.add_signal_handler(sig, server.request_shutdown)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        self.server.on_steps_changed = self._update_status
-        self.server.reload_handler = self.reload
         # Steps a previous daemon left are ours again before anyone is told we are ready.
-        await self.server.recover()
+        await server.recover()
         # Clients that connected earlier wait in the listen backlog: served as soon as serve() runs.
         self.notifier.notify("READY=1")
+        self._ready = True
         self._update_status()
         if self._watchdog_interval is not None:
             self.log.info("watchdog enabled", interval_s=self._watchdog_interval)
             self._ping_watchdog()
         try:
-            await self.server.serve()
+            await server.serve()
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
-            self.notifier.notify("STOPPING=1", "STATUS=" + stopping_summary(len(self.server.steps),
-                                                                            self.server.config.steps_on_stop))
-            await self.server.shutdown()
+            steps_on_stop = self.configuration.config.steps_on_stop
+            self.notifier.notify("STOPPING=1", "STATUS=" + stopping_summary(len(self._running), steps_on_stop))
+            await server.shutdown()
 
     # ---- status and watchdog ---------------------------------------------------------
 
+    def steps_changed(self, running: list[Step]) -> None:
+        """The registry's on_change: STATUS= names the running steps (once we are ready)."""
+        self._running = running
+        if self._ready:
+            self._update_status()
+
     def _update_status(self) -> None:
-        self.notifier.notify("STATUS=" + steps_summary(self.server.steps.values(), self.server.socket_path()))
+        self.notifier.notify("STATUS=" + steps_summary(self._running, self.socket_path))
 
     def _ping_watchdog(self) -> None:
         # Re-armed by the loop itself: if the loop is stuck, the pings stop.
@@ -111,21 +121,21 @@ class Service:
         task.add_done_callback(self._reloads.discard)
 
     async def reload(self) -> list[str]:
-        """Re-read the settings file and oci.conf; [] when in use, else every problem (old config kept)."""
+        """Re-read the settings file and oci.conf; [] when in use, else every problem (old config kept).
+        From SIGHUP, and from a `reload` request (daemon/session.py)."""
         async with self._reload_lock:
             self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
             self.log.info("reloading configuration")
             problems = await self._reload()
+            self.notifier.notify("READY=1")
             if problems:
                 for problem in problems:
                     self.log.error("reload rejected, the old configuration stays in use", problem=problem)
-                self.notifier.notify("READY=1")
                 self.notifier.notify("STATUS=" + status_line(
                     f"reload failed ({problems[0]}); old configuration in use; "
-                    + steps_summary(self.server.steps.values(), self.server.socket_path())
+                    + steps_summary(self._running, self.socket_path)
                 ))
                 return problems
-            self.notifier.notify("READY=1")
             self._update_status()
             return []
 
@@ -136,17 +146,16 @@ class Service:
             return [str(e)]
         except OciConfError as e:
             return [str(p) for p in e.problems]
-        old = self.server.config
+        old = self.configuration.config
         for name in RESTART_ONLY:
             if getattr(config, name) != getattr(old, name):
                 self.log.warning("setting changed but only takes effect at restart", setting=name,
                                  running=getattr(old, name), file=getattr(config, name))
         config = dataclasses.replace(config, **{name: getattr(old, name) for name in RESTART_ONLY})
         try:
-            self.server.apply_config(config, oci)
+            self.configuration.apply(config, oci)
         except OSError as e:
             return [str(e) if e.strerror is None else f"spool_dir {config.spool_dir}: {e.strerror}"]
         self.log.info("configuration reloaded", oci_conf=oci.path, mode=oci.mode, config_file=config.config_file,
                       spool_dir=config.spool_dir, kill_wait=config.kill_wait, steps_on_stop=config.steps_on_stop)
-        self.server.warn_about_oci_conf()
         return []

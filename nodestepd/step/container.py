@@ -1,11 +1,12 @@
-"""Create/start mode: the OCI state a runtime reports, and watching a container without polling.
+"""Create/start mode: the OCI state a runtime reports, and the polling fallback.
 
 After RunTimeCreate, RunTimeQuery prints the OCI state JSON; its `pid` is the
-container's init on the host. The daemon is a child subreaper (reaper.py), so that init,
-left behind by the runtime, is re-parented to us: we open a pidfd on it and wait on the
-event loop, and waitid() gives its real exit status. Only when there is no pid to watch
-(the runtime does not report one, or it cannot be pinned) do we fall back to what Slurm
-does, polling RunTimeQuery with backoff (PolledContainer), and say so in the log.
+container's init on the host. RunTimeCreate ran under the task's monitor, a child
+subreaper (docs/monitor.md), so the init it leaves behind is re-parented to the monitor,
+which reports its real exit status (modes.py watches it through the monitor). Only when
+there is no pid to watch (the runtime does not report one, or it cannot be pinned) do we
+fall back to what Slurm does, polling RunTimeQuery with backoff (PolledContainer), and
+say so in the log.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterator
 
 from nodestepd.process.spawn import HelperResult
-from nodestepd.process.watch import ExitWatch
 
 # Slurm's backoff, which the fallback keeps: a few ms, doubling, capped at one second.
 POLL_FIRST_DELAY = 0.004
@@ -87,21 +87,31 @@ async def wait_until_created(run_query: Query, timeout: float) -> ContainerState
     raise AssertionError("unreachable")
 
 
-class PolledContainer(ExitWatch):
-    """The fallback when the container's pid cannot be watched: RunTimeQuery with backoff until `stopped`.
-
-    The exit status is not known this way
-    (the runtime's state has none): status_known is False, and the step reports it as unknown.
+class PolledContainer:
+    """The fallback when the container's pid cannot be watched: RunTimeQuery with backoff until
+    `stopped` (an ExitWatch). The exit status is not known this way (the runtime's state has
+    none): status_known is False, and the step reports it as unknown. With no pid, nothing
+    can be signalled or killed: RunTimeKill and RunTimeDelete are all there is.
     """
 
     pid = None
-    child = False
     status_known = False
 
     def __init__(self, run_query: Query) -> None:
         self._run_query = run_query
         self._status: int | None = None
         self._poller: asyncio.Task[int] | None = None
+
+    @property
+    def status(self) -> int | None:
+        return self._status
+
+    @property
+    def running(self) -> bool:
+        return self._status is None
+
+    def poll(self) -> int | None:
+        return self._status
 
     async def wait(self) -> int:
         if self._poller is None:
@@ -122,6 +132,9 @@ class PolledContainer(ExitWatch):
 
     def send_signal(self, sig: int) -> bool:
         return False  # no pid to signal: only RunTimeKill can reach it
+
+    def kill_group(self, sig: int) -> None:
+        pass
 
     def reap(self) -> None:
         pass

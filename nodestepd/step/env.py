@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
-    "SlurmTask", "env_file_bytes", "exclude_env", "runtime_environment", "slurm_task_env", "validate_env_name",
+    "SlurmTask", "env_file_bytes", "exclude_env", "runtime_env_base", "runtime_env_for", "runtime_environment",
+    "slurm_task_env", "validate_env_name",
 ]
 
 
@@ -61,18 +62,24 @@ SERVICE_MANAGER_VARIABLES = frozenset(
 )
 
 
+def runtime_env_base(daemon_env: Mapping[str, str], regex: re.Pattern[str] | None) -> dict[str, str]:
+    """The daemon's environment as every runtime command gets it: minus RunTimeEnvExclude and
+    the service manager's variables. It changes only with the configuration."""
+    return {k: v for k, v in exclude_env(daemon_env, regex).items() if k not in SERVICE_MANAGER_VARIABLES}
+
+
+def runtime_env_for(base: Mapping[str, str], *, user: str, home: str, uid: int) -> dict[str, str]:
+    """A step's runtime environment: the base, as the user. Set after filtering: the runtime
+    needs these to be the step user's, whatever the regex says."""
+    return {**base, "HOME": home, "USER": user, "LOGNAME": user, "XDG_RUNTIME_DIR": f"/run/user/{uid}"}
+
+
 def runtime_environment(
     daemon_env: Mapping[str, str], regex: re.Pattern[str] | None, *, user: str, home: str, uid: int
 ) -> dict[str, str]:
     """Environment for the RunTime* commands: the daemon's, minus RunTimeEnvExclude and the
     service manager's variables, as the user."""
-    env = {k: v for k, v in exclude_env(daemon_env, regex).items() if k not in SERVICE_MANAGER_VARIABLES}
-    # Set after filtering: the runtime needs these to be the step user's, whatever the regex says.
-    env["HOME"] = home
-    env["USER"] = user
-    env["LOGNAME"] = user
-    env["XDG_RUNTIME_DIR"] = f"/run/user/{uid}"
-    return env
+    return runtime_env_for(runtime_env_base(daemon_env, regex), user=user, home=home, uid=uid)
 
 
 @dataclass(frozen=True)

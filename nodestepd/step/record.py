@@ -14,13 +14,19 @@ daemon, nor the recovery of the other steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
 
 import msgspec
 
+from nodestepd.config.patterns import PatternContext
+from nodestepd.process.identity import Identity
 from nodestepd.process.monitor import ExitRecords, read_exit_file
+from nodestepd.step.spec import RuntimeCommands, StepSettings, StepSpec
+from nodestepd.step.spool import SpoolLayout, StepSpool
+from nodestepd.step.task import ProcessId, Task
 
 FORMAT = "nodestepd-step"
 VERSION = 1
@@ -120,6 +126,94 @@ class StepRecord(msgspec.Struct, forbid_unknown_fields=True):
 
 
 STATES = ("launching", "running", "terminating")
+
+
+# ---- a step and its record: the one mapping, both ways ------------------------------
+
+
+def step_record(
+    *, spec: StepSpec, settings: StepSettings, runtime_env: dict[str, str], tasks: list[Task],
+    spool: StepSpool | None, state: str, cancel_reason: str | None, started_at: float,
+) -> StepRecord:
+    """The record of a step in `state` (launching, running, terminating)."""
+    commands, ident = settings.commands, spec.identity
+    return StepRecord(
+        format=FORMAT, version=VERSION,
+        job_id=spec.job_id, step_id=spec.step_id, first_task=spec.first_task, ntasks=spec.ntasks,
+        task_offset=spec.task_offset, local_offset=spec.local_offset, node_id=spec.node_id,
+        container_id=spec.container_id,
+        user=UserRecord(ident.user, ident.uid, ident.gid, list(ident.groups), ident.home),
+        bundle=spec.bundle, args=list(spec.args), workdir=spec.workdir, attached=spec.attached,
+        started_at=started_at, state=state,
+        settings=SettingsRecord(
+            oci_conf=commands.oci_conf, runtime_run=commands.run, runtime_create=commands.create,
+            runtime_start=commands.start, runtime_query=commands.query, runtime_kill=commands.kill,
+            runtime_delete=commands.delete, disable_cleanup=settings.keep_spool,
+            spool_dir=settings.spool_dir, node_name=settings.node_name, kill_wait=settings.kill_wait,
+            runtime_timeout=settings.runtime_timeout, runtime_env=runtime_env,
+        ),
+        tasks=[
+            TaskRecord(
+                task_id=t.task_id, dir=t.dir, context=_context_fields(t.context), monitor=_proc(t.monitor_process),
+                process=_proc(t.process), status=t.status if t.ended else None,
+                status_known=t.status_known or not t.ended,
+            )
+            for t in tasks
+        ],
+        spool=None if spool is None else SpoolRecord(
+            step_dir=spool.layout.step_dir, task_dirs=list(spool.layout.task_dirs),
+            created=[DirRecord(path, dev, ino) for path, dev, ino in spool.created_dirs()],
+            kept=settings.keep_spool,
+        ),
+        cancel_reason=cancel_reason, daemon_pid=os.getpid(),
+    )
+
+
+def spec_of(record: StepRecord) -> StepSpec:
+    user = record.user
+    return StepSpec(
+        job_id=record.job_id, step_id=record.step_id, ntasks=record.ntasks,
+        identity=Identity(user.name, user.uid, user.gid, tuple(user.groups), user.home),
+        bundle=record.bundle, args=tuple(record.args), workdir=record.workdir, attached=record.attached,
+        task_offset=record.task_offset, local_offset=record.local_offset, node_id=record.node_id,
+        container_id=record.container_id,
+    )
+
+
+def settings_of(record: StepRecord) -> StepSettings:
+    s = record.settings
+    commands = RuntimeCommands(s.oci_conf, s.runtime_run, s.runtime_create, s.runtime_start, s.runtime_query,
+                               s.runtime_kill, s.runtime_delete)
+    return StepSettings(commands, kill_wait=s.kill_wait, runtime_timeout=s.runtime_timeout,
+                        keep_spool=s.disable_cleanup, spool_dir=s.spool_dir, node_name=s.node_name)
+
+
+def task_of(t: TaskRecord) -> Task:
+    """The task without its watch: recovery.py finds that again."""
+    context = dict(t.context)
+    context["args"] = tuple(context.get("args") or ())  # type: ignore[arg-type]
+    return Task(t.task_id, t.dir, PatternContext(**context),  # type: ignore[arg-type]
+                process=_process_id(t.process), monitor_process=_process_id(t.monitor))
+
+
+def spool_layout_of(spool: SpoolRecord) -> tuple[SpoolLayout, list[tuple[str, int, int]]]:
+    """The layout the launch created and its directories (path, device, inode), for StepSpool.reopen."""
+    return (SpoolLayout(step_dir=spool.step_dir, task_dirs=tuple(spool.task_dirs)),
+            [(d.path, d.dev, d.ino) for d in spool.created])
+
+
+def _context_fields(context: PatternContext) -> dict[str, object]:
+    fields = dataclasses.asdict(context)
+    fields["args"] = list(context.args)
+    return fields
+
+
+def _proc(process: ProcessId | None) -> ProcRecord | None:
+    return None if process is None else ProcRecord(process.pid, process.start)
+
+
+def _process_id(record: ProcRecord | None) -> ProcessId | None:
+    return None if record is None else ProcessId(record.pid, record.start)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(StepRecord)

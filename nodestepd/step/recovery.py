@@ -1,6 +1,6 @@
 """Recovery at start: the steps a previous daemon left running, taken over from their records.
 
-For every record in the state dir (steprecord.py), before the daemon reports ready:
+For every record in the state dir (record.py), before the daemon reports ready:
 1. A record that cannot be read is quarantined, with its reason logged.
 2. Each task is found again:
    - a status in the record: the task had ended;
@@ -24,48 +24,19 @@ import asyncio
 from typing import Callable
 
 from nodestepd.logs import get_logger
-from nodestepd.config.ociconf import OciConf
-from nodestepd.config.patterns import PatternContext
 from nodestepd.process.reaper import Reaper
-from nodestepd.process.identity import Identity
-from nodestepd.step.spool import SpoolError, SpoolLayout, StepSpool
-from nodestepd.step.step import Step, StepSettings, StepSpec, Task
-from nodestepd.step.record import RecordStore, StepRecord, TaskRecord
 from nodestepd.process.watch import ExitWatch, NotWatchable, ProcessWatch
+from nodestepd.step import record
+from nodestepd.step.record import RecordStore, StepRecord, TaskRecord
+from nodestepd.step.spool import SpoolError, StepSpool
+from nodestepd.step.step import Step
+from nodestepd.step.task import EndedProcess, Task
 
 
-
-
-class EndedProcess(ExitWatch):
-    """A task that had ended before this daemon started: its status, or unknown (None)."""
-
-    pid = None
-    child = False
-
-    def __init__(self, status: int | None) -> None:
-        self.status_known = status is not None
-        self._status = status if status is not None else 0
-
-    async def wait(self) -> int:
-        return self._status
-
-    def poll(self) -> int:
-        return self._status
-
-    def send_signal(self, sig: int) -> bool:
-        return False
-
-    def kill_group(self, sig: int) -> None:
-        pass  # its pid (and group) may belong to someone else by now
-
-    def reap(self) -> None:
-        pass
-
-
-class RecoveredProcess(ExitWatch):
-    """A task process still there after the restart, watched through a pidfd (not our child)."""
-
-    child = False
+class RecoveredProcess:
+    """A task process still there after the restart (an ExitWatch), watched through a pidfd:
+    not our child (its monitor is its parent), so its status comes from the kernel
+    (PIDFD_INFO_EXIT) once the monitor reaps it, else from the exit file."""
 
     def __init__(self, watch: ProcessWatch, exit_status: Callable[[], int | None]) -> None:
         self._watch = watch
@@ -113,106 +84,56 @@ async def recover_steps(store: RecordStore, reaper: Reaper) -> list[Step]:
     for problem in problems:
         get_logger().error("step record unreadable; quarantined", file=problem.name, reason=problem.reason)
     steps = []
-    for record in records:
+    for rec in records:
         try:
-            steps.append(await recover_step(record, store, reaper))
+            steps.append(await recover_step(rec, store, reaper))
         except Exception as e:  # one bad record must not keep the others from recovering
-            get_logger().exception("cannot recover step; record quarantined", record=record.name, error=str(e))
+            get_logger().exception("cannot recover step; record quarantined", record=rec.name, error=str(e))
             try:
-                await asyncio.to_thread(store.quarantine, record.name + ".json")
+                await asyncio.to_thread(store.quarantine, rec.name + ".json")
             except OSError as q:
-                get_logger().error("cannot quarantine the record", record=record.name, error=str(q))
+                get_logger().error("cannot quarantine the record", record=rec.name, error=str(q))
     if records or problems:
         get_logger().info("recovery done", steps=len(steps), quarantined=len(records) + len(problems) - len(steps))
     return steps
 
 
-async def recover_step(record: StepRecord, store: RecordStore, reaper: Reaper) -> Step:
-    step = Step(_spec(record), _settings(record), reaper, store)
-    exits = await asyncio.to_thread(store.read_exits, record.name)
+async def recover_step(rec: StepRecord, store: RecordStore, reaper: Reaper) -> Step:
+    log = get_logger(job_id=rec.job_id, step_id=rec.step_id, user=rec.user.name)
+    exits = await asyncio.to_thread(store.read_exits, rec.name)
     if exits.problems:
-        step.log.warning("the step's exit file has lines that are not records", problems=exits.problems)
-    tasks = [_task(record, t, exits.statuses, store) for t in record.tasks]
-    step.log.info(
-        "recovering step", state=record.state, previous_daemon=record.daemon_pid,
-        tasks={t.task_id: _describe(t) for t in tasks},
-    )
+        log.warning("the step's exit file has lines that are not records", problems=exits.problems)
+    tasks = [record.task_of(t) for t in rec.tasks]
+    for task, t in zip(tasks, rec.tasks):
+        task.watch = _watch(rec, t, exits.statuses, store)
+    log.info("recovering step", state=rec.state, previous_daemon=rec.daemon_pid,
+             tasks={t.task_id: _describe(t) for t in tasks})
     spool = None
-    if record.spool is not None:
-        layout = SpoolLayout(step_dir=record.spool.step_dir, task_dirs=tuple(record.spool.task_dirs))
-        created = [(d.path, d.dev, d.ino) for d in record.spool.created]
+    if rec.spool is not None:
+        layout, created = record.spool_layout_of(rec.spool)
         try:
-            spool = await asyncio.to_thread(StepSpool.reopen, layout, created, record.user.uid, record.user.gid)
+            spool = await asyncio.to_thread(StepSpool.reopen, layout, created, rec.user.uid, rec.user.gid)
         except SpoolError as e:
-            step.log.error("cannot take the spool dir back; it is left alone", error=str(e))
-    await step.resume(record, tasks, spool)
-    return step
+            log.error("cannot take the spool dir back; it is left alone", error=str(e))
+    return await Step.resume(rec, tasks, spool, store=store, reaper=reaper)
 
 
-def _spec(record: StepRecord) -> StepSpec:
-    user = record.user
-    return StepSpec(
-        job_id=record.job_id,
-        step_id=record.step_id,
-        ntasks=record.ntasks,
-        identity=Identity(user.name, user.uid, user.gid, tuple(user.groups), user.home),
-        bundle=record.bundle,
-        args=tuple(record.args),
-        env={},
-        workdir=record.workdir,
-        pty=False,
-        attached=record.attached,
-        config_json=None,
-        config_json_error=None,
-        task_offset=record.task_offset,
-        local_offset=record.local_offset,
-        node_id=record.node_id,
-        container_id=record.container_id,
-    )
-
-
-def _settings(record: StepRecord) -> StepSettings:
-    s = record.settings
-    oci = OciConf(
-        path=s.oci_conf,
-        runtime_run=s.runtime_run,
-        runtime_create=s.runtime_create,
-        runtime_start=s.runtime_start,
-        runtime_query=s.runtime_query,
-        runtime_kill=s.runtime_kill,
-        runtime_delete=s.runtime_delete,
-        disable_cleanup=s.disable_cleanup,
-    )
-    return StepSettings(
-        oci=oci, spool_dir=s.spool_dir, node_name=s.node_name, kill_wait=s.kill_wait,
-        runtime_timeout=s.runtime_timeout, daemon_env={},
-    )
-
-
-def _task(record: StepRecord, t: TaskRecord, exits: dict[int, int], store: RecordStore) -> Task:
-    context = dict(t.context)
-    context["args"] = tuple(context.get("args") or ())  # type: ignore[arg-type]
-    task = Task(t.task_id, t.dir, PatternContext(**context), proc=t.process, monitor_proc=t.monitor)  # type: ignore[arg-type]
-    task.watch = _watch(record, t, exits, store)
-    return task
-
-
-def _watch(record: StepRecord, t: TaskRecord, exits: dict[int, int], store: RecordStore):
+def _watch(rec: StepRecord, t: TaskRecord, exits: dict[int, int], store: RecordStore) -> ExitWatch | None:
     if t.status is not None:
         return EndedProcess(t.status if t.status_known else None)
     if t.process is None:
         return None  # never started, or a container whose pid was never known
     pid = t.process.pid
     try:
-        watch = ProcessWatch.adopt(pid, record.user.uid, start=t.process.start)
+        watch = ProcessWatch.adopt(pid, rec.user.uid, start=t.process.start)
     except NotWatchable as e:
         status = exits.get(pid)
-        get_logger().info("task ended while the daemon was down", job_id=record.job_id, step_id=record.step_id,
-                 task_id=t.task_id, pid=pid, status=status, found=str(e))
+        get_logger().info("task ended while the daemon was down", job_id=rec.job_id, step_id=rec.step_id,
+                          task_id=t.task_id, pid=pid, status=status, found=str(e))
         return EndedProcess(status)
 
     def recorded() -> int | None:
-        return store.read_exits(record.name).statuses.get(pid)
+        return store.read_exits(rec.name).statuses.get(pid)
 
     return RecoveredProcess(watch, recorded)
 

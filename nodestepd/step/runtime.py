@@ -1,16 +1,97 @@
-"""oci.conf's RunTime* commands as the shell will run them: finding the program a command
-starts, and what this host's /bin/sh will not do as a site expects."""
+"""oci.conf's RunTime* commands as a step runs them: each as `/bin/sh -c COMMAND`, as the
+step's user, in the task's dir (Runtime); finding the program a command starts; and what
+this host's /bin/sh will not do as a site expects."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
 import stat
 from typing import Mapping
 
+from nodestepd.config.patterns import expand
+from nodestepd.logs import BoundLogger
 from nodestepd.process.identity import Identity
-from nodestepd.process.spawn import SHELL
+from nodestepd.process.monitor import Monitor, MonitoredProcess
+from nodestepd.process.spawn import SHELL, HelperResult, run_helper
+from nodestepd.step import container
+from nodestepd.step.container import ContainerState
+from nodestepd.step.spec import RuntimeCommands
+from nodestepd.step.task import ProcessId, Task
+
+
+class Runtime:
+    """Runs one step's RunTime* commands for its tasks, as the step's user, with the step's
+    runtime environment, each in the task's dir and bounded by runtime_timeout.
+
+    %p is the task's real pid: the runtime's shell (run mode) or the container's init
+    (create/start), kept unreaped until the step is released so that it cannot be recycled.
+    """
+
+    def __init__(self, commands: RuntimeCommands, identity: Identity, env: Mapping[str, str], timeout: float,
+                 log: BoundLogger) -> None:
+        self.commands = commands
+        self.identity = identity
+        self.env = env
+        self.timeout = timeout
+        self.log = log
+
+    def spawn_first(self, task: Task, command: str, stdin: int, stdout: int, stderr: int,
+                    exit_fd: int) -> MonitoredProcess:
+        """Start the task's first command (RunTimeRun or RunTimeCreate) under its own monitor,
+        holding the task's stdio. Blocking (a fork and two execs): call it in a worker thread.
+        Returns the command's own process; raises OSError when it cannot start."""
+        task.monitor = Monitor.spawn(
+            command, identity=self.identity, cwd=task.cwd, env=self.env,
+            stdin=stdin, stdout=stdout, stderr=stderr, exit_fd=exit_fd,
+        )
+        task.monitor_process = ProcessId.of(task.monitor.pid)
+        return task.monitor.task
+
+    async def run(self, key: str, pattern: str | None, task: Task) -> HelperResult | None:
+        """Run one RunTime* command for a task; None when the site did not configure it."""
+        if pattern is None:
+            return None
+        pid = task.watch.pid if task.watch is not None else None
+        command = expand(pattern, dataclasses.replace(task.context, pid=pid))
+        self.log.debug("running runtime command", key=key, task_id=task.task_id, command=command)
+        result = await run_helper(command, identity=self.identity, cwd=task.cwd, env=self.env, timeout=self.timeout)
+        if result.timed_out:
+            self.log.error("runtime command hung and was killed", key=key, task_id=task.task_id,
+                           timeout=self.timeout, command=command)
+        return result
+
+    async def query(self, task: Task) -> ContainerState:
+        """RunTimeQuery's OCI state; raises ContainerError when it fails or prints none."""
+        return await container.query(lambda: self._query(task))
+
+    async def wait_until_created(self, task: Task) -> ContainerState:
+        return await container.wait_until_created(lambda: self._query(task), self.timeout)
+
+    def poller(self, task: Task) -> container.PolledContainer:
+        """The fallback watch for a container whose pid cannot be watched."""
+        return container.PolledContainer(lambda: self._query(task))
+
+    async def _query(self, task: Task) -> HelperResult:
+        result = await self.run("RunTimeQuery", self.commands.query, task)
+        assert result is not None  # create/start mode has RunTimeQuery (ociconf.py)
+        return result
+
+    async def start(self, task: Task) -> HelperResult:
+        result = await self.run("RunTimeStart", self.commands.start, task)
+        assert result is not None  # create/start mode has RunTimeStart (ociconf.py)
+        return result
+
+    async def kill(self, task: Task) -> HelperResult | None:
+        return await self.run("RunTimeKill", self.commands.kill, task)
+
+    async def delete(self, task: Task) -> None:
+        result = await self.run("RunTimeDelete", self.commands.delete, task)
+        task.deleted = True
+        if result is not None and result.status != 0:
+            self.log.info("RunTimeDelete failed", task_id=task.task_id, status=result.status, output=result.output)
 
 
 class RuntimeNotFound(Exception):

@@ -53,7 +53,7 @@ def spool_layout(
     ntasks: int,
     task_offset: int | None = None,
 ) -> SpoolLayout:
-    """Compute where a step's spool dir and its task dirs go (see oci-conf-semantics.md).
+    """Compute where a step's spool dir and its task dirs go (docs/oci-conf.md, "Spool dirs").
 
     task_offset: a per-task launch (docs/protocol.md) of tasks task_offset... Several such
     launches of one step share a node, and each owns its spool dir, so theirs is named
@@ -208,6 +208,7 @@ class StepSpool:
         self._tasks: list[_Dir] = []
         self._closed = False
         self._removed = False
+        self._created: list[tuple[str, int, int]] | None = None  # created_dirs(), once read
 
     @classmethod
     def create(cls, layout: SpoolLayout, uid: int, gid: int) -> StepSpool:
@@ -288,12 +289,14 @@ class StepSpool:
         """(path, st_dev, st_ino) of every directory this spool created, parents first.
 
         What a step record keeps, so that a restarted daemon can tell these directories
-        from anything put in their place (reopen)."""
-        result = []
-        for d in reversed(self._created_dirs_deepest_first()):
-            st = os.fstat(d.fd)
-            result.append((d.path, st.st_dev, st.st_ino))
-        return result
+        from anything put in their place (reopen). Read once: the directories never change
+        while the spool holds them."""
+        if self._created is None:
+            self._created = []
+            for d in reversed(self._created_dirs_deepest_first()):
+                st = os.fstat(d.fd)
+                self._created.append((d.path, st.st_dev, st.st_ino))
+        return self._created
 
     @classmethod
     def reopen(cls, layout: SpoolLayout, created: list[tuple[str, int, int]], uid: int, gid: int) -> StepSpool | None:

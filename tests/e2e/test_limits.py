@@ -1,4 +1,4 @@
-"""Input limits (limits.py, config.py) against a real daemon: every limit refuses cleanly and
+"""Input limits (config/settings.py, daemon/admission.py) against a real daemon: every limit refuses cleanly and
 holds nothing; the daemon serves on. Job ids 7000-7999 belong to this file."""
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from conftest import NODESTEPD, RUNC_RUN_CONF, make_bundle, spool_entries
-from nodestepd.config import limits
-from nodestepd.config.settings import ConfigError, load_config
 from nodestepd.protocol.messages import ErrorReply, StartedReply, StatusReply
 from test_server_protocol import (
     HEADER, as_user, assert_closed, connect, daemon_fds, finish, msg, receive, request, run_msg, send, send_raw,
@@ -34,42 +32,6 @@ def null_fds():
     yield fds
     for fd in fds:
         os.close(fd)
-
-
-# ---- settings ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("line, message", [
-    ("max_connections = 0", "max_connections: must be between 1 and 1000000, got 0"),
-    ("max_message_size = 100", "max_message_size: must be between 4096 and 16777216, got 100"),
-    ("max_args_bytes = 200000", "max_args_bytes: must be between 256 and 98304, got 200000"),
-    ("max_steps = 10\nmax_steps_per_user = 20", "max_steps_per_user: must not exceed max_steps (10)"),
-    ("max_connections_per_user = 0", "max_connections_per_user: must be between 1 and 1000000, got 0"),
-    ("client_timeout = 0", "client_timeout: must be between 0.1 and 3600 seconds, got 0.0"),
-    ("operators = [-1]", "operators: uid -1 is out of range"),
-    ("operators = [true]", "operators: True is neither a user name nor a uid"),
-    ("no_new_privs = 1", "no_new_privs: expected bool, got int"),
-    ("max_steps = 1.5", "max_steps: expected int, got float"),
-])
-def test_bad_limit_settings_are_config_errors(tmp_path, line, message):
-    path = tmp_path / "n.toml"
-    path.write_text(line + "\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(str(path), {})
-    assert str(e.value) == f"{path}: {message}"
-
-
-def test_limit_settings_from_toml(tmp_path):
-    path = tmp_path / "n.toml"
-    path.write_text('operators = ["root", 4242]\nno_new_privs = false\nmax_connections = 10\nclient_timeout = 2\n')
-    config = load_config(str(path), {"node_name": "n1"})
-    assert (config.operators, config.no_new_privs, config.max_connections, config.client_timeout) == (
-        ("root", 4242), False, 10, 2.0)
-
-
-def test_sizes_count_bytes_as_the_kernel_does():
-    assert limits.args_size(["ab", "é"]) == 3 + 3
-    assert limits.env_size({"A": "1", "B": ""}) == 4 + 3
 
 
 # ---- connections -------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import NODESTEPD, RUNC_RUN_CONF, make_bundle, runc_containers, spool_entries
-from nodestepd.daemon.authz import resolve_operators
+from nodestepd.config.settings import resolve_operators
 from test_server_protocol import as_user
 
 LONG = ["sleep", "1000"]

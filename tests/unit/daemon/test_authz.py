@@ -1,4 +1,4 @@
-"""authz.py: operators and who may act on whose steps (pure functions; end to end in test_security.py)."""
+"""authz.py: who may act on whose steps (pure functions; end to end in test_security.py)."""
 
 from __future__ import annotations
 
@@ -6,38 +6,8 @@ import pwd
 
 import pytest
 
-from nodestepd.daemon.authz import Policy, parse_user, resolve_operators
-
-
-def passwd(names: dict[str, int]):
-    def getpwnam(name: str) -> pwd.struct_passwd:
-        if name not in names:
-            raise KeyError(name)
-        return pwd.struct_passwd((name, "x", names[name], names[name], "", "/", "/bin/sh"))
-    return getpwnam
-
-
-def test_default_operators_are_root_and_slurm_when_it_exists():
-    assert resolve_operators(None, passwd({"root": 0, "slurm": 64030})) == {0, 64030}
-    assert resolve_operators(None, passwd({"root": 0})) == {0}
-
-
-def test_explicit_operators_replace_the_default():
-    assert resolve_operators(["alice", 4242], passwd({"alice": 1000, "slurm": 64030})) == {1000, 4242}
-    assert resolve_operators([], passwd({})) == frozenset()  # nobody, not even root
-
-
-@pytest.mark.parametrize("entries, message", [
-    (["bob"], "no user 'bob' on this node"),
-    ([-1], "uid -1 is out of range"),
-    ([2**32], "uid 4294967296 is out of range"),
-    ([True], "True is neither a user name nor a uid"),
-    ([1.5], "1.5 is neither a user name nor a uid"),
-])
-def test_bad_operator_entries(entries, message):
-    with pytest.raises(ValueError) as e:
-        resolve_operators(entries, passwd({}))
-    assert str(e.value) == message
+from nodestepd.daemon.authz import Policy, parse_user
+from passwd_stub import passwd
 
 
 def test_policy():

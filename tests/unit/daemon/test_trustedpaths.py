@@ -62,7 +62,7 @@ def test_the_daemon_refuses_a_monitor_program_others_can_replace(base, monkeypat
     write (a venv made by a user, say) is refused, like a writable oci.conf; and without
     the program, no task could start, so the daemon refuses to start at all."""
     from nodestepd.process import monitor
-    from nodestepd.daemon import server
+    from nodestepd.daemon.configuration import check_trusted
     from nodestepd.config.settings import DaemonConfig
     from nodestepd.config.ociconf import OciConf
 
@@ -71,7 +71,7 @@ def test_the_daemon_refuses_a_monitor_program_others_can_replace(base, monkeypat
     (base / "oci.conf").write_text("")
     config = DaemonConfig(spool_dir=str(base / "spool"), state_dir=str(base / "state"), socket=str(base / "run/s"))
     oci = OciConf(path=str(base / "oci.conf"))
-    server._check_trusted(config, oci)  # the installed program is root's
+    check_trusted(config, oci)  # the installed program is root's
 
     shared = base / "shared"
     shared.mkdir(mode=0o777)
@@ -80,7 +80,7 @@ def test_the_daemon_refuses_a_monitor_program_others_can_replace(base, monkeypat
     (shared / monitor.PROGRAM_NAME).chmod(0o755)
     monkeypatch.setattr(monitor, "LIBEXEC_DIR", str(shared))
     with pytest.raises(OSError, match="nodestepd-monitor .run as root for every task. .* is not safe"):
-        server._check_trusted(config, oci)
+        check_trusted(config, oci)
     (shared / monitor.PROGRAM_NAME).unlink()
     with pytest.raises(OSError, match="is missing or not executable: reinstall nodestepd"):
-        server._check_trusted(config, oci)
+        check_trusted(config, oci)

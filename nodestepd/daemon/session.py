@@ -1,0 +1,303 @@
+"""One client connection: its requests read in turn, each answered by one method.
+
+A `run` owns its connection until the step ends (attached: signals forwarded, the exit
+event sent, the step cancelled if the client goes, as srun does) or is detached. Who may
+do what is decided from the connection's kernel-reported uid (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from nodestepd import __version__
+from nodestepd.daemon import metrics
+from nodestepd.daemon.admission import Admission, parse_signal
+from nodestepd.daemon.configuration import Configuration
+from nodestepd.daemon.connection import Connection, ConnectionClosed, close_all
+from nodestepd.daemon.errors import BadRequest, Refused
+from nodestepd.daemon.registry import Registry
+from nodestepd.logs import BoundLogger, get_logger
+from nodestepd.process.reaper import Reaper
+from nodestepd.protocol import messages
+from nodestepd.protocol.messages import (
+    CancelRequest,
+    ErrorReply,
+    ExitReply,
+    OkReply,
+    ProtocolError,
+    PsRequest,
+    ReloadRequest,
+    Reply,
+    RunRequest,
+    SignalRequest,
+    StartedReply,
+    StatusReply,
+    StatusRequest,
+    StepInfo,
+    StepsReply,
+    TaskExit,
+    TaskInfo,
+    WaitRequest,
+)
+from nodestepd.step.prepare import prepare
+from nodestepd.step.record import RecordStore
+from nodestepd.step.spec import LaunchFailed, Stdio, StepResult, step_status
+from nodestepd.step.step import Step, new_step
+from nodestepd.systemd.journal import JournalSender
+from nodestepd.systemd.output import StepOutputToJournal
+
+
+@dataclass(frozen=True)
+class DaemonState:
+    """What every session works with: the daemon's long-lived parts."""
+
+    configuration: Configuration
+    registry: Registry
+    admission: Admission
+    store: RecordStore
+    reaper: Reaper
+    reload: Callable[[], Awaitable[list[str]]]  # re-read the settings: [] or every problem
+    socket_path: str
+    started_at: float
+    output_journal: JournalSender | None = None  # detached steps' output goes here, when logging to the journal
+
+
+class Session:
+    def __init__(self, conn: Connection, state: DaemonState) -> None:
+        self.conn = conn
+        self.state = state
+        self.uid = conn.peer_uid
+        self.log: BoundLogger = get_logger(peer_uid=conn.peer_uid, peer_pid=conn.peer_pid)
+        self._answer: dict[type, Callable[..., Awaitable[Reply]]] = {
+            StatusRequest: self.status, PsRequest: self.ps, SignalRequest: self.signal,
+            CancelRequest: self.cancel, WaitRequest: self.wait, ReloadRequest: self.reload,
+        }
+
+    async def serve(self) -> None:
+        """Answer requests until the client is done, goes quiet, or a run takes the connection."""
+        timeout = self.state.configuration.config.client_timeout
+        try:
+            while True:
+                try:
+                    # Idle or slow (half a message, then nothing): either way the
+                    # connection is given up after client_timeout, and with it its fds.
+                    received = await asyncio.wait_for(self.conn.receive(), timeout)
+                except TimeoutError:
+                    self.log.info("client timed out; closing connection", client_timeout=timeout)
+                    await self.conn.send(ErrorReply(code="timeout", error=f"no complete request within {timeout:g} s"))
+                    return
+                except ProtocolError as e:
+                    self.log.warning("bad message; closing connection", error=str(e))
+                    await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
+                    return
+                if received is None:
+                    return
+                body, fds = received
+                received_at = time.monotonic()
+                try:
+                    request = messages.decode_request(body)
+                except ProtocolError as e:
+                    close_all(fds)
+                    self.log.info("malformed request", error=str(e))
+                    await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
+                    continue
+                if isinstance(request, RunRequest):
+                    await self.run(request, fds, received_at)
+                    return  # a run owns its connection until the step ends (or is detached)
+                close_all(fds)
+                await self.conn.send(await self._reply(request))
+        except ConnectionClosed:
+            pass
+        except Exception:
+            self.log.exception("connection handler failed")
+        finally:
+            self.conn.close()
+
+    async def _reply(self, request: object) -> Reply:
+        try:
+            return await self._answer[type(request)](request)
+        except Refused as e:
+            self.log.info("request refused", op=type(request).__name__, code=e.code, error=str(e), **e.detail)
+            return ErrorReply(code=e.code, error=str(e))
+
+    # ---- one method per request ---------------------------------------------------------
+
+    async def status(self, request: StatusRequest) -> StatusReply:
+        state = self.state
+        c, oci = state.configuration.config, state.configuration.oci
+        return StatusReply(
+            version=__version__,
+            uptime=time.time() - state.started_at,
+            node_name=c.node_name,
+            config_file=c.config_file,
+            oci_conf=oci.path,
+            oci_mode=oci.mode,
+            socket=state.socket_path,
+            spool_dir=c.spool_dir,
+            state_dir=c.state_dir,
+            steps_running=len(state.registry.running),
+            steps_finished=len(state.registry.finished),
+        )
+
+    async def ps(self, request: PsRequest) -> StepsReply:
+        steps = self.state.registry.visible(self.state.configuration.policy, self.uid)
+        return StepsReply(steps=[step_info(s) for s in steps])
+
+    async def signal(self, request: SignalRequest) -> OkReply:
+        if request.job_id is None:
+            raise BadRequest("signal needs a job id outside an attached run")
+        signum = parse_signal(request.signal)  # a bad request before any lookup
+        for step in self._own_running_parts(request.job_id, request.step_id or 0):
+            step.signal(signum)
+        return OkReply()
+
+    async def cancel(self, request: CancelRequest) -> ExitReply:
+        parts = self._own_running_parts(request.job_id, request.step_id)
+        reason = f"cancel requested by uid {self.uid}"
+        results = await asyncio.gather(*(step.cancel(reason) for step in parts))
+        return exit_reply(list(zip(parts, results)))
+
+    async def wait(self, request: WaitRequest) -> ExitReply:
+        parts = self.state.registry.own_parts(self.state.configuration.policy, self.uid, request.job_id,
+                                              request.step_id)
+        results = await asyncio.gather(*(step.wait() for step in parts))
+        return exit_reply(list(zip(parts, results)))
+
+    async def reload(self, request: ReloadRequest) -> OkReply:
+        if self.uid != 0:
+            raise Refused("permission-denied", "only root may reload nodestepd's configuration")
+        problems = await self.state.reload()
+        if problems:
+            listing = "".join(f"\n  {problem}" for problem in problems)
+            raise Refused("reload-failed", f"configuration not reloaded, the old one stays in use:{listing}")
+        return OkReply()
+
+    def _own_running_parts(self, job_id: int, step_id: int) -> list[Step]:
+        return self.state.registry.own_running_parts(self.state.configuration.policy, self.uid, job_id, step_id)
+
+    # ---- run ----------------------------------------------------------------------------
+
+    async def run(self, request: RunRequest, fds: list[int], received_at: float) -> None:
+        state = self.state
+        try:
+            try:
+                spec, given = await state.admission.admit(self.uid, request, fds)
+                launch, c = state.configuration.launch, state.configuration.config
+                timings = metrics.for_step(c.debug_timings, received_at)
+                step = new_step(spec, launch.step, launch.runtime_env(spec.identity), store=state.store,
+                                reaper=state.reaper, timings=timings)
+                state.registry.add(step, max_steps=c.max_steps, max_steps_per_user=c.max_steps_per_user)
+            except Refused as e:
+                self.log.info("launch refused", code=e.code, error=str(e), **e.detail)
+                await self.conn.send(ErrorReply(code=e.code, error=str(e), status=messages.STATUS_LAUNCH_FAILED))
+                return
+            output = None
+            try:
+                stdio = Stdio(fds[0], fds[1], fds[2])
+                if request.output_to_journal and request.detach and state.output_journal is not None:
+                    output = StepOutputToJournal(state.output_journal, job_id=spec.job_id, step_id=spec.step_id,
+                                                 user=spec.identity.user, task_ids=spec.task_ids)
+                    stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs)
+                preparing = functools.partial(prepare, spec, given, launch, step.runtime.env, step.log)
+                await step.launch(preparing, stdio, received_at)
+            except Exception as e:
+                state.registry.discard(step)
+                if isinstance(e, LaunchFailed):
+                    step.log.warning("launch failed", error=str(e))
+                    message = str(e)
+                else:
+                    step.log.exception("launch failed unexpectedly")
+                    message = f"internal error in nodestepd while launching: {e!r} (see the daemon's log)"
+                await self.conn.send(ErrorReply(code="launch-failed", error=message,
+                                                status=messages.STATUS_LAUNCH_FAILED))
+                return
+            finally:
+                if output is not None:
+                    output.release_write_ends()  # the tasks have their own; end of file when they are gone
+        finally:
+            close_all(fds)  # the tasks have their own copies now
+        state.registry.started(step)
+        await self.conn.send(StartedReply(job_id=spec.job_id, step_id=spec.step_id, ntasks=spec.ntasks))
+        timings.started(step.log)
+        if request.detach:
+            return
+        await self._attend(step, timings)
+
+    async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
+        """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
+        done = asyncio.ensure_future(step.wait())
+        while not done.done():
+            incoming = asyncio.ensure_future(self.conn.receive())
+            await asyncio.wait({done, incoming}, return_when=asyncio.FIRST_COMPLETED)
+            if not incoming.done():
+                incoming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await incoming
+                break
+            reason = "attached client went away"
+            try:
+                received = incoming.result()
+            except (ProtocolError, ConnectionClosed) as e:
+                received, reason = None, f"attached client's connection broke: {e}"
+            if received is None:
+                # Like srun: the step does not outlive the client that holds its stdio.
+                await step.cancel(reason)
+                break
+            body, fds = received
+            close_all(fds)
+            try:
+                request = messages.decode_request(body)
+                if not isinstance(request, SignalRequest) or request.job_id is not None:
+                    raise ProtocolError("an attached run accepts only signal requests without ids")
+                step.signal(parse_signal(request.signal))
+            except (ProtocolError, BadRequest) as e:
+                step.log.info("request refused on an attached run", peer_uid=self.uid, error=str(e))
+                await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
+        await self.conn.send(exit_reply([(step, done.result())]))
+        timings.sent(step.log)
+
+
+# ---- replies ------------------------------------------------------------------------------
+
+
+def step_info(step: Step) -> StepInfo:
+    spec = step.spec
+    return StepInfo(
+        job_id=spec.job_id,
+        step_id=spec.step_id,
+        user=spec.identity.user,
+        uid=spec.identity.uid,
+        state=step.state.value,
+        attached=spec.attached,
+        bundle=spec.bundle,
+        args=list(spec.args),
+        started_at=step.started_at,
+        tasks=[TaskInfo(task_id=t.task_id, pid=t.watch.pid if t.watch else None,
+                        status=t.status if t.status_known else None) for t in step.tasks],
+        status=step.result.status if step.result else None,
+    )
+
+
+def exit_reply(parts: list[tuple[Step, StepResult]]) -> ExitReply:
+    """One exit for a step launched in one or several parts: the first non-zero task status in task order."""
+    tasks = sorted(
+        (TaskExit(task_id=t, status=s) for step, result in parts for t, s in zip(step.spec.task_ids, result.task_statuses)),
+        key=lambda task: task.task_id,
+    )
+    # Each part's status is its first non-zero task status, and parts hold disjoint runs
+    # of task ids: in task order, the first non-zero part status is the step's.
+    ordered = sorted(parts, key=lambda part: part[0].spec.first_task)
+    status = step_status([result.status for _, result in ordered])
+    spec = parts[0][0].spec
+    return ExitReply(
+        job_id=spec.job_id,
+        step_id=spec.step_id,
+        status=status,
+        tasks=tasks,
+        cancelled=any(result.cancelled for _, result in parts),
+    )

@@ -1,0 +1,188 @@
+"""Preparing a launch: the spool dirs, each task's config.json and environment file, and the
+pattern context every RunTime* command of the task is expanded with.
+
+Blocking filesystem work, run in a worker thread. Either everything is ready (the spool
+created, written and handed to the user) or LaunchFailed says why in one sentence and
+nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from nodestepd.config.patterns import PatternContext, expand
+from nodestepd.logs import BoundLogger
+from nodestepd.step import configjson
+from nodestepd.step import env as stepenv
+from nodestepd.step.configjson import BundleConfigError
+from nodestepd.step.runtime import RuntimeNotFound, find_program
+from nodestepd.step.spec import LaunchFailed, LaunchInput, LaunchSettings, StepSpec
+from nodestepd.step.spool import SpoolError, StepSpool, spool_layout
+from nodestepd.step.task import Task
+
+ENV_FILE_NAME = "environment"
+CONFIG_FILE_NAME = "config.json"
+
+
+def task_context(
+    *, args: Sequence[str], bundle: str, rootfs: str, rewritten_config: bool, job_id: int, step_id: int,
+    task_id: int, node_name: str, user: str, uid: int, workdir: str, step_dir: str, task_dir: str,
+    pid: int | None = None,
+) -> PatternContext:
+    """The values a task's patterns are expanded with (oci.conf's %-letters).
+
+    With a rewritten config.json in the task dir, %b is the task dir (the runtime's bundle);
+    with IgnoreFileConfigJson it is the user's bundle itself. The step, check-config and
+    doctor all build their contexts here.
+    """
+    return PatternContext(
+        args=tuple(args),
+        bundle=task_dir if rewritten_config else bundle,
+        env_file=os.path.join(task_dir, ENV_FILE_NAME),
+        job_id=job_id,
+        step_dir=step_dir,
+        node_name=node_name,
+        pid=pid,
+        rootfs=rootfs,
+        step_id=step_id,
+        task_id=task_id,
+        user=user,
+        uid=uid,
+        workdir=workdir,
+    )
+
+
+@dataclass
+class Prepared:
+    spool: StepSpool
+    tasks: list[Task]  # each with its dir, context and pinned cwd; nothing started yet
+    first_commands: list[str]  # per task: RunTimeRun, or RunTimeCreate, expanded
+
+
+def prepare(
+    spec: StepSpec, given: LaunchInput, settings: LaunchSettings, runtime_env: Mapping[str, str], log: BoundLogger
+) -> Prepared:
+    """Lay out, create, fill and hand over the step's spool. Raises LaunchFailed, leaving nothing."""
+    oci, commands = settings.oci, settings.step.commands
+    if given.pty and commands.create_start:
+        raise LaunchFailed(
+            f"--pty needs RunTimeRun: {oci.path} uses create/start, where the runtime would need a "
+            "console socket to hand the terminal over"
+        )
+    bundle_config, rootfs = _bundle_config(spec, given, settings)
+
+    def context(task_id: int, step_dir: str = "", task_dir: str = "") -> PatternContext:
+        return task_context(
+            args=spec.args, bundle=spec.bundle, rootfs=rootfs, rewritten_config=bundle_config is not None,
+            job_id=spec.job_id, step_id=spec.step_id, task_id=task_id, node_name=settings.step.node_name,
+            user=spec.identity.user, uid=spec.identity.uid, workdir=spec.workdir, step_dir=step_dir, task_dir=task_dir,
+        )
+
+    try:
+        layout = spool_layout(
+            container_path=oci.container_path,
+            spool_dir=settings.step.spool_dir,
+            expand=lambda pattern, task_id: expand(pattern, context(task_id)),
+            job_id=spec.job_id,
+            step_id=spec.step_id,
+            ntasks=spec.ntasks,
+            task_offset=spec.task_offset,
+        )
+    except SpoolError as e:
+        raise LaunchFailed(str(e)) from None
+    tasks = [
+        Task(t, layout.task_dirs[i], context(t, layout.step_dir, layout.task_dirs[i]))
+        for i, t in enumerate(spec.task_ids)
+    ]
+    first_commands = [expand(commands.first, task.context) for task in tasks]
+    try:
+        find_program(first_commands[0], runtime_env, spec.identity)
+    except RuntimeNotFound as e:
+        raise LaunchFailed(str(e)) from None
+
+    try:
+        spool = StepSpool.create(layout, spec.identity.uid, spec.identity.gid)
+    except SpoolError as e:
+        raise LaunchFailed(str(e)) from None
+    try:
+        for i, task in enumerate(tasks):
+            task.cwd = spool.task_dir_pinned(i)
+            # Slurm's task variables first, then EnvExclude, as Slurm gives them to a task.
+            task_env = {**given.env, **stepenv.slurm_task_env(_slurm_task(spec, task))}
+            step_env = stepenv.exclude_env(task_env, oci.env_exclude_re)
+            _write_task_files(spool, i, task, spec, given, settings, bundle_config, step_env, layout.step_dir)
+        spool.hand_over()
+        spool.created_dirs()  # read now, while nothing else can have moved them
+    except Exception as e:
+        try:
+            spool.remove()
+        except SpoolError as cleanup:
+            log.error("spool dir could not be removed after a failed launch", error=str(cleanup))
+        if isinstance(e, (BundleConfigError, ValueError)):
+            raise LaunchFailed(str(e)) from None
+        raise LaunchFailed(f"cannot prepare the spool dir {layout.step_dir}: {e}") from None
+    return Prepared(spool, tasks, first_commands)
+
+
+def _write_task_files(
+    spool: StepSpool, index: int, task: Task, spec: StepSpec, given: LaunchInput, settings: LaunchSettings,
+    bundle_config: dict | None, step_env: Mapping[str, str], step_dir: str,
+) -> None:
+    oci = settings.oci
+    container_env = step_env
+    if bundle_config is not None:
+        mount = (step_dir, expand(oci.mount_spool_dir, task.context)) if oci.mount_spool_dir else None
+        rewritten = configjson.rewrite_config(
+            bundle_config,
+            bundle=spec.bundle,
+            terminal=given.pty,
+            args=spec.args,
+            step_env=step_env,
+            mount_spool=mount,
+            disable_hooks=oci.disable_hooks,
+        )
+        spool.write_task_file(index, CONFIG_FILE_NAME, configjson.config_json_bytes(rewritten), 0o750)
+        container_env = _env_dict(rewritten["process"].get("env", []))
+    if oci.create_env_file != "disabled":
+        data = stepenv.env_file_bytes(container_env, oci.create_env_file)
+        spool.write_task_file(index, ENV_FILE_NAME, data, 0o600)
+
+
+def _slurm_task(spec: StepSpec, task: Task) -> stepenv.SlurmTask:
+    local_first = spec.local_offset if spec.local_offset is not None else spec.first_task
+    return stepenv.SlurmTask(
+        job_id=spec.job_id,
+        step_id=spec.step_id,
+        task_id=task.task_id,
+        local_id=local_first + task.task_id - spec.first_task,
+        node_id=spec.node_id,
+        container=spec.bundle,
+        container_id=spec.container_id,
+    )
+
+
+def _bundle_config(spec: StepSpec, given: LaunchInput, settings: LaunchSettings) -> tuple[dict | None, str]:
+    """The bundle's config.json (None when the site ignores it) and the rootfs path (%r)."""
+    if settings.oci.ignore_file_config_json:
+        return None, spec.bundle
+    path = os.path.join(spec.bundle, CONFIG_FILE_NAME)
+    if given.config_json_error is not None:
+        raise LaunchFailed(f"cannot read {path}: {given.config_json_error}")
+    if given.config_json is None:
+        raise LaunchFailed(f"cannot read {path}: the request did not include it")
+    try:
+        config = configjson.parse_bundle_config(given.config_json, spec.bundle)
+        return config, configjson.rootfs_path(config, spec.bundle)
+    except BundleConfigError as e:
+        raise LaunchFailed(str(e)) from None
+
+
+def _env_dict(entries: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for entry in entries:
+        name, eq, value = entry.partition("=")
+        if eq:
+            env[name] = value
+    return env
