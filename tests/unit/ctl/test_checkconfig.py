@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+import os
 import subprocess
 from pathlib import Path
 
@@ -20,11 +22,12 @@ def test_valid_file_prints_mode_and_expanded_commands():
     lines = result.stdout.splitlines()
     assert lines[0] == f"{EXAMPLES / 'runc-run.conf'}: valid, run mode"
     run = [l for l in lines if l.strip().startswith("RunTimeRun:")]
+    me, uid = getpass.getuser(), os.getuid()  # the sample step is the caller's
     assert run == [
-        "  RunTimeRun:    runc --rootless=true --root=/run/user/0/ run n01.root.1234.0.0 "
+        f"  RunTimeRun:    runc --rootless=true --root=/run/user/{uid}/ run n01.{me}.1234.0.0 "
         "-b /var/spool/nodestepd/oci-job1234-0/task-0"
     ]
-    assert any(l.strip().startswith("RunTimeDelete:") and "delete --force n01.root.1234.0.0" in l for l in lines)
+    assert any(l.strip().startswith("RunTimeDelete:") and f"delete --force n01.{me}.1234.0.0" in l for l in lines)
 
 
 def test_create_start_mode_is_named():

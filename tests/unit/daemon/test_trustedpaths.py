@@ -10,6 +10,9 @@ import pytest
 
 from nodestepd.daemon.trustedpaths import untrusted_reason
 
+# What is checked is ownership by root: the paths under test must be made by root.
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes root-owned paths: needs root")
+
 
 @pytest.fixture
 def base() -> Path:
@@ -56,7 +59,6 @@ def test_user_owned_dirs_and_links_are_untrusted(base):
     assert untrusted_reason(str(base / "link")) == f"{base}/link is a symbolic link owned by uid 4242"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon checks its paths when it runs as root")
 def test_the_daemon_refuses_a_monitor_program_others_can_replace(base, monkeypatch):
     """nodestepd-monitor runs as root for every task: a copy in a directory anyone may
     write (a venv made by a user, say) is refused, like a writable oci.conf; and without
