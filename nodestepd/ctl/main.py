@@ -705,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.status
     except ProtocolError as e:
         print(f"nodestepctl: {e}", file=sys.stderr)
-        return 3
+        return EXIT_ERROR
     except BrokenPipeError:
         # Output piped into `head` and the like: stop quietly, as coreutils do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

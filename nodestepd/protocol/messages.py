@@ -185,7 +185,6 @@ class StatusReply(Reply, tag="status"):
 AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply]
 
 _request_decoder = msgspec.json.Decoder(AnyRequest)
-_reply_decoder = msgspec.json.Decoder(AnyReply)
 _encoder = msgspec.json.Encoder()
 
 
@@ -220,10 +219,3 @@ def decode_request(body: bytes) -> AnyRequest:
         # msgspec raises this for JSON nested deeper than it recurses, even where the
         # nesting sits in a field it would only skip or reject.
         raise ProtocolError("malformed request: JSON nested too deeply") from None
-
-
-def decode_reply(body: bytes) -> AnyReply:
-    try:
-        return _reply_decoder.decode(body)
-    except (msgspec.DecodeError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"malformed reply from nodestepd: {e}") from None

@@ -96,7 +96,7 @@ def read_reply(sock: socket.socket):
         return None
     data = _exact(sock, protocol.frame_length(header))
     assert data is not None, "reply cut off"
-    return protocol.decode_reply(data)
+    return decode_reply(data)
 
 
 def _exact(sock: socket.socket, n: int) -> bytes | None:
