@@ -17,25 +17,16 @@ runs: a task monitor after release (monitor.py), which exits once its task has.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 
 from nodestepd.logs import get_logger
+from nodestepd.process.kernel import become_subreaper  # noqa: F401 (the daemon's import, until it takes it from kernel)
 from nodestepd.process.watch import CLAIMED, SPAWN_LOCK, ProcessWatch, children
-
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 def _log():
     """The logger, looked up when used: one bound at import would miss configure_logging()."""
     return get_logger()
-
-
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
 
 
 class Reaper:

@@ -595,7 +595,8 @@ PRELUDE = textwrap.dedent("""
     import asyncio, json, os, signal, subprocess, sys
     import uvloop
     from nodestepd.process.monitor import Monitor, read_exit_file
-    from nodestepd.process.reaper import Reaper, become_subreaper
+    from nodestepd.process.kernel import become_subreaper
+    from nodestepd.process.reaper import Reaper
     from nodestepd.process.identity import Identity
     from nodestepd.process.watch import children, proc_ids
 

@@ -13,7 +13,8 @@ import textwrap
 PRELUDE = textwrap.dedent("""
     import asyncio, json, os, subprocess, sys
     import uvloop
-    from nodestepd.process.reaper import Reaper, become_subreaper
+    from nodestepd.process.kernel import become_subreaper
+    from nodestepd.process.reaper import Reaper
     from nodestepd.process.watch import SPAWN_LOCK, CLAIMED, ProcessWatch, children
 
     def spawn(argv, **kw):
