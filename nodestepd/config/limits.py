@@ -6,7 +6,6 @@ launch request are here. docs/security.md lists them with their defaults.
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -64,19 +63,3 @@ def args_size(args: Iterable[str]) -> int:
 
 def env_size(env: Mapping[str, str]) -> int:
     return _size(f"{name}={value}" for name, value in env.items())
-
-
-def raise_fd_limit(max_connections: int) -> tuple[int, int]:
-    """Raise RLIMIT_NOFILE's soft limit to what max_connections needs (at most the hard limit).
-
-    Only as far as needed: runtimes inherit the soft limit, and some programs slow down
-    with a huge one. Returns the (soft, hard) limits now in force.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max_connections + FD_HEADROOM
-    if hard != resource.RLIM_INFINITY:
-        wanted = min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        soft = wanted
-    return soft, hard

@@ -10,10 +10,10 @@ import array
 import asyncio
 import os
 import socket
-import struct
 
 import msgspec
 
+from nodestepd.process.kernel import peer_credentials
 from nodestepd.protocol import messages as protocol
 from nodestepd.protocol.messages import ProtocolError
 
@@ -42,9 +42,7 @@ class Connection:
         # message that holds the last byte of its chunk.
         self._fd_batches: list[tuple[int, list[int]]] = []
         self._eof = False
-        self.peer_pid, self.peer_uid, self.peer_gid = struct.unpack(
-            "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        )
+        self.peer_pid, self.peer_uid, self.peer_gid = peer_credentials(sock)
 
     async def receive(self) -> tuple[bytes, list[int]] | None:
         """The next message body and the fds that came with it, or None at end of stream.

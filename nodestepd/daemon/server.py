@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import stat
-import struct
 import time
 from typing import Awaitable, Callable
 
@@ -52,7 +51,7 @@ from nodestepd.protocol.messages import (
     TaskInfo,
     WaitRequest,
 )
-from nodestepd.process.reaper import Reaper, become_subreaper
+from nodestepd.process.reaper import Reaper
 from nodestepd.process.identity import Identity
 from nodestepd.step.runtime import shell_warnings
 from nodestepd.process.monitor import MonitorMissing, monitor_program
@@ -126,7 +125,7 @@ class Server:
         self.store = RecordStore(self.config.state_dir)
         # Container inits that create/start runtimes leave behind become our children, so
         # their real exit statuses are ours to collect (container.py, reaper.py).
-        become_subreaper()
+        privileges.become_subreaper()
         if listener is None:
             self._listener = _bind(self.config.socket)
             self._bound_path = self.config.socket
@@ -176,7 +175,7 @@ class Server:
     def _secure_process(self) -> None:
         """Security checks and settings before serving anyone (docs/security.md)."""
         c = self.config
-        soft, hard = limits.raise_fd_limit(c.max_connections)
+        soft, hard = privileges.raise_fd_limit(c.max_connections + limits.FD_HEADROOM)
         if soft < c.max_connections + 64:
             self.log.warning("RLIMIT_NOFILE is too low for max_connections", soft=soft, hard=hard,
                              max_connections=c.max_connections)
@@ -197,7 +196,7 @@ class Server:
                     break
                 sock, _ = accept.result()
                 accept = asyncio.ensure_future(loop.sock_accept(self._listener))
-                pid, uid = _peer(sock)
+                pid, uid, _ = privileges.peer_credentials(sock)
                 refusal = self._connection_refusal(uid)
                 if refusal is not None:
                     self._refuse_connection(sock, pid, uid, refusal)
@@ -641,12 +640,6 @@ class Server:
             steps_running=len(self.steps),
             steps_finished=len(self.finished),
         )
-
-
-def _peer(sock: socket.socket) -> tuple[int, int]:
-    """(pid, uid) of the peer, from the kernel (SO_PEERCRED)."""
-    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return pid, uid
 
 
 def _check_trusted(config: DaemonConfig, oci: OciConf) -> None:
