@@ -103,6 +103,14 @@ class PolledContainer(ExitWatch):
         self._status: int | None = None
         self._poller: asyncio.Task[int] | None = None
 
+    @property
+    def status(self) -> int | None:
+        return self._status
+
+    @property
+    def running(self) -> bool:
+        return self._status is None
+
     async def wait(self) -> int:
         if self._poller is None:
             self._poller = asyncio.create_task(self._poll())
@@ -120,8 +128,14 @@ class PolledContainer(ExitWatch):
         self._status = 0
         return 0
 
+    def poll(self) -> int | None:
+        return self._status
+
     def send_signal(self, sig: int) -> bool:
         return False  # no pid to signal: only RunTimeKill can reach it
+
+    def kill_group(self, sig: int) -> None:
+        pass  # no pid, no group: only RunTimeKill can reach it
 
     def reap(self) -> None:
         pass

@@ -46,6 +46,14 @@ class EndedProcess(ExitWatch):
         self.status_known = status is not None
         self._status = status if status is not None else 0
 
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @property
+    def running(self) -> bool:
+        return False
+
     async def wait(self) -> int:
         return self._status
 
