@@ -11,7 +11,7 @@ Here:
 - `Monitor.spawn` starts a monitor (blocking: call it in a worker thread, like
   spawn_shell) and returns once the task runs, or raises OSError as spawn_shell does.
 - `MonitoredProcess` is a process the monitor reports on (the task, or one `adopt`ed):
-  the same interface as ProcessWatch (wait, poll, status, send_signal, kill_group, reap).
+  an ExitWatch, like ProcessWatch (wait, poll, status, send_signal, kill_group, reap).
   Its exit status comes from the monitor's `exit` record, read on the event loop.
 - `Monitor.release` lets go: the monitor reaps its zombies and exits when its last
   child has; the daemon's Reaper reaps the monitor itself.
@@ -35,16 +35,7 @@ from typing import TYPE_CHECKING, Mapping, NamedTuple
 from nodestepd.logs import get_logger
 from nodestepd.process.spawn import SHELL
 from nodestepd.process.identity import Identity
-from nodestepd.process.watch import (
-    CLAIMED,
-    SPAWN_LOCK,
-    ExitWatch,
-    NotWatchable,
-    ProcessWatch,
-    _pidfd_readable,
-    exit_status,
-    proc_ids,
-)
+from nodestepd.process.watch import CLAIMED, SPAWN_LOCK, ExitWatch, NotWatchable, Pidfd, ProcessWatch, proc_ids
 
 if TYPE_CHECKING:
     from nodestepd.process.reaper import Reaper
@@ -157,7 +148,7 @@ class Monitor:
     Created in a worker thread by spawn(); used on the event loop from then on.
     """
 
-    def __init__(self, watch: ProcessWatch, ctl: socket.socket, task_pid: int, task_pidfd: int) -> None:
+    def __init__(self, watch: ProcessWatch, ctl: socket.socket, task: Pidfd) -> None:
         self.pid = watch.pid
         self._watch: ProcessWatch | None = watch  # the monitor itself, our child; None once handed on or reaped
         self._ctl: socket.socket | None = ctl  # None once released, or the monitor closed it
@@ -166,7 +157,7 @@ class Monitor:
         self._lost: asyncio.Task[None] | None = None  # the monitor died: resolving what still waits
         self._records: dict[int, int] = {}  # every `exit` record so far, pid -> status
         self._procs: dict[int, MonitoredProcess] = {}
-        self.task = self._track(task_pid, task_pidfd)
+        self.task = self._track(task)
 
     # ---- starting -------------------------------------------------------------------
 
@@ -239,9 +230,9 @@ class Monitor:
             if len(words) == 2 and words[0] == b"started" and words[1].isdigit():
                 task_pid = int(words[1])
                 # The monitor keeps the task unreaped until we release it: the pid is the task's.
-                task_pidfd = os.pidfd_open(task_pid)
+                task = Pidfd.open(task_pid)
                 ours.setblocking(False)
-                return cls(watch, ours, task_pid, task_pidfd)
+                return cls(watch, ours, task)
         except BaseException:
             ours.close()
             _kill_and_reap(watch)
@@ -276,7 +267,7 @@ class Monitor:
             raise NotWatchable(f"pid {pid} cannot be watched through the task monitor: it has let go")
         self._drain()
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = Pidfd.open(pid)
         except OSError as e:
             raise NotWatchable(f"pid {pid} cannot be watched: {e.strerror or e}") from None
         try:
@@ -289,18 +280,18 @@ class Monitor:
             if real_uid != uid:
                 raise NotWatchable(f"pid {pid} runs as uid {real_uid}, not {uid}: not the container's process")
         except BaseException:
-            os.close(pidfd)
+            pidfd.close()
             raise
         if pid in self._procs:  # adopted before (or the task itself): one watcher per process
-            os.close(pidfd)
+            pidfd.close()
             return self._procs[pid]
-        return self._track(pid, pidfd)
+        return self._track(pidfd)
 
-    def _track(self, pid: int, pidfd: int) -> "MonitoredProcess":
-        proc = MonitoredProcess(self, pid, pidfd)
-        self._procs[pid] = proc
-        if pid in self._records:
-            proc._set_status(self._records[pid])
+    def _track(self, pidfd: Pidfd) -> "MonitoredProcess":
+        proc = MonitoredProcess(self, pidfd)
+        self._procs[proc.pid] = proc
+        if proc.pid in self._records:
+            proc._set_status(self._records[proc.pid])
         return proc
 
     def _start_reading(self) -> None:
@@ -400,22 +391,30 @@ class Monitor:
 
 
 class MonitoredProcess(ExitWatch):
-    """A process the monitor reports on: ProcessWatch's interface, fed by `exit` records.
+    """An ExitWatch on a process the monitor reports on, fed by its `exit` records.
 
     Created in any thread; waited on in the event loop's. The pid is pinned by a pidfd; its
     process group stays reserved while the monitor holds the zombie (until release).
     """
 
-    def __init__(self, monitor: Monitor, pid: int, pidfd: int) -> None:
-        self.pid = pid
+    def __init__(self, monitor: Monitor, pidfd: Pidfd) -> None:
+        self.pid: int = pidfd.pid
         self.monitor = monitor
-        self._pidfd: int | None = pidfd
+        self._pidfd: Pidfd | None = pidfd  # None once reaped
         self._status: int | None = None
         self.status_known = True  # False only when neither the monitor nor the kernel told us
         self._exited: asyncio.Future[int] | None = None
         # Once the monitor can no longer tell us (released, or died): watched by pidfd instead.
         self._fallback: ProcessWatch | None = None
         self._fallback_task: asyncio.Task[None] | None = None
+
+    @property
+    def status(self) -> int | None:
+        return self._status
+
+    @property
+    def running(self) -> bool:
+        return self._status is None
 
     async def wait(self) -> int:
         if self._status is None and self._fallback is None:
@@ -455,7 +454,7 @@ class MonitoredProcess(ExitWatch):
         # reaper's sweep got to it first: then it is the sweep's to reap, and the kernel
         # gives us its status (PIDFD_INFO_EXIT) once reaped.
         child = ppid == os.getpid() and self.pid not in CLAIMED
-        self._fallback = ProcessWatch(self.pid, os.dup(self._pidfd), child=child)
+        self._fallback = ProcessWatch(self._pidfd.dup(), child=child)
         self._fallback_task = asyncio.get_running_loop().create_task(
             self._await_fallback(self._fallback), name=f"monitored {self.pid}")
 
@@ -468,13 +467,9 @@ class MonitoredProcess(ExitWatch):
 
     def send_signal(self, sig: int) -> bool:
         """Signal the process itself, through its pidfd. False once it has exited."""
-        if self._pidfd is None or self._status is not None or _pidfd_readable(self._pidfd):
+        if self._pidfd is None or self._status is not None or self._pidfd.readable():
             return False
-        try:
-            signal.pidfd_send_signal(self._pidfd, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        return self._pidfd.send_signal(sig)
 
     def kill_group(self, sig: int) -> None:
         """Signal the process group this process leads (its pid).
@@ -486,12 +481,9 @@ class MonitoredProcess(ExitWatch):
         if self._pidfd is None:
             return
         held = self._fallback.child if self._fallback is not None else self.monitor.holding
-        if not held and _pidfd_readable(self._pidfd):
+        if not held and self._pidfd.readable():
             return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        self._pidfd.signal_group(sig)
 
     def reap(self) -> None:
         """Release the pidfd (idempotent). The zombie itself is the monitor's, reaped after
@@ -502,19 +494,16 @@ class MonitoredProcess(ExitWatch):
             self._fallback.reap()  # a child of ours must have exited, as with ProcessWatch
             if self._fallback_task is not None and not self._fallback_task.done():
                 self._fallback_task.cancel()
-        os.close(self._pidfd)
+        self._pidfd.close()
         self._pidfd = None
         self.monitor._forget(self)
-
-    def __del__(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
 
 
 def _kill_and_reap(watch: ProcessWatch, kill: bool = True) -> int:
     """A monitor that failed to start its task: (kill,) wait for and reap it. Blocking."""
     if kill:
         watch.send_signal(signal.SIGKILL)
-    info = os.waitid(os.P_PID, watch.pid, os.WEXITED | os.WNOWAIT)
+    status = watch.wait_blocking(None)
+    assert status is not None  # no deadline: it has exited
     watch.reap()
-    return exit_status(info) if info is not None else 0
+    return status

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from .identity import Identity
-from nodestepd.process.watch import SPAWN_LOCK, ProcessWatch, children
+from nodestepd.process.watch import SPAWN_LOCK, Pidfd, ProcessWatch, children
 
 SHELL = "/bin/sh"
 RUNTIME_UMASK = 0o022
@@ -149,18 +149,14 @@ def signal_group_except_leader(leader: int, sig: int) -> int:
     sent = 0
     for pid in group_members(leader):
         try:
-            fd = os.pidfd_open(pid)
+            pidfd = Pidfd.open(pid)
         except ProcessLookupError:
             continue
         try:
-            if _pgid(pid) != leader:
-                continue
-            signal.pidfd_send_signal(fd, sig)
-            sent += 1
-        except ProcessLookupError:
-            pass
+            if _pgid(pid) == leader and pidfd.send_signal(sig):
+                sent += 1
         finally:
-            os.close(fd)
+            pidfd.close()
     return sent
 
 
