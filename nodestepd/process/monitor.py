@@ -8,8 +8,8 @@ writes every child's exit status to the task's exit file, then tells us on ctl, 
 status is never lost while the daemon is down. docs/monitor.md has the protocol.
 
 Here:
-- `Monitor.spawn` starts a monitor (blocking: call it in a worker thread, like
-  spawn_shell) and returns once the task runs, or raises OSError as spawn_shell does.
+- `Monitor.spawn` starts a monitor (through spawn.spawn, blocking: call it in a worker
+  thread) and returns once the task runs, or raises OSError as spawn_shell does.
 - `MonitoredProcess` is a process the monitor reports on (the task, or one `adopt`ed):
   an ExitWatch, like ProcessWatch (wait, poll, status, send_signal, kill_group, reap).
   Its exit status comes from the monitor's `exit` record, read on the event loop.
@@ -18,7 +18,7 @@ Here:
 - If the monitor dies unexpectedly, each process still waiting is watched through its
   own pidfd (ProcessWatch: our child by then, as the daemon is a subreaper, or the
   kernel's PIDFD_INFO_EXIT); a status nobody can know is reported as unknown.
-- `read_exit_file` is for recovery after a daemon restart (through steprecord.RecordStore).
+- `read_exit_file` is for recovery after a daemon restart (through step/record.py's RecordStore).
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ import os
 import signal
 import socket
 import stat
-import subprocess
 from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 from nodestepd.logs import get_logger
-from nodestepd.process.spawn import SHELL
 from nodestepd.process.identity import Identity
-from nodestepd.process.watch import CLAIMED, SPAWN_LOCK, ExitWatch, NotWatchable, Pidfd, ProcessWatch, proc_ids
+from nodestepd.process.spawn import SHELL, check_workdir, spawn
+from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, proc_ids
 
 if TYPE_CHECKING:
     from nodestepd.process.reaper import Reaper
@@ -178,10 +177,10 @@ class Monitor:
         """Start `shell -c command` as the user under a new monitor; return once it runs.
 
         Blocking (a fork and two execs): call it in a worker thread. The same rules as
-        runtime.spawn_shell: cwd must be a directory the user owns (PermissionError if
-        not), entered as root through a pinned path (/proc/PID/fd/N); the task gets
-        stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own process
-        group, umask 022, the user's uid, gid and groups and no other fd. When it cannot
+        spawn.spawn_shell: cwd must pass spawn.check_workdir (PermissionError if not), and
+        the monitor enters it as root (the daemon hands in a pinned path, /proc/PID/fd/N);
+        the task gets stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own
+        process group, umask 022, the user's uid, gid and groups and no other fd. When it cannot
         start, raises OSError with the errno of the step that failed (FileNotFoundError
         for a missing shell, PermissionError for a directory the user cannot enter), and
         nothing is left behind.
@@ -189,9 +188,7 @@ class Monitor:
         exit_fd: the task's exit file, opened O_WRONLY|O_APPEND by the caller, who keeps
         its own fd. The monitor appends `PID STATUS` lines to it for as long as it lives.
         """
-        st = os.stat(cwd)
-        if st.st_uid != identity.uid:
-            raise PermissionError(errno.EACCES, f"working directory {cwd} is not owned by {identity.user}")
+        check_workdir(cwd, identity)
         program = monitor_program()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -201,21 +198,20 @@ class Monitor:
                 "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
                 "--", shell, "-c", command,
             ]
-            with SPAWN_LOCK:  # until the pidfd is ours, the reaper must not take the monitor for an orphan
-                popen = subprocess.Popen(
-                    argv,
-                    executable=program,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    cwd="/",  # the monitor pins no directory; the task's is entered by the monitor
-                    env=dict(env),  # the monitor passes it on to the task unchanged
-                    close_fds=True,
-                    pass_fds=(theirs.fileno(), exit_fd),
-                    restore_signals=True,
-                )
-                watch = ProcessWatch.open(popen.pid)
-            popen.returncode = 0  # reaped through its pidfd, never by subprocess
+            # As root: the monitor switches to the user for the task. No process group from
+            # us: it leaves our session and group itself (setsid). Our umask: it creates no
+            # file, and sets the task's.
+            watch = spawn(
+                argv,
+                identity=None,
+                cwd="/",  # the monitor pins no directory; the task's is entered by the monitor
+                env=env,  # the monitor passes it on to the task unchanged
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                process_group=False,
+                pass_fds=(theirs.fileno(), exit_fd),
+            )
         except BaseException:
             ours.close()
             raise
