@@ -245,10 +245,6 @@ class Monitor:
     # ---- watching -----------------------------------------------------------------------
 
     @property
-    def released(self) -> bool:
-        return self._released
-
-    @property
     def holding(self) -> bool:
         """True while the monitor keeps its exited children as zombies (ctl open, not released)."""
         return self._ctl is not None

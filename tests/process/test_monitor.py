@@ -48,6 +48,18 @@ def our_children() -> set[int]:
     return set(children(os.getpid()))  # worker threads come and go: children() copes
 
 
+def our_pidfds() -> set[int]:
+    """The pidfds this process holds open: what it still watches (or leaked)."""
+    fds = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                fds.add(int(fd))
+        except FileNotFoundError:
+            pass  # the listing's own fd, closed by now
+    return fds
+
+
 async def readable(fd: int, timeout: float) -> None:
     """Until fd polls readable, woken by the event loop; TimeoutError after timeout."""
     loop = asyncio.get_running_loop()
@@ -145,7 +157,7 @@ class Harness:
 
     async def close(self) -> None:
         for monitor in self.monitors:
-            if not monitor.released:
+            if monitor.holding:  # ctl still open: not released yet
                 for proc in list(monitor._procs.values()):
                     proc.kill_group(signal.SIGKILL)
                     proc.send_signal(signal.SIGKILL)
@@ -165,7 +177,7 @@ async def harness(identity, user_dir, new_dir):
     finally:
         await h.close()
     assert our_children() == before  # every monitor reaped (with status 0: nothing below it left)
-    assert all(monitor.released for monitor in h.monitors)
+    assert not any(monitor.holding for monitor in h.monitors)  # every ctl closed: all released
 
 
 # ---- the task: who, where, with what ----------------------------------------------------
@@ -391,6 +403,7 @@ async def test_bad_arguments_are_refused(identity, new_dir):
 
 
 async def test_the_task_stays_a_zombie_until_release(harness):
+    pidfds = our_pidfds()
     monitor = await harness.spawn("exit 7")
     task = monitor.task
     started = start_time(task.pid)
@@ -409,7 +422,7 @@ async def test_the_task_stays_a_zombie_until_release(harness):
     task.reap()
     task.reap()  # idempotent
     assert task.status == 7
-    assert harness.reaper.released == []
+    assert our_pidfds() == pidfds  # nothing watched any more: the task released, the monitor reaped
 
 
 async def test_signals_reach_the_task_through_its_pidfd(harness):
@@ -613,6 +626,17 @@ PRELUDE = textwrap.dedent("""
         return Monitor.spawn(command, identity=identity, cwd=args["cwd"], env={"PATH": "/usr/bin:/bin"},
                              exit_fd=exit_file(), **kwargs)
 
+    def pidfds():  # the pids our open pidfds name (fdinfo's Pid:; -1 once reaped): what we still watch
+        pids = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                    with open(f"/proc/self/fdinfo/{fd}") as f:
+                        pids += [int(line.split()[1]) for line in f if line.startswith("Pid:")]
+            except FileNotFoundError:
+                pass  # the listing's own fd, closed by now
+        return sorted(pids)
+
     def state(pid):
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -741,7 +765,7 @@ def test_a_monitor_killed_hands_its_processes_to_the_daemon(run_script):
                 monitor.release(reaper)
             reaper.sweep()  # the ended task's zombie came to us too: the daemon sweeps at each step's release
             print(json.dumps({"me": os.getpid(), "parents": parents, "signalled": signalled, "statuses": statuses,
-                              "known": known, "ended": ended.task.status, "released": reaper.released,
+                              "known": known, "ended": ended.task.status, "watched": pidfds(),
                               "left": children(os.getpid())}))
         uvloop.run(main())
     """)
@@ -750,7 +774,7 @@ def test_a_monitor_killed_hands_its_processes_to_the_daemon(run_script):
     assert out["statuses"] == [128 + signal.SIGTERM] * 2
     assert out["known"] == [True, True]
     assert out["ended"] == 6
-    assert out["released"] == []  # the dead monitors were reaped when their loss was noticed
+    assert out["watched"] == []  # the dead monitors were reaped when their loss was noticed, not handed to the reaper
     assert out["left"] == []
 
 

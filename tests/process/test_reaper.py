@@ -24,6 +24,17 @@ PRELUDE = textwrap.dedent("""
         p.returncode = 0
         return w
 
+    def watched():  # the pids our open pidfds name (fdinfo's Pid:; -1 once reaped): what we watch
+        pids = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                    with open(f"/proc/self/fdinfo/{fd}") as f:
+                        pids += [int(line.split()[1]) for line in f if line.startswith("Pid:")]
+            except FileNotFoundError:
+                pass  # the listing's own fd, closed by now
+        return sorted(pids)
+
     def zombies():
         out = []
         for pid in children(os.getpid()):
@@ -61,15 +72,18 @@ def test_orphans_become_ours_and_are_reaped_dead_or_alive():
                     break
             before = {"children": len(children(os.getpid())), "zombies": len(zombies())}
             reaper.sweep()
-            after_sweep = {"zombies": len(zombies()), "watched": len(reaper.orphans)}
+            after_sweep = {"zombies": len(zombies()), "watched": watched(), "children": children(os.getpid())}
             os.write(w, b"x\\n")  # let the live one end; the reaper reaps it when it does
             await asyncio.wait_for(asyncio.gather(*reaper._tasks), 10)
             print(json.dumps({"before": before, "after_sweep": after_sweep,
-                              "end": {"children": children(os.getpid()), "watched": reaper.orphans}}))
+                              "end": {"children": children(os.getpid()), "watched": watched()}}))
         uvloop.run(main())
     """)
     assert out["before"] == {"children": 2, "zombies": 1}
-    assert out["after_sweep"] == {"zombies": 0, "watched": 1}
+    # The live orphan, and only it, is watched (by pidfd) and still our child.
+    assert out["after_sweep"]["zombies"] == 0
+    assert len(out["after_sweep"]["watched"]) == 1
+    assert out["after_sweep"]["watched"] == out["after_sweep"]["children"]
     assert out["end"] == {"children": [], "watched": []}
 
 
@@ -85,13 +99,17 @@ def test_sweep_leaves_claimed_children_alone_and_reaps_orphans_when_they_end():
             await shell.wait()
             shell.reap()
             reaper.sweep()
-            watched = reaper.orphans
+            orphans = [pid for pid in children(os.getpid()) if pid != ours.pid]
+            watched_orphans = [pid for pid in watched() if pid != ours.pid]
             os.write(w, b"x\\n")
             await asyncio.wait_for(asyncio.gather(*reaper._tasks), 10)
             ours_status = ours.status
             ours.reap()
-            print(json.dumps({"ours": ours_status, "watched_after_sweep": len(watched), "left": children(os.getpid()),
-                              "claimed": sorted(CLAIMED), "watched": reaper.orphans}))
+            print(json.dumps({"ours": ours_status, "orphans": orphans, "watched_after_sweep": watched_orphans,
+                              "left": children(os.getpid()), "claimed": sorted(CLAIMED), "watched": watched()}))
         uvloop.run(main())
     """)
-    assert out == {"ours": 3, "watched_after_sweep": 1, "left": [], "claimed": [], "watched": []}
+    assert len(out["orphans"]) == 1
+    assert out["watched_after_sweep"] == out["orphans"]  # the orphan, by pidfd, besides our own watch
+    assert out == {"ours": 3, "orphans": out["orphans"], "watched_after_sweep": out["orphans"], "left": [],
+                   "claimed": [], "watched": []}
