@@ -5,6 +5,7 @@ fresh Python process."""
 
 from __future__ import annotations
 
+import ast
 import errno
 import fcntl
 import json
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +172,45 @@ def test_an_empty_sealed_memfd():
             os.write(fd, b"x")
     finally:
         os.close(fd)
+
+
+# ---- the rule: only nodestepd/process/ touches the kernel directly ---------------------------
+
+PACKAGE = Path(kernel.__file__).resolve().parent.parent
+KERNEL_MODULES = {"ctypes", "fcntl"}
+KERNEL_NAMES = {"pidfd_open", "pidfd_send_signal", "prctl", "SO_PEERCRED"}
+
+
+def kernel_uses(path: Path) -> list[str]:
+    """Where a module imports ctypes or fcntl, or names a raw kernel call (code only: words in
+    docstrings and comments do not count)."""
+    uses = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [(node.module or "").split(".")[0]] + [alias.name for alias in node.names]
+        elif isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.Name):
+            names = [node.id]
+        uses += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {name}" for name in names
+                 if name in KERNEL_MODULES | KERNEL_NAMES]
+    return uses
+
+
+def test_only_the_process_package_touches_the_kernel():
+    outside = [p for p in PACKAGE.rglob("*.py") if PACKAGE / "process" not in p.parents]
+    assert len(outside) > 20  # the scan really looks at the package
+    assert [use for path in sorted(outside) for use in kernel_uses(path)] == []
+
+
+def test_one_ctypes_loader_serves_every_prctl():
+    found: dict[str, list[str]] = {"CDLL": [], "LoadLibrary": [], "prctl": []}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in found:
+                found[node.attr].append(str(path.relative_to(PACKAGE)))
+    assert found["CDLL"] + found["LoadLibrary"] == ["process/kernel.py"]
+    assert found["prctl"] and set(found["prctl"]) == {"process/kernel.py"}
