@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import json
 import os
 import select
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import proc_state
+from conftest import pidfd_pids, proc_state
 from nodestepd.process import monitor as monitor_module
 from nodestepd.process.monitor import (
     Monitor,
@@ -46,18 +47,6 @@ PATH_ENV = {"PATH": "/usr/bin:/bin"}
 
 def our_children() -> set[int]:
     return set(children(os.getpid()))  # worker threads come and go: children() copes
-
-
-def our_pidfds() -> set[int]:
-    """The pidfds this process holds open: what it still watches (or leaked)."""
-    fds = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
-                fds.add(int(fd))
-        except FileNotFoundError:
-            pass  # the listing's own fd, closed by now
-    return fds
 
 
 async def readable(fd: int, timeout: float) -> None:
@@ -403,7 +392,7 @@ async def test_bad_arguments_are_refused(identity, new_dir):
 
 
 async def test_the_task_stays_a_zombie_until_release(harness):
-    pidfds = our_pidfds()
+    watched = pidfd_pids()
     monitor = await harness.spawn("exit 7")
     task = monitor.task
     started = start_time(task.pid)
@@ -422,7 +411,7 @@ async def test_the_task_stays_a_zombie_until_release(harness):
     task.reap()
     task.reap()  # idempotent
     assert task.status == 7
-    assert our_pidfds() == pidfds  # nothing watched any more: the task released, the monitor reaped
+    assert pidfd_pids() == watched  # nothing watched any more: the task released, the monitor reaped
 
 
 async def test_signals_reach_the_task_through_its_pidfd(harness):
@@ -626,17 +615,6 @@ PRELUDE = textwrap.dedent("""
         return Monitor.spawn(command, identity=identity, cwd=args["cwd"], env={"PATH": "/usr/bin:/bin"},
                              exit_fd=exit_file(), **kwargs)
 
-    def pidfds():  # the pids our open pidfds name (fdinfo's Pid:; -1 once reaped): what we still watch
-        pids = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
-                    with open(f"/proc/self/fdinfo/{fd}") as f:
-                        pids += [int(line.split()[1]) for line in f if line.startswith("Pid:")]
-            except FileNotFoundError:
-                pass  # the listing's own fd, closed by now
-        return sorted(pids)
-
     def state(pid):
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -654,7 +632,7 @@ PRELUDE = textwrap.dedent("""
         finally:
             loop.remove_reader(fd)
             os.close(fd)
-""")
+""") + inspect.getsource(pidfd_pids)
 
 
 @pytest.fixture
@@ -765,7 +743,7 @@ def test_a_monitor_killed_hands_its_processes_to_the_daemon(run_script):
                 monitor.release(reaper)
             reaper.sweep()  # the ended task's zombie came to us too: the daemon sweeps at each step's release
             print(json.dumps({"me": os.getpid(), "parents": parents, "signalled": signalled, "statuses": statuses,
-                              "known": known, "ended": ended.task.status, "watched": pidfds(),
+                              "known": known, "ended": ended.task.status, "watched": pidfd_pids(),
                               "left": children(os.getpid())}))
         uvloop.run(main())
     """)

@@ -5,10 +5,13 @@ and pytest's own process should not adopt other tests' orphans."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
 import textwrap
+
+from conftest import pidfd_pids
 
 PRELUDE = textwrap.dedent("""
     import asyncio, json, os, subprocess, sys
@@ -24,17 +27,6 @@ PRELUDE = textwrap.dedent("""
         p.returncode = 0
         return w
 
-    def watched():  # the pids our open pidfds name (fdinfo's Pid:; -1 once reaped): what we watch
-        pids = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
-                    with open(f"/proc/self/fdinfo/{fd}") as f:
-                        pids += [int(line.split()[1]) for line in f if line.startswith("Pid:")]
-            except FileNotFoundError:
-                pass  # the listing's own fd, closed by now
-        return sorted(pids)
-
     def zombies():
         out = []
         for pid in children(os.getpid()):
@@ -45,7 +37,7 @@ PRELUDE = textwrap.dedent("""
             except FileNotFoundError:
                 pass
         return out
-""")
+""") + inspect.getsource(pidfd_pids)
 
 
 def run_script(body: str) -> dict:
@@ -72,11 +64,11 @@ def test_orphans_become_ours_and_are_reaped_dead_or_alive():
                     break
             before = {"children": len(children(os.getpid())), "zombies": len(zombies())}
             reaper.sweep()
-            after_sweep = {"zombies": len(zombies()), "watched": watched(), "children": children(os.getpid())}
+            after_sweep = {"zombies": len(zombies()), "watched": pidfd_pids(), "children": children(os.getpid())}
             os.write(w, b"x\\n")  # let the live one end; the reaper reaps it when it does
             await asyncio.wait_for(asyncio.gather(*reaper._tasks), 10)
             print(json.dumps({"before": before, "after_sweep": after_sweep,
-                              "end": {"children": children(os.getpid()), "watched": watched()}}))
+                              "end": {"children": children(os.getpid()), "watched": pidfd_pids()}}))
         uvloop.run(main())
     """)
     assert out["before"] == {"children": 2, "zombies": 1}
@@ -100,13 +92,13 @@ def test_sweep_leaves_claimed_children_alone_and_reaps_orphans_when_they_end():
             shell.reap()
             reaper.sweep()
             orphans = [pid for pid in children(os.getpid()) if pid != ours.pid]
-            watched_orphans = [pid for pid in watched() if pid != ours.pid]
+            watched_orphans = [pid for pid in pidfd_pids() if pid != ours.pid]
             os.write(w, b"x\\n")
             await asyncio.wait_for(asyncio.gather(*reaper._tasks), 10)
             ours_status = ours.status
             ours.reap()
             print(json.dumps({"ours": ours_status, "orphans": orphans, "watched_after_sweep": watched_orphans,
-                              "left": children(os.getpid()), "claimed": sorted(CLAIMED), "watched": watched()}))
+                              "left": children(os.getpid()), "claimed": sorted(CLAIMED), "watched": pidfd_pids()}))
         uvloop.run(main())
     """)
     assert len(out["orphans"]) == 1
