@@ -10,11 +10,12 @@ leads, stay reserved) until `reap()`: nothing that runs after the exit, RunTimeK
 `%p` or a final SIGKILL to the group, can hit a recycled pid. While a process runs the
 watch costs one reader on the loop and no timer: the pidfd wakes us when it ends.
 
-A process that is not our child (one a runtime named, adopted) is watched the same
-way: its pidfd becomes readable when it exits, and the kernel hands its exit status to
-any pidfd holder once its parent has reaped it. That reap comes a moment after the exit,
-so for a non-child only, a few timers look for the status over the next second and a
-half (_EXIT_INFO_DELAYS) before it is reported as unknown.
+A process that is not our child (a task's process whose parent is its monitor, after a
+daemon restart or once the monitor is released) is watched the same way: its pidfd
+becomes readable when it exits, and the kernel hands its exit status to any pidfd holder
+once its parent has reaped it. That reap comes a moment after the exit, so for a
+non-child only, a few timers look for the status over the next 1.3 s (_EXIT_INFO_DELAYS)
+before it is reported as unknown.
 
 ExitWatch is what a step needs of whatever tells it that a task ended: ProcessWatch
 here, monitor.MonitoredProcess (a task under its nodestepd-monitor), and the step's own
@@ -250,7 +251,8 @@ class ProcessWatch(ExitWatch):
 
     @classmethod
     def adopt(cls, pid: int, uid: int, start: int | None = None) -> "ProcessWatch":
-        """Watch a process a runtime named (a container's init), checking it is the one it should be.
+        """Watch a process we did not start (a task's, named by its record after a restart),
+        checking it is the one it should be.
 
         The pid is pinned by the pidfd first; then /proc must show it running as `uid` (a
         recycled pid would belong to someone else) and, given `start` (a start time
