@@ -284,5 +284,20 @@ def proc_state(pid: int) -> str | None:
         return None
 
 
+def pidfd_pids() -> list[int]:
+    """The pids named by the pidfds this process holds (fdinfo's Pid:, -1 for one already
+    reaped), sorted: what it still watches. Self-contained (os only), so that scripts run in
+    a fresh interpreter can take its source (inspect.getsource)."""
+    pids = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    pids += [int(line.split()[1]) for line in f if line.startswith("Pid:")]
+        except FileNotFoundError:
+            pass  # the listing's own fd, closed by now
+    return sorted(pids)
+
+
 def spool_entries(daemon: Daemon) -> list[str]:
     return sorted(os.listdir(daemon.spool_dir)) if daemon.spool_dir.exists() else []

@@ -30,7 +30,7 @@ from nodestepd.step import env as stepenv
 from nodestepd.config.settings import ConfigError, DaemonConfig, load_config
 from nodestepd.config.ociconf import OciConf, OciConfError, load_oci_conf
 from nodestepd.config.patterns import PatternContext, expand
-from nodestepd.process.spawn import SHELL
+from nodestepd.process.spawn import SHELL, spawn
 from nodestepd.process.identity import Identity
 from nodestepd.step.runtime import RuntimeNotFound, find_program, shell_warnings
 
@@ -89,29 +89,28 @@ class Outcome:
 
 def run_as(identity: Identity, argv: Sequence[str], *, env: Mapping[str, str], cwd: str, timeout: float) -> Outcome:
     """Run argv as the user (switching only when we are root) in its own process group."""
-    switch = {}
+    as_user = None
     if os.geteuid() == 0:
         if identity.uid == 0:
             raise ValueError("doctor never runs runtime commands as root")
-        switch = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
+        as_user = identity
     # A file, not a pipe: a runtime's container may keep the output open after the runtime exits.
     with tempfile.TemporaryFile() as out:
         try:
-            proc = subprocess.Popen(
-                list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=cwd, env=dict(env),
-                process_group=0, close_fds=True, **switch,
-            )
+            watch = spawn(list(argv), identity=as_user, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                          stdout=out.fileno(), stderr=out.fileno(), process_group=True)
         except OSError as e:
             return Outcome(-1, f"cannot start {argv[0]}: {e.strerror or e}")
-        try:
-            status = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        status = watch.wait_blocking(timeout)
+        if status is None:
+            watch.kill_group(signal.SIGKILL)
+            watch.wait_blocking(None)
+            watch.reap()
             return Outcome(-1, f"timed out after {timeout:g} s; killed")
+        watch.reap()
         out.seek(0)
         text = out.read(MAX_OUTPUT).decode("utf-8", "replace").strip()
-    return Outcome(128 - status if status < 0 else status, text)
+    return Outcome(status, text)
 
 
 def run_shell_as(identity: Identity, command: str, *, env: Mapping[str, str], cwd: str, timeout: float) -> Outcome:

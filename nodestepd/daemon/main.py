@@ -37,7 +37,7 @@ from nodestepd.daemon.service import Service
 from nodestepd.daemon.session import DaemonState
 from nodestepd.logs import configure_logging, get_logger, resolve_log_format
 from nodestepd.process import kernel
-from nodestepd.process.reaper import Reaper, become_subreaper
+from nodestepd.process.reaper import Reaper
 from nodestepd.step.record import RecordStore
 from nodestepd.systemd import journal
 from nodestepd.systemd.activation import ActivationError
@@ -45,6 +45,8 @@ from nodestepd.systemd.journal import JournalSender
 from nodestepd.systemd.notify import Notifier, WatchdogSettingError, watchdog_interval
 
 EX_CONFIG = 78  # sysexits: configuration error (systemd shows it by name)
+# fds the daemon needs besides one per connection: steps' pidfds, spool dir fds, logs.
+FD_HEADROOM = 4096
 
 _DEFAULTS = DaemonConfig()
 
@@ -179,7 +181,7 @@ def _start(config: DaemonConfig, oci: OciConf) -> tuple[Configuration, Listener,
     store = RecordStore(config.state_dir)
     # Whatever gets orphaned below us (task monitors released, children of a monitor that
     # died) becomes our child, for us to reap (process/reaper.py).
-    become_subreaper()
+    kernel.become_subreaper()
     listener: Listener = passed if passed is not None else BoundListener(config.socket)
     log.info("listening", socket=listener.path, oci_conf=oci.path, mode=oci.mode, version=__version__,
              activated=listener.passed)
@@ -189,7 +191,7 @@ def _start(config: DaemonConfig, oci: OciConf) -> tuple[Configuration, Listener,
 def _secure_process(configuration: Configuration) -> None:
     """Security checks and settings before serving anyone (docs/security.md)."""
     c = configuration.config
-    soft, hard = kernel.raise_fd_limit(c.max_connections)
+    soft, hard = kernel.raise_fd_limit(c.max_connections + FD_HEADROOM)
     if soft < c.max_connections + 64:
         get_logger().warning("RLIMIT_NOFILE is too low for max_connections", soft=soft, hard=hard,
                              max_connections=c.max_connections)

@@ -18,14 +18,15 @@ from __future__ import annotations
 import array
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from nodestepd.process.spawn import RUNTIME_UMASK
 from nodestepd.process.identity import Identity
+from nodestepd.process.spawn import RUNTIME_UMASK, spawn
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
@@ -52,39 +53,37 @@ def open_as(identity: Identity, reads: list[str], writes: list[str], *, timeout:
         argv = [sys.executable, "-I", "-m", "nodestepd.process.asuser"]
         argv += [a for path in reads for a in ("--read", path)]
         argv += [a for path in writes for a in ("--write", path)]
-        with theirs:
-            proc = subprocess.Popen(
+        with theirs:  # the helper holds its end alone: its exit is our end-of-file
+            helper = spawn(
                 argv + ["--channel", str(theirs.fileno())],
+                identity=identity,
+                cwd="/",
+                env={"LANG": "C.UTF-8"},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                cwd="/",
-                env={"LANG": "C.UTF-8"},
-                user=identity.uid,
-                group=identity.gid,
-                extra_groups=list(identity.groups),
-                umask=RUNTIME_UMASK,
+                process_group=False,  # it starts nothing: signalling it alone is enough
                 pass_fds=(theirs.fileno(),),
-                close_fds=True,
+                umask=RUNTIME_UMASK,
             )
         try:
             ours.settimeout(timeout)
             data, fds = _receive_all(ours)
         except TimeoutError:
-            proc.kill()
+            helper.send_signal(signal.SIGKILL)
             raise OSError(f"opening files as {identity.user} timed out after {timeout:g} s") from None
         finally:
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            status = helper.wait_blocking(timeout)
+            if status is None:
+                helper.send_signal(signal.SIGKILL)
+                status = helper.wait_blocking(None)
+            helper.reap()
     finally:
         ours.close()
     try:
         outcomes = json.loads(data) if data else None
         if not isinstance(outcomes, list) or len(outcomes) != len(reads) + len(writes):
-            raise OSError(f"the helper opening files as {identity.user} failed (exit status {proc.returncode})")
+            raise OSError(f"the helper opening files as {identity.user} failed (exit status {status})")
         results, used = [], 0
         for path, outcome in zip(reads + writes, outcomes):
             if outcome is None:

@@ -1,67 +1,117 @@
-"""Process-wide privilege settings of the daemon that every process it starts inherits.
+"""The daemon's own dealings with the kernel: prctl, peer credentials, the fd limit, sealed memfds.
+
+What concerns one process the daemon watches (its pidfd) is in watch.py; this module
+holds the calls about the daemon itself and its sockets and files.
 
 PR_SET_NO_NEW_PRIVS is set on the daemon itself, not in each child: it is inherited
 across fork and execve and can never be unset, and setting it in the child would need a
 preexec_fn, which is unsafe in a threaded program (the daemon spawns from worker
 threads). Root keeps its own privileges under it; it only stops execve from granting
 new ones (setuid bits, file capabilities) to the user processes we start.
+
+PR_SET_CHILD_SUBREAPER makes the daemon the parent of whatever gets orphaned below it
+(reaper.py says what that is and who reaps it).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import enum
+import fcntl
 import os
 import resource
 import socket
 import struct
+from typing import NamedTuple
 
-PR_SET_NO_NEW_PRIVS = 38
-PR_GET_NO_NEW_PRIVS = 39
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+class _Prctl(enum.IntEnum):
+    """The prctl(2) options used here (linux/prctl.h)."""
+
+    PR_SET_CHILD_SUBREAPER = 36
+    PR_SET_NO_NEW_PRIVS = 38
+    PR_GET_NO_NEW_PRIVS = 39
+
+
+# The one ctypes handle: Python has no prctl. dlopen(NULL) is the interpreter's own
+# symbol table, which holds the C library it is linked against; nothing is searched for.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
 
 
-def _prctl(option: int, arg: int = 0) -> int:
+def _prctl(option: _Prctl, arg: int = 0) -> int:
     result = _libc.prctl(option, arg, 0, 0, 0)
     if result < 0:
         errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
+        raise OSError(errno, f"prctl({option.name}): {os.strerror(errno)}")
     return result
 
 
 def no_new_privs() -> bool:
-    return _prctl(PR_GET_NO_NEW_PRIVS) == 1
+    return _prctl(_Prctl.PR_GET_NO_NEW_PRIVS) == 1
 
 
 def set_no_new_privs() -> None:
     """Irreversible for this process and everything it starts from now on."""
-    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _prctl(_Prctl.PR_SET_NO_NEW_PRIVS, 1)
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of a Unix socket's peer, from the kernel (SO_PEERCRED)."""
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid, uid, gid
+def become_subreaper() -> None:
+    """Orphans of our descendants become our children instead of PID 1's, for the life of the process."""
+    _prctl(_Prctl.PR_SET_CHILD_SUBREAPER, 1)
 
 
-# fds the daemon needs besides one per connection: steps' pidfds, spool dir fds, logs.
-FD_HEADROOM = 4096
+class Credentials(NamedTuple):
+    pid: int
+    uid: int
+    gid: int
 
 
-def raise_fd_limit(max_connections: int) -> tuple[int, int]:
-    """Raise RLIMIT_NOFILE's soft limit to what max_connections needs (at most the hard limit).
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-    Only as far as needed: runtimes inherit the soft limit, and some programs slow down
-    with a huge one. Returns the (soft, hard) limits now in force.
+
+def peer_credentials(sock: socket.socket) -> Credentials:
+    """Who is at the other end of a connected AF_UNIX socket, as the kernel saw it (SO_PEERCRED).
+
+    The ids are the peer's when it connected (or created the socketpair): nothing the
+    peer sends can change them, which is why they are the only identity the daemon trusts.
+    """
+    return Credentials(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
+
+
+def raise_fd_limit(wanted: int) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to `wanted` (at most the hard limit); never lower it.
+
+    Only as far as asked: the processes we start inherit the soft limit, and some
+    programs slow down with a huge one. Returns the (soft, hard) limits now in force.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = max_connections + FD_HEADROOM
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         soft = wanted
     return soft, hard
+
+
+_ALL_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+def sealed_memfd(name: str, data: bytes) -> int:
+    """A close-on-exec memfd holding `data`, sealed so that nobody can change it any more.
+
+    For handing data to another process by fd (journald reads a record too large for a
+    datagram this way): with every seal set (no shrinking, growing or writing, and no
+    seal removed) the reader can trust what it maps or reads. The caller owns the fd.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _ALL_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

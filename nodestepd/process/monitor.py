@@ -8,17 +8,17 @@ writes every child's exit status to the task's exit file, then tells us on ctl, 
 status is never lost while the daemon is down. docs/monitor.md has the protocol.
 
 Here:
-- `Monitor.spawn` starts a monitor (blocking: call it in a worker thread, like
-  spawn_shell) and returns once the task runs, or raises OSError as spawn_shell does.
+- `Monitor.spawn` starts a monitor (through spawn.spawn, blocking: call it in a worker
+  thread) and returns once the task runs, or raises OSError as spawn_shell does.
 - `MonitoredProcess` is a process the monitor reports on (the task, or one `adopt`ed):
-  the same interface as ProcessWatch (wait, poll, status, send_signal, kill_group, reap).
+  an ExitWatch, like ProcessWatch (wait, poll, status, send_signal, kill_group, reap).
   Its exit status comes from the monitor's `exit` record, read on the event loop.
 - `Monitor.release` lets go: the monitor reaps its zombies and exits when its last
   child has; the daemon's Reaper reaps the monitor itself.
 - If the monitor dies unexpectedly, each process still waiting is watched through its
   own pidfd (ProcessWatch: our child by then, as the daemon is a subreaper, or the
   kernel's PIDFD_INFO_EXIT); a status nobody can know is reported as unknown.
-- `read_exit_file` is for recovery after a daemon restart (through steprecord.RecordStore).
+- `read_exit_file` is for recovery after a daemon restart (through step/record.py's RecordStore).
 """
 
 from __future__ import annotations
@@ -29,22 +29,12 @@ import os
 import signal
 import socket
 import stat
-import subprocess
 from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 from nodestepd.logs import get_logger
-from nodestepd.process.spawn import SHELL
 from nodestepd.process.identity import Identity
-from nodestepd.process.watch import (
-    CLAIMED,
-    SPAWN_LOCK,
-    ExitWatch,
-    NotWatchable,
-    ProcessWatch,
-    _pidfd_readable,
-    exit_status,
-    proc_ids,
-)
+from nodestepd.process.spawn import SHELL, check_workdir, spawn
+from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, proc_ids
 
 if TYPE_CHECKING:
     from nodestepd.process.reaper import Reaper
@@ -157,7 +147,7 @@ class Monitor:
     Created in a worker thread by spawn(); used on the event loop from then on.
     """
 
-    def __init__(self, watch: ProcessWatch, ctl: socket.socket, task_pid: int, task_pidfd: int) -> None:
+    def __init__(self, watch: ProcessWatch, ctl: socket.socket, task: Pidfd) -> None:
         self.pid = watch.pid
         self._watch: ProcessWatch | None = watch  # the monitor itself, our child; None once handed on or reaped
         self._ctl: socket.socket | None = ctl  # None once released, or the monitor closed it
@@ -166,7 +156,7 @@ class Monitor:
         self._lost: asyncio.Task[None] | None = None  # the monitor died: resolving what still waits
         self._records: dict[int, int] = {}  # every `exit` record so far, pid -> status
         self._procs: dict[int, MonitoredProcess] = {}
-        self.task = self._track(task_pid, task_pidfd)
+        self.task = self._track(task)
 
     # ---- starting -------------------------------------------------------------------
 
@@ -187,10 +177,10 @@ class Monitor:
         """Start `shell -c command` as the user under a new monitor; return once it runs.
 
         Blocking (a fork and two execs): call it in a worker thread. The same rules as
-        runtime.spawn_shell: cwd must be a directory the user owns (PermissionError if
-        not), entered as root through a pinned path (/proc/PID/fd/N); the task gets
-        stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own process
-        group, umask 022, the user's uid, gid and groups and no other fd. When it cannot
+        spawn.spawn_shell: cwd must pass spawn.check_workdir (PermissionError if not), and
+        the monitor enters it as root (the daemon hands in a pinned path, /proc/PID/fd/N);
+        the task gets stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own
+        process group, umask 022, the user's uid, gid and groups and no other fd. When it cannot
         start, raises OSError with the errno of the step that failed (FileNotFoundError
         for a missing shell, PermissionError for a directory the user cannot enter), and
         nothing is left behind.
@@ -198,9 +188,7 @@ class Monitor:
         exit_fd: the task's exit file, opened O_WRONLY|O_APPEND by the caller, who keeps
         its own fd. The monitor appends `PID STATUS` lines to it for as long as it lives.
         """
-        st = os.stat(cwd)
-        if st.st_uid != identity.uid:
-            raise PermissionError(errno.EACCES, f"working directory {cwd} is not owned by {identity.user}")
+        check_workdir(cwd, identity)
         program = monitor_program()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -210,21 +198,20 @@ class Monitor:
                 "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
                 "--", shell, "-c", command,
             ]
-            with SPAWN_LOCK:  # until the pidfd is ours, the reaper must not take the monitor for an orphan
-                popen = subprocess.Popen(
-                    argv,
-                    executable=program,
-                    stdin=stdin,
-                    stdout=stdout,
-                    stderr=stderr,
-                    cwd="/",  # the monitor pins no directory; the task's is entered by the monitor
-                    env=dict(env),  # the monitor passes it on to the task unchanged
-                    close_fds=True,
-                    pass_fds=(theirs.fileno(), exit_fd),
-                    restore_signals=True,
-                )
-                watch = ProcessWatch.open(popen.pid)
-            popen.returncode = 0  # reaped through its pidfd, never by subprocess
+            # As root: the monitor switches to the user for the task. No process group from
+            # us: it leaves our session and group itself (setsid). Our umask: it creates no
+            # file, and sets the task's.
+            watch = spawn(
+                argv,
+                identity=None,
+                cwd="/",  # the monitor pins no directory; the task's is entered by the monitor
+                env=env,  # the monitor passes it on to the task unchanged
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                process_group=False,
+                pass_fds=(theirs.fileno(), exit_fd),
+            )
         except BaseException:
             ours.close()
             raise
@@ -239,9 +226,9 @@ class Monitor:
             if len(words) == 2 and words[0] == b"started" and words[1].isdigit():
                 task_pid = int(words[1])
                 # The monitor keeps the task unreaped until we release it: the pid is the task's.
-                task_pidfd = os.pidfd_open(task_pid)
+                task = Pidfd.open(task_pid)
                 ours.setblocking(False)
-                return cls(watch, ours, task_pid, task_pidfd)
+                return cls(watch, ours, task)
         except BaseException:
             ours.close()
             _kill_and_reap(watch)
@@ -258,10 +245,6 @@ class Monitor:
     # ---- watching -----------------------------------------------------------------------
 
     @property
-    def released(self) -> bool:
-        return self._released
-
-    @property
     def holding(self) -> bool:
         """True while the monitor keeps its exited children as zombies (ctl open, not released)."""
         return self._ctl is not None
@@ -276,7 +259,7 @@ class Monitor:
             raise NotWatchable(f"pid {pid} cannot be watched through the task monitor: it has let go")
         self._drain()
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = Pidfd.open(pid)
         except OSError as e:
             raise NotWatchable(f"pid {pid} cannot be watched: {e.strerror or e}") from None
         try:
@@ -289,18 +272,18 @@ class Monitor:
             if real_uid != uid:
                 raise NotWatchable(f"pid {pid} runs as uid {real_uid}, not {uid}: not the container's process")
         except BaseException:
-            os.close(pidfd)
+            pidfd.close()
             raise
         if pid in self._procs:  # adopted before (or the task itself): one watcher per process
-            os.close(pidfd)
+            pidfd.close()
             return self._procs[pid]
-        return self._track(pid, pidfd)
+        return self._track(pidfd)
 
-    def _track(self, pid: int, pidfd: int) -> "MonitoredProcess":
-        proc = MonitoredProcess(self, pid, pidfd)
-        self._procs[pid] = proc
-        if pid in self._records:
-            proc._set_status(self._records[pid])
+    def _track(self, pidfd: Pidfd) -> "MonitoredProcess":
+        proc = MonitoredProcess(self, pidfd)
+        self._procs[proc.pid] = proc
+        if proc.pid in self._records:
+            proc._set_status(self._records[proc.pid])
         return proc
 
     def _start_reading(self) -> None:
@@ -400,22 +383,30 @@ class Monitor:
 
 
 class MonitoredProcess(ExitWatch):
-    """A process the monitor reports on: ProcessWatch's interface, fed by `exit` records.
+    """An ExitWatch on a process the monitor reports on, fed by its `exit` records.
 
     Created in any thread; waited on in the event loop's. The pid is pinned by a pidfd; its
     process group stays reserved while the monitor holds the zombie (until release).
     """
 
-    def __init__(self, monitor: Monitor, pid: int, pidfd: int) -> None:
-        self.pid = pid
+    def __init__(self, monitor: Monitor, pidfd: Pidfd) -> None:
+        self.pid: int = pidfd.pid
         self.monitor = monitor
-        self._pidfd: int | None = pidfd
+        self._pidfd: Pidfd | None = pidfd  # None once reaped
         self._status: int | None = None
         self.status_known = True  # False only when neither the monitor nor the kernel told us
         self._exited: asyncio.Future[int] | None = None
         # Once the monitor can no longer tell us (released, or died): watched by pidfd instead.
         self._fallback: ProcessWatch | None = None
         self._fallback_task: asyncio.Task[None] | None = None
+
+    @property
+    def status(self) -> int | None:
+        return self._status
+
+    @property
+    def running(self) -> bool:
+        return self._status is None
 
     async def wait(self) -> int:
         if self._status is None and self._fallback is None:
@@ -455,7 +446,7 @@ class MonitoredProcess(ExitWatch):
         # reaper's sweep got to it first: then it is the sweep's to reap, and the kernel
         # gives us its status (PIDFD_INFO_EXIT) once reaped.
         child = ppid == os.getpid() and self.pid not in CLAIMED
-        self._fallback = ProcessWatch(self.pid, os.dup(self._pidfd), child=child)
+        self._fallback = ProcessWatch(self._pidfd.dup(), child=child)
         self._fallback_task = asyncio.get_running_loop().create_task(
             self._await_fallback(self._fallback), name=f"monitored {self.pid}")
 
@@ -468,13 +459,9 @@ class MonitoredProcess(ExitWatch):
 
     def send_signal(self, sig: int) -> bool:
         """Signal the process itself, through its pidfd. False once it has exited."""
-        if self._pidfd is None or self._status is not None or _pidfd_readable(self._pidfd):
+        if self._pidfd is None or self._status is not None or self._pidfd.readable():
             return False
-        try:
-            signal.pidfd_send_signal(self._pidfd, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        return self._pidfd.send_signal(sig)
 
     def kill_group(self, sig: int) -> None:
         """Signal the process group this process leads (its pid).
@@ -486,12 +473,9 @@ class MonitoredProcess(ExitWatch):
         if self._pidfd is None:
             return
         held = self._fallback.child if self._fallback is not None else self.monitor.holding
-        if not held and _pidfd_readable(self._pidfd):
+        if not held and self._pidfd.readable():
             return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        self._pidfd.signal_group(sig)
 
     def reap(self) -> None:
         """Release the pidfd (idempotent). The zombie itself is the monitor's, reaped after
@@ -502,19 +486,16 @@ class MonitoredProcess(ExitWatch):
             self._fallback.reap()  # a child of ours must have exited, as with ProcessWatch
             if self._fallback_task is not None and not self._fallback_task.done():
                 self._fallback_task.cancel()
-        os.close(self._pidfd)
+        self._pidfd.close()
         self._pidfd = None
         self.monitor._forget(self)
-
-    def __del__(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
 
 
 def _kill_and_reap(watch: ProcessWatch, kill: bool = True) -> int:
     """A monitor that failed to start its task: (kill,) wait for and reap it. Blocking."""
     if kill:
         watch.send_signal(signal.SIGKILL)
-    info = os.waitid(os.P_PID, watch.pid, os.WEXITED | os.WNOWAIT)
+    status = watch.wait_blocking(None)
+    assert status is not None  # no deadline: it has exited
     watch.reap()
-    return exit_status(info) if info is not None else 0
+    return status

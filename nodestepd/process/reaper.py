@@ -1,29 +1,34 @@
-"""The daemon as child subreaper: orphans of the runtimes become ours, and we reap them.
+"""What gets orphaned to the daemon: reaped, dead or alive.
 
-A create/start runtime leaves the container's init behind when RunTimeCreate exits.
-As a subreaper (PR_SET_CHILD_SUBREAPER) the daemon inherits it instead of PID 1, so it
-can wait for it through a pidfd and collect its real exit status (see container.py).
+The daemon is a child subreaper (kernel.become_subreaper): a process orphaned below it
+becomes its child instead of PID 1's, which is why the daemon must reap it, or it stays a
+zombie. A task's processes do not come here: the task's monitor (monitor.py,
+docs/monitor.md) is their parent, a subreaper too, and adopts and reaps what its task
+leaves behind, a create/start container's init among them. What reaches the daemon:
 
-Whatever else gets orphaned into the daemon (a process a runtime left running, a
-container init whose runc was killed) must be reaped too, or it stays a zombie. There is
-no SIGCHLD to tell us (uvloop owns it) and waitpid(-1) would steal the statuses that
-ProcessWatch owns, so `sweep()` looks at our children in /proc, skips the ones a
-ProcessWatch has claimed, reaps the dead ones and watches the live ones through a pidfd
-until they end. Steps call it when they release their processes, which is when their
-leftovers appear. `reap_later` takes over a child its owner lets go of while it still
-runs: a task monitor after release (monitor.py), which exits once its task has.
+- the orphans of its own short commands (RunTimeQuery, RunTimeStart, RunTimeKill,
+  RunTimeDelete, run by spawn.run_helper as its children): a process a runtime left
+  running in the background;
+- the children of a monitor that died (killed, or a bug): they are handed to us, and
+  monitor.py watches those it knows of through their pidfds; any other is an orphan here;
+- the monitors themselves once released (`reap_later`): each exits when its last child
+  has, and is reaped then.
+
+There is no SIGCHLD to tell us (uvloop owns it) and waitpid(-1) would steal the statuses
+that ProcessWatch owns, so `sweep()` looks at our children in /proc, skips the ones a
+ProcessWatch has claimed (CLAIMED, which its own orphan watches join), reaps the dead ones
+and watches the live ones through a pidfd until they end. Steps call it when they release
+their processes, which is when their leftovers appear.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
+from collections.abc import Coroutine
 
 from nodestepd.logs import get_logger
 from nodestepd.process.watch import CLAIMED, SPAWN_LOCK, ProcessWatch, children
-
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 def _log():
@@ -31,30 +36,21 @@ def _log():
     return get_logger()
 
 
-def become_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
-
-
 class Reaper:
-    """Owns the orphans: the daemon's children that no ProcessWatch claimed."""
+    """Owns the orphans: the daemon's children that no ProcessWatch claimed.
+
+    Each one it watches is owned by an asyncio task of its own, which reaps it when it
+    ends; _tasks keeps those tasks referenced until then.
+    """
 
     def __init__(self) -> None:
-        self._orphans: dict[int, ProcessWatch] = {}
-        self._released: dict[int, ProcessWatch] = {}  # children let go of by their owner (task monitors)
         self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def orphans(self) -> list[int]:
-        return sorted(self._orphans)
 
     def sweep(self) -> None:
         """Reap dead orphans and watch live ones. Call on the event loop."""
         with SPAWN_LOCK:
             for pid in children(os.getpid()):
-                if pid in CLAIMED or pid in self._orphans:
+                if pid in CLAIMED:  # a ProcessWatch's, this reaper's own among them
                     continue
                 try:
                     watch = ProcessWatch.open(pid)
@@ -65,35 +61,27 @@ class Reaper:
                     watch.reap()
                     _log().info("reaped an orphaned process", pid=pid, status=status)
                     continue
-                self._orphans[pid] = watch
-                task = asyncio.create_task(self._reap(watch), name=f"orphan {pid}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._run(self._reap_orphan(watch), f"orphan {pid}")
 
     def reap_later(self, watch: ProcessWatch, what: str) -> None:
         """Take over a child its owner has let go of (a task monitor after release) and reap
         it when it exits, without blocking anyone. Call on the event loop."""
-        self._released[watch.pid] = watch
-        task = asyncio.create_task(self._reap_released(watch, what), name=f"{what} {watch.pid}")
+        self._run(self._reap_released(watch, what), f"{what} {watch.pid}")
+
+    def _run(self, coroutine: Coroutine[object, object, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    @property
-    def released(self) -> list[int]:
-        return sorted(self._released)
-
     async def _reap_released(self, watch: ProcessWatch, what: str) -> None:
         status = await watch.wait()
-        del self._released[watch.pid]
         watch.reap()
         if status == 0:
             _log().debug(f"reaped a {what}", pid=watch.pid)
         else:
             _log().warning(f"a {what} ended with a failure", pid=watch.pid, status=status)
 
-    async def _reap(self, watch: ProcessWatch) -> None:
+    async def _reap_orphan(self, watch: ProcessWatch) -> None:
         status = await watch.wait()
-        if self._orphans.get(watch.pid) is watch:
-            del self._orphans[watch.pid]
-            watch.reap()
-            _log().info("reaped an orphaned process", pid=watch.pid, status=status)
+        watch.reap()
+        _log().info("reaped an orphaned process", pid=watch.pid, status=status)

@@ -1,9 +1,17 @@
-"""Starting processes as a user: shell commands (`/bin/sh -c COMMAND`) in their own process group.
+"""Starting processes: `spawn`, the one way anything here starts a program, and what is built on it.
 
-We spawn with subprocess.Popen (a C fork+exec that drops to the user's uid, gid and
-groups before exec) but never let subprocess wait for the child: uvloop owns SIGCHLD and
-reaps only what libuv spawned, so every process here is reaped by ProcessWatch through
-its pidfd. Each command gets its own process group, led by the shell.
+`spawn` starts a program with subprocess.Popen (a fork+exec in C that switches to the
+user's ids in the child before exec, with no Python code run in the child, which would
+be unsafe in a threaded program) and hands back a ProcessWatch on its pidfd. subprocess
+never waits for the child: uvloop owns SIGCHLD and reaps only what libuv spawned, and
+only the watch may collect a status, so every process here is reaped by its
+ProcessWatch, on the event loop (wait) or blocking in a worker thread or the CLI
+(wait_blocking).
+
+Built on it: `spawn_shell` (a runtime command, `/bin/sh -c COMMAND`, as the user in a
+process group of its own), `run_helper` (a short runtime command whose output we
+collect), monitor.Monitor.spawn (a task under its nodestepd-monitor), asuser.open_as
+(the helper that opens files as a user) and the doctor's probes.
 """
 
 from __future__ import annotations
@@ -13,14 +21,88 @@ import errno
 import os
 import signal
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping
 
-from .identity import Identity
-from nodestepd.process.watch import SPAWN_LOCK, ProcessWatch, children
+from nodestepd.process.identity import Identity
+from nodestepd.process.watch import SPAWN_LOCK, Pidfd, ProcessWatch, children
 
 SHELL = "/bin/sh"
 RUNTIME_UMASK = 0o022
+
+
+def check_workdir(cwd: str, identity: Identity) -> None:
+    """Refuse a working directory that is not the user's to use: raises PermissionError.
+
+    The directory is entered while still root, before the switch to the user (by
+    subprocess here, by the monitor for a task), so root's right to enter it says nothing
+    about the user's. One the user owns (a task dir) is the user's; `/` is everyone's.
+    """
+    if cwd == "/":
+        return
+    if os.stat(cwd).st_uid != identity.uid:
+        raise PermissionError(errno.EACCES, f"working directory {cwd} is not owned by {identity.user}")
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    identity: Identity | None,
+    cwd: str,
+    env: Mapping[str, str],
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    process_group: bool,
+    pass_fds: Sequence[int] = (),
+    umask: int | None = None,
+) -> ProcessWatch:
+    """Start argv and watch it by pidfd. Blocking (a fork and an exec): on the event loop,
+    call it in a worker thread. argv[0] without a slash is looked up in env's PATH.
+
+    identity: the user to run as (uid, gid and supplementary groups, all set before exec:
+    every uid away from 0 clears the capabilities), or None to run as we are (the
+    monitor, which switches to the user itself; the doctor run by a user). cwd: entered
+    before the switch, so with an identity it must pass check_workdir (PermissionError).
+    env: exactly the environment the program gets. stdin/stdout/stderr: fds, or
+    subprocess.DEVNULL. process_group: lead a process group of its own, so that all it
+    starts can be signalled together (kill_group) while its zombie reserves the group id.
+    pass_fds: the only fds besides 0-2 it gets (close_fds: nothing of the daemon's, other
+    steps' or connections' leaks into it). umask: the child's, or None to keep ours.
+    Signal dispositions are restored to the defaults (Python ignores SIGPIPE and SIGXFSZ;
+    a program must not inherit that).
+
+    Raises OSError when the program cannot be started (nothing is left behind).
+    """
+    if identity is not None:
+        check_workdir(cwd, identity)
+    ids = {} if identity is None else {
+        "user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
+    with SPAWN_LOCK:  # until the pidfd is ours, the reaper must not take the new child for an orphan
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=cwd,
+            env=dict(env),
+            process_group=0 if process_group else None,
+            umask=-1 if umask is None else umask,
+            close_fds=True,
+            pass_fds=tuple(pass_fds),
+            restore_signals=True,
+            **ids,
+        )
+        try:
+            watch = ProcessWatch.open(popen.pid)
+        except BaseException:
+            popen.kill()  # no pidfd (EMFILE...): it would run and end unwatched, so stop it here
+            popen.wait()
+            raise
+    # The watch reaps it; a returncode keeps subprocess from ever calling waitpid on this
+    # pid (its __del__ would otherwise queue it for a waitpid of its own).
+    popen.returncode = 0
+    return watch
 
 
 def spawn_shell(
@@ -33,40 +115,14 @@ def spawn_shell(
     stdout: int,
     stderr: int,
 ) -> ProcessWatch:
-    """Start `/bin/sh -c command` as the user in a new process group and watch it by pidfd.
+    """Start `/bin/sh -c command` as the user in a new process group, with umask 022, and watch it by pidfd.
 
-    stdin/stdout/stderr are fds, or subprocess.DEVNULL.
-
-    cwd must be a directory the user owns (a task spool dir): subprocess enters it before
-    it switches to the user's ids, so without that rule the user could be handed a
-    working directory it could not open itself. Raises PermissionError if it is not, and
-    OSError when the shell cannot be started.
+    stdin/stdout/stderr are fds, or subprocess.DEVNULL. cwd must be a directory the user
+    owns (a task spool dir), or `/` (check_workdir: PermissionError if not). Raises OSError
+    when the shell cannot be started.
     """
-    st = os.stat(cwd)
-    if st.st_uid != identity.uid:
-        raise PermissionError(errno.EACCES, f"working directory {cwd} is not owned by {identity.user}")
-    with SPAWN_LOCK:  # until the pidfd is ours, the reaper must not take the new child for an orphan
-        popen = subprocess.Popen(
-            [SHELL, "-c", command],
-            executable=SHELL,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=cwd,
-            env=dict(env),
-            user=identity.uid,
-            group=identity.gid,
-            extra_groups=list(identity.groups),
-            process_group=0,
-            umask=RUNTIME_UMASK,
-            close_fds=True,
-            restore_signals=True,
-        )
-        watch = ProcessWatch.open(popen.pid)
-    # ProcessWatch reaps it; a returncode keeps subprocess from ever calling waitpid on
-    # this pid (its __del__ would otherwise queue it for a waitpid of its own).
-    popen.returncode = 0
-    return watch
+    return spawn([SHELL, "-c", command], identity=identity, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
+                 stderr=stderr, process_group=True, umask=RUNTIME_UMASK)
 
 
 @dataclass(frozen=True)
@@ -149,18 +205,12 @@ def signal_group_except_leader(leader: int, sig: int) -> int:
     sent = 0
     for pid in group_members(leader):
         try:
-            fd = os.pidfd_open(pid)
+            pidfd = Pidfd.open(pid)
         except ProcessLookupError:
             continue
         try:
-            if _pgid(pid) != leader:
-                continue
-            signal.pidfd_send_signal(fd, sig)
-            sent += 1
-        except ProcessLookupError:
-            pass
+            if _pgid(pid) == leader and pidfd.send_signal(sig):
+                sent += 1
         finally:
-            os.close(fd)
+            pidfd.close()
     return sent
-
-

@@ -1,18 +1,29 @@
-"""Watching processes through pidfds on the event loop: no timers, no SIGCHLD, no waitpid(-1).
+"""Watching processes through pidfds: on the event loop without SIGCHLD or waitpid(-1), or blocking off it.
 
-A ProcessWatch owns one pidfd. The exit status of a child is read with WNOWAIT first,
-so the process stays a zombie (and its pid, and the process group it leads, stay
-reserved) until `reap()`: nothing that runs after the exit, RunTimeKill with `%p` or a
-final SIGKILL to the group, can hit a recycled pid.
+A Pidfd owns one pidfd: the process's exit (it polls readable), its signals (never a
+recycled pid) and, for a process someone else reaped, the exit status the kernel keeps
+for it (PIDFD_INFO_EXIT).
 
-A process that is not our child (a container's init that some other process adopted)
-is watched the same way: its pidfd becomes readable when it exits, and the kernel
-hands its exit status to any pidfd holder (PIDFD_GET_INFO with PIDFD_INFO_EXIT) once
-its parent has reaped it.
+A ProcessWatch watches one process through its Pidfd. The exit status of a child is read
+with WNOWAIT first, so the process stays a zombie (and its pid, and the process group it
+leads, stay reserved) until `reap()`: nothing that runs after the exit, RunTimeKill with
+`%p` or a final SIGKILL to the group, can hit a recycled pid. While a process runs the
+watch costs one reader on the loop and no timer: the pidfd wakes us when it ends.
 
-The daemon is a child subreaper (reaper.py), so orphans of the runtimes become our
-children. The pids in CLAIMED are the children a ProcessWatch owns; the reaper takes
-care of the rest. SPAWN_LOCK is held from fork to pidfd so the reaper never mistakes a
+A process that is not our child (a task's process whose parent is its monitor, after a
+daemon restart or once the monitor is released) is watched the same way: its pidfd
+becomes readable when it exits, and the kernel hands its exit status to any pidfd holder
+once its parent has reaped it. That reap comes a moment after the exit, so for a
+non-child only, a few timers look for the status over the next 1.3 s (_EXIT_INFO_DELAYS)
+before it is reported as unknown.
+
+ExitWatch is what a step needs of whatever tells it that a task ended: ProcessWatch
+here, monitor.MonitoredProcess (a task under its nodestepd-monitor), and the step's own
+(a polled container, recovered tasks).
+
+The daemon is a child subreaper (reaper.py): what gets orphaned to it becomes its child.
+The pids in CLAIMED are the children a ProcessWatch owns; the reaper takes care of the
+rest. SPAWN_LOCK is held from fork to pidfd (spawn.py) so the reaper never mistakes a
 child being spawned for an orphan.
 """
 
@@ -25,6 +36,7 @@ import select
 import signal
 import struct
 import threading
+from typing import Protocol
 
 _WAIT_FLAGS = os.WEXITED | os.WNOHANG
 
@@ -56,28 +68,6 @@ def exit_status_from_wait_status(wstatus: int) -> int:
     if os.WIFSIGNALED(wstatus):
         return 128 + os.WTERMSIG(wstatus)
     return os.WEXITSTATUS(wstatus)
-
-
-def pidfd_exit_status(pidfd: int) -> int | None:
-    """The exit status the kernel keeps for a reaped process (PIDFD_INFO_EXIT), or None if not (yet) known."""
-    buf = bytearray(_PIDFD_INFO_SIZE)
-    struct.pack_into("=Q", buf, 0, _PIDFD_INFO_EXIT)
-    try:
-        fcntl.ioctl(pidfd, _PIDFD_GET_INFO, buf)
-    except OSError:
-        return None  # ESRCH once gone without exit info; EINVAL/ENOTTY on kernels without it
-    (mask,) = struct.unpack_from("=Q", buf, 0)
-    if not mask & _PIDFD_INFO_EXIT:
-        return None
-    (wstatus,) = struct.unpack_from("=i", buf, _EXIT_CODE_OFFSET)
-    return exit_status_from_wait_status(wstatus)
-
-
-def _pidfd_readable(pidfd: int) -> bool:
-    """A pidfd polls readable once the process has exited (zombie or reaped)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def children(pid: int) -> list[int]:
@@ -127,51 +117,142 @@ def proc_ids(pid: int) -> tuple[int, int]:
     return ppid, uid
 
 
-class ExitWatch:
-    """What a step needs of whatever tells it that a task ended: ProcessWatch here,
-    monitor.MonitoredProcess, container.PolledContainer, and recovery's watches.
+class Pidfd:
+    """One pidfd: its only owner, which closes it (close(), idempotent).
 
-    `status` is None until the end is known; then the exit code, or 128+N for signal N
-    (with status_known False, a stand-in that must be reported as unknown). The other
-    methods: wait() for the status, poll() without blocking, send_signal() to the process
-    (False once it has ended), kill_group() for its process group, reap() to release it.
+    The fd names one process for as long as it is open, whatever happens to the pid: a
+    signal sent through it can never reach a process that recycled the pid.
+    """
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid = pid
+        self.fd = fd  # -1 once closed
+
+    @classmethod
+    def open(cls, pid: int) -> "Pidfd":
+        """Pin pid (close-on-exec). Raises ProcessLookupError when there is no such process."""
+        return cls(pid, os.pidfd_open(pid))
+
+    def dup(self) -> "Pidfd":
+        """Another pidfd on the same process, owned by the caller."""
+        return Pidfd(self.pid, os.dup(self.fd))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __del__(self) -> None:
+        # The owner forgot to close it (an exception on the way): do not leak the fd.
+        self.close()
+
+    def readable(self, timeout: float | None = 0) -> bool:
+        """Whether the process has exited (a zombie, or reaped): a pidfd polls readable from then on.
+
+        timeout: seconds to block for the exit (None: for as long as it takes; 0: not at all).
+        """
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+    def waitid(self, flags: int) -> os.waitid_result | None:
+        """waitid(P_PIDFD) on our child: see os.waitid for flags."""
+        return os.waitid(os.P_PIDFD, self.fd, flags)
+
+    def exit_info(self) -> int | None:
+        """The exit status the kernel keeps for a process once it is reaped (PIDFD_INFO_EXIT),
+        or None if not (yet) known."""
+        buf = bytearray(_PIDFD_INFO_SIZE)
+        struct.pack_into("=Q", buf, 0, _PIDFD_INFO_EXIT)
+        try:
+            fcntl.ioctl(self.fd, _PIDFD_GET_INFO, buf)
+        except OSError:
+            return None  # ESRCH once gone without exit info; EINVAL/ENOTTY on kernels without it
+        (mask,) = struct.unpack_from("=Q", buf, 0)
+        if not mask & _PIDFD_INFO_EXIT:
+            return None
+        (wstatus,) = struct.unpack_from("=i", buf, _EXIT_CODE_OFFSET)
+        return exit_status_from_wait_status(wstatus)
+
+    def send_signal(self, sig: int) -> bool:
+        """Signal the process itself. False when it is gone (reaped).
+
+        A zombie takes the signal (and nothing comes of it): a caller that must not count
+        an exited process asks readable() first."""
+        try:
+            signal.pidfd_send_signal(self.fd, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the process group this process leads (its pid is the group id); quiet when
+        the group is empty.
+
+        By pid, not by fd: the caller must know the group id is still this group's, that
+        is, the leader runs or its zombie is held by someone (us, or its monitor)."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class ExitWatch(Protocol):
+    """What a step needs of whatever tells it that a task ended: ProcessWatch here,
+    monitor.MonitoredProcess, and the step's own watches.
+
+    `pid` is the process (None when there is none to name). `status` is None until the
+    end is known; then the exit code, or 128+N for signal N (with status_known False, a
+    stand-in that must be reported as unknown). `running` is True until the end is known.
+    The methods: wait() for the status, poll() for it without blocking (None while it
+    runs), send_signal() to the process (False once it has ended), kill_group() for the
+    process group it leads, reap() to release it.
     """
 
     pid: int | None
-    status_known: bool = True
-    _status: int | None = None
+    status_known: bool
 
     @property
-    def status(self) -> int | None:
-        return self._status
+    def status(self) -> int | None: ...
 
     @property
-    def running(self) -> bool:
-        return self._status is None
+    def running(self) -> bool: ...
+
+    async def wait(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> bool: ...
+
+    def kill_group(self, sig: int) -> None: ...
+
+    def reap(self) -> None: ...
 
 
 class ProcessWatch(ExitWatch):
-    """Created in any thread (spawning may run off the loop); waited on in the loop's."""
+    """An ExitWatch on one process through its pidfd. Created in any thread (spawning may
+    run off the loop); waited on in the loop's (wait), or blocking off it (wait_blocking)."""
 
-    def __init__(self, pid: int, pidfd: int, *, child: bool = True) -> None:
-        self.pid = pid
+    def __init__(self, pidfd: Pidfd, *, child: bool = True) -> None:
+        self.pid: int = pidfd.pid
         self.child = child
-        self._pidfd: int | None = pidfd
+        self._pidfd: Pidfd | None = pidfd  # None once reaped
         self._status: int | None = None
         self.status_known = True  # False only for a non-child whose exit status the kernel never gave us
         self._exited: asyncio.Future[int] | None = None
         self._reading = False
         if child:
-            CLAIMED.add(pid)
+            CLAIMED.add(self.pid)
 
     @classmethod
     def open(cls, pid: int) -> "ProcessWatch":
         """Watch a child we just spawned. Our child cannot be reaped by anyone else, so the pid is still ours."""
-        return cls(pid, os.pidfd_open(pid))
+        return cls(Pidfd.open(pid))
 
     @classmethod
     def adopt(cls, pid: int, uid: int, start: int | None = None) -> "ProcessWatch":
-        """Watch a process a runtime named (a container's init), checking it is the one it should be.
+        """Watch a process we did not start (a task's, named by its record after a restart),
+        checking it is the one it should be.
 
         The pid is pinned by the pidfd first; then /proc must show it running as `uid` (a
         recycled pid would belong to someone else) and, given `start` (a start time
@@ -179,8 +260,8 @@ class ProcessWatch(ExitWatch):
         exited is fine: its status is still to be had. Raises NotWatchable.
         """
         try:
-            pidfd = os.pidfd_open(pid)
-        except (ProcessLookupError, OSError) as e:
+            pidfd = Pidfd.open(pid)
+        except OSError as e:  # ProcessLookupError among them
             raise NotWatchable(f"pid {pid} cannot be watched: {e.strerror or e}") from None
         try:
             try:
@@ -193,9 +274,17 @@ class ProcessWatch(ExitWatch):
                 raise NotWatchable(f"pid {pid} is another process now (it started at tick {start_time(pid)}, "
                                    f"not {start}): the pid was recycled")
         except BaseException:
-            os.close(pidfd)
+            pidfd.close()
             raise
-        return cls(pid, pidfd, child=ppid == os.getpid())
+        return cls(pidfd, child=ppid == os.getpid())
+
+    @property
+    def status(self) -> int | None:
+        return self._status
+
+    @property
+    def running(self) -> bool:
+        return self._status is None
 
     async def wait(self) -> int:
         if self._status is not None:
@@ -205,9 +294,23 @@ class ProcessWatch(ExitWatch):
             self._exited = loop.create_future()
             if self._pidfd is not None:
                 self._reading = True
-                loop.add_reader(self._pidfd, self._on_readable)
+                loop.add_reader(self._pidfd.fd, self._on_readable)
                 self._peek()  # it may have ended before we started watching
         return await asyncio.shield(self._exited)
+
+    def wait_blocking(self, timeout: float | None) -> int | None:
+        """Block until our child has exited, for at most `timeout` seconds (None: no limit).
+
+        Its exit status, or None when it still runs at the deadline. Does not reap. For a
+        caller off the event loop (a worker thread, the CLI) that owns this watch alone:
+        never mixed with wait(). A non-child's status can come only later than its exit
+        (once its parent reaps it), so only our children are waited for this way.
+        """
+        if not self.child:
+            raise RuntimeError(f"pid {self.pid} is not our child: wait_blocking() cannot learn its status")
+        if self._status is None and self._pidfd is not None and self._pidfd.readable(timeout):
+            self._peek()
+        return self._status
 
     def poll(self) -> int | None:
         """The exit status if the process has ended (without reaping it), else None. Never blocks."""
@@ -225,7 +328,7 @@ class ProcessWatch(ExitWatch):
             return False
         if not self.child:
             return self._peek_non_child()
-        info = os.waitid(os.P_PIDFD, self._pidfd, _WAIT_FLAGS | os.WNOWAIT)
+        info = self._pidfd.waitid(_WAIT_FLAGS | os.WNOWAIT)
         if info is None:
             return False  # still running (or a spurious wake-up)
         self._set_status(exit_status(info))
@@ -233,9 +336,9 @@ class ProcessWatch(ExitWatch):
 
     def _peek_non_child(self) -> bool:
         assert self._pidfd is not None
-        if not _pidfd_readable(self._pidfd):
+        if not self._pidfd.readable():
             return False  # still running
-        status = pidfd_exit_status(self._pidfd)
+        status = self._pidfd.exit_info()
         if status is not None:
             self._set_status(status)
         elif self._reading:
@@ -246,7 +349,7 @@ class ProcessWatch(ExitWatch):
     def _retry_exit_info(self, attempt: int) -> None:
         if self._pidfd is None or self._status is not None:
             return
-        status = pidfd_exit_status(self._pidfd)
+        status = self._pidfd.exit_info()
         if status is not None:
             self._set_status(status)
         elif attempt < len(_EXIT_INFO_DELAYS):
@@ -263,28 +366,20 @@ class ProcessWatch(ExitWatch):
 
     def _stop_reading(self) -> None:
         if self._reading and self._pidfd is not None:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
+            asyncio.get_running_loop().remove_reader(self._pidfd.fd)
             self._reading = False
 
     def send_signal(self, sig: int) -> bool:
         """Signal the process itself. False when it has already exited."""
         if self._pidfd is None or self._peek():
             return False
-        try:
-            signal.pidfd_send_signal(self._pidfd, sig)
-        except ProcessLookupError:
-            return False
-        return True
+        return self._pidfd.send_signal(sig)
 
     def kill_group(self, sig: int) -> None:
         """Signal the process group this process leads (its pid). Safe until reap(): the
         unreaped leader keeps the group id from being reused."""
-        if self._pidfd is None:
-            return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        if self._pidfd is not None:
+            self._pidfd.signal_group(sig)
 
     def reap(self) -> None:
         """Collect the zombie and release the pidfd. The one place a watched process is released.
@@ -295,18 +390,18 @@ class ProcessWatch(ExitWatch):
         if self._pidfd is None:
             return
         if self.child:
-            info = os.waitid(os.P_PIDFD, self._pidfd, _WAIT_FLAGS)
+            info = self._pidfd.waitid(_WAIT_FLAGS)
             if info is None:
                 raise RuntimeError(f"pid {self.pid} is still running: reap() needs it to have exited")
             if self._status is None:
                 self._set_status(exit_status(info))
             CLAIMED.discard(self.pid)
         self._stop_reading()
-        os.close(self._pidfd)
+        self._pidfd.close()
         self._pidfd = None
 
     def __del__(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            if self.child:
-                CLAIMED.discard(self.pid)
+        # Dropped unreaped (an exception on the way): its Pidfd closes itself; the zombie
+        # is left to the reaper's next sweep.
+        if self._pidfd is not None and self.child:
+            CLAIMED.discard(self.pid)

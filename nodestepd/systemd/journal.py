@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import array
 import errno
-import fcntl
 import os
 import re
 import socket
 import struct
 import sys
 from typing import Iterable, Mapping, Sequence
+
+from nodestepd.process.kernel import sealed_memfd
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 # Tests (and only tests) point the daemon at a socket of their own.
@@ -94,13 +95,8 @@ class JournalSender:
 
     def _send_as_memfd(self, data: bytes) -> None:
         """Too big for a datagram: a sealed memfd, which journald reads whole."""
-        fd = os.memfd_create("nodestepd-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = sealed_memfd("nodestepd-journal", data)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
-                        fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
             self._sock.sendmsg([], rights, 0, self.path)
         finally:

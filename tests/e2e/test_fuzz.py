@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import RUNC_RUN_CONF
+from reply_decoder import decode_reply
 from nodestepd.protocol import messages as protocol
 from nodestepd.protocol.messages import ErrorReply
 from test_server_protocol import HEADER, connect, daemon_fds, status

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import NODESTEPCTL, SYSTEM_PATH, read_line_from, runc_containers, spool_entries
+from reply_decoder import decode_reply
 from nodestepd.protocol import messages as protocol
 from nodestepd.protocol.messages import ErrorReply, ExitReply, StartedReply, StatusReply, StepsReply
 
@@ -73,7 +74,7 @@ def receive(sock: socket.socket):
         return None
     body = _recv_exact(sock, protocol.frame_length(header))
     assert body is not None
-    return protocol.decode_reply(body)
+    return decode_reply(body)
 
 
 def assert_closed(sock: socket.socket) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from nodestepd.process.asuser import open_as, read_regular
 from nodestepd.process.identity import Identity
+from nodestepd.process.watch import children
 
 
 @pytest.fixture
@@ -62,3 +63,16 @@ def test_size_limit_and_utf8(identity, user, home):
     opened = open_as(identity, [str(big), str(latin)], [], timeout=30)
     assert read_regular(opened[0], 1000) == (None, "larger than 1000 bytes")
     assert read_regular(opened[1], 1000) == (None, "not UTF-8 (unexpected end of data at byte 3)")
+
+
+def test_the_helper_leaves_no_process_and_no_fd_behind(identity, user, home):
+    """The helper is started and reaped through spawn: no child, zombie, pidfd or socket of it stays."""
+    mine = home / "in"
+    mine.write_text("x")
+    os.chown(mine, user.uid, user.gid)
+    kids, fds = set(children(os.getpid())), set(os.listdir("/proc/self/fd"))
+    opened = open_as(identity, [str(mine)], [str(home / "out")], timeout=30)
+    assert read_regular(opened[0], 100) == ("x", None)  # closes its fd
+    os.close(opened[1].fd)
+    assert set(children(os.getpid())) == kids
+    assert set(os.listdir("/proc/self/fd")) == fds

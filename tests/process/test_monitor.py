@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import json
 import os
 import select
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import proc_state
+from conftest import pidfd_pids, proc_state
 from nodestepd.process import monitor as monitor_module
 from nodestepd.process.monitor import (
     Monitor,
@@ -145,7 +146,7 @@ class Harness:
 
     async def close(self) -> None:
         for monitor in self.monitors:
-            if not monitor.released:
+            if monitor.holding:  # ctl still open: not released yet
                 for proc in list(monitor._procs.values()):
                     proc.kill_group(signal.SIGKILL)
                     proc.send_signal(signal.SIGKILL)
@@ -165,7 +166,7 @@ async def harness(identity, user_dir, new_dir):
     finally:
         await h.close()
     assert our_children() == before  # every monitor reaped (with status 0: nothing below it left)
-    assert all(monitor.released for monitor in h.monitors)
+    assert not any(monitor.holding for monitor in h.monitors)  # every ctl closed: all released
 
 
 # ---- the task: who, where, with what ----------------------------------------------------
@@ -391,6 +392,7 @@ async def test_bad_arguments_are_refused(identity, new_dir):
 
 
 async def test_the_task_stays_a_zombie_until_release(harness):
+    watched = pidfd_pids()
     monitor = await harness.spawn("exit 7")
     task = monitor.task
     started = start_time(task.pid)
@@ -409,7 +411,7 @@ async def test_the_task_stays_a_zombie_until_release(harness):
     task.reap()
     task.reap()  # idempotent
     assert task.status == 7
-    assert harness.reaper.released == []
+    assert pidfd_pids() == watched  # nothing watched any more: the task released, the monitor reaped
 
 
 async def test_signals_reach_the_task_through_its_pidfd(harness):
@@ -595,7 +597,8 @@ PRELUDE = textwrap.dedent("""
     import asyncio, json, os, signal, subprocess, sys
     import uvloop
     from nodestepd.process.monitor import Monitor, read_exit_file
-    from nodestepd.process.reaper import Reaper, become_subreaper
+    from nodestepd.process.kernel import become_subreaper
+    from nodestepd.process.reaper import Reaper
     from nodestepd.process.identity import Identity
     from nodestepd.process.watch import children, proc_ids
 
@@ -629,7 +632,7 @@ PRELUDE = textwrap.dedent("""
         finally:
             loop.remove_reader(fd)
             os.close(fd)
-""")
+""") + inspect.getsource(pidfd_pids)
 
 
 @pytest.fixture
@@ -740,7 +743,7 @@ def test_a_monitor_killed_hands_its_processes_to_the_daemon(run_script):
                 monitor.release(reaper)
             reaper.sweep()  # the ended task's zombie came to us too: the daemon sweeps at each step's release
             print(json.dumps({"me": os.getpid(), "parents": parents, "signalled": signalled, "statuses": statuses,
-                              "known": known, "ended": ended.task.status, "released": reaper.released,
+                              "known": known, "ended": ended.task.status, "watched": pidfd_pids(),
                               "left": children(os.getpid())}))
         uvloop.run(main())
     """)
@@ -749,7 +752,7 @@ def test_a_monitor_killed_hands_its_processes_to_the_daemon(run_script):
     assert out["statuses"] == [128 + signal.SIGTERM] * 2
     assert out["known"] == [True, True]
     assert out["ended"] == 6
-    assert out["released"] == []  # the dead monitors were reaped when their loss was noticed
+    assert out["watched"] == []  # the dead monitors were reaped when their loss was noticed, not handed to the reaper
     assert out["left"] == []
 
 

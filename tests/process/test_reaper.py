@@ -5,15 +5,19 @@ and pytest's own process should not adopt other tests' orphans."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
 import textwrap
 
+from conftest import pidfd_pids
+
 PRELUDE = textwrap.dedent("""
     import asyncio, json, os, subprocess, sys
     import uvloop
-    from nodestepd.process.reaper import Reaper, become_subreaper
+    from nodestepd.process.kernel import become_subreaper
+    from nodestepd.process.reaper import Reaper
     from nodestepd.process.watch import SPAWN_LOCK, CLAIMED, ProcessWatch, children
 
     def spawn(argv, **kw):
@@ -33,7 +37,7 @@ PRELUDE = textwrap.dedent("""
             except FileNotFoundError:
                 pass
         return out
-""")
+""") + inspect.getsource(pidfd_pids)
 
 
 def run_script(body: str) -> dict:
@@ -60,15 +64,18 @@ def test_orphans_become_ours_and_are_reaped_dead_or_alive():
                     break
             before = {"children": len(children(os.getpid())), "zombies": len(zombies())}
             reaper.sweep()
-            after_sweep = {"zombies": len(zombies()), "watched": len(reaper.orphans)}
+            after_sweep = {"zombies": len(zombies()), "watched": pidfd_pids(), "children": children(os.getpid())}
             os.write(w, b"x\\n")  # let the live one end; the reaper reaps it when it does
             await asyncio.wait_for(asyncio.gather(*reaper._tasks), 10)
             print(json.dumps({"before": before, "after_sweep": after_sweep,
-                              "end": {"children": children(os.getpid()), "watched": reaper.orphans}}))
+                              "end": {"children": children(os.getpid()), "watched": pidfd_pids()}}))
         uvloop.run(main())
     """)
     assert out["before"] == {"children": 2, "zombies": 1}
-    assert out["after_sweep"] == {"zombies": 0, "watched": 1}
+    # The live orphan, and only it, is watched (by pidfd) and still our child.
+    assert out["after_sweep"]["zombies"] == 0
+    assert len(out["after_sweep"]["watched"]) == 1
+    assert out["after_sweep"]["watched"] == out["after_sweep"]["children"]
     assert out["end"] == {"children": [], "watched": []}
 
 
@@ -84,13 +91,17 @@ def test_sweep_leaves_claimed_children_alone_and_reaps_orphans_when_they_end():
             await shell.wait()
             shell.reap()
             reaper.sweep()
-            watched = reaper.orphans
+            orphans = [pid for pid in children(os.getpid()) if pid != ours.pid]
+            watched_orphans = [pid for pid in pidfd_pids() if pid != ours.pid]
             os.write(w, b"x\\n")
             await asyncio.wait_for(asyncio.gather(*reaper._tasks), 10)
             ours_status = ours.status
             ours.reap()
-            print(json.dumps({"ours": ours_status, "watched_after_sweep": len(watched), "left": children(os.getpid()),
-                              "claimed": sorted(CLAIMED), "watched": reaper.orphans}))
+            print(json.dumps({"ours": ours_status, "orphans": orphans, "watched_after_sweep": watched_orphans,
+                              "left": children(os.getpid()), "claimed": sorted(CLAIMED), "watched": pidfd_pids()}))
         uvloop.run(main())
     """)
-    assert out == {"ours": 3, "watched_after_sweep": 1, "left": [], "claimed": [], "watched": []}
+    assert len(out["orphans"]) == 1
+    assert out["watched_after_sweep"] == out["orphans"]  # the orphan, by pidfd, besides our own watch
+    assert out == {"ours": 3, "orphans": out["orphans"], "watched_after_sweep": out["orphans"], "left": [],
+                   "claimed": [], "watched": []}

@@ -1,13 +1,16 @@
-"""The runtime driver with real processes: spawn_shell, run_helper, group signalling, find_program."""
+"""Starting processes, with real processes and a real user: spawn, spawn_shell, run_helper, group
+signalling, the doctor's probes; and find_program."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import pwd
 import select
 import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,8 +18,17 @@ import pytest
 
 from conftest import proc_state
 
-from nodestepd.process.spawn import HelperResult, group_members, run_helper, signal_group_except_leader, spawn_shell
+from nodestepd.ctl import doctor
 from nodestepd.process.identity import Identity
+from nodestepd.process.spawn import (
+    HelperResult,
+    group_members,
+    run_helper,
+    signal_group_except_leader,
+    spawn,
+    spawn_shell,
+)
+from nodestepd.process.watch import CLAIMED, Pidfd
 from nodestepd.step.runtime import RuntimeNotFound, find_program
 from uvloop_fixtures import OVERRIDE_WARNING, event_loop_policy, identity, on_uvloop  # noqa: F401 (fixtures)
 
@@ -151,6 +163,153 @@ def test_identity_for_an_unknown_uid():
         uid += 1
     with pytest.raises(LookupError, match=f"^uid {uid} has no passwd entry on this node$"):
         Identity.for_uid(uid)
+
+
+# ---- spawn -----------------------------------------------------------------------------
+
+
+def status_fields(text: str) -> dict[str, list[str]]:
+    return {k: v.split() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
+
+
+async def test_spawn_as_the_user_with_the_fds_it_is_given(identity, home):
+    """Only 0-2 and pass_fds reach it (at their own numbers); the user's ids; our process group
+    unless asked; our umask unless given; default signal dispositions."""
+    out = memfd()
+    talk_r, talk_w = os.pipe2(os.O_CLOEXEC)  # close-on-exec here: pass_fds still hands it over
+    leak_r, leak_w = os.pipe()  # inheritable, but not passed: must not reach it
+    os.set_inheritable(leak_w, True)
+    passed = talk_w
+    old_umask = os.umask(0o027)
+    try:
+        watch = spawn(
+            ["/bin/bash", "-c", f"echo hello >&{passed}; echo fds; ls /proc/$$/fd; echo end; "  # bash: dash takes fds 0-9 only
+             "exec grep -E '^(Uid|Gid|Groups|Umask|SigIgn|SigBlk|NSpgid):' /proc/self/status"],
+            identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+            stdout=out, stderr=out, process_group=False, pass_fds=(passed,),
+        )
+        os.close(talk_w)
+        talk_w = -1
+        assert await asyncio.wait_for(watch.wait(), 30) == 0
+        watch.reap()
+        assert os.read(talk_r, 100) == b"hello\n"
+        text = read_all(out)
+    finally:
+        os.umask(old_umask)
+        for fd in (out, talk_r, talk_w, leak_r, leak_w):
+            if fd >= 0:
+                os.close(fd)
+    lines = text.splitlines()
+    fds = lines[lines.index("fds") + 1:lines.index("end")]
+    assert sorted(int(fd) for fd in fds) == sorted([0, 1, 2, passed])
+    fields = status_fields(text)
+    assert fields["Uid"] == [str(identity.uid)] * 4
+    assert fields["Gid"] == [str(identity.gid)] * 4
+    assert sorted(int(g) for g in fields["Groups"]) == sorted(identity.groups)
+    assert fields["Umask"] == ["0027"]  # ours: none was given
+    assert int(fields["SigIgn"][0], 16) == 0 and int(fields["SigBlk"][0], 16) == 0
+    assert fields["NSpgid"] == [str(os.getpgid(0))]  # ours: no group of its own was asked for
+
+
+async def test_spawn_in_a_group_of_its_own_with_a_umask(identity, home):
+    out = memfd()
+    try:
+        watch = spawn(["/bin/sh", "-c", "exec grep -E '^(Umask|NSpgid):' /proc/self/status"], identity=identity,
+                      cwd=str(home), env={}, stdin=subprocess.DEVNULL, stdout=out, stderr=out, process_group=True,
+                      umask=0o077)
+        assert await asyncio.wait_for(watch.wait(), 30) == 0
+        watch.reap()
+        fields = status_fields(read_all(out))
+    finally:
+        os.close(out)
+    assert fields == {"Umask": ["0077"], "NSpgid": [str(watch.pid)]}
+
+
+def test_spawn_working_directory_rules(identity, home, new_dir):
+    """Entered as root before the switch: the user's own directory, or /; any other is refused
+    before anything starts. Without an identity (the process stays root) any directory goes."""
+    roots = new_dir("roots-", 0o755)
+    out = memfd()
+
+    def run(cwd: str, who: Identity | None) -> tuple[int | None, list[str]]:
+        os.ftruncate(out, 0)
+        os.lseek(out, 0, os.SEEK_SET)  # the shared offset: the last run left it at its end
+        watch = spawn(["/bin/sh", "-c", "pwd; id -u"], identity=who, cwd=cwd, env={"PATH": "/usr/bin:/bin"},
+                      stdin=subprocess.DEVNULL, stdout=out, stderr=out, process_group=True)
+        status = watch.wait_blocking(30)
+        watch.reap()
+        return status, read_all(out).split()
+
+    try:
+        assert run(str(home), identity) == (0, [str(home), str(identity.uid)])
+        assert run("/", identity) == (0, ["/", str(identity.uid)])
+        assert run(str(roots), None) == (0, [str(roots), "0"])
+        children = our_children()
+        with pytest.raises(PermissionError) as refused:
+            run(str(roots), identity)
+        assert refused.value.errno == errno.EACCES
+        assert str(refused.value) == (f"[Errno {errno.EACCES}] working directory {roots} is not owned by "
+                                      f"{identity.user}")
+        assert our_children() == children  # nothing was started
+    finally:
+        os.close(out)
+
+
+def test_spawn_of_a_program_that_does_not_exist_leaves_nothing(identity, home):
+    children, claimed = our_children(), set(CLAIMED)
+    with pytest.raises(FileNotFoundError):
+        spawn(["/nonexistent/program"], identity=identity, cwd=str(home), env={}, stdin=subprocess.DEVNULL,
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=True)
+    assert our_children() == children
+    assert CLAIMED == claimed
+
+
+def test_spawn_without_a_pidfd_stops_the_child_and_leaves_nothing(identity, home, monkeypatch):
+    """Out of fds right after the fork: the child would run on unwatched, and nobody would reap it."""
+    def no_pidfd(cls, pid):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(Pidfd, "open", classmethod(no_pidfd))
+    children, claimed = our_children(), set(CLAIMED)
+    with pytest.raises(OSError) as failure:
+        spawn(["/bin/sleep", "1000"], identity=identity, cwd=str(home), env={}, stdin=subprocess.DEVNULL,
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=True)
+    assert failure.value.errno == errno.EMFILE
+    assert our_children() == children  # killed and reaped, not left running or a zombie
+    assert CLAIMED == claimed
+
+
+# ---- the doctor's probes (ctl/doctor.py), through spawn ------------------------------------
+
+
+def test_doctor_run_as_reports_status_and_output(identity):
+    outcome = doctor.run_as(identity, ["/bin/sh", "-c", "id -u; echo err >&2; exit 3"],
+                            env={"PATH": "/usr/bin:/bin"}, cwd="/", timeout=30)
+    assert outcome == doctor.Outcome(3, f"{identity.uid}\nerr")
+    assert doctor.run_as(identity, ["/bin/sh", "-c", "kill -TERM $$"], env={}, cwd="/", timeout=30) == \
+        doctor.Outcome(128 + signal.SIGTERM, "")
+    assert doctor.run_as(identity, ["/nonexistent/program"], env={}, cwd="/", timeout=30) == \
+        doctor.Outcome(-1, "cannot start /nonexistent/program: No such file or directory")
+
+
+def test_doctor_run_as_kills_the_group_at_the_timeout(identity, home):
+    pids = home / "pids"
+    children = our_children()
+    started = time.monotonic()
+    outcome = doctor.run_as(identity, ["/bin/sh", "-c", f"sleep 1000 & echo $! > {shlex.quote(str(pids))}; wait"],
+                            env={"PATH": "/usr/bin:/bin"}, cwd=str(home), timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert outcome == doctor.Outcome(-1, "timed out after 0.5 s; killed")
+    assert 0.5 <= elapsed < 10
+    assert_exits(int(pids.read_text()))  # in the group: killed too
+    assert our_children() == children  # and the shell was reaped
+
+
+def test_doctor_never_runs_a_command_as_root(home):
+    children = our_children()
+    with pytest.raises(ValueError, match="never runs runtime commands as root"):
+        doctor.run_as(Identity.for_uid(0), ["true"], env={}, cwd="/", timeout=30)
+    assert our_children() == children
 
 
 # ---- spawn_shell ----------------------------------------------------------------------

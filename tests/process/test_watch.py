@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import resource
 import select
@@ -15,7 +16,16 @@ import pytest
 from conftest import proc_state
 import uvloop
 
-from nodestepd.process.watch import CLAIMED, NotWatchable, ProcessWatch, exit_status, exit_status_from_wait_status
+from nodestepd.process.monitor import MonitoredProcess
+from nodestepd.process.watch import (
+    CLAIMED,
+    ExitWatch,
+    NotWatchable,
+    Pidfd,
+    ProcessWatch,
+    exit_status,
+    exit_status_from_wait_status,
+)
 from uvloop_fixtures import OVERRIDE_WARNING, on_uvloop  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings(OVERRIDE_WARNING)
@@ -55,7 +65,7 @@ async def spawn():
     def start(argv: list[str], **kwargs) -> ProcessWatch:
         popen = subprocess.Popen(argv, process_group=0, close_fds=True, **kwargs)
         watch = ProcessWatch.open(popen.pid)
-        popen.returncode = 0  # ProcessWatch reaps it, as runtime.spawn_shell arranges
+        popen.returncode = 0  # ProcessWatch reaps it, as spawn.spawn arranges
         watches.append(watch)
         return watch
 
@@ -382,3 +392,148 @@ def test_exit_status_from_wait_status():
     assert exit_status_from_wait_status(3 << 8) == 3
     assert exit_status_from_wait_status(signal.SIGKILL) == 137
     assert exit_status_from_wait_status(signal.SIGSEGV | 0x80) == 128 + signal.SIGSEGV  # with a core dump
+
+
+# ---- Pidfd --------------------------------------------------------------------------------
+
+
+async def test_pidfd_readable_signals_dup_and_close(pipe):
+    r, w = pipe
+    popen = subprocess.Popen(["sh", "-c", "read x; exit 3"], stdin=r, process_group=0)
+    popen.returncode = 0  # reaped below, by hand
+    before = open_fds()
+    pidfd = Pidfd.open(popen.pid)
+    copy = pidfd.dup()
+    assert len(open_fds() - before) == 2 and copy.fd != pidfd.fd and copy.pid == pidfd.pid == popen.pid
+    assert not pidfd.readable() and not copy.readable()  # running
+    started = time.monotonic()
+    assert not pidfd.readable(0.2)  # blocks for the whole timeout while it runs
+    assert time.monotonic() - started >= 0.2
+    os.write(w, b"go\n")
+    assert pidfd.readable(10) and copy.readable()  # exited: both say so
+    assert proc_state(popen.pid) == "Z"
+    assert pidfd.send_signal(signal.SIGTERM) is True  # a zombie takes a signal, and nothing comes of it
+    assert pidfd.waitid(os.WEXITED | os.WNOHANG | os.WNOWAIT).si_status == 3
+    assert pidfd.exit_info() is None  # not reaped yet: the kernel has no exit info for it
+    info = pidfd.waitid(os.WEXITED | os.WNOHANG)  # reaped
+    assert (info.si_pid, info.si_status) == (popen.pid, 3)
+    assert copy.exit_info() == 3  # once reaped, any holder of a pidfd learns the status
+    assert pidfd.send_signal(signal.SIGTERM) is False  # gone
+    pidfd.signal_group(signal.SIGKILL)  # an empty group: quiet
+    pidfd.close()
+    pidfd.close()
+    assert pidfd.fd == -1
+    assert len(open_fds() - before) == 1  # the copy is its own
+    copy.close()
+    assert open_fds() == before
+
+
+def test_pidfd_open_of_a_pid_that_is_gone():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with pytest.raises(ProcessLookupError):
+        Pidfd.open(pid)
+
+
+def test_a_pidfd_dropped_without_close_is_closed():
+    popen = subprocess.Popen(["true"])
+    try:
+        pidfd = Pidfd.open(popen.pid)
+        fd = pidfd.fd
+        assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+        del pidfd
+        with pytest.raises(OSError) as closed:
+            os.fstat(fd)
+        assert closed.value.errno == errno.EBADF
+    finally:
+        popen.wait()
+
+
+# ---- wait_blocking: off the event loop, with a deadline --------------------------------------
+
+
+def test_wait_blocking_reports_a_process_that_outlives_the_deadline():
+    popen = subprocess.Popen(["sleep", "1000"], process_group=0)
+    popen.returncode = 0
+    watch = ProcessWatch.open(popen.pid)
+    started = time.monotonic()
+    assert watch.wait_blocking(0.3) is None  # still running at the deadline
+    elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 5, elapsed
+    assert watch.running and watch.status is None
+    assert proc_state(watch.pid) in ("S", "R")
+    assert watch.send_signal(signal.SIGKILL)
+    assert watch.wait_blocking(10) == 128 + signal.SIGKILL
+    assert proc_state(watch.pid) == "Z"  # read without reaping, as wait() does
+    watch.reap()
+    assert proc_state(watch.pid) is None
+
+
+def test_wait_blocking_returns_at_the_exit_not_at_the_deadline(pipe):
+    r, w = pipe
+    popen = subprocess.Popen(["sh", "-c", "read x; exit 5"], stdin=r, process_group=0)
+    popen.returncode = 0
+    watch = ProcessWatch.open(popen.pid)
+    os.write(w, b"go\n")
+    started = time.monotonic()
+    assert watch.wait_blocking(60) == 5
+    assert time.monotonic() - started < 10
+    assert watch.wait_blocking(60) == 5  # known: at once
+    assert watch.wait_blocking(None) == 5
+    watch.reap()
+
+
+def test_wait_blocking_without_a_deadline():
+    popen = subprocess.Popen(["sh", "-c", "sleep 0.2; exit 4"], process_group=0)
+    popen.returncode = 0
+    watch = ProcessWatch.open(popen.pid)
+    started = time.monotonic()
+    assert watch.wait_blocking(None) == 4
+    assert time.monotonic() - started >= 0.2
+    watch.reap()
+
+
+async def test_wait_blocking_refuses_a_non_child(grandchild, pipe):
+    pid, parent = grandchild(0)
+    watch = ProcessWatch.adopt(pid, os.getuid())
+    with pytest.raises(RuntimeError, match=f"pid {pid} is not our child"):
+        watch.wait_blocking(0)
+    os.write(pipe[1], b"x")
+    assert await asyncio.wait_for(watch.wait(), 10) == 0
+    watch.reap()
+    await asyncio.to_thread(parent.wait)
+
+
+# ---- ExitWatch --------------------------------------------------------------------------
+
+
+def exit_watch_classes() -> list[type]:
+    import nodestepd.step.step  # noqa: F401 (the step's own watches, so that they are checked too)
+
+    found, todo = [], list(ExitWatch.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def test_every_exit_watch_implements_every_member_itself():
+    """ExitWatch is a Protocol: a class that names it as its base but leaves out a member
+    would inherit the protocol's empty body and answer None. No class may rely on that."""
+    members = [name for name in vars(ExitWatch) if not name.startswith("_")]
+    assert sorted(members) == ["kill_group", "poll", "reap", "running", "send_signal", "status", "wait"]
+    classes = exit_watch_classes()
+    assert {ProcessWatch, MonitoredProcess} <= set(classes)
+    missing = [f"{cls.__qualname__}.{name}" for cls in classes for name in members
+               if getattr(cls, name) is getattr(ExitWatch, name)]
+    assert missing == []
+
+
+async def test_process_watch_status_and_running_are_its_own(spawn):
+    watch = spawn(["sh", "-c", "exit 2"])
+    assert (watch.status, watch.running) == (None, True)
+    await watch.wait()
+    assert (watch.status, watch.running) == (2, False)
