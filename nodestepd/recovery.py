@@ -207,6 +207,11 @@ def _watch(record: StepRecord, t: TaskRecord, exits: dict[int, int], store: Reco
         watch = ProcessWatch.adopt(pid, record.user.uid, start=t.process.start)
     except NotWatchable as e:
         status = exits.get(pid)
+        if status is None:
+            # `exits` was read before the pid was pinned: a task that ended in between is
+            # in the file now (its monitor records a status before it reaps), and must not
+            # be reported as unknown.
+            status = store.read_exits(record.name).statuses.get(pid)
         get_logger().info("task ended while the daemon was down", job_id=record.job_id, step_id=record.step_id,
                  task_id=t.task_id, pid=pid, status=status, found=str(e))
         return EndedProcess(status)
