@@ -222,6 +222,9 @@ def _open_writer(fifo: Path) -> int | None:
 
 def test_first_request_starts_the_daemon_through_systemd(node, user, bundle):
     m = node.machine
+    # Only the socket is started (enabled, as README says); no daemon runs yet.
+    assert m.systemctl("is-enabled", "nodestepd.socket").stdout == "enabled-runtime\n"
+    assert node.service("ActiveState", "MainPID") == {"ActiveState": "inactive", "MainPID": "0"}
     sock = m.path(SOCKET)
     made = sock.lstat()
     assert stat.S_ISSOCK(made.st_mode) and stat.S_IMODE(made.st_mode) == 0o666  # SocketMode=0666
