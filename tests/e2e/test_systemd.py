@@ -367,9 +367,10 @@ def test_a_frozen_daemon_is_restarted_by_the_watchdog_and_its_steps_recovered(no
     m.systemctl("kill", "--kill-whom=main", "--signal=SIGSTOP", SERVICE)
     poll_until(lambda: m.path(f"/proc/{frozen}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", 10,
                "the daemon stopped")
-    # While it is frozen, one step ends: its monitor records the status, but the daemon
-    # never reads the report. (Whether the task is reaped before or after the daemon dies,
-    # the next daemon has the status from the exit file.)
+    # One step is let end while the daemon is frozen: only its monitor sees it (it writes
+    # the status to the exit file; its report to the daemon stays unread). Should the
+    # watchdog be quicker than the container, the next daemon sees it end instead: either
+    # way, its status must come back exact.
     open_ending()
 
     # systemd's watchdog fires (no WATCHDOG=1 for 3 s), kills the daemon (SIGABRT, and
