@@ -128,6 +128,11 @@ def _watch(rec: StepRecord, t: TaskRecord, exits: dict[int, int], store: RecordS
         watch = ProcessWatch.adopt(pid, rec.user.uid, start=t.process.start)
     except NotWatchable as e:
         status = exits.get(pid)
+        if status is None:
+            # `exits` was read before the pid was pinned: a task that ended in between is
+            # in the file now (its monitor records a status before it reaps), and must not
+            # be reported as unknown.
+            status = store.read_exits(rec.name).statuses.get(pid)
         get_logger().info("task ended while the daemon was down", job_id=rec.job_id, step_id=rec.step_id,
                           task_id=t.task_id, pid=pid, status=status, found=str(e))
         return EndedProcess(status)
