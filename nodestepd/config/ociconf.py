@@ -3,10 +3,9 @@
 Everything wrong with a file is collected and reported at once (OciConfError.problems),
 each problem naming the file, line and key, so a site fixes its file in one pass.
 
-Syntax: `Key=Value` pairs separated by blanks, any number per line; key names are
-case-insensitive; `#` outside double quotes starts a comment; a value is either
-double-quoted (may contain blanks and `#`, cannot contain `"`; no escapes) or runs to
-the next blank. Blanks around `=` are not allowed.
+The line syntax (Key=Value pairs, quotes, comments) is ocisyntax.py's; here, what the
+keys mean: key names are case-insensitive, each value is checked for its key, and the
+run and create/start mode rules apply.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from nodestepd.config.posix_ere import EreError, compile_ere
+from nodestepd.config.ocisyntax import BLANKS, Pair, non_ascii, split_line
 from nodestepd.config.patterns import check_pattern
 
 __all__ = [
@@ -91,7 +91,6 @@ _KEY_BY_LOWER = {k.lower(): k for k in KEYS}
 _HOOK_BY_LOWER = {h.lower(): h for h in HOOK_TYPES}
 _TRUE = ("true", "yes", "y", "1")
 _FALSE = ("false", "no", "n", "0")
-_BLANKS = " \t"
 
 
 @dataclass(frozen=True)
@@ -184,13 +183,6 @@ _FIELD = {
 }
 
 
-@dataclass
-class _Pair:
-    line: int
-    key: str  # as written
-    value: str | None  # None: the value could not be read (a problem was already recorded)
-
-
 def load_oci_conf(path: str) -> OciConf:
     """Read and validate the oci.conf at `path`; OciConfError lists every problem."""
     try:
@@ -212,13 +204,13 @@ def parse_oci_conf(text: str, path: str = "<string>") -> OciConf:
     def problem(line: int | None, key: str | None, message: str) -> None:
         problems.append(Problem(path, line, key, message))
 
-    pairs: list[_Pair] = []
+    pairs: list[Pair] = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.removesuffix("\r")
-        bad = _non_ascii(line)
+        bad = non_ascii(line)
         if bad:
             problem(lineno, None, bad)
-        for key, message in _split_line(line, lineno, pairs):
+        for key, message in split_line(line, lineno, pairs):
             problem(lineno, _canonical(key) or key, message)
 
     # Collect values by key; report unknown and repeated keys.
@@ -277,61 +269,6 @@ def parse_oci_conf(text: str, path: str = "<string>") -> OciConf:
 
 def _canonical(key: str | None) -> str | None:
     return None if key is None else _KEY_BY_LOWER.get(key.lower())
-
-
-def _non_ascii(line: str) -> str | None:
-    for column, ch in enumerate(line, start=1):
-        if ord(ch) > 0x7F:
-            if 0xDC80 <= ord(ch) <= 0xDCFF:  # an undecodable byte, see load_oci_conf
-                return f"byte 0x{ord(ch) - 0xDC00:02x} at column {column} is not ASCII (oci.conf is an ASCII file)"
-            return f"character {ch!r} (U+{ord(ch):04X}) at column {column} is not ASCII (oci.conf is an ASCII file)"
-    return None
-
-
-def _split_line(line: str, lineno: int, pairs: list[_Pair]) -> list[tuple[str | None, str]]:
-    """Append the line's Key=Value pairs to `pairs`; return its syntax problems as (key, message).
-
-    After a syntax problem the rest of the line is not trusted, so parsing of the line stops.
-    """
-    i = 0
-    n = len(line)
-    while True:
-        while i < n and line[i] in _BLANKS:
-            i += 1
-        if i >= n or line[i] == "#":
-            return []
-        start = i
-        while i < n and line[i] not in ' \t=#"':
-            i += 1
-        key = line[start:i]
-        if i >= n or line[i] != "=":
-            rest = line[i:].lstrip(_BLANKS)
-            if key and rest.startswith("="):
-                return [(key, "blanks around '=' are not allowed (write Key=Value)")]
-            word = line[start:].split()[0]
-            return [(None, f"expected Key=Value at column {start + 1}, found {word!r}")]
-        if not key:
-            return [(None, f"missing key name before '=' at column {i + 1}")]
-        i += 1
-        if i < n and line[i] == '"':
-            close = line.find('"', i + 1)
-            if close < 0:
-                pairs.append(_Pair(lineno, key, None))
-                return [(key, f"missing closing '\"' (the value opened at column {i + 1} runs to the end of the line)")]
-            value = line[i + 1 : close]
-            i = close + 1
-            if i < n and line[i] not in _BLANKS + "#":
-                pairs.append(_Pair(lineno, key, None))
-                return [(key, f"unexpected {line[i]!r} right after the closing quote at column {i + 1}")]
-        else:
-            value_start = i
-            while i < n and line[i] not in _BLANKS + "#":
-                if line[i] == '"':
-                    pairs.append(_Pair(lineno, key, None))
-                    return [(key, f"'\"' inside an unquoted value at column {i + 1} (quote the whole value)")]
-                i += 1
-            value = line[value_start:i]
-        pairs.append(_Pair(lineno, key, value))
 
 
 def _unknown_key_message(key: str) -> str:
@@ -399,7 +336,7 @@ def _compile_regex(value: str) -> re.Pattern[str]:
 def _parse_hooks(value: str) -> tuple[str, ...]:
     hooks: list[str] = []
     for item in value.split(","):
-        name = item.strip(_BLANKS)
+        name = item.strip(BLANKS)
         if not name:
             raise ValueError(f"empty hook type in {value!r} (write a comma-separated list such as prestart,poststop)")
         canonical = _HOOK_BY_LOWER.get(name.lower())

@@ -19,7 +19,8 @@ from nodestepd.step import env as stepenv
 from nodestepd.step.configjson import BundleConfigError
 from nodestepd.step.runtime import RuntimeNotFound, find_program
 from nodestepd.step.spec import LaunchFailed, LaunchInput, LaunchSettings, StepSpec
-from nodestepd.step.spool import SpoolError, StepSpool, spool_layout
+from nodestepd.step.layout import SpoolError, spool_layout
+from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import Task
 
 ENV_FILE_NAME = "environment"

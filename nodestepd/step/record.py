@@ -23,9 +23,10 @@ import msgspec
 
 from nodestepd.config.patterns import PatternContext
 from nodestepd.process.identity import Identity
-from nodestepd.process.monitor import ExitRecords, read_exit_file
+from nodestepd.process.exitfile import ExitRecords, read_exit_file
 from nodestepd.step.spec import RuntimeCommands, StepSettings, StepSpec
-from nodestepd.step.spool import SpoolLayout, StepSpool
+from nodestepd.step.layout import SpoolLayout
+from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import ProcessId, Task
 
 FORMAT = "nodestepd-step"

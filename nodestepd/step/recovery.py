@@ -28,7 +28,8 @@ from nodestepd.process.reaper import Reaper
 from nodestepd.process.watch import ExitWatch, NotWatchable, ProcessWatch
 from nodestepd.step import record
 from nodestepd.step.record import RecordStore, StepRecord, TaskRecord
-from nodestepd.step.spool import SpoolError, StepSpool
+from nodestepd.step.layout import SpoolError
+from nodestepd.step.spool import StepSpool
 from nodestepd.step.step import Step
 from nodestepd.step.task import EndedProcess, Task
 

@@ -1,4 +1,4 @@
-"""Per-step spool directories: where they go, and creating/removing them safely as root.
+"""Per-step spool directories: creating, reopening and removing them safely as root.
 
 The daemon runs as root, but the spool tree ends up owned by the step's user, and
 ContainerPath may put it anywhere (including directories the user can write). So every
@@ -17,114 +17,16 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from nodestepd.config.patterns import cut_before_task_component
+from nodestepd.step.cleardir import clear_dir
+from nodestepd.step.layout import SpoolError, SpoolLayout, components, join
 
-__all__ = ["SpoolError", "SpoolLayout", "StepSpool", "spool_layout"]
+__all__ = ["StepSpool"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PRIVATE_DIR_MODE = 0o700
-
-
-class SpoolError(Exception):
-    """A spool directory could not be laid out, created, written or removed."""
-
-
-@dataclass(frozen=True)
-class SpoolLayout:
-    step_dir: str  # absolute and normalised
-    task_dirs: tuple[str, ...]  # absolute, one per task, each strictly inside step_dir
-    # False when the parent of step_dir is the daemon's own spool dir: the daemon creates
-    # that at startup, root-owned, shared by all users, so it must never be created here
-    # (it would end up owned by whichever user's step came first).
-    create_parents: bool = True
-
-
-def spool_layout(
-    *,
-    container_path: str | None,
-    spool_dir: str,
-    expand: Callable[[str, int], str],
-    job_id: int,
-    step_id: int,
-    ntasks: int,
-    task_offset: int | None = None,
-) -> SpoolLayout:
-    """Compute where a step's spool dir and its task dirs go (docs/oci-conf.md, "Spool dirs").
-
-    task_offset: a per-task launch (docs/protocol.md) of tasks task_offset... Several such
-    launches of one step share a node, and each owns its spool dir, so theirs is named
-    oci-job%j-%s-task%t after their first task.
-    """
-    if ntasks < 0:
-        raise ValueError(f"ntasks must not be negative, got {ntasks}")
-    step_name = f"oci-job{job_id}-{step_id}"
-    first = 0
-    if task_offset is not None:
-        first = task_offset
-        step_name += f"-task{task_offset}"
-        if container_path and cut_before_task_component(container_path) is not None:
-            raise SpoolError(
-                f"ContainerPath {container_path!r} puts every task of a step under one step dir (the part before %t),"
-                " so the step cannot be launched task by task; launch it once with --ntasks instead"
-            )
-    ids = range(first, first + ntasks)
-    if not container_path:
-        base = _normalised(spool_dir, "the spool dir is")
-        step_dir = _join(base, step_name)
-        task_dirs = [_join(step_dir, f"task-{t}") for t in ids]
-        create_parents = False
-    else:
-        prefix = cut_before_task_component(container_path)
-        if prefix is None:
-            base = _normalised(expand(container_path, 0), f"ContainerPath {container_path!r} expands to")
-            step_dir = _join(base, step_name)
-            task_dirs = [_join(step_dir, f"task-{t}") for t in ids]
-        else:
-            what = f"ContainerPath {container_path!r} expands to"
-            step_dir = _normalised(expand(prefix, 0), what)
-            task_dirs = [_normalised(expand(container_path, t), what) for t in ids]
-        create_parents = True
-
-    _normalised(step_dir, "the step spool dir is")
-    if step_dir == "/":
-        raise SpoolError("the step spool dir would be / itself; ContainerPath needs a directory before its %t component")
-    for task_dir in task_dirs:
-        if not task_dir.startswith(step_dir + "/"):
-            raise SpoolError(f"task spool dir {task_dir} is not inside the step spool dir {step_dir}")
-    if len(set(task_dirs)) != len(task_dirs):
-        raise SpoolError(f"task spool dirs under {step_dir} are not distinct: ContainerPath must give each task its own dir")
-    # Sorting by component lists puts every directory right before its descendants.
-    ordered = sorted(task_dirs, key=lambda p: p.split("/"))
-    for outer, inner in zip(ordered, ordered[1:]):
-        if inner.startswith(outer + "/"):
-            raise SpoolError(f"task spool dir {inner} is nested inside task spool dir {outer}")
-    return SpoolLayout(step_dir=step_dir, task_dirs=tuple(task_dirs), create_parents=create_parents)
-
-
-def _join(base: str, name: str) -> str:
-    return "/" + name if base == "/" else f"{base}/{name}"
-
-
-def _normalised(path: str, what: str) -> str:
-    """Return path without trailing slashes, or raise unless it is absolute and plain."""
-    if "\0" in path:
-        raise SpoolError(f"{what} {path!r}, which contains a NUL byte")
-    if not path.startswith("/"):
-        raise SpoolError(f"{what} {path!r}, which is not an absolute path")
-    # A trailing slash (ContainerPath=/scratch/) is harmless; anything else irregular is
-    # refused rather than silently fixed, because '..' would let a path escape its parent.
-    path = path.rstrip("/") or "/"
-    if path != "/" and any(part in ("", ".", "..") for part in path.split("/")[1:]):
-        raise SpoolError(f"{what} {path!r}, which is not normalised (it has an empty, '.' or '..' component)")
-    return path
-
-
-def _components(path: str) -> list[str]:
-    return [part for part in path.split("/") if part]
 
 
 @dataclass
@@ -224,12 +126,12 @@ class StepSpool:
         return spool
 
     def _create(self) -> None:
-        parent_parts = _components(self.layout.step_dir)[:-1]
+        parent_parts = components(self.layout.step_dir)[:-1]
         anchor = _Dir(fd=os.open("/", _DIR_FLAGS), path="/", parent=None, created=False)
         self._above.append(anchor)
         current = anchor
         for part in parent_parts:
-            path = _join(current.path, part)
+            path = join(current.path, part)
             try:
                 fd = os.open(part, _DIR_FLAGS, dir_fd=current.fd)
             except FileNotFoundError:
@@ -271,8 +173,8 @@ class StepSpool:
 
         for task_dir in self.layout.task_dirs:
             current = self._step
-            for part in _components(task_dir.removeprefix(self.layout.step_dir)):
-                path = _join(current.path, part)
+            for part in components(task_dir.removeprefix(self.layout.step_dir)):
+                path = join(current.path, part)
                 existing = self._inner.get(path)
                 if existing is not None:
                     current = existing
@@ -333,8 +235,8 @@ class StepSpool:
 
         current = _Dir(fd=os.open("/", _DIR_FLAGS), path="/", parent=None, created=False)
         self._above.append(current)
-        for part in _components(self.layout.step_dir)[:-1]:
-            child = open_child(current, part, _join(current.path, part))
+        for part in components(self.layout.step_dir)[:-1]:
+            child = open_child(current, part, join(current.path, part))
             if child is None:
                 return False
             if not child.created and not current.created:
@@ -350,8 +252,8 @@ class StepSpool:
             raise SpoolError(f"{self.layout.step_dir} is not recorded as created by the step; it was left alone")
         for task_dir in self.layout.task_dirs:
             current = self._step
-            for part in _components(task_dir.removeprefix(self.layout.step_dir)):
-                path = _join(current.path, part)
+            for part in components(task_dir.removeprefix(self.layout.step_dir)):
+                path = join(current.path, part)
                 existing = self._inner.get(path)
                 if existing is None:
                     existing = open_child(current, part, path)
@@ -400,7 +302,7 @@ class StepSpool:
         if not name or "/" in name or "\0" in name or name in (".", ".."):
             raise ValueError(f"{name!r} is not a plain file name")
         task = self._task(task_index)
-        path = _join(task.path, name)
+        path = join(task.path, name)
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=task.fd)
         except OSError as exc:
@@ -444,7 +346,7 @@ class StepSpool:
         assert step is not None and step.parent is not None
         # Empty the tree through the fd we hold, so a rename of the step dir by its
         # (user) owner cannot redirect us anywhere else.
-        _clear_dir(step.fd, step.path, errors)
+        clear_dir(step.fd, step.path, errors)
         _rmdir_if_same(step, errors, ignore_not_empty=False)
         for d in reversed(self._above):
             if d.created:
@@ -498,94 +400,3 @@ def _rmdir_if_same(d: _Dir, errors: list[str], *, ignore_not_empty: bool) -> Non
         if ignore_not_empty and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
             return
         errors.append(f"cannot remove {d.path}: {exc.strerror}")
-
-
-@dataclass
-class _Frame:
-    fd: int
-    path: str
-    pending: list[str]
-
-
-def _list_dir(fd: int, path: str, errors: list[str]) -> list[str]:
-    try:
-        return os.listdir(fd)
-    except OSError as exc:
-        errors.append(f"cannot list {path}: {exc.strerror}")
-        return []
-
-
-def _clear_dir(top_fd: int, top_path: str, errors: list[str]) -> None:
-    """Delete everything inside the directory open at top_fd, never following symlinks.
-
-    Iterative rather than recursive: the user can nest directories deeper than Python's
-    recursion limit. It still holds one fd per level being descended.
-    """
-    try:
-        top_dev = os.fstat(top_fd).st_dev
-    except OSError as exc:
-        errors.append(f"cannot inspect {top_path}: {exc.strerror}")
-        return
-    stack = [_Frame(top_fd, top_path, _list_dir(top_fd, top_path, errors))]
-    try:
-        while stack:
-            frame = stack[-1]
-            if not frame.pending:
-                stack.pop()
-                if stack:
-                    os.close(frame.fd)
-                    _remove_entry(stack[-1], os.path.basename(frame.path), errors, rmdir=True)
-                continue
-            name = frame.pending.pop()
-            path = _join(frame.path, name)
-            if _remove_entry(frame, name, errors, rmdir=False):
-                continue
-            # It is a directory (unlink said so): open it without following anything.
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=frame.fd)
-            except OSError as exc:
-                if exc.errno in (errno.ENOTDIR, errno.ELOOP):
-                    # Swapped for a file or symlink since the unlink attempt: try once more.
-                    if not _remove_entry(frame, name, errors, rmdir=False):
-                        errors.append(f"cannot remove {path}: it keeps changing")
-                else:
-                    errors.append(f"cannot open {path}: {exc.strerror}")
-                continue
-            try:
-                dev = os.fstat(fd).st_dev
-            except OSError as exc:
-                os.close(fd)
-                errors.append(f"cannot inspect {path}: {exc.strerror}")
-                continue
-            if dev != top_dev:
-                # A mount point (e.g. a user's FUSE mount): never descend into another fs.
-                os.close(fd)
-                errors.append(f"{path} is a mount point, which was left alone")
-                continue
-            stack.append(_Frame(fd, path, _list_dir(fd, path, errors)))
-    finally:
-        # Only reached with frames left when something unexpected was raised.
-        for frame in stack[1:]:
-            os.close(frame.fd)
-
-
-def _remove_entry(frame: _Frame, name: str, errors: list[str], *, rmdir: bool) -> bool:
-    """unlink (or rmdir) name in frame's dir; False only when it turned out to be a directory."""
-    path = _join(frame.path, name)
-    try:
-        if rmdir:
-            os.rmdir(name, dir_fd=frame.fd)
-        else:
-            os.unlink(name, dir_fd=frame.fd)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        # Linux answers unlink() of a directory with EISDIR, POSIX allows EPERM.
-        if not rmdir and exc.errno in (errno.EISDIR, errno.EPERM):
-            try:
-                if stat.S_ISDIR(os.lstat(name, dir_fd=frame.fd).st_mode):
-                    return False
-            except OSError:
-                pass
-        errors.append(f"cannot remove {path}: {exc.strerror}")
-    return True

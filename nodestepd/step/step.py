@@ -33,8 +33,10 @@ from nodestepd.step.prepare import Prepared
 from nodestepd.step.record import RecordStore, StepRecord
 from nodestepd.step.runtime import Runtime
 from nodestepd.step.spec import LaunchFailed, NoTimings, Stdio, StepResult, StepSettings, StepSpec, Timings
-from nodestepd.step.spool import SpoolError, StepSpool
+from nodestepd.step.layout import SpoolError
+from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import Task
+from nodestepd.step.termination import terminate
 
 
 class StepState(enum.Enum):
@@ -276,40 +278,8 @@ class Step:
             self.log.error("cannot write the step's record", error=str(e), change="terminating")
         # Not only the running tasks: one that ended while no daemon watched it (a cancel cut
         # short by a restart) still has its container to delete.
-        await asyncio.gather(*(self._terminate_task(task) for task in self.tasks
-                               if task.watch is not None and not task.deleted))
-
-    async def _terminate_task(self, task: Task) -> None:
-        """RunTimeKill; wait (bounded by kill_wait); SIGKILL; RunTimeDelete."""
-        assert task.watch is not None
-        if task.running and not await self._stop(task):
-            # No process to kill: RunTimeDelete (with --force) is what stops it; the watch sees it go.
-            await self.runtime.delete(task)
-            await task.watch.wait()
-            return
-        await task.watch.wait()
-        await self.runtime.delete(task)
-
-    async def _stop(self, task: Task) -> bool:
-        """RunTimeKill, then kill_wait for the end, then the mode's SIGKILL. False when there was
-        no process to kill."""
-        assert task.watch is not None
-        log = self.log.bind(task_id=task.task_id)
-        kill = await self.runtime.kill(task)
-        if not task.running:
-            return True
-        if kill is None or kill.status != 0:
-            if kill is not None:
-                log.warning(f"RunTimeKill failed; killing {self.mode.kill_target} now", status=kill.status,
-                            output=kill.output)
-            return self.mode.kill(task)
-        try:
-            await asyncio.wait_for(task.watch.wait(), self.settings.kill_wait)
-            return True
-        except TimeoutError:
-            log.warning(f"task still running after kill_wait; killing {self.mode.kill_target}",
-                        kill_wait=self.settings.kill_wait)
-            return self.mode.kill(task)
+        await asyncio.gather(*(terminate(task, self.runtime, self.mode, self.settings.kill_wait, self.log)
+                               for task in self.tasks if task.watch is not None and not task.deleted))
 
     # ---- the record -----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import read_line_from, runc_containers, spool_entries
 from test_recording_runtime import load, oci_conf, replacements, slurm_vars
 
-from nodestepd.step.spool import SpoolError, spool_layout
+from nodestepd.step.layout import SpoolError, spool_layout
 from nodestepd.step.env import SlurmTask, slurm_task_env
 
 

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from nodestepd.step.spool import SpoolError, SpoolLayout, StepSpool, spool_layout
+from nodestepd.step.layout import SpoolError, SpoolLayout, spool_layout
+from nodestepd.step.spool import StepSpool
 
 USER_UID = 65534
 USER_GID = 65534

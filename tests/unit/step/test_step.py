@@ -19,7 +19,7 @@ from nodestepd.process.spawn import HelperResult
 from nodestepd.step import record
 from nodestepd.step.prepare import Prepared
 from nodestepd.step.spec import LaunchFailed, NoTimings, RuntimeCommands, Stdio, StepResult, StepSettings, StepSpec
-from nodestepd.step.spool import SpoolLayout
+from nodestepd.step.layout import SpoolLayout
 from nodestepd.step.step import Step, StepState
 from nodestepd.step.task import EndedProcess, ProcessId, Task
 
