@@ -3,7 +3,7 @@
 As root, from the repository, with the Python of nodestepd's virtualenv (the one
 scripts/setup.sh makes, with the `bench` extra for matplotlib):
 
-    /opt/nodestepd/venv/bin/python -m bench            # about 6 minutes on 2 cores
+    /opt/nodestepd/venv/bin/python -m bench            # about 4 minutes on 2 cores
     /opt/nodestepd/venv/bin/python -m bench --quick --out /tmp/b   # seconds: proves it works
 
 Every step, runtime and reference runs as the unprivileged user (--user, default nsdtest1),

@@ -4,8 +4,8 @@
 Run as root from the repository, with nodestepd installed (pip builds the monitor):
     /opt/nodestepd/venv/bin/python bench/monitor_overhead.py [--runs 200] [--monitors 100] [--user nsdtest1]
 
-Launch: `/bin/sh -c true` as the unprivileged user, started directly (runtime.spawn_shell,
-how tasks start without a monitor) and under a monitor (monitor.Monitor.spawn),
+Launch: `/bin/sh -c true` as the unprivileged user, started directly (process.spawn.spawn_shell,
+how tasks start without a monitor) and under a monitor (process.monitor.Monitor.spawn),
 interleaved (A B A B ...) so machine noise hits both alike. Two times each: the blocking
 spawn call (returns once the shell is exec'ed), and the whole cycle as a step sees it
 (spawn, exit status known, released and reaped: for the monitor, until the monitor
@@ -19,7 +19,8 @@ per-process cost (task_struct, a 16 KiB kernel stack) is not in these.
 Records: a step's record written (temporary file, fsync, rename, fsync of the dir) as
 the daemon does it, --runs times, in a new directory under --state-parent (default
 /var/lib, where the default state dir lives). A launch writes it twice before its reply
-(launching, running), once when its tasks have ended, and removes it after cleanup.
+(launching, running) and removes it after cleanup; nothing is written when its tasks end
+(their monitors put the statuses in the exit file).
 """
 
 from __future__ import annotations

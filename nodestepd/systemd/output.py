@@ -8,8 +8,8 @@ NODESTEPD_USER and NODESTEPD_STREAM. journald's own stdout streams cannot carry 
 ours, hence the pipes through the daemon.
 
 The read ends live as long as the daemon: a step left running when the daemon stops
-loses its reader (its next write gets EPIPE), so steps meant to outlive the daemon need
---output until restart survival exists.
+loses its reader (its next write gets EPIPE). Steps survive a restart, this output path
+does not (yet): steps meant to outlive the daemon need --output (docs/restart.md).
 """
 
 from __future__ import annotations
