@@ -2,7 +2,7 @@
 
     python driver.py '{"op": "launch", ...}'   ->  one JSON object on stdout
 
-It speaks the nodestepd protocol through nodestepctl's own functions (nodestepd.client),
+It speaks the nodestepd protocol through nodestepctl's own functions (nodestepd.ctl.transport),
 from one long-lived process, so what it measures is the daemon and the runtime, not a
 Python interpreter starting per step (section 1 measures that). The references it
 measures (the same processes spawned without the daemon) are spawned the way the daemon
@@ -18,7 +18,8 @@ Operations (fields of the JSON argument):
           processes), print the launch time,
           wait for a line on stdin, then SIGKILL each process group, wait for it and run
           after_kill (a shell command with "{i}", or null), and print the cancel time.
-Only standard library and nodestepd.client: this file runs as a script, as the user.
+Only the standard library and nodestepctl's transport (nodestepd.ctl.transport, .exits): this file
+runs as a script, as the user.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from nodestepd.ctl import main as client
+from nodestepd.ctl import transport
+from nodestepd.ctl.exits import ClientError
 
 
 def _each(count: int, concurrency: int, work: Callable[[int], str | None]) -> tuple[float, list[str]]:
@@ -91,11 +93,11 @@ def launch(p: dict) -> dict:
             "step_id": 0, "chdir": "/", "detach": p["detach"], "config_json": config_json,
         }
         try:
-            with client.connect(p["socket"]) as sock:
-                client.send(sock, message, [devnull_r, devnull_w, devnull_w])
-                client.expect(client.receive(sock), "started")
-                status = 0 if p["detach"] else client.expect(client.receive(sock), "exit")["status"]
-        except (client.ClientError, OSError) as e:
+            with transport.connect(p["socket"]) as sock:
+                transport.send(sock, message, [devnull_r, devnull_w, devnull_w])
+                transport.expect(transport.receive(sock), "started")
+                status = 0 if p["detach"] else transport.expect(transport.receive(sock), "exit")["status"]
+        except (ClientError, OSError) as e:
             return f"job {p['first_job'] + i}: {e}"
         return f"job {p['first_job'] + i}: exit status {status}" if status else None
 
@@ -111,8 +113,8 @@ def cancel(p: dict) -> dict:
     def one(i: int) -> str | None:
         job = p["first_job"] + i
         try:
-            client.request(p["socket"], {"op": "cancel", "job_id": job, "step_id": 0}, "exit")
-        except (client.ClientError, OSError) as e:
+            transport.request(p["socket"], {"op": "cancel", "job_id": job, "step_id": 0}, "exit")
+        except (ClientError, OSError) as e:
             return f"job {job}: {e}"
         return None
 

@@ -149,7 +149,7 @@ def nodestepd_page(parser: argparse.ArgumentParser) -> str:
 
 def generated_files() -> dict[str, str]:
     """Relative path (as installed under the prefix) -> content."""
-    from nodestepd.ctl.main import build_parser as ctl_parser
+    from nodestepd.ctl.parser import build_parser as ctl_parser
     from nodestepd.ctl.completion import bash_completion
     from nodestepd.daemon.main import build_parser as daemon_parser
 

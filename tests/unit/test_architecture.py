@@ -37,7 +37,11 @@ KERNEL_ATTRIBUTES = {("os", "pidfd_open"), ("signal", "pidfd_send_signal"), ("so
 KERNEL_NAMES = {"prctl", "pidfd_open", "pidfd_send_signal", "SO_PEERCRED"}
 
 CLIENT_HOT_PATH = ("nodestepd.ctl.main",)
-CLIENT_MAY_LOAD = ("nodestepd.protocol.wire", "nodestepd.protocol", "nodestepd.ctl", "nodestepd")
+# nodestepctl's own modules (all but check-config's, doctor's and the generators'), and wire.
+CLIENT_MAY_LOAD = (
+    "nodestepd.ctl.parser", "nodestepd.ctl.exits", "nodestepd.ctl.transport", "nodestepd.ctl.run",
+    "nodestepd.ctl.commands", "nodestepd.protocol.wire", "nodestepd.protocol", "nodestepd.ctl", "nodestepd",
+)
 
 
 def module_name(path: Path) -> str:

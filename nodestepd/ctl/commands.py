@@ -1,0 +1,130 @@
+"""nodestepctl's subcommands other than run: one request to the daemon each (ps, signal,
+cancel, wait, status, reload), and the entry points of those that need no daemon
+(check-config, doctor, completion).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from nodestepd.ctl.exits import EXIT_USAGE, ClientError, step_exit_status
+from nodestepd.ctl.parser import build_parser, remainder
+from nodestepd.ctl.transport import request
+from nodestepd.protocol import wire
+
+PS_COLUMNS = ("STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND")
+
+
+def _ref(text: str) -> tuple[int, int]:
+    try:
+        return wire.parse_step_ref(text)
+    except ValueError as e:
+        raise ClientError(str(e), EXIT_USAGE) from None
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    job_id, step_id = _ref(args.step)
+    request(args.socket, {"op": "signal", "signal": args.signal, "job_id": job_id, "step_id": step_id}, "ok")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job_id, step_id = _ref(args.step)
+    reply = request(args.socket, {"op": "cancel", "job_id": job_id, "step_id": step_id}, "exit")
+    status = "unknown" if reply["status"] is None else reply["status"]
+    print(f"step {job_id}.{step_id} cancelled (status {status})")
+    return 0
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    job_id, step_id = _ref(args.step)
+    reply = request(args.socket, {"op": "wait", "job_id": job_id, "step_id": step_id}, "exit")
+    return step_exit_status(reply)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    steps = request(args.socket, {"op": "ps"}, "steps")["steps"]
+    if args.json:
+        print(json.dumps(steps, indent=2))
+        return 0
+    for line in ps_table(steps, time.time()):
+        print(line)
+    return 0
+
+
+def ps_table(steps: list[dict], now: float) -> list[str]:
+    """The lines of `ps`: each column as wide as its widest cell, the command last and unpadded."""
+    rows = [PS_COLUMNS]
+    for s in steps:
+        rows.append((
+            f"{s['job_id']}.{s['step_id']}", s["user"], s["state"], str(len(s["tasks"])),
+            _status_column(s), _age(now - s["started_at"]), " ".join(s["args"]),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(PS_COLUMNS) - 1)]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+
+
+def _status_column(step: dict) -> str:
+    if step["status"] is not None:
+        return str(step["status"])
+    return "unknown" if step["state"] == "finished" else "-"
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    r = request(args.socket, {"op": "status"}, "status")
+    print(f"nodestepd {r['version']} on {r['node_name']}, up {_age(r['uptime'])}")
+    print(f"config file:  {r['config_file'] or '(none, built-in defaults)'}")
+    print(f"oci.conf:     {r['oci_conf']} ({r['oci_mode']} mode)")
+    print(f"socket:       {r['socket']}")
+    print(f"spool dir:    {r['spool_dir']}")
+    print(f"state dir:    {r['state_dir']}")
+    print(f"steps:        {r['steps_running']} running, {r['steps_finished']} finished")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    request(args.socket, {"op": "reload"}, "ok")
+    print("nodestepd reloaded its settings file and oci.conf")
+    return 0
+
+
+# These import their modules when they run: whatever is imported at the top is loaded
+# at every launch, and check-config and doctor bring nodestepd's config, step and
+# process modules (asyncio among them).
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from nodestepd.ctl.checkconfig import check_config
+
+    return check_config(args.file, node_name=args.node_name)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from nodestepd.ctl.doctor import DoctorOptions, DoctorUsageError, print_report, run_doctor
+
+    options = DoctorOptions(user=args.user, bundle=args.bundle, config_file=args.config, oci_conf=args.oci_conf,
+                            args=tuple(remainder(args.command)))
+    try:
+        checks = run_doctor(options)
+    except DoctorUsageError as e:
+        raise ClientError(str(e), EXIT_USAGE) from None
+    return print_report(checks, as_json=args.json)
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from nodestepd.ctl.completion import bash_completion
+
+    sys.stdout.write(bash_completion(build_parser()))
+    return 0

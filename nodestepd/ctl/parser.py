@@ -1,0 +1,223 @@
+"""nodestepctl's command line: the argparse parsers behind --help, the man page and the bash completion.
+
+Only the parser of the subcommand being run is built (build_parser(only=...)): see SUBCOMMANDS.
+What each subcommand does is in run.py and commands.py; main.py connects the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from nodestepd import __version__
+
+DEFAULT_SOCKET = "/run/nodestepd/nodestepd.sock"
+DEFAULT_OCI_CONF = "/etc/slurm/oci.conf"
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (only=NAME) the same with just that subcommand's parser."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(
+        prog="nodestepctl",
+        description="Run and manage OCI container steps through the local nodestepd.",
+        epilog="Examples:\n"
+        "  nodestepctl run --bundle ~/images/alpine -- cat /etc/os-release\n"
+        "  nodestepctl run --detach --output out.txt --bundle ~/images/alpine -- ./simulate\n"
+        "  nodestepctl ps\n"
+        "  nodestepctl check-config /etc/slurm/oci.conf",
+        formatter_class=raw,
+    )
+    p.add_argument("--socket", default=os.environ.get("NODESTEPD_SOCKET", DEFAULT_SOCKET),
+                   help=f"daemon socket (default $NODESTEPD_SOCKET or {DEFAULT_SOCKET})")
+    p.add_argument("--version", action="version", version=f"nodestepctl {__version__}")
+    sub = p.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+
+    for name, add in SUBCOMMANDS.items():
+        if only is None or name == only:
+            add(sub, raw)
+    return p
+
+
+def _add_run(sub, raw) -> None:
+    run = sub.add_parser(
+        "run", formatter_class=raw, help="run a container step and wait for it (or --detach)",
+        description="Run COMMAND in a container made from the OCI bundle DIR, one container per task.\n"
+        "Attached (default): the containers use this terminal's stdin/stdout/stderr, signals sent to\n"
+        "nodestepctl (INT, TERM, HUP, USR1, USR2, CONT, TSTP) go to the step, the step is cancelled if\n"
+        "nodestepctl dies, and nodestepctl exits with the step's status: the first non-zero task\n"
+        "status (128+N for signal N), else 0. 125: the step could not start.\n"
+        "COMMAND is passed as given; the container resolves it against its own PATH.\n"
+        "Under srun (SLURM_JOB_ID, SLURM_STEP_ID, SLURM_PROCID set) each nodestepctl is one task of\n"
+        "Slurm's step: %j %s %t are SLURM_JOB_ID, SLURM_STEP_ID, SLURM_PROCID, and the container sees\n"
+        "SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID as Slurm gives them to the task.\n"
+        "While the daemon prepares a slow launch, a progress line goes to stderr after 1 s.",
+        epilog="Examples:\n"
+        "  nodestepctl run --bundle /images/alpine -- uname -a\n"
+        "  nodestepctl run --ntasks 4 --env MODE=fast --bundle /images/app -- /app/run\n"
+        "  nodestepctl run --detach --output job.log --bundle /images/app -- /app/run  # prints JOB.STEP\n"
+        "  srun -N 64 --ntasks-per-node 2 nodestepctl run --bundle /images/app -- /app/run  # one container per task\n"
+        "  nodestepctl run --user alice --detach --output /home/alice/job.log --bundle /home/alice/app -- /app/run"
+        "  # operators",
+    )
+    run.add_argument("--bundle", required=True, metavar="DIR", help="OCI bundle (with config.json unless the site ignores it)")
+    run.add_argument("--job-id", type=int, metavar="J", help="job id (default $SLURM_JOB_ID, else assigned by the daemon)")
+    run.add_argument("--step-id", type=int, metavar="S", help="step id (default $SLURM_STEP_ID, else 0)")
+    run.add_argument("--ntasks", type=int, metavar="N",
+                     help="containers to run from this one launch, task ids 0..N-1 (default 1; under srun: this task)")
+    run.add_argument("--task-id", type=int, metavar="T",
+                     help="launch task T of the step only (default under srun: $SLURM_PROCID); "
+                     "other launches of the step may run the other tasks")
+    run.add_argument("--local-id", type=int, metavar="L",
+                     help="with a per-task launch: SLURM_LOCALID of the task (default $SLURM_LOCALID, else T)")
+    run.add_argument("--container-id", metavar="ID", help="SLURM_CONTAINER_ID in the container (default $SLURM_CONTAINER_ID)")
+    run.add_argument("--chdir", metavar="DIR", help="the step's working directory, %%Z in oci.conf (default: here)")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set a variable in the step (repeatable)")
+    run.add_argument("--export", choices=["ALL", "NONE"], default="ALL",
+                     help="ALL: pass this environment plus --env (default); NONE: only --env")
+    run.add_argument("--pty", action="store_true", help="give the container a terminal (process.terminal)")
+    run.add_argument("--detach", action="store_true", help="print JOB.STEP and return at once; the step runs on")
+    run.add_argument("--output", metavar="FILE",
+                     help="with --detach: stdout (and stderr) to FILE, opened by you (default: the journal, "
+                     "with the step's fields, when nodestepd logs there; else discarded)")
+    run.add_argument("--error", metavar="FILE", help="with --detach: stderr to FILE (default: same as --output)")
+    run.add_argument("--user", metavar="NAME|UID",
+                     help="operators only: run the step as this user (config.json and --output/--error are then "
+                     "opened by the daemon as that user)")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+
+
+def _add_ps(sub, raw) -> None:
+    ps = sub.add_parser("ps", help="list steps (yours; everyone's for operators)",
+                        description="List running and recently finished steps.",
+                        epilog="Examples:\n  nodestepctl ps\n  nodestepctl ps --json | jq '.[].job_id'", formatter_class=raw)
+    ps.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_signal(sub, raw) -> None:
+    sig = sub.add_parser("signal", help="send a signal to a step's runtimes",
+                         description="Send SIGNAL (a name like USR1 or SIGUSR1, or a number) to every task of the step.",
+                         epilog="Example:\n  nodestepctl signal 42.0 USR1", formatter_class=raw)
+    sig.add_argument("step", metavar="JOB.STEP")
+    sig.add_argument("signal", metavar="SIGNAL")
+
+
+def _add_cancel(sub, raw) -> None:
+    cancel = sub.add_parser("cancel", help="cancel a step: RunTimeKill, grace period, SIGKILL, RunTimeDelete, cleanup",
+                            description="Cancel a step and wait until its containers are gone and its spool removed.",
+                            epilog="Example:\n  nodestepctl cancel 42.0", formatter_class=raw)
+    cancel.add_argument("step", metavar="JOB.STEP")
+
+
+def _add_wait(sub, raw) -> None:
+    wait = sub.add_parser("wait", help="wait for a step and exit with its status",
+                          description="Wait until the step ends; exit with its status (also for a step that already ended).",
+                          epilog="Example:\n  nodestepctl wait 42.0; echo $?", formatter_class=raw)
+    wait.add_argument("step", metavar="JOB.STEP")
+
+
+def _add_status(sub, raw) -> None:
+    status = sub.add_parser("status", help="daemon version, uptime, configuration and step counts",
+                            epilog="Example:\n  nodestepctl status", formatter_class=raw)
+
+
+def _add_reload(sub, raw) -> None:
+    reload = sub.add_parser(
+        "reload", formatter_class=raw, help="make nodestepd re-read its settings file and oci.conf (root)",
+        description="Re-read the daemon's TOML settings file and oci.conf (as SIGHUP does) and wait for the\n"
+        "outcome. New steps use the new configuration; running steps keep the one they started with.\n"
+        "A file with problems is rejected, every problem printed, and the old configuration stays in use\n"
+        "(exit status 1). socket, state_dir, log_format, log_level, no_new_privs and max_connections\n"
+        "change only at restart.",
+        epilog="Example:\n  nodestepctl reload   # what systemctl reload nodestepd runs",
+    )
+
+
+def _add_check_config(sub, raw) -> None:
+    check = sub.add_parser(
+        "check-config", formatter_class=raw, help="validate an oci.conf (no daemon needed)",
+        description="Validate an oci.conf the way nodestepd loads it; print the mode and every RunTime*\n"
+        "command expanded for a sample step. Exits 1 and lists every problem on an invalid file.",
+        epilog="Example:\n  nodestepctl check-config /etc/slurm/oci.conf",
+    )
+    check.add_argument("file", nargs="?", default=DEFAULT_OCI_CONF, metavar="FILE", help=f"default {DEFAULT_OCI_CONF}")
+    check.add_argument("--node-name", help="node name for %%n in the sample (default: this host)")
+
+
+def _add_doctor(sub, raw) -> None:
+    doctor = sub.add_parser(
+        "doctor", formatter_class=raw, help="find what keeps containers from running here (no daemon needed)",
+        description="Check this node for a user: user namespaces, the daemon's settings and oci.conf, every\n"
+        "runtime program (`--version` as the user), /run/user/UID and lingering, the spool and state dirs,\n"
+        "the bundle, and finally the Slurm guide's \"test outside Slurm\" with the configured commands.\n"
+        "One line per check (ok, warn, fail) with the fix; exits 0 only when nothing fails.\n"
+        "An ordinary user checks for themselves. root must name the user with --user: every runtime\n"
+        "command then runs as that user (never as root). The runtimes see doctor's environment (PATH)\n"
+        "where the daemon's would see the daemon's: run doctor with the daemon's environment.",
+        epilog="Examples:\n"
+        "  nodestepctl doctor --bundle ~/images/alpine\n"
+        "  nodestepctl doctor --user alice --bundle /home/alice/images/alpine   # as root\n"
+        "  nodestepctl doctor --oci-conf /etc/slurm/oci.conf --bundle B -- /bin/echo hello",
+    )
+    doctor.add_argument("--bundle", metavar="DIR", help="OCI bundle to check and to run the test on")
+    doctor.add_argument("--user", metavar="NAME", help="as root: the user to check for (default: yourself)")
+    doctor.add_argument("--config", metavar="FILE",
+                        help="the daemon's TOML settings (default /etc/nodestepd/nodestepd.toml, optional)")
+    doctor.add_argument("--oci-conf", metavar="FILE", help="oci.conf to check (default: the daemon's setting)")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]",
+                        help="command for the test run (default: true in run mode, sleep 60 in create/start mode)")
+
+
+def _add_completion(sub, raw) -> None:
+    completion = sub.add_parser(
+        "completion", formatter_class=raw, help="print the bash completion script",
+        description="Print the bash completion script for nodestepctl (the package also installs it\n"
+        "in share/bash-completion/completions).",
+        epilog="Example:\n  source <(nodestepctl completion bash)",
+    )
+    completion.add_argument("shell", choices=["bash"], help="the shell (bash)")
+
+
+# Each subcommand's parser, built only when needed: building them all costs nodestepctl
+# a few milliseconds at every start, and `run` is on every launch's path.
+SUBCOMMANDS = {
+    "run": _add_run,
+    "ps": _add_ps,
+    "signal": _add_signal,
+    "cancel": _add_cancel,
+    "wait": _add_wait,
+    "status": _add_status,
+    "reload": _add_reload,
+    "check-config": _add_check_config,
+    "doctor": _add_doctor,
+    "completion": _add_completion,
+}
+
+
+def named_subcommand(argv: list[str]) -> str | None:
+    """The subcommand argv names, read the way argparse reads it; None when unsure.
+
+    Past the global option --socket VALUE (or --socket=VALUE), the first word is the
+    subcommand. Anything else starting with "-" (--help, --version, an abbreviation, a
+    mistake) gives None, and then the whole parser decides, with its usual messages. The
+    global part of the parser is the same either way, so a parser built with only the
+    named subcommand reads argv exactly as the whole one would.
+    """
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--socket":
+            i += 2
+        elif word.startswith("--socket="):
+            i += 1
+        elif word.startswith("-"):
+            return None
+        else:
+            return word if word in SUBCOMMANDS else None
+    return None
+
+
+def remainder(words: list[str]) -> list[str]:
+    """The words of a `-- COMMAND [ARG...]` positional, without the "--" argparse leaves in front."""
+    return words[1:] if words[:1] == ["--"] else words
