@@ -1,0 +1,445 @@
+"""`nodestepctl run` without a daemon (nodestepd/ctl/run.py): the request made from the
+command line and Slurm's environment, and the launch against a fake daemon: the fds
+passed, `started`, the progress line, signals forwarded, the exit status."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import threading
+import time
+
+import pytest
+
+from fakedaemon import fake_daemon  # noqa: F401 - a fixture
+from nodestepd.ctl import run
+from nodestepd.ctl.exits import ClientError
+from nodestepd.ctl.main import main
+from nodestepd.ctl.parser import build_parser
+from nodestepd.protocol import wire
+
+
+@pytest.fixture(autouse=True)
+def outside_slurm(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("SLURM_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    path = tmp_path / "bundle"
+    path.mkdir()
+    (path / "config.json").write_text('{"ociVersion": "1.0.2"}')
+    return path
+
+
+def parse(*argv: str):
+    return build_parser(only="run").parse_args(["run", *argv])
+
+
+def request_for(*argv: str) -> dict:
+    return run.run_request(parse(*argv))
+
+
+def refused(*argv: str) -> ClientError:
+    with pytest.raises(ClientError) as e:
+        request_for(*argv)
+    return e.value
+
+
+# ---- the request --------------------------------------------------------------------------------
+
+
+def test_a_plain_request(bundle, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MODE", "slow")
+    message = request_for("--bundle", str(bundle), "--env", "MODE=fast", "--", "/app/run", "-v")
+    assert message.pop("env")["MODE"] == "fast"  # the caller's environment, --env over it
+    assert message == {
+        "op": "run", "bundle": str(bundle), "args": ["/app/run", "-v"], "job_id": None, "step_id": None,
+        "ntasks": 1, "chdir": str(tmp_path), "pty": False, "detach": False,
+        "config_json": '{"ociVersion": "1.0.2"}', "config_json_error": None, "output_to_journal": False,
+        "task_offset": None, "local_offset": None, "node_id": None, "container_id": None,
+    }
+
+
+def test_after_the_double_dash_every_word_is_the_containers(bundle):
+    assert request_for("--bundle", str(bundle), "--", "true", "--output", "x")["args"] == ["true", "--output", "x"]
+
+
+def test_export_none_passes_only_the_env_options(bundle):
+    message = request_for("--bundle", str(bundle), "--export", "NONE", "--env", "A=1", "--env", "B=x=y", "--", "true")
+    assert message["env"] == {"A": "1", "B": "x=y"}
+
+
+def test_paths_are_made_absolute(bundle, monkeypatch):
+    monkeypatch.chdir(bundle.parent)
+    message = request_for("--bundle", "bundle", "--chdir", "bundle/..", "--", "true")
+    assert (message["bundle"], message["chdir"]) == (str(bundle), str(bundle.parent))
+
+
+@pytest.mark.parametrize("argv, job_step, detached_output_to_journal", [
+    (["--detach"], (None, None), True),
+    (["--detach", "--output", "out"], (None, None), False),
+    (["--detach", "--error", "err"], (None, None), False),
+    (["--job-id", "42", "--step-id", "3"], (42, 3), False),
+])
+def test_ids_and_where_a_detached_steps_output_goes(bundle, argv, job_step, detached_output_to_journal):
+    message = request_for("--bundle", str(bundle), *argv, "--", "true")
+    assert (message["job_id"], message["step_id"]) == job_step
+    assert message["output_to_journal"] is detached_output_to_journal
+    assert "output" not in message and "error" not in message  # opened here, passed as fds
+
+
+def test_with_user_the_daemon_reads_config_json_and_opens_the_output_as_that_user(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "alices-bundle"  # we may not even see it; the daemon checks as alice
+    message = request_for("--user", "alice", "--detach", "--output", "job.log", "--error", "job.err",
+                          "--bundle", str(missing), "--", "true")
+    assert message["user"] == "alice"
+    assert (message["config_json"], message["config_json_error"]) == (None, None)
+    assert (message["output"], message["error"]) == (str(tmp_path / "job.log"), str(tmp_path / "job.err"))
+
+
+def setenv(monkeypatch, **values: str) -> None:
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_slurm_ids_come_from_the_environment(bundle, monkeypatch):
+    setenv(monkeypatch, SLURM_JOB_ID="77", SLURM_STEP_ID="2", SLURM_NODEID="5", SLURM_CONTAINER_ID="c-1")
+    message = request_for("--bundle", str(bundle), "--", "true")
+    assert (message["job_id"], message["step_id"], message["node_id"], message["container_id"]) == (77, 2, 5, "c-1")
+    message = request_for("--bundle", str(bundle), "--job-id", "8", "--step-id", "0", "--container-id", "mine",
+                          "--", "true")
+    assert (message["job_id"], message["step_id"], message["container_id"]) == (8, 0, "mine")
+
+
+def test_under_srun_the_launch_is_this_task(bundle, monkeypatch):
+    setenv(monkeypatch, SLURM_JOB_ID="77", SLURM_STEP_ID="0", SLURM_PROCID="4", SLURM_LOCALID="2")
+    message = request_for("--bundle", str(bundle), "--", "true")
+    assert (message["task_offset"], message["local_offset"], message["ntasks"]) == (4, 2, 1)
+    # --ntasks: a whole-step launch from here, srun's task or not.
+    message = request_for("--bundle", str(bundle), "--ntasks", "3", "--", "true")
+    assert (message["task_offset"], message["local_offset"], message["ntasks"]) == (None, None, 3)
+    # --task-id and --local-id win over srun's.
+    message = request_for("--bundle", str(bundle), "--task-id", "9", "--local-id", "1", "--", "true")
+    assert (message["task_offset"], message["local_offset"]) == (9, 1)
+
+
+def test_procid_without_a_step_is_not_srun(bundle, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "4")  # e.g. inside sbatch's batch script
+    assert request_for("--bundle", str(bundle), "--", "true")["task_offset"] is None
+
+
+def test_a_per_task_launch_outside_srun(bundle):
+    message = request_for("--bundle", str(bundle), "--task-id", "7", "--local-id", "3", "--", "true")
+    assert (message["task_offset"], message["local_offset"]) == (7, 3)
+
+
+@pytest.mark.parametrize("argv, message, status", [
+    ([], "no command given: nodestepctl run --bundle DIR -- COMMAND [ARG...]", 2),
+    (["--output", "x", "--", "true"], "--output and --error go with --detach", 2),
+    (["--error", "x", "--", "true"], "--output and --error go with --detach", 2),
+    (["--env", "FOO", "--", "true"], "--env 'FOO': expected NAME=VALUE", 2),
+    (["--env", "=x", "--", "true"], "--env '=x': expected NAME=VALUE", 2),
+    (["--local-id", "3", "--", "true"], "--local-id goes with a per-task launch (--task-id, or srun's SLURM_PROCID)", 2),
+    (["--export", "NONE", "--env", "A=x\0y", "--", "true"], "environment variable 'A' contains a NUL byte", 125),
+    (["--", "echo", "caf\udce9"], "command argument 1 is not valid UTF-8 (b'caf\\xe9'); nodestepd passes text only",
+     125),
+    (["--export", "NONE", "--env", "A=caf\udce9", "--", "true"],
+     "environment variable 'A' is not valid UTF-8 (b'Acaf\\xe9'); nodestepd passes text only", 125),
+])
+def test_what_is_refused_before_connecting(bundle, argv, message, status):
+    error = refused("--bundle", str(bundle), *argv)
+    assert (str(error), error.status) == (message, status)
+
+
+def test_a_bundle_that_is_not_a_directory_is_refused(tmp_path):
+    error = refused("--bundle", str(tmp_path / "nowhere"), "--", "true")
+    assert (str(error), error.status) == (f"bundle {tmp_path / 'nowhere'} does not exist or is not a directory", 125)
+
+
+def test_pty_needs_a_terminal_unless_detached(bundle):
+    assert not os.isatty(0)  # pytest gives the tests /dev/null
+    error = refused("--bundle", str(bundle), "--pty", "--", "true")
+    assert (str(error), error.status) == ("--pty needs a terminal on standard input", 2)
+    assert request_for("--bundle", str(bundle), "--pty", "--detach", "--", "true")["pty"] is True
+
+
+@pytest.mark.parametrize("name", ["SLURM_JOB_ID", "SLURM_NODEID"])
+def test_a_slurm_variable_that_is_not_a_number_fails_the_launch(bundle, monkeypatch, name):
+    monkeypatch.setenv(name, "12a")
+    error = refused("--bundle", str(bundle), "--", "true")
+    assert (str(error), error.status) == (f"{name}='12a' is not a number", 125)
+
+
+@pytest.mark.parametrize("content, text, error", [
+    (b'{"ociVersion": "1.0.2"}', '{"ociVersion": "1.0.2"}', None),
+    (None, None, "No such file or directory"),
+    (b"\xff{}", None, "not UTF-8 (invalid start byte at byte 0)"),
+    (b" " * (wire.MAX_MESSAGE // 2 + 1), None, f"larger than {wire.MAX_MESSAGE // 2} bytes"),
+])
+def test_config_json_is_sent_as_text_or_with_why_it_could_not_be(tmp_path, content, text, error):
+    if content is not None:
+        (tmp_path / "config.json").write_bytes(content)
+    message = request_for("--bundle", str(tmp_path), "--", "true")
+    assert (message["config_json"], message["config_json_error"]) == (text, error)
+
+
+# ---- the launch, against a fake daemon -----------------------------------------------------------
+
+
+@pytest.fixture
+def attached(monkeypatch):
+    """An attached run catches signals into a wakeup pipe: undone after the test."""
+    saved = {sig: signal.getsignal(sig) for sig in run.FORWARDED_SIGNALS}
+    pipes = []
+
+    def catch_signals() -> int:
+        pipes.append(catch())
+        return pipes[-1]
+
+    catch = run._catch_signals
+    monkeypatch.setattr(run, "_catch_signals", catch_signals)
+    yield
+    write_end = signal.set_wakeup_fd(-1)
+    for fd in [write_end, *pipes]:
+        if fd != -1:
+            os.close(fd)
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def same_file(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def is_dev_null(fd: int) -> bool:
+    st = os.fstat(fd)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.stat(os.devnull).st_rdev
+
+
+def exit_reply(status: int | None, job_id: int = 5) -> dict:
+    return {"type": "exit", "job_id": job_id, "step_id": 0, "status": status,
+            "tasks": [{"task_id": 0, "status": status}]}
+
+
+def test_detached_prints_the_step_and_passes_dev_null_and_the_output_file(fake_daemon, bundle, tmp_path, capsys):
+    output = tmp_path / "job.log"
+    seen = {}
+
+    def serve(peer):
+        message, fds = peer.read()
+        seen["message"] = message
+        seen["devnull_stdin"] = is_dev_null(fds[0])
+        seen["same_out_and_err"] = same_file(fds[1], fds[2])
+        os.write(fds[2], b"written by the step\n")
+        peer.write({"type": "started", "job_id": 100000001, "step_id": 0})
+
+    daemon = fake_daemon(serve)
+    status = main(["--socket", daemon.path, "run", "--detach", "--output", str(output), "--bundle", str(bundle),
+                   "--", "true"])
+    daemon.stop()
+    assert status == 0
+    assert capsys.readouterr() == ("100000001.0\n", "")
+    assert seen["message"]["op"] == "run" and seen["message"]["detach"] is True
+    assert seen["devnull_stdin"] and seen["same_out_and_err"]
+    assert output.read_text() == "written by the step\n"
+
+
+def test_detached_with_an_error_file_passes_two_files(fake_daemon, bundle, tmp_path):
+    seen = {}
+
+    def serve(peer):
+        _, fds = peer.read()
+        os.write(fds[1], b"out\n")
+        os.write(fds[2], b"err\n")
+        seen["devnull_stdin"] = is_dev_null(fds[0])
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--detach", "--output", str(tmp_path / "o"), "--error",
+                 str(tmp_path / "e"), "--bundle", str(bundle), "--", "true"]) == 0
+    daemon.stop()
+    assert seen["devnull_stdin"]
+    assert ((tmp_path / "o").read_text(), (tmp_path / "e").read_text()) == ("out\n", "err\n")
+
+
+def test_detached_with_user_passes_dev_null_only(fake_daemon, tmp_path):
+    seen = {}
+
+    def serve(peer):
+        message, fds = peer.read()
+        seen["output"] = message["output"]
+        seen["all_dev_null"] = all(is_dev_null(fd) for fd in fds)
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--user", "alice", "--detach", "--output", str(tmp_path / "o"),
+                 "--bundle", str(tmp_path), "--", "true"]) == 0
+    daemon.stop()
+    assert seen == {"output": str(tmp_path / "o"), "all_dev_null": True}
+    assert not (tmp_path / "o").exists()  # the daemon opens it, as alice
+
+
+def test_an_output_file_that_cannot_be_opened_fails_the_launch(bundle, tmp_path, capsys):
+    status = main(["--socket", str(tmp_path / "unused.sock"), "run", "--detach", "--output",
+                   str(tmp_path / "no" / "dir"), "--bundle", str(bundle), "--", "true"])
+    assert status == 125
+    assert capsys.readouterr().err == (f"nodestepctl: cannot open output file {tmp_path / 'no' / 'dir'}: "
+                                       "No such file or directory\n")
+
+
+def test_attached_passes_our_own_stdio_and_exits_with_the_steps_status(fake_daemon, bundle, attached):
+    seen = {}
+
+    def serve(peer):
+        message, fds = peer.read()
+        seen["detach"] = message["detach"]
+        seen["our_stdio"] = [same_file(mine, passed) for mine, passed in zip((0, 1, 2), fds)]
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+        peer.write(exit_reply(7))
+
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "false"]) == 7
+    daemon.stop()
+    assert seen == {"detach": False, "our_stdio": [True, True, True]}
+
+
+def test_attached_forwards_the_signals_it_receives_to_the_step(fake_daemon, bundle, attached):
+    forwarded = []
+
+    def serve(peer):
+        peer.read()
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            os.kill(os.getpid(), sig)
+            message, _ = peer.read()
+            forwarded.append(message)
+        peer.write(exit_reply(128 + signal.SIGTERM))
+
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "sleep", "60"]) == 143
+    daemon.stop()
+    assert forwarded == [{"v": wire.VERSION, "op": "signal", "signal": "SIGUSR1"},
+                         {"v": wire.VERSION, "op": "signal", "signal": "SIGTERM"}]
+
+
+def test_errors_while_attached_are_printed_and_the_wait_goes_on(fake_daemon, bundle, attached, capsys):
+    def serve(peer):
+        peer.read()
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+        peer.write({"type": "error", "error": "cannot deliver SIGUSR1: no such process"})
+        peer.write(exit_reply(0))
+
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "true"]) == 0
+    daemon.stop()
+    assert capsys.readouterr().err == "nodestepctl: cannot deliver SIGUSR1: no such process\n"
+
+
+def test_a_step_whose_status_is_not_known_exits_255_and_says_so(fake_daemon, bundle, attached, capsys):
+    def serve(peer):
+        peer.read()
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+        peer.write(exit_reply(None))
+
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "true"]) == 255
+    daemon.stop()
+    assert "step 5.0 ended, but the exit status of task(s) 0 is not known" in capsys.readouterr().err
+
+
+def test_a_launch_refused_by_the_daemon_exits_with_its_status(fake_daemon, bundle, attached, capsys):
+    def serve(peer):
+        peer.read()
+        peer.write({"type": "error", "error": "RunTimeRun failed", "status": 125})
+
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "true"]) == 125
+    daemon.stop()
+    assert capsys.readouterr().err == "nodestepctl: RunTimeRun failed\n"
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--job-id", "12"], "step 12.0 may be running (nodestepctl wait 12.0 tells)"),
+    ([], "the step may be running (nodestepctl ps tells)"),
+])
+def test_a_daemon_gone_before_started_leaves_the_step_unknown(fake_daemon, bundle, attached, capsys, argv, said):
+    daemon = fake_daemon(lambda peer: peer.read())  # reads the request, then hangs up
+    assert main(["--socket", daemon.path, "run", *argv, "--bundle", str(bundle), "--", "true"]) == 255
+    daemon.stop()
+    assert capsys.readouterr().err == \
+        f"nodestepctl: lost the connection to nodestepd before it acknowledged the launch; {said}\n"
+
+
+def test_a_daemon_gone_while_attached_exits_255(fake_daemon, bundle, attached, capsys):
+    def serve(peer):
+        peer.read()
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "true"]) == 255
+    daemon.stop()
+    assert capsys.readouterr().err == ("nodestepctl: lost the connection to nodestepd; step 5.0 may still be "
+                                       "running (nodestepctl wait 5.0 tells its status)\n")
+
+
+def test_a_daemon_gone_before_the_request_was_sent_fails_the_launch(fake_daemon, bundle, monkeypatch, capsys):
+    hung_up = threading.Event()
+    connect = run.connect
+
+    def connect_then_wait(path):  # the daemon hangs up between our connect and our send
+        sock = connect(path)
+        assert hung_up.wait(10)
+        return sock
+
+    def serve(peer):
+        peer.sock.close()
+        hung_up.set()
+
+    monkeypatch.setattr(run, "connect", connect_then_wait)
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--detach", "--bundle", str(bundle), "--", "true"]) == 125
+    daemon.stop()
+    assert capsys.readouterr().err == "nodestepctl: nodestepd closed the connection before the request was sent\n"
+
+
+# ---- the progress line --------------------------------------------------------------------------
+
+
+def test_a_slow_launch_says_so_after_progress_after(fake_daemon, bundle, monkeypatch, capsys):
+    monkeypatch.setattr(run, "PROGRESS_AFTER", 0.1)
+
+    def serve(peer):
+        peer.read()
+        time.sleep(0.5)
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+
+    daemon = fake_daemon(serve)
+    began = time.monotonic()
+    assert main(["--socket", daemon.path, "run", "--detach", "--bundle", str(bundle), "--", "true"]) == 0
+    daemon.stop()
+    assert time.monotonic() - began >= 0.5
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == ("nodestepctl: still launching after 0 s: nodestepd is preparing the step "
+                        "(spool, stage-in, runtime create)")
+    waited = re.fullmatch(r"nodestepctl: step 5\.0 started after (\d+\.\d) s", lines[1])
+    assert waited and float(waited[1]) >= 0.5, lines
+    assert len(lines) == 2
+
+
+def test_a_fast_launch_says_nothing(fake_daemon, bundle, capsys):
+    def serve(peer):
+        peer.read()
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+
+    daemon = fake_daemon(serve)
+    assert main(["--socket", daemon.path, "run", "--detach", "--bundle", str(bundle), "--", "true"]) == 0
+    daemon.stop()
+    assert capsys.readouterr() == ("5.0\n", "")
