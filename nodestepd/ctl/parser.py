@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from nodestepd import __version__
 
@@ -15,9 +16,34 @@ DEFAULT_SOCKET = "/run/nodestepd/nodestepd.sock"
 DEFAULT_OCI_CONF = "/etc/slurm/oci.conf"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, but finding the terminal's width without importing shutil (and with it
+    bz2, lzma, fnmatch): argparse makes a formatter for every option it adds, so that
+    import was on every launch's path, for help that a launch never prints."""
+
+    def __init__(self, prog: str, **kwargs) -> None:
+        if kwargs.get("width") is None:
+            kwargs["width"] = terminal_columns() - 2  # as argparse does with shutil's answer
+        super().__init__(prog, **kwargs)
+
+
+def terminal_columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS if positive, else stdout's terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):  # stdout is None, closed or not a terminal
+        return 80
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or (only=NAME) the same with just that subcommand's parser."""
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = HelpFormatter
     p = argparse.ArgumentParser(
         prog="nodestepctl",
         description="Run and manage OCI container steps through the local nodestepd.",

@@ -129,3 +129,4 @@ def test_a_launch_path_loads_the_client_and_the_standard_library_only(tmp_path, 
     others = {m.split(".")[0] for m in report["loaded"]} - {"nodestepd"}
     assert others - set(report["stdlib"]) == set()
     assert "asyncio" not in others
+    assert "shutil" not in others  # argparse's help width, found without it (parser.HelpFormatter)

@@ -3,15 +3,23 @@ built for one subcommand reading argv exactly as the whole one does."""
 
 from __future__ import annotations
 
+import argparse
+import fcntl
+import os
+import pty
 import re
+import shutil
+import struct
 import subprocess
+import sys
+import termios
 
 import pytest
 
 from conftest import NODESTEPCTL
 from nodestepd.ctl.argparse_walk import subparsers
 from nodestepd.ctl.parser import build_parser as ctl_parser
-from nodestepd.ctl.parser import named_subcommand, remainder
+from nodestepd.ctl.parser import HelpFormatter, named_subcommand, remainder, terminal_columns
 
 SUBCOMMANDS = list(subparsers(ctl_parser()))
 
@@ -101,3 +109,29 @@ def test_the_socket_defaults_to_nodestepd_socket_from_the_environment(monkeypatc
     assert ctl_parser(only="ps").parse_args(["ps"]).socket == "/elsewhere.sock"
     monkeypatch.delenv("NODESTEPD_SOCKET")
     assert ctl_parser(only="ps").parse_args(["ps"]).socket == "/run/nodestepd/nodestepd.sock"
+
+
+# ---- the help's width, found without shutil --------------------------------------------------------
+
+
+@pytest.mark.parametrize("columns", [None, "100", "0", "-5", "wide"])
+def test_the_help_is_as_wide_as_shutil_would_make_it(monkeypatch, columns):
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert terminal_columns() == shutil.get_terminal_size().columns
+    assert HelpFormatter("nodestepctl")._width == argparse.RawDescriptionHelpFormatter("nodestepctl")._width
+
+
+def test_on_a_terminal_the_help_is_as_wide_as_the_terminal(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    master, slave = pty.openpty()
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 123, 0, 0))
+        with open(slave, "w", closefd=False) as terminal:
+            monkeypatch.setattr(sys, "__stdout__", terminal)
+            assert terminal_columns() == shutil.get_terminal_size().columns == 123
+    finally:
+        os.close(master)
+        os.close(slave)
