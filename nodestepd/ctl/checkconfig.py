@@ -9,7 +9,8 @@ import socket
 import sys
 
 from nodestepd.config.ociconf import OciConfError, load_oci_conf
-from nodestepd.config.patterns import PatternContext, expand
+from nodestepd.config.patterns import expand
+from nodestepd.step.prepare import task_context
 from nodestepd.step.runtime import shell_warnings
 
 SAMPLE_JOB, SAMPLE_STEP, SAMPLE_TASK = 1234, 0, 0
@@ -31,20 +32,11 @@ def check_config(path: str, *, node_name: str | None = None) -> int:
     node = node_name or socket.gethostname().split(".", 1)[0]
     step_dir = f"{SAMPLE_SPOOL}/oci-job{SAMPLE_JOB}-{SAMPLE_STEP}"
     task_dir = f"{step_dir}/task-{SAMPLE_TASK}"
-    ctx = PatternContext(
-        args=SAMPLE_ARGS,
-        bundle=SAMPLE_BUNDLE if oci.ignore_file_config_json else task_dir,
-        env_file=f"{task_dir}/environment",
-        job_id=SAMPLE_JOB,
-        step_dir=step_dir,
-        node_name=node,
-        pid=4242,
+    ctx = task_context(
+        args=SAMPLE_ARGS, bundle=SAMPLE_BUNDLE, rewritten_config=not oci.ignore_file_config_json,
         rootfs=SAMPLE_BUNDLE if oci.ignore_file_config_json else f"{SAMPLE_BUNDLE}/rootfs",
-        step_id=SAMPLE_STEP,
-        task_id=SAMPLE_TASK,
-        user=user,
-        uid=uid,
-        workdir=os.getcwd(),
+        job_id=SAMPLE_JOB, step_id=SAMPLE_STEP, task_id=SAMPLE_TASK, node_name=node, user=user, uid=uid,
+        workdir=os.getcwd(), step_dir=step_dir, task_dir=task_dir, pid=4242,
     )
     print(f"{path}: valid, {oci.mode} mode")
     if oci.ignore_file_config_json:

@@ -143,12 +143,12 @@ def _add_wait(sub, raw) -> None:
 
 
 def _add_status(sub, raw) -> None:
-    status = sub.add_parser("status", help="daemon version, uptime, configuration and step counts",
-                            epilog="Example:\n  nodestepctl status", formatter_class=raw)
+    sub.add_parser("status", help="daemon version, uptime, configuration and step counts",
+                   epilog="Example:\n  nodestepctl status", formatter_class=raw)
 
 
 def _add_reload(sub, raw) -> None:
-    reload = sub.add_parser(
+    sub.add_parser(
         "reload", formatter_class=raw, help="make nodestepd re-read its settings file and oci.conf (root)",
         description="Re-read the daemon's TOML settings file and oci.conf (as SIGHUP does) and wait for the\n"
         "outcome. New steps use the new configuration; running steps keep the one they started with.\n"

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import NODESTEPCTL, REPO, RUNC_RUN_CONF, make_bundle, runc_containers
-from nodestepd.ctl import doctor
-from nodestepd.ctl.doctor import DoctorOptions, DoctorUsageError, Level, check_daemon_dirs, check_user_namespaces
+from nodestepd.ctl import doctor, probes
+from nodestepd.ctl.checks import Level, check_daemon_dirs, check_user_namespaces
+from nodestepd.ctl.doctor import DoctorOptions, DoctorUsageError
 from nodestepd.config.settings import DaemonConfig
 from nodestepd.process.identity import Identity
 
@@ -299,11 +300,11 @@ def test_the_test_outside_slurm_uses_the_given_command(site, user, bundle):
 
 
 def test_identity_switch_runs_as_the_user(user):
-    outcome = doctor.run_as(Identity.for_uid(user.uid), ["id", "-u"], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+    outcome = probes.run_as(Identity.for_uid(user.uid), ["id", "-u"], env={"PATH": "/usr/bin:/bin"}, cwd="/",
                             timeout=30)
-    assert outcome == doctor.Outcome(0, str(user.uid))
+    assert outcome == probes.Outcome(0, str(user.uid))
     with pytest.raises(ValueError, match="never runs runtime commands as root"):
-        doctor.run_as(Identity.for_uid(0), ["true"], env={}, cwd="/", timeout=30)
+        probes.run_as(Identity.for_uid(0), ["true"], env={}, cwd="/", timeout=30)
 
 
 def test_create_start_sequence_in_order_and_the_first_failure(site, user, bundle, user_dir):

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import proc_state
 
-from nodestepd.ctl import doctor
+from nodestepd.ctl import probes
 from nodestepd.process.identity import Identity
 from nodestepd.process.spawn import (
     HelperResult,
@@ -279,27 +279,27 @@ def test_spawn_without_a_pidfd_stops_the_child_and_leaves_nothing(identity, home
     assert CLAIMED == claimed
 
 
-# ---- the doctor's probes (ctl/doctor.py), through spawn ------------------------------------
+# ---- the doctor's probes (ctl/probes.py), through spawn ------------------------------------
 
 
 def test_doctor_run_as_reports_status_and_output(identity):
-    outcome = doctor.run_as(identity, ["/bin/sh", "-c", "id -u; echo err >&2; exit 3"],
+    outcome = probes.run_as(identity, ["/bin/sh", "-c", "id -u; echo err >&2; exit 3"],
                             env={"PATH": "/usr/bin:/bin"}, cwd="/", timeout=30)
-    assert outcome == doctor.Outcome(3, f"{identity.uid}\nerr")
-    assert doctor.run_as(identity, ["/bin/sh", "-c", "kill -TERM $$"], env={}, cwd="/", timeout=30) == \
-        doctor.Outcome(128 + signal.SIGTERM, "")
-    assert doctor.run_as(identity, ["/nonexistent/program"], env={}, cwd="/", timeout=30) == \
-        doctor.Outcome(-1, "cannot start /nonexistent/program: No such file or directory")
+    assert outcome == probes.Outcome(3, f"{identity.uid}\nerr")
+    assert probes.run_as(identity, ["/bin/sh", "-c", "kill -TERM $$"], env={}, cwd="/", timeout=30) == \
+        probes.Outcome(128 + signal.SIGTERM, "")
+    assert probes.run_as(identity, ["/nonexistent/program"], env={}, cwd="/", timeout=30) == \
+        probes.Outcome(-1, "cannot start /nonexistent/program: No such file or directory")
 
 
 def test_doctor_run_as_kills_the_group_at_the_timeout(identity, home):
     pids = home / "pids"
     children = our_children()
     started = time.monotonic()
-    outcome = doctor.run_as(identity, ["/bin/sh", "-c", f"sleep 1000 & echo $! > {shlex.quote(str(pids))}; wait"],
+    outcome = probes.run_as(identity, ["/bin/sh", "-c", f"sleep 1000 & echo $! > {shlex.quote(str(pids))}; wait"],
                             env={"PATH": "/usr/bin:/bin"}, cwd=str(home), timeout=0.5)
     elapsed = time.monotonic() - started
-    assert outcome == doctor.Outcome(-1, "timed out after 0.5 s; killed")
+    assert outcome == probes.Outcome(-1, "timed out after 0.5 s; killed")
     assert 0.5 <= elapsed < 10
     assert_exits(int(pids.read_text()))  # in the group: killed too
     assert our_children() == children  # and the shell was reaped
@@ -308,7 +308,7 @@ def test_doctor_run_as_kills_the_group_at_the_timeout(identity, home):
 def test_doctor_never_runs_a_command_as_root(home):
     children = our_children()
     with pytest.raises(ValueError, match="never runs runtime commands as root"):
-        doctor.run_as(Identity.for_uid(0), ["true"], env={}, cwd="/", timeout=30)
+        probes.run_as(Identity.for_uid(0), ["true"], env={}, cwd="/", timeout=30)
     assert our_children() == children
 
 

@@ -1,0 +1,191 @@
+"""The doctor's checks that only read the node: the kernel's user-namespace settings, the
+daemon's settings and oci.conf (read as the daemon reads them), the user's runtime dir,
+the daemon's directories. Each is a small function returning Check results: ok / warn /
+fail, what was found, and the fix in one sentence."""
+
+from __future__ import annotations
+
+import enum
+import os
+import pwd
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from nodestepd.config.ociconf import OciConf, OciConfError, load_oci_conf
+from nodestepd.config.settings import ConfigError, DaemonConfig, load_config
+from nodestepd.process.identity import Identity
+from nodestepd.step.runtime import shell_warnings
+
+SYSCTL_DIR = "/proc/sys"
+LINGER_DIR = "/var/lib/systemd/linger"
+
+
+class Level(enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    level: Level
+    message: str  # what was found
+    fix: str | None = None  # one sentence; None when there is nothing to do
+
+    def line(self) -> str:
+        message = self.message.replace("\n", "\n      ")
+        text = f"{self.level.value:<4}  {self.name}: {message}"
+        return text if self.fix is None else f"{text}\n      fix: {self.fix}"
+
+
+def ok(name: str, message: str) -> Check:
+    return Check(name, Level.OK, message)
+
+
+def warn(name: str, message: str, fix: str) -> Check:
+    return Check(name, Level.WARN, message, fix)
+
+
+def fail(name: str, message: str, fix: str) -> Check:
+    return Check(name, Level.FAIL, message, fix)
+
+
+# (sysctl, the value containers need, why): the kernel settings the Slurm containers guide
+# lists, and the namespace limit itself. A setting this kernel does not have is fine.
+USERNS_SYSCTLS = (
+    ("kernel.unprivileged_userns_clone", "1", "unprivileged user namespaces are switched off"),
+    ("kernel.apparmor_restrict_unprivileged_userns", "0", "AppArmor restricts unprivileged user namespaces"),
+    ("kernel.apparmor_restrict_unprivileged_unconfined", "0", "AppArmor restricts unconfined unprivileged processes"),
+)
+
+
+def check_user_namespaces(sysctl_dir: str = SYSCTL_DIR) -> list[Check]:
+    name = "user namespaces"
+    checks: list[Check] = []
+
+    def read(key: str) -> str | None:
+        try:
+            with open(os.path.join(sysctl_dir, *key.split(".")), encoding="ascii") as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+
+    limit = read("user.max_user_namespaces")
+    if limit is not None and limit == "0":
+        checks.append(fail(name, "user.max_user_namespaces is 0: nobody may create a user namespace",
+                           "sysctl -w user.max_user_namespaces=15000 (and set it in /etc/sysctl.d)."))
+    elif limit is not None:
+        checks.append(ok(name, f"user.max_user_namespaces = {limit}"))
+    for key, wanted, why in USERNS_SYSCTLS:
+        value = read(key)
+        if value is None:
+            continue
+        if value != wanted:
+            checks.append(fail(name, f"{key} = {value}: {why}", f"sysctl -w {key}={wanted} (and set it in /etc/sysctl.d)."))
+        else:
+            checks.append(ok(name, f"{key} = {value}"))
+    if not checks:
+        checks.append(ok(name, "no sysctl restricts them on this kernel"))
+    return checks
+
+
+def check_settings(config_file: str | None, overrides: Mapping[str, object]) -> tuple[Check, DaemonConfig | None]:
+    name = "daemon settings"
+    try:
+        config = load_config(config_file, overrides)
+    except ConfigError as e:
+        return fail(name, str(e), "correct the setting in the TOML file (see nodestepd(8))."), None
+    where = config.config_file or "built-in defaults (no TOML file)"
+    return ok(name, f"{where}; node name {config.node_name}"), config
+
+
+def check_oci_conf(path: str) -> tuple[list[Check], OciConf | None]:
+    name = "oci.conf"
+    try:
+        oci = load_oci_conf(path)
+    except OciConfError as e:
+        problems = "; ".join(str(p) for p in e.problems)
+        return [fail(name, f"{path} is invalid: {problems}", f"run `nodestepctl check-config {path}` and fix each line.")], None
+    mode = "run mode (RunTimeRun)" if oci.mode == "run" else "create/start mode (RunTimeCreate, RunTimeStart)"
+    checks = [ok(name, f"{path} loads: {mode}")]
+    for problem in shell_warnings(oci.patterns()):
+        checks.append(warn(name, problem, "rewrite the command as the warning says."))
+    return checks, oci
+
+
+def check_runtime_dir(identity: Identity, linger_dir: str = LINGER_DIR) -> list[Check]:
+    name = "runtime dir"
+    path = f"/run/user/{identity.uid}"
+    checks: list[Check] = []
+    fix = f"create it (install -d -m 0700 -o {identity.user} {path}) or enable lingering (loginctl enable-linger {identity.user})."
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        checks.append(fail(name, f"{path} does not exist (XDG_RUNTIME_DIR of the runtimes; runc keeps its state there)", fix))
+    except PermissionError:
+        checks.append(fail(name, f"{path} cannot be examined", fix))
+    else:
+        if not stat.S_ISDIR(st.st_mode):
+            checks.append(fail(name, f"{path} is not a directory", fix))
+        elif st.st_uid != identity.uid:
+            owner = _user_name(st.st_uid)
+            checks.append(fail(name, f"{path} is owned by {owner}, not {identity.user}",
+                               f"chown {identity.user} {path}."))
+        elif st.st_mode & 0o022:
+            checks.append(fail(name, f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o})",
+                               f"chmod 0700 {path}."))
+        else:
+            checks.append(ok(name, f"{path} exists, owned by {identity.user}"))
+    if os.path.exists(os.path.join(linger_dir, identity.user)):
+        checks.append(ok("lingering", f"on for {identity.user}: systemd keeps {path} between logins"))
+    else:
+        checks.append(warn("lingering", f"off for {identity.user}: systemd removes {path} when their last session ends",
+                           f"loginctl enable-linger {identity.user}."))
+    return checks
+
+
+def check_daemon_dirs(config: DaemonConfig) -> list[Check]:
+    """The spool and state dirs: the daemon (root) writes there, nobody else may."""
+    checks = []
+    for label, path in (("spool dir", config.spool_dir), ("state dir", config.state_dir)):
+        checks.append(_check_daemon_dir(label, path))
+    return checks
+
+
+def _check_daemon_dir(label: str, path: str) -> Check:
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    # The daemon resolves the operator's own links (/var/run -> /run) once at start: judge the real path.
+    existing = os.path.realpath(existing)
+    for directory in _self_and_ancestors(existing):
+        st = os.lstat(directory)
+        writable_by_others = st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and directory != existing)
+        if st.st_uid != 0 or writable_by_others:
+            who = _user_name(st.st_uid)
+            return fail(label, f"{directory} (owner {who}, mode {stat.S_IMODE(st.st_mode):04o}) can be changed by "
+                        f"someone other than root, so {path} is not safe for the daemon",
+                        f"chown root {directory} and chmod go-w {directory}.")
+    if not os.path.lexists(path):
+        return ok(label, f"{path} does not exist yet; the daemon creates it under {existing} at start")
+    if os.geteuid() == 0 and os.statvfs(path).f_flag & os.ST_RDONLY:
+        return fail(label, f"{path} is on a read-only file system", f"put {label} on a writable file system.")
+    return ok(label, f"{path} is root's and not writable by others")
+
+
+def _self_and_ancestors(path: str) -> Iterable[str]:
+    path = os.path.abspath(path)
+    while True:
+        yield path
+        if path == "/":
+            return
+        path = os.path.dirname(path)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
