@@ -301,3 +301,19 @@ def pidfd_pids() -> list[int]:
 
 def spool_entries(daemon: Daemon) -> list[str]:
     return sorted(os.listdir(daemon.spool_dir)) if daemon.spool_dir.exists() else []
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> None:
+    """Until every pid has exited (its pidfd polls readable); a pid already gone counts."""
+    fds = []
+    for pid in pids:
+        try:
+            fds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            pass
+    try:
+        for fd in fds:
+            assert select.select([fd], [], [], timeout)[0], f"a process did not end within {timeout} s"
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import REPO, read_line_from, runc_containers, spool_entries
+from conftest import REPO, read_line_from, runc_containers, spool_entries, wait_gone
 
 MODES = {
     "run": (REPO / "tests" / "oci-conf-examples" / "runc-run.conf").read_text(),
@@ -51,22 +51,6 @@ def records(daemon) -> dict[str, dict]:
 def task_pids(daemon, job: int) -> list[int]:
     (record,) = [r for r in records(daemon).values() if r["job_id"] == job]
     return [t["process"]["pid"] for t in record["tasks"]]
-
-
-def wait_gone(pids: list[int], timeout: float = 30) -> None:
-    """Until every pid has exited (pidfds poll readable)."""
-    fds = []
-    for pid in pids:
-        try:
-            fds.append(os.pidfd_open(pid))
-        except ProcessLookupError:
-            pass
-    try:
-        for fd in fds:
-            assert select.select([fd], [], [], timeout)[0], "a task did not end"
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 def launch_detached(daemon, user, bundle, job: int, command: list[str], *extra: str) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import stat
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, RUNC_RUN_CONF, User
+from conftest import REPO, RUNC_RUN_CONF, User, wait_gone
 from systemd_machine import Machine, poll_until
 
 BIN = Path(sys.executable).parent
@@ -171,22 +170,6 @@ def processes_of(name: str) -> list[int]:
             except (FileNotFoundError, ProcessLookupError):
                 pass
     return pids
-
-
-def wait_gone(pids: list[int], timeout: float = 30) -> None:
-    """Until every pid has exited (its pidfd polls readable)."""
-    fds = []
-    for pid in pids:
-        try:
-            fds.append(os.pidfd_open(pid))
-        except ProcessLookupError:
-            pass
-    try:
-        for fd in fds:
-            assert select.select([fd], [], [], timeout)[0], "a process did not end"
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 @contextmanager
