@@ -14,7 +14,8 @@ them. The child side of asuser.py uses plain os calls in its own, unprivileged p
 - spawn.py: `spawn`, the one way a process is started, and what is built on it (a
   runtime's shell command, a short helper command whose output we collect).
 - monitor.py (and monitor.c, the program): a task's parent outside the daemon,
-  nodestepd-monitor, and the daemon's side of it.
+  nodestepd-monitor, and the daemon's side of it; exitfile.py: the exit files the
+  monitors write, read back after a restart.
 - reaper.py: what gets orphaned to the daemon, reaped.
 - asuser.py: files opened with a user's rights by a helper process running as that user.
 - identity.py: who a process runs as.
