@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import time
 
+from nodestepd.step.spec import NoTimings
+
 
 def _ms(start_ns: int | None, end_ns: int | None) -> float | None:
     if start_ns is None or end_ns is None:
@@ -54,16 +56,10 @@ class StepTimings:
         log.info("exit timing", exit_to_event_ms=_ms(self.exited_ns, time.monotonic_ns()))
 
 
-class Off:
-    """debug_timings off: every mark is a no-op."""
-
-    def spawned(self) -> None:
-        pass
+class Off(NoTimings):
+    """debug_timings off: every mark is a no-op (the step's own, and the session's)."""
 
     def started(self, log) -> None:
-        pass
-
-    def exited(self) -> None:
         pass
 
     def sent(self, log) -> None:

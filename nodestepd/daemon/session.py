@@ -67,16 +67,17 @@ class DaemonState:
     output_journal: JournalSender | None = None  # detached steps' output goes here, when logging to the journal
 
 
+# Each request but `run` (which takes the connection over) and the method that answers it.
+_ANSWERS = {StatusRequest: "status", PsRequest: "ps", SignalRequest: "signal", CancelRequest: "cancel",
+            WaitRequest: "wait", ReloadRequest: "reload"}
+
+
 class Session:
     def __init__(self, conn: Connection, state: DaemonState) -> None:
         self.conn = conn
         self.state = state
         self.uid = conn.peer_uid
         self.log: BoundLogger = get_logger(peer_uid=conn.peer_uid, peer_pid=conn.peer_pid)
-        self._answer: dict[type, Callable[..., Awaitable[Reply]]] = {
-            StatusRequest: self.status, PsRequest: self.ps, SignalRequest: self.signal,
-            CancelRequest: self.cancel, WaitRequest: self.wait, ReloadRequest: self.reload,
-        }
 
     async def serve(self) -> None:
         """Answer requests until the client is done, goes quiet, or a run takes the connection."""
@@ -120,7 +121,8 @@ class Session:
 
     async def _reply(self, request: object) -> Reply:
         try:
-            return await self._answer[type(request)](request)
+            answer: Callable[[object], Awaitable[Reply]] = getattr(self, _ANSWERS[type(request)])
+            return await answer(request)
         except Refused as e:
             self.log.info("request refused", op=type(request).__name__, code=e.code, error=str(e), **e.detail)
             return ErrorReply(code=e.code, error=str(e))
@@ -183,50 +185,58 @@ class Session:
     # ---- run ----------------------------------------------------------------------------
 
     async def run(self, request: RunRequest, fds: list[int], received_at: float) -> None:
-        state = self.state
         try:
-            try:
-                spec, given = await state.admission.admit(self.uid, request, fds)
-                launch, c = state.configuration.launch, state.configuration.config
-                timings = metrics.for_step(c.debug_timings, received_at)
-                step = new_step(spec, launch.step, launch.runtime_env(spec.identity), store=state.store,
-                                reaper=state.reaper, timings=timings)
-                state.registry.add(step, max_steps=c.max_steps, max_steps_per_user=c.max_steps_per_user)
-            except Refused as e:
-                self.log.info("launch refused", code=e.code, error=str(e), **e.detail)
-                await self.conn.send(ErrorReply(code=e.code, error=str(e), status=messages.STATUS_LAUNCH_FAILED))
-                return
-            output = None
-            try:
-                stdio = Stdio(fds[0], fds[1], fds[2])
-                if request.output_to_journal and request.detach and state.output_journal is not None:
-                    output = StepOutputToJournal(state.output_journal, job_id=spec.job_id, step_id=spec.step_id,
-                                                 user=spec.identity.user, task_ids=spec.task_ids)
-                    stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs)
-                preparing = functools.partial(prepare, spec, given, launch, step.runtime.env, step.log)
-                await step.launch(preparing, stdio, received_at)
-            except Exception as e:
-                state.registry.discard(step)
-                if isinstance(e, LaunchFailed):
-                    step.log.warning("launch failed", error=str(e))
-                    message = str(e)
-                else:
-                    step.log.exception("launch failed unexpectedly")
-                    message = f"internal error in nodestepd while launching: {e!r} (see the daemon's log)"
-                await self.conn.send(ErrorReply(code="launch-failed", error=message,
-                                                status=messages.STATUS_LAUNCH_FAILED))
-                return
-            finally:
-                if output is not None:
-                    output.release_write_ends()  # the tasks have their own; end of file when they are gone
+            launched = await self._launch(request, fds, received_at)
         finally:
             close_all(fds)  # the tasks have their own copies now
-        state.registry.started(step)
-        await self.conn.send(StartedReply(job_id=spec.job_id, step_id=spec.step_id, ntasks=spec.ntasks))
+        if launched is None:
+            return
+        step, timings = launched
+        self.state.registry.started(step)
+        await self.conn.send(StartedReply(job_id=step.spec.job_id, step_id=step.spec.step_id, ntasks=step.spec.ntasks))
         timings.started(step.log)
         if request.detach:
             return
         await self._attend(step, timings)
+
+    async def _launch(self, request: RunRequest, fds: list[int],
+                      received_at: float) -> tuple[Step, metrics.StepTimings | metrics.Off] | None:
+        """Admit the request and launch its step; None when it was refused or failed (the
+        client has its error reply, with status 125)."""
+        state = self.state
+        try:
+            spec, given = await state.admission.admit(self.uid, request, fds)
+            launch, c = state.configuration.launch, state.configuration.config
+            timings = metrics.for_step(c.debug_timings, received_at)
+            step = new_step(spec, launch.step, launch.runtime_env(spec.identity), store=state.store,
+                            reaper=state.reaper, timings=timings)
+            state.registry.add(step, max_steps=c.max_steps, max_steps_per_user=c.max_steps_per_user)
+        except Refused as e:
+            self.log.info("launch refused", code=e.code, error=str(e), **e.detail)
+            await self.conn.send(ErrorReply(code=e.code, error=str(e), status=messages.STATUS_LAUNCH_FAILED))
+            return None
+        output = None
+        try:
+            if request.output_to_journal and request.detach and state.output_journal is not None:
+                output = StepOutputToJournal(state.output_journal, job_id=spec.job_id, step_id=spec.step_id,
+                                             user=spec.identity.user, task_ids=spec.task_ids)
+            stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs if output is not None else None)
+            await step.launch(functools.partial(prepare, spec, given, launch, step.runtime.env, step.log), stdio,
+                              received_at)
+        except Exception as e:
+            state.registry.discard(step)
+            if isinstance(e, LaunchFailed):
+                step.log.warning("launch failed", error=str(e))
+                message = str(e)
+            else:
+                step.log.exception("launch failed unexpectedly")
+                message = f"internal error in nodestepd while launching: {e!r} (see the daemon's log)"
+            await self.conn.send(ErrorReply(code="launch-failed", error=message, status=messages.STATUS_LAUNCH_FAILED))
+            return None
+        finally:
+            if output is not None:
+                output.release_write_ends()  # the tasks have their own; end of file when they are gone
+        return step, timings
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
         """An attached run: forward signal requests until the step ends; cancel it if the client goes."""

@@ -39,9 +39,9 @@ class FakeStep:
         return await asyncio.shield(self._done)
 
 
-async def settled() -> None:
-    for _ in range(3):
-        await asyncio.sleep(0)
+async def retired(registry: Registry) -> None:
+    """Until every step that ended has moved to the finished ones (the registry's own tasks)."""
+    await asyncio.wait_for(asyncio.gather(*list(registry._retirements)), 5)
 
 
 async def test_a_step_runs_then_is_kept_among_the_finished():
@@ -53,7 +53,7 @@ async def test_a_step_runs_then_is_kept_among_the_finished():
     registry.started(step)
     assert told == [["1.0"]]
     step.finish(3)
-    await settled()
+    await retired(registry)
     assert registry.running == {} and list(registry.finished.values()) == [step]
     assert told == [["1.0"], []]
 
@@ -73,7 +73,7 @@ async def test_only_so_many_finished_steps_are_remembered():
         registry.add(step, **LIMITS)
         registry.started(step)
         step.finish()
-        await settled()
+        await retired(registry)
     assert [s.ref for s in registry.finished.values()] == ["2.0", "3.0"]
 
 
@@ -86,7 +86,7 @@ async def test_a_step_that_runs_may_not_start_again_but_one_that_finished_may():
     assert e.value.code == "conflict"
     registry.started(first)
     first.finish()
-    await settled()
+    await retired(registry)
     again = FakeStep(7)
     registry.add(again, **LIMITS)
     assert registry.parts(7, 0) == [again]  # the new launch, not the finished one
@@ -136,7 +136,7 @@ async def test_signal_and_cancel_need_a_running_part():
     registry.started(step)
     assert registry.own_running_parts(POLICY, ALICE.uid, 11, 0) == [step]
     step.finish()
-    await settled()
+    await retired(registry)
     with pytest.raises(Refused, match="step 11.0 has already finished"):
         registry.own_running_parts(POLICY, ALICE.uid, 11, 0)
     assert registry.own_parts(POLICY, ALICE.uid, 11, 0) == [step]  # wait still finds it
@@ -151,5 +151,5 @@ async def test_recovered_steps_run_or_are_already_finished():
     assert list(registry.running.values()) == [running] and list(registry.finished.values()) == [undone]
     assert told == [1]
     running.finish()
-    await settled()
+    await retired(registry)
     assert registry.running == {} and len(registry.finished) == 2

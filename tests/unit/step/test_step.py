@@ -302,15 +302,16 @@ async def test_a_launch_that_cannot_be_recorded_does_not_go_on(fails, undone):
 
 async def test_a_launch_cancelled_by_the_daemon_stopping_leaves_its_record_for_the_next_daemon():
     step = make_step()
-    gate = asyncio.Event()
+    entered = asyncio.Event()
 
     async def start(tasks, starting) -> None:
-        await gate.wait()
+        entered.set()
+        await asyncio.Event().wait()  # the daemon stops before the tasks start
 
     step.mode.start = start
     launch = asyncio.ensure_future(launched(step))
-    while step.store.states != ["launching"]:
-        await asyncio.sleep(0)
+    await asyncio.wait_for(entered.wait(), 5)
+    assert step.store.states == ["launching"]
     launch.cancel()
     with pytest.raises(asyncio.CancelledError):
         await launch
@@ -324,7 +325,6 @@ async def test_a_launch_cancelled_by_the_daemon_stopping_leaves_its_record_for_t
 async def test_signals_go_to_the_running_tasks_only():
     step = await launched(make_step())
     watch(step, 0).end(0)
-    await asyncio.sleep(0)
     assert step.signal(signal.SIGUSR1) == 1
     assert ("signal", 1, signal.SIGUSR1) in step.mode.calls and ("signal", 0, signal.SIGUSR1) not in step.mode.calls
     watch(step, 1).end(0)
@@ -357,20 +357,20 @@ async def test_a_task_that_outlives_kill_wait_is_killed():
 
 async def test_a_cancel_during_the_launch_begins_once_the_tasks_exist():
     step = make_step()
-    gate = asyncio.Event()
+    entered, gate = asyncio.Event(), asyncio.Event()
     start = step.mode.start
 
     async def slow_start(tasks, starting) -> None:
+        entered.set()
         await gate.wait()
         await start(tasks, starting)
 
     step.mode.start = slow_start
     launch = asyncio.ensure_future(launched(step))
-    while step.store.states != ["launching"]:
-        await asyncio.sleep(0)
+    await asyncio.wait_for(entered.wait(), 5)
     cancel = asyncio.ensure_future(step.cancel("test"))
-    await asyncio.sleep(0)
-    assert step.state is StepState.LAUNCHING
+    await asyncio.sleep(0)  # one turn of the loop: the cancel is asked for
+    assert step.state is StepState.LAUNCHING and not cancel.done()
     gate.set()
     await launch
     result = await asyncio.wait_for(cancel, 5)
@@ -387,13 +387,15 @@ async def test_cancelling_a_finished_step_gives_its_result():
 async def test_a_step_left_running_is_neither_released_nor_finished():
     step = await launched(make_step())
     spool = step.spool
+    supervisor = step._supervisor
+    await asyncio.sleep(0)  # one turn of the loop: the supervisor is watching the tasks
     step.leave_running()
-    await asyncio.sleep(0.01)
+    await asyncio.gather(supervisor, return_exceptions=True)
+    assert supervisor.cancelled()
     assert step.state is StepState.RUNNING and step.result is None
     assert not spool.removed and step.store.removed == [] and not watch(step, 0).reaped
     for i in range(2):
         watch(step, i).end(0)
-    await asyncio.sleep(0.01)
     assert step.state is StepState.RUNNING  # nobody watches it any more: the next daemon will
 
 
@@ -445,6 +447,7 @@ async def test_a_recovered_task_with_no_process_gets_the_modes_own_watch():
     rec = recorded("running")
     step = await Step.resume(rec, recovered_tasks(rec, FakeWatch(3000), None), None, store=FakeStore(),
                              reaper=FakeReaper())
+    assert isinstance(step.tasks[1].watch, EndedProcess) and not step.tasks[1].watch.status_known
     watch(step, 0).end(0)
     # Run mode has nothing to watch for a runtime that never started: its status is unknown.
     assert await asyncio.wait_for(step.wait(), 5) == StepResult(None, (0, None), cancelled=False)
