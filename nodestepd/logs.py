@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import structlog
+
+if TYPE_CHECKING:
+    from nodestepd.systemd.journalqueue import JournalQueue
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -25,10 +28,11 @@ def resolve_log_format(fmt: str, env: Mapping[str, str]) -> str:
     return "journal" if stderr_is_journal(env) else "console"
 
 
-def configure_logging(fmt: str = "console", level: str = "info") -> None:
+def configure_logging(fmt: str = "console", level: str = "info") -> JournalQueue | None:
+    """Returns the journal queue the log records go through (`journal`), for detached
+    steps' output to share; None for the other formats."""
     if fmt == "journal":
-        _configure_journal(level)
-        return
+        return _configure_journal(level)
     renderer = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
@@ -46,11 +50,15 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    return None
 
 
-def _configure_journal(level: str) -> None:
-    from nodestepd.systemd import journal
+def _configure_journal(level: str) -> JournalQueue:
+    from nodestepd.systemd import journal, journalqueue
 
+    # Never a blocking send: records wait (bounded) while journald is slow (journalqueue.py).
+    queue = journalqueue.JournalQueue(journal.JournalSender(journal.socket_path(os.environ)),
+                                      lambda event, **fields: get_logger().warning(event, **fields))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -66,9 +74,10 @@ def _configure_journal(level: str) -> None:
             journal.journal_renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=journal.JournalLoggerFactory(journal.socket_path(os.environ)),
+        logger_factory=journalqueue.JournalLoggerFactory(queue),
         cache_logger_on_first_use=True,
     )
+    return queue
 
 
 BoundLogger = structlog.typing.FilteringBoundLogger

@@ -91,6 +91,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"spool dir:    {r['spool_dir']}")
     print(f"state dir:    {r['state_dir']}")
     print(f"steps:        {r['steps_running']} running, {r['steps_finished']} finished")
+    print(f"journal:      {r['journal_queued']} records waiting, {r['journal_dropped']} dropped")
     return 0
 
 

@@ -39,12 +39,13 @@ from nodestepd.logs import configure_logging, get_logger, resolve_log_format
 from nodestepd.process import kernel
 from nodestepd.process.reaper import Reaper
 from nodestepd.step.record import RecordStore
-from nodestepd.systemd import journal
 from nodestepd.systemd.activation import ActivationError
-from nodestepd.systemd.journal import JournalSender
+from nodestepd.systemd.journalqueue import JournalQueue
 from nodestepd.systemd.notify import Notifier, WatchdogSettingError, watchdog_interval
 
 EX_CONFIG = 78  # sysexits: configuration error (systemd shows it by name)
+# At exit, how long the journal records still queued may take to go (no one else waits then).
+JOURNAL_FLUSH_TIMEOUT = 2.0
 # fds the daemon needs besides one per connection: steps' pidfds, spool dir fds, logs.
 FD_HEADROOM = 4096
 
@@ -112,7 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nodestepd: {e}", file=sys.stderr)
         return EX_CONFIG
     log_format = resolve_log_format(config.log_format, os.environ)
-    configure_logging(log_format, config.log_level)
+    journal_queue = configure_logging(log_format, config.log_level)
+    try:
+        return _main(args, config, overrides, journal_queue)
+    finally:
+        if journal_queue is not None:
+            journal_queue.flush(JOURNAL_FLUSH_TIMEOUT)
+
+
+def _main(args: argparse.Namespace, config: DaemonConfig, overrides: dict,
+          journal_queue: JournalQueue | None) -> int:
     log = get_logger()
     try:
         oci = load_oci_conf(config.oci_conf)
@@ -133,16 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         new = load_config(args.config, overrides)
         return new, load_oci_conf(new.oci_conf)
 
-    output_journal = JournalSender(journal.socket_path(os.environ)) if log_format == "journal" else None
     try:
-        return uvloop.run(_serve(config, oci, notifier, watchdog, reload, output_journal))
+        return uvloop.run(_serve(config, oci, notifier, watchdog, reload, journal_queue))
     finally:
         notifier.close()
 
 
 async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdog: float | None, load,
-                 output_journal: JournalSender | None) -> int:
+                 journal_queue: JournalQueue | None) -> int:
     log = get_logger()
+    if journal_queue is not None:
+        journal_queue.start()  # records that waited for the loop, and drop warnings, from here on
     try:
         configuration, listener, store, job_ids, reaper = _start(config, oci)
     except ActivationError as e:
@@ -156,7 +167,7 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
     state = DaemonState(
         configuration=configuration, registry=registry, admission=Admission(configuration, job_ids), store=store,
         reaper=reaper, reload=service.reload, socket_path=listener.path, started_at=time.time(),
-        output_journal=output_journal,
+        output_journal=journal_queue,
     )
     await service.run(Server(state, listener))
     log.info("stopped")

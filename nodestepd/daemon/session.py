@@ -48,7 +48,7 @@ from nodestepd.step.prepare import prepare
 from nodestepd.step.record import RecordStore
 from nodestepd.step.spec import LaunchFailed, Stdio, StepResult, step_status
 from nodestepd.step.step import Step, new_step
-from nodestepd.systemd.journal import JournalSender
+from nodestepd.systemd.journalqueue import JournalQueue
 from nodestepd.systemd.output import StepOutputToJournal
 
 
@@ -64,7 +64,7 @@ class DaemonState:
     reload: Callable[[], Awaitable[list[str]]]  # re-read the settings: [] or every problem
     socket_path: str
     started_at: float
-    output_journal: JournalSender | None = None  # detached steps' output goes here, when logging to the journal
+    output_journal: JournalQueue | None = None  # detached steps' output goes here, when logging to the journal
 
 
 # Each request but `run` (which takes the connection over) and the method that answers it.
@@ -144,6 +144,8 @@ class Session:
             state_dir=c.state_dir,
             steps_running=len(state.registry.running),
             steps_finished=len(state.registry.finished),
+            journal_queued=state.output_journal.queued if state.output_journal is not None else 0,
+            journal_dropped=state.output_journal.dropped if state.output_journal is not None else 0,
         )
 
     async def ps(self, request: PsRequest) -> StepsReply:

@@ -180,6 +180,10 @@ class StatusReply(Reply, tag="status"):
     state_dir: str = ""
     steps_running: int = 0
     steps_finished: int = 0
+    # Journal records (log records, detached steps' output) waiting for a slow journald,
+    # and dropped since the start because they exceeded the queue's bounds.
+    journal_queued: int = 0
+    journal_dropped: int = 0
 
 
 AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply]

@@ -11,7 +11,8 @@ to a sealed memfd whose descriptor is sent instead, as sd_journal_send(3) does.
 
 The daemon's log records become journal records here (`--log-format journal`), every
 structlog key its own field (job_id -> NODESTEPD_JOB_ID), so that
-`journalctl -u nodestepd NODESTEPD_JOB_ID=42` shows one job.
+`journalctl -u nodestepd NODESTEPD_JOB_ID=42` shows one job. They, and detached steps'
+output, reach journald through a JournalQueue (journalqueue.py): never a blocking send.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import os
 import re
 import socket
 import struct
-import sys
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 from nodestepd.process.kernel import sealed_memfd
 
@@ -78,29 +78,68 @@ def encode_record(fields: Iterable[Field]) -> bytes:
 
 
 class JournalSender:
-    """One datagram socket to journald; send() raises OSError when the journal cannot take a record."""
+    """One datagram socket connected to journald, never blocking: try_send() says False when
+    journald's receive queue is full, and the socket polls writable once it has room again.
+
+    Connected, not sendto() per record: only a connected AF_UNIX datagram socket polls
+    writable on the receiver's queue (an unconnected one always looks writable), and that
+    is what JournalQueue waits for instead of sleeping in the kernel.
+    """
 
     def __init__(self, path: str = DEFAULT_SOCKET) -> None:
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        self._connected = False
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def try_send(self, data: bytes) -> bool:
+        """Send one encoded record: True when sent, False when journald cannot take it now
+        (EAGAIN). Raises OSError when there is no journal to send to."""
+        if not self._connected:
+            self._connect()
+        try:
+            return self._send(data)
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.ENOTCONN):
+                raise
+        # journald restarted: its socket is a new one at the same path.
+        self._connect()
+        return self._send(data)
 
     def send(self, fields: Iterable[Field]) -> None:
-        data = encode_record(fields)
+        """One record now, or BlockingIOError when journald's queue is full."""
+        if not self.try_send(encode_record(fields)):
+            raise BlockingIOError(errno.EAGAIN, "the journal's receive queue is full")
+
+    def _connect(self) -> None:
+        self._connected = False
+        self._sock.connect(self.path)
+        self._connected = True
+
+    def _send(self, data: bytes) -> bool:
         try:
-            self._sock.sendto(data, self.path)
+            self._sock.send(data)
+        except BlockingIOError:
+            return False
         except OSError as e:
             if e.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
                 raise
-            self._send_as_memfd(data)
+            return self._send_as_memfd(data)
+        return True
 
-    def _send_as_memfd(self, data: bytes) -> None:
+    def _send_as_memfd(self, data: bytes) -> bool:
         """Too big for a datagram: a sealed memfd, which journald reads whole."""
         fd = sealed_memfd("nodestepd-journal", data)
         try:
             rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-            self._sock.sendmsg([], rights, 0, self.path)
+            self._sock.sendmsg([], rights)
+        except BlockingIOError:
+            return False
         finally:
             os.close(fd)
+        return True
 
     def close(self) -> None:
         self._sock.close()
@@ -148,30 +187,3 @@ def _show(value: object) -> str:
 def journal_renderer(_logger: object, _method: str, event_dict: dict) -> tuple[tuple[list[Field]], dict]:
     """The last structlog processor for `--log-format journal`: hands the fields to JournalLogger.msg."""
     return (record_fields(event_dict),), {}
-
-
-class JournalLogger:
-    """structlog's logger for journal records. When the journal cannot take a record, the
-    record goes to stderr with the reason instead: never dropped, never silently."""
-
-    def __init__(self, sender: JournalSender) -> None:
-        self._sender = sender
-
-    def msg(self, fields: Sequence[Field]) -> None:
-        try:
-            self._sender.send(fields)
-        except OSError as e:
-            message = next((v for k, v in fields if k == "MESSAGE"), "")
-            text = message if isinstance(message, str) else message.decode(errors="replace")
-            print(f"nodestepd: journal {self._sender.path} unavailable ({e.strerror or e}): {text}",
-                  file=sys.stderr, flush=True)
-
-    debug = info = warning = warn = error = err = critical = fatal = exception = failure = msg
-
-
-class JournalLoggerFactory:
-    def __init__(self, path: str) -> None:
-        self._logger = JournalLogger(JournalSender(path))
-
-    def __call__(self, *args: object) -> JournalLogger:
-        return self._logger

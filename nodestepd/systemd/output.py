@@ -7,6 +7,11 @@ journald log driver does), NODESTEPD_JOB_ID, NODESTEPD_STEP_ID, NODESTEPD_TASK_I
 NODESTEPD_USER and NODESTEPD_STREAM. journald's own stdout streams cannot carry fields of
 ours, hence the pipes through the daemon.
 
+Lines go through the daemon's JournalQueue (journalqueue.py), the step being one source
+of it: while journald is slow they wait, up to the step's share, and beyond it they are
+dropped, counted and reported; the pipes are read on regardless, so the step never
+blocks on its output and the daemon never blocks on journald.
+
 The read ends live as long as the daemon: a step left running when the daemon stops
 loses its reader (its next write gets EPIPE). Steps survive a restart, this output path
 does not (yet): steps meant to outlive the daemon need --output (docs/restart.md).
@@ -19,8 +24,9 @@ import contextlib
 import os
 from typing import Mapping, Sequence
 
-from nodestepd.systemd.journal import JournalSender
 from nodestepd.logs import get_logger
+from nodestepd.systemd.journal import encode_record
+from nodestepd.systemd.journalqueue import JournalQueue
 
 MAX_LINE = 48 * 1024  # journald's default LineMax: longer lines are split, as journald splits them
 _READ_SIZE = 64 * 1024
@@ -30,8 +36,8 @@ STREAMS = (("stdout", "6"), ("stderr", "3"))
 class StepOutputToJournal:
     """Owns the pipes of one step: the write ends until release_write_ends(), the read ends until end of file."""
 
-    def __init__(self, sender: JournalSender, *, job_id: int, step_id: int, user: str, task_ids: Sequence[int]) -> None:
-        self._sender = sender
+    def __init__(self, queue: JournalQueue, *, job_id: int, step_id: int, user: str, task_ids: Sequence[int]) -> None:
+        self._source = queue.source({"job_id": job_id, "step_id": step_id, "user": user})
         self._base = [
             ("SYSLOG_IDENTIFIER", "nodestepd-step"),
             ("NODESTEPD_JOB_ID", str(job_id)),
@@ -57,6 +63,7 @@ class StepOutputToJournal:
             self.release_write_ends()
             for r in list(self._readers):
                 self._close_reader(r)
+            self._source.close()
             raise
         self.task_outputs: Mapping[int, tuple[int, int]] = outputs
 
@@ -72,12 +79,9 @@ class StepOutputToJournal:
 
         def emit(line: bytes) -> None:
             try:
-                self._sender.send([("MESSAGE", line), *fields])
-            except OSError as e:
-                get_logger().error(
-                    "cannot send step output to the journal", error=str(e), stream=stream,
-                    job_id=fields[1][1], step_id=fields[2][1], task_id=task_id, line=line.decode(errors="replace"),
-                )
+                self._source.submit(encode_record([("MESSAGE", line), *fields]))
+            except OSError as e:  # no journal at all: counted, and said in the drop warning
+                self._source.count_drop(f"cannot send to the journal: {e.strerror or e}")
 
         return emit
 
@@ -100,6 +104,8 @@ class StepOutputToJournal:
         asyncio.get_running_loop().remove_reader(r)
         del self._readers[r]
         os.close(r)
+        if not self._readers:
+            self._source.close()  # its queued lines still go
 
 
 class _LineReader:

@@ -7,10 +7,14 @@ nodestepd's own encoder. Job ids 5100-5199 belong to this file.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import select
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -30,7 +34,8 @@ def parse(datagram: bytes) -> dict[str, bytes]:
 
 
 class Journal:
-    """Collects records on a thread: the daemon's sends block when nobody reads, like journald's would."""
+    """Collects records on a thread; pause() stops reading, as a journald that fell behind
+    would, until resume(): the socket's receive queue fills and the daemon's sends would block."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -38,18 +43,39 @@ class Journal:
         self._cond = threading.Condition()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(str(path))
+        self._sock.settimeout(0.05)  # how soon the collector sees a pause
         os.chmod(path, 0o666)
+        self._reading = threading.Event()
+        self._reading.set()
+        self._paused = threading.Event()
+        self._closed = False
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
         while True:
+            if not self._reading.is_set():
+                self._paused.set()
+                self._reading.wait()
+            if self._closed:
+                return
             try:
                 data = self._sock.recv(1 << 20)
+            except TimeoutError:
+                continue
             except OSError:
                 return
             with self._cond:
                 self.raw.append(data)
                 self._cond.notify_all()
+
+    def pause(self) -> None:
+        """Stop reading; returns once the collector has stopped."""
+        self._paused.clear()
+        self._reading.clear()
+        assert self._paused.wait(10)
+
+    def resume(self) -> None:
+        self._reading.set()
 
     def wait_for(self, predicate, count: int = 1, timeout: float = 60) -> list[dict[str, bytes]]:
         """The first `count` records matching predicate, waiting for them to arrive."""
@@ -61,6 +87,8 @@ class Journal:
             return matching()[:count]
 
     def close(self) -> None:
+        self._closed = True
+        self._reading.set()
         self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
@@ -134,6 +162,76 @@ def test_detached_step_output_goes_to_the_journal_per_task_and_stream(start_daem
     for t in (b"0", b"1"):  # in order within a stream
         assert [r["MESSAGE"] for r in records if r["NODESTEPD_TASK_ID"] == t and r["NODESTEPD_STREAM"] == b"stdout"] == [
             b"one", b"two", b"tail"]
+
+
+# Another user's status requests, each timed, for `seconds`: printed as a JSON list once done.
+STATUS_LATENCIES = """
+import json, sys, time
+from nodestepd.ctl.transport import request
+path, seconds = sys.argv[1], float(sys.argv[2])
+latencies = []
+print("ready", flush=True)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    start = time.monotonic()
+    request(path, {"op": "status"}, "status")
+    latencies.append(time.monotonic() - start)
+print(json.dumps(latencies), flush=True)
+"""
+FLOOD_LINES = 3000
+# 3,000 lines, a 50 ms pause after every 100: a flood of about 1.5 s, the other user's requests all along.
+FLOOD = f"i=0; while [ $i -lt {FLOOD_LINES} ]; do echo line $i; i=$((i+1)); [ $((i % 100)) = 0 ] && usleep 50000; done; true"
+
+
+def test_a_step_flooding_a_stalled_journal_blocks_nobody(start_daemon, journal, user, other_user, bundle):
+    """Finding 14.1: journald stops reading while one user's detached step prints 3,000
+    lines. Another user's status requests are answered at once all along; the lines beyond
+    the step's share of the queue are dropped, counted in `status`, and said in the log
+    once journald reads again: every line either arrives or is counted."""
+    daemon = journal_daemon(start_daemon, journal)
+    journal.pause()
+    try:
+        measure = subprocess.Popen(
+            other_user.command([sys.executable, "-c", STATUS_LATENCIES, str(daemon.socket), "4"]),
+            env=other_user.env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        daemon.clients.append(measure)
+        assert select.select([measure.stdout], [], [], 30)[0] and measure.stdout.readline() == b"ready\n"
+        run = daemon.ctl(user, "run", "--detach", "--job-id", "5110", "--bundle", str(bundle), "--", "sh", "-c", FLOOD,
+                         timeout=30)
+        assert run.returncode == 0, run.stderr
+        out, err = measure.communicate(timeout=30)  # the daemon asleep in sendto: TimeoutExpired
+        assert measure.returncode == 0, err
+        latencies = sorted(json.loads(out.splitlines()[-1]))
+        p99, worst = latencies[int(len(latencies) * 0.99)], latencies[-1]
+        print(f"status latency during the flood: {len(latencies)} requests, p99 {p99 * 1000:.1f} ms, "
+              f"max {worst * 1000:.1f} ms")
+        assert p99 < 0.2 and worst < 1.0, (p99, worst)
+        assert daemon.ctl(user, "wait", "5110.0", timeout=30).returncode == 0
+        status = daemon.ctl(other_user, "status", timeout=10)
+        assert status.returncode == 0, status.stderr
+        match = re.search(rb"journal: +(\d+) records waiting, (\d+) dropped", status.stdout)
+        assert match, status.stdout
+        dropped = int(match.group(2))
+        assert dropped > 0
+        print(f"status: {match.group(0).decode()}")
+    finally:
+        journal.resume()
+
+    def accounted(records: list[dict[str, bytes]]) -> bool:
+        lines = sum(1 for r in records if r["SYSLOG_IDENTIFIER"] == b"nodestepd-step")
+        warned = [int(r["NODESTEPD_DROPPED_TOTAL"]) for r in records if r.get("NODESTEPD_DROPPED_TOTAL")]
+        return bool(warned) and lines + max(warned) == FLOOD_LINES
+
+    journal.wait_for(lambda r: r.get("NODESTEPD_JOB_ID") == b"5110", count=1)
+    with journal._cond:
+        assert journal._cond.wait_for(
+            lambda: accounted([r for r in map(parse, journal.raw) if r.get("NODESTEPD_JOB_ID") == b"5110"]), 30)
+    (warning,) = [r for r in map(parse, journal.raw) if r.get("NODESTEPD_DROPPED_TOTAL")
+                  and r["MESSAGE"].startswith(b"journal too slow: step output lines dropped")][-1:]
+    assert warning["NODESTEPD_USER"] == user.name.encode() and warning["NODESTEPD_STEP_ID"] == b"0"
+    assert warning["PRIORITY"] == b"4"
+    assert int(warning["NODESTEPD_DROPPED_TOTAL"]) <= dropped
 
 
 def _nodestepd(tmp: Path, env: dict, stderr) -> subprocess.CompletedProcess:
