@@ -60,11 +60,19 @@ def ps_table(steps: list[dict], now: float) -> list[str]:
     rows = [PS_COLUMNS]
     for s in steps:
         rows.append((
-            f"{s['job_id']}.{s['step_id']}", s["user"], s["state"], str(len(s["tasks"])),
+            f"{s['job_id']}.{s['step_id']}", s["user"], _state_column(s), str(len(s["tasks"])),
             _status_column(s), _age(now - s["started_at"]), " ".join(s["args"]),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(PS_COLUMNS) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+
+
+def _state_column(step: dict) -> str:
+    """The state, and how many containers the runtime may still hold (RunTimeDelete hung)."""
+    left = sum(1 for task in step["tasks"] if task.get("not_deleted"))
+    if not left:
+        return step["state"]
+    return f"{step['state']} ({left} not deleted)"
 
 
 def _status_column(step: dict) -> str:
@@ -92,6 +100,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"state dir:    {r['state_dir']}")
     print(f"steps:        {r['steps_running']} running, {r['steps_finished']} finished")
     print(f"journal:      {r['journal_queued']} records waiting, {r['journal_dropped']} dropped")
+    if r["containers_not_deleted"]:
+        print(f"containers:   {r['containers_not_deleted']} not deleted (RunTimeDelete hung; the log has the command)")
     return 0
 
 

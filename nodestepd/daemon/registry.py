@@ -34,6 +34,7 @@ class Registry:
         self._on_change = on_change
         self._finished_kept = finished_kept
         self._retirements: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
+        self.not_deleted = 0  # containers whose RunTimeDelete hung every time, in steps finished since the start
 
     # ---- entering and leaving ---------------------------------------------------------
 
@@ -55,6 +56,7 @@ class Registry:
         key = key_of(step.spec)
         if self.running.get(key) is step:
             del self.running[key]
+        self._count_not_deleted(step)
 
     def started(self, step: Step) -> None:
         """The step runs: told on_change, and moved to the finished ones when it ends."""
@@ -84,7 +86,12 @@ class Registry:
             self._on_change(list(self.running.values()))
         self._remember(step)
 
+    def _count_not_deleted(self, step: Step) -> None:
+        self.not_deleted += sum(1 for task in step.tasks if task.not_deleted)
+
     def _remember(self, step: Step) -> None:
+        """A finished step (each is remembered once)."""
+        self._count_not_deleted(step)
         key = key_of(step.spec)
         self.finished[key] = step
         self.finished.move_to_end(key)

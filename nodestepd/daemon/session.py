@@ -146,6 +146,7 @@ class Session:
             steps_finished=len(state.registry.finished),
             journal_queued=state.output_journal.queued if state.output_journal is not None else 0,
             journal_dropped=state.output_journal.dropped if state.output_journal is not None else 0,
+            containers_not_deleted=state.registry.not_deleted,
         )
 
     async def ps(self, request: PsRequest) -> StepsReply:
@@ -290,7 +291,7 @@ def step_info(step: Step) -> StepInfo:
         args=list(spec.args),
         started_at=step.started_at,
         tasks=[TaskInfo(task_id=t.task_id, pid=t.watch.pid if t.watch else None,
-                        status=t.status if t.status_known else None) for t in step.tasks],
+                        status=t.status if t.status_known else None, not_deleted=t.not_deleted) for t in step.tasks],
         status=step.result.status if step.result else None,
     )
 

@@ -148,6 +148,9 @@ class TaskInfo(msgspec.Struct):
     task_id: int
     pid: int | None
     status: int | None
+    # RunTimeDelete hung every time it ran for this task: the runtime may still hold the
+    # container (the daemon's log has the command that deletes it).
+    not_deleted: bool = False
 
 
 class StepInfo(msgspec.Struct):
@@ -184,6 +187,8 @@ class StatusReply(Reply, tag="status"):
     # and dropped since the start because they exceeded the queue's bounds.
     journal_queued: int = 0
     journal_dropped: int = 0
+    # Containers whose RunTimeDelete hung every time, since the start (see TaskInfo.not_deleted).
+    containers_not_deleted: int = 0
 
 
 AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply]

@@ -21,6 +21,10 @@ from nodestepd.step.container import ContainerState
 from nodestepd.step.spec import RuntimeCommands
 from nodestepd.step.task import ProcessId, Task
 
+# RunTimeDelete runs this often at most for one task while it hangs (each run killed at
+# runtime_timeout): a runtime stuck on a lock often answers the next time.
+DELETE_ATTEMPTS = 3
+
 
 class Runtime:
     """Runs one step's RunTime* commands for its tasks, as the step's user, with the step's
@@ -54,14 +58,17 @@ class Runtime:
         """Run one RunTime* command for a task; None when the site did not configure it."""
         if pattern is None:
             return None
-        pid = task.watch.pid if task.watch is not None else None
-        command = expand(pattern, dataclasses.replace(task.context, pid=pid))
+        command = self.expand(pattern, task)
         self.log.debug("running runtime command", key=key, task_id=task.task_id, command=command)
         result = await run_helper(command, identity=self.identity, cwd=task.cwd, env=self.env, timeout=self.timeout)
         if result.timed_out:
             self.log.error("runtime command hung and was killed", key=key, task_id=task.task_id,
                            timeout=self.timeout, command=command)
         return result
+
+    def expand(self, pattern: str, task: Task) -> str:
+        pid = task.watch.pid if task.watch is not None else None
+        return expand(pattern, dataclasses.replace(task.context, pid=pid))
 
     async def query(self, task: Task) -> ContainerState:
         """RunTimeQuery's OCI state; raises ContainerError when it fails or prints none."""
@@ -88,10 +95,42 @@ class Runtime:
         return await self.run("RunTimeKill", self.commands.kill, task)
 
     async def delete(self, task: Task) -> None:
-        result = await self.run("RunTimeDelete", self.commands.delete, task)
+        """RunTimeDelete, run again when it hung (up to DELETE_ATTEMPTS runs). A container it
+        never deleted is marked on the task (`ps`, `status`) and logged with the command that
+        deletes it by hand.
+
+        Only a hang counts as a failed delete: a delete that exits non-zero was answered by
+        the runtime, and the published kill-style deletes (`kill -s SIGKILL %p`) exit
+        non-zero whenever the task is gone already."""
+        result = None
+        for attempt in range(1, DELETE_ATTEMPTS + 1):
+            result = await self.run("RunTimeDelete", self.commands.delete, task)
+            if result is None or not result.timed_out:
+                break
+            if attempt < DELETE_ATTEMPTS:
+                self.log.warning("RunTimeDelete hung; running it again", task_id=task.task_id, attempt=attempt,
+                                 attempts=DELETE_ATTEMPTS)
         task.deleted = True
-        if result is not None and result.status != 0:
+        if result is None:
+            return
+        if result.timed_out:
+            task.not_deleted = True
+            assert self.commands.delete is not None
+            self.log.error(
+                "container not deleted: RunTimeDelete hung every time; the runtime may still hold it. "
+                "To delete it, run as root the command given",
+                task_id=task.task_id, attempts=DELETE_ATTEMPTS, timeout=self.timeout,
+                command=self.admin_command(self.expand(self.commands.delete, task)),
+            )
+        elif result.status != 0:
             self.log.info("RunTimeDelete failed", task_id=task.task_id, status=result.status, output=result.output)
+
+    def admin_command(self, command: str) -> str:
+        """command as an administrator can run it by hand: as the step's user, by the same
+        shell, with the user's runtime dir (where rootless runtimes keep their state)."""
+        runtime_dir = self.env.get("XDG_RUNTIME_DIR", f"/run/user/{self.identity.uid}")
+        return shlex.join(["runuser", "-u", self.identity.user, "--", "env", f"XDG_RUNTIME_DIR={runtime_dir}",
+                           SHELL, "-c", command])
 
 
 class RuntimeNotFound(Exception):

@@ -37,6 +37,7 @@ class Task:
     process: ProcessId | None = None  # the watched process, for the record
     monitor_process: ProcessId | None = None
     deleted: bool = False  # RunTimeDelete has run for it
+    not_deleted: bool = False  # RunTimeDelete hung every time: the runtime may still hold the container
 
     @property
     def status_known(self) -> bool:

@@ -57,6 +57,13 @@ def test_ps_status_column(state, status, shown):
     assert row.split()[4] == shown
 
 
+def test_ps_marks_a_step_with_containers_not_deleted():
+    finished = step(7, ["x"], state="finished", status=137, tasks=2)
+    finished["tasks"][1]["not_deleted"] = True
+    table = commands.ps_table([finished], 1000)
+    assert table[1].startswith("7.0   alice  finished (1 not deleted)  2      137")
+
+
 @pytest.mark.parametrize("seconds, shown", [
     (0, "0s"), (119.9, "119s"), (120, "2m"), (7199, "119m"), (7200, "2h"), (10 * 86400, "240h"),
 ])
@@ -141,7 +148,7 @@ def test_status_prints_the_daemons_state(fake_daemon, capsys):
     reply = {"type": "status", "version": "0.1.0", "node_name": "n01", "uptime": 7300, "config_file": None,
              "oci_conf": "/etc/slurm/oci.conf", "oci_mode": "run", "socket": "/run/nodestepd/nodestepd.sock",
              "spool_dir": "/var/spool/nodestepd", "state_dir": "/var/lib/nodestepd", "steps_running": 2,
-             "steps_finished": 5}
+             "steps_finished": 5, "journal_queued": 3, "journal_dropped": 1967, "containers_not_deleted": 0}
     seen = []
     daemon = fake_daemon(replying(reply, seen))
     assert main(["--socket", daemon.path, "status"]) == 0
@@ -154,7 +161,20 @@ def test_status_prints_the_daemons_state(fake_daemon, capsys):
         "socket:       /run/nodestepd/nodestepd.sock\n"
         "spool dir:    /var/spool/nodestepd\n"
         "state dir:    /var/lib/nodestepd\n"
-        "steps:        2 running, 5 finished\n")
+        "steps:        2 running, 5 finished\n"
+        "journal:      3 records waiting, 1967 dropped\n")
+
+
+def test_status_counts_containers_not_deleted(fake_daemon, capsys):
+    reply = {"type": "status", "version": "0.1.0", "node_name": "n01", "uptime": 7300, "config_file": None,
+             "oci_conf": "/etc/slurm/oci.conf", "oci_mode": "run", "socket": "/run/nodestepd/nodestepd.sock",
+             "spool_dir": "/var/spool/nodestepd", "state_dir": "/var/lib/nodestepd", "steps_running": 0,
+             "steps_finished": 1, "journal_queued": 0, "journal_dropped": 0, "containers_not_deleted": 2}
+    daemon = fake_daemon(replying(reply, []))
+    assert main(["--socket", daemon.path, "status"]) == 0
+    daemon.stop()
+    assert capsys.readouterr().out.endswith(
+        "containers:   2 not deleted (RunTimeDelete hung; the log has the command)\n")
 
 
 def test_reload_says_it_is_done(fake_daemon, capsys):

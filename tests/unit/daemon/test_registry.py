@@ -25,6 +25,7 @@ class FakeStep:
         self.spec = StepSpec(job_id=job_id, step_id=step_id, ntasks=ntasks, identity=user, bundle="/b",
                              args=("true",), workdir="/", attached=True, task_offset=task_offset)
         self.state = StepState.RUNNING
+        self.tasks: list = []
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
 
     @property
