@@ -102,7 +102,7 @@ class JournalSender:
         try:
             return self._send(data)
         except OSError as e:
-            if e.errno not in (errno.ECONNREFUSED, errno.ENOTCONN):
+            if e.errno not in (errno.ECONNREFUSED, errno.ECONNRESET, errno.ENOTCONN):
                 raise
         # journald restarted: its socket is a new one at the same path.
         self._connect()

@@ -97,6 +97,24 @@ def test_sender_sends_one_datagram_per_record(journal_socket, tmp_path):
     sender.close()
 
 
+def test_sender_never_blocks_and_finds_a_restarted_journal(journal_socket, tmp_path):
+    sender = JournalSender(str(tmp_path / "journal"))
+    sent = 0
+    while sender.try_send(encode_record([("MESSAGE", str(sent))])):  # nobody reads: full, not blocked
+        sent += 1
+    assert sent > 0
+    with pytest.raises(BlockingIOError):
+        sender.send([("MESSAGE", "one more")])
+    # journald restarts: a new socket at the same path.
+    journal_socket.close()
+    os.unlink(tmp_path / "journal")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as restarted:
+        restarted.bind(str(tmp_path / "journal"))
+        assert sender.try_send(encode_record([("MESSAGE", "after")]))
+        assert decode_record(restarted.recv(65536)) == [("MESSAGE", b"after")]
+    sender.close()
+
+
 def test_a_record_too_big_for_a_datagram_goes_as_a_sealed_memfd(journal_socket, tmp_path):
     sender = JournalSender(str(tmp_path / "journal"))
     big = "x" * (4 * 1024 * 1024)
