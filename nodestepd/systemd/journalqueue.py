@@ -201,12 +201,10 @@ class JournalQueue:
             remaining = deadline - time.monotonic()
             if not self._turns or remaining <= 0 or not poller.poll(remaining * 1000):
                 break
-        if self.queued:
-            print(f"nodestepd: journal {self.sender.path} too slow: {self.queued} records not sent at exit",
-                  file=sys.stderr, flush=True)
-        unreported = sum(s.dropped - s.reported for s in self._sources) + self.queued
-        if unreported:
-            print(f"nodestepd: {unreported} journal records dropped since the last warning ({self.dropped} in all)",
+        unreported = sum(s.dropped - s.reported for s in self._sources)
+        if self.queued or unreported:
+            print(f"nodestepd: journal {self.sender.path} too slow: {self.queued} records not sent at exit, "
+                  f"{unreported} dropped since the last warning ({self.dropped + self.queued} lost since the start)",
                   file=sys.stderr, flush=True)
 
     def forget_if_done(self, source: Source) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 
 import pytest
 from journal_records import decode_record
@@ -127,3 +128,17 @@ async def test_no_journal_at_all_is_an_error_for_the_caller(tmp_path):
     with pytest.raises(FileNotFoundError):
         queue.daemon.submit(record("nobody listens"))
     assert queue.queued == 0
+
+
+async def test_flush_at_exit_waits_a_bounded_time_and_says_what_was_lost(stalled, tmp_path, capsys):
+    queue = queue_for(tmp_path, Warnings(), source_records=50)
+    for i in range(100):
+        queue.daemon.submit(record(f"r {i}"))
+    assert queue.queued == 50
+    lost = queue.queued + queue.dropped
+    started = time.monotonic()
+    queue.flush(0.2)  # nobody reads: it gives up
+    assert time.monotonic() - started < 2
+    assert capsys.readouterr().err == (
+        f"nodestepd: journal {tmp_path}/journal too slow: 50 records not sent at exit, "
+        f"{queue.dropped} dropped since the last warning ({lost} lost since the start)\n")
