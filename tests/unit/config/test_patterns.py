@@ -15,6 +15,8 @@ from nodestepd.config.patterns import (
     expand,
     pattern_letters,
     shell_quote_args,
+    shell_unsafe_value,
+    user_chosen_letters,
 )
 
 CTX = PatternContext(
@@ -244,8 +246,6 @@ def test_no_command_runs_bin_false_text() -> None:
 
 
 # ---- issue 14.5: user-chosen values that reach /bin/sh unquoted ---------------------------------
-
-from nodestepd.config.patterns import shell_unsafe_value, user_chosen_letters  # noqa: E402
 
 
 def test_user_chosen_letters():
