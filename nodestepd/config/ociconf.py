@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from nodestepd.config.posix_ere import EreError, compile_ere
 from nodestepd.config.ocisyntax import BLANKS, Pair, non_ascii, split_line
-from nodestepd.config.patterns import check_pattern
+from nodestepd.config.patterns import USER_CHOSEN, check_pattern, user_chosen_letters
 
 __all__ = [
     "KEYS",
@@ -291,12 +291,27 @@ def _parse_bool(value: str) -> bool | None:
     return None
 
 
+# Why the path keys must not use a letter the user chooses (USER_CHOSEN).
+_USER_CHOSEN_WHY = {
+    "ContainerPath": "the daemon creates the spool dirs there as root, and the user could point it at a directory"
+    " that only root may write",
+    "MountSpoolDir": "the spool dir would be mounted wherever the user says",
+}
+
+
 def _convert(key: str, value: str) -> object:
     """The typed field value for a non-empty `value`; ValueError(message) if invalid."""
     if key in PATTERN_KEYS:
         problems = check_pattern(value)
         if problems:
             raise ValueError("; ".join(problems))
+        chosen = user_chosen_letters(value) if key in _USER_CHOSEN_WHY else []
+        if chosen:
+            what = ", ".join(f"%{c} ({USER_CHOSEN[c]})" for c in chosen)
+            raise ValueError(
+                f"uses {what}, which the user chooses: {_USER_CHOSEN_WHY[key]}; use letters the user cannot"
+                " choose (such as %u, %U, %j, %s, %t, %n) and fixed text"
+            )
         return value
     if key in REGEX_KEYS:
         return value  # compiled by the caller with _compile_regex

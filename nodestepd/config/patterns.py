@@ -3,7 +3,10 @@
 Every RunTime* value, ContainerPath and MountSpoolDir is a pattern. The expanded
 RunTime* string is run as `/bin/sh -c STRING`, so only `%@` is shell-quoted: the other
 replacements are inserted as they are, exactly as Slurm does, and sites write their
-commands knowing that.
+commands knowing that. Of those, the user chooses the values of %b (with
+IgnoreFileConfigJson), %r and %Z: a value with a character the shell would act on is
+refused (shell_unsafe_value), rather than quoted, which would change what a site's
+command means (`--bundle "%b"`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ __all__ = [
     "expand",
     "pattern_letters",
     "cut_before_task_component",
+    "USER_CHOSEN",
+    "user_chosen_letters",
+    "shell_unsafe_value",
 ]
 
 # The characters that may follow '%' ("%%" is a literal '%').
@@ -32,6 +38,19 @@ NO_COMMAND = '"/bin/false"'
 
 # $$ in `sh -c` is the pid of that shell, which is the task's first process.
 PID_UNKNOWN = "$$"
+
+# The letters whose values the step's user chooses, and what they are.
+USER_CHOSEN = {
+    "@": "the command",
+    "b": "the bundle path",
+    "r": "the rootfs path (from the user's config.json)",
+    "Z": "the working directory (--chdir)",
+}
+
+# What a user-chosen value may hold to go into a `sh -c` string unquoted: nothing the
+# shell splits, expands, globs, redirects or ends a command at. Bytes above ASCII are
+# never special to a POSIX shell, so non-ASCII names pass.
+_SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._+,:@%=-")
 
 
 @dataclass(frozen=True)
@@ -151,4 +170,35 @@ def cut_before_task_component(pattern: str) -> str | None:
             if not stripped and head.startswith("/"):
                 return "/"
             return stripped
+    return None
+
+
+def user_chosen_letters(pattern: str) -> list[str]:
+    """The letters of USER_CHOSEN that `pattern` uses, in USER_CHOSEN's order."""
+    used = pattern_letters(pattern)
+    return [letter for letter in USER_CHOSEN if letter in used]
+
+
+def shell_unsafe_value(pattern: str, ctx: PatternContext, *, bundle_is_users: bool) -> str | None:
+    """Why `pattern` cannot be expanded with `ctx` for `sh -c`, or None.
+
+    The unquoted values the user chooses (%Z, %r, and %b when it is the user's bundle
+    rather than the task dir, bundle_is_users) must hold only characters the shell takes
+    literally, or `$(...)`, backticks or `;` in a directory name would run as a command
+    outside the container.
+    """
+    values = {"Z": ctx.workdir, "r": ctx.rootfs}
+    if bundle_is_users:
+        values["b"] = ctx.bundle
+    for letter in user_chosen_letters(pattern):
+        value = values.get(letter)
+        if value is None:
+            continue
+        bad = next((c for c in value if ord(c) < 128 and c not in _SHELL_SAFE), None)
+        if bad is not None:
+            return (
+                f"{USER_CHOSEN[letter]} {value!r} holds {bad!r}, which the shell would act on: %{letter} goes into"
+                " the runtime command unquoted (as in Slurm), so paths there may hold only letters, digits and"
+                " / . _ + , : @ % = -"
+            )
     return None

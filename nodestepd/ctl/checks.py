@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from nodestepd.config.ociconf import OciConf, OciConfError, load_oci_conf
 from nodestepd.config.settings import ConfigError, DaemonConfig, load_config
+from nodestepd.config.trust import untrusted_dir_reason
 from nodestepd.process.identity import Identity
 from nodestepd.step.runtime import shell_warnings
 
@@ -113,6 +114,38 @@ def check_oci_conf(path: str) -> tuple[list[Check], OciConf | None]:
     for problem in shell_warnings(oci.patterns()):
         checks.append(warn(name, problem, "rewrite the command as the warning says."))
     return checks, oci
+
+
+def check_container_path(oci: OciConf) -> list[Check]:
+    """ContainerPath's fixed part (up to its first %-letter): a launch refuses any existing
+    parent of a step dir that someone other than root could change (issue 19.1)."""
+    if not oci.container_path:
+        return []
+    name = "ContainerPath"
+    parts = [p for p in oci.container_path.split("/") if p]
+    fixed: list[str] = []
+    for part in parts:
+        if "%" in part:
+            break
+        fixed.append(part)
+    # Without letters the path itself holds the step dirs, so even a sticky dir will not do.
+    whole = len(fixed) == len(parts)
+    chain = ["/"] + ["/" + "/".join(fixed[:i]) for i in range(1, len(fixed) + 1)]
+    fix = "make it root's and not writable by group or others, or point ContainerPath at a directory that is."
+    for i, directory in enumerate(chain):
+        try:
+            st = os.lstat(directory)
+        except FileNotFoundError:
+            break  # created at launch, root's
+        except OSError as e:
+            return [warn(name, f"{directory} cannot be examined: {e.strerror}", "run doctor as root.")]
+        if stat.S_ISLNK(st.st_mode):
+            return [fail(name, f"{directory} is a symbolic link, which every launch refuses to follow", fix)]
+        reason = untrusted_dir_reason(directory, st.st_uid, st.st_mode, last=whole and i == len(chain) - 1)
+        if reason is not None:
+            return [fail(name, f"{reason}: every launch under ContainerPath {oci.container_path} would be refused, "
+                               "since another user could swap the step dirs there", fix)]
+    return [ok(name, f"the existing directories of {oci.container_path} are root's and not writable by others")]
 
 
 def check_runtime_dir(identity: Identity, linger_dir: str = LINGER_DIR) -> list[Check]:

@@ -24,6 +24,7 @@ from nodestepd.ctl.checks import (
     SYSCTL_DIR,
     Check,
     Level,
+    check_container_path,
     check_daemon_dirs,
     check_oci_conf,
     check_runtime_dir,
@@ -82,6 +83,8 @@ def run_doctor(options: DoctorOptions) -> list[Check]:
     checks += oci_checks
     checks += check_runtime_dir(identity, options.linger_dir)
     checks += check_daemon_dirs(config)
+    if oci is not None:
+        checks += check_container_path(oci)
     if oci is None:
         return checks
     env = runtime_env(oci, identity, os.environ)

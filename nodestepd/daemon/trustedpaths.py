@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import stat
 
+from nodestepd.config.trust import untrusted_dir_reason
+
 
 def untrusted_reason(path: str) -> str | None:
     """Why `path` (which must exist) could be changed by someone other than root, or None."""
@@ -28,11 +30,7 @@ def untrusted_reason(path: str) -> str | None:
     chain = ["/"] + ["/" + "/".join(real_parts[:i]) for i in range(1, len(real_parts) + 1)]
     for i, directory in enumerate(chain):
         st = os.stat(directory)
-        last = i == len(chain) - 1
-        if st.st_uid != 0:
-            return f"{directory} is owned by uid {st.st_uid}, not root"
-        writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if writable_by_others and (last or not (st.st_mode & stat.S_ISVTX)):
-            who = "others" if st.st_mode & stat.S_IWOTH else "its group"
-            return f"{directory} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+        reason = untrusted_dir_reason(directory, st.st_uid, st.st_mode, last=i == len(chain) - 1)
+        if reason is not None:
+            return reason
     return None

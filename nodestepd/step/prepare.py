@@ -12,13 +12,13 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from nodestepd.config.patterns import PatternContext, expand
+from nodestepd.config.patterns import PatternContext, expand, shell_unsafe_value
 from nodestepd.logs import BoundLogger
 from nodestepd.step import configjson
 from nodestepd.step import env as stepenv
 from nodestepd.step.configjson import BundleConfigError
 from nodestepd.step.runtime import RuntimeNotFound, find_program
-from nodestepd.step.spec import LaunchFailed, LaunchInput, LaunchSettings, StepSpec
+from nodestepd.step.spec import LaunchFailed, LaunchInput, LaunchSettings, RuntimeCommands, StepSpec
 from nodestepd.step.layout import SpoolError, spool_layout
 from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import Task
@@ -97,6 +97,7 @@ def prepare(
         Task(t, layout.task_dirs[i], context(t, layout.step_dir, layout.task_dirs[i]))
         for i, t in enumerate(spec.task_ids)
     ]
+    _refuse_shell_unsafe_values(commands, tasks, bundle_is_users=bundle_config is None)
     first_commands = [expand(commands.first, task.context) for task in tasks]
     try:
         find_program(first_commands[0], runtime_env, spec.identity)
@@ -149,6 +150,22 @@ def _write_task_files(
     if oci.create_env_file != "disabled":
         data = stepenv.env_file_bytes(container_env, oci.create_env_file)
         spool.write_task_file(index, ENV_FILE_NAME, data, 0o600)
+
+
+def _refuse_shell_unsafe_values(commands: RuntimeCommands, tasks: Sequence[Task], *, bundle_is_users: bool) -> None:
+    """Every RunTime* command is checked now, before anything exists: a value the user chose
+    that the shell would act on must never reach /bin/sh, not even in a later RunTimeDelete."""
+    patterns = {
+        "RunTimeRun": commands.run, "RunTimeCreate": commands.create, "RunTimeStart": commands.start,
+        "RunTimeQuery": commands.query, "RunTimeKill": commands.kill, "RunTimeDelete": commands.delete,
+    }
+    for key, pattern in patterns.items():
+        if pattern is None:
+            continue
+        for task in tasks:
+            problem = shell_unsafe_value(pattern, task.context, bundle_is_users=bundle_is_users)
+            if problem is not None:
+                raise LaunchFailed(f"{key} of {commands.oci_conf} cannot be run: {problem}")
 
 
 def _slurm_task(spec: StepSpec, task: Task) -> stepenv.SlurmTask:

@@ -1,9 +1,17 @@
 """Per-step spool directories: creating, reopening and removing them safely as root.
 
 The daemon runs as root, but the spool tree ends up owned by the step's user, and
-ContainerPath may put it anywhere (including directories the user can write). So every
-path is walked one component at a time from an open directory fd with O_NOFOLLOW, and
-nothing here ever resolves a multi-component path name as root.
+ContainerPath may put it anywhere. So every path is walked one component at a time from
+an open directory fd with O_NOFOLLOW, and nothing here ever resolves a multi-component
+path name as root.
+
+The parents of the step dir are trusted or refused: every existing one must be root's
+and not writable by others (config/trust.py, the rule the daemon applies to its own
+dirs), the ones created here stay root's (0755), and only the step dir and what is
+inside it are handed to the user. Otherwise whoever can write a parent could rename the
+step dir away once it is handed over and put a link to a tree of their own in its place,
+and the step's runtime, which opens the spool dirs by name (%b, %m), would run their
+config.json as the step's user.
 
 Ownership story: ``StepSpool.create`` returns an object that holds open fds for the
 directories it created. The caller then either calls ``remove()`` (normal cleanup; it
@@ -16,10 +24,12 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import stat
 from dataclasses import dataclass
 from types import TracebackType
 
+from nodestepd.config.trust import untrusted_dir_reason
 from nodestepd.step.cleardir import clear_dir
 from nodestepd.step.layout import SpoolError, SpoolLayout, components, join
 
@@ -27,6 +37,8 @@ __all__ = ["StepSpool"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PRIVATE_DIR_MODE = 0o700
+# A parent the daemon creates: root's, traversable by the user whose step dir is inside.
+_PARENT_DIR_MODE = 0o755
 
 
 @dataclass
@@ -61,10 +73,21 @@ def _open_dir(parent: _Dir, name: str, path: str) -> int:
         raise _describe_open_error(exc, parent, name, path) from exc
 
 
-def _make_private_dir(parent: _Dir, name: str, path: str) -> _Dir:
-    """mkdir name (root-owned, 0700) and open it; FileExistsError when it already exists."""
+def _check_trusted(d: _Dir, step_dir: str, *, last: bool) -> None:
+    """Refuse an existing parent of the step dir that someone other than root could change."""
+    st = os.fstat(d.fd)
+    reason = untrusted_dir_reason(d.path, st.st_uid, st.st_mode, last=last)
+    if reason is not None:
+        raise SpoolError(
+            f"{reason}, so the spool dir {step_dir} cannot be made safely under it: every existing parent of a"
+            " step spool dir must be root's and not writable by others (see ContainerPath in oci-conf.md)"
+        )
+
+
+def _make_private_dir(parent: _Dir, name: str, path: str, mode: int = _PRIVATE_DIR_MODE) -> _Dir:
+    """mkdir name (root-owned, `mode`) and open it; FileExistsError when it already exists."""
     try:
-        os.mkdir(name, _PRIVATE_DIR_MODE, dir_fd=parent.fd)
+        os.mkdir(name, mode & 0o700, dir_fd=parent.fd)
     except FileExistsError:
         raise
     except OSError as exc:
@@ -80,7 +103,7 @@ def _make_private_dir(parent: _Dir, name: str, path: str) -> _Dir:
             ours = False
             raise SpoolError(f"{path} was replaced by a directory owned by uid {st.st_uid} while it was being created")
         # Explicit mode: umask must not matter, and a setgid parent must not leak its bit.
-        os.fchmod(new.fd, _PRIVATE_DIR_MODE)
+        os.fchmod(new.fd, mode)
     except BaseException:
         if new.fd >= 0:
             os.close(new.fd)
@@ -127,10 +150,13 @@ class StepSpool:
 
     def _create(self) -> None:
         parent_parts = components(self.layout.step_dir)[:-1]
+        step_dir = self.layout.step_dir
         anchor = _Dir(fd=os.open("/", _DIR_FLAGS), path="/", parent=None, created=False)
         self._above.append(anchor)
+        _check_trusted(anchor, step_dir, last=not parent_parts)
         current = anchor
-        for part in parent_parts:
+        for depth, part in enumerate(parent_parts, start=1):
+            last = depth == len(parent_parts)
             path = join(current.path, part)
             try:
                 fd = os.open(part, _DIR_FLAGS, dir_fd=current.fd)
@@ -146,18 +172,21 @@ class StepSpool:
                 # Still only pre-existing dirs: move the anchor down, keep just one fd.
                 os.close(current.fd)
                 current.fd, current.path = fd, path
+                _check_trusted(current, step_dir, last=last)
                 continue
             if not self.layout.create_parents:
                 raise SpoolError(f"{path} does not exist; the daemon's spool dir must be created at startup")
             try:
-                current = _make_private_dir(current, part, path)
+                current = _make_private_dir(current, part, path, _PARENT_DIR_MODE)
             except FileExistsError:
-                # Another step created it concurrently: use it, but it is not ours.
+                # Another step created it concurrently (or someone else did): use it only if
+                # it is trusted like any other existing parent; it is not ours.
                 if current.created:
                     raise SpoolError(f"{path} appeared inside a directory this daemon had just created") from None
                 fd = _open_dir(current, part, path)
                 os.close(current.fd)
                 current.fd, current.path = fd, path
+                _check_trusted(current, step_dir, last=last)
                 continue
             self._above.append(current)
 
@@ -326,17 +355,25 @@ class StepSpool:
         return path
 
     def hand_over(self) -> None:
-        """Give every directory this spool created to the user (modes stay 0700)."""
+        """Give the step dir and every directory inside it to the user (modes stay 0700).
+
+        Never a parent: parents created here stay root's, or the user could rename the
+        step dirs of other users' steps inside them."""
         if self._closed:
             raise SpoolError(f"spool dir {self.layout.step_dir} is already closed")
-        for d in self._created_dirs_deepest_first():
+        assert self._step is not None
+        for d in [*reversed(self._inner.values()), self._step]:
             try:
                 os.fchown(d.fd, self._uid, self._gid)
             except OSError as exc:
                 raise SpoolError(f"cannot hand {d.path} over to uid {self._uid}: {exc.strerror}") from exc
 
     def remove(self) -> None:
-        """Remove the step dir tree and now-empty created ancestors; implies close()."""
+        """Remove the step dir tree and now-empty created ancestors; implies close().
+
+        A step dir that cannot be removed (a mount point inside, a file root may not
+        delete) is renamed aside in its parent (TRASH_PREFIX...), so that it does not
+        block the next launch of the same job.step, and the SpoolError says where."""
         if self._removed:
             return
         if self._closed:
@@ -348,6 +385,7 @@ class StepSpool:
         # (user) owner cannot redirect us anywhere else.
         clear_dir(step.fd, step.path, errors)
         _rmdir_if_same(step, errors, ignore_not_empty=False)
+        aside = _rename_aside(step) if errors else None
         for d in reversed(self._above):
             if d.created:
                 _rmdir_if_same(d, errors, ignore_not_empty=True)
@@ -355,7 +393,8 @@ class StepSpool:
         self.close()
         if errors:
             more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-            raise SpoolError(f"could not fully remove spool dir {self.layout.step_dir}: {errors[0]}{more}")
+            where = f"; what is left was renamed to {aside}, so that the step can be launched again" if aside else ""
+            raise SpoolError(f"could not fully remove spool dir {self.layout.step_dir}: {errors[0]}{more}{where}")
 
     def close(self) -> None:
         """Close every fd held; idempotent. Leaves the tree on disk."""
@@ -375,6 +414,29 @@ class StepSpool:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+TRASH_PREFIX = ".nodestepd-trash-"
+
+
+def _rename_aside(d: _Dir) -> str | None:
+    """Rename d, if its name still refers to it, to a fresh TRASH_PREFIX name in the same
+    parent; the new path, or None. The parent is root's alone (checked or made so at
+    create), so no one else can have put anything at the new name."""
+    assert d.parent is not None
+    try:
+        here = os.lstat(d.name, dir_fd=d.parent.fd)
+        mine = os.fstat(d.fd)
+    except OSError:
+        return None
+    if (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+        return None
+    trash = f"{TRASH_PREFIX}{d.name}-{secrets.token_hex(6)}"
+    try:
+        os.rename(d.name, trash, src_dir_fd=d.parent.fd, dst_dir_fd=d.parent.fd)
+    except OSError:
+        return None
+    return join(d.parent.path, trash)
 
 
 def _rmdir_if_same(d: _Dir, errors: list[str], *, ignore_not_empty: bool) -> None:

@@ -18,7 +18,8 @@ import pytest
 
 from conftest import NODESTEPCTL, REPO, RUNC_RUN_CONF, make_bundle, runc_containers
 from nodestepd.ctl import doctor, probes
-from nodestepd.ctl.checks import Level, check_daemon_dirs, check_user_namespaces
+from nodestepd.config.ociconf import parse_oci_conf
+from nodestepd.ctl.checks import Level, check_container_path, check_daemon_dirs, check_user_namespaces
 from nodestepd.ctl.doctor import DoctorOptions, DoctorUsageError
 from nodestepd.config.settings import DaemonConfig
 from nodestepd.process.identity import Identity
@@ -119,6 +120,32 @@ def test_daemon_dirs_must_be_roots_and_not_writable_by_others(tmp_path, user):
         assert f"owner {user.name}" in checks[1].message and f"chown root {users}" in checks[1].fix
     finally:
         shutil.rmtree(base)
+
+
+def test_container_path_parents_must_be_roots_and_not_writable_by_others(new_dir, user):
+    """Issue 19.1: a launch refuses such a parent, so the doctor says so before any launch."""
+    def check(container_path: str):
+        (result,) = check_container_path(parse_oci_conf(RUNC_RUN_CONF + f"ContainerPath={container_path}\n"))
+        return result
+
+    sticky, users = new_dir("sticky-", 0o1777), new_dir("users-", 0o755, owner=user)
+    assert check(f"{sticky}/%u/oci").level is Level.OK  # on the way, a sticky dir is fine
+    assert check(f"{sticky}/new/%u").level is Level.OK
+    loose = check(str(sticky))  # but not as the step dirs' own parent
+    assert loose.level is Level.FAIL and loose.message.startswith(f"{sticky} is writable by others (mode 1777): every")
+    owned = check(f"{users}/%u")
+    assert owned.level is Level.FAIL
+    assert owned.message == (f"{users} is owned by uid {user.uid}, not root: every launch under ContainerPath"
+                             f" {users}/%u would be refused, since another user could swap the step dirs there")
+    assert check_container_path(parse_oci_conf(RUNC_RUN_CONF)) == []
+
+
+def test_a_user_chosen_letter_in_container_path_fails_the_oci_conf_check(site, user):
+    (site / "oci.conf").write_text(RUNC_RUN_CONF + "ContainerPath=%Z/.oci\n")
+    result = doctor_cli("--user", user.name, "--config", str(site / "nodestepd.toml"), "--json")
+    assert result.returncode == 1
+    (oci,) = by_name(result)["oci.conf"]
+    assert oci["level"] == "fail" and "ContainerPath: uses %Z (the working directory (--chdir))" in oci["message"]
 
 
 def test_root_must_name_an_unprivileged_user():

@@ -1,7 +1,8 @@
 """Who may do what, and the filesystem attacks: real daemon, real nodestepctl, real rootless runc.
 
 Each attack leaves the protected file or directory exactly as it was (content, owner,
-mode) and still unreadable to the attacker. Job ids 6000-6999 belong to this file.
+mode) and still unreadable to the attacker. Job ids 6000-6999 belong to this file, but for
+6700-6799, test_spool_attacks.py's.
 """
 
 from __future__ import annotations
@@ -227,10 +228,10 @@ def test_something_planted_at_a_future_step_dir_gains_nothing(
     as_user(attacker, plant, planted.split()[0], str(target), str(protected))
     result = daemon.ctl(user, "run", "--job-id", "6020", "--bundle", str(bundle), "--", "true")
     assert result.returncode == 125, result.stderr
+    # A parent others may write is refused before the step dir is looked at (issue 19.1).
     expected = {
         "symlink as a parent": f"{parent} is a symbolic link; refusing to follow it",
-        "file by another user": f"spool dir {target} already exists",
-    }.get(planted, f"spool dir {target} already exists")
+    }.get(planted, f"{parent} is writable by others (mode 1777), so the spool dir {target} cannot be made safely")
     assert result.stderr.startswith(f"nodestepctl: {expected}".encode()), result.stderr
     assert fingerprint(protected) == before
     assert not readable_by(attacker, protected)

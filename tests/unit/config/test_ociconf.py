@@ -537,3 +537,33 @@ def test_load_reads_file(tmp_path: Path) -> None:
     path.write_text(RUN_MODE)
     conf = load_oci_conf(os.fspath(path))
     assert conf == parse_oci_conf(RUN_MODE, os.fspath(path))
+
+
+# ---- issue 19.1: the letters a user chooses, in the keys that say where the spool goes --------
+
+
+@pytest.mark.parametrize("key", ["ContainerPath", "MountSpoolDir"])
+@pytest.mark.parametrize("letter,what", [
+    ("Z", "the working directory (--chdir)"),
+    ("r", "the rootfs path (from the user's config.json)"),
+    ("b", "the bundle path"),
+    ("@", "the command"),
+])
+def test_a_user_chosen_letter_in_a_spool_path_is_refused(key, letter, what):
+    problem = only_problem(RUN_MODE + f"{key}=/scratch/%{letter}/.oci\n")
+    assert (problem.line, problem.key) == (2, key)
+    why = {
+        "ContainerPath": "the daemon creates the spool dirs there as root, and the user could point it at a directory"
+        " that only root may write",
+        "MountSpoolDir": "the spool dir would be mounted wherever the user says",
+    }[key]
+    assert problem.message == (
+        f"uses %{letter} ({what}), which the user chooses: {why}; use letters the user cannot choose (such as %u, %U,"
+        " %j, %s, %t, %n) and fixed text"
+    )
+
+
+def test_user_chosen_letters_stay_allowed_in_runtime_commands_and_literal_in_paths():
+    oci = parse_oci_conf(RUN_MODE + "ContainerPath=/scratch/%%Z/%u\nMountSpoolDir=/var/spool/%j\n")
+    assert oci.container_path == "/scratch/%%Z/%u"
+    assert parse_oci_conf('RunTimeRun="r %Z %r %b %@" RunTimeKill="k" RunTimeDelete="d"\n').runtime_run == "r %Z %r %b %@"

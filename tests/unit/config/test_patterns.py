@@ -15,6 +15,8 @@ from nodestepd.config.patterns import (
     expand,
     pattern_letters,
     shell_quote_args,
+    shell_unsafe_value,
+    user_chosen_letters,
 )
 
 CTX = PatternContext(
@@ -241,3 +243,37 @@ def test_no_command_runs_bin_false_text() -> None:
     assert expand("exec %@", ctx) == 'exec "/bin/false"'
     assert run_sh(expand("printf '%%s\\0' %@", ctx)) == b"/bin/false\0"
     assert subprocess.run(["/bin/sh", "-c", expand("exec %@", ctx)]).returncode == 1
+
+
+# ---- issue 14.5: user-chosen values that reach /bin/sh unquoted ---------------------------------
+
+
+def test_user_chosen_letters():
+    assert user_chosen_letters("run %b %Z %r %@ %u %j %%Z") == ["@", "b", "r", "Z"]
+    assert user_chosen_letters("run %u %j") == []
+
+
+@pytest.mark.parametrize("value", ["/a/$(touch x)", "/a/`id`", "/a/b;id", "/a b", "/a/*", "/a/b|c", "/a/b&", "/a/'",
+                                   '/a/"', "/a\\b", "/a/b>c", "/a/~", "/a/b\nc", "/a/{b,c}", "/a/#", "/a/!"])
+@pytest.mark.parametrize("letter,field,what", [
+    ("b", "bundle", "the bundle path"), ("r", "rootfs", "the rootfs path (from the user's config.json)"),
+    ("Z", "workdir", "the working directory (--chdir)"),
+])
+def test_a_value_the_shell_would_act_on_is_refused(value, letter, field, what):
+    ctx = PatternContext(**{**CTX.__dict__, field: value})
+    problem = shell_unsafe_value(f"runtime --x=%{letter}", ctx, bundle_is_users=True)
+    bad = next(c for c in value if c not in "/ab")
+    assert problem == (
+        f"{what} {value!r} holds {bad!r}, which the shell would act on: %{letter} goes into the runtime command"
+        " unquoted (as in Slurm), so paths there may hold only letters, digits and / . _ + , : @ % = -"
+    )
+
+
+def test_plain_values_and_unused_letters_pass():
+    ctx = PatternContext(**{**CTX.__dict__, "workdir": "/home/élodie/run-1.2_x+y,z:a@b%c=d", "rootfs": "/a b"})
+    assert shell_unsafe_value("run --cwd %Z", ctx, bundle_is_users=True) is None
+    assert shell_unsafe_value("run %b", ctx, bundle_is_users=True) is None  # %r is not used
+    # %b is the task dir the daemon made (config.json rewritten), not the user's: not checked.
+    odd = PatternContext(**{**CTX.__dict__, "bundle": "/spool dir/oci-job1-0/task-0"})
+    assert shell_unsafe_value("run %b", odd, bundle_is_users=False) is None
+    assert shell_unsafe_value("run %b", odd, bundle_is_users=True) is not None

@@ -200,7 +200,7 @@ def test_large_file_written_completely(spool_dir):
 
 
 def test_step_dir_mode_exact_despite_umask_and_setgid_parent(spool_dir):
-    os.chmod(spool_dir, 0o2775)
+    os.chmod(spool_dir, 0o2755)
     old = os.umask(0o077)
     try:
         spool = StepSpool.create(layout(None, spool_dir=str(spool_dir), ntasks=1), USER_UID, USER_GID)
@@ -213,20 +213,63 @@ def test_step_dir_mode_exact_despite_umask_and_setgid_parent(spool_dir):
         spool.remove()
 
 
-def test_container_path_parents_created_private_then_handed_over(tmp_path):
+def test_container_path_parents_created_stay_roots_and_only_the_step_dir_is_handed_over(tmp_path):
+    """Issue 19.1: a parent handed to the user whose step created it let that user rename
+    other users' step dirs inside it. Parents stay root's 0755; the step dir and what is
+    inside it are the user's."""
     lay = layout(str(tmp_path / "scratch" / "%u" / "oci-%j.%s" / "t%t" / "x"), ntasks=2)
     spool = StepSpool.create(lay, USER_UID, USER_GID)
     scratch = tmp_path / "scratch"
     step = scratch / "alice" / "oci-12.3"
-    for d in (scratch, scratch / "alice", step, step / "t0", step / "t0" / "x", step / "t1" / "x"):
+    for d in (scratch, scratch / "alice"):
+        assert owner_mode(d) == (0, 0, 0o755), d
+    for d in (step, step / "t0", step / "t0" / "x", step / "t1" / "x"):
         assert owner_mode(d) == (0, 0, 0o700), d
     spool.write_task_file(0, "environment", b"A=1\0", 0o600)
     spool.hand_over()
-    for d in (scratch, scratch / "alice", step, step / "t0", step / "t0" / "x", step / "t1", step / "t1" / "x"):
+    for d in (scratch, scratch / "alice"):
+        assert owner_mode(d) == (0, 0, 0o755), d
+    for d in (step, step / "t0", step / "t0" / "x", step / "t1", step / "t1" / "x"):
         assert owner_mode(d) == (USER_UID, USER_GID, 0o700), d
     assert owner_mode(tmp_path)[0] == 0
     spool.remove()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("owner,mode,last,message", [
+    (USER_UID, 0o755, True, "is owned by uid 65534, not root"),
+    (USER_UID, 0o755, False, "is owned by uid 65534, not root"),
+    (0, 0o777, True, "is writable by others (mode 0777)"),
+    (0, 0o1777, True, "is writable by others (mode 1777)"),  # anyone may plant the step dir's name
+    (0, 0o775, False, "is writable by its group (mode 0775)"),
+    (0, 0o777, False, "is writable by others (mode 0777)"),
+])
+def test_untrusted_existing_parent_refused(tmp_path, owner, mode, last, message):
+    """Issue 19.1: an existing parent someone else could write is refused, with why."""
+    base = tmp_path / "base"
+    base.mkdir()
+    os.chown(base, owner, owner)
+    base.chmod(mode)
+    lay = layout(str(base) if last else str(base / "%u"), ntasks=1)
+    with pytest.raises(SpoolError) as e:
+        StepSpool.create(lay, USER_UID, USER_GID)
+    assert str(e.value) == (
+        f"{base} {message}, so the spool dir {lay.step_dir} cannot be made safely under it: every existing parent"
+        " of a step spool dir must be root's and not writable by others (see ContainerPath in oci-conf.md)"
+    )
+    assert os.listdir(base) == []
+
+
+def test_sticky_world_writable_dir_is_fine_above_the_last_parent(tmp_path):
+    """/tmp/%u: others cannot rename or replace root's %u dir in sticky /tmp."""
+    base = tmp_path / "tmp"
+    base.mkdir()
+    base.chmod(0o1777)
+    spool = StepSpool.create(layout(str(base / "%u"), ntasks=1), USER_UID, USER_GID)
+    spool.hand_over()
+    assert owner_mode(base / "alice") == (0, 0, 0o755)
+    spool.remove()
+    assert os.listdir(base) == []
 
 
 def test_existing_parents_are_not_touched_and_nonempty_created_parents_stay(tmp_path):
@@ -359,12 +402,12 @@ def test_remove_after_step_dir_swapped_for_symlink(tmp_path):
     outside.mkdir()
     (outside / "canary").write_text("alive")
     home = tmp_path / "home"
-    lay = layout(str(home), ntasks=1)  # the parent "home" is created and handed to the user
+    lay = layout(str(home), ntasks=1)
     spool = StepSpool.create(lay, USER_UID, USER_GID)
     spool.hand_over()
     step = home / "oci-job12-3"
     (step / "task-0" / "result").write_text("x")
-    # The user owns home/, so can move the step dir away and plant a symlink instead.
+    # The parent stays root's, so only root can do this now; remove() must cope anyway.
     os.rename(step, home / "moved")
     os.symlink(outside, step)
 
@@ -378,21 +421,37 @@ def test_remove_after_step_dir_swapped_for_symlink(tmp_path):
     spool.remove()  # already removed as far as it could: no second attempt, no error
 
 
-def test_remove_does_not_descend_into_mount_points(spool_dir):
-    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir), ntasks=1), USER_UID, USER_GID)
+def test_remove_does_not_descend_into_mount_points_and_renames_the_rest_aside(spool_dir):
+    """Issue 19.5: a step dir that cannot be removed must not block its job.step for good:
+    it is renamed aside in its (root-owned) parent, and the error says where."""
+    lay = layout(None, spool_dir=str(spool_dir), ntasks=1)
+    spool = StepSpool.create(lay, USER_UID, USER_GID)
     spool.hand_over()
     mnt = spool_dir / "oci-job12-3" / "task-0" / "mnt"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], capture_output=True).returncode != 0:
         spool.remove()
         pytest.skip("cannot mount a tmpfs here")
+    mounted = str(mnt)
     try:
         (mnt / "canary").write_text("alive")
-        with pytest.raises(SpoolError, match="task-0/mnt is a mount point, which was left alone"):
+        with pytest.raises(SpoolError) as e:
             spool.remove()
-        assert (mnt / "canary").read_text() == "alive"
+        (trash,) = [name for name in os.listdir(spool_dir) if name.startswith(".nodestepd-trash-oci-job12-3-")]
+        mounted = str(spool_dir / trash / "task-0" / "mnt")
+        assert str(e.value) == (
+            f"could not fully remove spool dir {lay.step_dir}: {lay.step_dir}/task-0/mnt is a mount point, which was"
+            f" left alone (and 2 more problem(s)); what is left was renamed to {spool_dir}/{trash}, so that the step"
+            " can be launched again"
+        )
+        assert open(f"{mounted}/canary").read() == "alive"
+        assert owner_mode(spool_dir / trash) == (USER_UID, USER_GID, 0o700)
+        # The same job.step can be launched again.
+        again = StepSpool.create(lay, USER_UID, USER_GID)
+        again.remove()
+        assert os.listdir(spool_dir) == [trash]
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["umount", mounted], check=True)
 
 
 def test_remove_tolerates_already_removed_tree(tmp_path):
@@ -403,22 +462,111 @@ def test_remove_tolerates_already_removed_tree(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2000, reason="needs an fd per level")
-def test_remove_deeply_nested_tree(spool_dir):
-    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir), ntasks=1), USER_UID, USER_GID)
-    spool.hand_over()
-    # Deeper than Python's default recursion limit, built with fds to stay under PATH_MAX.
-    fd = os.open(spool_dir / "oci-job12-3" / "task-0", os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(1100):
-        os.mkdir("d", dir_fd=fd)
-        new = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = new
+DEPTH = 30_000
+
+# Run as the step's user (handed an fd on the task dir: pytest's tmp dirs are root's
+# alone): what a task can do in its own spool dir, with fds so that the path never has to
+# fit PATH_MAX.
+BUILD_DEEP_TREE = """
+import os, sys
+fd = int(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    os.mkdir("d", dir_fd=fd)
+    open(os.open("f", os.O_WRONLY | os.O_CREAT, dir_fd=fd), "w").close()
+    new = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
     os.close(fd)
-    fds = open_fds()
-    spool.remove()
-    assert os.listdir(spool_dir) == []
-    assert open_fds() <= fds
+    fd = new
+os.symlink("/etc", "l", dir_fd=fd)
+"""
+
+
+class _CountingOs:
+    """os for cleardir.py, counting the fds it holds at once (os.listdir's own dup aside,
+    which the lowered RLIMIT_NOFILE below covers)."""
+
+    def __init__(self):
+        self.held = self.peak = 0
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def open(self, *args, **kwargs):
+        fd = os.open(*args, **kwargs)
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        return fd
+
+    def close(self, fd):
+        os.close(fd)
+        self.held -= 1
+
+
+def test_remove_a_30000_deep_tree_with_bounded_fds(spool_dir, monkeypatch):
+    """Issue 19.5: cleanup held an fd per level, so a task that built a deep tree made it
+    fail with "Too many open files" and the step dir blocked its job.step for good."""
+    from nodestepd.step import cleardir
+
+    lay = layout(None, spool_dir=str(spool_dir), ntasks=1)
+    spool = StepSpool.create(lay, USER_UID, USER_GID)
+    spool.hand_over()
+    task = os.open(lay.task_dirs[0], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        subprocess.run(["setpriv", f"--reuid={USER_UID}", f"--regid={USER_GID}", "--clear-groups", "--",
+                        "/usr/bin/python3", "-I", "-c", BUILD_DEEP_TREE, str(task), str(DEPTH)],
+                       check=True, timeout=120, pass_fds=[task])
+    finally:
+        os.close(task)
+    counting = _CountingOs()
+    monkeypatch.setattr(cleardir, "os", counting)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for 8 more fds than are open now, a thousandth of the tree's depth.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(n) for n in open_fds()) + 9, hard))
+    try:
+        spool.remove()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        # Whatever is left (when this fails) must not break pytest's recursive clean-up of its
+        # tmp dirs, shared by every run on the machine: GNU rm has no depth limit.
+        leftover = os.listdir(spool_dir)
+        subprocess.run(["rm", "-rf", "--one-file-system", *(str(spool_dir / n) for n in leftover)], check=True)
+    assert leftover == []
+    print(f"peak fds held by clear_dir for a {DEPTH}-deep tree: {counting.peak}")
+    assert counting.peak <= 2
+    assert counting.held == 0
+
+
+def test_clear_dir_starts_again_when_a_directory_it_is_in_is_moved(tmp_path, monkeypatch):
+    """Going up through '..' is checked: a directory its owner moved meanwhile is not
+    mistaken for the one the walk came from; the walk starts again from the top."""
+    from nodestepd.step import cleardir
+
+    top = tmp_path / "top"
+    (top / "a" / "b" / "c").mkdir(parents=True)
+    (top / "elsewhere").mkdir()
+    (top / "a" / "b" / "c" / "f").write_text("x")
+    real_listdir = os.listdir
+    moved = []
+
+    def listdir(fd):
+        names = real_listdir(fd)
+        # Once the walk is in c, move b (and c with it) under another directory.
+        if not moved and names == ["f"]:
+            os.rename(top / "a" / "b", top / "elsewhere" / "b")
+            moved.append(True)
+        return names
+
+    counting = _CountingOs()
+    counting.listdir = listdir
+    monkeypatch.setattr(cleardir, "os", counting)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    errors: list[str] = []
+    try:
+        cleardir.clear_dir(fd, str(top), errors)
+    finally:
+        os.close(fd)
+    assert moved and errors == []
+    assert os.listdir(top) == []
+    assert counting.held == 0
 
 
 def test_write_task_file_is_exclusive_and_does_not_follow_symlinks(spool_dir, tmp_path):

@@ -1,0 +1,24 @@
+"""The trusted-path rule shared by the daemon's own dirs, the spool parents and the doctor."""
+
+from __future__ import annotations
+
+import pytest
+
+from nodestepd.config.trust import untrusted_dir_reason
+
+DIR = 0o040000
+
+
+@pytest.mark.parametrize("uid,mode,last,reason", [
+    (0, 0o755, False, None),
+    (0, 0o755, True, None),
+    (0, 0o1777, False, None),  # sticky on the way: others cannot rename root's entries
+    (0, 0o1777, True, "/d is writable by others (mode 1777)"),  # but anyone may take a name in it
+    (0, 0o777, False, "/d is writable by others (mode 0777)"),
+    (0, 0o775, True, "/d is writable by its group (mode 0775)"),
+    (0, 0o2755, True, None),
+    (1000, 0o755, False, "/d is owned by uid 1000, not root"),
+    (1000, 0o700, True, "/d is owned by uid 1000, not root"),
+])
+def test_rule(uid, mode, last, reason):
+    assert untrusted_dir_reason("/d", uid, DIR | mode, last=last) == reason
