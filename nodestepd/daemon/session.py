@@ -280,7 +280,7 @@ class Session:
             close_all(fds)
             try:
                 request = messages.decode_request(body)
-                if not isinstance(request, SignalRequest) or request.job_id is not None:
+                if not isinstance(request, SignalRequest) or request.job_id is not None or request.user is not None:
                     raise ProtocolError("an attached run accepts only signal requests without ids")
                 step.signal(parse_signal(request.signal))
             except (ProtocolError, BadRequest) as e:
