@@ -113,7 +113,7 @@ def setting_problems(config: DaemonConfig) -> list[tuple[str, str]]:
         problems.append(("results_max_per_user", f"must not exceed results_max ({config.results_max})"))
     low, high = RESULTS_MAX_AGE_RANGE
     if not low <= config.results_max_age <= high:
-        problems.append(("results_max_age", f"must be between {low:g} and {high:g} seconds, got "
+        problems.append(("results_max_age", f"must be between {low:.0f} and {high:.0f} seconds, got "
                          f"{config.results_max_age}"))
     if not 0.1 <= config.client_timeout <= 3600:
         problems.append(("client_timeout", f"must be between 0.1 and 3600 seconds, got {config.client_timeout}"))
