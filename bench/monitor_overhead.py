@@ -192,7 +192,7 @@ def measure_records(parent: str, runs: int) -> tuple[list[float], list[float]]:
             writes.append(time.perf_counter() - start)
         for i in range(runs):
             start = time.perf_counter()
-            store.remove(steprecord.record_name(100 + i, 0, 0))
+            store.remove(steprecord.record_name(1000, 100 + i, 0, 0))
             removals.append(time.perf_counter() - start)
         store.close()
         return writes, removals

@@ -47,6 +47,10 @@ class DaemonConfig:
     max_steps: int = 1024
     max_steps_per_user: int = 128
     client_timeout: float = 30.0
+    # Finished steps' results kept for `wait` and `ps`, across restarts (docs/admin-guide.md).
+    results_max_age: float = 86400.0  # seconds after the step ended
+    results_max: int = 1024  # on the node
+    results_max_per_user: int = 256
     debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
     config_file: str | None = None  # where the settings came from, for `status`
 
@@ -90,7 +94,10 @@ _INT_BOUNDS = {
     "max_connections_per_user": (1, 1_000_000),
     "max_steps": (1, 100_000),
     "max_steps_per_user": (1, 100_000),
+    "results_max": (1, 100_000),
+    "results_max_per_user": (1, 100_000),
 }
+RESULTS_MAX_AGE_RANGE = (60.0, 366 * 86400.0)
 
 
 def setting_problems(config: DaemonConfig) -> list[tuple[str, str]]:
@@ -102,6 +109,12 @@ def setting_problems(config: DaemonConfig) -> list[tuple[str, str]]:
             problems.append((name, f"must be between {low} and {high}, got {value}"))
     if config.max_steps_per_user > config.max_steps:
         problems.append(("max_steps_per_user", f"must not exceed max_steps ({config.max_steps})"))
+    if config.results_max_per_user > config.results_max:
+        problems.append(("results_max_per_user", f"must not exceed results_max ({config.results_max})"))
+    low, high = RESULTS_MAX_AGE_RANGE
+    if not low <= config.results_max_age <= high:
+        problems.append(("results_max_age", f"must be between {low:.0f} and {high:.0f} seconds, got "
+                         f"{config.results_max_age}"))
     if not 0.1 <= config.client_timeout <= 3600:
         problems.append(("client_timeout", f"must be between 0.1 and 3600 seconds, got {config.client_timeout}"))
     try:
@@ -160,9 +173,12 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_steps": (int,),
     "max_steps_per_user": (int,),
     "client_timeout": (int, float),
+    "results_max_age": (int, float),
+    "results_max": (int,),
+    "results_max_per_user": (int,),
     "debug_timings": (bool,),
 }
-_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout")
+_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age")
 
 
 def _from_toml(path: str, required: bool) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import sys
 
 from nodestepd.config.ociconf import OciConfError, load_oci_conf
 from nodestepd.config.patterns import expand
+from nodestepd.step.layout import shared_step_dir_warning
 from nodestepd.step.prepare import task_context
 from nodestepd.step.runtime import shell_warnings
 
@@ -30,7 +31,7 @@ def check_config(path: str, *, node_name: str | None = None) -> int:
     uid = os.getuid()
     user = getpass.getuser()
     node = node_name or socket.gethostname().split(".", 1)[0]
-    step_dir = f"{SAMPLE_SPOOL}/oci-job{SAMPLE_JOB}-{SAMPLE_STEP}"
+    step_dir = f"{SAMPLE_SPOOL}/oci-job{SAMPLE_JOB}-{SAMPLE_STEP}-uid{uid}"
     task_dir = f"{step_dir}/task-{SAMPLE_TASK}"
     ctx = task_context(
         args=SAMPLE_ARGS, bundle=SAMPLE_BUNDLE, rewritten_config=not oci.ignore_file_config_json,
@@ -56,5 +57,8 @@ def check_config(path: str, *, node_name: str | None = None) -> int:
         print(f"  environment file (%e): {task_dir}/environment, {oci.create_env_file}-separated")
     for warning in shell_warnings(patterns):
         print(f"warning: {warning}")
+    shared = shared_step_dir_warning(oci.container_path)
+    if shared is not None:
+        print(f"warning: {shared}")
     return 0
 

@@ -25,15 +25,20 @@ def _ref(text: str) -> tuple[int, int]:
         raise ClientError(str(e), EXIT_USAGE) from None
 
 
+def _whose(args: argparse.Namespace) -> dict:
+    return {} if args.user is None else {"user": args.user}
+
+
 def cmd_signal(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
-    request(args.socket, {"op": "signal", "signal": args.signal, "job_id": job_id, "step_id": step_id}, "ok")
+    request(args.socket, {"op": "signal", "signal": args.signal, "job_id": job_id, "step_id": step_id,
+                          **_whose(args)}, "ok")
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
-    reply = request(args.socket, {"op": "cancel", "job_id": job_id, "step_id": step_id}, "exit")
+    reply = request(args.socket, {"op": "cancel", "job_id": job_id, "step_id": step_id, **_whose(args)}, "exit")
     status = "unknown" if reply["status"] is None else reply["status"]
     print(f"step {job_id}.{step_id} cancelled (status {status})")
     return 0
@@ -41,7 +46,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
-    reply = request(args.socket, {"op": "wait", "job_id": job_id, "step_id": step_id}, "exit")
+    reply = request(args.socket, {"op": "wait", "job_id": job_id, "step_id": step_id, **_whose(args)}, "exit")
     return step_exit_status(reply)
 
 

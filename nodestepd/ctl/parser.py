@@ -126,6 +126,7 @@ def _add_signal(sub, raw) -> None:
                          epilog="Example:\n  nodestepctl signal 42.0 USR1", formatter_class=raw)
     sig.add_argument("step", metavar="JOB.STEP")
     sig.add_argument("signal", metavar="SIGNAL")
+    _add_whose(sig)
 
 
 def _add_cancel(sub, raw) -> None:
@@ -133,6 +134,7 @@ def _add_cancel(sub, raw) -> None:
                             description="Cancel a step and wait until its containers are gone and its spool removed.",
                             epilog="Example:\n  nodestepctl cancel 42.0", formatter_class=raw)
     cancel.add_argument("step", metavar="JOB.STEP")
+    _add_whose(cancel)
 
 
 def _add_wait(sub, raw) -> None:
@@ -140,6 +142,13 @@ def _add_wait(sub, raw) -> None:
                           description="Wait until the step ends; exit with its status (also for a step that already ended).",
                           epilog="Example:\n  nodestepctl wait 42.0; echo $?", formatter_class=raw)
     wait.add_argument("step", metavar="JOB.STEP")
+    _add_whose(wait)
+
+
+def _add_whose(parser) -> None:
+    parser.add_argument("--user", metavar="NAME|UID",
+                        help="whose step: step ids are per user, so an operator names the user when several "
+                        "users have a step JOB.STEP on this node (default: yours, or the only one)")
 
 
 def _add_status(sub, raw) -> None:

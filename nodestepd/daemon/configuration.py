@@ -16,6 +16,7 @@ from nodestepd.daemon.trustedpaths import untrusted_reason
 from nodestepd.logs import get_logger
 from nodestepd.process.monitor import MonitorMissing, monitor_program
 from nodestepd.step.env import runtime_env_base
+from nodestepd.step.layout import shared_step_dir_warning
 from nodestepd.step.runtime import shell_warnings
 from nodestepd.step.spec import LaunchSettings, RuntimeCommands, StepSettings
 
@@ -49,6 +50,9 @@ class Configuration:
         self.config, self.oci, self.policy, self.launch = config, oci, policy, launch
         for warning in shell_warnings(oci.patterns()):
             get_logger().warning("oci.conf will not work as written on this host", problem=warning)
+        shared = shared_step_dir_warning(oci.container_path)
+        if shared is not None:
+            get_logger().warning("oci.conf does not keep users' steps apart", problem=shared)
 
 
 def check_trusted(config: DaemonConfig, oci: OciConf) -> None:

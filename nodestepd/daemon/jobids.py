@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
+
+from nodestepd.daemon.errors import Refused
 
 # Slurm's job ids stay below 0x04000000; ours start above, so an id the daemon hands
 # out never collides with a real SLURM_JOB_ID on the same node.
@@ -44,16 +47,33 @@ class JobIdAllocator:
             raise ValueError(f"{self._path}: not a job id; remove the file to start again at {FIRST_DAEMON_JOB_ID}") from None
 
     def allocate(self) -> int:
-        """Blocking (a small atomic write): call through asyncio.to_thread."""
+        """Blocking (a small atomic write): call through asyncio.to_thread. Raises Refused
+        (launch-failed) when the id cannot be kept, leaving no temporary file."""
         with self._lock:
             job_id = self._next
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(_TMP_NAME, dir_fd=self._dir_fd)  # O_EXCL below: whatever was there is gone
-            fd = os.open(_TMP_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._dir_fd)
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{job_id + 1}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(_TMP_NAME, _NAME, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            try:
+                self._keep(job_id + 1)
+            except OSError as e:
+                raise Refused("launch-failed", f"cannot assign a job id: writing {self._path} failed: "
+                              f"{e.strerror or e}") from None
             self._next = job_id + 1
             return job_id
+
+    def _keep(self, next_id: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_TMP_NAME, dir_fd=self._dir_fd)  # O_EXCL below: whatever was there is gone
+        fd = os.open(_TMP_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._dir_fd)
+        try:
+            data = f"{next_id}\n".encode()
+            if os.write(fd, data) != len(data):  # a few bytes: all of them, or a full disk
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(_TMP_NAME, _NAME, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_TMP_NAME, dir_fd=self._dir_fd)
+            raise

@@ -31,7 +31,7 @@ from nodestepd.daemon.admission import Admission
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.jobids import JobIdAllocator
 from nodestepd.daemon.listener import BoundListener, Listener, PassedListener
-from nodestepd.daemon.registry import Registry
+from nodestepd.daemon.registry import Registry, Retention
 from nodestepd.daemon.server import Server
 from nodestepd.daemon.service import Service
 from nodestepd.daemon.session import DaemonState
@@ -39,6 +39,7 @@ from nodestepd.logs import configure_logging, get_logger, resolve_log_format
 from nodestepd.process import kernel
 from nodestepd.process.reaper import Reaper
 from nodestepd.step.record import RecordStore
+from nodestepd.step.results import ResultStore
 from nodestepd.systemd.activation import ActivationError
 from nodestepd.systemd.journalqueue import JournalQueue
 from nodestepd.systemd.notify import Notifier, WatchdogSettingError, watchdog_interval
@@ -155,7 +156,7 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
     if journal_queue is not None:
         journal_queue.start()  # records that waited for the loop, and drop warnings, from here on
     try:
-        configuration, listener, store, job_ids, reaper = _start(config, oci)
+        configuration, listener, store, results, job_ids, reaper = _start(config, oci)
     except ActivationError as e:
         log.error("cannot use the socket passed by the service manager", error=str(e))
         return EX_CONFIG
@@ -163,10 +164,15 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
         log.error("cannot start", error=str(e))
         return 1
     service = Service(notifier, watchdog, load, configuration, listener.path)
-    registry = Registry(on_change=service.steps_changed)
+
+    def retention() -> Retention:
+        c = configuration.config
+        return Retention(c.results_max_age, c.results_max, c.results_max_per_user)
+
+    registry = Registry(on_change=service.steps_changed, retention=retention, results=results)
     state = DaemonState(
         configuration=configuration, registry=registry, admission=Admission(configuration, job_ids), store=store,
-        reaper=reaper, reload=service.reload, socket_path=listener.path, started_at=time.time(),
+        results=results, reaper=reaper, reload=service.reload, socket_path=listener.path, started_at=time.time(),
         output_journal=journal_queue,
     )
     await service.run(Server(state, listener))
@@ -174,7 +180,8 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
     return 0
 
 
-def _start(config: DaemonConfig, oci: OciConf) -> tuple[Configuration, Listener, RecordStore, JobIdAllocator, Reaper]:
+def _start(config: DaemonConfig,
+           oci: OciConf) -> tuple[Configuration, Listener, RecordStore, ResultStore, JobIdAllocator, Reaper]:
     log = get_logger()
     # First: the LISTEN_* variables are consumed, so nothing started later mistakes them for its own.
     passed = PassedListener.take(os.environ, os.getpid())
@@ -190,13 +197,14 @@ def _start(config: DaemonConfig, oci: OciConf) -> tuple[Configuration, Listener,
     _secure_process(configuration)
     job_ids = JobIdAllocator(config.state_dir)
     store = RecordStore(config.state_dir)
+    results = ResultStore(config.state_dir)
     # Whatever gets orphaned below us (task monitors released, children of a monitor that
     # died) becomes our child, for us to reap (process/reaper.py).
     kernel.become_subreaper()
     listener: Listener = passed if passed is not None else BoundListener(config.socket)
     log.info("listening", socket=listener.path, oci_conf=oci.path, mode=oci.mode, version=__version__,
              activated=listener.passed)
-    return configuration, listener, store, job_ids, Reaper()
+    return configuration, listener, store, results, job_ids, Reaper()
 
 
 def _secure_process(configuration: Configuration) -> None:

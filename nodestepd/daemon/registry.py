@@ -1,39 +1,66 @@
 """The steps this daemon knows: the running ones (launching, running, terminating) and the
 finished ones kept for `wait` and `ps`, looked up as their callers may see them.
 
-A step launched task by task (srun -n 2 on one node) is several entries, one per launch,
-keyed (job id, step id, first task id); `parts` gathers them.
+Finished steps are kept as their results (step/results.py), in memory and in the state
+dir alike, for a retention window: results_max_age seconds after they ended, at most
+results_max_per_user per user and results_max on the node. Beyond the node's count, the
+oldest result of whoever holds the most goes, so that one user's many steps never push
+out the results of another user who holds fewer.
+
+Step names are per user (docs/security.md): entries are keyed (uid, job id, step id,
+first task id), so two users' steps with the same ids never meet, and a user's lookups
+see only their own. A step launched task by task (srun -n 2 on one node) is several
+entries, one per launch; `parts` gathers them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from nodestepd.daemon.authz import Policy
 from nodestepd.daemon.errors import Refused
+from nodestepd.logs import get_logger
+from nodestepd.step.record import record_name
+from nodestepd.step.results import Finished, ResultRecord, ResultStore
 from nodestepd.step.spec import StepSpec
 from nodestepd.step.step import Step, StepState
 
-FINISHED_KEPT = 1024  # finished steps remembered for `wait` and `ps`
 
-Key = tuple[int, int, int]
+@dataclass(frozen=True)
+class Retention:
+    """How long and how many finished results are kept (the results_* settings)."""
+
+    max_age: float = 86400.0
+    max_count: int = 1024
+    max_per_user: int = 256
+
+Key = tuple[int, int, int, int]  # uid, job id, step id, first task id
 
 
 def key_of(spec: StepSpec) -> Key:
-    return (spec.job_id, spec.step_id, spec.first_task)
+    return (spec.identity.uid, spec.job_id, spec.step_id, spec.first_task)
 
 
 class Registry:
     def __init__(self, on_change: Callable[[list[Step]], None] = lambda running: None,
-                 finished_kept: int = FINISHED_KEPT) -> None:
-        """on_change: told the running steps whenever a step starts running or finishes."""
+                 retention: Callable[[], Retention] = Retention, results: ResultStore | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        """on_change: told the running steps whenever a step starts running or finishes.
+        retention: the retention in force (read at each use: a reload changes it).
+        results: where finished results are kept (None: in memory only); the registry
+        removes those past their retention."""
         self.running: dict[Key, Step] = {}
-        self.finished: collections.OrderedDict[Key, Step] = collections.OrderedDict()
+        self.finished: collections.OrderedDict[Key, Finished] = collections.OrderedDict()  # oldest end first
         self._on_change = on_change
-        self._finished_kept = finished_kept
+        self._retention = retention
+        self._results = results
+        self._clock = clock
         self._retirements: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
+        self._removals: set[asyncio.Task[None]] = set()
         self.not_deleted = 0  # containers whose RunTimeDelete hung every time, in steps finished since the start
 
     # ---- entering and leaving ---------------------------------------------------------
@@ -63,11 +90,14 @@ class Registry:
         self._on_change(list(self.running.values()))
         self._retire_when_done(step)
 
-    def recovered(self, steps: Iterable[Step]) -> None:
-        """Steps a previous daemon left, taken over (step/recovery.py); an undone launch is finished already."""
+    def recovered(self, steps: Iterable[Step], results: Iterable[ResultRecord] = ()) -> None:
+        """Steps a previous daemon left, taken over (step/recovery.py; an undone launch is
+        finished already), and the results it kept, oldest end first."""
+        for rec in results:
+            self._remember(Finished.of(rec))
         for step in steps:
             if step.state is StepState.FINISHED:
-                self._remember(step)
+                self._remember_step(step)
             else:
                 self.running[key_of(step.spec)] = step
                 self._retire_when_done(step)
@@ -84,23 +114,67 @@ class Registry:
         if self.running.get(key) is step:
             del self.running[key]
             self._on_change(list(self.running.values()))
-        self._remember(step)
+        self._remember_step(step)
 
     def _count_not_deleted(self, step: Step) -> None:
         self.not_deleted += sum(1 for task in step.tasks if task.not_deleted)
 
-    def _remember(self, step: Step) -> None:
+    def _remember_step(self, step: Step) -> None:
         """A finished step (each is remembered once)."""
+        assert step.result is not None
         self._count_not_deleted(step)
-        key = key_of(step.spec)
-        self.finished[key] = step
+        self._remember(Finished.of(step.outcome(step.result)))
+
+    def _remember(self, finished: Finished) -> None:
+        key = key_of(finished.spec)
+        self.finished[key] = finished
         self.finished.move_to_end(key)
-        while len(self.finished) > self._finished_kept:
-            self.finished.popitem(last=False)
+        retention = self._retention()
+        gone = self._expired(retention)
+        mine = [k for k in self.finished if k[0] == key[0]]
+        for k in mine[:max(0, len(mine) - retention.max_per_user)]:
+            del self.finished[k]
+            gone.append(k)
+        while len(self.finished) > retention.max_count:
+            held = collections.Counter(k[0] for k in self.finished)
+            most = max(held.values())
+            victim = next(k for k in self.finished if held[k[0]] == most)  # the oldest of the biggest holders
+            del self.finished[victim]
+            gone.append(victim)
+        self._forget(gone)
+
+    def _expired(self, retention: Retention) -> list[Key]:
+        """Drop the results older than max_age (the oldest come first); their keys."""
+        oldest = self._clock() - retention.max_age
+        gone = []
+        for key, finished in list(self.finished.items()):
+            if finished.ended_at >= oldest:
+                break
+            del self.finished[key]
+            gone.append(key)
+        return gone
+
+    def _forget(self, keys: list[Key]) -> None:
+        """Results past their retention: their files go too, in a worker thread."""
+        # A key launched again and still running is skipped: its step writes the file anew.
+        names = [record_name(*key) for key in keys if key not in self.running]
+        if not names or self._results is None:
+            return
+        removal = asyncio.create_task(self._remove(names), name="remove results")
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+
+    async def _remove(self, names: list[str]) -> None:
+        assert self._results is not None
+        try:
+            await asyncio.to_thread(self._results.remove, names)
+        except OSError as e:
+            get_logger().error("cannot remove results past their retention", error=str(e), results=names)
 
     def _check_no_overlap(self, spec: StepSpec) -> None:
-        """Launches of one job.step may coexist on a node only with disjoint task ids."""
-        others = [s.spec for key, s in self.running.items() if key[:2] == (spec.job_id, spec.step_id)]
+        """Launches of one user's job.step may coexist on a node only with disjoint task ids
+        (another user's steps are never looked at: their ids are theirs)."""
+        others = [s.spec for key, s in self.running.items() if key[:3] == key_of(spec)[:3]]
         shared = {t for other in others for t in other.task_ids if t in spec.task_ids}
         if not shared:
             return
@@ -111,30 +185,43 @@ class Registry:
 
     # ---- lookups, as the caller may see them -------------------------------------------
 
-    def visible(self, policy: Policy, uid: int) -> list[Step]:
-        steps = list(self.running.values()) + list(self.finished.values())
+    def visible(self, policy: Policy, uid: int) -> list[Step | Finished]:
+        self._forget(self._expired(self._retention()))
+        steps: list[Step | Finished] = [*self.running.values(), *self.finished.values()]
         return [s for s in steps if policy.may_act_on(uid, s.spec.identity.uid)]
 
-    def parts(self, job_id: int, step_id: int) -> list[Step]:
-        """Every launch of job.step this daemon knows: the running ones, and finished ones not since relaunched."""
-        running = {k: s for k, s in self.running.items() if k[:2] == (job_id, step_id)}
-        finished = {k: s for k, s in self.finished.items() if k[:2] == (job_id, step_id) and k not in running}
+    def parts(self, uid: int, job_id: int, step_id: int) -> list[Step | Finished]:
+        """Every launch of uid's job.step this daemon knows: the running ones, and finished ones not since relaunched."""
+        self._forget(self._expired(self._retention()))
+        running = {k: s for k, s in self.running.items() if k[:3] == (uid, job_id, step_id)}
+        finished = {k: s for k, s in self.finished.items() if k[:3] == (uid, job_id, step_id) and k not in running}
         return [s for _, s in sorted({**finished, **running}.items())]
 
-    def own_parts(self, policy: Policy, uid: int, job_id: int, step_id: int) -> list[Step]:
-        parts = self.parts(job_id, step_id)
+    def own_parts(self, policy: Policy, uid: int, job_id: int, step_id: int,
+                  user: int | None = None) -> list[Step | Finished]:
+        """The caller's job.step; an operator's may be anyone's (user: whose, when several users have one)."""
+        missing = Refused("not-found", f"no step {job_id}.{step_id} of yours on this node")
+        if user is not None and not policy.may_act_on(uid, user):
+            raise missing  # as for a step that does not exist: no probing
+        if user is None and policy.is_operator(uid):
+            owners = sorted({k[0]: s.spec.identity.user for k, s in self._all() if k[1:3] == (job_id, step_id)}.items())
+            if len(owners) > 1:
+                names = ", ".join(name for _, name in owners)
+                raise Refused("ambiguous", f"step {job_id}.{step_id} is several users' on this node ({names}); "
+                              "name one with --user")
+            user = owners[0][0] if owners else uid
+        parts = self.parts(uid if user is None else user, job_id, step_id)
         if not parts:
-            raise Refused("not-found", f"no step {job_id}.{step_id} of yours on this node")
-        mine = [s for s in parts if policy.may_act_on(uid, s.spec.identity.uid)]
-        if not mine:
-            # Someone else's step is reported exactly like a missing one: no probing.
-            raise Refused("not-found", f"no step {job_id}.{step_id} of yours on this node",
-                          owner_uid=parts[0].spec.identity.uid,
-                          reason="not the caller's step and the caller is no operator")
-        return mine
+            raise missing
+        return parts
 
-    def own_running_parts(self, policy: Policy, uid: int, job_id: int, step_id: int) -> list[Step]:
-        parts = [s for s in self.own_parts(policy, uid, job_id, step_id) if s.state is not StepState.FINISHED]
+    def own_running_parts(self, policy: Policy, uid: int, job_id: int, step_id: int,
+                          user: int | None = None) -> list[Step]:
+        parts = [s for s in self.own_parts(policy, uid, job_id, step_id, user)
+                 if not isinstance(s, Finished) and s.state is not StepState.FINISHED]
         if not parts:
             raise Refused("not-found", f"step {job_id}.{step_id} has already finished")
         return parts
+
+    def _all(self) -> list[tuple[Key, Step | Finished]]:
+        return list(self.running.items()) + list(self.finished.items())

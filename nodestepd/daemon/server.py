@@ -31,8 +31,16 @@ class Server:
         self._connections: dict[asyncio.Task[None], int] = {}  # each connection's session, and its peer's uid
 
     async def recover(self) -> None:
-        """Take over the steps the records in the state dir name (before serving anyone)."""
-        self.state.registry.recovered(await recover_steps(self.state.store, self.state.reaper))
+        """Take over the steps the records in the state dir name, and the results of finished
+        ones (before serving anyone)."""
+        results, unreadable = await asyncio.to_thread(self.state.results.load_all)
+        for problem in unreadable:
+            self.log.error("step result unreadable; quarantined", file=problem.name, reason=problem.reason)
+        steps = await recover_steps(self.state.store, self.state.reaper, self.state.results)
+        self.state.registry.recovered(steps, results)
+        if results or unreadable:
+            self.log.info("results kept", results=len(results), quarantined=len(unreadable),
+                          retained=len(self.state.registry.finished))
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from nodestepd import __version__
 from nodestepd.daemon import metrics
 from nodestepd.daemon.admission import Admission, parse_signal
+from nodestepd.daemon.authz import parse_user
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.connection import Connection, ConnectionClosed, close_all
 from nodestepd.daemon.errors import BadRequest, Refused
@@ -46,6 +47,7 @@ from nodestepd.protocol.messages import (
 )
 from nodestepd.step.prepare import prepare
 from nodestepd.step.record import RecordStore
+from nodestepd.step.results import Finished, ResultStore
 from nodestepd.step.spec import LaunchFailed, Stdio, StepResult, step_status
 from nodestepd.step.step import Step, new_step
 from nodestepd.systemd.journalqueue import JournalQueue
@@ -60,6 +62,7 @@ class DaemonState:
     registry: Registry
     admission: Admission
     store: RecordStore
+    results: ResultStore  # finished steps' results, kept across restarts
     reaper: Reaper
     reload: Callable[[], Awaitable[list[str]]]  # re-read the settings: [] or every problem
     socket_path: str
@@ -157,19 +160,20 @@ class Session:
         if request.job_id is None:
             raise BadRequest("signal needs a job id outside an attached run")
         signum = parse_signal(request.signal)  # a bad request before any lookup
-        for step in self._own_running_parts(request.job_id, request.step_id or 0):
+        for step in await self._own_running_parts(request.job_id, request.step_id or 0, request.user):
             step.signal(signum)
         return OkReply()
 
     async def cancel(self, request: CancelRequest) -> ExitReply:
-        parts = self._own_running_parts(request.job_id, request.step_id)
+        parts = await self._own_running_parts(request.job_id, request.step_id, request.user)
         reason = f"cancel requested by uid {self.uid}"
         results = await asyncio.gather(*(step.cancel(reason) for step in parts))
         return exit_reply(list(zip(parts, results)))
 
     async def wait(self, request: WaitRequest) -> ExitReply:
+        whose = await self._whose(request.user, request.job_id, request.step_id)
         parts = self.state.registry.own_parts(self.state.configuration.policy, self.uid, request.job_id,
-                                              request.step_id)
+                                              request.step_id, whose)
         results = await asyncio.gather(*(step.wait() for step in parts))
         return exit_reply(list(zip(parts, results)))
 
@@ -182,8 +186,22 @@ class Session:
             raise Refused("reload-failed", f"configuration not reloaded, the old one stays in use:{listing}")
         return OkReply()
 
-    def _own_running_parts(self, job_id: int, step_id: int) -> list[Step]:
-        return self.state.registry.own_running_parts(self.state.configuration.policy, self.uid, job_id, step_id)
+    async def _own_running_parts(self, job_id: int, step_id: int, user: str | None) -> list[Step]:
+        whose = await self._whose(user, job_id, step_id)
+        return self.state.registry.own_running_parts(self.state.configuration.policy, self.uid, job_id, step_id,
+                                                     whose)
+
+    async def _whose(self, user: str | None, job_id: int, step_id: int) -> int | None:
+        """The uid a request's `user` names (None: not given). An unknown user is, for anyone
+        but an operator, no different from a step that does not exist."""
+        if user is None:
+            return None
+        try:
+            return await asyncio.to_thread(parse_user, user)
+        except ValueError as e:
+            if self.state.configuration.policy.is_operator(self.uid):
+                raise BadRequest(str(e)) from None
+            raise Refused("not-found", f"no step {job_id}.{step_id} of yours on this node") from None
 
     # ---- run ----------------------------------------------------------------------------
 
@@ -212,7 +230,7 @@ class Session:
             launch, c = state.configuration.launch, state.configuration.config
             timings = metrics.for_step(c.debug_timings, received_at)
             step = new_step(spec, launch.step, launch.runtime_env(spec.identity), store=state.store,
-                            reaper=state.reaper, timings=timings)
+                            reaper=state.reaper, results=state.results, timings=timings)
             state.registry.add(step, max_steps=c.max_steps, max_steps_per_user=c.max_steps_per_user)
         except Refused as e:
             self.log.info("launch refused", code=e.code, error=str(e), **e.detail)
@@ -265,7 +283,7 @@ class Session:
             close_all(fds)
             try:
                 request = messages.decode_request(body)
-                if not isinstance(request, SignalRequest) or request.job_id is not None:
+                if not isinstance(request, SignalRequest) or request.job_id is not None or request.user is not None:
                     raise ProtocolError("an attached run accepts only signal requests without ids")
                 step.signal(parse_signal(request.signal))
             except (ProtocolError, BadRequest) as e:
@@ -278,8 +296,18 @@ class Session:
 # ---- replies ------------------------------------------------------------------------------
 
 
-def step_info(step: Step) -> StepInfo:
+def step_info(step: Step | Finished) -> StepInfo:
     spec = step.spec
+    if isinstance(step, Finished):
+        return StepInfo(
+            job_id=spec.job_id, step_id=spec.step_id, user=spec.identity.user, uid=spec.identity.uid,
+            state="finished", attached=spec.attached, bundle=spec.bundle, args=list(spec.args),
+            started_at=step.started_at,
+            tasks=[TaskInfo(task_id=t, pid=pid, status=status, not_deleted=gone)
+                   for t, pid, status, gone in zip(spec.task_ids, step.pids, step.result.task_statuses,
+                                                   step.not_deleted)],
+            status=step.result.status,
+        )
     return StepInfo(
         job_id=spec.job_id,
         step_id=spec.step_id,
@@ -296,7 +324,7 @@ def step_info(step: Step) -> StepInfo:
     )
 
 
-def exit_reply(parts: list[tuple[Step, StepResult]]) -> ExitReply:
+def exit_reply(parts: list[tuple[Step | Finished, StepResult]]) -> ExitReply:
     """One exit for a step launched in one or several parts: the first non-zero task status in task order."""
     tasks = sorted(
         (TaskExit(task_id=t, status=s) for step, result in parts for t, s in zip(step.spec.task_ids, result.task_statuses)),

@@ -75,11 +75,15 @@ class SignalRequest(Request, tag="signal"):
     signal: str
     job_id: int | None = None
     step_id: int | None = None
+    user: str | None = None  # whose step (a name or a decimal uid): see StepRef
 
 
 class StepRef(Request):
     job_id: int
     step_id: int
+    # Whose job.step (a name or a decimal uid). Step names are per user: an operator names
+    # the user when several users have a step J.S; anyone else may name only themselves.
+    user: str | None = None
 
 
 class CancelRequest(StepRef, tag="cancel"):

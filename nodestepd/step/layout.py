@@ -1,7 +1,10 @@
 """Where a step's spool dirs go: the step dir (`oci-job%j-%s`, or ContainerPath's) and a
 dir per task, computed from oci.conf and the step's ids. Pure: nothing is touched here.
 
-docs/oci-conf.md ("Spool dirs") describes the rules.
+Step names are per user (docs/security.md): where the path would not otherwise tell two
+users' steps with the same ids apart (the daemon's own spool dir, or a ContainerPath
+without %u or %U), the step dir name the daemon composes carries the uid:
+`oci-job%j-%s-uid%U`. docs/oci-conf.md ("Spool dirs") describes the rules.
 """
 
 from __future__ import annotations
@@ -9,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from nodestepd.config.patterns import cut_before_task_component
+from nodestepd.config.patterns import cut_before_task_component, pattern_letters
 
-__all__ = ["SpoolError", "SpoolLayout", "spool_layout", "join", "components"]
+__all__ = ["SpoolError", "SpoolLayout", "spool_layout", "join", "components", "shared_step_dir_warning"]
 
 
 class SpoolError(Exception):
@@ -36,6 +39,7 @@ def spool_layout(
     job_id: int,
     step_id: int,
     ntasks: int,
+    uid: int,
     task_offset: int | None = None,
 ) -> SpoolLayout:
     """Compute where a step's spool dir and its task dirs go.
@@ -43,6 +47,7 @@ def spool_layout(
     task_offset: a per-task launch (docs/protocol.md) of tasks task_offset... Several such
     launches of one step share a node, and each owns its spool dir, so theirs is named
     oci-job%j-%s-task%t after their first task.
+    uid: the step's user, in the step dir's name when nothing else in the path names the user.
     """
     if ntasks < 0:
         raise ValueError(f"ntasks must not be negative, got {ntasks}")
@@ -56,6 +61,8 @@ def spool_layout(
                 f"ContainerPath {container_path!r} puts every task of a step under one step dir (the part before %t),"
                 " so the step cannot be launched task by task; launch it once with --ntasks instead"
             )
+    if not (container_path and pattern_letters(container_path) & {"u", "U"}):
+        step_name += f"-uid{uid}"
     ids = range(first, first + ntasks)
     if not container_path:
         base = _normalised(spool_dir, "the spool dir is")
@@ -88,6 +95,19 @@ def spool_layout(
         if inner.startswith(outer + "/"):
             raise SpoolError(f"task spool dir {inner} is nested inside task spool dir {outer}")
     return SpoolLayout(step_dir=step_dir, task_dirs=tuple(task_dirs), create_parents=create_parents)
+
+
+def shared_step_dir_warning(container_path: str | None) -> str | None:
+    """Why two users' steps with the same ids could meet in one step dir, or None.
+
+    A ContainerPath with %t gives the whole step dir path (the part before %t): when that
+    part names no user, the daemon cannot keep two users' steps apart there."""
+    prefix = cut_before_task_component(container_path) if container_path else None
+    if prefix is None or pattern_letters(prefix) & {"u", "U"}:
+        return None
+    return (f"ContainerPath {container_path!r} gives the step dir {prefix!r}, which names no user (%u or %U): "
+            "two users' steps with the same job and step ids would need the same step dir, and the second "
+            "launch would fail; put %u or %U before the %t component")
 
 
 def join(base: str, name: str) -> str:

@@ -89,6 +89,7 @@ def prepare(
             job_id=spec.job_id,
             step_id=spec.step_id,
             ntasks=spec.ntasks,
+            uid=spec.identity.uid,
             task_offset=spec.task_offset,
         )
     except SpoolError as e:

@@ -1,9 +1,10 @@
 """Durable step records in --state-dir: what a restarted daemon needs to manage a step.
 
-One JSON file per launch, `steps/JOB.STEP.FIRSTTASK.json`, written atomically
+One JSON file per launch, `steps/UID.JOB.STEP.FIRSTTASK.json` (step names are per
+user: two users' steps with the same ids never share a file), written atomically
 (temporary file, fsync, rename, fsync of the directory) before the launch is
 acknowledged and on every state change, and removed only after the step's cleanup.
-Next to it, `JOB.STEP.FIRSTTASK.exits` is the exit file the step's task monitors
+Next to it, `UID.JOB.STEP.FIRSTTASK.exits` is the exit file the step's task monitors
 append to (docs/monitor.md). The format is described in docs/restart.md.
 
 A file that cannot be read as a record of this version (truncated, garbage, written by
@@ -123,7 +124,12 @@ class StepRecord(msgspec.Struct, forbid_unknown_fields=True):
 
     @property
     def name(self) -> str:
-        return record_name(self.job_id, self.step_id, self.first_task)
+        return record_name(self.user.uid, self.job_id, self.step_id, self.first_task)
+
+    @property
+    def legacy_name(self) -> str:
+        """The name nodestepd gave records before step names were per user (JOB.STEP.FIRSTTASK)."""
+        return f"{self.job_id}.{self.step_id}.{self.first_task}"
 
 
 STATES = ("launching", "running", "terminating")
@@ -224,8 +230,8 @@ class RecordError(Exception):
     """A state file that is not a usable step record; the text says why."""
 
 
-def record_name(job_id: int, step_id: int, first_task: int) -> str:
-    return f"{job_id}.{step_id}.{first_task}"
+def record_name(uid: int, job_id: int, step_id: int, first_task: int) -> str:
+    return f"{uid}.{job_id}.{step_id}.{first_task}"
 
 
 def encode(record: StepRecord) -> bytes:
@@ -286,7 +292,7 @@ class RecordStore:
             self._fd = -1
 
     def write(self, record: StepRecord) -> None:
-        """Replace the record atomically and durably."""
+        """Replace the record atomically and durably; on failure (OSError) nothing is left behind."""
         data = encode(record)
         final = record.name + RECORD_SUFFIX
         tmp = f".{final}.tmp"
@@ -298,9 +304,16 @@ class RecordStore:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        finally:
             os.close(fd)
-        os.replace(tmp, final, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+            fd = -1
+            os.replace(tmp, final, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        except BaseException:
+            # A full disk: the record before it stands, and no temporary file is left.
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=self._fd)
+            raise
         os.fsync(self._fd)
 
     def remove(self, name: str) -> None:
@@ -338,13 +351,30 @@ class RecordStore:
             try:
                 record = decode(self._read(name))
                 if record.name + RECORD_SUFFIX != name:
-                    raise RecordError(f"names step {record.name}, not {name.removesuffix(RECORD_SUFFIX)}")
+                    if record.legacy_name + RECORD_SUFFIX != name:
+                        raise RecordError(f"names step {record.name}, not {name.removesuffix(RECORD_SUFFIX)}")
+                    self._rename_legacy(record)
             except (RecordError, OSError) as e:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
                 problems.append(LoadProblem(name, f"{reason}; moved to {self.quarantine(name)}"))
                 continue
             records.append(record)
         return records, problems
+
+    def _rename_legacy(self, record: StepRecord) -> None:
+        """A record an older nodestepd left under its name without the uid: renamed, with
+        its exit file, to the per-user name (the content is the same version)."""
+        try:
+            os.stat(record.name + RECORD_SUFFIX, dir_fd=self._fd, follow_symlinks=False)
+            raise RecordError(f"a record named {record.name} exists too")
+        except FileNotFoundError:
+            pass
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(record.legacy_name + EXITS_SUFFIX, record.name + EXITS_SUFFIX,
+                      src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        os.rename(record.legacy_name + RECORD_SUFFIX, record.name + RECORD_SUFFIX,
+                  src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        os.fsync(self._fd)
 
     def _read(self, name: str) -> bytes:
         fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=self._fd)

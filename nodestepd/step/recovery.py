@@ -29,6 +29,7 @@ from nodestepd.process.watch import ExitWatch, NotWatchable, ProcessWatch
 from nodestepd.step import record
 from nodestepd.step.record import RecordStore, StepRecord, TaskRecord
 from nodestepd.step.layout import SpoolError
+from nodestepd.step.results import ResultStore
 from nodestepd.step.spool import StepSpool
 from nodestepd.step.step import Step
 from nodestepd.step.task import EndedProcess, Task
@@ -79,7 +80,7 @@ class RecoveredProcess:
         self._watch.reap()
 
 
-async def recover_steps(store: RecordStore, reaper: Reaper) -> list[Step]:
+async def recover_steps(store: RecordStore, reaper: Reaper, results: ResultStore | None = None) -> list[Step]:
     """Every step the records name, resumed; bad records quarantined. Never raises for one step."""
     records, problems = await asyncio.to_thread(store.load_all)
     for problem in problems:
@@ -87,7 +88,7 @@ async def recover_steps(store: RecordStore, reaper: Reaper) -> list[Step]:
     steps = []
     for rec in records:
         try:
-            steps.append(await recover_step(rec, store, reaper))
+            steps.append(await recover_step(rec, store, reaper, results))
         except Exception as e:  # one bad record must not keep the others from recovering
             get_logger().exception("cannot recover step; record quarantined", record=rec.name, error=str(e))
             try:
@@ -99,7 +100,8 @@ async def recover_steps(store: RecordStore, reaper: Reaper) -> list[Step]:
     return steps
 
 
-async def recover_step(rec: StepRecord, store: RecordStore, reaper: Reaper) -> Step:
+async def recover_step(rec: StepRecord, store: RecordStore, reaper: Reaper,
+                       results: ResultStore | None = None) -> Step:
     log = get_logger(job_id=rec.job_id, step_id=rec.step_id, user=rec.user.name)
     exits = await asyncio.to_thread(store.read_exits, rec.name)
     if exits.problems:
@@ -116,7 +118,7 @@ async def recover_step(rec: StepRecord, store: RecordStore, reaper: Reaper) -> S
             spool = await asyncio.to_thread(StepSpool.reopen, layout, created, rec.user.uid, rec.user.gid)
         except SpoolError as e:
             log.error("cannot take the spool dir back; it is left alone", error=str(e))
-    return await Step.resume(rec, tasks, spool, store=store, reaper=reaper)
+    return await Step.resume(rec, tasks, spool, store=store, reaper=reaper, results=results)
 
 
 def _watch(rec: StepRecord, t: TaskRecord, exits: dict[int, int], store: RecordStore) -> ExitWatch | None:

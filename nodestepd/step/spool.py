@@ -193,7 +193,7 @@ class StepSpool:
         try:
             self._step = _make_private_dir(current, os.path.basename(self.layout.step_dir), self.layout.step_dir)
         except FileExistsError:
-            match = re.fullmatch(r"oci-job(\d+)-(\d+)(?:-task\d+)?", os.path.basename(self.layout.step_dir))
+            match = re.fullmatch(r"oci-job(\d+)-(\d+)(?:-task\d+)?(?:-uid\d+)?", os.path.basename(self.layout.step_dir))
             which = f"step {match[1]}.{match[2]}" if match else "this step"
             raise SpoolError(
                 f"spool dir {self.layout.step_dir} already exists: is {which} already running,"

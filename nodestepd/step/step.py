@@ -31,6 +31,7 @@ from nodestepd.step import record
 from nodestepd.step.modes import Mode, Starting, mode_for
 from nodestepd.step.prepare import Prepared
 from nodestepd.step.record import RecordStore, StepRecord
+from nodestepd.step.results import ResultRecord, ResultStore, result_record
 from nodestepd.step.runtime import Runtime
 from nodestepd.step.spec import LaunchFailed, NoTimings, Stdio, StepResult, StepSettings, StepSpec, Timings
 from nodestepd.step.layout import SpoolError
@@ -55,31 +56,38 @@ _NEXT = {
 
 
 def new_step(spec: StepSpec, settings: StepSettings, runtime_env: dict[str, str], *, store: RecordStore,
-             reaper: Reaper, timings: Timings | None = None) -> Step:
+             reaper: Reaper, results: ResultStore | None, timings: Timings | None = None) -> Step:
     """A step with its runtime and the mode its commands call for."""
     log = get_logger(job_id=spec.job_id, step_id=spec.step_id, user=spec.identity.user)
     runtime = Runtime(settings.commands, spec.identity, runtime_env, settings.runtime_timeout, log)
-    return Step(spec, settings, runtime, mode_for(runtime, log), store=store, reaper=reaper,
+    return Step(spec, settings, runtime, mode_for(runtime, log), store=store, reaper=reaper, results=results,
                 timings=timings or NoTimings(), log=log)
 
 
 class Step:
     def __init__(self, spec: StepSpec, settings: StepSettings, runtime: Runtime, mode: Mode, *,
-                 store: RecordStore, reaper: Reaper, timings: Timings, log: BoundLogger) -> None:
+                 store: RecordStore, reaper: Reaper, timings: Timings, log: BoundLogger,
+                 results: ResultStore | None = None) -> None:
+        """results: where the step's result is kept once it ends (None: in memory only)."""
         self.spec = spec
         self.settings = settings
         self.runtime = runtime
         self.mode = mode
         self.store = store
         self.reaper = reaper
+        self.results = results
         self.timings = timings
         self.log = log
-        self.name = record.record_name(spec.job_id, spec.step_id, spec.first_task)
+        self.name = record.record_name(spec.identity.uid, spec.job_id, spec.step_id, spec.first_task)
         self.state = StepState.LAUNCHING
         self.started_at = time.time()
         self.tasks: list[Task] = []
         self.spool: StepSpool | None = None
         self.result: StepResult | None = None
+        self.ended_at: float | None = None
+        # Kept durably once the launch was acknowledged (or the step recovered): a launch
+        # that fails is refused, and forgotten like any refusal.
+        self._keeps_result = False
         self._supervisor: asyncio.Task[None] | None = None  # held: the loop keeps tasks only weakly
         self._termination: asyncio.Task[None] | None = None
         self._cancel_reason: str | None = None
@@ -141,6 +149,7 @@ class Step:
         except LaunchFailed:
             await self.mode.undo(self.tasks)
             raise
+        self._keeps_result = True
 
     async def _save_or_fail(self) -> None:
         """Write the record; a launch that cannot be recorded does not go on."""
@@ -154,7 +163,7 @@ class Step:
 
     @classmethod
     async def resume(cls, rec: StepRecord, tasks: list[Task], spool: StepSpool | None, *, store: RecordStore,
-                     reaper: Reaper) -> Step:
+                     reaper: Reaper, results: ResultStore | None = None) -> Step:
         """The step a record names, taken over again after a restart. recovery.py found each
         task's watch again (None: no process was ever known) and reopened the spool (None
         when it is gone); both become the step's.
@@ -163,8 +172,9 @@ class Step:
         get 125). One being cancelled is cancelled again. Any other is watched to its end
         like a step launched by this daemon."""
         step = new_step(record.spec_of(rec), record.settings_of(rec), dict(rec.settings.runtime_env),
-                        store=store, reaper=reaper)
+                        store=store, reaper=reaper, results=results)
         step.started_at = rec.started_at
+        step._keeps_result = True  # `wait` may have been told of it before the restart
         step.tasks, step.spool = tasks, spool
         for i, task in enumerate(tasks):
             # Runtime commands start in the task dir; "/" when it is gone (any user may enter it).
@@ -297,8 +307,9 @@ class Step:
 
     async def _end(self, result: StepResult) -> None:
         """Release everything, then finish."""
+        self.ended_at = time.time()
         try:
-            await self._release()
+            await self._release(result)
         finally:
             self._finish(result)
 
@@ -306,11 +317,20 @@ class Step:
         """The one place a step finishes: its result set, its waiters woken."""
         self._enter(StepState.FINISHED)
         self.result = result
+        if self.ended_at is None:
+            self.ended_at = time.time()
         self._done.set_result(result)
         self.log.info("step finished", status=result.status)
 
-    async def _release(self) -> None:
-        """Reap the tasks, let their monitors go, remove the spool and the record: the one release point."""
+    def outcome(self, result: StepResult) -> ResultRecord:
+        """The step's result as it is kept (step/results.py) and shown by `wait` and `ps`."""
+        return result_record(self.spec, [t.watch.pid if t.watch else None for t in self.tasks], result,
+                             started_at=self.started_at, ended_at=self.ended_at or time.time(),
+                             not_deleted=[t.not_deleted for t in self.tasks])
+
+    async def _release(self, result: StepResult) -> None:
+        """Reap the tasks, let their monitors go, remove the spool, keep the result and remove
+        the record: the one release point."""
         for task in self.tasks:
             if task.watch is not None and not task.running:
                 self.mode.release(task)
@@ -330,6 +350,13 @@ class Step:
                     await asyncio.to_thread(spool.remove)
                 except SpoolError as e:
                     self.log.error("spool dir could not be removed", error=str(e))
+        if self._keeps_result and self.results is not None:
+            # Before the record goes: a daemon killed in between finishes the step again from it.
+            try:
+                await asyncio.to_thread(self.results.write, self.outcome(result))
+            except OSError as e:
+                self.log.error("cannot keep the step's result; it is kept in memory only", error=str(e),
+                               state_dir=self.results.path)
         async with self._save_lock:  # after any write still under way
             try:
                 await asyncio.to_thread(self.store.remove, self.name)

@@ -166,7 +166,7 @@ def test_cancel_kills_with_the_published_commands_and_leaves_nothing(daemon, use
     seen = read_line_from(client.stdout, b"ready").decode()
     container_pid, shell_pid = (int(p) for p in seen.split("pids ", 1)[1].splitlines()[0].split())
 
-    step_dir = Path(os.path.realpath(daemon.spool_dir)) / "oci-job2003-0"
+    step_dir = Path(os.path.realpath(daemon.spool_dir)) / f"oci-job2003-0-uid{user.uid}"
     assert (step_dir / "probe").read_text() == "probe\n"  # the container's /var/run/slurm is the step dir
     running = user_processes_with(user, marker)
     # ch-run execs (no pid namespace): the container's shell is a child of the task's /bin/sh.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -99,7 +101,7 @@ def test_spool_dir_not_creatable(start_daemon, user, bundle, workdir):
 
 def test_spool_dir_left_over_is_not_reused(start_daemon, user, bundle):
     daemon = start_daemon()
-    leftover = daemon.spool_dir / "oci-job70-0"
+    leftover = daemon.spool_dir / f"oci-job70-0-uid{user.uid}"
     leftover.mkdir()
     (leftover / "keep").write_text("from an earlier step\n")
     result = daemon.ctl(user, "run", "--job-id", "70", "--bundle", str(bundle), "--", "true")
@@ -143,3 +145,84 @@ def test_pty_in_create_start_mode_is_refused_clearly(start_daemon, user, bundle)
     assert result.returncode == LAUNCH_FAILED
     assert "--pty needs RunTimeRun" in _one_sentence(err)
     _nothing_left(daemon, user)
+
+
+# ---- a full disk (issue 14.5) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(workdir):
+    """small_tmpfs(name) -> a 1 MiB tmpfs, root's, unmounted after the test."""
+    mounted = []
+
+    def mount(name: str):
+        path = workdir / name
+        path.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(path)], check=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+        path.rmdir()
+
+
+def fill(path) -> None:
+    """Fill the file system at path to its last byte."""
+    fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        chunk = 1 << 16
+        while chunk:
+            try:
+                os.write(fd, b"\0" * chunk)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                chunk //= 2
+    finally:
+        os.close(fd)
+
+
+def _no_traceback(daemon) -> None:
+    log = daemon.log()
+    assert "Traceback" not in log and "unexpectedly" not in log, log
+
+
+def _temporary_files(path) -> list[str]:
+    return [p.name for p in path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_full_state_disk_fails_launches_cleanly(small_tmpfs, start_daemon, user, bundle):
+    state = small_tmpfs("full-state")
+    daemon = start_daemon(RUNC_RUN_CONF, "--state-dir", str(state))
+    running = daemon.ctl(user, "run", "--detach", "--job-id", "80", "--bundle", str(bundle), "--", "sleep", "1000")
+    assert running.returncode == 0, running.stderr
+    fill(state)
+    # A daemon-assigned job id, then a given one (the step's record cannot be written).
+    for ids in ((), ("--job-id", "81")):
+        result = daemon.ctl(user, "run", *ids, "--bundle", str(bundle), "--", "true")
+        assert result.returncode == LAUNCH_FAILED, (result.stderr, daemon.log())
+        assert _one_sentence(result.stderr).endswith(": No space left on device\n")
+    # A step that ends now: its result cannot be kept on disk, and `wait` still has it.
+    cancelled = daemon.ctl(user, "cancel", "80.0")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert daemon.ctl(user, "wait", "80.0").returncode != 0
+    assert "cannot keep the step's result" in daemon.log()
+    _no_traceback(daemon)
+    assert _temporary_files(state) == []
+    assert [s["job_id"] for s in json.loads(daemon.ctl(user, "ps", "--json").stdout)] == [80]
+    assert spool_entries(daemon) == [] and runc_containers(user) == []
+    (state / "filler").unlink()
+    assert daemon.ctl(user, "run", "--job-id", "82", "--bundle", str(bundle), "--", "true").returncode == 0
+
+
+def test_a_full_spool_disk_fails_the_launch_cleanly(small_tmpfs, start_daemon, user, bundle):
+    spool = small_tmpfs("full-spool")
+    daemon = start_daemon(RUNC_RUN_CONF, "--spool-dir", str(spool))
+    fill(spool)
+    result = daemon.ctl(user, "run", "--job-id", "83", "--bundle", str(bundle), "--", "true")
+    assert result.returncode == LAUNCH_FAILED, result.stderr
+    assert "No space left on device" in _one_sentence(result.stderr)
+    _no_traceback(daemon)
+    assert os.listdir(spool) == ["filler"]
+    assert runc_containers(user) == []

@@ -156,7 +156,7 @@ def test_every_replacement_in_run_kill_and_delete(start_daemon, user, bundle, ou
                               "--bundle", str(bundle), "--", "the-command", "its arg")
     read_line_from(client.stdout, b"recorded-0")
     run = load(out / "run-0.json")
-    step_dir = os.path.join(os.path.realpath(daemon.spool_dir), "oci-job1001-7")
+    step_dir = os.path.join(os.path.realpath(daemon.spool_dir), f"oci-job1001-7-uid{user.uid}")
     task_dir = os.path.join(step_dir, "task-0")
     values, args = replacements(run)
     assert values == {
@@ -279,7 +279,7 @@ def test_runtime_identity_cwd_and_environment(start_daemon, user, bundle, out, s
     assert (run["uid"], run["euid"], run["gid"], run["egid"]) == (user.uid, user.uid, user.gid, user.gid)
     assert run["groups"] == sorted(os.getgrouplist(user.name, user.gid))
     assert supplementary_group in run["groups"]
-    assert run["cwd"] == os.path.join(os.path.realpath(daemon.spool_dir), "oci-job1004-0", "task-0")
+    assert run["cwd"] == os.path.join(os.path.realpath(daemon.spool_dir), f"oci-job1004-0-uid{user.uid}", "task-0")
     env = run["env"]
     # The step user's, whatever the daemon had and whatever RunTimeEnvExclude matches.
     assert (env["HOME"], env["USER"], env["LOGNAME"], env["XDG_RUNTIME_DIR"]) == (
@@ -321,8 +321,8 @@ def test_disable_cleanup_keeps_the_spool_dir(start_daemon, user, bundle, out):
     daemon = start_daemon(oci_conf(out, extra="DisableCleanup=true\nCreateEnvFile=null"))
     result = daemon.ctl(user, "run", "--job-id", "1006", "--bundle", str(bundle), "--", "true")
     assert result.returncode == 0, result.stderr
-    step_dir = Path(os.path.realpath(daemon.spool_dir)) / "oci-job1006-0"
-    assert spool_entries(daemon) == ["oci-job1006-0"]
+    step_dir = Path(os.path.realpath(daemon.spool_dir)) / f"oci-job1006-0-uid{user.uid}"
+    assert spool_entries(daemon) == [f"oci-job1006-0-uid{user.uid}"]
     assert sorted(os.listdir(step_dir / "task-0")) == ["config.json", "environment"]
     st = step_dir.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (user.uid, user.gid, 0o700)
@@ -372,7 +372,7 @@ def test_three_tasks_have_their_own_ids_dirs_and_processes(start_daemon, user, b
     assert result.returncode == 0, result.stderr
     assert records(out) == ["run-0.json", "run-1.json", "run-2.json"]
     runs = [load(out / f"run-{t}.json") for t in range(3)]
-    step_dir = os.path.join(os.path.realpath(daemon.spool_dir), "oci-job1009-0")
+    step_dir = os.path.join(os.path.realpath(daemon.spool_dir), f"oci-job1009-0-uid{user.uid}")
     for t, run in enumerate(runs):
         values = replacements(run)[0]
         task_dir = f"{step_dir}/task-{t}"
@@ -478,7 +478,7 @@ def test_rewritten_config_json(start_daemon, user, env_bundle, out):
                         "--env", "NEW=n", "--bundle", str(env_bundle), "--", *command)
     assert result.returncode == 0, result.stderr
     run = load(out / "run-0.json")
-    step_dir = os.path.join(os.path.realpath(daemon.spool_dir), "oci-job1014-0")
+    step_dir = os.path.join(os.path.realpath(daemon.spool_dir), f"oci-job1014-0-uid{user.uid}")
     values = replacements(run)[0]
     assert (values["b"], values["r"]) == (f"{step_dir}/task-0", str(env_bundle / "rootfs"))
     assert run["bundle_config"]["path"] == f"{step_dir}/task-0/config.json"

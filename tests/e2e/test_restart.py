@@ -239,7 +239,7 @@ def test_a_recycled_pid_is_not_adopted(start_daemon, user, bundle, gate):
     # Stand-in for the recycled pid: a process of the same user, now at the recorded pid's place.
     stranger = subprocess.Popen(user.command(["sleep", "1000"]), env=user.env)
     try:
-        path = daemon.state_dir / "steps" / "7501.0.0.json"
+        path = daemon.state_dir / "steps" / f"{user.uid}.7501.0.0.json"
         record = json.loads(path.read_bytes())
         record["tasks"][0]["process"]["pid"] = stranger.pid
         path.write_text(json.dumps(record))
@@ -261,15 +261,15 @@ def test_a_truncated_record_is_quarantined_and_the_others_recover(start_daemon, 
     launch_detached(daemon, user, bundle, 7601, good_command)
     launch_detached(daemon, user, bundle, 7602, bad_command)
     kill_daemon(daemon)
-    bad = daemon.state_dir / "steps" / "7602.0.0.json"
+    bad = daemon.state_dir / "steps" / f"{user.uid}.7602.0.0.json"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 3])
     second = start_daemon(after=daemon)
     try:
         log = second.log()
-        assert "step record unreadable; quarantined" in log and "7602.0.0.json" in log
+        assert "step record unreadable; quarantined" in log and f"{user.uid}.7602.0.0.json" in log
         quarantined = list((second.state_dir / "quarantine").iterdir())
-        assert any(q.name.startswith("7602.0.0.json.") and q.read_bytes() == data[: len(data) // 3]
+        assert any(q.name.startswith(f"{user.uid}.7602.0.0.json.") and q.read_bytes() == data[: len(data) // 3]
                    for q in quarantined)
         assert second.ctl(user, "wait", "7602.0").returncode == 1  # not known: it was quarantined
         waiting = second.ctl_popen(user, "wait", "7601.0")
@@ -285,7 +285,7 @@ def test_a_truncated_record_is_quarantined_and_the_others_recover(start_daemon, 
             subprocess.run(user.command(["runc", "--root", f"/run/user/{user.uid}/", "delete", "--force", name]),
                            env=user.env, capture_output=True)
     assert runc_containers(user) == []
-    assert spool_entries(second) == ["oci-job7602-0"]
+    assert spool_entries(second) == [f"oci-job7602-0-uid{user.uid}"]
 
 
 def test_a_launch_cut_short_by_the_restart_is_undone(start_daemon, user, bundle, new_dir):
@@ -369,3 +369,79 @@ def test_a_cancel_whose_tasks_end_while_the_daemon_is_down_is_finished(start_dae
     assert result.returncode == 128 + signal.SIGKILL, result.stderr
     assert "task still running after kill_wait" not in second.log()
     assert_nothing_left(second, user)
+
+
+# ---- finished results are durable (issue 14.3) -------------------------------------------------
+
+
+def finished_view(daemon, user, jobs) -> tuple[dict[int, int], list[dict]]:
+    """Each job's `wait` exit status, and `ps` as JSON."""
+    waits = {job: daemon.ctl(user, "wait", f"{job}.0").returncode for job in jobs}
+    ps = json.loads(daemon.ctl(user, "ps", "--json").stdout)
+    return waits, sorted(ps, key=lambda s: s["job_id"])
+
+
+def test_finished_results_survive_any_number_of_restarts(start_daemon, user, bundle):
+    """60 steps end (exit codes, a death by signal, a cancel); after a SIGKILL and a SIGTERM
+    restart, `wait` gives each one's exact status and `ps` lists them exactly as before."""
+    daemon = start_daemon(MODES["run"], "--steps-on-stop", "leave")
+    jobs = list(range(7900, 7960))
+    commands = {job: ["sh", "-c", f"exit {job % 7}"] for job in jobs}
+    commands[7958] = ["sh", "-c", "sleep 1000 & kill -KILL $!; wait $!; exit $?"]
+    commands[7959] = ["sleep", "1000"]
+    launches = [daemon.ctl_popen(user, "run", "--detach", "--job-id", str(job), "--bundle", str(bundle), "--",
+                                 *commands[job]) for job in jobs]
+    for p in launches:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    cancelled = daemon.ctl(user, "cancel", "7959.0")
+    assert cancelled.returncode == 0, cancelled.stderr
+    waits, ps = finished_view(daemon, user, jobs)
+    assert {job: status for job, status in waits.items() if job < 7958} == {job: job % 7 for job in jobs[:-2]}
+    assert waits[7958] == 137 and waits[7959] != 0
+    assert [s["state"] for s in ps] == ["finished"] * 60
+    assert len(list((daemon.state_dir / "results").glob("*.json"))) == 60
+
+    kill_daemon(daemon)
+    second = start_daemon(after=daemon)
+    assert finished_view(second, user, jobs) == (waits, ps)
+    assert second.proc.send_signal(signal.SIGTERM) is None and second.proc.wait(timeout=60) == 0
+    third = start_daemon(after=second)
+    assert finished_view(third, user, jobs) == (waits, ps)
+    assert_nothing_left(third, user)
+
+
+def test_kept_results_are_bounded_and_a_corrupt_one_is_quarantined(start_daemon, user, bundle, workdir):
+    settings = workdir / "results-settings.toml"
+    settings.write_text("results_max = 10\nresults_max_per_user = 3\n")
+    settings.chmod(0o644)
+    daemon = start_daemon(MODES["run"], "--config", str(settings))
+    jobs = list(range(7970, 7975))
+    for job in jobs:
+        assert daemon.ctl(user, "run", "--job-id", str(job), "--bundle", str(bundle), "--", "sh", "-c",
+                          f"exit {job % 7}").returncode == job % 7
+    results = daemon.state_dir / "results"
+    deadline = time.monotonic() + 30  # the evicted results' files go in a worker thread
+    while sorted(p.name for p in results.iterdir()) != [f"{user.uid}.{job}.0.0.json" for job in jobs[2:]]:
+        assert time.monotonic() < deadline, sorted(p.name for p in results.iterdir())
+        time.sleep(0.01)
+    assert [s["job_id"] for s in json.loads(daemon.ctl(user, "ps", "--json").stdout)] == jobs[2:]
+    kill_daemon(daemon)
+
+    # While no daemon runs: one result gets old, one file is garbage.
+    old = results / f"{user.uid}.7972.0.0.json"
+    aged = json.loads(old.read_bytes())
+    aged["ended_at"] -= 2 * 86400
+    old.write_text(json.dumps(aged))
+    (results / f"{user.uid}.7979.0.0.json").write_bytes(b"\x00 not a result")
+    second = start_daemon(after=daemon)
+    assert "step result unreadable; quarantined" in second.log()
+    assert [s["job_id"] for s in json.loads(second.ctl(user, "ps", "--json").stdout)] == [7973, 7974]
+    gone = second.ctl(user, "wait", "7972.0")
+    assert (gone.returncode, gone.stderr) == (1, b"nodestepctl: no step 7972.0 of yours on this node\n")
+    assert second.ctl(user, "wait", "7974.0").returncode == 7974 % 7
+    deadline = time.monotonic() + 30
+    while sorted(p.name for p in results.iterdir()) != [f"{user.uid}.{job}.0.0.json" for job in (7973, 7974)]:
+        assert time.monotonic() < deadline, sorted(p.name for p in results.iterdir())
+        time.sleep(0.01)
+    assert [p.name.startswith(f"result.{user.uid}.7979.0.0.json.") for p in (daemon.state_dir / "quarantine").iterdir()] == [True]

@@ -119,7 +119,7 @@ def test_cancel_kills_deletes_and_cleans_up(daemon, user, bundle):
     )
     read_line_from(client.stdout, b"ready")
     assert runc_containers(user) == [f"testnode.{user.name}.51.2.0"]
-    assert spool_entries(daemon) == ["oci-job51-2"]
+    assert spool_entries(daemon) == [f"oci-job51-2-uid{user.uid}"]
     cancelled = daemon.ctl(user, "cancel", "51.2")
     assert cancelled.returncode == 0, cancelled.stderr
     # The guide's `runc kill -a` fails on these hosts (no cgroup freezer): we escalate at once.
@@ -157,7 +157,7 @@ def test_several_tasks_each_with_own_container_and_task_id(daemon, user, bundle)
     while seen.count(b"ready\n") < 3:
         seen += read_line_from(client.stdout, b"ready")
     assert sorted(runc_containers(user)) == [f"testnode.{user.name}.53.0.{t}" for t in range(3)]
-    assert sorted(os.listdir(daemon.spool_dir / "oci-job53-0")) == ["task-0", "task-1", "task-2"]
+    assert sorted(os.listdir(daemon.spool_dir / f"oci-job53-0-uid{user.uid}")) == ["task-0", "task-1", "task-2"]
     daemon.ctl(user, "cancel", "53.0")
     client.communicate(timeout=30)
     assert runc_containers(user) == []

@@ -113,11 +113,12 @@ def test_a_second_user_cannot_see_signal_wait_cancel_or_launch_as_the_first(star
     # Untouched: still running, still the first user's.
     (step,) = ps(daemon, user)
     assert (step["job_id"], step["state"], step["uid"]) == (6001, "running", user.uid)
-    # Every refusal is logged with the caller's uid (and, for the log only, whose step it was).
+    # Every refusal is logged with the caller's uid (and, for the log only, the user asked for).
+    # A user's lookups see their own steps only: nothing links the refusal to the other's step.
     refusals = [r for r in log_records(daemon) if r["event"] in ("request refused", "launch refused")]
     assert [(r["peer_uid"], r["code"]) for r in refusals] == [(other_user.uid, "not-found")] * 3 + [
         (other_user.uid, "permission-denied")] * 2
-    assert {r.get("owner_uid") for r in refusals[:3]} == {user.uid}
+    assert {r.get("owner_uid") for r in refusals[:3]} == {None}
     assert {r.get("target_uid") for r in refusals[3:]} == {user.uid}
 
     # root is an operator by default: it sees and cancels anyone's step.
@@ -314,3 +315,58 @@ def test_state_file_is_never_written_through_a_symlink(start_daemon, user, bundl
     assert fingerprint(protected) == before
     assert not (daemon.state_dir / "next-job-id").is_symlink()
     assert (daemon.state_dir / "next-job-id").read_text() == "100000001\n"
+
+
+# ---- step names are per user (issue 14.2) ------------------------------------------------------
+
+
+def test_two_users_steps_with_the_same_ids_never_meet(start_daemon, user, other_user, bundle, workdir):
+    """Same job and step ids, two users: neither learns of, blocks or changes the other's step;
+    an operator names the user when J.S is ambiguous."""
+    daemon = start_daemon(RUNC_RUN_CONF, "--log-format", "json")
+    other_dir = Path(tempfile.mkdtemp(prefix="other-", dir=workdir))
+    other_dir.chmod(0o755)
+    other_bundle = str(make_bundle(other_user, other_dir / "bundle"))
+
+    def run(who, b, job, *command, detach=False):
+        extra = ("--detach",) if detach else ()
+        return daemon.ctl(who, "run", *extra, "--job-id", str(job), "--bundle", b, "--", *command, timeout=60)
+
+    # The first user's 6020.0 runs; the other user's 6020.0 starts beside it, unaware of it.
+    assert run(user, str(bundle), 6020, *LONG, detach=True).returncode == 0
+    other = run(other_user, other_bundle, 6020, "sh", "-c", "exit 7")
+    assert (other.returncode, other.stderr) == (7, b"")
+    assert [(s["job_id"], s["state"]) for s in ps(daemon, user)] == [(6020, "running")]
+    assert [(s["job_id"], s["state"], s["status"]) for s in ps(daemon, other_user)] == [(6020, "finished", 7)]
+    assert daemon.ctl(other_user, "wait", "6020.0").returncode == 7
+
+    # Squatting: the other user takes 6021 first; the first user's launch of 6021 is not blocked.
+    assert run(other_user, other_bundle, 6021, *LONG, detach=True).returncode == 0
+    mine = run(user, str(bundle), 6021, "sh", "-c", "exit 5")
+    assert (mine.returncode, mine.stderr) == (5, b"")
+
+    # A launch with ids whose other owner's step finished leaves that owner's result alone.
+    assert run(user, str(bundle), 6022, "sh", "-c", "exit 3").returncode == 3
+    assert run(other_user, other_bundle, 6022, "sh", "-c", "exit 4").returncode == 4
+    assert daemon.ctl(user, "wait", "6022.0").returncode == 3
+    assert daemon.ctl(other_user, "wait", "6022.0").returncode == 4
+
+    # An operator addressing J.S of several users is told whose they are, and names one.
+    ambiguous = root_ctl(daemon, "wait", "6022.0")
+    assert ambiguous.returncode == 1
+    assert ambiguous.stderr == (f"nodestepctl: step 6022.0 is several users' on this node ({user.name}, "
+                                f"{other_user.name}); name one with --user\n").encode()
+    assert root_ctl(daemon, "wait", "--user", user.name, "6022.0").returncode == 3
+    assert root_ctl(daemon, "wait", "--user", str(other_user.uid), "6022.0").returncode == 4
+    # A user naming someone else gets the usual "no step of yours".
+    named = daemon.ctl(other_user, "wait", "--user", user.name, "6020.0")
+    assert (named.returncode, named.stderr) == (1, b"nodestepctl: no step 6020.0 of yours on this node\n")
+
+    for who, job in ((user, "6020.0"), (other_user, "6021.0")):
+        cancelled = root_ctl(daemon, "cancel", "--user", who.name, job)
+        assert cancelled.returncode == 0, cancelled.stderr
+    assert runc_containers(user) == [] and runc_containers(other_user) == []
+    assert spool_entries(daemon) == []
+    # Nothing the other user did was refused: no probing by error messages.
+    assert [r for r in log_records(daemon) if r["event"] in ("launch refused", "launch failed")] == []
+    shutil.rmtree(other_dir)

@@ -231,7 +231,7 @@ def test_sigterm_leaves_running_steps_alone_by_default(start_daemon, user, bundl
             state = subprocess.run(user.command(["runc", "--root", f"/run/user/{user.uid}/", "state", name]),
                                    env=user.env, capture_output=True, text=True, check=True)
             assert '"status": "running"' in state.stdout
-        assert spool_entries(daemon) == ["oci-job4201-0", "oci-job4202-0"]
+        assert spool_entries(daemon) == [f"oci-job4201-0-uid{user.uid}", f"oci-job4202-0-uid{user.uid}"]
         log = daemon.log()
         assert "shutting down: leaving running steps alone" in log and log.count("step left running") == 2
         assert "RunTimeKill" not in log and "cancelling step" not in log

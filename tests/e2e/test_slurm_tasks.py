@@ -56,12 +56,15 @@ def test_slurm_task_env():
 def test_per_task_spool_layout():
     def layout(**kw):
         return spool_layout(container_path=kw.pop("container_path", None), spool_dir="/spool",
-                            expand=lambda p, t: p.replace("%t", str(t)), job_id=9, step_id=1, **kw)
+                            expand=lambda p, t: p.replace("%t", str(t)).replace("%u", "alice"), job_id=9, step_id=1,
+                            uid=1000, **kw)
 
-    assert layout(ntasks=2).task_dirs == ("/spool/oci-job9-1/task-0", "/spool/oci-job9-1/task-1")
+    assert layout(ntasks=2).task_dirs == ("/spool/oci-job9-1-uid1000/task-0", "/spool/oci-job9-1-uid1000/task-1")
     part = layout(ntasks=1, task_offset=3)
-    assert (part.step_dir, part.task_dirs) == ("/spool/oci-job9-1-task3", ("/spool/oci-job9-1-task3/task-3",))
-    assert layout(ntasks=1, task_offset=3, container_path="/scratch").step_dir == "/scratch/oci-job9-1-task3"
+    assert (part.step_dir, part.task_dirs) == ("/spool/oci-job9-1-task3-uid1000",
+                                               ("/spool/oci-job9-1-task3-uid1000/task-3",))
+    assert layout(ntasks=1, task_offset=3, container_path="/scratch").step_dir == "/scratch/oci-job9-1-task3-uid1000"
+    assert layout(ntasks=1, task_offset=3, container_path="/scratch/%u").step_dir == "/scratch/alice/oci-job9-1-task3"
     with pytest.raises(SpoolError, match="cannot be launched task by task"):
         layout(ntasks=1, task_offset=3, container_path="/scratch/%t")
 
@@ -77,7 +80,7 @@ def test_slurm_ids_reach_the_runtime_and_the_container(start_daemon, user, bundl
     record = load(out / "run-5.json")
     values = replacements(record)[0]
     assert (values["j"], values["s"], values["t"]) == ("3001", "4", "5")
-    step_dir = os.path.join(os.path.realpath(daemon.spool_dir), "oci-job3001-4-task5")
+    step_dir = os.path.join(os.path.realpath(daemon.spool_dir), f"oci-job3001-4-task5-uid{user.uid}")
     assert values["m"] == step_dir and record["cwd"] == f"{step_dir}/task-5"
     seen = container_env(record)
     assert {k: seen[k] for k in seen if k.startswith("SLURM_")} == {
@@ -120,7 +123,7 @@ def test_two_per_task_launches_of_one_step_share_the_node(start_daemon, user, bu
     ]
     for task, client in enumerate(clients):
         read_line_from(client.stdout, f"started-{task}".encode())
-    assert spool_entries(daemon) == ["oci-job3010-0-task0", "oci-job3010-0-task1"]
+    assert spool_entries(daemon) == [f"oci-job3010-0-task0-uid{user.uid}", f"oci-job3010-0-task1-uid{user.uid}"]
     for task in (0, 1):
         record = load(out / f"run-{task}.json")
         assert replacements(record)[0]["t"] == str(task)

@@ -17,7 +17,7 @@ from nodestepd.daemon.jobids import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
 KNOWN = ("client_timeout, debug_timings, kill_wait, log_format, log_level, max_args_bytes, max_connections, max_connections_per_user, "
          "max_env_bytes, max_message_size, max_steps, max_steps_per_user, no_new_privs, node_name, oci_conf, operators, "
-         "runtime_timeout, slurm_conf, socket, spool_dir, state_dir, steps_on_stop")
+         "results_max, results_max_age, results_max_per_user, runtime_timeout, slurm_conf, socket, spool_dir, state_dir, steps_on_stop")
 EX_CONFIG = 78
 
 
@@ -166,6 +166,10 @@ def test_a_bad_command_line_value_is_not_blamed_on_a_missing_file(default_file):
         ("runtime_timeout = 0", "runtime_timeout: must be between 0 and 3600 seconds, got 0.0"),
         ('node_name = "cn 1"', "node_name: 'cn 1' is not a usable node name"),
         ('node_name = "cn/1"', "node_name: 'cn/1' is not a usable node name"),
+        ("results_max_age = 59", "results_max_age: must be between 60 and 31622400 seconds, got 59.0"),
+        ("results_max_age = nan", "results_max_age: must be between 60 and 31622400 seconds, got nan"),
+        ("results_max = 0", "results_max: must be between 1 and 100000, got 0"),
+        ("results_max_per_user = 2000", "results_max_per_user: must not exceed results_max (1024)"),
     ],
 )
 def test_wrong_types_and_bad_values(tmp_path, line, message):
@@ -173,6 +177,11 @@ def test_wrong_types_and_bad_values(tmp_path, line, message):
     with pytest.raises(ConfigError) as e:
         load_config(path, {})
     assert str(e.value) == f"{path}: {message}"
+
+
+def test_results_retention_defaults():
+    c = load_config(None, {})
+    assert (c.results_max_age, c.results_max, c.results_max_per_user) == (86400.0, 1024, 256)
 
 
 @pytest.mark.parametrize("kill_wait", [0.001, 3600])

@@ -25,7 +25,7 @@ def test_valid_file_prints_mode_and_expanded_commands():
     me, uid = getpass.getuser(), os.getuid()  # the sample step is the caller's
     assert run == [
         f"  RunTimeRun:    runc --rootless=true --root=/run/user/{uid}/ run n01.{me}.1234.0.0 "
-        "-b /var/spool/nodestepd/oci-job1234-0/task-0"
+        f"-b /var/spool/nodestepd/oci-job1234-0-uid{uid}/task-0"
     ]
     assert any(l.strip().startswith("RunTimeDelete:") and f"delete --force n01.{me}.1234.0.0" in l for l in lines)
 
@@ -88,3 +88,16 @@ def test_shell_warnings_only_for_dash(tmp_path):
         "(write 'kill -TERM')"
     ]
     assert shell_warnings(patterns, shell=str(bash)) == []
+
+
+def test_a_container_path_that_would_put_two_users_steps_in_one_dir_is_warned_of(tmp_path):
+    conf = tmp_path / "oci.conf"
+    conf.write_text((EXAMPLES / "runc-run.conf").read_text() + "ContainerPath=/scratch/%j/%t\n")
+    result = check(str(conf))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        "warning: ContainerPath '/scratch/%j/%t' gives the step dir '/scratch/%j', which names no user (%u or %U): "
+        "two users' steps with the same job and step ids would need the same step dir, and the second launch "
+        "would fail; put %u or %U before the %t component")
+    conf.write_text((EXAMPLES / "runc-run.conf").read_text() + "ContainerPath=/scratch/%u/%j/%t\n")
+    assert "warning" not in check(str(conf)).stdout

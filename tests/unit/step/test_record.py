@@ -1,3 +1,4 @@
+import errno
 import os
 import stat
 
@@ -67,7 +68,7 @@ def test_store_write_load_remove(tmp_path):
     a, b = make_record(7), make_record(8, state="terminating")
     store.write(a)
     store.write(b)
-    path = tmp_path / "steps" / "7.0.0.json"
+    path = tmp_path / "steps" / "1000.7.0.0.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "steps").stat().st_mode) == 0o700
     records, problems = store.load_all()
@@ -75,8 +76,8 @@ def test_store_write_load_remove(tmp_path):
     b.state = "running"
     store.write(b)
     assert store.load_all()[0][1].state == "running"
-    assert sorted(os.listdir(tmp_path / "steps")) == ["7.0.0.json", "8.0.0.json"]  # no temporary left
-    store.remove("7.0.0")
+    assert sorted(os.listdir(tmp_path / "steps")) == ["1000.7.0.0.json", "1000.8.0.0.json"]  # no temporary left
+    store.remove("1000.7.0.0")
     assert [r.job_id for r in store.load_all()[0]] == [8]
 
 
@@ -102,18 +103,45 @@ def test_bad_files_are_quarantined_and_the_rest_load(tmp_path):
     (tmp_path / "steps" / "8.0.0.json").write_bytes(full[: len(full) // 2])  # truncated
     (tmp_path / "steps" / "8.0.0.exits").write_bytes(b"11 0\n")
     (tmp_path / "steps" / "9.0.0.json").write_bytes(b"\x00garbage")
-    (tmp_path / "steps" / "10.0.0.json").write_bytes(steprecord.encode(make_record(11)))  # misnamed
+    (tmp_path / "steps" / "1000.10.0.0.json").write_bytes(steprecord.encode(make_record(11)))  # misnamed
     (tmp_path / "steps" / ".12.0.0.json.tmp").write_bytes(b"half")  # an unfinished write
     records, problems = store.load_all()
     assert records == [good]
     by_name = {p.name: p.reason for p in problems}
-    assert set(by_name) == {"8.0.0.json", "9.0.0.json", "10.0.0.json"}
+    assert set(by_name) == {"8.0.0.json", "9.0.0.json", "1000.10.0.0.json"}
     assert "not JSON" in by_name["8.0.0.json"] and "quarantine" in by_name["8.0.0.json"]
-    assert "names step 11.0.0" in by_name["10.0.0.json"]
-    assert sorted(os.listdir(tmp_path / "steps")) == ["7.0.0.json"]
+    assert "names step 1000.11.0.0" in by_name["1000.10.0.0.json"]
+    assert sorted(os.listdir(tmp_path / "steps")) == ["1000.7.0.0.json"]
     kept = sorted(os.listdir(tmp_path / "quarantine"))
     assert len(kept) == 4 and any(k.endswith(".exits") for k in kept)
     assert any((tmp_path / "quarantine" / k).read_bytes() == full[: len(full) // 2] for k in kept)
+
+
+def test_a_record_under_its_name_before_step_names_were_per_user_is_renamed(tmp_path):
+    """Records an older nodestepd wrote as JOB.STEP.FIRSTTASK.json recover under UID.JOB.STEP.FIRSTTASK."""
+    store = RecordStore(str(tmp_path))
+    old = make_record(7)
+    (tmp_path / "steps" / "7.0.0.json").write_bytes(steprecord.encode(old))
+    (tmp_path / "steps" / "7.0.0.exits").write_bytes(b"11 0\n")
+    assert store.load_all() == ([old], [])
+    assert sorted(os.listdir(tmp_path / "steps")) == ["1000.7.0.0.exits", "1000.7.0.0.json"]
+    assert store.read_exits(old.name).statuses == {11: 0}
+
+
+def test_a_write_that_fails_leaves_the_record_before_it_and_no_temporary_file(tmp_path, monkeypatch):
+    store = RecordStore(str(tmp_path))
+    first = make_record(7)
+    store.write(first)
+
+    def full(fd):  # the temporary file is there; its data cannot reach the disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        store.write(make_record(7, state="terminating"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "steps")) == ["1000.7.0.0.json"]
+    assert store.load_all() == ([first], [])
 
 
 def test_store_never_writes_through_a_symlink(tmp_path):

@@ -23,7 +23,8 @@ def fake_expand(pattern: str, task_id: int) -> str:
 
 def layout(container_path, spool_dir="/var/spool/nodestepd", ntasks=2, expand=fake_expand):
     return spool_layout(
-        container_path=container_path, spool_dir=spool_dir, expand=expand, job_id=12, step_id=3, ntasks=ntasks
+        container_path=container_path, spool_dir=spool_dir, expand=expand, job_id=12, step_id=3, ntasks=ntasks,
+        uid=1000,
     )
 
 
@@ -49,14 +50,14 @@ def tree(path) -> list[str]:
 
 def test_layout_default():
     assert layout(None) == SpoolLayout(
-        step_dir="/var/spool/nodestepd/oci-job12-3",
-        task_dirs=("/var/spool/nodestepd/oci-job12-3/task-0", "/var/spool/nodestepd/oci-job12-3/task-1"),
+        step_dir="/var/spool/nodestepd/oci-job12-3-uid1000",
+        task_dirs=("/var/spool/nodestepd/oci-job12-3-uid1000/task-0", "/var/spool/nodestepd/oci-job12-3-uid1000/task-1"),
         create_parents=False,
     )
 
 
 def test_layout_default_trailing_slash_and_empty_container_path():
-    assert layout("", spool_dir="/spool/").step_dir == "/spool/oci-job12-3"
+    assert layout("", spool_dir="/spool/").step_dir == "/spool/oci-job12-3-uid1000"
 
 
 def test_layout_container_path_without_task():
@@ -68,7 +69,7 @@ def test_layout_container_path_without_task():
 
 
 def test_layout_escaped_percent_t_is_not_a_task_component():
-    assert layout("/scratch/%%t", ntasks=1).task_dirs == ("/scratch/%t/oci-job12-3/task-0",)
+    assert layout("/scratch/%%t", ntasks=1).task_dirs == ("/scratch/%t/oci-job12-3-uid1000/task-0",)
 
 
 def test_layout_container_path_with_task():
@@ -144,7 +145,7 @@ def test_create_write_hand_over_remove(spool_dir):
     fds = open_fds()
     lay = layout(None, spool_dir=str(spool_dir))
     spool = StepSpool.create(lay, USER_UID, USER_GID)
-    step = spool_dir / "oci-job12-3"
+    step = spool_dir / "oci-job12-3-uid1000"
     assert spool.layout is lay
     assert owner_mode(step) == (0, 0, 0o700)
     assert owner_mode(step / "task-0") == (0, 0, 0o700)
@@ -177,7 +178,7 @@ def test_task_dir_pinned_stays_on_the_directory_when_its_name_is_swapped(spool_d
     spool.hand_over()
     pinned = spool.task_dir_pinned(0)
     assert pinned.startswith(f"/proc/{os.getpid()}/fd/")
-    step = spool_dir / "oci-job12-3"
+    step = spool_dir / "oci-job12-3-uid1000"
     elsewhere = tmp_path / "root-only"
     elsewhere.mkdir(mode=0o700)
     os.rename(step / "task-0", step / "moved")
@@ -207,8 +208,8 @@ def test_step_dir_mode_exact_despite_umask_and_setgid_parent(spool_dir):
     finally:
         os.umask(old)
     try:
-        assert owner_mode(spool_dir / "oci-job12-3") == (0, 0, 0o700)
-        assert owner_mode(spool_dir / "oci-job12-3" / "task-0") == (0, 0, 0o700)
+        assert owner_mode(spool_dir / "oci-job12-3-uid1000") == (0, 0, 0o700)
+        assert owner_mode(spool_dir / "oci-job12-3-uid1000" / "task-0") == (0, 0, 0o700)
     finally:
         spool.remove()
 
@@ -313,15 +314,15 @@ def test_file_parent_component_refused(tmp_path):
 def test_symlink_at_step_dir_refused(spool_dir, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
-    os.symlink(outside, spool_dir / "oci-job12-3")
-    with pytest.raises(SpoolError, match=r"oci-job12-3 already exists: is step 12\.3 already running"):
+    os.symlink(outside, spool_dir / "oci-job12-3-uid1000")
+    with pytest.raises(SpoolError, match=r"oci-job12-3-uid1000 already exists: is step 12\.3 already running"):
         StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID)
     assert os.listdir(outside) == []
-    assert os.readlink(spool_dir / "oci-job12-3") == str(outside)
+    assert os.readlink(spool_dir / "oci-job12-3-uid1000") == str(outside)
 
 
 def test_existing_step_dir_refused_and_left_alone(spool_dir):
-    step = spool_dir / "oci-job12-3"
+    step = spool_dir / "oci-job12-3-uid1000"
     step.mkdir()
     (step / "leftover").write_text("x")
     with pytest.raises(SpoolError) as e:
@@ -329,7 +330,7 @@ def test_existing_step_dir_refused_and_left_alone(spool_dir):
     assert str(e.value) == (
         f"spool dir {step} already exists: is step 12.3 already running, or left over by DisableCleanup?"
     )
-    assert tree(spool_dir) == ["oci-job12-3", "oci-job12-3/leftover"]
+    assert tree(spool_dir) == ["oci-job12-3-uid1000", "oci-job12-3-uid1000/leftover"]
 
 
 def test_existing_step_dir_from_task_pattern(tmp_path):
@@ -346,7 +347,7 @@ def test_missing_daemon_spool_dir_is_not_created(tmp_path):
 
 def test_failed_create_leaves_nothing_behind(tmp_path):
     fds = open_fds()
-    step = f"{tmp_path}/a/b/oci-job12-3"
+    step = f"{tmp_path}/a/b/oci-job12-3-uid1000"
     # The second task dir's name is too long for the file system: fails after the
     # parents, the step dir and the first task dir were created.
     lay = SpoolLayout(step_dir=step, task_dirs=(f"{step}/task-0/x", f"{step}/{'n' * 300}"), create_parents=True)
@@ -375,7 +376,7 @@ def test_remove_does_not_follow_planted_symlinks(spool_dir, tmp_path):
     spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID)
     spool.write_task_file(0, "config.json", b"{}", 0o750)
     spool.hand_over()
-    step = spool_dir / "oci-job12-3"
+    step = spool_dir / "oci-job12-3-uid1000"
     # What the user (now owner of the tree) might leave behind.
     os.symlink(outside, step / "task-0" / "link-to-dir")
     os.symlink(outside / "canary", step / "task-0" / "link-to-file")
@@ -405,7 +406,7 @@ def test_remove_after_step_dir_swapped_for_symlink(tmp_path):
     lay = layout(str(home), ntasks=1)
     spool = StepSpool.create(lay, USER_UID, USER_GID)
     spool.hand_over()
-    step = home / "oci-job12-3"
+    step = home / "oci-job12-3-uid1000"
     (step / "task-0" / "result").write_text("x")
     # The parent stays root's, so only root can do this now; remove() must cope anyway.
     os.rename(step, home / "moved")
@@ -427,7 +428,7 @@ def test_remove_does_not_descend_into_mount_points_and_renames_the_rest_aside(sp
     lay = layout(None, spool_dir=str(spool_dir), ntasks=1)
     spool = StepSpool.create(lay, USER_UID, USER_GID)
     spool.hand_over()
-    mnt = spool_dir / "oci-job12-3" / "task-0" / "mnt"
+    mnt = spool_dir / "oci-job12-3-uid1000" / "task-0" / "mnt"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], capture_output=True).returncode != 0:
         spool.remove()
@@ -577,12 +578,12 @@ def test_write_task_file_is_exclusive_and_does_not_follow_symlinks(spool_dir, tm
         spool.write_task_file(0, "config.json", b"1", 0o750)
         with pytest.raises(SpoolError, match="cannot create .*task-0/config.json: File exists"):
             spool.write_task_file(0, "config.json", b"2", 0o750)
-        os.symlink(target, spool_dir / "oci-job12-3" / "task-1" / "environment")
+        os.symlink(target, spool_dir / "oci-job12-3-uid1000" / "task-1" / "environment")
         with pytest.raises(SpoolError, match="task-1/environment"):
             spool.write_task_file(1, "environment", b"evil", 0o600)
         assert target.read_text() == "original"
         assert owner_mode(target)[0] == 0
-        assert (spool_dir / "oci-job12-3" / "task-0" / "config.json").read_bytes() == b"1"
+        assert (spool_dir / "oci-job12-3-uid1000" / "task-0" / "config.json").read_bytes() == b"1"
     finally:
         spool.remove()
 
@@ -609,14 +610,14 @@ def test_close_keeps_tree_and_is_idempotent(spool_dir):
         spool.hand_over()
     assert open_fds() == fds
     spool.close()
-    assert tree(spool_dir) == ["oci-job12-3", "oci-job12-3/task-0", "oci-job12-3/task-0/config.json", "oci-job12-3/task-1"]
+    assert tree(spool_dir) == ["oci-job12-3-uid1000", "oci-job12-3-uid1000/task-0", "oci-job12-3-uid1000/task-0/config.json", "oci-job12-3-uid1000/task-1"]
     with pytest.raises(SpoolError, match="closed without removal"):
         spool.remove()
     with pytest.raises(SpoolError, match="already closed"):
         spool.write_task_file(1, "x", b"", 0o600)
     with pytest.raises(SpoolError, match="already closed"):
         spool.hand_over()
-    assert tree(spool_dir)[0] == "oci-job12-3"
+    assert tree(spool_dir)[0] == "oci-job12-3-uid1000"
 
 
 # --- reopen (after a daemon restart) ---
@@ -667,10 +668,10 @@ def test_reopen_leaves_a_replaced_step_dir_alone(spool_dir, tmp_path):
     created = _created_and_closed(lay)
     os.rename(lay.step_dir, str(tmp_path / "moved"))
     os.mkdir(lay.step_dir)
-    (spool_dir / "oci-job12-3" / "keep").write_text("mine")
+    (spool_dir / "oci-job12-3-uid1000" / "keep").write_text("mine")
     with pytest.raises(SpoolError, match="no longer the directory the step created"):
         StepSpool.reopen(lay, created, USER_UID, USER_GID)
-    assert (spool_dir / "oci-job12-3" / "keep").read_text() == "mine"
+    assert (spool_dir / "oci-job12-3-uid1000" / "keep").read_text() == "mine"
     shutil.rmtree(lay.step_dir)
     os.symlink(tmp_path / "moved", lay.step_dir)
     with pytest.raises(SpoolError, match="symbolic link"):

@@ -18,6 +18,7 @@ from nodestepd.process.identity import Identity
 from nodestepd.process.spawn import HelperResult
 from nodestepd.step import record
 from nodestepd.step.prepare import Prepared
+from nodestepd.step.results import ResultRecord
 from nodestepd.step.spec import LaunchFailed, NoTimings, RuntimeCommands, Stdio, StepResult, StepSettings, StepSpec
 from nodestepd.step.layout import SpoolLayout
 from nodestepd.step.step import Step, StepState
@@ -161,6 +162,21 @@ class FakeStore:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
 
+class FakeResults:
+    """A ResultStore that notes each result with what the record store had removed by then."""
+
+    path = "/state/results"
+
+    def __init__(self, store: FakeStore, fail: bool = False) -> None:
+        self.store, self.fail = store, fail
+        self.written: list[tuple[ResultRecord, list[str]]] = []
+
+    def write(self, rec: ResultRecord) -> None:
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written.append((rec, list(self.store.removed)))
+
+
 class FakeSpool:
     def __init__(self, ntasks: int) -> None:
         self.layout = SpoolLayout("/spool/oci-job42-0", tuple(f"/spool/oci-job42-0/task-{t}" for t in range(ntasks)))
@@ -194,13 +210,14 @@ def context(task_id: int) -> PatternContext:
 
 
 def make_step(ntasks: int = 2, *, mode: FakeMode | None = None, runtime: FakeRuntime | None = None,
-              store: FakeStore | None = None, kill_wait: float = 5.0, keep_spool: bool = False) -> Step:
+              store: FakeStore | None = None, kill_wait: float = 5.0, keep_spool: bool = False,
+              results: FakeResults | None = None) -> Step:
     spec = StepSpec(job_id=42, step_id=0, ntasks=ntasks, identity=ALICE, bundle="/b", args=("app",), workdir="/",
                     attached=True)
     settings = StepSettings(RuntimeCommands("/etc/slurm/oci.conf", run="runc run %n"), kill_wait=kill_wait,
                             runtime_timeout=5.0, keep_spool=keep_spool, spool_dir="/spool", node_name="n1")
     return Step(spec, settings, runtime or FakeRuntime(), mode or FakeMode(), store=store or FakeStore(),
-                reaper=FakeReaper(), timings=NoTimings(), log=get_logger(job_id=42, step_id=0))
+                reaper=FakeReaper(), timings=NoTimings(), log=get_logger(job_id=42, step_id=0), results=results)
 
 
 def prepared(step: Step) -> Prepared:
@@ -249,6 +266,33 @@ async def test_the_step_ends_with_the_first_failing_status_after_every_task_and_
     assert ("release", 0) in step.mode.calls and ("release", 1) in step.mode.calls
     assert spool.removed and step.spool is None
     assert step.store.removed == [step.name] and step.reaper.sweeps == 1
+
+
+async def test_the_result_is_kept_before_the_record_goes():
+    store = FakeStore()
+    step = await launched(make_step(store=store, results=FakeResults(store)))
+    assert step.name == "1000.42.0.0"  # step names are per user
+    await finish(step, 0, 137)
+    ((rec, removed_then),) = step.results.written
+    assert removed_then == [] and store.removed == [step.name]
+    assert (rec.name, rec.how, rec.status, [(t.task_id, t.status) for t in rec.tasks]) == (
+        step.name, "signalled", 137, [(0, 0), (1, 137)])
+    assert rec.ended_at == step.ended_at and rec.started_at == step.started_at
+
+
+async def test_a_result_that_cannot_be_kept_is_logged_and_the_step_still_ends():
+    store = FakeStore()
+    step = await launched(make_step(store=store, results=FakeResults(store, fail=True)))
+    assert await finish(step, 3, 0) == StepResult(3, (3, 0), cancelled=False)
+    assert store.removed == [step.name]
+
+
+async def test_a_failed_launch_keeps_no_result():
+    store = FakeStore()
+    step = make_step(store=store, mode=FakeMode(fail_start="cannot start the runtime"), results=FakeResults(store))
+    with pytest.raises(LaunchFailed):
+        await launched(step)
+    assert step.results.written == []
 
 
 async def test_an_unknown_status_is_reported_as_unknown_never_as_zero():
