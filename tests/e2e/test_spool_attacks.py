@@ -103,7 +103,7 @@ def test_a_parent_made_by_one_users_step_cannot_be_used_to_swap_anothers_step_di
     start_daemon, user, other_user, bundle, scratch, new_dir
 ):
     """19.1 as reported: ContainerPath=/var/tmp/x/oci. The attacker's step makes .../oci;
-    the attacker watches it and swaps the victim's oci-job6701-0 when root hands it over."""
+    the attacker watches it and swaps the victim's oci-job6701-0-uidU when root hands it over."""
     victim, attacker = user, other_user
     daemon = start_daemon(RUNC_RUN_CONF + f"ContainerPath={scratch}/oci\n")
     oci = scratch / "oci"
@@ -111,7 +111,8 @@ def test_a_parent_made_by_one_users_step_cannot_be_used_to_swap_anothers_step_di
     first = daemon.ctl(attacker, "run", "--detach", "--job-id", "6700", "--bundle", str(own), "--", "sleep", "1000")
     assert first.returncode == 0, first.stderr
     tree = attacker_tree(new_dir("attacker-"), attacker, bundle)
-    watcher = start_watcher(attacker, oci, "oci-job6701-0", tree)
+    # Without %u in ContainerPath the daemon names the step dir per user (issue 14.2).
+    watcher = start_watcher(attacker, oci, f"oci-job6701-0-uid{victim.uid}", tree)
 
     result = daemon.ctl(victim, "run", "--job-id", "6701", "--bundle", str(bundle), "--", "/bin/echo", "VICTIM")
     said = watcher_said(watcher)
@@ -179,7 +180,7 @@ for _ in range(int(sys.argv[2])):
 
 def test_a_30000_deep_tree_in_a_task_dir_is_removed_and_does_not_block_the_step(start_daemon, user, bundle):
     daemon = start_daemon(RUNC_RUN_CONF)
-    step_dir = daemon.spool_dir / "oci-job6710-0"
+    step_dir = daemon.spool_dir / f"oci-job6710-0-uid{user.uid}"
     started = daemon.ctl(user, "run", "--detach", "--job-id", "6710", "--bundle", str(bundle), "--", "sleep", "1000")
     assert started.returncode == 0, started.stderr
     subprocess.run(user.command(["/usr/bin/python3", "-I", "-c", BUILD_DEEP_TREE, str(step_dir / "task-0"), "30000"]),
