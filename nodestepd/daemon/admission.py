@@ -20,7 +20,7 @@ from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.jobids import JobIdAllocator
 from nodestepd.process import asuser
 from nodestepd.process.identity import Identity
-from nodestepd.protocol.messages import RunRequest
+from nodestepd.protocol.messages import MAX_JSON_DEPTH, RunRequest, json_too_deep
 from nodestepd.step.env import validate_env_name
 from nodestepd.step.spec import LaunchInput, StepSpec
 
@@ -146,6 +146,9 @@ def _check_request(request: RunRequest, configuration: Configuration) -> None:
             raise BadRequest(str(e)) from None
         if "\0" in value:
             raise BadRequest(f"environment variable {name} contains a NUL byte")
+    if request.config_json is not None and json_too_deep(request.config_json):
+        # Refused here, before step/configjson.py parses it (each level a recursion).
+        raise BadRequest(f"config_json nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
     if not 1 <= request.ntasks <= MAX_NTASKS:
         raise BadRequest(f"ntasks must be between 1 and {MAX_NTASKS}, got {request.ntasks}")
     for name in ("task_offset", "local_offset", "node_id"):

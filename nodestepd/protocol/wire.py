@@ -7,6 +7,7 @@ its start-up time is part of every launch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import struct
@@ -53,3 +54,39 @@ def parse_step_ref(text: str) -> tuple[int, int]:
 
 
 _STEP_REF = re.compile(r"([0-9]+)(?:\.([0-9]+))?", re.ASCII)
+
+
+# ---- JSON nesting -------------------------------------------------------------------------
+
+# How deep user-supplied JSON may nest (requests, a bundle's config.json, a runtime's
+# state). JSON parsers recurse once per level: Python's json and msgspec raise
+# RecursionError near 1000 levels, which must not be the daemon's only guard. OCI configs
+# nest about 6 levels (linux.seccomp.syscalls[].args[]); 64 is far beyond any real one.
+MAX_JSON_DEPTH = 64
+
+# A JSON string (escapes included), in the unrolled form that matches without
+# backtracking; an unterminated one is left for the parser to reject.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = tuple(1 if b in b"[{" else -1 for b in range(256))
+
+
+def json_too_deep(data: bytes | str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the arrays and objects in a JSON text nest more than `limit` deep, found
+    without recursing.
+
+    Linear, at C speed but for one step per bracket: strings are cut out first (their
+    brackets are text), then everything but brackets. Only meant to refuse before a
+    parser recurses; the parser still judges whether the text is JSON at all.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # the common case, e.g. every request but a run's: too few brackets to nest that deep
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > limit
+
+
+def check_json_depth(data: bytes | str, what: str) -> None:
+    """ProtocolError (naming `what`) when data nests deeper than MAX_JSON_DEPTH."""
+    if json_too_deep(data):
+        raise ProtocolError(f"{what} nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")

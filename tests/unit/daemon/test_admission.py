@@ -139,3 +139,12 @@ def test_unknown_signals_are_bad_requests(text):
     with pytest.raises(Refused, match="unknown signal") as e:
         parse_signal(text)
     assert e.value.code == "bad-request"
+
+
+@pytest.mark.parametrize("depth", [65, 100_000])
+async def test_config_json_nested_too_deep_is_a_bad_request(fds, depth):
+    """Issue 14.5: refused before anything parses it (json.loads recursed once per level)."""
+    deep = '{"a":' * depth + "1" + "}" * depth
+    with pytest.raises(Refused) as e:
+        await make_admission().admit(ME, request(config_json=deep), fds)
+    assert (e.value.code, str(e.value)) == ("bad-request", "config_json nests arrays and objects more than 64 levels deep")
