@@ -28,6 +28,7 @@ from nodestepd.config.settings import (
     load_config,
 )
 from nodestepd.daemon.admission import Admission
+from nodestepd.daemon.closer import FdCloser
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.jobids import JobIdAllocator
 from nodestepd.daemon.listener import BoundListener, Listener, PassedListener
@@ -153,10 +154,11 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
         return 1
     service = Service(notifier, watchdog, load, configuration, listener.path)
     registry = Registry(on_change=service.steps_changed)
+    closer = FdCloser()
     state = DaemonState(
-        configuration=configuration, registry=registry, admission=Admission(configuration, job_ids), store=store,
-        reaper=reaper, reload=service.reload, socket_path=listener.path, started_at=time.time(),
-        output_journal=output_journal,
+        configuration=configuration, registry=registry, admission=Admission(configuration, job_ids, closer),
+        store=store, reaper=reaper, reload=service.reload, socket_path=listener.path, started_at=time.time(),
+        closer=closer, output_journal=output_journal,
     )
     await service.run(Server(state, listener))
     log.info("stopped")

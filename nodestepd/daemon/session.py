@@ -18,7 +18,8 @@ from nodestepd import __version__
 from nodestepd.daemon import metrics
 from nodestepd.daemon.admission import Admission, parse_signal
 from nodestepd.daemon.configuration import Configuration
-from nodestepd.daemon.connection import Connection, ConnectionClosed, close_all
+from nodestepd.daemon.closer import MAX_CLOSE_BACKLOG, FdCloser, too_many_unclosed
+from nodestepd.daemon.connection import Connection, ConnectionClosed
 from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.registry import Registry
 from nodestepd.logs import BoundLogger, get_logger
@@ -64,6 +65,7 @@ class DaemonState:
     reload: Callable[[], Awaitable[list[str]]]  # re-read the settings: [] or every problem
     socket_path: str
     started_at: float
+    closer: FdCloser  # closes what clients send, off the loop (closer.py)
     output_journal: JournalSender | None = None  # detached steps' output goes here, when logging to the journal
 
 
@@ -103,14 +105,19 @@ class Session:
                 try:
                     request = messages.decode_request(body)
                 except ProtocolError as e:
-                    close_all(fds)
+                    self.conn.release(fds)
                     self.log.info("malformed request", error=str(e))
                     await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
                     continue
                 if isinstance(request, RunRequest):
                     await self.run(request, fds, received_at)
                     return  # a run owns its connection until the step ends (or is detached)
-                close_all(fds)
+                self.conn.release(fds)
+                if fds and self.state.closer.backlog(self.conn.account) >= MAX_CLOSE_BACKLOG:
+                    # Stuck closes (closer.py): no more of this user's fds until they end.
+                    self.log.warning("connection ended: too many of the user's fds still being closed")
+                    await self.conn.send(ErrorReply(code="busy", error=too_many_unclosed()))
+                    return
                 await self.conn.send(await self._reply(request))
         except ConnectionClosed:
             pass
@@ -188,7 +195,7 @@ class Session:
         try:
             launched = await self._launch(request, fds, received_at)
         finally:
-            close_all(fds)  # the tasks have their own copies now
+            self.conn.release(fds)  # the tasks have their own copies now
         if launched is None:
             return
         step, timings = launched
@@ -259,7 +266,7 @@ class Session:
                 await step.cancel(reason)
                 break
             body, fds = received
-            close_all(fds)
+            self.conn.release(fds)
             try:
                 request = messages.decode_request(body)
                 if not isinstance(request, SignalRequest) or request.job_id is not None:

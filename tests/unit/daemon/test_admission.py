@@ -14,6 +14,7 @@ from nodestepd.config.settings import DaemonConfig
 from nodestepd.daemon import admission
 from nodestepd.daemon.admission import Admission, parse_signal
 from nodestepd.daemon.authz import Policy
+from nodestepd.daemon.closer import FdCloser
 from nodestepd.daemon.errors import Refused
 from nodestepd.protocol.messages import RunRequest
 from nodestepd.step.spec import LaunchInput
@@ -40,7 +41,7 @@ class FakeJobIds:
 def make_admission(operators: frozenset[int] = frozenset(), **settings) -> Admission:
     config = DaemonConfig(node_name="n1", **settings)
     return Admission(FakeConfiguration(config, OciConf(path="/etc/slurm/oci.conf"), Policy(operators)),
-                     FakeJobIds())  # type: ignore[arg-type]
+                     FakeJobIds(), FdCloser())  # type: ignore[arg-type]
 
 
 def request(**fields) -> RunRequest:
