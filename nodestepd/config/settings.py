@@ -47,6 +47,8 @@ class DaemonConfig:
     max_steps: int = 1024
     max_steps_per_user: int = 128
     client_timeout: float = 30.0
+    # A request/answer connection is ended after this long, however busy (an attached run's is not).
+    connection_max_lifetime: float = 300.0
     debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
     config_file: str | None = None  # where the settings came from, for `status`
 
@@ -104,6 +106,9 @@ def setting_problems(config: DaemonConfig) -> list[tuple[str, str]]:
         problems.append(("max_steps_per_user", f"must not exceed max_steps ({config.max_steps})"))
     if not 0.1 <= config.client_timeout <= 3600:
         problems.append(("client_timeout", f"must be between 0.1 and 3600 seconds, got {config.client_timeout}"))
+    if not 1 <= config.connection_max_lifetime <= 86400:
+        problems.append(("connection_max_lifetime",
+                         f"must be between 1 and 86400 seconds, got {config.connection_max_lifetime}"))
     try:
         resolve_operators(config.operators)
     except ValueError as e:
@@ -160,9 +165,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_steps": (int,),
     "max_steps_per_user": (int,),
     "client_timeout": (int, float),
+    "connection_max_lifetime": (int, float),
     "debug_timings": (bool,),
 }
-_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout")
+_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "connection_max_lifetime")
 
 
 def _from_toml(path: str, required: bool) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from nodestepd.config.settings import (
     DaemonConfig,
     load_config,
 )
+from nodestepd.daemon.accounts import Accounts
 from nodestepd.daemon.admission import Admission
 from nodestepd.daemon.closer import FdCloser
 from nodestepd.daemon.configuration import Configuration
@@ -155,10 +156,12 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
     service = Service(notifier, watchdog, load, configuration, listener.path)
     registry = Registry(on_change=service.steps_changed)
     closer = FdCloser()
+    accounts = Accounts()
+    accounts.load()
     state = DaemonState(
         configuration=configuration, registry=registry, admission=Admission(configuration, job_ids, closer),
         store=store, reaper=reaper, reload=service.reload, socket_path=listener.path, started_at=time.time(),
-        closer=closer, output_journal=output_journal,
+        closer=closer, accounts=accounts, output_journal=output_journal,
     )
     await service.run(Server(state, listener))
     log.info("stopped")

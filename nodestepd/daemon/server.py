@@ -31,7 +31,7 @@ class Server:
         self.listener = listener
         self.log = get_logger()
         self._stopping = asyncio.Event()
-        self._connections: dict[asyncio.Task[None], int] = {}  # each connection's session, and its peer's uid
+        self._connections: dict[asyncio.Task[None], int] = {}  # each connection's session, and its account
 
     async def recover(self) -> None:
         """Take over the steps the records in the state dir name (before serving anyone)."""
@@ -72,8 +72,9 @@ class Server:
             self.log.warning("cannot read a new connection's credentials; closing it", error=str(e))
             self.state.closer.close_socket(sock, -1)
             return
-        account = uid
-        refusal = self._connection_refusal(account)
+        account = self.state.accounts.account(uid)
+        self.state.accounts.refresh_soon()
+        refusal = self._connection_refusal(uid, account)
         if refusal is not None:
             self._refuse_connection(sock, pid, uid, account, refusal)
             return
@@ -84,16 +85,17 @@ class Server:
         self._connections[session] = account
         session.add_done_callback(self._connections.pop)
 
-    def _connection_refusal(self, account: int) -> str | None:
-        """Why a new connection from account cannot be served now, or None.
+    def _connection_refusal(self, uid: int, account: int) -> str | None:
+        """Why a new connection from uid (counted as account's: accounts.py) cannot be served now, or None.
 
-        max_connections is node-wide; max_connections_per_user keeps one user from taking
-        all of it (operators, srun's launcher among them, are not held to it), and so does
-        the number of the user's fds still waiting to be closed (closer.py)."""
+        max_connections is node-wide; max_connections_per_user keeps one user, their
+        subordinate uids included, from taking all of it (operators, srun's launcher among
+        them, are not held to it), and so does the number of the user's fds still waiting
+        to be closed (closer.py)."""
         c = self.state.configuration.config
         if len(self._connections) >= c.max_connections:
             return f"nodestepd has too many connections (limit {c.max_connections}); try again later"
-        if self.state.configuration.policy.is_operator(account):
+        if self.state.configuration.policy.is_operator(uid):
             return None
         if sum(1 for peer in self._connections.values() if peer == account) >= c.max_connections_per_user:
             return (f"you have too many connections to nodestepd (limit {c.max_connections_per_user} per user); "

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from nodestepd import __version__
 from nodestepd.daemon import metrics
+from nodestepd.daemon.accounts import Accounts
 from nodestepd.daemon.admission import Admission, parse_signal
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.closer import MAX_CLOSE_BACKLOG, FdCloser, too_many_unclosed
@@ -66,6 +67,7 @@ class DaemonState:
     socket_path: str
     started_at: float
     closer: FdCloser  # closes what clients send, off the loop (closer.py)
+    accounts: Accounts  # whose a connection is, subordinate uids included (accounts.py)
     output_journal: JournalSender | None = None  # detached steps' output goes here, when logging to the journal
 
 
@@ -83,16 +85,28 @@ class Session:
 
     async def serve(self) -> None:
         """Answer requests until the client is done, goes quiet, or a run takes the connection."""
-        timeout = self.state.configuration.config.client_timeout
+        c = self.state.configuration.config
+        timeout, lifetime = c.client_timeout, c.connection_max_lifetime
+        # However busy, a request/answer connection ends after connection_max_lifetime
+        # (after the answer in hand): a request now and then within client_timeout must
+        # not hold a place under the connection caps for ever. A run's is not cut (run()).
+        ends = time.monotonic() + lifetime
         try:
             while True:
                 try:
                     # Idle or slow (half a message, then nothing): either way the
                     # connection is given up after client_timeout, and with it its fds.
-                    received = await asyncio.wait_for(self.conn.receive(), timeout)
+                    received = await asyncio.wait_for(self.conn.receive(),
+                                                      max(0.0, min(timeout, ends - time.monotonic())))
                 except TimeoutError:
-                    self.log.info("client timed out; closing connection", client_timeout=timeout)
-                    await self.conn.send(ErrorReply(code="timeout", error=f"no complete request within {timeout:g} s"))
+                    if time.monotonic() >= ends:
+                        self.log.info("connection lifetime over; closing connection", connection_max_lifetime=lifetime)
+                        await self.conn.send(ErrorReply(
+                            code="timeout", error=f"connection open longer than {lifetime:g} s; connect again"))
+                    else:
+                        self.log.info("client timed out; closing connection", client_timeout=timeout)
+                        await self.conn.send(ErrorReply(code="timeout",
+                                                        error=f"no complete request within {timeout:g} s"))
                     return
                 except ProtocolError as e:
                     self.log.warning("bad message; closing connection", error=str(e))

@@ -1,7 +1,7 @@
 """Connections under attack, against a real daemon (issues 19.3, 19.4): fds whose close
 blocks, fds trickled in with an unfinished message, accept failing for want of fds, a
 user's subordinate ids. Each attack runs as a real test user; another real user's
-`status` must be answered all the while. No steps are launched: no job ids.
+`status` must be answered all the while. Job ids 5200-5299 belong to this file.
 
 The figures each test measures (another user's status latency during the linger attack,
 the daemon's peak fd count during the trickle) are printed; run with -s to see them.
@@ -14,16 +14,20 @@ import contextlib
 import os
 import resource
 import select
+import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import traceback
 
 import pytest
 
-from conftest import RUNC_RUN_CONF
+from conftest import RUNC_RUN_CONF, read_line_from
 from nodestepd.daemon.closer import too_many_unclosed
 from nodestepd.daemon.connection import MAX_HELD_FDS
 from nodestepd.protocol.messages import ErrorReply, StatusReply
@@ -251,3 +255,92 @@ def test_accept_failing_for_want_of_fds_is_not_fatal(start_daemon, workdir):
     assert isinstance(status(daemon), StatusReply)  # served again once the fds are free
     assert daemon.proc.poll() is None
     assert "EMFILE" in daemon.log() or "Too many open files" in daemon.log()
+
+
+# ---- 19.4: a user's subordinate uids, and the connection lifetime ----------------------------------
+
+
+# Run inside `unshare --map-auto --map-root-user` as the user: for each of the namespace's
+# uids 1..5 (the user's subordinate uids outside), a child that switches to it, opens two
+# connections, asks `status` on each and reports what came back; they hold their connections
+# until stdin closes.
+_SUBUID_CLIENTS = textwrap.dedent("""
+    import os, socket, struct, sys
+    path = sys.argv[1]
+    body = b'{"v":1,"op":"status"}'
+    children = []
+    for k in range(1, 6):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.setresgid(k, k, k)
+            os.setresuid(k, k, k)
+            seen = []
+            socks = []
+            for _ in range(2):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(10)
+                sock.connect(path)
+                sock.sendall(struct.pack(">I", len(body)) + body)
+                reply = sock.recv(65536)
+                seen.append("busy" if b'"busy"' in reply else "status" if b'"status"' in reply else repr(reply))
+                socks.append(sock)
+            os.write(w, " ".join(seen).encode())
+            os.read(0, 1)
+            os._exit(0)
+        os.close(w)
+        print(k, os.read(r, 1000).decode(), flush=True)
+        children.append(pid)
+    print("done", flush=True)
+    sys.stdin.read()
+    for pid in children:
+        os.waitpid(pid, 0)
+""")
+
+
+@pytest.mark.skipif(shutil.which("newuidmap") is None, reason="needs newuidmap (package uidmap)")
+def test_a_users_subordinate_uids_count_against_their_cap(start_daemon, workdir, user, other_user):
+    """Issue 19.4: inside `unshare --map-auto` each subordinate uid of a user reached the
+    daemon as its own peer uid, with its own cap. They count as the user's now (from
+    /etc/subuid): the user's fifth connection is refused, another user is served."""
+    daemon = start_daemon(RUNC_RUN_CONF, "--config", settings(workdir, "max_connections_per_user = 4\n"))
+    script = workdir / "subuid_clients.py"
+    script.write_text(_SUBUID_CLIENTS)
+    script.chmod(0o644)
+    clients = subprocess.Popen(
+        user.command(["unshare", "--map-auto", "--map-root-user", sys.executable, str(script), str(daemon.socket)]),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=user.env)
+    try:
+        out = read_line_from(clients.stdout, b"done", timeout=60).decode()
+        assert isinstance(as_user(other_user, status, daemon), StatusReply)  # not locked out
+        mine = as_user(user, lambda: receive(connect(str(daemon.socket))))  # the user's own uid: at the cap too
+    finally:
+        clients.stdin.close()
+        clients.wait(timeout=30)
+    assert out.splitlines() == ["1 status status", "2 status status", "3 busy busy", "4 busy busy", "5 busy busy",
+                                "done"], (out, clients.stderr.read().decode())
+    assert isinstance(mine, ErrorReply) and mine.code == "busy"
+    assert mine.error == "you have too many connections to nodestepd (limit 4 per user); try again later"
+
+
+def test_a_busy_connection_ends_after_its_lifetime_but_not_a_run(start_daemon, workdir, user, bundle):
+    """Issue 19.4: a `status` now and then (within client_timeout) kept a connection, and
+    its place under the caps, for ever; connection_max_lifetime ends it. An attached run owns its connection until
+    its step ends, however long."""
+    daemon = start_daemon(RUNC_RUN_CONF, "--config", settings(workdir, "connection_max_lifetime = 1\n"))
+    started = time.monotonic()
+    with connect(daemon.socket) as sock:
+        replies = 0
+        while time.monotonic() - started < 0.6:  # busy, well within client_timeout (30 s)
+            send(sock, msg("status"))
+            assert isinstance(receive(sock), StatusReply)
+            replies += 1
+            time.sleep(0.1)
+        reply = receive(sock)  # then nothing more asked, so that no request races the end
+        assert isinstance(reply, ErrorReply)
+        assert (reply.code, reply.error) == ("timeout", "connection open longer than 1 s; connect again")
+        assert receive(sock) is None  # closed
+    assert 1.0 <= time.monotonic() - started < 5 and replies >= 3
+    result = daemon.ctl(user, "run", "--job-id", "5200", "--bundle", str(bundle), "--", "sh", "-c", "sleep 2; echo done")
+    assert (result.returncode, result.stdout) == (0, b"done\n"), result.stderr
+    assert "connection lifetime over" in daemon.log()
