@@ -42,6 +42,10 @@ class Admission:
         if len(fds) != 3:
             raise BadRequest(f"a run request carries exactly 3 file descriptors (stdin, stdout, stderr), got {len(fds)}")
         _check_request(request, self.configuration)
+        # Refused here, before step/configjson.py parses it (each level a recursion); in a
+        # worker thread, as a scan of up to a whole message may take a fraction of a second.
+        if request.config_json is not None and await asyncio.to_thread(json_too_deep, request.config_json):
+            raise BadRequest(f"config_json nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
         step_id = request.step_id if request.step_id is not None else 0
         target = uid
         if request.user is not None:
@@ -147,9 +151,6 @@ def _check_request(request: RunRequest, configuration: Configuration) -> None:
             raise BadRequest(str(e)) from None
         if "\0" in value:
             raise BadRequest(f"environment variable {name} contains a NUL byte")
-    if request.config_json is not None and json_too_deep(request.config_json):
-        # Refused here, before step/configjson.py parses it (each level a recursion).
-        raise BadRequest(f"config_json nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
     if not 1 <= request.ntasks <= MAX_NTASKS:
         raise BadRequest(f"ntasks must be between 1 and {MAX_NTASKS}, got {request.ntasks}")
     for name in ("task_offset", "local_offset", "node_id"):

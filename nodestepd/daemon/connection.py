@@ -122,7 +122,11 @@ class Connection:
             # Held until the message is complete, and counted now: a message whose bytes
             # trickle in must not gather fds without bound in the meantime (issue 19.4).
             last_byte = self._offset + start + max(len(data), 1) - 1
-            message = self._message_start(last_byte)
+            try:
+                message = self._message_start(last_byte)
+            except ProtocolError:  # an oversized header: the batch is still ours to release
+                self._fd_batches.append((last_byte, -1, received))
+                raise
             self._fd_batches.append((last_byte, message, received))
             in_message = sum(len(fds) for _, m, fds in self._fd_batches if m == message)
             if in_message > protocol.MAX_FDS or sum(len(fds) for _, _, fds in self._fd_batches) > MAX_HELD_FDS:

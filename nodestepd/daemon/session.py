@@ -123,15 +123,17 @@ class Session:
                     self.log.info("malformed request", error=str(e))
                     await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
                     continue
+                if fds and self.state.closer.backlog(self.conn.account) >= MAX_CLOSE_BACKLOG:
+                    # Stuck closes (closer.py): no more of this user's fds until they end.
+                    self.conn.release(fds)
+                    self.log.warning("connection ended: too many of the user's fds still being closed")
+                    status = messages.STATUS_LAUNCH_FAILED if isinstance(request, RunRequest) else None
+                    await self.conn.send(ErrorReply(code="busy", error=too_many_unclosed(), status=status))
+                    return
                 if isinstance(request, RunRequest):
                     await self.run(request, fds, received_at)
                     return  # a run owns its connection until the step ends (or is detached)
                 self.conn.release(fds)
-                if fds and self.state.closer.backlog(self.conn.account) >= MAX_CLOSE_BACKLOG:
-                    # Stuck closes (closer.py): no more of this user's fds until they end.
-                    self.log.warning("connection ended: too many of the user's fds still being closed")
-                    await self.conn.send(ErrorReply(code="busy", error=too_many_unclosed()))
-                    return
                 await self.conn.send(await self._reply(request))
         except ConnectionClosed:
             pass
