@@ -51,6 +51,8 @@ class DaemonConfig:
     results_max_age: float = 86400.0  # seconds after the step ended
     results_max: int = 1024  # on the node
     results_max_per_user: int = 256
+    # A request/answer connection is ended after this long, however busy (an attached run's is not).
+    connection_max_lifetime: float = 300.0
     debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
     config_file: str | None = None  # where the settings came from, for `status`
 
@@ -117,6 +119,9 @@ def setting_problems(config: DaemonConfig) -> list[tuple[str, str]]:
                          f"{config.results_max_age}"))
     if not 0.1 <= config.client_timeout <= 3600:
         problems.append(("client_timeout", f"must be between 0.1 and 3600 seconds, got {config.client_timeout}"))
+    if not 1 <= config.connection_max_lifetime <= 86400:
+        problems.append(("connection_max_lifetime",
+                         f"must be between 1 and 86400 seconds, got {config.connection_max_lifetime}"))
     try:
         resolve_operators(config.operators)
     except ValueError as e:
@@ -176,9 +181,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "results_max_age": (int, float),
     "results_max": (int,),
     "results_max_per_user": (int,),
+    "connection_max_lifetime": (int, float),
     "debug_timings": (bool,),
 }
-_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age")
+_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age", "connection_max_lifetime")
 
 
 def _from_toml(path: str, required: bool) -> dict[str, Any]:

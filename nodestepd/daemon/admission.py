@@ -15,12 +15,12 @@ from collections.abc import Iterable, Mapping
 
 from nodestepd.daemon.authz import parse_user
 from nodestepd.daemon.configuration import Configuration
-from nodestepd.daemon.connection import close_all
+from nodestepd.daemon.closer import FdCloser
 from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.jobids import JobIdAllocator
 from nodestepd.process import asuser
 from nodestepd.process.identity import Identity
-from nodestepd.protocol.messages import RunRequest
+from nodestepd.protocol.messages import MAX_JSON_DEPTH, RunRequest, json_too_deep
 from nodestepd.step.env import validate_env_name
 from nodestepd.step.spec import LaunchInput, StepSpec
 
@@ -32,15 +32,20 @@ MAX_PATH_BYTES = 4096  # PATH_MAX: a longer bundle or chdir could not be opened 
 
 
 class Admission:
-    def __init__(self, configuration: Configuration, job_ids: JobIdAllocator) -> None:
+    def __init__(self, configuration: Configuration, job_ids: JobIdAllocator, closer: FdCloser) -> None:
         self.configuration = configuration
         self.job_ids = job_ids
+        self.closer = closer  # the fds a request brought and no longer needs are closed off the loop
 
     async def admit(self, uid: int, request: RunRequest, fds: list[int]) -> tuple[StepSpec, LaunchInput]:
         """Check a run request from uid (its 3 fds may be replaced by files opened as the step's user)."""
         if len(fds) != 3:
             raise BadRequest(f"a run request carries exactly 3 file descriptors (stdin, stdout, stderr), got {len(fds)}")
         _check_request(request, self.configuration)
+        # Refused here, before step/configjson.py parses it (each level a recursion); in a
+        # worker thread, as a scan of up to a whole message may take a fraction of a second.
+        if request.config_json is not None and await asyncio.to_thread(json_too_deep, request.config_json):
+            raise BadRequest(f"config_json nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
         step_id = request.step_id if request.step_id is not None else 0
         target = uid
         if request.user is not None:
@@ -59,7 +64,7 @@ class Admission:
             raise BadRequest(str(e)) from None
         config_json, config_json_error = request.config_json, request.config_json_error
         if request.user is not None or request.output is not None or request.error is not None:
-            config_json, config_json_error = await self._open_as_user(identity, request, fds)
+            config_json, config_json_error = await self._open_as_user(uid, identity, request, fds)
         job_id = request.job_id if request.job_id is not None else await asyncio.to_thread(self.job_ids.allocate)
         spec = StepSpec(
             job_id=job_id,
@@ -78,7 +83,7 @@ class Admission:
         return spec, LaunchInput(dict(request.env), request.pty, config_json, config_json_error)
 
     async def _open_as_user(
-        self, identity: Identity, request: RunRequest, fds: list[int]
+        self, uid: int, identity: Identity, request: RunRequest, fds: list[int]
     ) -> tuple[str | None, str | None]:
         """Read config.json (for a run with `user`) and open output/error as the step's user.
 
@@ -104,17 +109,17 @@ class Admission:
                     asuser.read_regular, result, config.max_message_size)
         failed = next((o for o in opened if o.fd is None), None)
         if failed is not None:
-            close_all([o.fd for o in opened if o.fd is not None])
+            self.closer.close([o.fd for o in opened], uid)  # files of the user's: closing may block (FUSE)
             raise Refused("launch-failed", f"cannot open {failed.path} as {identity.user}: {failed.error}")
         by_path = {o.path: o.fd for o in opened}
         if request.output is not None:
-            os.close(fds[1])
+            self.closer.close([fds[1]], uid)
             fds[1] = by_path[request.output]
             if request.error is None:
-                os.close(fds[2])
+                self.closer.close([fds[2]], uid)
                 fds[2] = os.dup(fds[1])
         if request.error is not None:
-            os.close(fds[2])
+            self.closer.close([fds[2]], uid)
             # One file for both: a second fd of it, so that each fd has one owner.
             fds[2] = by_path[request.error] if request.error != request.output else os.dup(fds[1])
         return config_json, config_json_error

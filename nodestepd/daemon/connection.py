@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
-import os
 import socket
 from collections.abc import Iterable
 
 import msgspec
 
+from nodestepd.daemon.closer import FdCloser
 from nodestepd.protocol import messages as protocol
 from nodestepd.protocol.messages import ProtocolError
 
 _RECV_CHUNK = 64 * 1024
-_ANCILLARY = socket.CMSG_SPACE(protocol.MAX_FDS * array.array("i").itemsize)
+# Room for as many fds as the kernel passes in one sendmsg (SCM_MAX_FD): with less, recvmsg
+# drops the excess itself, and the last close of a dropped fd (a lingering socket's, say)
+# would run on the loop's thread (closer.py). Every fd is received, then refused here.
+_SCM_MAX_FD = 253
+_ANCILLARY = socket.CMSG_SPACE(_SCM_MAX_FD * array.array("i").itemsize)
+# The fds a connection may hold that no request has taken yet: one message's, and the
+# first batch of the next one, read along with the end of the first.
+MAX_HELD_FDS = 2 * protocol.MAX_FDS
 
 
 class ConnectionClosed(Exception):
@@ -28,24 +34,29 @@ class ConnectionClosed(Exception):
 
 class Connection:
     def __init__(
-        self, sock: socket.socket, peer: tuple[int, int, int], *, max_message: int = protocol.MAX_MESSAGE,
-        send_timeout: float | None = None,
+        self, sock: socket.socket, peer: tuple[int, int, int], *, closer: FdCloser, account: int | None = None,
+        max_message: int = protocol.MAX_MESSAGE, send_timeout: float | None = None,
     ) -> None:
-        """peer: (pid, uid, gid) of the client, from the kernel (process/kernel.py peer_credentials)."""
+        """peer: (pid, uid, gid) of the client, from the kernel (process/kernel.py peer_credentials).
+        account: whose the connection counts as (server.py; default: the peer's uid). The
+        fds it receives and its socket are closed by `closer`, off the loop."""
         sock.setblocking(False)
+        self.closer = closer
         self.sock = sock
         self.max_message = max_message
         # A peer that stops reading must not hold a handler forever on a full socket buffer.
         self.send_timeout = send_timeout
         self._buffer = bytearray()
         self._offset = 0  # stream offset of self._buffer[0]
-        # (stream offset of the last byte of the recvmsg chunk they came with, fds). The
-        # kernel ends a read right after the segment that carried fds, and a client sends
-        # a message's fds with its first bytes in one sendmsg, so a batch belongs to the
-        # message that holds the last byte of its chunk.
-        self._fd_batches: list[tuple[int, list[int]]] = []
+        # (stream offset of the last byte of the recvmsg chunk they came with, stream offset
+        # of the message that byte is in, fds). The kernel ends a read right after the
+        # segment that carried fds, and a client sends a message's fds with its first bytes
+        # in one sendmsg, so a batch belongs to the message that holds the last byte of its
+        # chunk: fds are counted per message, however many reads it takes to arrive.
+        self._fd_batches: list[tuple[int, int, list[int]]] = []
         self._eof = False
         self.peer_pid, self.peer_uid, self.peer_gid = peer
+        self.account = self.peer_uid if account is None else account
 
     async def receive(self) -> tuple[bytes, list[int]] | None:
         """The next message body and the fds that came with it, or None at end of stream.
@@ -65,7 +76,7 @@ class Connection:
                     return body, fds
             if self._eof:
                 if self._buffer:
-                    self._close_fds()
+                    self._release_fds()
                     raise ConnectionClosed("peer closed the connection in the middle of a message")
                 return None
             await self._readable()
@@ -75,8 +86,19 @@ class Connection:
         """The fds of every batch whose chunk ended inside the message now complete."""
         fds: list[int] = []
         while self._fd_batches and self._fd_batches[0][0] < message_end:
-            fds.extend(self._fd_batches.pop(0)[1])
+            fds.extend(self._fd_batches.pop(0)[2])
         return fds
+
+    def _message_start(self, offset: int) -> int:
+        """The stream offset of the message that holds stream byte `offset` (in the buffer)."""
+        pos = 0
+        while pos + protocol.HEADER.size <= len(self._buffer):
+            end = pos + protocol.HEADER.size + protocol.frame_length(
+                bytes(self._buffer[pos : pos + protocol.HEADER.size]), self.max_message)
+            if offset - self._offset < end:
+                break
+            pos = end
+        return self._offset + pos
 
     def _read_some(self) -> None:
         try:
@@ -92,15 +114,25 @@ class Connection:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
                 received.extend(fds)
-        if received:
-            last_byte = self._offset + len(self._buffer) + len(data) - 1
-            self._fd_batches.append((last_byte, received))
-        if flags & socket.MSG_CTRUNC or len(received) > protocol.MAX_FDS:
-            self._close_fds()
-            raise ProtocolError(f"too many file descriptors in one message (at most {protocol.MAX_FDS})")
         if not data:
             self._eof = True
+        start = len(self._buffer)
         self._buffer.extend(data)
+        if received:
+            # Held until the message is complete, and counted now: a message whose bytes
+            # trickle in must not gather fds without bound in the meantime (issue 19.4).
+            last_byte = self._offset + start + max(len(data), 1) - 1
+            try:
+                message = self._message_start(last_byte)
+            except ProtocolError:  # an oversized header: the batch is still ours to release
+                self._fd_batches.append((last_byte, -1, received))
+                raise
+            self._fd_batches.append((last_byte, message, received))
+            in_message = sum(len(fds) for _, m, fds in self._fd_batches if m == message)
+            if in_message > protocol.MAX_FDS or sum(len(fds) for _, _, fds in self._fd_batches) > MAX_HELD_FDS:
+                raise ProtocolError(f"too many file descriptors in one message (at most {protocol.MAX_FDS})")
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError(f"too many file descriptors in one message (at most {protocol.MAX_FDS})")
 
     async def _readable(self) -> None:
         loop = asyncio.get_running_loop()
@@ -131,20 +163,17 @@ class Connection:
             return False
         return True
 
-    def _close_fds(self) -> None:
-        for _, fds in self._fd_batches:
-            for fd in fds:
-                os.close(fd)
-        self._fd_batches = []
+    def release(self, fds: Iterable[int | None]) -> None:
+        """Hand fds this connection's client sent (or that were opened for it) to the closer."""
+        self.closer.close(fds, self.account)
+
+    def _release_fds(self) -> None:
+        batches, self._fd_batches = self._fd_batches, []
+        self.release(fd for _, _, fds in batches for fd in fds)
 
     def close(self) -> None:
-        self._close_fds()
-        self.sock.close()
-
-
-def close_all(fds: Iterable[int | None]) -> None:
-    """Close fds a request brought (or that were opened for it) that nobody will own."""
-    for fd in fds:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        """Let go of the fds not taken by a request, and of the socket (what may still be in
+        flight in it, fds among it, goes when the kernel drops it): both off the loop."""
+        self._release_fds()
+        if self.sock.fileno() >= 0:
+            self.closer.close_socket(self.sock, self.account)

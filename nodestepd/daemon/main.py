@@ -27,7 +27,9 @@ from nodestepd.config.settings import (
     DaemonConfig,
     load_config,
 )
+from nodestepd.daemon.accounts import Accounts
 from nodestepd.daemon.admission import Admission
+from nodestepd.daemon.closer import FdCloser
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.jobids import JobIdAllocator
 from nodestepd.daemon.listener import BoundListener, Listener, PassedListener
@@ -170,10 +172,13 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
         return Retention(c.results_max_age, c.results_max, c.results_max_per_user)
 
     registry = Registry(on_change=service.steps_changed, retention=retention, results=results)
+    closer = FdCloser()
+    accounts = Accounts()
+    accounts.load()
     state = DaemonState(
-        configuration=configuration, registry=registry, admission=Admission(configuration, job_ids), store=store,
-        results=results, reaper=reaper, reload=service.reload, socket_path=listener.path, started_at=time.time(),
-        output_journal=journal_queue,
+        configuration=configuration, registry=registry, admission=Admission(configuration, job_ids, closer),
+        store=store, results=results, reaper=reaper, reload=service.reload, socket_path=listener.path,
+        started_at=time.time(), closer=closer, accounts=accounts, output_journal=journal_queue,
     )
     await service.run(Server(state, listener))
     log.info("stopped")

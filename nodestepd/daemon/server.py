@@ -10,12 +10,15 @@ cancels them (steps_on_stop). Each accepted connection within the caps gets a Se
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
+import time
 
+from nodestepd.daemon.closer import MAX_CLOSE_BACKLOG, too_many_unclosed
 from nodestepd.daemon.connection import Connection
 from nodestepd.daemon.listener import Listener
 from nodestepd.daemon.session import DaemonState, Session
-from nodestepd.logs import get_logger
+from nodestepd.logs import BoundLogger, get_logger
 from nodestepd.process.kernel import peer_credentials
 from nodestepd.protocol import messages
 from nodestepd.protocol.messages import ErrorReply
@@ -28,7 +31,7 @@ class Server:
         self.listener = listener
         self.log = get_logger()
         self._stopping = asyncio.Event()
-        self._connections: dict[asyncio.Task[None], int] = {}  # each connection's session, and its peer's uid
+        self._connections: dict[asyncio.Task[None], int] = {}  # each connection's session, and its account
 
     async def recover(self) -> None:
         """Take over the steps the records in the state dir name, and the results of finished
@@ -44,47 +47,72 @@ class Server:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        accept = asyncio.ensure_future(loop.sock_accept(self.listener.sock))
         stopping = asyncio.ensure_future(self._stopping.wait())
+        backoff = _AcceptBackoff(self.log)
+        accept: asyncio.Future | None = None
         try:
             while True:
+                accept = asyncio.ensure_future(loop.sock_accept(self.listener.sock))
                 done, _ = await asyncio.wait({accept, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if stopping in done:
                     break
-                sock, _ = accept.result()
-                accept = asyncio.ensure_future(loop.sock_accept(self.listener.sock))
+                try:
+                    sock, _ = accept.result()
+                except OSError as e:
+                    if e.errno not in _ACCEPT_TRANSIENT:
+                        raise
+                    # Out of fds or memory, or a client gone before we took it: never fatal.
+                    # Waiting lets sessions end and the closer release what it holds; the
+                    # clients wait in the listen backlog meanwhile.
+                    await asyncio.wait({stopping}, timeout=backoff.failed(e))
+                    continue
+                backoff.succeeded()
                 self._admit(sock)
         finally:
-            accept.cancel()
+            if accept is not None:
+                accept.cancel()
             stopping.cancel()
 
     def _admit(self, sock: socket.socket) -> None:
-        peer = pid, uid, _ = peer_credentials(sock)
-        refusal = self._connection_refusal(uid)
+        try:
+            peer = pid, uid, _ = peer_credentials(sock)
+        except OSError as e:
+            self.log.warning("cannot read a new connection's credentials; closing it", error=str(e))
+            self.state.closer.close_socket(sock, -1)
+            return
+        account = self.state.accounts.account(uid)
+        self.state.accounts.refresh_soon()
+        refusal = self._connection_refusal(uid, account)
         if refusal is not None:
-            self._refuse_connection(sock, pid, uid, refusal)
+            self._refuse_connection(sock, pid, uid, account, refusal)
             return
         c = self.state.configuration.config
-        conn = Connection(sock, peer, max_message=c.max_message_size, send_timeout=c.client_timeout)
+        conn = Connection(sock, peer, closer=self.state.closer, account=account, max_message=c.max_message_size,
+                          send_timeout=c.client_timeout)
         session = asyncio.create_task(Session(conn, self.state).serve())
-        self._connections[session] = uid
+        self._connections[session] = account
         session.add_done_callback(self._connections.pop)
 
-    def _connection_refusal(self, uid: int) -> str | None:
-        """Why a new connection from uid cannot be served now, or None.
+    def _connection_refusal(self, uid: int, account: int) -> str | None:
+        """Why a new connection from uid (counted as account's: accounts.py) cannot be served now, or None.
 
-        max_connections is node-wide; max_connections_per_user keeps one user from taking
-        all of it (operators, srun's launcher among them, are not held to it)."""
+        max_connections is node-wide; max_connections_per_user keeps one user, their
+        subordinate uids included, from taking all of it (operators, srun's launcher among
+        them, are not held to it), and so does the number of the user's fds still waiting
+        to be closed (closer.py)."""
         c = self.state.configuration.config
         if len(self._connections) >= c.max_connections:
             return f"nodestepd has too many connections (limit {c.max_connections}); try again later"
-        if (not self.state.configuration.policy.is_operator(uid)
-                and sum(1 for peer in self._connections.values() if peer == uid) >= c.max_connections_per_user):
+        if self.state.configuration.policy.is_operator(uid):
+            return None
+        if sum(1 for peer in self._connections.values() if peer == account) >= c.max_connections_per_user:
             return (f"you have too many connections to nodestepd (limit {c.max_connections_per_user} per user); "
                     "try again later")
+        if self.state.closer.backlog(account) >= MAX_CLOSE_BACKLOG:
+            return too_many_unclosed()
         return None
 
-    def _refuse_connection(self, sock: socket.socket, pid: int, uid: int, reason: str) -> None:
+    def _refuse_connection(self, sock: socket.socket, pid: int, uid: int, account: int, reason: str) -> None:
         """One `busy` error reply if the socket takes it at once, then close."""
         self.log.warning("connection refused: too many connections", peer_uid=uid, peer_pid=pid, reason=reason)
         try:
@@ -93,7 +121,7 @@ class Server:
         except OSError:
             pass  # the reply is a courtesy; closing is the refusal
         finally:
-            sock.close()
+            self.state.closer.close_socket(sock, account)  # fds may be in flight in it
 
     def request_shutdown(self) -> None:
         self._stopping.set()
@@ -114,3 +142,38 @@ class Server:
         for session in list(self._connections):
             session.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+
+
+# accept(2) errors that say nothing about the listening socket itself: out of fds (ours or
+# the node's), of memory or buffers, or a client that went before it was accepted.
+_ACCEPT_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED,
+                               errno.EPROTO, errno.EPERM})
+
+
+class _AcceptBackoff:
+    """How long to wait after a failed accept: 10 ms doubling to 1 s, back to the start on
+    success. Logged at most every 10 s, with how many failures were not logged."""
+
+    FIRST, MAX, LOG_EVERY = 0.01, 1.0, 10.0
+
+    def __init__(self, log: BoundLogger) -> None:
+        self.log = log
+        self.delay = 0.0
+        self.unlogged = 0
+        self.logged_at = -self.LOG_EVERY
+
+    def failed(self, error: OSError) -> float:
+        self.delay = min(self.MAX, self.delay * 2 or self.FIRST)
+        now = time.monotonic()
+        if now - self.logged_at >= self.LOG_EVERY:
+            self.log.warning("cannot accept connections; backing off", error=str(error), backoff_s=self.delay,
+                             failures_not_logged=self.unlogged)
+            self.logged_at, self.unlogged = now, 0
+        else:
+            self.unlogged += 1
+        return self.delay
+
+    def succeeded(self) -> None:
+        if self.delay:
+            self.log.info("accepting connections again")
+        self.delay = 0.0

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 from nodestepd import __version__
 from nodestepd.daemon import metrics
+from nodestepd.daemon.accounts import Accounts
 from nodestepd.daemon.admission import Admission, parse_signal
 from nodestepd.daemon.authz import parse_user
 from nodestepd.daemon.configuration import Configuration
-from nodestepd.daemon.connection import Connection, ConnectionClosed, close_all
+from nodestepd.daemon.closer import MAX_CLOSE_BACKLOG, FdCloser, too_many_unclosed
+from nodestepd.daemon.connection import Connection, ConnectionClosed
 from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.registry import Registry
 from nodestepd.logs import BoundLogger, get_logger
@@ -67,6 +69,8 @@ class DaemonState:
     reload: Callable[[], Awaitable[list[str]]]  # re-read the settings: [] or every problem
     socket_path: str
     started_at: float
+    closer: FdCloser  # closes what clients send, off the loop (closer.py)
+    accounts: Accounts  # whose a connection is, subordinate uids included (accounts.py)
     output_journal: JournalQueue | None = None  # detached steps' output goes here, when logging to the journal
 
 
@@ -84,16 +88,28 @@ class Session:
 
     async def serve(self) -> None:
         """Answer requests until the client is done, goes quiet, or a run takes the connection."""
-        timeout = self.state.configuration.config.client_timeout
+        c = self.state.configuration.config
+        timeout, lifetime = c.client_timeout, c.connection_max_lifetime
+        # However busy, a request/answer connection ends after connection_max_lifetime
+        # (after the answer in hand): a request now and then within client_timeout must
+        # not hold a place under the connection caps for ever. A run's is not cut (run()).
+        ends = time.monotonic() + lifetime
         try:
             while True:
                 try:
                     # Idle or slow (half a message, then nothing): either way the
                     # connection is given up after client_timeout, and with it its fds.
-                    received = await asyncio.wait_for(self.conn.receive(), timeout)
+                    received = await asyncio.wait_for(self.conn.receive(),
+                                                      max(0.0, min(timeout, ends - time.monotonic())))
                 except TimeoutError:
-                    self.log.info("client timed out; closing connection", client_timeout=timeout)
-                    await self.conn.send(ErrorReply(code="timeout", error=f"no complete request within {timeout:g} s"))
+                    if time.monotonic() >= ends:
+                        self.log.info("connection lifetime over; closing connection", connection_max_lifetime=lifetime)
+                        await self.conn.send(ErrorReply(
+                            code="timeout", error=f"connection open longer than {lifetime:g} s; connect again"))
+                    else:
+                        self.log.info("client timed out; closing connection", client_timeout=timeout)
+                        await self.conn.send(ErrorReply(code="timeout",
+                                                        error=f"no complete request within {timeout:g} s"))
                     return
                 except ProtocolError as e:
                     self.log.warning("bad message; closing connection", error=str(e))
@@ -106,14 +122,21 @@ class Session:
                 try:
                     request = messages.decode_request(body)
                 except ProtocolError as e:
-                    close_all(fds)
+                    self.conn.release(fds)
                     self.log.info("malformed request", error=str(e))
                     await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
                     continue
+                if fds and self.state.closer.backlog(self.conn.account) >= MAX_CLOSE_BACKLOG:
+                    # Stuck closes (closer.py): no more of this user's fds until they end.
+                    self.conn.release(fds)
+                    self.log.warning("connection ended: too many of the user's fds still being closed")
+                    status = messages.STATUS_LAUNCH_FAILED if isinstance(request, RunRequest) else None
+                    await self.conn.send(ErrorReply(code="busy", error=too_many_unclosed(), status=status))
+                    return
                 if isinstance(request, RunRequest):
                     await self.run(request, fds, received_at)
                     return  # a run owns its connection until the step ends (or is detached)
-                close_all(fds)
+                self.conn.release(fds)
                 await self.conn.send(await self._reply(request))
         except ConnectionClosed:
             pass
@@ -209,7 +232,7 @@ class Session:
         try:
             launched = await self._launch(request, fds, received_at)
         finally:
-            close_all(fds)  # the tasks have their own copies now
+            self.conn.release(fds)  # the tasks have their own copies now
         if launched is None:
             return
         step, timings = launched
@@ -280,7 +303,7 @@ class Session:
                 await step.cancel(reason)
                 break
             body, fds = received
-            close_all(fds)
+            self.conn.release(fds)
             try:
                 request = messages.decode_request(body)
                 if not isinstance(request, SignalRequest) or request.job_id is not None or request.user is not None:

@@ -14,13 +14,16 @@ import msgspec
 from nodestepd.protocol.wire import (  # noqa: F401  (re-exported: the daemon's single view of the protocol)
     HEADER,
     MAX_FDS,
+    MAX_JSON_DEPTH,
     MAX_MESSAGE,
     STATUS_CONNECTION_LOST,
     STATUS_LAUNCH_FAILED,
     VERSION,
     ProtocolError,
+    check_json_depth,
     frame_body,
     frame_length,
+    json_too_deep,
     parse_step_ref,
 )
 
@@ -213,6 +216,8 @@ _version_decoder = msgspec.json.Decoder(_Versioned)
 
 
 def decode_request(body: bytes) -> AnyRequest:
+    # Before any decoder recurses: each nesting level is a recursion in msgspec.
+    check_json_depth(body, "malformed request: the request")
     # The version first, leniently: a newer client's request may have a shape we don't know.
     try:
         version = _version_decoder.decode(body).v

@@ -9,6 +9,7 @@ import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from nodestepd.protocol.wire import MAX_JSON_DEPTH, json_too_deep
 from nodestepd.step.env import validate_env_name
 
 __all__ = ["BundleConfigError", "config_json_bytes", "parse_bundle_config", "rewrite_config", "rootfs_path"]
@@ -28,6 +29,9 @@ def _reject_constant(name: str) -> Any:
 
 def parse_bundle_config(text: str, bundle: str) -> dict:
     """Parse the bundle's config.json text; it must hold a JSON object."""
+    if json_too_deep(text):  # before json.loads recurses once per level
+        raise BundleConfigError(f"{_config_path(bundle)} nests arrays and objects more than {MAX_JSON_DEPTH} "
+                                "levels deep")
     try:
         # NaN/Infinity are Python extensions to JSON: the runtime would reject them later.
         value = json.loads(text, parse_constant=_reject_constant)

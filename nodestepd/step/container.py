@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterator
 
 from nodestepd.process.spawn import HelperResult
+from nodestepd.protocol.wire import MAX_JSON_DEPTH, json_too_deep
 
 # Slurm's backoff, which the fallback keeps: a few ms, doubling, capped at one second.
 POLL_FIRST_DELAY = 0.004
@@ -38,6 +39,8 @@ class ContainerState:
 
 def parse_state(output: str) -> ContainerState:
     """The OCI state JSON a RunTimeQuery printed. Raises ContainerError when it is not one."""
+    if json_too_deep(output):  # the runtime runs as the user: its output is the user's
+        raise ContainerError(f"RunTimeQuery's JSON nests more than {MAX_JSON_DEPTH} levels deep: {_excerpt(output)}")
     try:
         state = json.loads(output)
     except json.JSONDecodeError as e:

@@ -14,7 +14,8 @@ import pytest
 from conftest import NODESTEPD, RUNC_RUN_CONF, make_bundle, spool_entries
 from nodestepd.protocol.messages import ErrorReply, StartedReply, StatusReply
 from test_server_protocol import (
-    HEADER, as_user, assert_closed, connect, daemon_fds, finish, msg, receive, request, run_msg, send, send_raw,
+    HEADER, as_user, assert_closed, connect, daemon_fds, finish, msg, receive, request, run_msg, send, send_body,
+    send_raw,
     status,
 )
 
@@ -210,6 +211,25 @@ def test_more_launch_fields_are_validated(daemon_with_defaults, bundle, null_fds
     reply = request(daemon_with_defaults.socket, message, null_fds)
     assert isinstance(reply, ErrorReply)
     assert (reply.code, reply.status, reply.error) == ("bad-request", 125, error)
+
+
+def test_config_json_nested_too_deep_is_a_bad_request(daemon_with_defaults, bundle, null_fds):
+    """Issue 14.5: a config_json nested 100,000 levels is refused as a bad request (it was
+    an internal error with a RecursionError), and the daemon serves on."""
+    message = run_msg(bundle, ["true"], job_id=7021)
+    message["config_json"] = '{"a":' * 100_000 + "1" + "}" * 100_000
+    reply = request(daemon_with_defaults.socket, message, null_fds)
+    assert isinstance(reply, ErrorReply)
+    assert (reply.code, reply.status, reply.error) == (
+        "bad-request", 125, "config_json nests arrays and objects more than 64 levels deep")
+    with connect(daemon_with_defaults.socket) as sock:  # and a request itself nested that deep
+        send_body(sock, b'{"v":1,"op":"status","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+        reply = receive(sock)
+        finish(sock)
+    assert (reply.code, reply.error) == (
+        "bad-request", "malformed request: the request nests arrays and objects more than 64 levels deep")
+    assert isinstance(request(daemon_with_defaults.socket, msg("status")), StatusReply)
+    assert "RecursionError" not in daemon_with_defaults.log()
 
 
 @pytest.mark.parametrize("name", ["ＵＳＲ1", "USR1\u0000", "SIGUSR1" * 10, "0", "65", "１"])

@@ -14,6 +14,8 @@ from nodestepd.config.settings import ConfigError, load_config
     ("max_steps = 10\nmax_steps_per_user = 20", "max_steps_per_user: must not exceed max_steps (10)"),
     ("max_connections_per_user = 0", "max_connections_per_user: must be between 1 and 1000000, got 0"),
     ("client_timeout = 0", "client_timeout: must be between 0.1 and 3600 seconds, got 0.0"),
+    ("connection_max_lifetime = 0.5", "connection_max_lifetime: must be between 1 and 86400 seconds, got 0.5"),
+    ("connection_max_lifetime = 100000", "connection_max_lifetime: must be between 1 and 86400 seconds, got 100000.0"),
     ("operators = [-1]", "operators: uid -1 is out of range"),
     ("operators = [true]", "operators: True is neither a user name nor a uid"),
     ("no_new_privs = 1", "no_new_privs: expected bool, got int"),

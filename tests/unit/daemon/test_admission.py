@@ -14,6 +14,7 @@ from nodestepd.config.settings import DaemonConfig
 from nodestepd.daemon import admission
 from nodestepd.daemon.admission import Admission, parse_signal
 from nodestepd.daemon.authz import Policy
+from nodestepd.daemon.closer import FdCloser
 from nodestepd.daemon.errors import Refused
 from nodestepd.protocol.messages import RunRequest
 from nodestepd.step.spec import LaunchInput
@@ -40,7 +41,7 @@ class FakeJobIds:
 def make_admission(operators: frozenset[int] = frozenset(), **settings) -> Admission:
     config = DaemonConfig(node_name="n1", **settings)
     return Admission(FakeConfiguration(config, OciConf(path="/etc/slurm/oci.conf"), Policy(operators)),
-                     FakeJobIds())  # type: ignore[arg-type]
+                     FakeJobIds(), FdCloser())  # type: ignore[arg-type]
 
 
 def request(**fields) -> RunRequest:
@@ -139,3 +140,12 @@ def test_unknown_signals_are_bad_requests(text):
     with pytest.raises(Refused, match="unknown signal") as e:
         parse_signal(text)
     assert e.value.code == "bad-request"
+
+
+@pytest.mark.parametrize("depth", [65, 100_000])
+async def test_config_json_nested_too_deep_is_a_bad_request(fds, depth):
+    """Issue 14.5: refused before anything parses it (json.loads recursed once per level)."""
+    deep = '{"a":' * depth + "1" + "}" * depth
+    with pytest.raises(Refused) as e:
+        await make_admission().admit(ME, request(config_json=deep), fds)
+    assert (e.value.code, str(e.value)) == ("bad-request", "config_json nests arrays and objects more than 64 levels deep")

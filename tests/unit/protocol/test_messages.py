@@ -284,3 +284,33 @@ def test_parse_step_ref_rejects_negative_ids(text):
 def test_parse_step_ref_rejects_int_quirks(text):
     with pytest.raises(ValueError):
         parse_step_ref(text)
+
+
+# ---- JSON nesting (issue 14.5) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, deep", [
+    ("[" * 64 + "]" * 64, False),
+    ("[" * 65 + "]" * 65, True),
+    ('{"a":' * 65 + "1" + "}" * 65, True),
+    ("[]" * 10_000, False),  # many brackets, none deep
+    ('["' + "[" * 1000 + '"]', False),  # brackets in a string are text
+    ('["\\"' + "[" * 1000 + '"]', False),  # even after an escaped quote
+    ('["\\\\"' + ",[" * 65 + "]" * 66, True),  # an escaped backslash ends no string
+    ("[" * 100_000, True),  # unbalanced: still refused before a parser sees it
+])
+def test_json_nesting_is_measured_without_recursion(text, deep):
+    assert protocol.json_too_deep(text) is deep
+    assert protocol.json_too_deep(text.encode()) is deep
+
+
+@pytest.mark.parametrize("depth", [65, 100_000])
+def test_a_request_nested_too_deep_is_refused_before_it_is_decoded(depth):
+    body = b'{"v":1,"op":"run","bundle":"/b","args":["x"],"env":' + b'{"a":' * depth + b"1" + b"}" * (depth + 1)
+    with pytest.raises(ProtocolError, match="^malformed request: the request nests arrays and objects more than 64 "
+                                            "levels deep$"):
+        decode_request(body)
+
+
+def test_ordinary_nesting_decodes():
+    assert decode_request(req(op="run", bundle="/b", args=["x"], config_json=json.dumps({"a": [[[[{}]]]]}))).args == ["x"]

@@ -267,3 +267,8 @@ def test_config_json_bytes_exact():
 def test_config_json_bytes_rejects_nan():
     with pytest.raises(ValueError):
         config_json_bytes({"a": float("nan")})
+
+
+def test_config_json_nested_too_deep_is_refused_before_parsing():
+    with pytest.raises(BundleConfigError, match=f"^{BUNDLE}/config.json nests arrays and objects more than 64 levels deep$"):
+        parse_bundle_config('{"a":' * 100_000 + "1" + "}" * 100_000, BUNDLE)

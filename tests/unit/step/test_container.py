@@ -125,3 +125,8 @@ async def test_polled_container_ends_when_the_runtime_no_longer_knows_it():
     polled = PolledContainer(q)
     assert await asyncio.wait_for(polled.wait(), 5) == 0
     assert q.calls == 2
+
+
+def test_a_state_nested_too_deep_is_refused_before_parsing():
+    with pytest.raises(ContainerError, match="^RunTimeQuery's JSON nests more than 64 levels deep: "):
+        parse_state('{"status":' + "[" * 100_000)
