@@ -28,11 +28,14 @@ class Server:
         self.listener = listener
         self.log = get_logger()
         self._stopping = asyncio.Event()
-        self._connections: dict[asyncio.Task[None], int] = {}  # each connection's session, and its peer's uid
+        self._connections: dict[asyncio.Task[None], Session] = {}  # each connection's task, and its session
 
     async def recover(self) -> None:
-        """Take over the steps the records in the state dir name (before serving anyone)."""
-        self.state.registry.recovered(await recover_steps(self.state.store, self.state.reaper))
+        """Take over the steps the records in the state dir name (before serving anyone); the
+        attached ones wait for their clients to attach again (reattach.py)."""
+        steps = await recover_steps(self.state.store, self.state.reaper)
+        self.state.registry.recovered(steps)
+        self.state.reattachments.expect(steps)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -58,9 +61,10 @@ class Server:
             return
         c = self.state.configuration.config
         conn = Connection(sock, peer, max_message=c.max_message_size, send_timeout=c.client_timeout)
-        session = asyncio.create_task(Session(conn, self.state).serve())
-        self._connections[session] = uid
-        session.add_done_callback(self._connections.pop)
+        session = Session(conn, self.state)
+        task = asyncio.create_task(session.serve())
+        self._connections[task] = session
+        task.add_done_callback(self._connections.pop)
 
     def _connection_refusal(self, uid: int) -> str | None:
         """Why a new connection from uid cannot be served now, or None.
@@ -71,7 +75,7 @@ class Server:
         if len(self._connections) >= c.max_connections:
             return f"nodestepd has too many connections (limit {c.max_connections}); try again later"
         if (not self.state.configuration.policy.is_operator(uid)
-                and sum(1 for peer in self._connections.values() if peer == uid) >= c.max_connections_per_user):
+                and sum(1 for session in self._connections.values() if session.uid == uid) >= c.max_connections_per_user):
             return (f"you have too many connections to nodestepd (limit {c.max_connections_per_user} per user); "
                     "try again later")
         return None
@@ -93,10 +97,16 @@ class Server:
     async def shutdown(self) -> None:
         """Stop accepting, then leave running steps alone, or cancel them (steps_on_stop = "cancel")."""
         self.listener.close()
+        self.state.reattachments.close()
         running = list(self.state.registry.running.values())
         if running and self.state.configuration.config.steps_on_stop == "cancel":
             self.log.info("shutting down: cancelling running steps", steps=len(running))
             await asyncio.gather(*(step.cancel("daemon shutdown") for step in running))
+            # Their attached clients get the exit (the cancellation's status), not a lost
+            # connection: each such session ends once it has sent it.
+            attending = [task for task, session in self._connections.items() if session.attending]
+            if attending:
+                await asyncio.wait(attending, timeout=self.state.configuration.config.client_timeout)
         elif running:
             # Their records stay: the next daemon takes them over (recovery.py).
             self.log.info("shutting down: leaving running steps alone for the next daemon", steps=len(running),

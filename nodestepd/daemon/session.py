@@ -1,8 +1,10 @@
 """One client connection: its requests read in turn, each answered by one method.
 
 A `run` owns its connection until the step ends (attached: signals forwarded, the exit
-event sent, the step cancelled if the client goes, as srun does) or is detached. Who may
-do what is decided from the connection's kernel-reported uid (docs/security.md).
+event sent, the step cancelled if the client goes, as srun does) or is detached. An
+`attach` (a client whose daemon died, back for the step it launched) owns its connection
+the same way. Who may do what is decided from the connection's kernel-reported uid
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from nodestepd.daemon.admission import Admission, parse_signal
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.connection import Connection, ConnectionClosed, close_all
 from nodestepd.daemon.errors import BadRequest, Refused
+from nodestepd.daemon.reattach import Reattachments
 from nodestepd.daemon.registry import Registry
 from nodestepd.logs import BoundLogger, get_logger
 from nodestepd.process.reaper import Reaper
 from nodestepd.protocol import messages
 from nodestepd.protocol.messages import (
+    AttachRequest,
     CancelRequest,
     ErrorReply,
     ExitReply,
@@ -47,7 +51,7 @@ from nodestepd.protocol.messages import (
 from nodestepd.step.prepare import prepare
 from nodestepd.step.record import RecordStore
 from nodestepd.step.spec import LaunchFailed, Stdio, StepResult, step_status
-from nodestepd.step.step import Step, new_step
+from nodestepd.step.step import Step, StepState, new_step
 from nodestepd.systemd.journal import JournalSender
 from nodestepd.systemd.output import StepOutputToJournal
 
@@ -64,6 +68,7 @@ class DaemonState:
     reload: Callable[[], Awaitable[list[str]]]  # re-read the settings: [] or every problem
     socket_path: str
     started_at: float
+    reattachments: Reattachments  # recovered attached steps waiting for their clients
     output_journal: JournalSender | None = None  # detached steps' output goes here, when logging to the journal
 
 
@@ -78,6 +83,7 @@ class Session:
         self.state = state
         self.uid = conn.peer_uid
         self.log: BoundLogger = get_logger(peer_uid=conn.peer_uid, peer_pid=conn.peer_pid)
+        self.attending = False  # an attached client's: its step's exit is still to be sent
 
     async def serve(self) -> None:
         """Answer requests until the client is done, goes quiet, or a run takes the connection."""
@@ -111,6 +117,9 @@ class Session:
                     await self.run(request, fds, received_at)
                     return  # a run owns its connection until the step ends (or is detached)
                 close_all(fds)
+                if isinstance(request, AttachRequest):
+                    await self.attach(request)
+                    return  # as a run's
                 await self.conn.send(await self._reply(request))
         except ConnectionClosed:
             pass
@@ -182,6 +191,37 @@ class Session:
     def _own_running_parts(self, job_id: int, step_id: int) -> list[Step]:
         return self.state.registry.own_running_parts(self.state.configuration.policy, self.uid, job_id, step_id)
 
+    # ---- attach ---------------------------------------------------------------------------
+
+    async def attach(self, request: AttachRequest) -> None:
+        """The attached client of a launch, back after its daemon died: `started`, then as an
+        attached run (signals forwarded, the exit sent, the step cancelled if the client goes)."""
+        try:
+            step = self._attachable(request)
+        except Refused as e:
+            self.log.info("attach refused", code=e.code, error=str(e), **e.detail)
+            await self.conn.send(ErrorReply(code=e.code, error=str(e)))
+            return
+        step.log.info("client re-attached", peer_uid=self.uid, peer_pid=self.conn.peer_pid)
+        await self.conn.send(StartedReply(job_id=step.spec.job_id, step_id=step.spec.step_id, ntasks=step.spec.ntasks))
+        await self._attend(step, metrics.OFF)
+
+    def _attachable(self, request: AttachRequest) -> Step:
+        """The launch the request names, as `wait` finds it (the owner's, or any for an
+        operator); a running one only if it is a recovered attached step no client has claimed."""
+        ref = f"{request.job_id}.{request.step_id}"
+        parts = self.state.registry.own_parts(self.state.configuration.policy, self.uid, request.job_id,
+                                              request.step_id)
+        launch = [s for s in parts if s.spec.first_task == request.first_task]
+        if not launch:
+            raise Refused("not-found", f"no step {ref} of yours on this node with first task {request.first_task}")
+        step = launch[0]
+        if not step.spec.attached:
+            raise Refused("conflict", f"step {ref} was launched detached (nodestepctl wait {ref} gives its status)")
+        if step.state is not StepState.FINISHED and not self.state.reattachments.claim(step):
+            raise Refused("conflict", f"step {ref} already has its attached client")
+        return step
+
     # ---- run ----------------------------------------------------------------------------
 
     async def run(self, request: RunRequest, fds: list[int], received_at: float) -> None:
@@ -240,6 +280,7 @@ class Session:
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
         """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
+        self.attending = True
         done = asyncio.ensure_future(step.wait())
         while not done.done():
             incoming = asyncio.ensure_future(self.conn.receive())
