@@ -35,7 +35,7 @@ PROGRESS_AFTER = 1.0  # seconds without a reply before the first progress line
 PROGRESS_EVERY = 10.0
 REATTACH_TIMEOUT_ENV = "NODESTEPCTL_REATTACH_TIMEOUT"
 REATTACH_TIMEOUT = 60.0  # seconds a lost daemon has to come back
-RECONNECT_FIRST, RECONNECT_MAX = 0.05, 1.0  # the backoff between connection attempts, in seconds
+RECONNECT_FIRST, RECONNECT_MAX = 0.05, 0.5  # the backoff between connection attempts, in seconds
 
 
 def _step_ids(args: argparse.Namespace) -> tuple[int | None, int | None]:

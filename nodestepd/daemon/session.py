@@ -195,20 +195,26 @@ class Session:
 
     async def attach(self, request: AttachRequest) -> None:
         """The attached client of a launch, back after its daemon died: `started`, then as an
-        attached run (signals forwarded, the exit sent, the step cancelled if the client goes)."""
+        attached run (signals forwarded, the exit sent, the step cancelled if the client
+        goes); for a launch that has finished, `started` and its exit at once."""
         try:
-            step = self._attachable(request)
+            step, running = self._attachable(request)
         except Refused as e:
             self.log.info("attach refused", code=e.code, error=str(e), **e.detail)
             await self.conn.send(ErrorReply(code=e.code, error=str(e)))
             return
-        step.log.info("client re-attached", peer_uid=self.uid, peer_pid=self.conn.peer_pid)
+        self.log.info("client re-attached", job_id=step.spec.job_id, step_id=step.spec.step_id,
+                      first_task=step.spec.first_task, finished=not running)
         await self.conn.send(StartedReply(job_id=step.spec.job_id, step_id=step.spec.step_id, ntasks=step.spec.ntasks))
-        await self._attend(step, metrics.OFF)
+        if running:
+            await self._attend(step, metrics.OFF)
+        else:
+            await self.conn.send(exit_reply([(step, await step.wait())]))
 
-    def _attachable(self, request: AttachRequest) -> Step:
-        """The launch the request names, as `wait` finds it (the owner's, or any for an
-        operator); a running one only if it is a recovered attached step no client has claimed."""
+    def _attachable(self, request: AttachRequest) -> tuple[Step, bool]:
+        """The launch the request names, found as `wait` finds it (the owner's, or any for an
+        operator), and whether it still runs: a running one only if it is a recovered
+        attached step that no client has claimed yet (reattach.py)."""
         ref = f"{request.job_id}.{request.step_id}"
         parts = self.state.registry.own_parts(self.state.configuration.policy, self.uid, request.job_id,
                                               request.step_id)
@@ -218,9 +224,10 @@ class Session:
         step = launch[0]
         if not step.spec.attached:
             raise Refused("conflict", f"step {ref} was launched detached (nodestepctl wait {ref} gives its status)")
-        if step.state is not StepState.FINISHED and not self.state.reattachments.claim(step):
+        running = isinstance(step, Step) and step.state is not StepState.FINISHED
+        if running and not self.state.reattachments.claim(step):
             raise Refused("conflict", f"step {ref} already has its attached client")
-        return step
+        return step, running
 
     # ---- run ----------------------------------------------------------------------------
 

@@ -403,7 +403,7 @@ def test_a_socket_gone_is_retried_until_the_timeout(bundle, attached, capsys, tm
     with pytest.raises(ClientError) as e:
         attachment.ride(None)
     assert e.value.status == 255 and "did not come back within 0.5 s" in str(e.value)
-    assert 3 <= len(attempts) <= 6  # 0.05, 0.1, 0.2, then what is left of 0.5 s: backoff, not a busy loop
+    assert 3 <= len(attempts) <= 6  # after 0.05, 0.1, 0.2, then what is left of 0.5 s: backoff, not a busy loop
 
 
 def _restarting(after_run, attach):
