@@ -30,6 +30,7 @@ it fails on any unknown or wrong status.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -127,6 +128,14 @@ class Chaos:
                     getattr(step.client, "stdout" if which == "out" else "stderr").close()
                 setattr(step, which, getattr(step, which) + chunk)
 
+    def until_recorded(self, steps: list[ChaosStep], timeout: float = 30) -> None:
+        """Until the daemon has recorded one of these steps (its launch has begun)."""
+        jobs = {s.job for s in steps}
+        deadline = time.monotonic() + timeout
+        while not jobs & recorded_jobs(self.daemon):
+            assert time.monotonic() < deadline, "no launch began within 30 s"
+            self.read_outputs(0.01)
+
     def until_started(self, steps: list[ChaosStep], timeout: float = 30) -> None:
         """Until each of these attached steps' containers has said it started (or the client ended)."""
         deadline = time.monotonic() + timeout
@@ -144,6 +153,17 @@ class Chaos:
                 return self.rng.choice(ready)
             self.read_outputs(0.05)
         return None
+
+
+def recorded_jobs(daemon) -> set[int]:
+    """The job ids of the step records in the state dir (a record half-written is skipped)."""
+    jobs = set()
+    for path in (daemon.state_dir / "steps").glob("*.json"):
+        try:
+            jobs.add(json.loads(path.read_bytes())["job_id"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return jobs
 
 
 def started_in_logs(daemons) -> set[int]:
@@ -207,8 +227,9 @@ def test_chaos_kills_lose_no_status_and_leave_nothing(start_daemon, user, bundle
                  for _ in range(rng.randint(4, 7))]
         moment = ["mid-burst", "mid-cancel", "later"][round_ % 3] if round_ < 3 else \
             rng.choice(["mid-burst", "mid-cancel", "later"])
-        if moment == "mid-burst":
-            chaos.read_outputs(rng.uniform(0, 0.5))  # launches in flight
+        if moment == "mid-burst":  # once the daemon has begun the burst's launches: some in flight
+            chaos.until_recorded(burst)
+            chaos.read_outputs(rng.uniform(0, 0.4))
         elif moment == "mid-cancel":
             if not any(s.kind == "cancel" and not s.cancel_sent and s.client.poll() is None for s in chaos.steps):
                 chaos.launch("cancel")

@@ -116,6 +116,25 @@ def test_20_attached_clients_ride_through_a_killed_daemon(start_daemon, conf, us
     assert_nothing_left(second, user)
 
 
+def test_an_attached_client_rides_through_a_stop_that_leaves_steps_running(start_daemon, user, bundle, gates):
+    """SIGTERM with steps_on_stop = "leave" (systemctl restart): the daemon closes the
+    client's connection on its way out, the next one gives it the step back."""
+    daemon = start_daemon(MODES["create-start"], "--steps-on-stop", "leave")
+    go, wait = gates("14425")
+    client = daemon.ctl_popen(user, "run", "--job-id", "14425", "--bundle", str(bundle), "--",
+                              "sh", "-c", f"echo ready; {wait}; echo done; exit 25")
+    read_until(client.stdout.fileno(), b"ready\n")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=30) == 0
+    read_until(client.stderr.fileno(), b"reconnecting")
+    second = start_daemon(after=daemon)
+    read_until(client.stderr.fileno(), b"re-attached to step 14425.0")
+    go.touch()
+    out, _ = client.communicate(timeout=60)
+    assert (client.returncode, out) == (25, b"done\n")
+    assert_nothing_left(second, user)
+
+
 def test_a_signal_sent_while_the_daemon_is_down_is_delivered_after_the_restart(start_daemon, conf, user, bundle):
     daemon = start_daemon(conf)
     client = daemon.ctl_popen(user, "run", "--job-id", "14430", "--bundle", str(bundle), "--",
