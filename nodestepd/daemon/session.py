@@ -83,7 +83,9 @@ class Session:
         self.state = state
         self.uid = conn.peer_uid
         self.log: BoundLogger = get_logger(peer_uid=conn.peer_uid, peer_pid=conn.peer_pid)
-        self.attending = False  # an attached client's: its step's exit is still to be sent
+        # An attached run's or an attach's, from its request on: the client waits for an exit
+        # (a daemon stopping with steps_on_stop = "cancel" lets these sessions send it).
+        self.attending = False
 
     async def serve(self) -> None:
         """Answer requests until the client is done, goes quiet, or a run takes the connection."""
@@ -197,6 +199,7 @@ class Session:
         """The attached client of a launch, back after its daemon died: `started`, then as an
         attached run (signals forwarded, the exit sent, the step cancelled if the client
         goes); for a launch that has finished, `started` and its exit at once."""
+        self.attending = True
         try:
             step, running = self._attachable(request)
         except Refused as e:
@@ -232,6 +235,7 @@ class Session:
     # ---- run ----------------------------------------------------------------------------
 
     async def run(self, request: RunRequest, fds: list[int], received_at: float) -> None:
+        self.attending = not request.detach
         try:
             launched = await self._launch(request, fds, received_at)
         finally:
@@ -287,7 +291,6 @@ class Session:
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
         """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
-        self.attending = True
         done = asyncio.ensure_future(step.wait())
         while not done.done():
             incoming = asyncio.ensure_future(self.conn.receive())

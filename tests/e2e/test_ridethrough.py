@@ -124,6 +124,7 @@ def test_an_attached_client_rides_through_a_stop_that_leaves_steps_running(start
     client = daemon.ctl_popen(user, "run", "--job-id", "14425", "--bundle", str(bundle), "--",
                               "sh", "-c", f"echo ready; {wait}; echo done; exit 25")
     read_until(client.stdout.fileno(), b"ready\n")
+    wait_recorded_running(daemon, [14425])  # else the stop cuts the launch short, and the next daemon undoes it
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(timeout=30) == 0
     read_until(client.stderr.fileno(), b"reconnecting")
@@ -201,6 +202,7 @@ def test_a_daemon_stopped_with_steps_on_stop_cancel_gives_the_client_the_cancell
     client = daemon.ctl_popen(user, "run", "--job-id", "14460", "--reattach-timeout", "30", "--bundle", str(bundle),
                               "--", "sh", "-c", "echo ready; exec sleep 1000")
     read_until(client.stdout.fileno(), b"ready\n")
+    wait_recorded_running(daemon, [14460])
     daemon.proc.send_signal(signal.SIGTERM)
     _, err = client.communicate(timeout=30)
     assert client.returncode in (128 + signal.SIGTERM, 128 + signal.SIGKILL), err
