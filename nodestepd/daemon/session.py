@@ -227,6 +227,8 @@ class Session:
         step = launch[0]
         if not step.spec.attached:
             raise Refused("conflict", f"step {ref} was launched detached (nodestepctl wait {ref} gives its status)")
+        # What a finished launch is asked for is its spec and its result (wait()) only, so
+        # that the registry may keep finished launches as something lighter than a Step.
         running = isinstance(step, Step) and step.state is not StepState.FINISHED
         if running and not self.state.reattachments.claim(step):
             raise Refused("conflict", f"step {ref} already has its attached client")
