@@ -35,6 +35,9 @@ class DaemonConfig:
     log_format: str = "auto"  # console, json, journal; auto: journal when stderr is journald's, else console
     log_level: str = "info"
     steps_on_stop: str = "leave"  # on SIGTERM: leave running steps alone, or cancel them
+    # A recovered attached step whose client has not attached again within this many
+    # seconds of the restart is cancelled, as if its client had gone (daemon/reattach.py).
+    reattach_grace: float = 60.0
     slurm_conf: str = DEFAULT_SLURM_CONF  # when it exists: default node_name and spool_dir
     # Security and limits (docs/security.md). operators None: root and `slurm` if it exists.
     operators: tuple[str | int, ...] | None = None
@@ -74,6 +77,8 @@ class DaemonConfig:
             raise fail("runtime_timeout", f"must be between 0 and 3600 seconds, got {self.runtime_timeout}")
         if self.log_format not in LOG_FORMATS:
             raise fail("log_format", f"must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if not (1 <= self.reattach_grace <= 3600):
+            raise fail("reattach_grace", f"must be between 1 and 3600 seconds, got {self.reattach_grace}")
         if self.steps_on_stop not in STEPS_ON_STOP:
             raise fail("steps_on_stop", f"must be 'leave' or 'cancel', got {self.steps_on_stop!r}")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -167,6 +172,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "log_format": (str,),
     "log_level": (str,),
     "steps_on_stop": (str,),
+    "reattach_grace": (int, float),
     "slurm_conf": (str,),
     "operators": (list,),
     "no_new_privs": (bool,),
@@ -184,7 +190,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "connection_max_lifetime": (int, float),
     "debug_timings": (bool,),
 }
-_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age", "connection_max_lifetime")
+_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age", "connection_max_lifetime",
+           "reattach_grace")
 
 
 def _from_toml(path: str, required: bool) -> dict[str, Any]:

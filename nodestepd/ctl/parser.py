@@ -72,7 +72,9 @@ def _add_run(sub, raw) -> None:
         "Attached (default): the containers use this terminal's stdin/stdout/stderr, signals sent to\n"
         "nodestepctl (INT, TERM, HUP, USR1, USR2, CONT, TSTP) go to the step, the step is cancelled if\n"
         "nodestepctl dies, and nodestepctl exits with the step's status: the first non-zero task\n"
-        "status (128+N for signal N), else 0. 125: the step could not start.\n"
+        "status (128+N for signal N), else 0. 125: the step could not start. When nodestepd restarts\n"
+        "meanwhile, output flows on and nodestepctl attaches to the step again on the next nodestepd;\n"
+        "signals caught while it is away are forwarded then (255: it did not come back, --reattach-timeout).\n"
         "COMMAND is passed as given; the container resolves it against its own PATH.\n"
         "Under srun (SLURM_JOB_ID, SLURM_STEP_ID, SLURM_PROCID set) each nodestepctl is one task of\n"
         "Slurm's step: %j %s %t are SLURM_JOB_ID, SLURM_STEP_ID, SLURM_PROCID, and the container sees\n"
@@ -107,6 +109,9 @@ def _add_run(sub, raw) -> None:
                      help="with --detach: stdout (and stderr) to FILE, opened by you (default: the journal, "
                      "with the step's fields, when nodestepd logs there; else discarded)")
     run.add_argument("--error", metavar="FILE", help="with --detach: stderr to FILE (default: same as --output)")
+    run.add_argument("--reattach-timeout", type=float, metavar="SECONDS",
+                     help="attached: when nodestepd goes away, wait this long for it to come back and attach "
+                     "to the step again, then give up with 255 (default $NODESTEPCTL_REATTACH_TIMEOUT, else 60)")
     run.add_argument("--user", metavar="NAME|UID",
                      help="operators only: run the step as this user (config.json and --output/--error are then "
                      "opened by the daemon as that user)")

@@ -5,6 +5,12 @@ Attached, the client passes its own stdin/stdout/stderr, so container output nev
 through either process. Detached, it passes /dev/null as stdin and, as stdout and stderr,
 the --output/--error files it opened itself, else /dev/null (with --user the daemon opens
 those files, as that user).
+
+Attached, it rides through a daemon restart (docs/restart.md#clients): the containers keep
+its stdio, so output flows on; it reconnects to the next daemon (with backoff: the socket
+path reappears, or systemd's socket holds the connection), attaches to its step again and
+forwards the signals it held meanwhile. Only a daemon that does not come back within
+--reattach-timeout makes it give up, with 255.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 
 from nodestepd.ctl.exits import EXIT_USAGE, ClientError, step_exit_status
 from nodestepd.ctl.parser import remainder
-from nodestepd.ctl.transport import ConnectionLost, connect, expect, receive, send
+from nodestepd.ctl.transport import ConnectionLost, connect, expect, receive, send, try_connect
 from nodestepd.protocol import wire
 
 FORWARDED_SIGNALS = (
@@ -27,6 +33,9 @@ FORWARDED_SIGNALS = (
 )
 PROGRESS_AFTER = 1.0  # seconds without a reply before the first progress line
 PROGRESS_EVERY = 10.0
+REATTACH_TIMEOUT_ENV = "NODESTEPCTL_REATTACH_TIMEOUT"
+REATTACH_TIMEOUT = 60.0  # seconds a lost daemon has to come back
+RECONNECT_FIRST, RECONNECT_MAX = 0.05, 0.5  # the backoff between connection attempts, in seconds
 
 
 def _step_ids(args: argparse.Namespace) -> tuple[int | None, int | None]:
@@ -168,9 +177,27 @@ def run_request(args: argparse.Namespace) -> dict:
     return message
 
 
+def reattach_timeout(args: argparse.Namespace) -> float:
+    """--reattach-timeout, else $NODESTEPCTL_REATTACH_TIMEOUT, else REATTACH_TIMEOUT seconds."""
+    value, source = args.reattach_timeout, "--reattach-timeout"
+    if value is None and os.environ.get(REATTACH_TIMEOUT_ENV):
+        source = REATTACH_TIMEOUT_ENV
+        try:
+            value = float(os.environ[REATTACH_TIMEOUT_ENV])
+        except ValueError:
+            raise ClientError(f"{REATTACH_TIMEOUT_ENV}={os.environ[REATTACH_TIMEOUT_ENV]!r} is not a number of "
+                              "seconds", EXIT_USAGE) from None
+    if value is None:
+        return REATTACH_TIMEOUT
+    if not 0 <= value <= 86400:  # also refuses nan
+        raise ClientError(f"{source}: {value:g} is not between 0 and 86400 seconds", EXIT_USAGE)
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     message = run_request(args)
     job_id, step_id = message["job_id"], message["step_id"]
+    timeout = None if args.detach else reattach_timeout(args)
     owned: list[int] = []  # what we opened for a detached step; the daemon has its own copies once sent
     try:
         if args.detach:
@@ -187,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             fds = [0, 1, 2]
         wakeup = None if args.detach else _catch_signals()
         sock = connect(args.socket)
-        with sock:
+        try:
             try:
                 send(sock, message, fds)
             except ConnectionLost as e:
@@ -195,24 +222,45 @@ def cmd_run(args: argparse.Namespace) -> int:
             for fd in owned:
                 os.close(fd)
             owned = []
-            reply = _await_started(sock, None if job_id is None else f"{job_id}.{step_id or 0}")
-            ref = f"{reply['job_id']}.{reply['step_id']}"
-            if args.detach:
-                print(ref)
-                return 0
-            assert wakeup is not None
-            return _attend(sock, wakeup, ref)
+            reply = _await_started(sock)
+        except BaseException:
+            sock.close()
+            raise
+        given = None if job_id is None else f"{job_id}.{step_id or 0}"
+        if reply is None and (args.detach or given is None):
+            sock.close()
+            _launch_lost(given)
+        if args.detach:
+            sock.close()
+            print(f"{reply['job_id']}.{reply['step_id']}")
+            return 0
+        assert wakeup is not None and timeout is not None
+        first_task = message["task_offset"] or 0
+        if reply is None:
+            # The daemon went before acknowledging the launch: the next one knows from the
+            # step's record whether it started, and gives its status (125 if it did not).
+            sock.close()
+            return Attachment(args.socket, wakeup, (job_id, step_id or 0, first_task), timeout).ride(None)
+        return Attachment(args.socket, wakeup, (reply["job_id"], reply["step_id"], first_task), timeout).ride(sock)
     finally:
         for fd in owned:
             os.close(fd)
 
 
-def _await_started(sock: socket.socket, ref: str | None) -> dict:
-    """The `started` reply. While the daemon is still preparing the step (stage-in, a
-    slow runtime create), say so on stderr: after PROGRESS_AFTER seconds, not before.
+def _launch_lost(ref: str | None) -> None:
+    """The daemon went before acknowledging a launch nobody here can attach to again: say so."""
+    which = f"step {ref}" if ref else "the step"
+    then = f"nodestepctl wait {ref}" if ref else "nodestepctl ps"
+    raise ClientError(
+        f"lost the connection to nodestepd before it acknowledged the launch; {which} may be "
+        f"running ({then} tells)", wire.STATUS_CONNECTION_LOST,
+    )
 
-    ref: the step's JOB.STEP when the caller chose the job id, for the message when the
-    daemon goes away before its reply (then nobody here knows whether the step runs)."""
+
+def _await_started(sock: socket.socket) -> dict | None:
+    """The `started` reply, or None when the daemon went away before it. While the daemon
+    is still preparing the step (stage-in, a slow runtime create), say so on stderr: after
+    PROGRESS_AFTER seconds, not before."""
     began = time.monotonic()
     deadline = began + PROGRESS_AFTER
     noted = False
@@ -221,12 +269,7 @@ def _await_started(sock: socket.socket, ref: str | None) -> dict:
         if readable:
             received = receive(sock)
             if received is None:
-                which = f"step {ref}" if ref else "the step"
-                then = f"nodestepctl wait {ref}" if ref else "nodestepctl ps"
-                raise ClientError(
-                    f"lost the connection to nodestepd before it acknowledged the launch; {which} may be "
-                    f"running ({then} tells)", wire.STATUS_CONNECTION_LOST,
-                )
+                return None
             reply = expect(received, "started", wire.STATUS_LAUNCH_FAILED)
             if noted:
                 waited = time.monotonic() - began
@@ -249,27 +292,132 @@ def _catch_signals() -> int:
     return r
 
 
-def _attend(sock: socket.socket, wakeup: int, ref: str) -> int:
-    """Until the step's `exit`: forward the signals we catch to it, and print the errors the daemon reports."""
-    while True:
-        readable, _, _ = select.select([sock, wakeup], [], [])
-        if wakeup in readable:
-            try:
-                for signum in os.read(wakeup, 64):
-                    send(sock, {"op": "signal", "signal": signal.Signals(signum).name})
-            except BlockingIOError:
-                pass
-            except ConnectionLost:
-                pass  # the daemon is gone; the read below says so
-        if sock in readable:
-            reply = receive(sock)
-            if reply is None:
+def _caught(wakeup: int) -> bytes:
+    """The signals caught since the last call, in order (each byte a signal number)."""
+    try:
+        return os.read(wakeup, 64)
+    except BlockingIOError:
+        return b""
+
+
+class Attachment:
+    """An attached client and its step, from daemon to daemon until the step's exit.
+
+    launch: (job id, step id, first task id) of the launch: what `attach` names."""
+
+    def __init__(self, socket_path: str, wakeup: int, launch: tuple[int, int, int], timeout: float) -> None:
+        self.socket_path = socket_path
+        self.wakeup = wakeup
+        self.job_id, self.step_id, self.first_task = launch
+        self.ref = f"{self.job_id}.{self.step_id}"
+        self.timeout = timeout
+        self.held: list[int] = []  # signals caught while no daemon had us attached, to forward in order
+
+    def ride(self, sock: socket.socket | None) -> int:
+        """The step's status. sock: the connection of the acknowledged launch; None when the
+        daemon went before acknowledging it (then the next daemon may not know the step)."""
+        acknowledged = sock is not None
+        while True:
+            if sock is not None:
+                with sock:
+                    status = self._attend(sock)
+                if status is not None:
+                    return status
+                print(f"nodestepctl: lost the connection to nodestepd; reconnecting (step {self.ref} runs on; "
+                      f"giving up after {self.timeout:g} s)", file=sys.stderr, flush=True)
+            else:
+                print(f"nodestepctl: lost the connection to nodestepd before it acknowledged the launch; "
+                      f"reconnecting (giving up after {self.timeout:g} s)", file=sys.stderr, flush=True)
+            sock, status = self._reattach(acknowledged)
+            if status is not None:
+                return status
+            print(f"nodestepctl: re-attached to step {self.ref}", file=sys.stderr, flush=True)
+            acknowledged = True
+
+    def _attend(self, sock: socket.socket) -> int | None:
+        """Until the step's `exit` (its status), or None when the connection is lost: forward
+        the signals we hold and those we catch, and print the errors the daemon reports."""
+        while True:
+            self.held += _caught(self.wakeup)
+            while self.held:
+                try:
+                    send(sock, {"op": "signal", "signal": signal.Signals(self.held[0]).name})
+                except ConnectionLost:
+                    break  # held for the next daemon; the read below sees the end
+                del self.held[0]
+            readable, _, _ = select.select([sock, self.wakeup], [], [])
+            if sock in readable:
+                reply = receive(sock)
+                if reply is None:
+                    return None
+                if reply["type"] == "exit":
+                    return step_exit_status(reply)
+                if reply["type"] == "error":
+                    print(f"nodestepctl: {reply.get('error')}", file=sys.stderr)
+
+    def _reattach(self, acknowledged: bool) -> tuple[socket.socket | None, int | None]:
+        """Connect to the next daemon and attach to the step: (the connection, None) once it
+        is `started`, or (None, the status) when the step had ended. Raises ClientError when
+        no daemon answers within the timeout, or the step cannot be attached to."""
+        deadline = time.monotonic() + self.timeout
+        delay = RECONNECT_FIRST
+        while True:
+            sock = try_connect(self.socket_path)
+            if sock is not None:
+                reply = self._attach(sock, deadline)
+                if reply is not None and reply["type"] == "started":
+                    return sock, None
+                sock.close()
+                if reply is not None and reply["type"] == "exit":
+                    return None, step_exit_status(reply)
+                if reply is not None and reply.get("code") != "busy":
+                    self._refused(reply, acknowledged)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise ClientError(
-                    f"lost the connection to nodestepd; step {ref} may still be running "
-                    f"(nodestepctl wait {ref} tells its status)",
+                    f"nodestepd did not come back within {self.timeout:g} s; step {self.ref} may still be running "
+                    f"(nodestepctl wait {self.ref} tells its status once nodestepd is back)",
                     wire.STATUS_CONNECTION_LOST,
                 )
-            if reply["type"] == "exit":
-                return step_exit_status(reply)
-            if reply["type"] == "error":
-                print(f"nodestepctl: {reply.get('error')}", file=sys.stderr)
+            self._hold_signals(min(delay, remaining))
+            delay = min(delay * 2, RECONNECT_MAX)
+
+    def _attach(self, sock: socket.socket, deadline: float) -> dict | None:
+        """The daemon's reply to `attach`, or None when the connection ends (or the deadline
+        comes) first. Under systemd the socket holds the connection until the daemon serves."""
+        try:
+            send(sock, {"op": "attach", "job_id": self.job_id, "step_id": self.step_id, "first_task": self.first_task})
+        except ConnectionLost:
+            return None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            readable, _, _ = select.select([sock, self.wakeup], [], [], remaining)
+            if self.wakeup in readable:
+                self._hold(_caught(self.wakeup))
+            if sock in readable:
+                return receive(sock)
+
+    def _refused(self, reply: dict, acknowledged: bool) -> None:
+        if reply.get("code") == "not-found" and not acknowledged:
+            # No record of the launch survived: the daemon died before anything ran.
+            raise ClientError(f"nodestepd went away while launching step {self.ref}, and the step did not start",
+                              wire.STATUS_LAUNCH_FAILED)
+        if reply.get("code") == "not-found":
+            raise ClientError(f"step {self.ref} ended while nodestepd restarted, and the next nodestepd does not "
+                              "know its status", wire.STATUS_UNKNOWN)
+        raise ClientError(f"cannot attach to step {self.ref} again: {reply.get('error')}",
+                          wire.STATUS_CONNECTION_LOST)
+
+    def _hold_signals(self, seconds: float) -> None:
+        """Wait `seconds` (less if a signal comes), holding the signals caught meanwhile."""
+        readable, _, _ = select.select([self.wakeup], [], [], seconds)
+        if readable:
+            self._hold(_caught(self.wakeup))
+
+    def _hold(self, signums: bytes) -> None:
+        for signum in signums:
+            print(f"nodestepctl: signal {signal.Signals(signum).name} held until nodestepd is back",
+                  file=sys.stderr, flush=True)
+        self.held += signums

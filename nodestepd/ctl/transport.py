@@ -33,6 +33,21 @@ def connect(path: str) -> socket.socket:
     return sock
 
 
+def try_connect(path: str) -> socket.socket | None:
+    """A connection to the daemon at `path`, or None while no daemon serves there yet (the
+    socket missing, nobody listening, or not yet open to everyone: a daemon starting up)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError):
+        sock.close()
+        return None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
     """Send one message (with the protocol version added), passing `fds` along with it."""
     data = wire.frame_dict({"v": wire.VERSION, **message})

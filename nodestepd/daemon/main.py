@@ -33,6 +33,7 @@ from nodestepd.daemon.closer import FdCloser
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.jobids import JobIdAllocator
 from nodestepd.daemon.listener import BoundListener, Listener, PassedListener
+from nodestepd.daemon.reattach import Reattachments
 from nodestepd.daemon.registry import Registry, Retention
 from nodestepd.daemon.server import Server
 from nodestepd.daemon.service import Service
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--steps-on-stop", choices=STEPS_ON_STOP,
                    help="on SIGTERM, leave running steps alone for the next daemon to take over (default) or cancel them")
+    p.add_argument("--reattach-grace", metavar="SECONDS", type=float,
+                   help="cancel a recovered attached step whose client has not attached again within this "
+                   f"many seconds of the restart (default {_DEFAULTS.reattach_grace:g})")
     p.add_argument("--debug-timings", action="store_true", default=None,
                    help="log each step's daemon-side latency: request received to runtime spawned "
                    "(\"launch timing\") and task exit to exit event sent (\"exit timing\"), in ms")
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "log_format": args.log_format,
         "log_level": args.log_level,
         "steps_on_stop": args.steps_on_stop,
+        "reattach_grace": args.reattach_grace,
         "slurm_conf": args.slurm_conf,
         "debug_timings": args.debug_timings,
     }
@@ -178,7 +183,8 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
     state = DaemonState(
         configuration=configuration, registry=registry, admission=Admission(configuration, job_ids, closer),
         store=store, results=results, reaper=reaper, reload=service.reload, socket_path=listener.path,
-        started_at=time.time(), closer=closer, accounts=accounts, output_journal=journal_queue,
+        started_at=time.time(), closer=closer, accounts=accounts,
+        reattachments=Reattachments(lambda: configuration.config.reattach_grace), output_journal=journal_queue,
     )
     await service.run(Server(state, listener))
     log.info("stopped")

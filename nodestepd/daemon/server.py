@@ -31,11 +31,12 @@ class Server:
         self.listener = listener
         self.log = get_logger()
         self._stopping = asyncio.Event()
-        self._connections: dict[asyncio.Task[None], int] = {}  # each connection's session, and its account
+        self._connections: dict[asyncio.Task[None], Session] = {}  # each connection's task, and its session
 
     async def recover(self) -> None:
         """Take over the steps the records in the state dir name, and the results of finished
-        ones (before serving anyone)."""
+        ones (before serving anyone); the attached steps wait for their clients to attach
+        again (reattach.py)."""
         results, unreadable = await asyncio.to_thread(self.state.results.load_all)
         for problem in unreadable:
             self.log.error("step result unreadable; quarantined", file=problem.name, reason=problem.reason)
@@ -44,6 +45,7 @@ class Server:
         if results or unreadable:
             self.log.info("results kept", results=len(results), quarantined=len(unreadable),
                           retained=len(self.state.registry.finished))
+        self.state.reattachments.expect(steps)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,9 +91,10 @@ class Server:
         c = self.state.configuration.config
         conn = Connection(sock, peer, closer=self.state.closer, account=account, max_message=c.max_message_size,
                           send_timeout=c.client_timeout)
-        session = asyncio.create_task(Session(conn, self.state).serve())
-        self._connections[session] = account
-        session.add_done_callback(self._connections.pop)
+        session = Session(conn, self.state)
+        task = asyncio.create_task(session.serve())
+        self._connections[task] = session
+        task.add_done_callback(self._connections.pop)
 
     def _connection_refusal(self, uid: int, account: int) -> str | None:
         """Why a new connection from uid (counted as account's: accounts.py) cannot be served now, or None.
@@ -105,7 +108,7 @@ class Server:
             return f"nodestepd has too many connections (limit {c.max_connections}); try again later"
         if self.state.configuration.policy.is_operator(uid):
             return None
-        if sum(1 for peer in self._connections.values() if peer == account) >= c.max_connections_per_user:
+        if sum(1 for session in self._connections.values() if session.conn.account == account) >= c.max_connections_per_user:
             return (f"you have too many connections to nodestepd (limit {c.max_connections_per_user} per user); "
                     "try again later")
         if self.state.closer.backlog(account) >= MAX_CLOSE_BACKLOG:
@@ -129,10 +132,16 @@ class Server:
     async def shutdown(self) -> None:
         """Stop accepting, then leave running steps alone, or cancel them (steps_on_stop = "cancel")."""
         self.listener.close()
+        self.state.reattachments.close()
         running = list(self.state.registry.running.values())
         if running and self.state.configuration.config.steps_on_stop == "cancel":
             self.log.info("shutting down: cancelling running steps", steps=len(running))
             await asyncio.gather(*(step.cancel("daemon shutdown") for step in running))
+            # Their attached clients get the exit (the cancellation's status), not a lost
+            # connection: each such session ends once it has sent it.
+            attending = [task for task, session in self._connections.items() if session.attending]
+            if attending:
+                await asyncio.wait(attending, timeout=self.state.configuration.config.client_timeout)
         elif running:
             # Their records stay: the next daemon takes them over (recovery.py).
             self.log.info("shutting down: leaving running steps alone for the next daemon", steps=len(running),

@@ -1,8 +1,10 @@
 """One client connection: its requests read in turn, each answered by one method.
 
 A `run` owns its connection until the step ends (attached: signals forwarded, the exit
-event sent, the step cancelled if the client goes, as srun does) or is detached. Who may
-do what is decided from the connection's kernel-reported uid (docs/security.md).
+event sent, the step cancelled if the client goes, as srun does) or is detached. An
+`attach` (a client whose daemon died, back for the step it launched) owns its connection
+the same way. Who may do what is decided from the connection's kernel-reported uid
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.closer import MAX_CLOSE_BACKLOG, FdCloser, too_many_unclosed
 from nodestepd.daemon.connection import Connection, ConnectionClosed
 from nodestepd.daemon.errors import BadRequest, Refused
+from nodestepd.daemon.reattach import Reattachments
 from nodestepd.daemon.registry import Registry
 from nodestepd.logs import BoundLogger, get_logger
 from nodestepd.process.reaper import Reaper
 from nodestepd.protocol import messages
 from nodestepd.protocol.messages import (
+    AttachRequest,
     CancelRequest,
     ErrorReply,
     ExitReply,
@@ -51,7 +55,7 @@ from nodestepd.step.prepare import prepare
 from nodestepd.step.record import RecordStore
 from nodestepd.step.results import Finished, ResultStore
 from nodestepd.step.spec import LaunchFailed, Stdio, StepResult, step_status
-from nodestepd.step.step import Step, new_step
+from nodestepd.step.step import Step, StepState, new_step
 from nodestepd.systemd.journalqueue import JournalQueue
 from nodestepd.systemd.output import StepOutputToJournal
 
@@ -71,6 +75,7 @@ class DaemonState:
     started_at: float
     closer: FdCloser  # closes what clients send, off the loop (closer.py)
     accounts: Accounts  # whose a connection is, subordinate uids included (accounts.py)
+    reattachments: Reattachments  # recovered attached steps waiting for their clients
     output_journal: JournalQueue | None = None  # detached steps' output goes here, when logging to the journal
 
 
@@ -85,6 +90,9 @@ class Session:
         self.state = state
         self.uid = conn.peer_uid
         self.log: BoundLogger = get_logger(peer_uid=conn.peer_uid, peer_pid=conn.peer_pid)
+        # An attached run's or an attach's, from its request on: the client waits for an exit
+        # (a daemon stopping with steps_on_stop = "cancel" lets these sessions send it).
+        self.attending = False
 
     async def serve(self) -> None:
         """Answer requests until the client is done, goes quiet, or a run takes the connection."""
@@ -137,6 +145,9 @@ class Session:
                     await self.run(request, fds, received_at)
                     return  # a run owns its connection until the step ends (or is detached)
                 self.conn.release(fds)
+                if isinstance(request, AttachRequest):
+                    await self.attach(request)
+                    return  # as a run's
                 await self.conn.send(await self._reply(request))
         except ConnectionClosed:
             pass
@@ -226,9 +237,51 @@ class Session:
                 raise BadRequest(str(e)) from None
             raise Refused("not-found", f"no step {job_id}.{step_id} of yours on this node") from None
 
+    # ---- attach ---------------------------------------------------------------------------
+
+    async def attach(self, request: AttachRequest) -> None:
+        """The attached client of a launch, back after its daemon died: `started`, then as an
+        attached run (signals forwarded, the exit sent, the step cancelled if the client
+        goes); for a launch that has finished, `started` and its exit at once."""
+        self.attending = True
+        try:
+            step, running = self._attachable(request)
+        except Refused as e:
+            self.log.info("attach refused", code=e.code, error=str(e), **e.detail)
+            await self.conn.send(ErrorReply(code=e.code, error=str(e)))
+            return
+        self.log.info("client re-attached", job_id=step.spec.job_id, step_id=step.spec.step_id,
+                      first_task=step.spec.first_task, finished=not running)
+        await self.conn.send(StartedReply(job_id=step.spec.job_id, step_id=step.spec.step_id, ntasks=step.spec.ntasks))
+        if running:
+            await self._attend(step, metrics.OFF)
+        else:
+            await self.conn.send(exit_reply([(step, await step.wait())]))
+
+    def _attachable(self, request: AttachRequest) -> tuple[Step, bool]:
+        """The launch the request names, found as `wait` finds it (the owner's, or any for an
+        operator), and whether it still runs: a running one only if it is a recovered
+        attached step that no client has claimed yet (reattach.py)."""
+        ref = f"{request.job_id}.{request.step_id}"
+        parts = self.state.registry.own_parts(self.state.configuration.policy, self.uid, request.job_id,
+                                              request.step_id)
+        launch = [s for s in parts if s.spec.first_task == request.first_task]
+        if not launch:
+            raise Refused("not-found", f"no step {ref} of yours on this node with first task {request.first_task}")
+        step = launch[0]
+        if not step.spec.attached:
+            raise Refused("conflict", f"step {ref} was launched detached (nodestepctl wait {ref} gives its status)")
+        # What a finished launch is asked for is its spec and its result (wait()) only, so
+        # that the registry may keep finished launches as something lighter than a Step.
+        running = isinstance(step, Step) and step.state is not StepState.FINISHED
+        if running and not self.state.reattachments.claim(step):
+            raise Refused("conflict", f"step {ref} already has its attached client")
+        return step, running
+
     # ---- run ----------------------------------------------------------------------------
 
     async def run(self, request: RunRequest, fds: list[int], received_at: float) -> None:
+        self.attending = not request.detach
         try:
             launched = await self._launch(request, fds, received_at)
         finally:

@@ -97,6 +97,13 @@ class WaitRequest(StepRef, tag="wait"):
     pass
 
 
+class AttachRequest(StepRef, tag="attach"):
+    """Attach again to a launch whose attached client lost its daemon (a restart): the
+    reply is `started`, then `exit` when it ends, as for the `run` that launched it."""
+
+    first_task: int = 0  # the launch's first task id: task_offset, 0 for a whole-step launch
+
+
 class PsRequest(Request, tag="ps"):
     pass
 
@@ -109,7 +116,8 @@ class ReloadRequest(Request, tag="reload"):
     """Re-read the settings file and oci.conf (root only). Reply: ok, or error with every reason."""
 
 
-AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest]
+AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest,
+                   AttachRequest]
 
 # ---- replies --------------------------------------------------------------------
 

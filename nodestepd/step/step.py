@@ -128,7 +128,9 @@ class Step:
         launch_ms = round((time.monotonic() - received_at) * 1000, 3)
         self.log.info("step started", ntasks=self.spec.ntasks, bundle=self.spec.bundle, launch_ms=launch_ms)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"step {self.ref}")
-        if self._cancel_reason is not None:  # cancelled while it was launching
+        if self._cancel_reason is not None and self._termination is None:
+            # Cancelled while it was launching. (A cancel that came once the step was
+            # RUNNING, while its record was written, has begun the termination itself.)
             self._begin_termination()
 
     async def _launch(self, prepare: Callable[[], Prepared], stdio: Stdio) -> None:

@@ -157,20 +157,22 @@ def test_tasks_that_end_while_the_daemon_is_down_keep_their_status(start_daemon,
 
 
 def test_attached_client_is_told_and_wait_gives_the_real_status(start_daemon, conf, user, bundle, gate, new_dir):
+    """A daemon that does not come back within the client's --reattach-timeout (clients that
+    it does come back for: test_ridethrough.py)."""
     daemon = start_daemon(conf)
     command, open_gate = gate("attached")
     # stderr to a file: the container holds the client's stdio, so a pipe would not end with the client.
     err_path = new_dir("client-") / "stderr"
     with open(err_path, "wb") as err_file:
-        client = daemon.ctl_popen(user, "run", "--job-id", "7201", "--bundle", str(bundle), "--", *command,
-                                  stderr=err_file)
+        client = daemon.ctl_popen(user, "run", "--job-id", "7201", "--reattach-timeout", "1", "--bundle",
+                                  str(bundle), "--", *command, stderr=err_file)
     read_line_from(client.stdout, b"ready")
     wait_recorded_running(daemon, 7201)  # else the restart undoes the launch (see the next test)
     kill_daemon(daemon)
     assert client.wait(timeout=30) == 255
     err = err_path.read_bytes()
     # The daemon may die just before or just after its `started` reply: both are said.
-    assert b"lost the connection to nodestepd" in err
+    assert b"lost the connection to nodestepd" in err and b"nodestepd did not come back within 1 s" in err
     assert b"step 7201.0 may" in err and b"nodestepctl wait 7201.0 tells" in err
     second = start_daemon(after=daemon)
     waiting = second.ctl_popen(user, "wait", "7201.0")

@@ -209,8 +209,10 @@ def test_sigterm_leaves_running_steps_alone_by_default(start_daemon, user, bundl
     # Our own write end keeps the fifo from reading as end-of-file before the container opens it.
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     keeper = os.open(fifo, os.O_WRONLY)
-    attached = daemon.ctl_popen(user, "run", "--job-id", "4201", "--bundle", str(bundle), "--",
-                                "sh", "-c", "echo ready; exec sleep 1000")
+    # A client that gives up on its daemon after 1 s (one that waits for the next daemon:
+    # test_ridethrough.py).
+    attached = daemon.ctl_popen(user, "run", "--job-id", "4201", "--reattach-timeout", "1", "--bundle", str(bundle),
+                                "--", "sh", "-c", "echo ready; exec sleep 1000")
     detached = daemon.ctl(user, "run", "--detach", "--output", str(fifo), "--job-id", "4202", "--bundle", str(bundle),
                           "--", "sh", "-c", "echo ready; exec sleep 1000")
     containers = [f"testnode.{user.name}.{job}.0.0" for job in (4201, 4202)]
@@ -225,7 +227,9 @@ def test_sigterm_leaves_running_steps_alone_by_default(start_daemon, user, bundl
 
         # The client lost its daemon; the container (which shares its stderr) runs on.
         assert attached.wait(timeout=30) == 255
-        assert b"step 4201.0 may still be running" in read_line_from(attached.stderr, b"")
+        said = b""
+        while b"step 4201.0 may still be running" not in said:
+            said += read_line_from(attached.stderr, b"")
         assert sorted(runc_containers(user)) == containers
         for name in containers:
             state = subprocess.run(user.command(["runc", "--root", f"/run/user/{user.uid}/", "state", name]),

@@ -17,7 +17,7 @@ from nodestepd.daemon.jobids import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
 KNOWN = ("client_timeout, connection_max_lifetime, debug_timings, kill_wait, log_format, log_level, max_args_bytes, max_connections, max_connections_per_user, "
          "max_env_bytes, max_message_size, max_steps, max_steps_per_user, no_new_privs, node_name, oci_conf, operators, "
-         "results_max, results_max_age, results_max_per_user, runtime_timeout, slurm_conf, socket, spool_dir, state_dir, steps_on_stop")
+         "reattach_grace, results_max, results_max_age, results_max_per_user, runtime_timeout, slurm_conf, socket, spool_dir, state_dir, steps_on_stop")
 EX_CONFIG = 78
 
 
@@ -164,6 +164,9 @@ def test_a_bad_command_line_value_is_not_blamed_on_a_missing_file(default_file):
         ("kill_wait = inf", "kill_wait: must be between 0 and 3600 seconds, got inf"),
         ('runtime_timeout = "60"', "runtime_timeout: expected int, got str"),
         ("runtime_timeout = 0", "runtime_timeout: must be between 0 and 3600 seconds, got 0.0"),
+        ("reattach_grace = 0.5", "reattach_grace: must be between 1 and 3600 seconds, got 0.5"),
+        ("reattach_grace = nan", "reattach_grace: must be between 1 and 3600 seconds, got nan"),
+        ('reattach_grace = "60"', "reattach_grace: expected int, got str"),
         ('node_name = "cn 1"', "node_name: 'cn 1' is not a usable node name"),
         ('node_name = "cn/1"', "node_name: 'cn/1' is not a usable node name"),
         ("results_max_age = 59", "results_max_age: must be between 60 and 31622400 seconds, got 59.0"),

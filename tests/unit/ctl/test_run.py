@@ -367,8 +367,8 @@ def test_a_launch_refused_by_the_daemon_exits_with_its_status(fake_daemon, bundl
 
 
 @pytest.mark.parametrize("argv, said", [
-    (["--job-id", "12"], "step 12.0 may be running (nodestepctl wait 12.0 tells)"),
-    ([], "the step may be running (nodestepctl ps tells)"),
+    (["--detach", "--job-id", "12"], "step 12.0 may be running (nodestepctl wait 12.0 tells)"),
+    ([], "the step may be running (nodestepctl ps tells)"),  # attached, but nothing to attach to: no job id
 ])
 def test_a_daemon_gone_before_started_leaves_the_step_unknown(fake_daemon, bundle, attached, capsys, argv, said):
     daemon = fake_daemon(lambda peer: peer.read())  # reads the request, then hangs up
@@ -378,16 +378,162 @@ def test_a_daemon_gone_before_started_leaves_the_step_unknown(fake_daemon, bundl
         f"nodestepctl: lost the connection to nodestepd before it acknowledged the launch; {said}\n"
 
 
-def test_a_daemon_gone_while_attached_exits_255(fake_daemon, bundle, attached, capsys):
+def test_a_daemon_that_does_not_come_back_within_the_timeout_exits_255(fake_daemon, bundle, attached, capsys):
     def serve(peer):
         peer.read()
         peer.write({"type": "started", "job_id": 5, "step_id": 0})
 
-    daemon = fake_daemon(serve)
+    daemon = fake_daemon(serve)  # one connection: the next ones wait in its backlog, never answered
+    began = time.monotonic()
+    assert main(["--socket", daemon.path, "run", "--reattach-timeout", "0.3", "--bundle", str(bundle), "--",
+                 "true"]) == 255
+    assert time.monotonic() - began >= 0.3
+    daemon.stop()
+    assert capsys.readouterr().err == (
+        "nodestepctl: lost the connection to nodestepd; reconnecting (step 5.0 runs on; giving up after 0.3 s)\n"
+        "nodestepctl: nodestepd did not come back within 0.3 s; step 5.0 may still be running "
+        "(nodestepctl wait 5.0 tells its status once nodestepd is back)\n")
+
+
+def test_a_socket_gone_is_retried_until_the_timeout(bundle, attached, capsys, tmp_path, monkeypatch):
+    """No socket at the path (a daemon restarting binds it anew): retried with backoff, then 255."""
+    attempts = []
+    monkeypatch.setattr(run, "try_connect", lambda path: attempts.append(path))
+    attachment = run.Attachment(str(tmp_path / "gone.sock"), run._catch_signals(), (5, 0, 0), 0.5)
+    with pytest.raises(ClientError) as e:
+        attachment.ride(None)
+    assert e.value.status == 255 and "did not come back within 0.5 s" in str(e.value)
+    assert 3 <= len(attempts) <= 6  # after 0.05, 0.1, 0.2, then what is left of 0.5 s: backoff, not a busy loop
+
+
+def _restarting(after_run, attach):
+    """A fake daemon's script: the run gets `started` and then the connection ends (the
+    daemon dies); each later connection is handed to attach(peer, message)."""
+    def serve(peer):
+        message, _ = peer.read()
+        if message["op"] == "run":
+            peer.write({"type": "started", "job_id": 5, "step_id": 0})
+            after_run(peer)
+            return
+        attach(peer, message)
+    return serve
+
+
+def test_attached_rides_through_a_daemon_restart(fake_daemon, bundle, attached, capsys):
+    seen = []
+
+    def attach(peer, message):
+        seen.append(message)
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+        peer.write(exit_reply(3))
+
+    daemon = fake_daemon(_restarting(lambda peer: None, attach), connections=2)
+    assert main(["--socket", daemon.path, "run", "--task-id", "2", "--bundle", str(bundle), "--", "true"]) == 3
+    daemon.stop()
+    assert seen == [{"v": wire.VERSION, "op": "attach", "job_id": 5, "step_id": 0, "first_task": 2}]
+    assert capsys.readouterr().err == (
+        "nodestepctl: lost the connection to nodestepd; reconnecting (step 5.0 runs on; giving up after 60 s)\n"
+        "nodestepctl: re-attached to step 5.0\n")
+
+
+def test_signals_caught_while_the_daemon_is_away_are_forwarded_after_re_attaching(fake_daemon, bundle, attached,
+                                                                                   capsys, monkeypatch):
+    held = threading.Event()
+    hold = run.Attachment._hold
+
+    def hold_and_tell(self, signums):
+        hold(self, signums)
+        held.set()
+
+    monkeypatch.setattr(run.Attachment, "_hold", hold_and_tell)
+    forwarded = []
+
+    def attach(peer, message):
+        os.kill(os.getpid(), signal.SIGUSR1)  # before the client is attached again
+        assert held.wait(10)
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+        forwarded.append(peer.read()[0])
+        peer.write(exit_reply(42))
+
+    daemon = fake_daemon(_restarting(lambda peer: None, attach), connections=2)
+    assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "true"]) == 42
+    daemon.stop()
+    assert forwarded == [{"v": wire.VERSION, "op": "signal", "signal": "SIGUSR1"}]
+    assert "nodestepctl: signal SIGUSR1 held until nodestepd is back\n" in capsys.readouterr().err
+
+
+def test_a_step_that_ended_during_the_restart_gives_its_status_at_once(fake_daemon, bundle, attached):
+    def attach(peer, message):
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+        peer.write(exit_reply(9))
+
+    daemon = fake_daemon(_restarting(lambda peer: None, attach), connections=2)
+    assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "true"]) == 9
+    daemon.stop()
+
+
+def test_a_busy_daemon_is_asked_again(fake_daemon, bundle, attached):
+    attaches = []
+
+    def attach(peer, message):
+        attaches.append(message)
+        if len(attaches) == 1:
+            peer.write({"type": "error", "code": "busy", "error": "too many connections"})
+            return
+        peer.write({"type": "started", "job_id": 5, "step_id": 0})
+        peer.write(exit_reply(0))
+
+    daemon = fake_daemon(_restarting(lambda peer: None, attach), connections=3)
+    assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "true"]) == 0
+    daemon.stop()
+    assert len(attaches) == 2
+
+
+def test_a_step_the_next_daemon_does_not_know_has_an_unknown_status(fake_daemon, bundle, attached, capsys):
+    def attach(peer, message):
+        peer.write({"type": "error", "code": "not-found", "error": "no step 5.0 of yours on this node"})
+
+    daemon = fake_daemon(_restarting(lambda peer: None, attach), connections=2)
     assert main(["--socket", daemon.path, "run", "--bundle", str(bundle), "--", "true"]) == 255
     daemon.stop()
-    assert capsys.readouterr().err == ("nodestepctl: lost the connection to nodestepd; step 5.0 may still be "
-                                       "running (nodestepctl wait 5.0 tells its status)\n")
+    assert capsys.readouterr().err.endswith(
+        "nodestepctl: step 5.0 ended while nodestepd restarted, and the next nodestepd does not know its status\n")
+
+
+def test_a_launch_never_acknowledged_and_unknown_to_the_next_daemon_did_not_start(fake_daemon, bundle, attached,
+                                                                                  capsys):
+    seen = []
+
+    def serve(peer):
+        message, _ = peer.read()
+        seen.append(message["op"])
+        if message["op"] == "attach":
+            peer.write({"type": "error", "code": "not-found", "error": "no step 12.0 of yours on this node"})
+
+    daemon = fake_daemon(serve, connections=2)
+    assert main(["--socket", daemon.path, "run", "--job-id", "12", "--bundle", str(bundle), "--", "true"]) == 125
+    daemon.stop()
+    assert seen == ["run", "attach"]
+    assert capsys.readouterr().err == (
+        "nodestepctl: lost the connection to nodestepd before it acknowledged the launch; reconnecting "
+        "(giving up after 60 s)\n"
+        "nodestepctl: nodestepd went away while launching step 12.0, and the step did not start\n")
+
+
+def test_the_reattach_timeout_comes_from_the_option_else_the_environment(monkeypatch):
+    monkeypatch.delenv(run.REATTACH_TIMEOUT_ENV, raising=False)
+    assert run.reattach_timeout(parse("--bundle", "b")) == 60
+    monkeypatch.setenv(run.REATTACH_TIMEOUT_ENV, "5")
+    assert run.reattach_timeout(parse("--bundle", "b")) == 5
+    assert run.reattach_timeout(parse("--reattach-timeout", "0", "--bundle", "b")) == 0
+    for bad in ("-1", "nan", "1e9"):
+        with pytest.raises(ClientError) as e:
+            run.reattach_timeout(parse("--reattach-timeout", bad, "--bundle", "b"))
+        assert e.value.status == 2
+    monkeypatch.setenv(run.REATTACH_TIMEOUT_ENV, "soon")
+    with pytest.raises(ClientError) as e:
+        run.reattach_timeout(parse("--bundle", "b"))
+    assert str(e.value) == "NODESTEPCTL_REATTACH_TIMEOUT='soon' is not a number of seconds" and e.value.status == 2
 
 
 def test_a_daemon_gone_before_the_request_was_sent_fails_the_launch(fake_daemon, bundle, monkeypatch, capsys):

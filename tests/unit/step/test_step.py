@@ -8,6 +8,7 @@ import asyncio
 import errno
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -417,6 +418,33 @@ async def test_a_cancel_during_the_launch_begins_once_the_tasks_exist():
     assert step.state is StepState.LAUNCHING and not cancel.done()
     gate.set()
     await launch
+    result = await asyncio.wait_for(cancel, 5)
+    assert result.cancelled and step.store.states == ["launching", "running", "terminating"]
+
+
+async def test_a_cancel_while_the_running_record_is_written_terminates_once():
+    """The tasks run and the step is RUNNING, but launch() has not returned (its record's
+    write is under way) when the cancel comes: the termination begins once, not once more
+    at the end of the launch (found by tests/e2e/test_chaos.py: 'no transition from
+    terminating to terminating')."""
+    step = make_step()
+    writing, release = threading.Event(), threading.Event()
+    write = step.store.write
+
+    def slow_write(rec) -> None:  # in the worker thread
+        if rec.state == "running":
+            writing.set()
+            assert release.wait(5)
+        write(rec)
+
+    step.store.write = slow_write
+    launch = asyncio.ensure_future(launched(step))
+    assert await asyncio.to_thread(writing.wait, 5)
+    cancel = asyncio.ensure_future(step.cancel("test"))
+    await asyncio.sleep(0)  # one turn of the loop: the cancel is asked for
+    assert step.state is StepState.TERMINATING
+    release.set()
+    await asyncio.wait_for(launch, 5)
     result = await asyncio.wait_for(cancel, 5)
     assert result.cancelled and step.store.states == ["launching", "running", "terminating"]
 
