@@ -270,6 +270,8 @@ def _attend(sock: socket.socket, wakeup: int, ref: str) -> int:
                     wire.STATUS_CONNECTION_LOST,
                 )
             if reply["type"] == "exit":
+                if reply.get("stage_out_error"):
+                    print(f"nodestepctl: warning: {reply['stage_out_error']}", file=sys.stderr)
                 return step_exit_status(reply)
             if reply["type"] == "error":
                 print(f"nodestepctl: {reply.get('error')}", file=sys.stderr)

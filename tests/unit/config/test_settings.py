@@ -17,7 +17,7 @@ from nodestepd.daemon.jobids import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
 KNOWN = ("client_timeout, debug_timings, kill_wait, log_format, log_level, max_args_bytes, max_connections, max_connections_per_user, "
          "max_env_bytes, max_message_size, max_steps, max_steps_per_user, no_new_privs, node_name, oci_conf, operators, "
-         "results_max, results_max_age, results_max_per_user, runtime_timeout, slurm_conf, socket, spool_dir, state_dir, steps_on_stop")
+         "results_max, results_max_age, results_max_per_user, runtime_timeout, slurm_conf, socket, spool_dir, stage_in, stage_out, state_dir, steps_on_stop")
 EX_CONFIG = 78
 
 
