@@ -85,8 +85,10 @@ def requested_bundle(stdout: bytes) -> str | None:
     user could not give either (relative, NUL, too long, not UTF-8)."""
     requested = None
     lines = stdout[:STDOUT_CAP].split(b"\n")
-    if len(stdout) > STDOUT_CAP:
-        lines.pop()  # cut at the cap: not a whole line
+    if len(stdout) > STDOUT_CAP and lines.pop().startswith(BUNDLE_PREFIX):
+        # Never a path cut short, nor the bundle before it: the hook asked for something.
+        raise StageOutputError(f"its bundle= line is cut at the first {STDOUT_CAP} bytes of its output, "
+                               "all that is read")
     for line in lines:
         if line.startswith(BUNDLE_PREFIX):
             requested = line[len(BUNDLE_PREFIX):].rstrip(b"\r")

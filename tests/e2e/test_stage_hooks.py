@@ -200,7 +200,7 @@ def test_a_failing_stage_out_is_logged_and_shown(start_daemon, oci, user, bundle
 def test_untrusted_hooks_are_refused_at_start(start_daemon, user, new_dir, hooks, setting):
     shared = new_dir("shared-", mode=0o777)
     writable = hook(shared, "hook", "exit 0\n")
-    with pytest.raises(AssertionError, match=f"exited with status 1") as e:
+    with pytest.raises(AssertionError, match="exited with status 1") as e:
         start_daemon(MODES["run"], "--config", settings(hooks, **{setting: str(writable)}))
     assert (f"{setting} {writable} (run as the user at every launch) cannot be used: "
             f"{shared} is writable by others (mode 0777)") in str(e.value)
@@ -214,3 +214,28 @@ def test_untrusted_hooks_are_refused_at_start(start_daemon, user, new_dir, hooks
     with pytest.raises(AssertionError, match=f"exited with status {EX_CONFIG}") as e:
         start_daemon(MODES["run"], "--config", settings(hooks, **{setting: "hooks/stage"}))
     assert f"{setting}: must be the absolute path of a program" in str(e.value)
+
+
+def test_stage_out_runs_for_a_step_a_restarted_daemon_took_over(start_daemon, user, bundle, hooks, out, workdir,
+                                                                 request):
+    """The record keeps the hooks, the bundle the user gave and that stage_out is due."""
+    other = other_bundle(workdir, bundle, user, f"other-{request.node.name}")
+    try:
+        stage_in = hook(hooks, "stage-in", f"echo bundle={other}\n")
+        stage_out = hook(hooks, "stage-out", f"env > {out}/out.env\n")
+        config = settings(hooks, stage_in=stage_in, stage_out=stage_out)
+        daemon = start_daemon(MODES["run"], "--config", config, "--steps-on-stop", "leave")
+        started = daemon.ctl(user, "run", "--detach", "--job-id", "10006", "--bundle", str(bundle), "--",
+                             "sleep", "1000")
+        assert started.returncode == 0, started.stderr
+        assert daemon.stop() == 0
+        assert not (out / "out.env").exists()  # left running: not released
+        second = start_daemon("", "--config", config, after=daemon)
+        cancelled = second.ctl(user, "cancel", "10006.0")
+        assert cancelled.returncode == 0, cancelled.stderr
+        env = env_of(out / "out.env")
+        assert (env["NODESTEPD_BUNDLE"], env["NODESTEPD_ORIG_BUNDLE"]) == (str(other), str(bundle))
+        assert env["NODESTEPD_STEP_STATUS"] == str(128 + 9)  # cancelled: RunTimeKill, then SIGKILL
+        assert (spool_entries(second), step_records(second), runc_containers(user)) == ([], [], [])
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

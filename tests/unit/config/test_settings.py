@@ -338,3 +338,28 @@ def test_job_ids_are_unique_across_threads(tmp_path):
         t.join()
     assert sorted(got) == list(range(100_000_000, 100_000_100))
     assert JobIdAllocator(str(tmp_path)).allocate() == 100_000_100
+
+
+# ---- stage hooks ----------------------------------------------------------------------------
+
+
+def test_stage_hooks_default_to_none_and_take_absolute_paths(tmp_path):
+    assert (load_config(None, {}).stage_in, load_config(None, {}).stage_out) == ("", "")
+    path = toml(tmp_path, 'stage_in = "/usr/local/libexec/stage-in"\nstage_out = ""\n')
+    config = load_config(path, {})
+    assert (config.stage_in, config.stage_out) == ("/usr/local/libexec/stage-in", "")
+
+
+@pytest.mark.parametrize("name", ["stage_in", "stage_out"])
+@pytest.mark.parametrize("value", ["stage-in", "./hooks/stage", "/a\\u0000b"])
+def test_stage_hooks_must_be_absolute_paths(tmp_path, name, value):
+    path = toml(tmp_path, f'{name} = "{value}"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path, {})
+    assert str(e.value).startswith(f"{path}: {name}: must be the absolute path of a program (or \"\" for none), got ")
+
+
+def test_stage_hooks_are_strings(tmp_path):
+    path = toml(tmp_path, 'stage_in = ["/bin/true"]\n')
+    with pytest.raises(ConfigError, match="stage_in: expected str, got list"):
+        load_config(path, {})
