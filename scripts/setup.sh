@@ -5,7 +5,8 @@
 #           systemd (systemd-analyze verifies the units; systemd-socket-activate tests activation),
 #           man-db (the man page test renders with man -l),
 #           munge slurmctld slurmd slurm-client (a private single-node Slurm for the srun test;
-#           no service is enabled or configured, the test starts its own daemons)
+#           no service is enabled or configured, the test starts its own daemons),
+#           skopeo umoci (the image tools doctor checks)
 #   PyPI:   nodestepd with its test extras (matplotlib among them, for the bench smoke test's
 #           chart), in a venv every user can read (/opt/nodestepd/venv), because the tests run
 #           nodestepctl as unprivileged users.
@@ -21,7 +22,7 @@ fi
 
 missing=""
 for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip gcc libc6-dev systemd \
-           man-db munge slurmctld slurmd slurm-client; do
+           man-db munge slurmctld slurmd slurm-client skopeo umoci; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then
