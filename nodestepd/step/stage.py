@@ -75,7 +75,9 @@ def failure(name: str, path: str, result: ProgramResult, timeout: float) -> str 
         what = f"failed with exit status {result.status}"
     else:
         return None
-    said = f": {result.stderr}" if result.stderr else " (it wrote nothing on stderr)"
+    # On one line: the client prints the launch error as one line.
+    tail = " / ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+    said = f": {tail}" if tail else " (it wrote nothing on stderr)"
     return f"{name} {path} {what}{said}"
 
 

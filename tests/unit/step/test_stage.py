@@ -54,6 +54,8 @@ def test_failure_sentences():
     assert failure("stage_in", "/h", ProgramResult(0, b"", "noise"), 60) is None
     assert failure("stage_in", "/h", ProgramResult(3, b"", "no quota"), 60) == \
         "stage_in /h failed with exit status 3: no quota"
+    assert failure("stage_in", "/h", ProgramResult(1, b"", "cp: a: denied\n\n  cp: b: denied"), 60) == \
+        "stage_in /h failed with exit status 1: cp: a: denied / cp: b: denied"
     assert failure("stage_out", "/h", ProgramResult(1, b"", ""), 60) == \
         "stage_out /h failed with exit status 1 (it wrote nothing on stderr)"
     assert failure("stage_in", "/h", ProgramResult(137, b"", "", timed_out=True), 2.5) == \
