@@ -422,7 +422,11 @@ class Step:
         if self._stage_out_due and self.settings.stage_out is not None:
             # The containers are deleted by now (after_exit, the termination, or the undone
             # launch); the spool is still there for the hook to take what it needs.
-            await self._stage_out(result)
+            try:
+                await self._stage_out(result)
+            except Exception as e:  # never leave the step half-released
+                self.log.exception("stage_out could not be run", error=str(e))
+                self.stage_out_error = f"stage_out {self.settings.stage_out} could not be run: {e}"
         if self.spool is not None:
             spool, self.spool = self.spool, None
             if self.settings.keep_spool:

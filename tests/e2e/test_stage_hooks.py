@@ -127,9 +127,10 @@ def test_stage_in_points_the_step_at_another_bundle(start_daemon, oci, user, bun
         stage_in = hook(hooks, "stage-in", f"echo staging; echo bundle={other}/; echo done\n")
         stage_out = hook(hooks, "stage-out", f"env > {out}/out.env\n")
         daemon = start_daemon(oci, "--config", settings(hooks, stage_in=stage_in, stage_out=stage_out))
-        result = daemon.ctl(user, "run", "--job-id", "10001", "--bundle", str(bundle), "--",
+        result = daemon.ctl(user, "run", "--job-id", "10001", "--ntasks", "2", "--bundle", str(bundle), "--",
                             "sh", "-c", "cat /marker 2>&1")
-        assert (result.returncode, result.stdout) == (0, b"the other bundle\n"), result.stderr
+        # Every task's config.json was written again from the other bundle's.
+        assert (result.returncode, result.stdout) == (0, b"the other bundle\n" * 2), result.stderr
         env = env_of(out / "out.env")
         assert (env["NODESTEPD_BUNDLE"], env["NODESTEPD_ORIG_BUNDLE"]) == (str(other), str(bundle))
         assert env["NODESTEPD_ROOTFS"] == f"{other}/rootfs"
