@@ -56,6 +56,10 @@ class DaemonConfig:
     results_max_per_user: int = 256
     # A request/answer connection is ended after this long, however busy (an attached run's is not).
     connection_max_lifetime: float = 300.0
+    # The site's stage hooks (docs/admin-guide.md): absolute paths of programs run as the
+    # step's user at each launch; "" for none. daemon/configuration.py checks they are root's.
+    stage_in: str = ""
+    stage_out: str = ""
     debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
     config_file: str | None = None  # where the settings came from, for `status`
 
@@ -69,6 +73,10 @@ class DaemonConfig:
             value = getattr(self, name)
             if not os.path.isabs(value):
                 raise fail(name, f"must be an absolute path, got {value!r}")
+        for name in ("stage_in", "stage_out"):
+            value = getattr(self, name)
+            if value and (not os.path.isabs(value) or "\0" in value):
+                raise fail(name, f"must be the absolute path of a program (or \"\" for none), got {value!r}")
         if not self.node_name or "/" in self.node_name or any(c.isspace() for c in self.node_name):
             raise fail("node_name", f"{self.node_name!r} is not a usable node name")
         if not (0 < self.kill_wait <= 3600):
@@ -189,6 +197,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "results_max_per_user": (int,),
     "connection_max_lifetime": (int, float),
     "debug_timings": (bool,),
+    "stage_in": (str,),
+    "stage_out": (str,),
 }
 _FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age", "connection_max_lifetime",
            "reattach_grace")

@@ -222,3 +222,90 @@ def _user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+# The image cache (`nodestepctl run --image`): where it goes unless the settings say, and
+# the free space below which doctor warns (an HPC image is easily a few GiB unpacked).
+DEFAULT_IMAGE_CACHE_DIR = "/var/lib/nodestepd/images"
+IMAGE_CACHE_MIN_FREE = 2 << 30
+
+
+def check_image_cache(config: DaemonConfig) -> list[Check]:
+    """The image cache dir: root's and not writable by others, like the daemon's own dirs, with room for images."""
+    path = getattr(config, "image_cache_dir", DEFAULT_IMAGE_CACHE_DIR)
+    label = "image cache"
+    owner = _check_daemon_dir(label, path)
+    if owner.level is not Level.OK:
+        return [owner]
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        fs = os.statvfs(existing)
+    except OSError as e:
+        return [owner, warn(label, f"the free space under {existing} cannot be read: {e.strerror}", "run doctor as root.")]
+    return [owner, image_cache_space(path, fs.f_bavail * fs.f_frsize)]
+
+
+def image_cache_space(path: str, free: int) -> Check:
+    gib = free / (1 << 30)
+    if free < IMAGE_CACHE_MIN_FREE:
+        return warn("image cache", f"{gib:.1f} GiB free on the file system of {path}: images may not fit",
+                    "free some space there, or set image_cache_dir to a larger file system.")
+    return ok("image cache", f"{gib:.1f} GiB free on the file system of {path}")
+
+
+def check_stage_hooks(config: DaemonConfig, identity: Identity) -> list[Check]:
+    """stage_in and stage_out: executable, by the user too, and root's alone (the daemon refuses them otherwise)."""
+    checks = []
+    for setting in ("stage_in", "stage_out"):
+        path = getattr(config, setting)
+        name = setting
+        if not path:
+            checks.append(ok(name, "not set"))
+            continue
+        problem = hook_problem(path)
+        if problem is not None:
+            checks.append(fail(name, f"{path} cannot be used: {problem}; the daemon refuses to start with it",
+                               "install it as a root-owned executable (chown root, chmod 0755) in a directory only "
+                               "root may write."))
+        elif not _executable_by(os.stat(path), identity):
+            checks.append(fail(name, f"{path} is not executable by {identity.user}: every launch of theirs would fail",
+                               f"chmod o+x {path} (or make it executable by a group {identity.user} is in)."))
+        else:
+            checks.append(ok(name, f"{path} is root's, executable, and runs as {identity.user} at every launch"))
+    return checks
+
+
+def hook_problem(path: str) -> str | None:
+    """Why a stage hook could not be used by a root daemon (daemon/trustedpaths.py's rule), or None."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if not st.st_mode & 0o111:
+        return f"{path} is not executable (mode {stat.S_IMODE(st.st_mode):04o})"
+    prefix = ""
+    for part in [p for p in os.path.normpath(path).split("/") if p]:
+        prefix += "/" + part
+        link = os.lstat(prefix)
+        if stat.S_ISLNK(link.st_mode) and link.st_uid != 0:
+            return f"{prefix} is a symbolic link owned by {_user_name(link.st_uid)}"
+    chain = list(_self_and_ancestors(os.path.realpath(path)))[::-1]
+    for i, directory in enumerate(chain):
+        st = os.stat(directory)
+        reason = untrusted_dir_reason(directory, st.st_uid, st.st_mode, last=i == len(chain) - 1)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _executable_by(st: os.stat_result, identity: Identity) -> bool:
+    """The kernel's execute check for a user (owner, then group, then other bits)."""
+    if st.st_uid == identity.uid:
+        return bool(st.st_mode & stat.S_IXUSR)
+    if st.st_gid == identity.gid or st.st_gid in identity.groups:
+        return bool(st.st_mode & stat.S_IXGRP)
+    return bool(st.st_mode & stat.S_IXOTH)

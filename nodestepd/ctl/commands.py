@@ -47,6 +47,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
     reply = request(args.socket, {"op": "wait", "job_id": job_id, "step_id": step_id, **_whose(args)}, "exit")
+    if reply.get("stage_out_error"):
+        print(f"nodestepctl: warning: {reply['stage_out_error']}", file=sys.stderr)
     return step_exit_status(reply)
 
 
@@ -75,9 +77,10 @@ def ps_table(steps: list[dict], now: float) -> list[str]:
 def _state_column(step: dict) -> str:
     """The state, and how many containers the runtime may still hold (RunTimeDelete hung)."""
     left = sum(1 for task in step["tasks"] if task.get("not_deleted"))
-    if not left:
-        return step["state"]
-    return f"{step['state']} ({left} not deleted)"
+    marks = [f"{left} not deleted"] if left else []
+    if step.get("stage_out_failed"):
+        marks.append("stage_out failed")
+    return f"{step['state']} ({', '.join(marks)})" if marks else step["state"]
 
 
 def _status_column(step: dict) -> str:

@@ -26,14 +26,22 @@ from nodestepd.ctl.checks import (
     Level,
     check_container_path,
     check_daemon_dirs,
+    check_image_cache,
     check_oci_conf,
     check_runtime_dir,
     check_settings,
+    check_stage_hooks,
     check_user_namespaces,
     fail,
     warn,
 )
-from nodestepd.ctl.probes import check_bundle, check_outside_slurm, check_runtime_programs, runtime_env
+from nodestepd.ctl.probes import (
+    check_bundle,
+    check_image_tools,
+    check_outside_slurm,
+    check_runtime_programs,
+    runtime_env,
+)
 from nodestepd.process.identity import Identity
 
 
@@ -83,6 +91,8 @@ def run_doctor(options: DoctorOptions) -> list[Check]:
     checks += oci_checks
     checks += check_runtime_dir(identity, options.linger_dir)
     checks += check_daemon_dirs(config)
+    checks += check_image_cache(config)
+    checks += check_stage_hooks(config, identity)
     if oci is not None:
         checks += check_container_path(oci)
     if oci is None:
@@ -90,6 +100,7 @@ def run_doctor(options: DoctorOptions) -> list[Check]:
     env = runtime_env(oci, identity, os.environ)
     runtime_checks = check_runtime_programs(oci, identity, env, config.node_name)
     checks += runtime_checks
+    checks += check_image_tools(identity, env)
     if options.bundle is None:
         checks.append(warn("bundle", "no --bundle given: the bundle and the test outside Slurm were not checked",
                            "run doctor again with --bundle DIR."))

@@ -6,6 +6,7 @@ Nothing the user controls ever runs as root."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -115,6 +116,45 @@ def check_runtime_programs(oci: OciConf, identity: Identity, env: Mapping[str, s
         else:
             checks.append(ok(name, f"{first} (for {', '.join(keys)})"))
     return checks
+
+
+# The image tools `nodestepctl run --image` runs as the user: skopeo copies an image into
+# the cache, umoci unpacks it into a bundle. umoci before 0.5 cannot unpack zstd layers.
+IMAGE_TOOLS = ("skopeo", "umoci")
+UMOCI_ZSTD = (0, 5)
+
+
+def check_image_tools(identity: Identity, env: Mapping[str, str]) -> list[Check]:
+    """skopeo and umoci: found on the runtime's PATH, and `--version` runs as the user."""
+    checks = []
+    for tool in IMAGE_TOOLS:
+        name = f"image tool {tool}"
+        program = shutil.which(tool, path=env.get("PATH", os.defpath))
+        if program is None:
+            checks.append(warn(name, f"{tool} is not found in PATH={env.get('PATH', os.defpath)}: "
+                                     "`nodestepctl run --image` cannot work", f"apt-get install {tool}."))
+            continue
+        result = run_as(identity, [program, "--version"], env=env, cwd="/", timeout=PROBE_TIMEOUT)
+        first = result.output.splitlines()[0] if result.output else "(no output)"
+        if result.status != 0:
+            checks.append(fail(name, f"`{program} --version` as {identity.user} failed (status {result.status}): {first}",
+                               f"make {program} work for {identity.user} first."))
+            continue
+        version = tool_version(first)
+        if tool == "umoci" and version is not None and version < UMOCI_ZSTD:
+            checks.append(warn(name, f"{first}: umoci before 0.5 cannot unpack zstd-compressed layers, so images "
+                                     "that use them cannot be run", "install umoci 0.5 or later for such images."))
+        elif version is None:
+            checks.append(warn(name, f"{first}: not a version doctor understands", f"check that {program} is {tool}."))
+        else:
+            checks.append(ok(name, f"{first} ({program})"))
+    return checks
+
+
+def tool_version(line: str) -> tuple[int, ...] | None:
+    """(major, minor) from a `NAME version X.Y.Z...` line, or None."""
+    match = re.search(r"\bversion v?(\d+)\.(\d+)", line)
+    return (int(match[1]), int(match[2])) if match else None
 
 
 @dataclass(frozen=True)

@@ -351,7 +351,7 @@ class Attachment:
                 if reply is None:
                     return None
                 if reply["type"] == "exit":
-                    return step_exit_status(reply)
+                    return _exit_status(reply)
                 if reply["type"] == "error":
                     print(f"nodestepctl: {reply.get('error')}", file=sys.stderr)
 
@@ -369,7 +369,7 @@ class Attachment:
                     return sock, None
                 sock.close()
                 if reply is not None and reply["type"] == "exit":
-                    return None, step_exit_status(reply)
+                    return None, _exit_status(reply)
                 if reply is not None and reply.get("code") != "busy":
                     self._refused(reply, acknowledged)
             remaining = deadline - time.monotonic()
@@ -421,3 +421,10 @@ class Attachment:
             print(f"nodestepctl: signal {signal.Signals(signum).name} held until nodestepd is back",
                   file=sys.stderr, flush=True)
         self.held += signums
+
+
+def _exit_status(reply: dict) -> int:
+    """The status an `exit` reply gives, saying first what went wrong after the step (stage_out)."""
+    if reply.get("stage_out_error"):
+        print(f"nodestepctl: warning: {reply['stage_out_error']}", file=sys.stderr)
+    return step_exit_status(reply)

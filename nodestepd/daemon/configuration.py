@@ -12,7 +12,7 @@ import os
 from nodestepd.config.ociconf import OciConf
 from nodestepd.config.settings import DaemonConfig, resolve_operators
 from nodestepd.daemon.authz import Policy
-from nodestepd.daemon.trustedpaths import untrusted_reason
+from nodestepd.daemon.trustedpaths import hook_problem, untrusted_reason
 from nodestepd.logs import get_logger
 from nodestepd.process.monitor import MonitorMissing, monitor_program
 from nodestepd.step.env import runtime_env_base
@@ -43,6 +43,7 @@ class Configuration:
                 # Steps walk to their spool dir refusing every symlink; resolve the operator's
                 # own links (/var/run -> /run and the like) once, here.
                 spool_dir=os.path.realpath(config.spool_dir), node_name=config.node_name,
+                stage_in=config.stage_in or None, stage_out=config.stage_out or None,
             ),
             oci=oci,
             runtime_env_base=runtime_env_base(os.environ, oci.runtime_env_exclude_re),
@@ -61,6 +62,12 @@ def check_trusted(config: DaemonConfig, oci: OciConf) -> None:
         monitor = monitor_program()  # every task starts through it: no launch could work without
     except MonitorMissing as e:
         raise OSError(str(e)) from None
+    for name in ("stage_in", "stage_out"):
+        path = getattr(config, name)
+        # Checked for owner only when we are root: a daemon run by a user trusts that user's paths.
+        problem = hook_problem(path, check_owner=os.geteuid() == 0) if path else None
+        if problem is not None:
+            raise OSError(f"{name} {path} (run as the user at every launch) cannot be used: {problem}")
     if os.geteuid() != 0:
         return  # a daemon run by a user for itself trusts that user's paths anyway
     for what, path in (("spool_dir", config.spool_dir), ("state_dir", config.state_dir),

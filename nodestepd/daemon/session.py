@@ -51,7 +51,7 @@ from nodestepd.protocol.messages import (
     TaskInfo,
     WaitRequest,
 )
-from nodestepd.step.prepare import prepare
+from nodestepd.step.prepare import prepare, redirect_to
 from nodestepd.step.record import RecordStore
 from nodestepd.step.results import Finished, ResultStore
 from nodestepd.step.spec import LaunchFailed, Stdio, StepResult, step_status
@@ -319,7 +319,7 @@ class Session:
                                              user=spec.identity.user, task_ids=spec.task_ids)
             stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs if output is not None else None)
             await step.launch(functools.partial(prepare, spec, given, launch, step.runtime.env, step.log), stdio,
-                              received_at)
+                              received_at, redirect=functools.partial(redirect_to, spec, given, launch))
         except Exception as e:
             state.registry.discard(step)
             if isinstance(e, LaunchFailed):
@@ -383,6 +383,7 @@ def step_info(step: Step | Finished) -> StepInfo:
                    for t, pid, status, gone in zip(spec.task_ids, step.pids, step.result.task_statuses,
                                                    step.not_deleted)],
             status=step.result.status,
+            stage_out_failed=step.stage_out_error is not None,
         )
     return StepInfo(
         job_id=spec.job_id,
@@ -397,6 +398,7 @@ def step_info(step: Step | Finished) -> StepInfo:
         tasks=[TaskInfo(task_id=t.task_id, pid=t.watch.pid if t.watch else None,
                         status=t.status if t.status_known else None, not_deleted=t.not_deleted) for t in step.tasks],
         status=step.result.status if step.result else None,
+        stage_out_failed=step.stage_out_error is not None,
     )
 
 
@@ -417,4 +419,5 @@ def exit_reply(parts: list[tuple[Step | Finished, StepResult]]) -> ExitReply:
         status=status,
         tasks=tasks,
         cancelled=any(result.cancelled for _, result in parts),
+        stage_out_error="; ".join(step.stage_out_error for step, _ in ordered if step.stage_out_error) or None,
     )

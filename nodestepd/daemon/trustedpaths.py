@@ -34,3 +34,19 @@ def untrusted_reason(path: str) -> str | None:
         if reason is not None:
             return reason
     return None
+
+
+def hook_problem(path: str, *, check_owner: bool = True) -> str | None:
+    """Why a stage hook (run at every launch, as that launch's user) cannot be used, or None.
+
+    It must be an executable regular file; with check_owner, also root's alone, like oci.conf:
+    anyone who could change it would run their code as every user who launches a step."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if not st.st_mode & 0o111:
+        return f"{path} is not executable (mode {stat.S_IMODE(st.st_mode):04o})"
+    return untrusted_reason(path) if check_owner else None

@@ -170,6 +170,56 @@ async def run_helper(
         os.close(out)
 
 
+@dataclass(frozen=True)
+class ProgramResult:
+    status: int
+    stdout: bytes  # at most stdout_cap bytes, from the start
+    stderr: str  # at most stderr_cap characters, from the end, trimmed
+    timed_out: bool = False
+
+
+async def run_program(
+    argv: Sequence[str],
+    *,
+    identity: Identity,
+    cwd: str,
+    env: Mapping[str, str],
+    timeout: float,
+    stdout_cap: int,
+    stderr_cap: int,
+) -> ProgramResult:
+    """Run a program (no shell) as the user in a process group of its own, bounded by
+    timeout (then it and its whole group are killed), and keep the start of its stdout
+    and the end of its stderr (a site's stage hook: only these capped bytes are ever read).
+
+    Like run_helper, the output goes to memfds and we wait for the exit (pidfd), never
+    for end-of-file. Raises OSError when the program cannot be started.
+    """
+    out = os.memfd_create("nodestepd-program-out", os.MFD_CLOEXEC)
+    err = os.memfd_create("nodestepd-program-err", os.MFD_CLOEXEC)
+    try:
+        watch = await asyncio.to_thread(  # a fork and an exec: off the loop
+            spawn, argv, identity=identity, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            process_group=True, umask=RUNTIME_UMASK)
+        timed_out = False
+        try:
+            await asyncio.wait_for(watch.wait(), timeout)
+        except TimeoutError:
+            timed_out = True
+        finally:
+            watch.kill_group(signal.SIGKILL)  # what it left running in its group, or all of it after a timeout
+        status = await watch.wait()
+        watch.reap()
+        stdout = os.pread(out, stdout_cap, 0)
+        size = os.fstat(err).st_size
+        tail = os.pread(err, stderr_cap * 4, max(0, size - stderr_cap * 4))
+        stderr = tail.decode("utf-8", "replace").strip()[-stderr_cap:]
+        return ProgramResult(status, stdout, stderr, timed_out)
+    finally:
+        os.close(out)
+        os.close(err)
+
+
 def group_members(leader: int) -> list[int]:
     """Processes of `leader`'s process group that descend from it, leader excluded.
 

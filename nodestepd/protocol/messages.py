@@ -157,6 +157,8 @@ class ExitReply(Reply, tag="exit"):
     status: int | None = 0
     tasks: list[TaskExit] = []
     cancelled: bool = False
+    # How the site's stage_out failed (the step's status is the tasks' all the same).
+    stage_out_error: str | None = None
 
 
 class TaskInfo(msgspec.Struct):
@@ -180,6 +182,7 @@ class StepInfo(msgspec.Struct):
     started_at: float
     tasks: list[TaskInfo]
     status: int | None = None
+    stage_out_failed: bool = False  # the site's stage_out failed at the step's end (the log says how)
 
 
 class StepsReply(Reply, tag="steps"):

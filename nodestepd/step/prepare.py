@@ -8,12 +8,14 @@ nothing is left behind.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nodestepd.config.patterns import PatternContext, expand, shell_unsafe_value
 from nodestepd.logs import BoundLogger
+from nodestepd.process import asuser
 from nodestepd.step import configjson
 from nodestepd.step import env as stepenv
 from nodestepd.step.configjson import BundleConfigError
@@ -60,6 +62,9 @@ class Prepared:
     spool: StepSpool
     tasks: list[Task]  # each with its dir, context and pinned cwd; nothing started yet
     first_commands: list[str]  # per task: RunTimeRun, or RunTimeCreate, expanded
+    rootfs: str = ""  # %r: the bundle's root.path made absolute (the bundle itself with IgnoreFileConfigJson)
+    # The environment each task's files were written with, kept for a redirect() to write them again.
+    step_envs: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
 def prepare(
@@ -109,12 +114,14 @@ def prepare(
         spool = StepSpool.create(layout, spec.identity.uid, spec.identity.gid)
     except SpoolError as e:
         raise LaunchFailed(str(e)) from None
+    step_envs = []
     try:
         for i, task in enumerate(tasks):
             task.cwd = spool.task_dir_pinned(i)
             # Slurm's task variables first, then EnvExclude, as Slurm gives them to a task.
             task_env = {**given.env, **stepenv.slurm_task_env(_slurm_task(spec, task))}
             step_env = stepenv.exclude_env(task_env, oci.env_exclude_re)
+            step_envs.append(step_env)
             _write_task_files(spool, i, task, spec, given, settings, bundle_config, step_env, layout.step_dir)
         spool.hand_over()
         spool.created_dirs()  # read now, while nothing else can have moved them
@@ -126,7 +133,62 @@ def prepare(
         if isinstance(e, (BundleConfigError, ValueError)):
             raise LaunchFailed(str(e)) from None
         raise LaunchFailed(f"cannot prepare the spool dir {layout.step_dir}: {e}") from None
-    return Prepared(spool, tasks, first_commands)
+    return Prepared(spool, tasks, first_commands, rootfs, step_envs)
+
+
+# The largest config.json a redirected bundle may have: the largest a client may send.
+MAX_CONFIG_JSON_BYTES = 16 << 20
+
+
+def redirect_to(spec: StepSpec, given: LaunchInput, settings: LaunchSettings, prepared: Prepared,
+                bundle: str) -> tuple[StepSpec, Prepared]:
+    """Point a prepared launch at `bundle` (a stage_in hook's choice) as if the user had
+    given it: its config.json is read by a helper running as the step's user (asuser.py),
+    never by root, and the launch is prepared again from it (redirect). Blocking.
+    Returns the step's new spec and launch; raises LaunchFailed."""
+    spec = dataclasses.replace(spec, bundle=bundle)
+    config_json = config_json_error = None
+    if not settings.oci.ignore_file_config_json:
+        path = os.path.join(bundle, CONFIG_FILE_NAME)
+        try:
+            [opened] = asuser.open_as(spec.identity, [path], [], timeout=settings.step.runtime_timeout)
+        except OSError as e:
+            raise LaunchFailed(f"cannot read {path} as {spec.identity.user}: {e}") from None
+        if opened.fd is None:
+            config_json_error = opened.error
+        else:
+            config_json, config_json_error = asuser.read_regular(opened, MAX_CONFIG_JSON_BYTES)
+    given = dataclasses.replace(given, config_json=config_json, config_json_error=config_json_error)
+    return spec, redirect(prepared, spec, given, settings)
+
+
+def redirect(prepared: Prepared, spec: StepSpec, given: LaunchInput, settings: LaunchSettings) -> Prepared:
+    """The prepared launch pointed at another bundle (a stage_in hook's `bundle=`): spec
+    names the new bundle, given carries its config.json as read as the step's user.
+
+    Exactly what a launch with that bundle would get: the task files written again from
+    its config.json (the old ones unlinked through the task dirs' fds), %b and %r, the
+    shell check of the user's values and the first commands. The spool itself, and what
+    the hook put in it, stay. Blocking: call it in a worker thread. Raises LaunchFailed;
+    the spool is the step's to remove then (it is the step's since prepare())."""
+    bundle_config, rootfs = _bundle_config(spec, given, settings)
+    for task in prepared.tasks:
+        bundle = task.context.bundle if bundle_config is not None else spec.bundle
+        task.context = dataclasses.replace(task.context, bundle=bundle, rootfs=rootfs)
+    commands = settings.step.commands
+    _refuse_shell_unsafe_values(commands, prepared.tasks, bundle_is_users=bundle_config is None)
+    first_commands = [expand(commands.first, task.context) for task in prepared.tasks]
+    spool = prepared.spool
+    try:
+        for i, (task, step_env) in enumerate(zip(prepared.tasks, prepared.step_envs)):
+            for name in (CONFIG_FILE_NAME, ENV_FILE_NAME):
+                spool.remove_task_file(i, name)
+            _write_task_files(spool, i, task, spec, given, settings, bundle_config, step_env, spool.layout.step_dir)
+    except (BundleConfigError, ValueError) as e:
+        raise LaunchFailed(str(e)) from None
+    except (SpoolError, OSError) as e:
+        raise LaunchFailed(f"cannot prepare the spool dir {spool.layout.step_dir} again: {e}") from None
+    return Prepared(spool, prepared.tasks, first_commands, rootfs, prepared.step_envs)
 
 
 def _write_task_files(

@@ -96,6 +96,8 @@ class SettingsRecord(msgspec.Struct, forbid_unknown_fields=True):
     kill_wait: float
     runtime_timeout: float
     runtime_env: dict[str, str]
+    stage_in: str | None = None
+    stage_out: str | None = None
 
 
 class StepRecord(msgspec.Struct, forbid_unknown_fields=True):
@@ -121,6 +123,8 @@ class StepRecord(msgspec.Struct, forbid_unknown_fields=True):
     spool: SpoolRecord | None = None
     cancel_reason: str | None = None
     daemon_pid: int = 0  # the daemon that wrote it (for the log after a restart)
+    orig_bundle: str | None = None  # the bundle the user gave, when a stage_in pointed the step at another
+    stage_out_due: bool = False  # stage_in succeeded (or there is none): stage_out runs at the release
 
     @property
     def name(self) -> str:
@@ -141,6 +145,7 @@ STATES = ("launching", "running", "terminating")
 def step_record(
     *, spec: StepSpec, settings: StepSettings, runtime_env: dict[str, str], tasks: list[Task],
     spool: StepSpool | None, state: str, cancel_reason: str | None, started_at: float,
+    orig_bundle: str | None = None, stage_out_due: bool = False,
 ) -> StepRecord:
     """The record of a step in `state` (launching, running, terminating)."""
     commands, ident = settings.commands, spec.identity
@@ -158,6 +163,7 @@ def step_record(
             runtime_delete=commands.delete, disable_cleanup=settings.keep_spool,
             spool_dir=settings.spool_dir, node_name=settings.node_name, kill_wait=settings.kill_wait,
             runtime_timeout=settings.runtime_timeout, runtime_env=runtime_env,
+            stage_in=settings.stage_in, stage_out=settings.stage_out,
         ),
         tasks=[
             TaskRecord(
@@ -173,6 +179,7 @@ def step_record(
             kept=settings.keep_spool,
         ),
         cancel_reason=cancel_reason, daemon_pid=os.getpid(),
+        orig_bundle=orig_bundle if orig_bundle != spec.bundle else None, stage_out_due=stage_out_due,
     )
 
 
@@ -192,7 +199,8 @@ def settings_of(record: StepRecord) -> StepSettings:
     commands = RuntimeCommands(s.oci_conf, s.runtime_run, s.runtime_create, s.runtime_start, s.runtime_query,
                                s.runtime_kill, s.runtime_delete)
     return StepSettings(commands, kill_wait=s.kill_wait, runtime_timeout=s.runtime_timeout,
-                        keep_spool=s.disable_cleanup, spool_dir=s.spool_dir, node_name=s.node_name)
+                        keep_spool=s.disable_cleanup, spool_dir=s.spool_dir, node_name=s.node_name,
+                        stage_in=s.stage_in, stage_out=s.stage_out)
 
 
 def task_of(t: TaskRecord) -> Task:

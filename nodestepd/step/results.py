@@ -58,6 +58,7 @@ class ResultRecord(msgspec.Struct, forbid_unknown_fields=True):
     status: int | None
     cancelled: bool
     tasks: list[TaskOutcome]
+    stage_out_error: str | None = None  # how the site's stage_out failed
 
     @property
     def name(self) -> str:
@@ -76,7 +77,8 @@ def how_it_ended(result: StepResult) -> str:
 
 
 def result_record(spec: StepSpec, pids: list[int | None], result: StepResult, *, started_at: float,
-                  ended_at: float, not_deleted: list[bool] | None = None) -> ResultRecord:
+                  ended_at: float, not_deleted: list[bool] | None = None,
+                  stage_out_error: str | None = None) -> ResultRecord:
     ident = spec.identity
     return ResultRecord(
         format=FORMAT, version=VERSION, job_id=spec.job_id, step_id=spec.step_id, first_task=spec.first_task,
@@ -87,6 +89,7 @@ def result_record(spec: StepSpec, pids: list[int | None], result: StepResult, *,
         tasks=[TaskOutcome(t, pid, status, gone)
                for t, pid, status, gone in zip(spec.task_ids, pids, result.task_statuses,
                                                not_deleted or [False] * len(pids))],
+        stage_out_error=stage_out_error,
     )
 
 
@@ -102,6 +105,7 @@ class Finished:
     result: StepResult
     pids: tuple[int | None, ...]
     not_deleted: tuple[bool, ...]
+    stage_out_error: str | None = None
 
     finished = True
 
@@ -116,7 +120,7 @@ class Finished:
         )
         statuses = tuple(t.status for t in rec.tasks)
         return cls(spec, rec.started_at, rec.ended_at, rec.how, StepResult(rec.status, statuses, rec.cancelled),
-                   tuple(t.pid for t in rec.tasks), tuple(t.not_deleted for t in rec.tasks))
+                   tuple(t.pid for t in rec.tasks), tuple(t.not_deleted for t in rec.tasks), rec.stage_out_error)
 
     @property
     def ref(self) -> str:

@@ -106,6 +106,9 @@ class StepSettings:
     keep_spool: bool  # DisableCleanup
     spool_dir: str  # resolved once: steps walk to it refusing every symlink
     node_name: str  # %n
+    # The site's stage hooks (stage.py): absolute paths of programs run as the user, or None.
+    stage_in: str | None = None
+    stage_out: str | None = None
 
 
 @dataclass(frozen=True)

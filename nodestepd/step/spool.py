@@ -326,6 +326,24 @@ class StepSpool:
         after any check of the name, but not the directory this fd holds."""
         return f"/proc/{os.getpid()}/fd/{self._task(task_index).fd}"
 
+    def step_dir_pinned(self) -> str:
+        """The step dir through the daemon's own fd (/proc/PID/fd/N), like task_dir_pinned."""
+        if self._closed or self._step is None:
+            raise SpoolError(f"spool dir {self.layout.step_dir} is already closed")
+        return f"/proc/{os.getpid()}/fd/{self._step.fd}"
+
+    def remove_task_file(self, task_index: int, name: str) -> None:
+        """Unlink name in the task dir (through its fd; a link there is removed, never followed), if it is there."""
+        if not name or "/" in name or "\0" in name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a plain file name")
+        task = self._task(task_index)
+        try:
+            os.unlink(name, dir_fd=task.fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise SpoolError(f"cannot remove {join(task.path, name)}: {exc.strerror}") from exc
+
     def write_task_file(self, task_index: int, name: str, data: bytes, mode: int) -> str:
         """Create name exclusively in the task dir, owned by the user with the given mode."""
         if not name or "/" in name or "\0" in name or name in (".", ".."):

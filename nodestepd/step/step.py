@@ -27,9 +27,9 @@ from typing import Callable
 
 from nodestepd.logs import BoundLogger, get_logger
 from nodestepd.process.reaper import Reaper
-from nodestepd.step import record
+from nodestepd.step import record, stage
 from nodestepd.step.modes import Mode, Starting, mode_for
-from nodestepd.step.prepare import Prepared
+from nodestepd.step.prepare import CONFIG_FILE_NAME, Prepared
 from nodestepd.step.record import RecordStore, StepRecord
 from nodestepd.step.results import ResultRecord, ResultStore, result_record
 from nodestepd.step.runtime import Runtime
@@ -38,6 +38,11 @@ from nodestepd.step.layout import SpoolError
 from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import Task
 from nodestepd.step.termination import terminate
+
+
+# Points a prepared launch at another bundle, as the step's user would give it: the new
+# spec and launch (prepare.redirect_to). Blocking.
+Redirect = Callable[[Prepared, str], "tuple[StepSpec, Prepared]"]
 
 
 class StepState(enum.Enum):
@@ -93,6 +98,9 @@ class Step:
         self._cancel_reason: str | None = None
         self._left_running = False  # the daemon stopped and left this step's tasks alone
         self._save_lock = asyncio.Lock()
+        self.orig_bundle = spec.bundle  # spec.bundle changes when a stage_in points the step at another bundle
+        self._stage_out_due = False  # stage_in succeeded (or there is none): stage_out runs at the release
+        self.stage_out_error: str | None = None  # how stage_out failed, kept with the result
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
 
     @property
@@ -107,16 +115,19 @@ class Step:
 
     # ---- launch ---------------------------------------------------------------------
 
-    async def launch(self, prepare: Callable[[], Prepared], stdio: Stdio, received_at: float) -> None:
+    async def launch(self, prepare: Callable[[], Prepared], stdio: Stdio, received_at: float,
+                     redirect: Redirect | None = None) -> None:
         """Prepare the spool and start every task; then the step runs on its own.
 
         prepare: the blocking preparation (prepare.prepare with this launch's input), run
         in a worker thread. Raises LaunchFailed with nothing left behind, the step then
         finished with status 125 for whoever waits for it. received_at: time.monotonic()
-        when the request arrived, for the launch latency in the log.
+        when the request arrived, for the launch latency in the log. redirect: what
+        points the prepared launch at another bundle (prepare.redirect_to, blocking), for a
+        stage_in that asks for one.
         """
         try:
-            await self._launch(prepare, stdio)
+            await self._launch(prepare, stdio, redirect)
         except asyncio.CancelledError:
             # The daemon is stopping in the middle of the launch. Nothing is released: the
             # record says "launching", and the next daemon undoes what was started (resume).
@@ -133,12 +144,17 @@ class Step:
             # RUNNING, while its record was written, has begun the termination itself.)
             self._begin_termination()
 
-    async def _launch(self, prepare: Callable[[], Prepared], stdio: Stdio) -> None:
+    async def _launch(self, prepare: Callable[[], Prepared], stdio: Stdio, redirect: Redirect | None) -> None:
         prepared = await asyncio.to_thread(prepare)
         self.spool, self.tasks = prepared.spool, prepared.tasks
         # Recorded before anything runs: a daemon that dies from here on leaves a record
         # that says what to clean up.
         await self._save_or_fail()
+        if self.settings.stage_in is not None:
+            prepared = await self._stage_in(prepared, redirect)
+        self._stage_out_due = True
+        if self.settings.stage_in is not None:
+            await self._save_or_fail()  # with the bundle it may have chosen, and stage_out due
         exits = await asyncio.to_thread(self.store.open_exits, self.name)
         try:
             await self.mode.start(self.tasks, Starting(prepared.first_commands, stdio, exits, self.spec.first_task,
@@ -152,6 +168,67 @@ class Step:
             await self.mode.undo(self.tasks)
             raise
         self._keeps_result = True
+
+    async def _stage_in(self, prepared: Prepared, redirect: Redirect | None) -> Prepared:
+        """Run the site's stage_in as the user; raises LaunchFailed when it fails (or asks
+        for a bundle that cannot be used). Returns the launch as it now stands."""
+        path = self.settings.stage_in
+        assert path is not None and self.spool is not None
+        env = self._hook_env("in", prepared.rootfs)
+        self.log.debug("running stage_in", hook=path)
+        try:
+            result = await stage.run_hook(path, env, identity=self.spec.identity, cwd=self.spool.step_dir_pinned(),
+                                          timeout=self.settings.runtime_timeout)
+        except OSError as e:
+            raise LaunchFailed(f"cannot run stage_in {path} as {self.spec.identity.user}: {e.strerror or e}") from None
+        problem = stage.failure("stage_in", path, result, self.settings.runtime_timeout)
+        if problem is not None:
+            self.log.error("stage_in failed", hook=path, status=result.status, timed_out=result.timed_out,
+                           stderr=result.stderr)
+            raise LaunchFailed(problem)
+        try:
+            bundle = stage.requested_bundle(result.stdout)
+        except stage.StageOutputError as e:
+            raise LaunchFailed(f"stage_in {path} asked for another bundle: {e}") from None
+        if bundle is None or bundle == self.spec.bundle:
+            return prepared
+        if redirect is None:
+            raise LaunchFailed(f"stage_in {path} asked for another bundle, which this launch cannot take")
+        self.log.info("stage_in points the step at another bundle", bundle=bundle, orig_bundle=self.spec.bundle)
+        spec, prepared = await asyncio.to_thread(redirect, prepared, bundle)
+        self.spec = spec
+        return prepared
+
+    async def _stage_out(self, result: StepResult) -> None:
+        """Run the site's stage_out as the user; a failure is logged and kept with the result."""
+        path = self.settings.stage_out
+        assert path is not None
+        rootfs = self.tasks[0].context.rootfs if self.tasks else self.spec.bundle
+        status = "unknown" if result.status is None else str(result.status)
+        env = self._hook_env("out", rootfs, status=status)
+        cwd = "/"
+        if self.spool is not None:
+            try:
+                cwd = self.spool.step_dir_pinned()
+            except SpoolError:
+                pass
+        self.log.debug("running stage_out", hook=path)
+        try:
+            ran = await stage.run_hook(path, env, identity=self.spec.identity, cwd=cwd,
+                                       timeout=self.settings.runtime_timeout)
+            problem = stage.failure("stage_out", path, ran, self.settings.runtime_timeout)
+        except OSError as e:
+            problem = f"cannot run stage_out {path} as {self.spec.identity.user}: {e.strerror or e}"
+        if problem is not None:
+            self.stage_out_error = problem
+            self.log.error("stage_out failed", hook=path, problem=problem)
+
+    def _hook_env(self, which: str, rootfs: str, status: str | None = None) -> dict[str, str]:
+        spool_dir = self.spool.layout.step_dir if self.spool is not None else ""
+        config_json = "" if self.tasks and self.tasks[0].context.bundle == self.spec.bundle \
+            else f"{self.spec.bundle}/{CONFIG_FILE_NAME}"
+        return stage.hook_env(self.runtime.env, stage=which, spec=self.spec, orig_bundle=self.orig_bundle,
+                              rootfs=rootfs, spool_dir=spool_dir, config_json=config_json, status=status)
 
     async def _save_or_fail(self) -> None:
         """Write the record; a launch that cannot be recorded does not go on."""
@@ -176,6 +253,8 @@ class Step:
         step = new_step(record.spec_of(rec), record.settings_of(rec), dict(rec.settings.runtime_env),
                         store=store, reaper=reaper, results=results)
         step.started_at = rec.started_at
+        step.orig_bundle = rec.orig_bundle or rec.bundle
+        step._stage_out_due = rec.stage_out_due
         step._keeps_result = True  # `wait` may have been told of it before the restart
         step.tasks, step.spool = tasks, spool
         for i, task in enumerate(tasks):
@@ -301,7 +380,7 @@ class Step:
             rec = record.step_record(
                 spec=self.spec, settings=self.settings, runtime_env=dict(self.runtime.env), tasks=self.tasks,
                 spool=self.spool, state=self.state.value, cancel_reason=self._cancel_reason,
-                started_at=self.started_at,
+                started_at=self.started_at, orig_bundle=self.orig_bundle, stage_out_due=self._stage_out_due,
             )
             await asyncio.to_thread(self.store.write, rec)
 
@@ -328,7 +407,7 @@ class Step:
         """The step's result as it is kept (step/results.py) and shown by `wait` and `ps`."""
         return result_record(self.spec, [t.watch.pid if t.watch else None for t in self.tasks], result,
                              started_at=self.started_at, ended_at=self.ended_at or time.time(),
-                             not_deleted=[t.not_deleted for t in self.tasks])
+                             not_deleted=[t.not_deleted for t in self.tasks], stage_out_error=self.stage_out_error)
 
     async def _release(self, result: StepResult) -> None:
         """Reap the tasks, let their monitors go, remove the spool, keep the result and remove
@@ -342,6 +421,14 @@ class Step:
                 task.monitor.release(self.reaper)
                 task.monitor = None
         self.reaper.sweep()  # whatever the runtimes left orphaned to us
+        if self._stage_out_due and self.settings.stage_out is not None:
+            # The containers are deleted by now (after_exit, the termination, or the undone
+            # launch); the spool is still there for the hook to take what it needs.
+            try:
+                await self._stage_out(result)
+            except Exception as e:  # never leave the step half-released
+                self.log.exception("stage_out could not be run", error=str(e))
+                self.stage_out_error = f"stage_out {self.settings.stage_out} could not be run: {e}"
         if self.spool is not None:
             spool, self.spool = self.spool, None
             if self.settings.keep_spool:

@@ -22,8 +22,10 @@ from nodestepd.ctl import probes
 from nodestepd.process.identity import Identity
 from nodestepd.process.spawn import (
     HelperResult,
+    ProgramResult,
     group_members,
     run_helper,
+    run_program,
     signal_group_except_leader,
     spawn,
     spawn_shell,
@@ -414,6 +416,25 @@ async def test_run_helper_collects_output_and_status(identity, home):
     result = await run_helper("echo out; echo err >&2; printf '  tail  \\n\\n'; exit 3",
                               identity=identity, cwd=str(home), env={}, timeout=30)
     assert result == HelperResult(3, "out\nerr\n  tail")
+
+
+async def test_run_program_keeps_the_start_of_stdout_and_the_end_of_stderr(identity, home):
+    """A stage hook's output: root reads only the capped bytes, stdout and stderr apart."""
+    script = 'echo "$(id -u) $(pwd) $X"; seq 1 1000; seq 1 1000 >&2; echo last words >&2; exit 4'
+    result = await run_program(["/bin/sh", "-c", script], identity=identity, cwd=str(home),
+                               env={"X": "x", "PATH": "/usr/bin:/bin"}, timeout=30, stdout_cap=40, stderr_cap=14)
+    assert result == ProgramResult(4, f"{identity.uid} {home} x\n1\n2\n3\n".encode()[:40], "000\nlast words")
+
+
+async def test_run_program_timeout_kills_its_group(identity, home):
+    pids = home / "pids"
+    started = time.monotonic()
+    result = await run_program(["/bin/sh", "-c", f"sleep 1000 & echo $! > {shlex.quote(str(pids))}; wait"],
+                               identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"}, timeout=0.5,
+                               stdout_cap=10, stderr_cap=10)
+    assert (result.status, result.timed_out) == (128 + signal.SIGKILL, True)
+    assert 0.5 <= time.monotonic() - started < 10
+    assert_exits(int(pids.read_text()))
 
 
 async def test_run_helper_runs_as_the_user_with_env_and_cwd(identity, home):

@@ -17,7 +17,7 @@ from nodestepd.daemon.jobids import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
 KNOWN = ("client_timeout, connection_max_lifetime, debug_timings, kill_wait, log_format, log_level, max_args_bytes, max_connections, max_connections_per_user, "
          "max_env_bytes, max_message_size, max_steps, max_steps_per_user, no_new_privs, node_name, oci_conf, operators, "
-         "reattach_grace, results_max, results_max_age, results_max_per_user, runtime_timeout, slurm_conf, socket, spool_dir, state_dir, steps_on_stop")
+         "reattach_grace, results_max, results_max_age, results_max_per_user, runtime_timeout, slurm_conf, socket, spool_dir, stage_in, stage_out, state_dir, steps_on_stop")
 EX_CONFIG = 78
 
 
@@ -341,3 +341,28 @@ def test_job_ids_are_unique_across_threads(tmp_path):
         t.join()
     assert sorted(got) == list(range(100_000_000, 100_000_100))
     assert JobIdAllocator(str(tmp_path)).allocate() == 100_000_100
+
+
+# ---- stage hooks ----------------------------------------------------------------------------
+
+
+def test_stage_hooks_default_to_none_and_take_absolute_paths(tmp_path):
+    assert (load_config(None, {}).stage_in, load_config(None, {}).stage_out) == ("", "")
+    path = toml(tmp_path, 'stage_in = "/usr/local/libexec/stage-in"\nstage_out = ""\n')
+    config = load_config(path, {})
+    assert (config.stage_in, config.stage_out) == ("/usr/local/libexec/stage-in", "")
+
+
+@pytest.mark.parametrize("name", ["stage_in", "stage_out"])
+@pytest.mark.parametrize("value", ["stage-in", "./hooks/stage", "/a\\u0000b"])
+def test_stage_hooks_must_be_absolute_paths(tmp_path, name, value):
+    path = toml(tmp_path, f'{name} = "{value}"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path, {})
+    assert str(e.value).startswith(f"{path}: {name}: must be the absolute path of a program (or \"\" for none), got ")
+
+
+def test_stage_hooks_are_strings(tmp_path):
+    path = toml(tmp_path, 'stage_in = ["/bin/true"]\n')
+    with pytest.raises(ConfigError, match="stage_in: expected str, got list"):
+        load_config(path, {})

@@ -86,3 +86,47 @@ def test_the_daemon_refuses_a_monitor_program_others_can_replace(base, monkeypat
     (shared / monitor.PROGRAM_NAME).unlink()
     with pytest.raises(OSError, match="is missing or not executable: reinstall nodestepd"):
         check_trusted(config, oci)
+
+
+def test_a_stage_hook_must_be_a_root_owned_executable(base):
+    """A stage hook runs as every user who launches a step: like oci.conf, only root may change it."""
+    from nodestepd.daemon.trustedpaths import hook_problem
+
+    hook = base / "stage-in"
+    assert hook_problem(str(hook)) == f"{hook}: No such file or directory"
+    hook.mkdir()
+    assert hook_problem(str(hook)) == f"{hook} is not a regular file"
+    hook.rmdir()
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o644)
+    assert hook_problem(str(hook)) == f"{hook} is not executable (mode 0644)"
+    hook.chmod(0o755)
+    assert hook_problem(str(hook)) is None
+    hook.chmod(0o757)
+    assert hook_problem(str(hook)) == f"{hook} is writable by others (mode 0757)"
+    hook.chmod(0o755)
+    os.chown(hook, 4242, 4242)
+    assert hook_problem(str(hook)) == f"{hook} is owned by uid 4242, not root"
+    assert hook_problem(str(hook), check_owner=False) is None  # a daemon run by a user for itself
+
+
+def test_the_daemon_refuses_an_untrusted_stage_hook(base):
+    from nodestepd.config.ociconf import OciConf
+    from nodestepd.config.settings import DaemonConfig
+    from nodestepd.daemon.configuration import check_trusted
+
+    for d in ("spool", "state", "run"):
+        (base / d).mkdir(mode=0o755)
+    (base / "oci.conf").write_text("")
+    (base / "hook").write_text("#!/bin/sh\n")
+    (base / "hook").chmod(0o775)
+    oci = OciConf(path=str(base / "oci.conf"))
+    for name in ("stage_in", "stage_out"):
+        config = DaemonConfig(spool_dir=str(base / "spool"), state_dir=str(base / "state"),
+                              socket=str(base / "run/s"), **{name: str(base / "hook")})
+        with pytest.raises(OSError) as e:
+            check_trusted(config, oci)
+        assert str(e.value) == (f"{name} {base}/hook (run as the user at every launch) cannot be used: "
+                                f"{base}/hook is writable by its group (mode 0775)")
+    (base / "hook").chmod(0o755)
+    check_trusted(config, oci)

@@ -30,6 +30,26 @@ def test_round_trip():
     assert steprecord.decode(steprecord.encode(record)) == record
 
 
+def test_a_record_keeps_the_stage_hooks_and_the_bundle_a_stage_in_replaced():
+    record = make_record()
+    record.settings.stage_in, record.settings.stage_out = "/hooks/in", "/hooks/out"
+    record.orig_bundle, record.stage_out_due = "/given", True
+    assert steprecord.decode(steprecord.encode(record)) == record
+    settings = steprecord.settings_of(record)
+    assert (settings.stage_in, settings.stage_out) == ("/hooks/in", "/hooks/out")
+
+
+def test_a_record_written_before_stage_hooks_reads_as_without_them():
+    import msgspec
+    data = msgspec.json.decode(steprecord.encode(make_record()))
+    for key in ("orig_bundle", "stage_out_due"):
+        del data[key]
+    for key in ("stage_in", "stage_out"):
+        del data["settings"][key]
+    record = steprecord.decode(msgspec.json.encode(data))
+    assert (record.orig_bundle, record.stage_out_due, record.settings.stage_out) == (None, False, None)
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"", "not JSON"),
     (b'{"format": "nodestepd-step", "version": 1, "job_', "not JSON"),
