@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import threading
 
 from nodestepd.daemon.errors import Refused
+from nodestepd.step import statefiles
 
 # Slurm's job ids stay below 0x04000000; ours start above, so an id the daemon hands
 # out never collides with a real SLURM_JOB_ID on the same node.
@@ -15,8 +14,6 @@ FIRST_DAEMON_JOB_ID = 100_000_000
 
 
 _NAME = "next-job-id"
-_TMP_NAME = "next-job-id.tmp"
-_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class JobIdAllocator:
@@ -33,7 +30,7 @@ class JobIdAllocator:
         self._lock = threading.Lock()
         self._dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd = os.open(_NAME, os.O_RDONLY | _NOFOLLOW, dir_fd=self._dir_fd)
+            fd = os.open(_NAME, os.O_RDONLY | statefiles.NOFOLLOW, dir_fd=self._dir_fd)
         except FileNotFoundError:
             return
         except OSError as e:
@@ -60,20 +57,4 @@ class JobIdAllocator:
             return job_id
 
     def _keep(self, next_id: int) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_TMP_NAME, dir_fd=self._dir_fd)  # O_EXCL below: whatever was there is gone
-        fd = os.open(_TMP_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._dir_fd)
-        try:
-            data = f"{next_id}\n".encode()
-            if os.write(fd, data) != len(data):  # a few bytes: all of them, or a full disk
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(_TMP_NAME, _NAME, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(_TMP_NAME, dir_fd=self._dir_fd)
-            raise
+        statefiles.write_atomically(self._dir_fd, _NAME, f"{next_id}\n".encode())

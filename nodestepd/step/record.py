@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import time
 from dataclasses import dataclass
 
 import msgspec
@@ -27,6 +26,7 @@ from nodestepd.process.identity import Identity
 from nodestepd.process.exitfile import ExitRecords, read_exit_file
 from nodestepd.step.spec import RuntimeCommands, StepSettings, StepSpec
 from nodestepd.step.layout import SpoolLayout
+from nodestepd.step import statefiles
 from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import ProcessId, Task
 
@@ -36,8 +36,7 @@ STEPS_DIR = "steps"
 QUARANTINE_DIR = "quarantine"
 RECORD_SUFFIX = ".json"
 EXITS_SUFFIX = ".exits"
-_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
+MAX_RECORD_BYTES = 16 << 20  # far above any record (a launch's environment is at most max_env_bytes)
 
 
 class UserRecord(msgspec.Struct, forbid_unknown_fields=True):
@@ -286,12 +285,7 @@ class RecordStore:
 
     def __init__(self, state_dir: str) -> None:
         self.path = os.path.join(state_dir, STEPS_DIR)
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        self._fd = os.open(self.path, _DIR_FLAGS)
-        st = os.fstat(self._fd)
-        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
-            os.close(self._fd)
-            raise OSError(f"{self.path} must be owned by root and writable by root only")
+        self._fd = statefiles.open_private_dir(self.path)
         self._quarantine = os.path.join(state_dir, QUARANTINE_DIR)
 
     def close(self) -> None:
@@ -301,28 +295,7 @@ class RecordStore:
 
     def write(self, record: StepRecord) -> None:
         """Replace the record atomically and durably; on failure (OSError) nothing is left behind."""
-        data = encode(record)
-        final = record.name + RECORD_SUFFIX
-        tmp = f".{final}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=self._fd)  # O_EXCL below: nothing stale may be written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, final, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-        except BaseException:
-            # A full disk: the record before it stands, and no temporary file is left.
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=self._fd)
-            raise
-        os.fsync(self._fd)
+        statefiles.write_atomically(self._fd, record.name + RECORD_SUFFIX, encode(record))
 
     def remove(self, name: str) -> None:
         """The step is cleaned up: its record and exit file go."""
@@ -334,7 +307,7 @@ class RecordStore:
     def open_exits(self, name: str) -> int:
         """The step's exit file, for its task monitors to append to (a new fd, O_APPEND)."""
         return os.open(
-            name + EXITS_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o600, dir_fd=self._fd
+            name + EXITS_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT | statefiles.NOFOLLOW, 0o600, dir_fd=self._fd
         )
 
     def read_exits(self, name: str) -> ExitRecords:
@@ -349,15 +322,14 @@ class RecordStore:
         records: list[StepRecord] = []
         problems: list[LoadProblem] = []
         for name in sorted(os.listdir(self._fd)):
-            if name.startswith(".") and name.endswith(".tmp"):
-                # A write the previous daemon did not finish: the record before it stands.
+            if statefiles.is_unfinished_write(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=self._fd)
                 continue
             if not name.endswith(RECORD_SUFFIX):
                 continue
             try:
-                record = decode(self._read(name))
+                record = decode(statefiles.read_file(self._fd, name, MAX_RECORD_BYTES))
                 if record.name + RECORD_SUFFIX != name:
                     if record.legacy_name + RECORD_SUFFIX != name:
                         raise RecordError(f"names step {record.name}, not {name.removesuffix(RECORD_SUFFIX)}")
@@ -384,24 +356,7 @@ class RecordStore:
                   src_dir_fd=self._fd, dst_dir_fd=self._fd)
         os.fsync(self._fd)
 
-    def _read(self, name: str) -> bytes:
-        fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=self._fd)
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
-
     def quarantine(self, name: str) -> str:
         """Move a bad record (and its exit file) out of the way, keeping it for a human to read."""
-        os.makedirs(self._quarantine, mode=0o700, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        target = os.path.join(self._quarantine, f"{name}.{stamp}.{os.getpid()}")
-        qfd = os.open(self._quarantine, _DIR_FLAGS)
-        try:
-            os.replace(name, os.path.basename(target), src_dir_fd=self._fd, dst_dir_fd=qfd)
-            exits = name.removesuffix(RECORD_SUFFIX) + EXITS_SUFFIX
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(exits, os.path.basename(target) + EXITS_SUFFIX, src_dir_fd=self._fd, dst_dir_fd=qfd)
-            os.fsync(qfd)
-        finally:
-            os.close(qfd)
-        os.fsync(self._fd)
-        return target
+        exits = name.removesuffix(RECORD_SUFFIX) + EXITS_SUFFIX
+        return statefiles.move_to_quarantine(self._fd, self._quarantine, name, companions=[(exits, EXITS_SUFFIX)])

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from dataclasses import dataclass
 
 import msgspec
 
 from nodestepd.process.identity import Identity
 from nodestepd.protocol.wire import STATUS_LAUNCH_FAILED
+from nodestepd.step import statefiles
 from nodestepd.step.record import QUARANTINE_DIR, UserRecord, record_name
 from nodestepd.step.spec import StepResult, StepSpec
 
@@ -29,8 +29,6 @@ VERSION = 1
 RESULTS_DIR = "results"
 SUFFIX = ".json"
 HOWS = ("exited", "signalled", "cancelled", "launch-failed", "unknown")
-_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
 
 
 class TaskOutcome(msgspec.Struct, forbid_unknown_fields=True):
@@ -180,12 +178,7 @@ class ResultStore:
 
     def __init__(self, state_dir: str) -> None:
         self.path = os.path.join(state_dir, RESULTS_DIR)
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        self._fd = os.open(self.path, _DIR_FLAGS)
-        st = os.fstat(self._fd)
-        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
-            os.close(self._fd)
-            raise OSError(f"{self.path} must be owned by root and writable by root only")
+        self._fd = statefiles.open_private_dir(self.path)
         self._quarantine = os.path.join(state_dir, QUARANTINE_DIR)
 
     def close(self) -> None:
@@ -195,26 +188,7 @@ class ResultStore:
 
     def write(self, rec: ResultRecord) -> None:
         """Keep the result, atomically and durably; on failure (a full disk) nothing is left."""
-        final = rec.name + SUFFIX
-        tmp = f".{final}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=self._fd)  # O_EXCL below: nothing stale may be written through
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=self._fd)
-        try:
-            view = memoryview(encode(rec))
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            os.replace(tmp, final, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=self._fd)
-            raise
-        os.fsync(self._fd)
+        statefiles.write_atomically(self._fd, rec.name + SUFFIX, encode(rec))
 
     def remove(self, names: list[str]) -> None:
         """Results past their retention: gone (one fsync of the directory for all of them)."""
@@ -228,37 +202,20 @@ class ResultStore:
         results: list[ResultRecord] = []
         problems: list[Unreadable] = []
         for name in sorted(os.listdir(self._fd)):
-            if name.startswith(".") and name.endswith(".tmp"):
+            if statefiles.is_unfinished_write(name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(name, dir_fd=self._fd)  # a write cut short: that result was never kept
                 continue
             try:
                 if not name.endswith(SUFFIX):
                     raise ResultError("not a result file")
-                rec = decode(self._read(name))
+                rec = decode(statefiles.read_file(self._fd, name))
                 if rec.name + SUFFIX != name:
                     raise ResultError(f"names step {rec.name}, not {name.removesuffix(SUFFIX)}")
             except (ResultError, OSError) as e:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                problems.append(Unreadable(name, f"{reason}; moved to {self._move_to_quarantine(name)}"))
+                problems.append(Unreadable(name, f"{reason}; moved to {statefiles.move_to_quarantine(self._fd, self._quarantine, name, prefix='result.')}"))
                 continue
             results.append(rec)
         results.sort(key=lambda r: r.ended_at)
         return results, problems
-
-    def _read(self, name: str) -> bytes:
-        fd = os.open(name, os.O_RDONLY | _NOFOLLOW, dir_fd=self._fd)
-        with os.fdopen(fd, "rb") as f:
-            return f.read(1 << 20)
-
-    def _move_to_quarantine(self, name: str) -> str:
-        os.makedirs(self._quarantine, mode=0o700, exist_ok=True)
-        target = f"result.{name}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
-        qfd = os.open(self._quarantine, _DIR_FLAGS)
-        try:
-            os.replace(name, target, src_dir_fd=self._fd, dst_dir_fd=qfd)
-            os.fsync(qfd)
-        finally:
-            os.close(qfd)
-        os.fsync(self._fd)
-        return os.path.join(self._quarantine, target)
