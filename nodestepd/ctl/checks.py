@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from nodestepd.config.ociconf import OciConf, OciConfError, load_oci_conf
 from nodestepd.config.settings import ConfigError, DaemonConfig, load_config
-from nodestepd.config.trust import untrusted_dir_reason
+from nodestepd.config.trust import hook_problem, untrusted_dir_reason
 from nodestepd.process.identity import Identity
 from nodestepd.step.runtime import shell_warnings
 
@@ -275,31 +275,6 @@ def check_stage_hooks(config: DaemonConfig, identity: Identity) -> list[Check]:
         else:
             checks.append(ok(name, f"{path} is root's, executable, and runs as {identity.user} at every launch"))
     return checks
-
-
-def hook_problem(path: str) -> str | None:
-    """Why a stage hook could not be used by a root daemon (daemon/trustedpaths.py's rule), or None."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return f"{path}: {e.strerror}"
-    if not stat.S_ISREG(st.st_mode):
-        return f"{path} is not a regular file"
-    if not st.st_mode & 0o111:
-        return f"{path} is not executable (mode {stat.S_IMODE(st.st_mode):04o})"
-    prefix = ""
-    for part in [p for p in os.path.normpath(path).split("/") if p]:
-        prefix += "/" + part
-        link = os.lstat(prefix)
-        if stat.S_ISLNK(link.st_mode) and link.st_uid != 0:
-            return f"{prefix} is a symbolic link owned by {_user_name(link.st_uid)}"
-    chain = list(_self_and_ancestors(os.path.realpath(path)))[::-1]
-    for i, directory in enumerate(chain):
-        st = os.stat(directory)
-        reason = untrusted_dir_reason(directory, st.st_uid, st.st_mode, last=i == len(chain) - 1)
-        if reason is not None:
-            return reason
-    return None
 
 
 def _executable_by(st: os.stat_result, identity: Identity) -> bool:

@@ -12,7 +12,7 @@ import os
 from nodestepd.config.ociconf import OciConf
 from nodestepd.config.settings import DaemonConfig, resolve_operators
 from nodestepd.daemon.authz import Policy
-from nodestepd.daemon.trustedpaths import hook_problem, untrusted_reason
+from nodestepd.config.trust import hook_problem, untrusted_reason
 from nodestepd.logs import get_logger
 from nodestepd.process.monitor import MonitorMissing, monitor_program
 from nodestepd.step.env import runtime_env_base

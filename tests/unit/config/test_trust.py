@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from nodestepd.config.trust import untrusted_dir_reason
+from nodestepd.config.trust import hook_problem, untrusted_dir_reason
 
 DIR = 0o040000
 
@@ -22,3 +24,17 @@ DIR = 0o040000
 ])
 def test_rule(uid, mode, last, reason):
     assert untrusted_dir_reason("/d", uid, DIR | mode, last=last) == reason
+
+
+def test_hooks_that_cannot_run_at_all(tmp_path):
+    hook = tmp_path / "hook"
+    assert hook_problem(str(hook)) == f"{hook}: No such file or directory"
+    hook.mkdir()
+    assert hook_problem(str(hook)) == f"{hook} is not a regular file"
+    hook.rmdir()
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o644)
+    assert hook_problem(str(hook)) == f"{hook} is not executable (mode 0644)"
+    hook.chmod(0o755)
+    if os.geteuid() != 0:
+        assert "not root" in hook_problem(str(hook))  # a user's own file

@@ -1,4 +1,4 @@
-"""trustedpaths.py: the daemon's own paths must be root's alone (like sshd's StrictModes)."""
+"""config/trust.py over real paths: what root works in by name must be root's alone (like sshd's StrictModes)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nodestepd.daemon.trustedpaths import untrusted_reason
+from nodestepd.config.trust import untrusted_reason
 
 # What is checked is ownership by root: the paths under test must be made by root.
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="makes root-owned paths: needs root")
@@ -90,7 +90,7 @@ def test_the_daemon_refuses_a_monitor_program_others_can_replace(base, monkeypat
 
 def test_a_stage_hook_must_be_a_root_owned_executable(base):
     """A stage hook runs as every user who launches a step: like oci.conf, only root may change it."""
-    from nodestepd.daemon.trustedpaths import hook_problem
+    from nodestepd.config.trust import hook_problem
 
     hook = base / "stage-in"
     assert hook_problem(str(hook)) == f"{hook}: No such file or directory"
