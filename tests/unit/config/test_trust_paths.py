@@ -89,17 +89,12 @@ def test_the_daemon_refuses_a_monitor_program_others_can_replace(base, monkeypat
 
 
 def test_a_stage_hook_must_be_a_root_owned_executable(base):
-    """A stage hook runs as every user who launches a step: like oci.conf, only root may change it."""
+    """A stage hook runs as every user who launches a step: like oci.conf, only root may
+    change it (test_trust.py has what any hook must be)."""
     from nodestepd.config.trust import hook_problem
 
     hook = base / "stage-in"
-    assert hook_problem(str(hook)) == f"{hook}: No such file or directory"
-    hook.mkdir()
-    assert hook_problem(str(hook)) == f"{hook} is not a regular file"
-    hook.rmdir()
     hook.write_text("#!/bin/sh\n")
-    hook.chmod(0o644)
-    assert hook_problem(str(hook)) == f"{hook} is not executable (mode 0644)"
     hook.chmod(0o755)
     assert hook_problem(str(hook)) is None
     hook.chmod(0o757)
