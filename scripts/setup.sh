@@ -4,6 +4,7 @@
 #           gcc libc6-dev (pip compiles nodestepd-monitor, the per-task parent, from C),
 #           systemd (systemd-analyze verifies the units; systemd-socket-activate tests activation),
 #           man-db (the man page test renders with man -l),
+#           skopeo umoci (`run --image`: the import, run as the user; the tests build their images with them),
 #           munge slurmctld slurmd slurm-client (a private single-node Slurm for the srun test;
 #           no service is enabled or configured, the test starts its own daemons)
 #   PyPI:   nodestepd with its test extras (matplotlib among them, for the bench smoke test's
@@ -21,7 +22,7 @@ fi
 
 missing=""
 for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip gcc libc6-dev systemd \
-           man-db munge slurmctld slurmd slurm-client; do
+           man-db skopeo umoci munge slurmctld slurmd slurm-client; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then

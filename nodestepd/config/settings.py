@@ -51,6 +51,11 @@ class DaemonConfig:
     results_max_age: float = 86400.0  # seconds after the step ended
     results_max: int = 1024  # on the node
     results_max_per_user: int = 256
+    # Container images (`run --image`): the per-user cache on local disk, how many imports
+    # run at once, and how long one may take (docs/admin-guide.md).
+    image_cache_dir: str = "/var/cache/nodestepd/images"
+    image_imports_max: int = 2
+    image_import_timeout: float = 600.0
     debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
     config_file: str | None = None  # where the settings came from, for `status`
 
@@ -60,7 +65,7 @@ class DaemonConfig:
         def fail(name: str, message: str) -> ConfigError:
             return ConfigError(f"{sources.get(name, 'default')}: {name}: {message}")
 
-        for name in ("socket", "oci_conf", "spool_dir", "state_dir", "slurm_conf"):
+        for name in ("socket", "oci_conf", "spool_dir", "state_dir", "slurm_conf", "image_cache_dir"):
             value = getattr(self, name)
             if not os.path.isabs(value):
                 raise fail(name, f"must be an absolute path, got {value!r}")
@@ -96,7 +101,9 @@ _INT_BOUNDS = {
     "max_steps_per_user": (1, 100_000),
     "results_max": (1, 100_000),
     "results_max_per_user": (1, 100_000),
+    "image_imports_max": (1, 64),
 }
+IMAGE_IMPORT_TIMEOUT_RANGE = (1.0, 86400.0)
 RESULTS_MAX_AGE_RANGE = (60.0, 366 * 86400.0)
 
 
@@ -115,6 +122,10 @@ def setting_problems(config: DaemonConfig) -> list[tuple[str, str]]:
     if not low <= config.results_max_age <= high:
         problems.append(("results_max_age", f"must be between {low:.0f} and {high:.0f} seconds, got "
                          f"{config.results_max_age}"))
+    low, high = IMAGE_IMPORT_TIMEOUT_RANGE
+    if not low <= config.image_import_timeout <= high:
+        problems.append(("image_import_timeout", f"must be between {low:.0f} and {high:.0f} seconds, got "
+                         f"{config.image_import_timeout}"))
     if not 0.1 <= config.client_timeout <= 3600:
         problems.append(("client_timeout", f"must be between 0.1 and 3600 seconds, got {config.client_timeout}"))
     try:
@@ -176,9 +187,12 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "results_max_age": (int, float),
     "results_max": (int,),
     "results_max_per_user": (int,),
+    "image_cache_dir": (str,),
+    "image_imports_max": (int,),
+    "image_import_timeout": (int, float),
     "debug_timings": (bool,),
 }
-_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age")
+_FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age", "image_import_timeout")
 
 
 def _from_toml(path: str, required: bool) -> dict[str, Any]:

@@ -68,7 +68,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _add_run(sub, raw) -> None:
     run = sub.add_parser(
         "run", formatter_class=raw, help="run a container step and wait for it (or --detach)",
-        description="Run COMMAND in a container made from the OCI bundle DIR, one container per task.\n"
+        description="Run COMMAND in a container made from the OCI bundle DIR (or the image REF), one container\n"
+        "per task. An image is imported (skopeo copy, umoci unpack --rootless) as you, once per node, into\n"
+        "nodestepd's image cache; its rootfs is shared by every step that runs it, read-only, with a tmpfs\n"
+        "on /tmp. The image's Env (under your environment), WorkingDir, Entrypoint and Cmd apply.\n"
         "Attached (default): the containers use this terminal's stdin/stdout/stderr, signals sent to\n"
         "nodestepctl (INT, TERM, HUP, USR1, USR2, CONT, TSTP) go to the step, the step is cancelled if\n"
         "nodestepctl dies, and nodestepctl exits with the step's status: the first non-zero task\n"
@@ -80,13 +83,25 @@ def _add_run(sub, raw) -> None:
         "While the daemon prepares a slow launch, a progress line goes to stderr after 1 s.",
         epilog="Examples:\n"
         "  nodestepctl run --bundle /images/alpine -- uname -a\n"
+        "  nodestepctl run --image docker-archive:app.tar --mount $HOME/data:/data:ro -- /app/run\n"
         "  nodestepctl run --ntasks 4 --env MODE=fast --bundle /images/app -- /app/run\n"
         "  nodestepctl run --detach --output job.log --bundle /images/app -- /app/run  # prints JOB.STEP\n"
         "  srun -N 64 --ntasks-per-node 2 nodestepctl run --bundle /images/app -- /app/run  # one container per task\n"
         "  nodestepctl run --user alice --detach --output /home/alice/job.log --bundle /home/alice/app -- /app/run"
         "  # operators",
     )
-    run.add_argument("--bundle", required=True, metavar="DIR", help="OCI bundle (with config.json unless the site ignores it)")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", metavar="DIR", help="OCI bundle (with config.json unless the site ignores it)")
+    source.add_argument("--image", metavar="REF",
+                        help="container image: docker-archive:PATH, oci-archive:PATH[:TAG], oci:DIR[:TAG], "
+                        "docker://NAME[:TAG] or NAME[:TAG]; imported as you into the node's image cache once, "
+                        "then reused. Without COMMAND the image's Entrypoint and Cmd run")
+    run.add_argument("--mount", action="append", default=[], metavar="SRC:DST[:ro]",
+                     help="with --image: bind SRC (a host path you can use) at DST in the container (repeatable)")
+    run.add_argument("--workdir", metavar="DIR",
+                     help="with --image: the container's working directory (default: the image's WorkingDir, else /)")
+    run.add_argument("--entrypoint", metavar="PROGRAM",
+                     help="with --image: replaces the image's Entrypoint (\"\": none); COMMAND follows it")
     run.add_argument("--job-id", type=int, metavar="J", help="job id (default $SLURM_JOB_ID, else assigned by the daemon)")
     run.add_argument("--step-id", type=int, metavar="S", help="step id (default $SLURM_STEP_ID, else 0)")
     run.add_argument("--ntasks", type=int, metavar="N",
@@ -162,8 +177,8 @@ def _add_reload(sub, raw) -> None:
         description="Re-read the daemon's TOML settings file and oci.conf (as SIGHUP does) and wait for the\n"
         "outcome. New steps use the new configuration; running steps keep the one they started with.\n"
         "A file with problems is rejected, every problem printed, and the old configuration stays in use\n"
-        "(exit status 1). socket, state_dir, log_format, log_level, no_new_privs and max_connections\n"
-        "change only at restart.",
+        "(exit status 1). socket, state_dir, log_format, log_level, no_new_privs, max_connections,\n"
+        "image_cache_dir, image_imports_max and image_import_timeout change only at restart.",
         epilog="Example:\n  nodestepctl reload   # what systemctl reload nodestepd runs",
     )
 

@@ -11,6 +11,7 @@ then the Service runs the Server: recovery, READY=1, serving, shutdown.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
@@ -35,6 +36,8 @@ from nodestepd.daemon.registry import Registry, Retention
 from nodestepd.daemon.server import Server
 from nodestepd.daemon.service import Service
 from nodestepd.daemon.session import DaemonState
+from nodestepd.daemon.trustedpaths import untrusted_reason
+from nodestepd.image.cache import ImageCache
 from nodestepd.logs import configure_logging, get_logger, resolve_log_format
 from nodestepd.process import kernel
 from nodestepd.process.reaper import Reaper
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
     p.add_argument("--steps-on-stop", choices=STEPS_ON_STOP,
                    help="on SIGTERM, leave running steps alone for the next daemon to take over (default) or cancel them")
+    p.add_argument("--image-cache-dir", metavar="DIR",
+                   help=f"the per-user cache of imported container images, on local disk (default {_DEFAULTS.image_cache_dir})")
     p.add_argument("--debug-timings", action="store_true", default=None,
                    help="log each step's daemon-side latency: request received to runtime spawned "
                    "(\"launch timing\") and task exit to exit event sent (\"exit timing\"), in ms")
@@ -107,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps_on_stop": args.steps_on_stop,
         "slurm_conf": args.slurm_conf,
         "debug_timings": args.debug_timings,
+        "image_cache_dir": args.image_cache_dir,
     }
     try:
         config = load_config(args.config, overrides)
@@ -170,10 +176,14 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
         return Retention(c.results_max_age, c.results_max, c.results_max_per_user)
 
     registry = Registry(on_change=service.steps_changed, retention=retention, results=results)
+    # image_cache_dir, image_imports_max and image_import_timeout are read here: they change at restart.
+    images = ImageCache(config.image_cache_dir, imports_max=config.image_imports_max,
+                        timeout=config.image_import_timeout, untrusted_reason=untrusted_reason)
+    await asyncio.to_thread(images.clean_stale)  # what imports cut short by a crash left
     state = DaemonState(
         configuration=configuration, registry=registry, admission=Admission(configuration, job_ids), store=store,
         results=results, reaper=reaper, reload=service.reload, socket_path=listener.path, started_at=time.time(),
-        output_journal=journal_queue,
+        output_journal=journal_queue, images=images,
     )
     await service.run(Server(state, listener))
     log.info("stopped")

@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 from nodestepd import __version__
 from nodestepd.daemon import metrics
-from nodestepd.daemon.admission import Admission, parse_signal
+from nodestepd.daemon.admission import Admission, image_options, parse_signal
 from nodestepd.daemon.authz import parse_user
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.connection import Connection, ConnectionClosed, close_all
 from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.registry import Registry
+from nodestepd.image.cache import ImageCache
+from nodestepd.image.importer import ImportFailed
+from nodestepd.image.launch import ImageOptions, apply_image
 from nodestepd.logs import BoundLogger, get_logger
 from nodestepd.process.reaper import Reaper
 from nodestepd.protocol import messages
@@ -45,10 +48,10 @@ from nodestepd.protocol.messages import (
     TaskInfo,
     WaitRequest,
 )
-from nodestepd.step.prepare import prepare
+from nodestepd.step.prepare import Prepared, prepare
 from nodestepd.step.record import RecordStore
 from nodestepd.step.results import Finished, ResultStore
-from nodestepd.step.spec import LaunchFailed, Stdio, StepResult, step_status
+from nodestepd.step.spec import LaunchFailed, LaunchInput, Stdio, StepResult, StepSpec, step_status
 from nodestepd.step.step import Step, new_step
 from nodestepd.systemd.journalqueue import JournalQueue
 from nodestepd.systemd.output import StepOutputToJournal
@@ -68,6 +71,7 @@ class DaemonState:
     socket_path: str
     started_at: float
     output_journal: JournalQueue | None = None  # detached steps' output goes here, when logging to the journal
+    images: ImageCache | None = None  # `run --image`: the image cache (None: images are not supported)
 
 
 # Each request but `run` (which takes the connection over) and the method that answers it.
@@ -150,6 +154,8 @@ class Session:
             journal_queued=state.output_journal.queued if state.output_journal is not None else 0,
             journal_dropped=state.output_journal.dropped if state.output_journal is not None else 0,
             containers_not_deleted=state.registry.not_deleted,
+            image_cache_dir=state.images.root if state.images is not None else "",
+            images_imported=state.images.imports if state.images is not None else 0,
         )
 
     async def ps(self, request: PsRequest) -> StepsReply:
@@ -227,10 +233,14 @@ class Session:
         state = self.state
         try:
             spec, given = await state.admission.admit(self.uid, request, fds)
+            options = image_options(request)
+            if options is not None and state.images is None:
+                raise Refused("launch-failed", "this nodestepd does not run images")
             launch, c = state.configuration.launch, state.configuration.config
             timings = metrics.for_step(c.debug_timings, received_at)
             step = new_step(spec, launch.step, launch.runtime_env(spec.identity), store=state.store,
-                            reaper=state.reaper, results=state.results, timings=timings)
+                            reaper=state.reaper, results=state.results, timings=timings,
+                            importing=options is not None)
             state.registry.add(step, max_steps=c.max_steps, max_steps_per_user=c.max_steps_per_user)
         except Refused as e:
             self.log.info("launch refused", code=e.code, error=str(e), **e.detail)
@@ -242,8 +252,13 @@ class Session:
                 output = StepOutputToJournal(state.output_journal, job_id=spec.job_id, step_id=spec.step_id,
                                              user=spec.identity.user, task_ids=spec.task_ids)
             stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs if output is not None else None)
+            image = None
+            if options is not None:
+                # An operator's client fingerprinted the archive with its own rights, not the user's.
+                fingerprint = request.image_fingerprint if request.user is None else None
+                image = functools.partial(self._import_image, step, given, options, fingerprint)
             await step.launch(functools.partial(prepare, spec, given, launch, step.runtime.env, step.log), stdio,
-                              received_at)
+                              received_at, image=image)
         except Exception as e:
             state.registry.discard(step)
             if isinstance(e, LaunchFailed):
@@ -258,6 +273,21 @@ class Session:
             if output is not None:
                 output.release_write_ends()  # the tasks have their own; end of file when they are gone
         return step, timings
+
+    async def _import_image(self, step: Step, given: LaunchInput, options: ImageOptions,
+                            fingerprint: str | None) -> tuple[StepSpec, Callable[[], Prepared]]:
+        """An image step's import phase: the image from the cache (imported as the user if
+        need be), then the step's spec and preparation as for a bundle of it."""
+        state = self.state
+        assert state.images is not None
+        launch = state.configuration.launch
+        try:
+            entry = await state.images.get(step.spec.identity, options.ref, fingerprint, dict(step.runtime.env),
+                                           step.log)
+        except ImportFailed as e:
+            raise LaunchFailed(str(e)) from None
+        spec, given = apply_image(step.spec, given, entry, options, ignore_config_json=launch.oci.ignore_file_config_json)
+        return spec, functools.partial(prepare, spec, given, launch, step.runtime.env, step.log)
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
         """An attached run: forward signal requests until the step ends; cancel it if the client goes."""

@@ -32,6 +32,14 @@ class Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
     v: int
 
 
+class Mount(msgspec.Struct, forbid_unknown_fields=True):
+    """A bind mount an image step asks for (`run --mount SRC:DST[:ro]`): source on the host, as the user sees it."""
+
+    source: str
+    destination: str
+    readonly: bool = False
+
+
 class RunRequest(Request, tag="run"):
     """Launch a step. Exactly three fds ride along: the tasks' stdin, stdout, stderr."""
 
@@ -67,6 +75,15 @@ class RunRequest(Request, tag="run"):
     # the fds that came with the request (how an operator's --output reaches the user's files).
     output: str | None = None
     error: str | None = None
+    # Run a container image (`run --image`) in place of a bundle: bundle is then "" and the
+    # daemon imports the image as the user into its cache (docs/user-guide.md). args may be
+    # empty: the image's Entrypoint and Cmd run. image_fingerprint: the client's refs.fingerprint
+    # of a local archive or layout, how a cached image is found without starting anything.
+    image: str | None = None
+    image_fingerprint: str | None = None
+    mounts: list[Mount] = []
+    entrypoint: str | None = None  # replaces the image's Entrypoint ("": none)
+    workdir: str | None = None  # the container's working directory (default: the image's WorkingDir)
 
 
 class SignalRequest(Request, tag="signal"):
@@ -162,7 +179,7 @@ class StepInfo(msgspec.Struct):
     step_id: int
     user: str
     uid: int
-    state: str  # launching, running, terminating, finished
+    state: str  # importing (its image), launching, running, terminating, finished
     attached: bool
     bundle: str
     args: list[str]
@@ -193,6 +210,9 @@ class StatusReply(Reply, tag="status"):
     journal_dropped: int = 0
     # Containers whose RunTimeDelete hung every time, since the start (see TaskInfo.not_deleted).
     containers_not_deleted: int = 0
+    # Images unpacked into the image cache since the start (an image found there is not counted).
+    image_cache_dir: str = ""
+    images_imported: int = 0
 
 
 AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply]

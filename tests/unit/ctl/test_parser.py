@@ -86,7 +86,7 @@ def test_usage_errors_are_the_same_with_only_the_named_subcommand():
     # `run` without --bundle: the message comes from run's own parser, which is the same either way.
     result = subprocess.run([str(NODESTEPCTL), "run", "--", "true"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert "nodestepctl run: error: the following arguments are required: --bundle" in result.stderr
+    assert "nodestepctl run: error: one of the arguments --bundle --image is required" in result.stderr
     # An unknown subcommand: the whole parser, listing the real ones.
     result = subprocess.run([str(NODESTEPCTL), "frobnicate"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2

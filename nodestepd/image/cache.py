@@ -1,0 +1,265 @@
+"""The per-user image cache on this node, owned by the daemon: its layout, its entries,
+and one import per image however many launches want it at once.
+
+    IMAGE_CACHE_DIR/            root's, 0755 (image_cache_dir)
+      UID/                      the user's, 0700, made by root
+        sha256-HEX/             one image, unpacked: a bundle (config.json, rootfs/),
+                                keyed by its manifest's digest; complete once it exists
+        .tmp-PID/               an import under way (helper.py); left by a crash, removed
+                                at the next start once PID is gone
+
+Everything inside UID/ is made by the import helper as the user; root makes only the two
+levels above and, to clean up, removes `.tmp-PID` dirs through directory fds without
+following links (step/cleardir.py).
+
+Launches of the same reference by the same user share one import (an asyncio task with
+a count of who waits for it; the last to stop waiting cancels it); different images import
+in parallel up to image_imports_max. An image once imported is remembered by its
+reference and the fingerprint the client sent (refs.fingerprint): a later launch of it
+starts no process at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nodestepd.image.helper import ENTRY_PREFIX, TMP_PREFIX
+from nodestepd.image.importer import Answer, ImportFailed, run_import
+from nodestepd.logs import BoundLogger, get_logger
+from nodestepd.process.identity import Identity
+from nodestepd.step.cleardir import clear_dir
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """An imported image: the bundle dir and what the launch takes from it."""
+
+    digest: str
+    bundle: str  # IMAGE_CACHE_DIR/UID/sha256-HEX
+    config_json: str  # umoci's rootless config.json (the image's Env, WorkingDir, Entrypoint+Cmd in it)
+    entrypoint: tuple[str, ...] | None
+    cmd: tuple[str, ...] | None
+
+
+class _Import:
+    def __init__(self, task: asyncio.Task[ImageEntry]) -> None:
+        self.task = task
+        self.waiters = 0
+        self.abandoned = False
+
+
+Key = tuple[int, str, "str | None"]  # uid, canonical reference, fingerprint
+
+
+class ImageCache:
+    def __init__(self, root: str, *, imports_max: int, timeout: float,
+                 untrusted_reason: Callable[[str], str | None], log: BoundLogger | None = None) -> None:
+        """root: image_cache_dir. untrusted_reason: the trusted-path rule for root's own
+        directories (daemon/trustedpaths.py), checked when the cache dir is made."""
+        self.root = root
+        self.timeout = timeout
+        self.untrusted_reason = untrusted_reason
+        self.log = log or get_logger()
+        self.imports = 0  # images unpacked by this daemon (an import that found its entry made is not one)
+        self._slots = asyncio.Semaphore(imports_max)
+        self._known: dict[Key, ImageEntry] = {}
+        self._inflight: dict[Key, _Import] = {}
+
+    # ---- a launch's image ---------------------------------------------------------------
+
+    async def get(self, identity: Identity, ref: str, fingerprint: str | None, env: dict[str, str],
+                  log: BoundLogger) -> ImageEntry:
+        """The image ref names, imported as the user unless already known. Raises ImportFailed.
+
+        fingerprint: the client's (refs.fingerprint), or None: then the helper runs to
+        resolve the reference (a cached image costs it a `skopeo inspect`)."""
+        key = (identity.uid, ref, fingerprint)
+        known = self._known.get(key) if fingerprint is not None else None
+        if known is not None:
+            return known
+        imp = self._inflight.get(key)
+        if imp is None or imp.abandoned:
+            imp = _Import(asyncio.create_task(self._import(key, identity, ref, env, log), name=f"import {ref}"))
+            self._inflight[key] = imp
+            imp.task.add_done_callback(lambda _t, imp=imp: self._forget(key, imp))
+        else:
+            log.debug("waiting for an import already under way", image=ref)
+        imp.waiters += 1
+        try:
+            return await asyncio.shield(imp.task)
+        finally:
+            imp.waiters -= 1
+            if imp.waiters == 0 and not imp.task.done():
+                # Nobody wants it any more (every launch waiting for it was cancelled).
+                imp.abandoned = True
+                self._forget(key, imp)
+                imp.task.cancel()
+                # Until its helper is killed and its files are gone: a cancel leaves nothing behind.
+                await asyncio.wait([imp.task])
+
+    def _forget(self, key: Key, imp: _Import) -> None:
+        if self._inflight.get(key) is imp:
+            del self._inflight[key]
+
+    async def _import(self, key: Key, identity: Identity, ref: str, env: dict[str, str],
+                      log: BoundLogger) -> ImageEntry:
+        async with self._slots:
+            user_dir = await asyncio.to_thread(self.user_dir, identity)
+            pid: list[int] = []
+            log.info("importing image", image=ref)
+            try:
+                answer = await run_import(identity, user_dir, ref, env, timeout=self.timeout,
+                                          on_started=pid.append)
+            except BaseException:
+                if pid:  # killed and reaped by now: its leftovers are nobody's
+                    await asyncio.to_thread(self.remove_tmp, identity.uid, pid[0])
+                raise
+        entry = self._entry(user_dir, answer)
+        if answer.imported:
+            self.imports += 1
+            log.info("image imported", image=ref, digest=entry.digest, imports=self.imports)
+        else:
+            log.debug("image found in the cache", image=ref, digest=entry.digest)
+        if key[2] is not None:
+            self._known[key] = entry
+        return entry
+
+    @staticmethod
+    def _entry(user_dir: str, answer: Answer) -> ImageEntry:
+        assert answer.entry is not None and answer.config_json is not None
+        return ImageEntry(
+            digest=answer.digest or answer.entry.replace(ENTRY_PREFIX, "sha256:", 1),
+            bundle=os.path.join(user_dir, answer.entry), config_json=answer.config_json,
+            entrypoint=tuple(answer.entrypoint) if answer.entrypoint is not None else None,
+            cmd=tuple(answer.cmd) if answer.cmd is not None else None,
+        )
+
+    # ---- the directories ---------------------------------------------------------------
+
+    def user_dir(self, identity: Identity) -> str:
+        """IMAGE_CACHE_DIR/UID, made (root's parent 0755, the user's dir 0700) when missing. Blocking."""
+        self._make_root()
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            name = str(identity.uid)
+            try:
+                os.mkdir(name, 0o700, dir_fd=fd)
+                made = True
+            except FileExistsError:
+                made = False
+            try:
+                ufd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                raise ImportFailed(f"the image cache dir {self.root}/{name} is unusable: {e.strerror}") from None
+            try:
+                if made:
+                    os.fchown(ufd, identity.uid, identity.gid)
+                    os.fchmod(ufd, 0o700)
+                st = os.fstat(ufd)
+                if st.st_uid != identity.uid:
+                    raise ImportFailed(f"the image cache dir {self.root}/{name} is owned by uid {st.st_uid}, "
+                                       f"not {identity.user}; an administrator must remove it")
+            finally:
+                os.close(ufd)
+        finally:
+            os.close(fd)
+        return os.path.join(self.root, name)
+
+    def _make_root(self) -> None:
+        try:
+            os.mkdir(self.root, 0o755)
+            os.chmod(self.root, 0o755)  # whatever the umask
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(self.root), 0o755, exist_ok=True)
+            return self._make_root()
+        except OSError as e:
+            raise ImportFailed(f"cannot make the image cache dir {self.root}: {e.strerror}") from None
+        if os.geteuid() == 0:
+            reason = self.untrusted_reason(self.root)
+            if reason is not None:
+                raise ImportFailed(f"the image cache dir {self.root} is not safe for a root daemon: {reason}")
+
+    def remove_tmp(self, uid: int, pid: int) -> list[str]:
+        """Remove UID/.tmp-PID as root without following links; the problems, if any. Blocking."""
+        errors: list[str] = []
+        try:
+            ufd = os.open(os.path.join(self.root, str(uid)), _DIR_FLAGS)
+        except OSError:
+            return errors
+        try:
+            _remove_dir(ufd, os.path.join(self.root, str(uid)), f"{TMP_PREFIX}{pid}", errors)
+        finally:
+            os.close(ufd)
+        for error in errors:
+            self.log.warning("cannot remove an interrupted import's files", error=error)
+        return errors
+
+    def clean_stale(self) -> int:
+        """At start: remove every `.tmp-PID` whose helper is gone (a crash or a kill left it).
+        Returns how many were removed. Blocking."""
+        try:
+            users = os.listdir(self.root)
+        except OSError:
+            return 0
+        removed = 0
+        for name in users:
+            if not name.isdigit():
+                continue
+            try:
+                entries = os.listdir(os.path.join(self.root, name))
+            except OSError:
+                continue
+            for entry in entries:
+                pid = entry.removeprefix(TMP_PREFIX)
+                if entry.startswith(TMP_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                    if not self.remove_tmp(int(name), int(pid)):
+                        removed += 1
+        if removed:
+            self.log.info("removed interrupted image imports", count=removed)
+        return removed
+
+    def forget(self, uid: int | None = None) -> None:
+        """Forget what is known of imported images (all, or one user's): the next launch asks the helper."""
+        for key in [k for k in self._known if uid is None or k[0] == uid]:
+            del self._known[key]
+
+
+def _alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _remove_dir(parent_fd: int, parent_path: str, name: str, errors: list[str]) -> None:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=parent_fd)
+            return
+        errors.append(f"cannot open {parent_path}/{name}: {e.strerror}")
+        return
+    try:
+        # A dir the user cannot write (chmod 0500 inside the image) is still root's to empty.
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            clear_dir(fd, f"{parent_path}/{name}", errors)
+    finally:
+        os.close(fd)
+    if not errors:
+        try:
+            os.rmdir(name, dir_fd=parent_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            errors.append(f"cannot remove {parent_path}/{name}: {e.strerror}")

@@ -1,0 +1,246 @@
+"""`nodestepctl run --image`: images imported as the user into the daemon's cache, then run
+by real runc through the site's oci.conf (both modes) as a --bundle step would be.
+
+The test images are built here, offline, as the test user: umoci makes an OCI layout with
+busybox-static and an image config (Entrypoint, Cmd, Env, WorkingDir), skopeo copies it to
+a docker-archive and an oci-archive. No test needs a registry: a registry that accepts
+connections and never answers (a silent TCP listener) stands in for a slow one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import runc_containers, spool_entries
+from nodestepd.ctl.transport import connect, expect, receive, send
+from nodestepd.process.watch import children
+from test_create_start import oci_conf as create_start_conf
+
+LAUNCH_FAILED = 125
+
+BUILD = r"""
+set -eu
+cd "$1"
+umoci init --layout layout
+umoci new --image layout:latest
+umoci unpack --rootless --image layout:latest b
+mkdir -p b/rootfs/bin b/rootfs/etc b/rootfs/work b/rootfs/tmp b/rootfs/data
+cp /bin/busybox b/rootfs/bin/busybox
+for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "b/rootfs/bin/$a"; done
+echo "root:x:0:0:root:/root:/bin/sh" > b/rootfs/etc/passwd
+umoci repack --image layout:latest b
+rm -rf b
+umoci config --image layout:latest --config.entrypoint /bin/echo --config.entrypoint from-entrypoint \
+    --config.cmd from-cmd --config.env FOO=bar --config.env PATH=/bin --config.workingdir /work
+skopeo copy --quiet oci:layout:latest docker-archive:img.tar
+skopeo copy --quiet oci:layout:latest oci-archive:img-oci.tar
+"""
+
+
+@pytest.fixture(scope="session")
+def images(workdir, user) -> Path:
+    """The test user's dir with layout/ (oci:, tag latest), img.tar (docker-archive) and img-oci.tar."""
+    path = workdir / "images"
+    path.mkdir()
+    os.chown(path, user.uid, user.gid)
+    script = path / "build.sh"
+    script.write_text(BUILD)
+    subprocess.run(user.command(["sh", str(script), str(path)]), env={**user.env, "HOME": str(path)}, check=True,
+                   timeout=120, capture_output=True)
+    return path
+
+
+def refs(images: Path) -> dict[str, str]:
+    return {"docker-archive": f"docker-archive:{images}/img.tar", "oci-archive": f"oci-archive:{images}/img-oci.tar",
+            "oci": f"oci:{images}/layout:latest"}
+
+
+def status(daemon, user) -> dict:
+    """The daemon's status reply (images_imported counts the images unpacked)."""
+    with connect(str(daemon.socket)) as sock:
+        send(sock, {"op": "status"})
+        return expect(receive(sock), "status", 1)
+
+
+def cache_listing(daemon, user) -> list[str]:
+    top = daemon.socket.parent / f"images-{daemon.socket.name.removeprefix('sock-')}" / str(user.uid)
+    return sorted(os.listdir(top)) if top.exists() else []
+
+
+def leftovers(daemon, user) -> list[str]:
+    return [name for name in cache_listing(daemon, user) if not name.startswith("sha256-")]
+
+
+@pytest.mark.parametrize("transport", ["docker-archive", "oci-archive", "oci"])
+def test_an_image_runs_its_entrypoint_and_cmd(start_daemon, user, images, transport):
+    daemon = start_daemon()
+    result = daemon.ctl(user, "run", "--image", refs(images)[transport])
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"from-entrypoint from-cmd\n", b"")
+    assert runc_containers(user) == []
+    assert spool_entries(daemon) == []
+    entries = cache_listing(daemon, user)
+    assert len(entries) == 1 and entries[0].startswith("sha256-"), entries
+
+
+def test_a_command_runs_with_the_images_env_and_workdir_and_exit_status(start_daemon, user, images):
+    daemon = start_daemon()
+    result = daemon.ctl(user, "run", "--export", "NONE", "--env", "MINE=1", "--image", refs(images)["docker-archive"],
+                        "--", "sh", "-c", 'echo "$FOO $MINE $(pwd)"; exit 3')
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"bar 1 /work\n", b"")
+
+
+def test_create_start_mode_runs_an_image(start_daemon, user, images):
+    daemon = start_daemon(create_start_conf())
+    result = daemon.ctl(user, "run", "--image", refs(images)["oci-archive"])
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"from-entrypoint from-cmd\n", b"")
+    result = daemon.ctl(user, "run", "--image", refs(images)["oci-archive"], "--", "sh", "-c", "exit 7")
+    assert result.returncode == 7, result.stderr
+    assert runc_containers(user) == []
+
+
+def test_mount_workdir_and_entrypoint(start_daemon, user, images, user_dir):
+    daemon = start_daemon()
+    data = user_dir("data-")
+    (data / "file").write_text("host data\n")
+    ref = refs(images)["docker-archive"]
+    result = daemon.ctl(user, "run", "--image", ref, "--mount", f"{data}:/data:ro", "--workdir", "/data", "--",
+                        "sh", "-c", "cat file; pwd; touch new 2>/dev/null || echo read-only")
+    assert (result.returncode, result.stdout) == (0, b"host data\n/data\nread-only\n"), result.stderr
+    result = daemon.ctl(user, "run", "--image", ref, "--mount", f"{data}:/data", "--", "sh", "-c",
+                        "echo written > /data/new; touch /bin/x 2>/dev/null || echo rootfs-read-only; echo tmp > /tmp/t")
+    assert (result.returncode, result.stdout) == (0, b"rootfs-read-only\n"), result.stderr
+    assert (data / "new").read_text() == "written\n"
+    result = daemon.ctl(user, "run", "--image", ref, "--entrypoint", "/bin/echo", "--", "given")
+    assert (result.returncode, result.stdout) == (0, b"given\n"), result.stderr
+    result = daemon.ctl(user, "run", "--image", ref, "--entrypoint", "/bin/pwd")
+    assert (result.returncode, result.stdout) == (0, b"/work\n"), result.stderr  # the Cmd went with the Entrypoint
+
+
+def test_an_image_is_imported_once_and_reused(start_daemon, user, images):
+    daemon = start_daemon()
+    ref = refs(images)["docker-archive"]
+    for _ in range(3):
+        result = daemon.ctl(user, "run", "--image", ref, "--", "true")
+        assert result.returncode == 0, result.stderr
+    assert status(daemon, user)["images_imported"] == 1
+    assert daemon.log().count("importing image") == 1  # the later launches start no helper at all
+    # The same image in another form (oci-archive: another manifest) is another entry.
+    assert daemon.ctl(user, "run", "--image", refs(images)["oci-archive"], "--", "true").returncode == 0
+    assert status(daemon, user)["images_imported"] == 2
+    # A daemon restart forgets nothing on disk: the entry is found, not unpacked again.
+    daemon.stop()
+    again = start_daemon(after=daemon)
+    assert again.ctl(user, "run", "--image", ref, "--", "true").returncode == 0
+    assert status(again, user)["images_imported"] == 0
+
+
+def test_sixteen_concurrent_launches_of_a_new_image_import_it_once(start_daemon, user, images):
+    daemon = start_daemon()
+    ref = refs(images)["oci-archive"]
+    clients = [daemon.ctl_popen(user, "run", "--image", ref, "--", "echo", str(i)) for i in range(16)]
+    outputs = [client.communicate(timeout=120) for client in clients]
+    assert [c.returncode for c in clients] == [0] * 16, outputs
+    assert sorted(out for out, _ in outputs) == sorted(f"{i}\n".encode() for i in range(16))
+    assert status(daemon, user)["images_imported"] == 1
+    assert daemon.log().count("importing image") == 1
+
+
+@pytest.mark.parametrize("ref, said", [
+    ("ftp://example.com/x", "unknown or unsupported image transport 'ftp'"),
+    ("containers-storage:busybox", "containers-storage: images are not supported"),
+    ("docker-archive:/nonexistent/img.tar", "cannot read image archive /nonexistent/img.tar: No such file or directory"),
+    ("docker://busybox:latest", "cannot reach registry for docker://busybox:latest"),
+    ("busybox", "cannot reach registry for docker://busybox"),
+])
+def test_bad_references_fail_with_one_sentence(start_daemon, user, ref, said):
+    daemon = start_daemon()
+    result = daemon.ctl(user, "run", "--image", ref, "--", "true", timeout=120)
+    assert result.returncode == LAUNCH_FAILED, result.stderr
+    assert said in result.stderr.decode(), result.stderr
+    assert result.stderr.decode().count("\n") == 1, result.stderr
+    assert leftovers(daemon, user) == [] and spool_entries(daemon) == []
+
+
+def test_unreadable_corrupt_truncated_and_layerless_archives_fail_cleanly(start_daemon, user, images, user_dir):
+    daemon = start_daemon()
+    bad = user_dir("bad-")
+    (bad / "corrupt.tar").write_bytes(b"this is not a tar archive\n" * 100)
+    whole = (images / "img.tar").read_bytes()
+    (bad / "truncated.tar").write_bytes(whole[: len(whole) // 2])
+    secret = bad / "secret.tar"
+    secret.write_bytes(whole)
+    os.chown(secret, 0, 0)
+    secret.chmod(0o600)
+    (bad / "empty.tar").write_bytes(b"")
+    layerless = bad / "layerless"
+    subprocess.run(user.command(["sh", "-c", f"umoci init --layout {layerless} && umoci new --image {layerless}:x"]),
+                   env={**user.env, "HOME": str(bad)}, check=True, capture_output=True)
+    cases = {
+        f"docker-archive:{bad}/corrupt.tar": "cannot import docker-archive:",
+        f"docker-archive:{bad}/truncated.tar": "cannot import docker-archive:",
+        f"oci-archive:{bad}/truncated.tar": "cannot import oci-archive:",
+        f"docker-archive:{secret}": "Permission denied",
+        f"docker-archive:{bad}/empty.tar": "is empty",
+        f"oci:{layerless}:x": "the image has no layers",
+        f"oci:{bad}:x": f"cannot read OCI layout {bad}",
+    }
+    for ref, said in cases.items():
+        result = daemon.ctl(user, "run", "--image", ref, "--", "true")
+        assert result.returncode == LAUNCH_FAILED, (ref, result.stderr)
+        text = result.stderr.decode()
+        assert said in text and text.count("\n") == 1, (ref, text)
+    assert cache_listing(daemon, user) == []
+    assert spool_entries(daemon) == []
+
+
+@pytest.fixture
+def silent_registry():
+    """docker://127.0.0.1:PORT/...: accepts connections and never answers (skopeo waits ~20 s)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield f"docker://127.0.0.1:{listener.getsockname()[1]}/slow:1"
+    listener.close()
+
+
+def test_an_importing_step_shows_in_ps_and_cancel_stops_its_import(start_daemon, user, silent_registry):
+    daemon = start_daemon()
+    client = daemon.ctl_popen(user, "run", "--job-id", "7100", "--image", silent_registry, "--", "true")
+    deadline = time.monotonic() + 30
+    while True:
+        ps = json.loads(daemon.ctl(user, "ps", "--json").stdout)
+        if ps and ps[0]["state"] == "importing":
+            break
+        assert time.monotonic() < deadline, ps
+        time.sleep(0.05)
+    assert children(daemon.proc.pid), "no import helper running"
+    started = time.monotonic()
+    cancelled = daemon.ctl(user, "cancel", "7100.0")
+    assert time.monotonic() - started < 10  # the helper is killed, not waited for
+    _, err = client.communicate(timeout=30)
+    assert client.returncode == LAUNCH_FAILED, err
+    assert b"cancelled while importing its image" in err, err
+    assert (cancelled.returncode, cancelled.stdout) == (0, b"step 7100.0 cancelled (status 125)\n"), cancelled.stderr
+    assert children(daemon.proc.pid) == []
+    assert leftovers(daemon, user) == []
+    assert status(daemon, user)["images_imported"] == 0
+
+
+def test_progress_is_printed_during_a_long_import(start_daemon, user, silent_registry):
+    daemon = start_daemon()
+    client = daemon.ctl_popen(user, "run", "--job-id", "7101", "--image", silent_registry, "--", "true")
+    line = b""
+    while b"\n" not in line:
+        chunk = os.read(client.stderr.fileno(), 1)
+        assert chunk, line
+        line += chunk
+    assert b"still launching after 1 s" in line and b"importing" in line, line
+    assert daemon.ctl(user, "cancel", "7101.0").returncode == 0
+    client.communicate(timeout=30)
