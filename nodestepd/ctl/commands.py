@@ -103,6 +103,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"socket:       {r['socket']}")
     print(f"spool dir:    {r['spool_dir']}")
     print(f"state dir:    {r['state_dir']}")
+    if r.get("image_cache_dir"):
+        print(f"image cache:  {r['image_cache_dir']} ({r.get('images_imported', 0)} images imported since the start)")
     print(f"steps:        {r['steps_running']} running, {r['steps_finished']} finished")
     print(f"journal:      {r['journal_queued']} records waiting, {r['journal_dropped']} dropped")
     if r["containers_not_deleted"]:

@@ -137,7 +137,7 @@ def _explain(ref: ImageRef, output: str, cache: str, tool: str) -> str:
     last = lines[-1] if lines else f"{tool} failed"
     if 'msg="' in last:  # logrus: time=... level=fatal msg="..."
         last = last.split('msg="', 1)[1].rsplit('"', 1)[0].replace('\\"', '"')
-    last = last.removeprefix("Error: ")
+    last = last.lstrip("⨯ ").removeprefix("Error: ")
     if last.startswith("Error parsing image name") and '": ' in last:
         last = last.split('": ', 1)[1]
     if ref.transport == "docker" and any(t.lower() in lowered for t in _REGISTRY_TROUBLE):
