@@ -84,7 +84,9 @@ class ImageCache:
         key = (identity.uid, ref, fingerprint)
         known = self._known.get(key) if fingerprint is not None else None
         if known is not None:
-            return known
+            if await asyncio.to_thread(_is_dir, known.bundle):
+                return known
+            del self._known[key]  # removed (by its user, or an administrator): imported again
         imp = self._inflight.get(key)
         if imp is None or imp.abandoned:
             imp = _Import(asyncio.create_task(self._import(key, identity, ref, env, log), name=f"import {ref}"))
@@ -232,6 +234,14 @@ class ImageCache:
         """Forget what is known of imported images (all, or one user's): the next launch asks the helper."""
         for key in [k for k in self._known if uid is None or k[0] == uid]:
             del self._known[key]
+
+
+def _is_dir(path: str) -> bool:
+    """lstat only: IMAGE_CACHE_DIR and UID/ are root's making, so no link of the user's is followed."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:

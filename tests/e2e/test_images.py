@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import runc_containers, spool_entries
+from conftest import RUNC_RUN_CONF, runc_containers, spool_entries
 from nodestepd.ctl.transport import connect, expect, receive, send
 from nodestepd.process.watch import children
 from test_create_start import oci_conf as create_start_conf
@@ -321,3 +321,31 @@ def test_a_hostile_archive_writes_nothing_outside_the_users_cache_entry(start_da
             assert not stat.S_ISCHR(st.st_mode) and not stat.S_ISBLK(st.st_mode), os.path.join(root, name)
     if result.returncode == LAUNCH_FAILED:
         assert errors(result.stderr).decode().startswith("nodestepctl: cannot import docker-archive:"), result.stderr
+
+
+def test_a_full_cache_disk_fails_the_launch_cleanly(start_daemon, user, images, new_dir):
+    small = new_dir("small-disk-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k,mode=0755", "tmpfs", str(small)], check=True)
+    try:
+        daemon = start_daemon(RUNC_RUN_CONF, "--image-cache-dir", str(small / "images"))
+        result = daemon.ctl(user, "run", "--image", refs(images)["docker-archive"], "--", "true")
+        assert result.returncode == LAUNCH_FAILED, result.stderr
+        text = errors(result.stderr).decode()
+        assert f"no space left in the image cache {small}/images/{user.uid}" in text and text.count("\n") == 1, text
+        assert os.listdir(small / "images" / str(user.uid)) == []
+        assert spool_entries(daemon) == []
+        daemon.stop()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_an_entry_removed_from_the_cache_is_imported_again(start_daemon, user, images):
+    daemon = start_daemon()
+    ref = refs(images)["oci"]
+    assert daemon.ctl(user, "run", "--image", ref, "--", "true").returncode == 0
+    [entry] = cache_listing(daemon, user)
+    top = daemon.socket.parent / f"images-{daemon.socket.name.removeprefix('sock-')}" / str(user.uid)
+    subprocess.run(user.command(["rm", "-rf", str(top / entry)]), check=True)
+    result = daemon.ctl(user, "run", "--image", ref)
+    assert (result.returncode, result.stdout) == (0, b"from-entrypoint from-cmd\n"), result.stderr
+    assert cache_listing(daemon, user) == [entry] and status(daemon, user)["images_imported"] == 2
