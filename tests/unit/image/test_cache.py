@@ -43,6 +43,7 @@ class FakeImports:
             self.running -= 1
         if ref == "docker://fails":
             raise ImportFailed("cannot import docker://fails: no")
+        os.makedirs(os.path.join(user_dir, "sha256-" + "a" * 64), exist_ok=True)
         return Answer(digest="sha256:" + "a" * 64, entry="sha256-" + "a" * 64, config_json="{}", imported=True)
 
 
@@ -72,13 +73,16 @@ async def test_sixteen_launches_of_a_new_image_share_one_import(images):
     fake.go.set()
     entries = await asyncio.gather(*launches)
     assert len({e.bundle for e in entries}) == 1 and cache.imports == 1
-    # Known now (reference and fingerprint): no run at all.
+    # Known now (reference and fingerprint): no run at all, while the entry is there.
     await cache.get(ALICE, "oci-archive:/x.tar", "fp", {}, LOG)
     assert len(fake.runs) == 1
+    os.rmdir(entries[0].bundle)
+    await cache.get(ALICE, "oci-archive:/x.tar", "fp", {}, LOG)
+    assert len(fake.runs) == 2
     # Another fingerprint (the file changed), or another user: a new run each.
     await cache.get(ALICE, "oci-archive:/x.tar", "fp2", {}, LOG)
     await cache.get(BOB, "oci-archive:/x.tar", "fp", {}, LOG)
-    assert len(fake.runs) == 3
+    assert len(fake.runs) == 4
 
 
 async def test_different_images_import_in_parallel_up_to_the_bound(images):
