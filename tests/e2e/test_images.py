@@ -36,7 +36,8 @@ cd "$1"
 umoci init --layout layout
 umoci new --image layout:latest
 umoci unpack --rootless --image layout:latest b
-mkdir -p b/rootfs/bin b/rootfs/etc b/rootfs/work b/rootfs/tmp b/rootfs/data
+mkdir -p b/rootfs/bin b/rootfs/etc b/rootfs/work b/rootfs/tmp b/rootfs/data b/rootfs/dev b/rootfs/proc b/rootfs/sys
+mkdir -p b/rootfs/etc/slurm b/rootfs/var/run/slurm b/rootfs/var/run/munge  # ch-run's binds (charliecloud.conf)
 cp /bin/busybox b/rootfs/bin/busybox
 for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "b/rootfs/bin/$a"; done
 echo "root:x:0:0:root:/root:/bin/sh" > b/rootfs/etc/passwd
@@ -114,6 +115,21 @@ def test_create_start_mode_runs_an_image(start_daemon, user, images):
     result = daemon.ctl(user, "run", "--image", refs(images)["oci-archive"], "--", "sh", "-c", "exit 7")
     assert result.returncode == 7, result.stderr
     assert runc_containers(user) == []
+
+
+@pytest.mark.skipif(not os.access("/usr/bin/ch-run", os.X_OK), reason="charliecloud-runtime (ch-run) is not installed")
+def test_charliecloud_runs_the_images_rootfs(start_daemon, user, images, workdir):
+    from test_charliecloud import adapted_conf
+    etc_slurm, munge = workdir / "img-ch-etc-slurm", workdir / "img-ch-munge"
+    for path in (etc_slurm, munge):
+        path.mkdir(mode=0o755, exist_ok=True)
+    daemon = start_daemon(adapted_conf(etc_slurm, munge))
+    ref = refs(images)["docker-archive"]
+    result = daemon.ctl(user, "run", "--image", ref)
+    assert (result.returncode, result.stdout, errors(result.stderr)) == (0, b"from-entrypoint from-cmd\n", b"")
+    result = daemon.ctl(user, "run", "--image", ref, "--", "sh", "-c", "ls /work >/dev/null && exit 4")
+    assert result.returncode == 4, result.stderr
+    assert spool_entries(daemon) == []
 
 
 def test_mount_workdir_and_entrypoint(start_daemon, user, images, user_dir):
