@@ -95,6 +95,32 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600}h"
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    message: dict = {"op": "images", **_whose(args)}
+    if args.action == "rm":
+        if not args.digest:
+            raise ClientError("image rm needs the image's DIGEST (nodestepctl image ls shows them)", EXIT_USAGE)
+        message["remove"] = args.digest
+    elif args.digest:
+        raise ClientError(f"image {args.action} takes no DIGEST", EXIT_USAGE)
+    message["prune"] = args.action == "prune"
+    reply = request(args.socket, message, "images")
+    if args.json:
+        print(json.dumps({"images": reply["images"], "kept": reply["kept"]} if args.action != "ls"
+                         else reply["images"], indent=2))
+        return 0
+    if args.action == "ls":
+        print(f"{'USER':<12} {'DIGEST':<19} {'IN USE':>6}  REFERENCES")
+        for image in reply["images"]:
+            print(f"{image['user']:<12} {image['digest'][:19]:<19} {image['in_use']:>6}  {' '.join(image['refs'])}")
+        return 0
+    for image in reply["images"]:
+        print(f"removed {image['digest']} ({image['user']})")
+    for image in reply["kept"]:
+        print(f"kept {image['digest']} ({image['user']}): {image['in_use']} steps run from it", file=sys.stderr)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     r = request(args.socket, {"op": "status"}, "status")
     print(f"nodestepd {r['version']} on {r['node_name']}, up {_age(r['uptime'])}")

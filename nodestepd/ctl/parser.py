@@ -171,6 +171,22 @@ def _add_status(sub, raw) -> None:
                    epilog="Example:\n  nodestepctl status", formatter_class=raw)
 
 
+def _add_image(sub, raw) -> None:
+    image = sub.add_parser(
+        "image", formatter_class=raw, help="list or remove images in the node's image cache (run --image)",
+        description="ls: the images in your image cache on this node (operators: everyone's), with the steps\n"
+        "running from each. rm DIGEST: remove one (a unique prefix of its digest will do). prune: remove\n"
+        "all of yours. Images a step still runs from are kept. A removed image is imported again by the\n"
+        "next launch that needs it.",
+        epilog="Examples:\n  nodestepctl image ls\n  nodestepctl image rm sha256:3f2a\n"
+        "  nodestepctl image prune --user alice   # operators",
+    )
+    image.add_argument("action", choices=["ls", "rm", "prune"], help="what to do")
+    image.add_argument("digest", nargs="?", metavar="DIGEST", help="with rm: the image's digest, or a unique prefix")
+    image.add_argument("--user", metavar="NAME|UID", help="whose images (operators; default: yours, for ls everyone's)")
+    image.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def _add_reload(sub, raw) -> None:
     sub.add_parser(
         "reload", formatter_class=raw, help="make nodestepd re-read its settings file and oci.conf (root)",
@@ -238,6 +254,7 @@ SUBCOMMANDS = {
     "cancel": _add_cancel,
     "wait": _add_wait,
     "status": _add_status,
+    "image": _add_image,
     "reload": _add_reload,
     "check-config": _add_check_config,
     "doctor": _add_doctor,

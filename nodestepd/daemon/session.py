@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import pwd
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,6 +34,9 @@ from nodestepd.protocol.messages import (
     CancelRequest,
     ErrorReply,
     ExitReply,
+    ImageInfo,
+    ImagesReply,
+    ImagesRequest,
     OkReply,
     ProtocolError,
     PsRequest,
@@ -76,7 +81,7 @@ class DaemonState:
 
 # Each request but `run` (which takes the connection over) and the method that answers it.
 _ANSWERS = {StatusRequest: "status", PsRequest: "ps", SignalRequest: "signal", CancelRequest: "cancel",
-            WaitRequest: "wait", ReloadRequest: "reload"}
+            WaitRequest: "wait", ReloadRequest: "reload", ImagesRequest: "images"}
 
 
 class Session:
@@ -191,6 +196,56 @@ class Session:
             listing = "".join(f"\n  {problem}" for problem in problems)
             raise Refused("reload-failed", f"configuration not reloaded, the old one stays in use:{listing}")
         return OkReply()
+
+    async def images(self, request: ImagesRequest) -> ImagesReply:
+        """The image cache's entries the caller may see, or (remove, prune) removes."""
+        images = self.state.images
+        if images is None:
+            raise Refused("not-found", "this nodestepd does not run images")
+        policy = self.state.configuration.policy
+        if request.user is not None:
+            try:
+                uid = await asyncio.to_thread(parse_user, request.user)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+            if not policy.may_act_on(self.uid, uid):
+                raise Refused("permission-denied", "only operators may see or remove another user's images")
+            uids = [uid]
+        elif policy.is_operator(self.uid) and request.remove is None and not request.prune:
+            uids = await asyncio.to_thread(images.users)
+        else:
+            uids = [self.uid]
+        in_use: dict[str, int] = {}
+        for step in self.state.registry.running.values():
+            for bundle in (step.spec.bundle, os.path.dirname(step.spec.bundle)):  # rootfs: IgnoreFileConfigJson
+                in_use[bundle] = in_use.get(bundle, 0) + 1
+        listing = []
+        for uid in uids:
+            user = await asyncio.to_thread(_user_name, uid)
+            for digest in await asyncio.to_thread(images.entries, uid):
+                listing.append(ImageInfo(user=user, uid=uid, digest=digest, refs=images.refs_of(uid, digest),
+                                         in_use=in_use.get(images.bundle_of(uid, digest), 0)))
+        if request.remove is None and not request.prune:
+            return ImagesReply(images=listing)
+        if request.remove is not None:
+            wanted = request.remove.removeprefix("sha256:")
+            listing = [i for i in listing if i.digest.removeprefix("sha256:").startswith(wanted)] if wanted else []
+            if not listing:
+                raise Refused("not-found", f"no image {request.remove} in your image cache")
+            if len(listing) > 1:
+                raise Refused("ambiguous", f"{request.remove} names {len(listing)} images; give more of the digest")
+        removed, kept = [], []
+        for info in listing:
+            if info.in_use:
+                kept.append(info)
+                continue
+            problems = await asyncio.to_thread(images.remove, info.uid, info.digest)
+            if problems:
+                self.log.error("cannot remove an image from the cache", digest=info.digest, problems=problems)
+                raise Refused("error", f"cannot remove image {info.digest}: {problems[0]}")
+            self.log.info("image removed from the cache", digest=info.digest, user=info.user)
+            removed.append(info)
+        return ImagesReply(images=removed, kept=kept)
 
     async def _own_running_parts(self, job_id: int, step_id: int, user: str | None) -> list[Step]:
         whose = await self._whose(user, job_id, step_id)
@@ -321,6 +376,13 @@ class Session:
                 await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
         await self.conn.send(exit_reply([(step, done.result())]))
         timings.sent(step.log)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 # ---- replies ------------------------------------------------------------------------------

@@ -230,10 +230,47 @@ class ImageCache:
             self.log.info("removed interrupted image imports", count=removed)
         return removed
 
-    def forget(self, uid: int | None = None) -> None:
-        """Forget what is known of imported images (all, or one user's): the next launch asks the helper."""
-        for key in [k for k in self._known if uid is None or k[0] == uid]:
+    # ---- listing and removal (`nodestepctl image`) ---------------------------------------
+
+    def users(self) -> list[int]:
+        """The uids with a cache dir. Blocking."""
+        try:
+            return sorted(int(name) for name in os.listdir(self.root) if name.isdigit())
+        except OSError:
+            return []
+
+    def entries(self, uid: int) -> list[str]:
+        """The user's complete entries, as sha256:HEX digests (names only: nothing is opened). Blocking."""
+        top = os.path.join(self.root, str(uid))
+        try:
+            names = os.listdir(top)
+        except OSError:
+            return []
+        return sorted("sha256:" + n.removeprefix(ENTRY_PREFIX) for n in names
+                      if n.startswith(ENTRY_PREFIX) and _is_dir(os.path.join(top, n)))
+
+    def refs_of(self, uid: int, digest: str) -> list[str]:
+        return sorted({key[1] for key, entry in self._known.items() if key[0] == uid and entry.digest == digest})
+
+    def bundle_of(self, uid: int, digest: str) -> str:
+        return os.path.join(self.root, str(uid), ENTRY_PREFIX + digest.removeprefix("sha256:"))
+
+    def remove(self, uid: int, digest: str) -> list[str]:
+        """Remove the user's entry as root, through directory fds without following links,
+        and forget it; the problems, if any. Blocking."""
+        for key in [k for k, e in self._known.items() if k[0] == uid and e.digest == digest]:
             del self._known[key]
+        errors: list[str] = []
+        top = os.path.join(self.root, str(uid))
+        try:
+            ufd = os.open(top, _DIR_FLAGS)
+        except OSError as e:
+            return [f"cannot open {top}: {e.strerror}"]
+        try:
+            _remove_dir(ufd, top, ENTRY_PREFIX + digest.removeprefix("sha256:"), errors)
+        finally:
+            os.close(ufd)
+        return errors
 
 
 def _is_dir(path: str) -> bool:

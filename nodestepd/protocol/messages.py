@@ -123,7 +123,19 @@ class ReloadRequest(Request, tag="reload"):
     """Re-read the settings file and oci.conf (root only). Reply: ok, or error with every reason."""
 
 
-AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest]
+class ImagesRequest(Request, tag="images"):
+    """The image cache's entries: the caller's; an operator's: everyone's, or `user`'s.
+
+    With remove: remove the entry whose digest is (or starts with) `remove`, or with
+    prune every entry of the user, leaving those a step still runs from."""
+
+    user: str | None = None
+    remove: str | None = None
+    prune: bool = False
+
+
+AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest,
+                   ImagesRequest]
 
 # ---- replies --------------------------------------------------------------------
 
@@ -215,7 +227,20 @@ class StatusReply(Reply, tag="status"):
     images_imported: int = 0
 
 
-AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply]
+class ImageInfo(msgspec.Struct):
+    user: str
+    uid: int
+    digest: str  # sha256:HEX of the image's manifest
+    refs: list[str]  # the references this daemon imported or found it as (since its start)
+    in_use: int  # steps running from it
+
+
+class ImagesReply(Reply, tag="images"):
+    images: list[ImageInfo] = []  # the listing; after a removal, what was removed
+    kept: list[ImageInfo] = []  # a removal's entries left because steps run from them
+
+
+AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply, ImagesReply]
 
 _request_decoder = msgspec.json.Decoder(AnyRequest)
 _encoder = msgspec.json.Encoder()

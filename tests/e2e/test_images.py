@@ -365,3 +365,36 @@ def test_an_entry_removed_from_the_cache_is_imported_again(start_daemon, user, i
     result = daemon.ctl(user, "run", "--image", ref)
     assert (result.returncode, result.stdout) == (0, b"from-entrypoint from-cmd\n"), result.stderr
     assert cache_listing(daemon, user) == [entry] and status(daemon, user)["images_imported"] == 2
+
+
+def test_image_ls_rm_and_prune(start_daemon, user, other_user, images):
+    daemon = start_daemon()
+    ref = refs(images)["docker-archive"]
+    assert daemon.ctl(user, "run", "--image", ref, "--", "true").returncode == 0
+    assert daemon.ctl(user, "run", "--image", refs(images)["oci"], "--", "true").returncode == 0
+    mine = json.loads(daemon.ctl(user, "image", "ls", "--json").stdout)
+    assert len(mine) == 2 and {i["user"] for i in mine} == {user.name}
+    assert [ref] in [i["refs"] for i in mine]
+    assert json.loads(daemon.ctl(other_user, "image", "ls", "--json").stdout) == []  # nobody sees another's
+    refused = daemon.ctl(other_user, "image", "rm", mine[0]["digest"], "--user", user.name)
+    assert refused.returncode == 1 and b"only operators" in refused.stderr
+    as_root = subprocess.run(daemon.ctl_argv("image", "ls", "--json"), capture_output=True, timeout=60, check=True)
+    assert len(json.loads(as_root.stdout)) == 2  # an operator sees everyone's
+    # An image a step runs from is kept; the others go.
+    sleeper = daemon.ctl_popen(user, "run", "--job-id", "7200", "--image", ref, "--", "sh", "-c", "echo up; sleep 60")
+    assert sleeper.stdout.readline() == b"up\n"
+    pruned = daemon.ctl(user, "image", "prune")
+    assert pruned.returncode == 0 and pruned.stdout.count(b"removed") == 1, pruned
+    assert b"1 steps run from it" in pruned.stderr
+    [left] = json.loads(daemon.ctl(user, "image", "ls", "--json").stdout)
+    assert left["in_use"] == 1 and left["refs"] == [ref]
+    assert daemon.ctl(user, "cancel", "7200.0").returncode == 0
+    sleeper.communicate(timeout=30)
+    removed = daemon.ctl(user, "image", "rm", left["digest"][:15])
+    assert (removed.returncode, removed.stdout) == (0, f"removed {left['digest']} ({user.name})\n".encode())
+    assert cache_listing(daemon, user) == []
+    # And the next launch imports it again.
+    assert daemon.ctl(user, "run", "--image", ref, "--", "true").returncode == 0
+    assert status(daemon, user)["images_imported"] == 3
+    missing = daemon.ctl(user, "image", "rm", "sha256:0000")
+    assert missing.returncode == 1 and b"no image sha256:0000" in missing.stderr
