@@ -56,6 +56,7 @@ class DaemonConfig:
     image_cache_dir: str = "/var/cache/nodestepd/images"
     image_imports_max: int = 2
     image_import_timeout: float = 600.0
+    image_cache_max_bytes: int = 0  # per user; 0: no cap
     debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
     config_file: str | None = None  # where the settings came from, for `status`
 
@@ -102,6 +103,7 @@ _INT_BOUNDS = {
     "results_max": (1, 100_000),
     "results_max_per_user": (1, 100_000),
     "image_imports_max": (1, 64),
+    "image_cache_max_bytes": (0, 1 << 50),
 }
 IMAGE_IMPORT_TIMEOUT_RANGE = (1.0, 86400.0)
 RESULTS_MAX_AGE_RANGE = (60.0, 366 * 86400.0)
@@ -190,6 +192,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "image_cache_dir": (str,),
     "image_imports_max": (int,),
     "image_import_timeout": (int, float),
+    "image_cache_max_bytes": (int,),
     "debug_timings": (bool,),
 }
 _FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age", "image_import_timeout")

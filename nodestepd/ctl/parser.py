@@ -194,7 +194,8 @@ def _add_reload(sub, raw) -> None:
         "outcome. New steps use the new configuration; running steps keep the one they started with.\n"
         "A file with problems is rejected, every problem printed, and the old configuration stays in use\n"
         "(exit status 1). socket, state_dir, log_format, log_level, no_new_privs, max_connections,\n"
-        "image_cache_dir, image_imports_max and image_import_timeout change only at restart.",
+        "image_cache_dir, image_imports_max, image_import_timeout and image_cache_max_bytes change only\n"
+        "at restart.",
         epilog="Example:\n  nodestepctl reload   # what systemctl reload nodestepd runs",
     )
 

@@ -176,9 +176,10 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
         return Retention(c.results_max_age, c.results_max, c.results_max_per_user)
 
     registry = Registry(on_change=service.steps_changed, retention=retention, results=results)
-    # image_cache_dir, image_imports_max and image_import_timeout are read here: they change at restart.
+    # The image_* settings are read here: they change at restart.
     images = ImageCache(config.image_cache_dir, imports_max=config.image_imports_max,
-                        timeout=config.image_import_timeout, untrusted_reason=untrusted_reason)
+                        timeout=config.image_import_timeout, untrusted_reason=untrusted_reason,
+                        max_bytes=config.image_cache_max_bytes)
     await asyncio.to_thread(images.clean_stale)  # what imports cut short by a crash left
     state = DaemonState(
         configuration=configuration, registry=registry, admission=Admission(configuration, job_ids), store=store,

@@ -28,7 +28,7 @@ from nodestepd.systemd.notify import Notifier, monotonic_usec, status_line
 # unset) and the file descriptor limit that max_connections sized.
 # The image cache is built once at start with its dir and its bounds.
 RESTART_ONLY = ("socket", "state_dir", "log_format", "log_level", "no_new_privs", "max_connections",
-                "image_cache_dir", "image_imports_max", "image_import_timeout")
+                "image_cache_dir", "image_imports_max", "image_import_timeout", "image_cache_max_bytes")
 SHOWN_STEPS = 4  # steps named in STATUS=; the rest are counted
 
 

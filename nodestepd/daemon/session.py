@@ -341,6 +341,8 @@ class Session:
                                            step.log)
         except ImportFailed as e:
             raise LaunchFailed(str(e)) from None
+        # Held until the step ends, failed launches included: never evicted while it runs.
+        step.on_finished(functools.partial(state.images.release, entry))
         spec, given = apply_image(step.spec, given, entry, options, ignore_config_json=launch.oci.ignore_file_config_json)
         return spec, functools.partial(prepare, spec, given, launch, step.runtime.env, step.log)
 

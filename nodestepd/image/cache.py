@@ -26,6 +26,7 @@ import contextlib
 import errno
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,10 +62,18 @@ Key = tuple[int, str, "str | None"]  # uid, canonical reference, fingerprint
 
 class ImageCache:
     def __init__(self, root: str, *, imports_max: int, timeout: float,
-                 untrusted_reason: Callable[[str], str | None], log: BoundLogger | None = None) -> None:
+                 untrusted_reason: Callable[[str], str | None], log: BoundLogger | None = None,
+                 max_bytes: int = 0) -> None:
         """root: image_cache_dir. untrusted_reason: the trusted-path rule for root's own
-        directories (daemon/trustedpaths.py), checked when the cache dir is made."""
+        directories (daemon/trustedpaths.py), checked when the cache dir is made.
+        max_bytes: image_cache_max_bytes, per user (0: no cap)."""
         self.root = root
+        self.max_bytes = max_bytes
+        self.evictions = 0
+        # Entries steps are launched from (held from the moment get() gives them out until
+        # the step ends: never evicted), and when each was last given out.
+        self._holds: dict[str, int] = {}
+        self._last_used: dict[str, float] = {}
         self.timeout = timeout
         self.untrusted_reason = untrusted_reason
         self.log = log or get_logger()
@@ -85,7 +94,7 @@ class ImageCache:
         known = self._known.get(key) if fingerprint is not None else None
         if known is not None:
             if await asyncio.to_thread(_is_dir, known.bundle):
-                return known
+                return self._hold(known)
             del self._known[key]  # removed (by its user, or an administrator): imported again
         imp = self._inflight.get(key)
         if imp is None or imp.abandoned:
@@ -96,7 +105,7 @@ class ImageCache:
             log.debug("waiting for an import already under way", image=ref)
         imp.waiters += 1
         try:
-            return await asyncio.shield(imp.task)
+            return self._hold(await asyncio.shield(imp.task))
         finally:
             imp.waiters -= 1
             if imp.waiters == 0 and not imp.task.done():
@@ -106,6 +115,19 @@ class ImageCache:
                 imp.task.cancel()
                 # Until its helper is killed and its files are gone: a cancel leaves nothing behind.
                 await asyncio.wait([imp.task])
+
+    def _hold(self, entry: ImageEntry) -> ImageEntry:
+        self._holds[entry.bundle] = self._holds.get(entry.bundle, 0) + 1
+        self._last_used[entry.bundle] = time.monotonic()
+        return entry
+
+    def release(self, entry: ImageEntry) -> None:
+        """The step get() gave entry to has ended (one release per get)."""
+        left = self._holds.get(entry.bundle, 0) - 1
+        if left > 0:
+            self._holds[entry.bundle] = left
+        else:
+            self._holds.pop(entry.bundle, None)
 
     def _forget(self, key: Key, imp: _Import) -> None:
         if self._inflight.get(key) is imp:
@@ -119,7 +141,7 @@ class ImageCache:
             log.info("importing image", image=ref)
             try:
                 answer = await run_import(identity, user_dir, ref, env, timeout=self.timeout,
-                                          on_started=pid.append)
+                                          on_started=pid.append, sizes=self.max_bytes > 0)
             except BaseException:
                 if pid:  # killed and reaped by now: its leftovers are nobody's
                     await asyncio.to_thread(self.remove_tmp, identity.uid, pid[0])
@@ -128,11 +150,36 @@ class ImageCache:
         if answer.imported:
             self.imports += 1
             log.info("image imported", image=ref, digest=entry.digest, imports=self.imports)
+            if self.max_bytes and answer.sizes:
+                await asyncio.to_thread(self._evict, identity.uid, user_dir, answer.sizes, entry.bundle, log)
         else:
             log.debug("image found in the cache", image=ref, digest=entry.digest)
         if key[2] is not None:
             self._known[key] = entry
         return entry
+
+    def _evict(self, uid: int, user_dir: str, sizes: dict[str, int], keep: str, log: BoundLogger) -> None:
+        """Bring the user's cache under max_bytes: least recently used entries first, never
+        the one just imported nor one a step runs from. Blocking."""
+        sizes = {n: s for n, s in sizes.items() if n.startswith(ENTRY_PREFIX) and "/" not in n and s >= 0}
+        total = sum(sizes.values())
+        candidates = sorted((self._last_used.get(os.path.join(user_dir, n), 0.0), n) for n in sizes)
+        for _, name in candidates:
+            if total <= self.max_bytes:
+                return
+            bundle = os.path.join(user_dir, name)
+            if bundle == keep or self._holds.get(bundle):
+                continue
+            digest = "sha256:" + name.removeprefix(ENTRY_PREFIX)
+            if self.remove(uid, digest):
+                continue
+            self._last_used.pop(bundle, None)
+            total -= sizes[name]
+            self.evictions += 1
+            log.info("image evicted from the cache (image_cache_max_bytes)", digest=digest, bytes=sizes[name])
+        if total > self.max_bytes:
+            log.warning("the user's images exceed image_cache_max_bytes; the rest are in use", bytes=total,
+                        image_cache_max_bytes=self.max_bytes)
 
     @staticmethod
     def _entry(user_dir: str, answer: Answer) -> ImageEntry:

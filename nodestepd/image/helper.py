@@ -18,7 +18,8 @@ What it does, in CACHE_DIR (the user's, 0700):
    leaves it for the daemon, which removes it once this pid is gone).
 
 The answer is one JSON object on stdout: {"digest", "entry", "config_json", "entrypoint",
-"cmd", "imported"} or {"error": one sentence}; exit status 0 or 1. Standard library only.
+"cmd", "imported"} (with --sizes and a new import, "sizes": bytes of each entry), or
+{"error": one sentence}; exit status 0 or 1. Standard library only.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ class Failed(Exception):
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print(json.dumps({"error": "usage: helper CACHE_DIR REF"}))
+    sizes = argv[2:] == ["--sizes"]
+    if len(argv) != 2 and not sizes:
+        print(json.dumps({"error": "usage: helper CACHE_DIR REF [--sizes]"}))
         return 2
-    cache, text = argv
+    cache, text = argv[:2]
     try:
         ref = parse_ref(text)
     except RefError as e:
@@ -67,6 +69,8 @@ def main(argv: list[str]) -> int:
             answer = _import(cache, tmp, ref)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if sizes and answer.get("imported"):
+            answer["sizes"] = _entry_sizes(cache)
     except Failed as e:
         return _answer({"error": f"cannot import {ref.canonical}: {e}"}, 1)
     except OSError as e:
@@ -181,6 +185,23 @@ def _import(cache: str, tmp: str, ref: ImageRef) -> dict:
         # Another import of the same image (under another reference) got there first.
         return _from_entry(where, entry, imported=False)
     return _from_entry(where, entry, imported=True)
+
+
+def _entry_sizes(cache: str) -> dict[str, int]:
+    """Bytes on disk of each complete entry (for the daemon's image_cache_max_bytes)."""
+    sizes = {}
+    for name in os.listdir(cache):
+        if not name.startswith(ENTRY_PREFIX):
+            continue
+        total = 0
+        for root, dirs, files in os.walk(os.path.join(cache, name)):
+            for item in dirs + files:
+                try:
+                    total += os.lstat(os.path.join(root, item)).st_blocks * 512
+                except OSError:
+                    pass
+        sizes[name] = total
+    return sizes
 
 
 def _from_entry(where: str, entry: str, *, imported: bool) -> dict:

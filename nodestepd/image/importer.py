@@ -36,17 +36,18 @@ class Answer(msgspec.Struct, forbid_unknown_fields=False):
     entrypoint: list[str] | None = None
     cmd: list[str] | None = None
     imported: bool = False
+    sizes: dict[str, int] | None = None  # bytes of each of the user's entries, when asked for
 
 
 _decoder = msgspec.json.Decoder(Answer)
 
 
-def helper_argv(user_dir: str, ref: str) -> list[str]:
-    return [sys.executable, "-I", "-m", "nodestepd.image.helper", user_dir, ref]
+def helper_argv(user_dir: str, ref: str, sizes: bool = False) -> list[str]:
+    return [sys.executable, "-I", "-m", "nodestepd.image.helper", user_dir, ref] + (["--sizes"] if sizes else [])
 
 
 async def run_import(identity: Identity, user_dir: str, ref: str, env: dict[str, str], *, timeout: float,
-                     on_started=None) -> Answer:
+                     on_started=None, sizes: bool = False) -> Answer:
     """Run the helper for ref in the user's cache dir, as the user; its Answer (with an entry).
 
     Raises ImportFailed (its error, a timeout, a crash). Cancelled, or past the deadline, the
@@ -55,7 +56,7 @@ async def run_import(identity: Identity, user_dir: str, ref: str, env: dict[str,
     out = os.memfd_create("nodestepd-import", os.MFD_CLOEXEC)
     try:
         watch = await asyncio.to_thread(
-            spawn, helper_argv(user_dir, ref), identity=identity, cwd=user_dir, env=env,
+            spawn, helper_argv(user_dir, ref, sizes), identity=identity, cwd=user_dir, env=env,
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL, process_group=True,
             umask=RUNTIME_UMASK,
         )

@@ -283,6 +283,10 @@ class Step:
     async def wait(self) -> StepResult:
         return await asyncio.shield(self._done)
 
+    def on_finished(self, callback: Callable[[], None]) -> None:
+        """Call callback once the step has finished (at once if it has)."""
+        self._done.add_done_callback(lambda _: callback())
+
     def signal(self, sig: int) -> int:
         """Deliver sig to each running task (the mode says how); returns how many got it."""
         delivered = sum(1 for task in self.tasks if task.running and self.mode.signal(task, sig))

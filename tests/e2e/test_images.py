@@ -398,3 +398,22 @@ def test_image_ls_rm_and_prune(start_daemon, user, other_user, images):
     assert status(daemon, user)["images_imported"] == 3
     missing = daemon.ctl(user, "image", "rm", "sha256:0000")
     assert missing.returncode == 1 and b"no image sha256:0000" in missing.stderr
+
+
+def test_over_image_cache_max_bytes_the_least_recently_used_image_goes(start_daemon, user, images, new_dir):
+    settings = new_dir("settings-") / "nodestepd.toml"
+    settings.write_text("image_cache_max_bytes = 1\n")  # every import evicts what it can
+    daemon = start_daemon(RUNC_RUN_CONF, "--config", str(settings))
+    first, second = refs(images)["docker-archive"], refs(images)["oci-archive"]
+    assert daemon.ctl(user, "run", "--image", first, "--", "true").returncode == 0
+    [first_entry] = cache_listing(daemon, user)
+    assert daemon.ctl(user, "run", "--image", second, "--", "true").returncode == 0
+    [second_entry] = cache_listing(daemon, user)
+    assert second_entry != first_entry and "image evicted from the cache" in daemon.log()
+    # One a step runs from stays, over the cap.
+    sleeper = daemon.ctl_popen(user, "run", "--job-id", "7300", "--image", second, "--", "sh", "-c", "echo up; sleep 60")
+    assert sleeper.stdout.readline() == b"up\n"
+    assert daemon.ctl(user, "run", "--image", first, "--", "true").returncode == 0
+    assert cache_listing(daemon, user) == sorted([first_entry, second_entry])
+    assert daemon.ctl(user, "cancel", "7300.0").returncode == 0
+    sleeper.communicate(timeout=30)

@@ -30,7 +30,7 @@ class FakeImports:
         self.cancelled: list[str] = []
         self.go = asyncio.Event()
 
-    async def __call__(self, identity, user_dir, ref, env, *, timeout, on_started=None) -> Answer:
+    async def __call__(self, identity, user_dir, ref, env, *, timeout, on_started=None, sizes=False) -> Answer:
         self.runs.append(ref)
         self.running += 1
         self.most_running = max(self.most_running, self.running)
@@ -148,3 +148,29 @@ def test_json_nested_too_deeply_is_refused_before_parsing():
     check_depth('{"a": [{"b": "[[[[[[[[[[[[[[["}]}', "x", limit=3)
     with pytest.raises(ImportFailed, match="nested deeper than 3 levels"):
         check_depth("[[[[1]]]]", "x", limit=3)
+
+
+async def test_over_the_cap_the_least_recently_used_entries_go_never_one_in_use(monkeypatch, tmp_path):
+    user_dir = tmp_path / "images" / "1000"
+    (user_dir / ("sha256-" + "c" * 64)).mkdir(parents=True)  # from before this daemon: never used by it
+
+    async def fake_import(identity, user_dir, ref, env, *, timeout, on_started=None, sizes=False):
+        assert sizes
+        name = "sha256-" + ref[-1] * 64
+        os.mkdir(os.path.join(user_dir, name))
+        return Answer(digest="sha256:" + ref[-1] * 64, entry=name, config_json="{}", imported=True,
+                      sizes={n: 100 for n in os.listdir(user_dir)})
+
+    monkeypatch.setattr(cache_module, "run_import", fake_import)
+    cache = ImageCache(str(tmp_path / "images"), imports_max=1, timeout=1, untrusted_reason=lambda p: None,
+                       max_bytes=250)
+    monkeypatch.setattr(cache, "user_dir", lambda identity: str(user_dir))
+    a = await cache.get(ALICE, "oci:/x-a", None, {}, LOG)  # held: a step runs from it
+    assert len(os.listdir(user_dir)) == 2
+    b = await cache.get(ALICE, "oci:/x-b", None, {}, LOG)  # 300 bytes: c, the least recently used, goes
+    assert sorted(os.listdir(user_dir)) == ["sha256-" + "a" * 64, "sha256-" + "b" * 64]
+    cache.release(b)
+    await cache.get(ALICE, "oci:/x-d", None, {}, LOG)  # 300 again: b goes; a is held, d just came
+    assert sorted(os.listdir(user_dir)) == ["sha256-" + "a" * 64, "sha256-" + "d" * 64] and cache.evictions == 2
+    cache.release(a)
+    assert list(cache._holds) == [str(user_dir / ("sha256-" + "d" * 64))]
