@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -97,6 +98,8 @@ def _age(seconds: float) -> str:
 
 def cmd_image(args: argparse.Namespace) -> int:
     message: dict = {"op": "images", **_whose(args)}
+    if args.action == "import":
+        return _image_import(args, message)
     if args.action == "rm":
         if not args.digest:
             raise ClientError("image rm needs the image's DIGEST (nodestepctl image ls shows them)", EXIT_USAGE)
@@ -118,6 +121,25 @@ def cmd_image(args: argparse.Namespace) -> int:
         print(f"removed {image['digest']} ({image['user']})")
     for image in reply["kept"]:
         print(f"kept {image['digest']} ({image['user']}): {image['in_use']} steps run from it", file=sys.stderr)
+    return 0
+
+
+def _image_import(args: argparse.Namespace, message: dict) -> int:
+    from nodestepd.image.refs import RefError, fingerprint, parse_ref
+
+    if not args.digest:
+        raise ClientError("image import needs the image REF (as run --image takes it)", EXIT_USAGE)
+    if args.user is not None:
+        raise ClientError("image import imports for yourself: no --user", EXIT_USAGE)
+    try:
+        ref = parse_ref(args.digest, os.getcwd())
+    except RefError as e:
+        raise ClientError(str(e), wire.STATUS_LAUNCH_FAILED) from None
+    reply = request(args.socket, {**message, "import": ref.canonical, "image_fingerprint": fingerprint(ref)}, "images")
+    if args.json:
+        print(json.dumps(reply["images"], indent=2))
+    else:
+        print(f"{ref.canonical}: {reply['images'][0]['digest']}")
     return 0
 
 

@@ -177,12 +177,14 @@ def _add_image(sub, raw) -> None:
         description="ls: the images in your image cache on this node (operators: everyone's), with the steps\n"
         "running from each. rm DIGEST: remove one (a unique prefix of its digest will do). prune: remove\n"
         "all of yours. Images a step still runs from are kept. A removed image is imported again by the\n"
-        "next launch that needs it.",
+        "next launch that needs it. import REF: import an image now (as you), to run it later.",
         epilog="Examples:\n  nodestepctl image ls\n  nodestepctl image rm sha256:3f2a\n"
+        "  nodestepctl image import docker-archive:app.tar\n"
         "  nodestepctl image prune --user alice   # operators",
     )
-    image.add_argument("action", choices=["ls", "rm", "prune"], help="what to do")
-    image.add_argument("digest", nargs="?", metavar="DIGEST", help="with rm: the image's digest, or a unique prefix")
+    image.add_argument("action", choices=["ls", "rm", "prune", "import"], help="what to do")
+    image.add_argument("digest", nargs="?", metavar="DIGEST|REF",
+                       help="with rm: the image's digest, or a unique prefix; with import: the image (as run --image takes it)")
     image.add_argument("--user", metavar="NAME|UID", help="whose images (operators; default: yours, for ls everyone's)")
     image.add_argument("--json", action="store_true", help="machine-readable output")
 

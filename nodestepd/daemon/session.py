@@ -25,9 +25,11 @@ from nodestepd.daemon.connection import Connection, ConnectionClosed, close_all
 from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.registry import Registry
 from nodestepd.image.cache import ImageCache
+from nodestepd.image.refs import RefError, parse_ref
 from nodestepd.image.importer import ImportFailed
 from nodestepd.image.launch import ImageOptions, apply_image
 from nodestepd.logs import BoundLogger, get_logger
+from nodestepd.process.identity import Identity
 from nodestepd.process.reaper import Reaper
 from nodestepd.protocol import messages
 from nodestepd.protocol.messages import (
@@ -203,6 +205,8 @@ class Session:
         if images is None:
             raise Refused("not-found", "this nodestepd does not run images")
         policy = self.state.configuration.policy
+        if request.import_ is not None:
+            return await self._import_for_caller(images, request)
         if request.user is not None:
             try:
                 uid = await asyncio.to_thread(parse_user, request.user)
@@ -246,6 +250,31 @@ class Session:
             self.log.info("image removed from the cache", digest=info.digest, user=info.user)
             removed.append(info)
         return ImagesReply(images=removed, kept=kept)
+
+    async def _import_for_caller(self, images: ImageCache, request: ImagesRequest) -> ImagesReply:
+        """`image import REF`: the caller's image imported (or found) as the caller, nothing run."""
+        assert request.import_ is not None
+        if request.user is not None or request.remove is not None or request.prune:
+            raise BadRequest("import goes alone: no user, remove or prune")
+        try:
+            ref = parse_ref(request.import_).canonical
+        except RefError as e:
+            raise BadRequest(str(e)) from None
+        fingerprint = request.image_fingerprint
+        if fingerprint is not None and (len(fingerprint) > 256 or "\0" in fingerprint):
+            raise BadRequest("image_fingerprint must be at most 256 bytes, without NUL bytes")
+        try:
+            identity = await asyncio.to_thread(Identity.for_uid, self.uid)
+        except LookupError as e:
+            raise BadRequest(str(e)) from None
+        env = self.state.configuration.launch.runtime_env(identity)
+        try:
+            entry = await images.get(identity, ref, fingerprint, env, self.log)
+        except ImportFailed as e:
+            raise Refused("launch-failed", str(e)) from None
+        images.release(entry)
+        return ImagesReply(images=[ImageInfo(user=identity.user, uid=identity.uid, digest=entry.digest,
+                                             refs=images.refs_of(identity.uid, entry.digest), in_use=0)])
 
     async def _own_running_parts(self, job_id: int, step_id: int, user: str | None) -> list[Step]:
         whose = await self._whose(user, job_id, step_id)

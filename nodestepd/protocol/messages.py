@@ -127,11 +127,14 @@ class ImagesRequest(Request, tag="images"):
     """The image cache's entries: the caller's; an operator's: everyone's, or `user`'s.
 
     With remove: remove the entry whose digest is (or starts with) `remove`, or with
-    prune every entry of the user, leaving those a step still runs from."""
+    prune every entry of the user, leaving those a step still runs from. With import_:
+    import that image for the caller (as a run would, without running anything)."""
 
     user: str | None = None
     remove: str | None = None
     prune: bool = False
+    import_: str | None = msgspec.field(default=None, name="import")
+    image_fingerprint: str | None = None
 
 
 AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest,

@@ -417,3 +417,18 @@ def test_over_image_cache_max_bytes_the_least_recently_used_image_goes(start_dae
     assert cache_listing(daemon, user) == sorted([first_entry, second_entry])
     assert daemon.ctl(user, "cancel", "7300.0").returncode == 0
     sleeper.communicate(timeout=30)
+
+
+def test_image_import_imports_without_running_anything(start_daemon, user, images):
+    daemon = start_daemon()
+    ref = refs(images)["oci"]
+    result = daemon.ctl(user, "image", "import", ref)
+    [image] = json.loads(daemon.ctl(user, "image", "ls", "--json").stdout)
+    assert (result.returncode, result.stdout) == (0, f"{ref}: {image['digest']}\n".encode()), result.stderr
+    assert status(daemon, user)["steps_finished"] == 0
+    assert daemon.ctl(user, "run", "--image", ref, "--", "true").returncode == 0
+    assert status(daemon, user)["images_imported"] == 1
+    assert daemon.log().count("importing image") == 1  # the run found it known
+    bad = daemon.ctl(user, "image", "import", "docker-archive:/nonexistent.tar")
+    assert bad.returncode == 1 and bad.stderr == (b"nodestepctl: cannot import docker-archive:/nonexistent.tar: cannot "
+                                                  b"read image archive /nonexistent.tar: No such file or directory\n")
