@@ -4,6 +4,7 @@
 #           gcc libc6-dev (pip compiles nodestepd-monitor, the per-task parent, from C),
 #           systemd (systemd-analyze verifies the units; systemd-socket-activate tests activation),
 #           man-db (the man page test renders with man -l),
+#           skopeo umoci (`run --image`: the import, run as the user; the tests build their images with them),
 #           munge slurmctld slurmd slurm-client (a private single-node Slurm for the srun test;
 #           no service is enabled or configured, the test starts its own daemons),
 #           uidmap (newuidmap: a test user's subordinate uids in `unshare --map-auto`)

@@ -225,6 +225,7 @@ def start_daemon(workdir: Path, request):
         argv = [
             str(NODESTEPD), "--socket", str(base / f"sock-{m}"), "--oci-conf", str(conf),
             "--spool-dir", str(base / f"spool-{m}"), "--state-dir", str(base / f"state-{m}"),
+            "--image-cache-dir", str(base / f"images-{m}"),
             "--node-name", "testnode", "--log-level", "debug", "--steps-on-stop", "cancel", *extra,
         ]
         with open(log_path, "wb") as log:

@@ -60,6 +60,12 @@ class DaemonConfig:
     # step's user at each launch; "" for none. daemon/configuration.py checks they are root's.
     stage_in: str = ""
     stage_out: str = ""
+    # Container images (`run --image`): the per-user cache on local disk, how many imports
+    # run at once, and how long one may take (docs/admin-guide.md).
+    image_cache_dir: str = "/var/cache/nodestepd/images"
+    image_imports_max: int = 2
+    image_import_timeout: float = 600.0
+    image_cache_max_bytes: int = 0  # per user; 0: no cap
     debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
     config_file: str | None = None  # where the settings came from, for `status`
 
@@ -69,7 +75,7 @@ class DaemonConfig:
         def fail(name: str, message: str) -> ConfigError:
             return ConfigError(f"{sources.get(name, 'default')}: {name}: {message}")
 
-        for name in ("socket", "oci_conf", "spool_dir", "state_dir", "slurm_conf"):
+        for name in ("socket", "oci_conf", "spool_dir", "state_dir", "slurm_conf", "image_cache_dir"):
             value = getattr(self, name)
             if not os.path.isabs(value):
                 raise fail(name, f"must be an absolute path, got {value!r}")
@@ -111,7 +117,10 @@ _INT_BOUNDS = {
     "max_steps_per_user": (1, 100_000),
     "results_max": (1, 100_000),
     "results_max_per_user": (1, 100_000),
+    "image_imports_max": (1, 64),
+    "image_cache_max_bytes": (0, 1 << 50),
 }
+IMAGE_IMPORT_TIMEOUT_RANGE = (1.0, 86400.0)
 RESULTS_MAX_AGE_RANGE = (60.0, 366 * 86400.0)
 
 
@@ -130,6 +139,10 @@ def setting_problems(config: DaemonConfig) -> list[tuple[str, str]]:
     if not low <= config.results_max_age <= high:
         problems.append(("results_max_age", f"must be between {low:.0f} and {high:.0f} seconds, got "
                          f"{config.results_max_age}"))
+    low, high = IMAGE_IMPORT_TIMEOUT_RANGE
+    if not low <= config.image_import_timeout <= high:
+        problems.append(("image_import_timeout", f"must be between {low:.0f} and {high:.0f} seconds, got "
+                         f"{config.image_import_timeout}"))
     if not 0.1 <= config.client_timeout <= 3600:
         problems.append(("client_timeout", f"must be between 0.1 and 3600 seconds, got {config.client_timeout}"))
     if not 1 <= config.connection_max_lifetime <= 86400:
@@ -196,12 +209,16 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "results_max": (int,),
     "results_max_per_user": (int,),
     "connection_max_lifetime": (int, float),
+    "image_cache_dir": (str,),
+    "image_imports_max": (int,),
+    "image_import_timeout": (int, float),
+    "image_cache_max_bytes": (int,),
     "debug_timings": (bool,),
     "stage_in": (str,),
     "stage_out": (str,),
 }
 _FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age", "connection_max_lifetime",
-           "reattach_grace")
+           "reattach_grace", "image_import_timeout")
 
 
 def _from_toml(path: str, required: bool) -> dict[str, Any]:

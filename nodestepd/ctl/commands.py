@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -98,6 +99,53 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600}h"
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    message: dict = {"op": "images", **_whose(args)}
+    if args.action == "import":
+        return _image_import(args, message)
+    if args.action == "rm":
+        if not args.digest:
+            raise ClientError("image rm needs the image's DIGEST (nodestepctl image ls shows them)", EXIT_USAGE)
+        message["remove"] = args.digest
+    elif args.digest:
+        raise ClientError(f"image {args.action} takes no DIGEST", EXIT_USAGE)
+    message["prune"] = args.action == "prune"
+    reply = request(args.socket, message, "images")
+    if args.json:
+        print(json.dumps({"images": reply["images"], "kept": reply["kept"]} if args.action != "ls"
+                         else reply["images"], indent=2))
+        return 0
+    if args.action == "ls":
+        print(f"{'USER':<12} {'DIGEST':<19} {'IN USE':>6}  REFERENCES")
+        for image in reply["images"]:
+            print(f"{image['user']:<12} {image['digest'][:19]:<19} {image['in_use']:>6}  {' '.join(image['refs'])}")
+        return 0
+    for image in reply["images"]:
+        print(f"removed {image['digest']} ({image['user']})")
+    for image in reply["kept"]:
+        print(f"kept {image['digest']} ({image['user']}): {image['in_use']} steps run from it", file=sys.stderr)
+    return 0
+
+
+def _image_import(args: argparse.Namespace, message: dict) -> int:
+    from nodestepd.image.refs import RefError, fingerprint, parse_ref
+
+    if not args.digest:
+        raise ClientError("image import needs the image REF (as run --image takes it)", EXIT_USAGE)
+    if args.user is not None:
+        raise ClientError("image import imports for yourself: no --user", EXIT_USAGE)
+    try:
+        ref = parse_ref(args.digest, os.getcwd())
+    except RefError as e:
+        raise ClientError(str(e), wire.STATUS_LAUNCH_FAILED) from None
+    reply = request(args.socket, {**message, "import": ref.canonical, "image_fingerprint": fingerprint(ref)}, "images")
+    if args.json:
+        print(json.dumps(reply["images"], indent=2))
+    else:
+        print(f"{ref.canonical}: {reply['images'][0]['digest']}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     r = request(args.socket, {"op": "status"}, "status")
     print(f"nodestepd {r['version']} on {r['node_name']}, up {_age(r['uptime'])}")
@@ -106,6 +154,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"socket:       {r['socket']}")
     print(f"spool dir:    {r['spool_dir']}")
     print(f"state dir:    {r['state_dir']}")
+    if r.get("image_cache_dir"):
+        print(f"image cache:  {r['image_cache_dir']} ({r.get('images_imported', 0)} images imported since the start)")
     print(f"steps:        {r['steps_running']} running, {r['steps_finished']} finished")
     print(f"journal:      {r['journal_queued']} records waiting, {r['journal_dropped']} dropped")
     if r["containers_not_deleted"]:

@@ -30,6 +30,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "cancel": commands.cmd_cancel,
     "wait": commands.cmd_wait,
     "status": commands.cmd_status,
+    "image": commands.cmd_image,
     "reload": commands.cmd_reload,
     "check-config": commands.cmd_check_config,
     "doctor": commands.cmd_doctor,

@@ -68,7 +68,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _add_run(sub, raw) -> None:
     run = sub.add_parser(
         "run", formatter_class=raw, help="run a container step and wait for it (or --detach)",
-        description="Run COMMAND in a container made from the OCI bundle DIR, one container per task.\n"
+        description="Run COMMAND in a container made from the OCI bundle DIR (or the image REF), one container\n"
+        "per task. An image is imported (skopeo copy, umoci unpack --rootless) as you, once per node, into\n"
+        "nodestepd's image cache; its rootfs is shared by every step that runs it, read-only, with a tmpfs\n"
+        "on /tmp. The image's Env (under your environment), WorkingDir, Entrypoint and Cmd apply.\n"
         "Attached (default): the containers use this terminal's stdin/stdout/stderr, signals sent to\n"
         "nodestepctl (INT, TERM, HUP, USR1, USR2, CONT, TSTP) go to the step, the step is cancelled if\n"
         "nodestepctl dies, and nodestepctl exits with the step's status: the first non-zero task\n"
@@ -82,13 +85,25 @@ def _add_run(sub, raw) -> None:
         "While the daemon prepares a slow launch, a progress line goes to stderr after 1 s.",
         epilog="Examples:\n"
         "  nodestepctl run --bundle /images/alpine -- uname -a\n"
+        "  nodestepctl run --image docker-archive:app.tar --mount $HOME/data:/data:ro -- /app/run\n"
         "  nodestepctl run --ntasks 4 --env MODE=fast --bundle /images/app -- /app/run\n"
         "  nodestepctl run --detach --output job.log --bundle /images/app -- /app/run  # prints JOB.STEP\n"
         "  srun -N 64 --ntasks-per-node 2 nodestepctl run --bundle /images/app -- /app/run  # one container per task\n"
         "  nodestepctl run --user alice --detach --output /home/alice/job.log --bundle /home/alice/app -- /app/run"
         "  # operators",
     )
-    run.add_argument("--bundle", required=True, metavar="DIR", help="OCI bundle (with config.json unless the site ignores it)")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", metavar="DIR", help="OCI bundle (with config.json unless the site ignores it)")
+    source.add_argument("--image", metavar="REF",
+                        help="container image: docker-archive:PATH, oci-archive:PATH[:TAG], oci:DIR[:TAG], "
+                        "docker://NAME[:TAG] or NAME[:TAG]; imported as you into the node's image cache once, "
+                        "then reused. Without COMMAND the image's Entrypoint and Cmd run")
+    run.add_argument("--mount", action="append", default=[], metavar="SRC:DST[:ro]",
+                     help="with --image: bind SRC (a host path you can use) at DST in the container (repeatable)")
+    run.add_argument("--workdir", metavar="DIR",
+                     help="with --image: the container's working directory (default: the image's WorkingDir, else /)")
+    run.add_argument("--entrypoint", metavar="PROGRAM",
+                     help="with --image: replaces the image's Entrypoint (\"\": none); COMMAND follows it")
     run.add_argument("--job-id", type=int, metavar="J", help="job id (default $SLURM_JOB_ID, else assigned by the daemon)")
     run.add_argument("--step-id", type=int, metavar="S", help="step id (default $SLURM_STEP_ID, else 0)")
     run.add_argument("--ntasks", type=int, metavar="N",
@@ -161,14 +176,33 @@ def _add_status(sub, raw) -> None:
                    epilog="Example:\n  nodestepctl status", formatter_class=raw)
 
 
+def _add_image(sub, raw) -> None:
+    image = sub.add_parser(
+        "image", formatter_class=raw, help="list or remove images in the node's image cache (run --image)",
+        description="ls: the images in your image cache on this node (operators: everyone's), with the steps\n"
+        "running from each. rm DIGEST: remove one (a unique prefix of its digest will do). prune: remove\n"
+        "all of yours. Images a step still runs from are kept. A removed image is imported again by the\n"
+        "next launch that needs it. import REF: import an image now (as you), to run it later.",
+        epilog="Examples:\n  nodestepctl image ls\n  nodestepctl image rm sha256:3f2a\n"
+        "  nodestepctl image import docker-archive:app.tar\n"
+        "  nodestepctl image prune --user alice   # operators",
+    )
+    image.add_argument("action", choices=["ls", "rm", "prune", "import"], help="what to do")
+    image.add_argument("digest", nargs="?", metavar="DIGEST|REF",
+                       help="with rm: the image's digest, or a unique prefix; with import: the image (as run --image takes it)")
+    image.add_argument("--user", metavar="NAME|UID", help="whose images (operators; default: yours, for ls everyone's)")
+    image.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def _add_reload(sub, raw) -> None:
     sub.add_parser(
         "reload", formatter_class=raw, help="make nodestepd re-read its settings file and oci.conf (root)",
         description="Re-read the daemon's TOML settings file and oci.conf (as SIGHUP does) and wait for the\n"
         "outcome. New steps use the new configuration; running steps keep the one they started with.\n"
         "A file with problems is rejected, every problem printed, and the old configuration stays in use\n"
-        "(exit status 1). socket, state_dir, log_format, log_level, no_new_privs and max_connections\n"
-        "change only at restart.",
+        "(exit status 1). socket, state_dir, log_format, log_level, no_new_privs, max_connections,\n"
+        "image_cache_dir, image_imports_max, image_import_timeout and image_cache_max_bytes change only\n"
+        "at restart.",
         epilog="Example:\n  nodestepctl reload   # what systemctl reload nodestepd runs",
     )
 
@@ -228,6 +262,7 @@ SUBCOMMANDS = {
     "cancel": _add_cancel,
     "wait": _add_wait,
     "status": _add_status,
+    "image": _add_image,
     "reload": _add_reload,
     "check-config": _add_check_config,
     "doctor": _add_doctor,

@@ -127,10 +127,14 @@ def run_request(args: argparse.Namespace) -> dict:
     """
     failed = wire.STATUS_LAUNCH_FAILED
     command = remainder(args.command)
-    if not command:
+    image = getattr(args, "image", None)
+    if not command and image is None:
         raise ClientError("no command given: nodestepctl run --bundle DIR -- COMMAND [ARG...]", EXIT_USAGE)
-    bundle = os.path.abspath(args.bundle)
-    if args.user is None and not os.path.isdir(bundle):
+    image_fields = _image_fields(args) if image is not None else {}
+    if image is None and (args.mount or args.workdir is not None or args.entrypoint is not None):
+        raise ClientError("--mount, --workdir and --entrypoint go with --image", EXIT_USAGE)
+    bundle = os.path.abspath(args.bundle) if image is None else ""
+    if image is None and args.user is None and not os.path.isdir(bundle):
         raise ClientError(f"bundle {bundle} does not exist or is not a directory", failed)
     if args.pty and not args.detach and not os.isatty(0):
         raise ClientError("--pty needs a terminal on standard input", EXIT_USAGE)
@@ -138,7 +142,8 @@ def run_request(args: argparse.Namespace) -> dict:
         raise ClientError("--output and --error go with --detach", EXIT_USAGE)
     # With --user the daemon opens config.json and the output files as that user, never
     # with our (an operator's) rights: see docs/security.md.
-    config_json, config_json_error = _read_bundle_config(bundle) if args.user is None else (None, None)
+    config_json, config_json_error = (_read_bundle_config(bundle) if args.user is None and image is None
+                                      else (None, None))
     job_id, step_id = _step_ids(args)
     task_fields = _slurm_task_fields(args)
     env = dict(os.environ) if args.export == "ALL" else {}
@@ -168,6 +173,7 @@ def run_request(args: argparse.Namespace) -> dict:
         # Detached with nowhere to write: the daemon sends the output to the journal when it logs there.
         "output_to_journal": args.detach and not args.output and not args.error,
         **task_fields,
+        **image_fields,
     }
     if args.user is not None:
         message["user"] = args.user
@@ -192,6 +198,34 @@ def reattach_timeout(args: argparse.Namespace) -> float:
     if not 0 <= value <= 86400:  # also refuses nan
         raise ClientError(f"{source}: {value:g} is not between 0 and 86400 seconds", EXIT_USAGE)
     return value
+
+
+def _image_fields(args: argparse.Namespace) -> dict:
+    """The run request's image fields: the reference (an archive's path made absolute here),
+    the archive's fingerprint as we see it, the mounts, --entrypoint and --workdir."""
+    from nodestepd.image.refs import RefError, fingerprint, parse_ref  # only an image launch loads it
+
+    failed = wire.STATUS_LAUNCH_FAILED
+    try:
+        ref = parse_ref(args.image, os.getcwd())
+    except RefError as e:
+        raise ClientError(str(e), failed) from None
+    _require_utf8("the image reference", ref.canonical)
+    mounts = []
+    for text in args.mount:
+        parts = text.split(":")
+        readonly = len(parts) == 3 and parts[2] in ("ro", "rw") and parts[2] == "ro"
+        if len(parts) == 3 and parts[2] not in ("ro", "rw") or len(parts) not in (2, 3) or not all(parts[:2]):
+            raise ClientError(f"--mount {text!r}: expected SRC:DST[:ro]", EXIT_USAGE)
+        source, destination = os.path.abspath(parts[0]), parts[1]
+        if not destination.startswith("/"):
+            raise ClientError(f"--mount {text!r}: the destination must be an absolute path", EXIT_USAGE)
+        _require_utf8("a --mount path", source + destination)
+        mounts.append({"source": source, "destination": destination, "readonly": readonly})
+    if args.workdir is not None and not args.workdir.startswith("/"):
+        raise ClientError(f"--workdir {args.workdir!r}: must be an absolute path in the container", EXIT_USAGE)
+    return {"image": ref.canonical, "image_fingerprint": fingerprint(ref) if args.user is None else None,
+            "mounts": mounts, "entrypoint": args.entrypoint, "workdir": args.workdir}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -222,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             for fd in owned:
                 os.close(fd)
             owned = []
-            reply = _await_started(sock)
+            reply = _await_started(sock, message.get("image"))
         except BaseException:
             sock.close()
             raise
@@ -257,10 +291,10 @@ def _launch_lost(ref: str | None) -> None:
     )
 
 
-def _await_started(sock: socket.socket) -> dict | None:
+def _await_started(sock: socket.socket, image: str | None = None) -> dict | None:
     """The `started` reply, or None when the daemon went away before it. While the daemon
-    is still preparing the step (stage-in, a slow runtime create), say so on stderr: after
-    PROGRESS_AFTER seconds, not before."""
+    is still preparing the step (an image import, stage-in, a slow runtime create), say so
+    on stderr: after PROGRESS_AFTER seconds, not before."""
     began = time.monotonic()
     deadline = began + PROGRESS_AFTER
     noted = False
@@ -278,7 +312,8 @@ def _await_started(sock: socket.socket) -> dict | None:
             return reply
         if time.monotonic() >= deadline:
             print(f"nodestepctl: still launching after {deadline - began:.0f} s: nodestepd is preparing "
-                  "the step (spool, stage-in, runtime create)", file=sys.stderr, flush=True)
+                  f"the step ({'importing the image: copying layers, unpacking; ' if image else ''}"
+                  "spool, stage-in, runtime create)", file=sys.stderr, flush=True)
             noted = True
             deadline += PROGRESS_EVERY
 

@@ -18,6 +18,8 @@ from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.closer import FdCloser
 from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.jobids import JobIdAllocator
+from nodestepd.image.launch import ImageOptions
+from nodestepd.image.refs import RefError, parse_ref
 from nodestepd.process import asuser
 from nodestepd.process.identity import Identity
 from nodestepd.protocol.messages import MAX_JSON_DEPTH, RunRequest, json_too_deep
@@ -29,6 +31,7 @@ MAX_JOB_ID = 0xFFFFFFF0
 MAX_NTASKS = 1024
 MAX_TASK_ID = 0xFFFFFFF0  # task offsets, local ids and node ids are Slurm's 32-bit ids
 MAX_PATH_BYTES = 4096  # PATH_MAX: a longer bundle or chdir could not be opened anyway
+MAX_MOUNTS = 64
 
 
 class Admission:
@@ -63,6 +66,8 @@ class Admission:
         except LookupError as e:
             raise BadRequest(str(e)) from None
         config_json, config_json_error = request.config_json, request.config_json_error
+        if request.image is not None:
+            config_json, config_json_error = None, None  # the image's, once it is imported
         if request.user is not None or request.output is not None or request.error is not None:
             config_json, config_json_error = await self._open_as_user(uid, identity, request, fds)
         job_id = request.job_id if request.job_id is not None else await asyncio.to_thread(self.job_ids.allocate)
@@ -71,7 +76,7 @@ class Admission:
             step_id=step_id,
             ntasks=request.ntasks,
             identity=identity,
-            bundle=os.path.normpath(request.bundle),
+            bundle=os.path.normpath(request.bundle) if request.image is None else "",
             args=tuple(request.args),
             workdir=request.chdir,
             attached=not request.detach,
@@ -92,7 +97,7 @@ class Admission:
         """
         config = self.configuration.config
         reads = []
-        if request.user is not None and not self.configuration.oci.ignore_file_config_json:
+        if request.user is not None and request.image is None and not self.configuration.oci.ignore_file_config_json:
             reads.append(os.path.join(os.path.normpath(request.bundle), "config.json"))
         writes = list(dict.fromkeys(p for p in (request.output, request.error) if p is not None))
         try:
@@ -125,14 +130,55 @@ class Admission:
         return config_json, config_json_error
 
 
+def image_options(request: RunRequest) -> ImageOptions | None:
+    """An image step's options (None for a bundle step), from a request _check_request passed."""
+    if request.image is None:
+        return None
+    return ImageOptions(
+        ref=parse_ref(request.image).canonical, command=tuple(request.args), entrypoint=request.entrypoint,
+        workdir=request.workdir,
+        mounts=tuple((m.source, os.path.normpath(m.destination), m.readonly) for m in request.mounts),
+    )
+
+
+def _check_image(request: RunRequest) -> None:
+    if request.image is None:
+        if request.mounts or request.entrypoint is not None or request.workdir is not None \
+                or request.image_fingerprint is not None:
+            raise BadRequest("mounts, entrypoint, workdir and image_fingerprint go with image")
+        return
+    if request.bundle:
+        raise BadRequest("a run request names a bundle or an image, not both")
+    if request.config_json is not None or request.config_json_error is not None:
+        raise BadRequest("a run with an image must not carry config_json: the image brings its own")
+    try:
+        parse_ref(request.image)
+    except RefError as e:
+        raise BadRequest(str(e)) from None
+    if request.image_fingerprint is not None and (len(request.image_fingerprint) > 256
+                                                  or "\0" in request.image_fingerprint):
+        raise BadRequest("image_fingerprint must be at most 256 bytes, without NUL bytes")
+    if request.entrypoint is not None and "\0" in request.entrypoint:
+        raise BadRequest("entrypoint contains a NUL byte")
+    if request.workdir is not None:
+        _check_path("workdir", request.workdir)
+    if len(request.mounts) > MAX_MOUNTS:
+        raise Refused("limit", f"{len(request.mounts)} mounts, more than {MAX_MOUNTS}")
+    for mount in request.mounts:
+        _check_path("a mount's source", mount.source)
+        _check_path("a mount's destination", mount.destination)
+
+
 def _check_request(request: RunRequest, configuration: Configuration) -> None:
     """What a run request may ask for, whoever asks: pure checks, in a fixed order."""
-    _check_path("bundle", request.bundle)
+    _check_image(request)
+    if request.image is None:
+        _check_path("bundle", request.bundle)
     _check_path("chdir", request.chdir)
     for name in ("output", "error"):
         if getattr(request, name) is not None:
             _check_path(name, getattr(request, name))
-    if not request.args:
+    if not request.args and request.image is None:
         raise BadRequest("no command given: args must not be empty")
     for arg in request.args:
         if "\0" in arg:

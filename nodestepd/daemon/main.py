@@ -11,6 +11,7 @@ then the Service runs the Server: recovery, READY=1, serving, shutdown.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from nodestepd.config.settings import (
     DaemonConfig,
     load_config,
 )
+from nodestepd.config.trust import untrusted_reason
 from nodestepd.daemon.accounts import Accounts
 from nodestepd.daemon.admission import Admission
 from nodestepd.daemon.closer import FdCloser
@@ -38,6 +40,7 @@ from nodestepd.daemon.registry import Registry, Retention
 from nodestepd.daemon.server import Server
 from nodestepd.daemon.service import Service
 from nodestepd.daemon.session import DaemonState
+from nodestepd.image.cache import ImageCache
 from nodestepd.logs import configure_logging, get_logger, resolve_log_format
 from nodestepd.process import kernel
 from nodestepd.process.reaper import Reaper
@@ -91,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reattach-grace", metavar="SECONDS", type=float,
                    help="cancel a recovered attached step whose client has not attached again within this "
                    f"many seconds of the restart (default {_DEFAULTS.reattach_grace:g})")
+    p.add_argument("--image-cache-dir", metavar="DIR",
+                   help=f"the per-user cache of imported container images, on local disk (default {_DEFAULTS.image_cache_dir})")
     p.add_argument("--debug-timings", action="store_true", default=None,
                    help="log each step's daemon-side latency: request received to runtime spawned "
                    "(\"launch timing\") and task exit to exit event sent (\"exit timing\"), in ms")
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "reattach_grace": args.reattach_grace,
         "slurm_conf": args.slurm_conf,
         "debug_timings": args.debug_timings,
+        "image_cache_dir": args.image_cache_dir,
     }
     try:
         config = load_config(args.config, overrides)
@@ -180,11 +186,17 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
     closer = FdCloser()
     accounts = Accounts()
     accounts.load()
+    # The image_* settings are read here: they change at restart.
+    images = ImageCache(config.image_cache_dir, imports_max=config.image_imports_max,
+                        timeout=config.image_import_timeout, untrusted_reason=untrusted_reason,
+                        max_bytes=config.image_cache_max_bytes)
+    await asyncio.to_thread(images.clean_stale)  # what imports cut short by a crash left
     state = DaemonState(
         configuration=configuration, registry=registry, admission=Admission(configuration, job_ids, closer),
         store=store, results=results, reaper=reaper, reload=service.reload, socket_path=listener.path,
         started_at=time.time(), closer=closer, accounts=accounts,
         reattachments=Reattachments(lambda: configuration.config.reattach_grace), output_journal=journal_queue,
+        images=images,
     )
     await service.run(Server(state, listener))
     log.info("stopped")

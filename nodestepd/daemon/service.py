@@ -26,7 +26,9 @@ from nodestepd.systemd.notify import Notifier, monotonic_usec, status_line
 # open, the loggers are built. A reload keeps the old value and says so.
 # Process-wide at start: the socket, the state, logging, the no-new-privs bit (it cannot be
 # unset) and the file descriptor limit that max_connections sized.
-RESTART_ONLY = ("socket", "state_dir", "log_format", "log_level", "no_new_privs", "max_connections")
+# The image cache is built once at start with its dir and its bounds.
+RESTART_ONLY = ("socket", "state_dir", "log_format", "log_level", "no_new_privs", "max_connections",
+                "image_cache_dir", "image_imports_max", "image_import_timeout", "image_cache_max_bytes")
 SHOWN_STEPS = 4  # steps named in STATUS=; the rest are counted
 
 

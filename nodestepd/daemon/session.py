@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import pwd
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from nodestepd import __version__
 from nodestepd.daemon import metrics
 from nodestepd.daemon.accounts import Accounts
-from nodestepd.daemon.admission import Admission, parse_signal
+from nodestepd.daemon.admission import Admission, image_options, parse_signal
 from nodestepd.daemon.authz import parse_user
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.closer import MAX_CLOSE_BACKLOG, FdCloser, too_many_unclosed
@@ -27,7 +29,12 @@ from nodestepd.daemon.connection import Connection, ConnectionClosed
 from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.reattach import Reattachments
 from nodestepd.daemon.registry import Registry
+from nodestepd.image.cache import ImageCache
+from nodestepd.image.refs import RefError, parse_ref
+from nodestepd.image.importer import ImportFailed
+from nodestepd.image.launch import ImageOptions, apply_image
 from nodestepd.logs import BoundLogger, get_logger
+from nodestepd.process.identity import Identity
 from nodestepd.process.reaper import Reaper
 from nodestepd.protocol import messages
 from nodestepd.protocol.messages import (
@@ -35,6 +42,9 @@ from nodestepd.protocol.messages import (
     CancelRequest,
     ErrorReply,
     ExitReply,
+    ImageInfo,
+    ImagesReply,
+    ImagesRequest,
     OkReply,
     ProtocolError,
     PsRequest,
@@ -51,11 +61,11 @@ from nodestepd.protocol.messages import (
     TaskInfo,
     WaitRequest,
 )
-from nodestepd.step.prepare import prepare, redirect_to
+from nodestepd.step.prepare import Prepared, prepare, redirect_to
 from nodestepd.step.record import RecordStore
 from nodestepd.step.results import Finished, ResultStore
-from nodestepd.step.spec import LaunchFailed, Stdio, StepResult, step_status
-from nodestepd.step.step import Step, StepState, new_step
+from nodestepd.step.spec import LaunchFailed, LaunchInput, Stdio, StepResult, StepSpec, step_status
+from nodestepd.step.step import Redirect, Step, StepState, new_step
 from nodestepd.systemd.journalqueue import JournalQueue
 from nodestepd.systemd.output import StepOutputToJournal
 
@@ -77,11 +87,12 @@ class DaemonState:
     accounts: Accounts  # whose a connection is, subordinate uids included (accounts.py)
     reattachments: Reattachments  # recovered attached steps waiting for their clients
     output_journal: JournalQueue | None = None  # detached steps' output goes here, when logging to the journal
+    images: ImageCache | None = None  # `run --image`: the image cache (None: images are not supported)
 
 
 # Each request but `run` (which takes the connection over) and the method that answers it.
 _ANSWERS = {StatusRequest: "status", PsRequest: "ps", SignalRequest: "signal", CancelRequest: "cancel",
-            WaitRequest: "wait", ReloadRequest: "reload"}
+            WaitRequest: "wait", ReloadRequest: "reload", ImagesRequest: "images"}
 
 
 class Session:
@@ -184,6 +195,8 @@ class Session:
             journal_queued=state.output_journal.queued if state.output_journal is not None else 0,
             journal_dropped=state.output_journal.dropped if state.output_journal is not None else 0,
             containers_not_deleted=state.registry.not_deleted,
+            image_cache_dir=state.images.root if state.images is not None else "",
+            images_imported=state.images.imports if state.images is not None else 0,
         )
 
     async def ps(self, request: PsRequest) -> StepsReply:
@@ -219,6 +232,83 @@ class Session:
             listing = "".join(f"\n  {problem}" for problem in problems)
             raise Refused("reload-failed", f"configuration not reloaded, the old one stays in use:{listing}")
         return OkReply()
+
+    async def images(self, request: ImagesRequest) -> ImagesReply:
+        """The image cache's entries the caller may see, or (remove, prune) removes."""
+        images = self.state.images
+        if images is None:
+            raise Refused("not-found", "this nodestepd does not run images")
+        policy = self.state.configuration.policy
+        if request.import_ is not None:
+            return await self._import_for_caller(images, request)
+        if request.user is not None:
+            try:
+                uid = await asyncio.to_thread(parse_user, request.user)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+            if not policy.may_act_on(self.uid, uid):
+                raise Refused("permission-denied", "only operators may see or remove another user's images")
+            uids = [uid]
+        elif policy.is_operator(self.uid) and request.remove is None and not request.prune:
+            uids = await asyncio.to_thread(images.users)
+        else:
+            uids = [self.uid]
+        in_use: dict[str, int] = {}
+        for step in self.state.registry.running.values():
+            for bundle in (step.spec.bundle, os.path.dirname(step.spec.bundle)):  # rootfs: IgnoreFileConfigJson
+                in_use[bundle] = in_use.get(bundle, 0) + 1
+        listing = []
+        for uid in uids:
+            user = await asyncio.to_thread(_user_name, uid)
+            for digest in await asyncio.to_thread(images.entries, uid):
+                listing.append(ImageInfo(user=user, uid=uid, digest=digest, refs=images.refs_of(uid, digest),
+                                         in_use=in_use.get(images.bundle_of(uid, digest), 0)))
+        if request.remove is None and not request.prune:
+            return ImagesReply(images=listing)
+        if request.remove is not None:
+            wanted = request.remove.removeprefix("sha256:")
+            listing = [i for i in listing if i.digest.removeprefix("sha256:").startswith(wanted)] if wanted else []
+            if not listing:
+                raise Refused("not-found", f"no image {request.remove} in your image cache")
+            if len(listing) > 1:
+                raise Refused("ambiguous", f"{request.remove} names {len(listing)} images; give more of the digest")
+        removed, kept = [], []
+        for info in listing:
+            if info.in_use:
+                kept.append(info)
+                continue
+            problems = await asyncio.to_thread(images.remove, info.uid, info.digest)
+            if problems:
+                self.log.error("cannot remove an image from the cache", digest=info.digest, problems=problems)
+                raise Refused("error", f"cannot remove image {info.digest}: {problems[0]}")
+            self.log.info("image removed from the cache", digest=info.digest, user=info.user)
+            removed.append(info)
+        return ImagesReply(images=removed, kept=kept)
+
+    async def _import_for_caller(self, images: ImageCache, request: ImagesRequest) -> ImagesReply:
+        """`image import REF`: the caller's image imported (or found) as the caller, nothing run."""
+        assert request.import_ is not None
+        if request.user is not None or request.remove is not None or request.prune:
+            raise BadRequest("import goes alone: no user, remove or prune")
+        try:
+            ref = parse_ref(request.import_).canonical
+        except RefError as e:
+            raise BadRequest(str(e)) from None
+        fingerprint = request.image_fingerprint
+        if fingerprint is not None and (len(fingerprint) > 256 or "\0" in fingerprint):
+            raise BadRequest("image_fingerprint must be at most 256 bytes, without NUL bytes")
+        try:
+            identity = await asyncio.to_thread(Identity.for_uid, self.uid)
+        except LookupError as e:
+            raise BadRequest(str(e)) from None
+        env = self.state.configuration.launch.runtime_env(identity)
+        try:
+            entry = await images.get(identity, ref, fingerprint, env, self.log)
+        except ImportFailed as e:
+            raise Refused("launch-failed", str(e)) from None
+        images.release(entry)
+        return ImagesReply(images=[ImageInfo(user=identity.user, uid=identity.uid, digest=entry.digest,
+                                             refs=images.refs_of(identity.uid, entry.digest), in_use=0)])
 
     async def _own_running_parts(self, job_id: int, step_id: int, user: str | None) -> list[Step]:
         whose = await self._whose(user, job_id, step_id)
@@ -303,10 +393,14 @@ class Session:
         state = self.state
         try:
             spec, given = await state.admission.admit(self.uid, request, fds)
+            options = image_options(request)
+            if options is not None and state.images is None:
+                raise Refused("launch-failed", "this nodestepd does not run images")
             launch, c = state.configuration.launch, state.configuration.config
             timings = metrics.for_step(c.debug_timings, received_at)
             step = new_step(spec, launch.step, launch.runtime_env(spec.identity), store=state.store,
-                            reaper=state.reaper, results=state.results, timings=timings)
+                            reaper=state.reaper, results=state.results, timings=timings,
+                            importing=options is not None)
             state.registry.add(step, max_steps=c.max_steps, max_steps_per_user=c.max_steps_per_user)
         except Refused as e:
             self.log.info("launch refused", code=e.code, error=str(e), **e.detail)
@@ -318,8 +412,14 @@ class Session:
                 output = StepOutputToJournal(state.output_journal, job_id=spec.job_id, step_id=spec.step_id,
                                              user=spec.identity.user, task_ids=spec.task_ids)
             stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs if output is not None else None)
+            image = None
+            if options is not None:
+                # An operator's client fingerprinted the archive with its own rights, not the user's.
+                fingerprint = request.image_fingerprint if request.user is None else None
+                image = functools.partial(self._import_image, step, given, options, fingerprint)
             await step.launch(functools.partial(prepare, spec, given, launch, step.runtime.env, step.log), stdio,
-                              received_at, redirect=functools.partial(redirect_to, spec, given, launch))
+                              received_at, redirect=functools.partial(redirect_to, spec, given, launch),
+                              image=image)
         except Exception as e:
             state.registry.discard(step)
             if isinstance(e, LaunchFailed):
@@ -334,6 +434,24 @@ class Session:
             if output is not None:
                 output.release_write_ends()  # the tasks have their own; end of file when they are gone
         return step, timings
+
+    async def _import_image(self, step: Step, given: LaunchInput, options: ImageOptions,
+                            fingerprint: str | None) -> tuple[StepSpec, Callable[[], Prepared], Redirect]:
+        """An image step's import phase: the image from the cache (imported as the user if
+        need be), then the step's spec, preparation and stage_in redirection as for a bundle of it."""
+        state = self.state
+        assert state.images is not None
+        launch = state.configuration.launch
+        try:
+            entry = await state.images.get(step.spec.identity, options.ref, fingerprint, dict(step.runtime.env),
+                                           step.log)
+        except ImportFailed as e:
+            raise LaunchFailed(str(e)) from None
+        # Held until the step ends, failed launches included: never evicted while it runs.
+        step.on_finished(functools.partial(state.images.release, entry))
+        spec, given = apply_image(step.spec, given, entry, options, ignore_config_json=launch.oci.ignore_file_config_json)
+        return (spec, functools.partial(prepare, spec, given, launch, step.runtime.env, step.log),
+                functools.partial(redirect_to, spec, given, launch))
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
         """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
@@ -367,6 +485,13 @@ class Session:
                 await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
         await self.conn.send(exit_reply([(step, done.result())]))
         timings.sent(step.log)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 # ---- replies ------------------------------------------------------------------------------

@@ -35,6 +35,14 @@ class Request(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
     v: int
 
 
+class Mount(msgspec.Struct, forbid_unknown_fields=True):
+    """A bind mount an image step asks for (`run --mount SRC:DST[:ro]`): source on the host, as the user sees it."""
+
+    source: str
+    destination: str
+    readonly: bool = False
+
+
 class RunRequest(Request, tag="run"):
     """Launch a step. Exactly three fds ride along: the tasks' stdin, stdout, stderr."""
 
@@ -70,6 +78,15 @@ class RunRequest(Request, tag="run"):
     # the fds that came with the request (how an operator's --output reaches the user's files).
     output: str | None = None
     error: str | None = None
+    # Run a container image (`run --image`) in place of a bundle: bundle is then "" and the
+    # daemon imports the image as the user into its cache (docs/user-guide.md). args may be
+    # empty: the image's Entrypoint and Cmd run. image_fingerprint: the client's refs.fingerprint
+    # of a local archive or layout, how a cached image is found without starting anything.
+    image: str | None = None
+    image_fingerprint: str | None = None
+    mounts: list[Mount] = []
+    entrypoint: str | None = None  # replaces the image's Entrypoint ("": none)
+    workdir: str | None = None  # the container's working directory (default: the image's WorkingDir)
 
 
 class SignalRequest(Request, tag="signal"):
@@ -116,8 +133,22 @@ class ReloadRequest(Request, tag="reload"):
     """Re-read the settings file and oci.conf (root only). Reply: ok, or error with every reason."""
 
 
+class ImagesRequest(Request, tag="images"):
+    """The image cache's entries: the caller's; an operator's: everyone's, or `user`'s.
+
+    With remove: remove the entry whose digest is (or starts with) `remove`, or with
+    prune every entry of the user, leaving those a step still runs from. With import_:
+    import that image for the caller (as a run would, without running anything)."""
+
+    user: str | None = None
+    remove: str | None = None
+    prune: bool = False
+    import_: str | None = msgspec.field(default=None, name="import")
+    image_fingerprint: str | None = None
+
+
 AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest,
-                   AttachRequest]
+                   AttachRequest, ImagesRequest]
 
 # ---- replies --------------------------------------------------------------------
 
@@ -175,7 +206,7 @@ class StepInfo(msgspec.Struct):
     step_id: int
     user: str
     uid: int
-    state: str  # launching, running, terminating, finished
+    state: str  # importing (its image), launching, running, terminating, finished
     attached: bool
     bundle: str
     args: list[str]
@@ -207,9 +238,25 @@ class StatusReply(Reply, tag="status"):
     journal_dropped: int = 0
     # Containers whose RunTimeDelete hung every time, since the start (see TaskInfo.not_deleted).
     containers_not_deleted: int = 0
+    # Images unpacked into the image cache since the start (an image found there is not counted).
+    image_cache_dir: str = ""
+    images_imported: int = 0
 
 
-AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply]
+class ImageInfo(msgspec.Struct):
+    user: str
+    uid: int
+    digest: str  # sha256:HEX of the image's manifest
+    refs: list[str]  # the references this daemon imported or found it as (since its start)
+    in_use: int  # steps running from it
+
+
+class ImagesReply(Reply, tag="images"):
+    images: list[ImageInfo] = []  # the listing; after a removal, what was removed
+    kept: list[ImageInfo] = []  # a removal's entries left because steps run from them
+
+
+AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply, ImagesReply]
 
 _request_decoder = msgspec.json.Decoder(AnyRequest)
 _encoder = msgspec.json.Encoder()

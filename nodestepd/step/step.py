@@ -1,8 +1,12 @@
 """One container step on this node: the state machine from launch to exit event.
 
-    LAUNCHING --launch()--> RUNNING --cancel()--> TERMINATING
-        |                      |                      |
-        +------ (failed) ------+---- (tasks ended) ---+--> FINISHED
+   [IMPORTING] --> LAUNCHING --launch()--> RUNNING --cancel()--> TERMINATING
+        |              |                      |                      |
+        +--------------+------ (failed) ------+---- (tasks ended) ---+--> FINISHED
+
+A step that runs a container image starts IMPORTING: its image is fetched and unpacked
+(nodestepd/image/) before anything of the step exists; that phase only gives the step its
+bundle, and a cancel then stops the import.
 
 A Step owns its spool, its record and its task processes: `_release` is the one place
 that lets them go, `_finish` the one place that finishes the step (its result set, its
@@ -23,7 +27,7 @@ import enum
 import os
 import signal
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from nodestepd.logs import BoundLogger, get_logger
 from nodestepd.process.reaper import Reaper
@@ -46,6 +50,7 @@ Redirect = Callable[[Prepared, str], "tuple[StepSpec, Prepared]"]
 
 
 class StepState(enum.Enum):
+    IMPORTING = "importing"
     LAUNCHING = "launching"
     RUNNING = "running"
     TERMINATING = "terminating"
@@ -53,6 +58,7 @@ class StepState(enum.Enum):
 
 
 _NEXT = {
+    StepState.IMPORTING: {StepState.LAUNCHING, StepState.FINISHED},
     StepState.LAUNCHING: {StepState.RUNNING, StepState.FINISHED},
     StepState.RUNNING: {StepState.TERMINATING, StepState.FINISHED},
     StepState.TERMINATING: {StepState.FINISHED},
@@ -61,12 +67,21 @@ _NEXT = {
 
 
 def new_step(spec: StepSpec, settings: StepSettings, runtime_env: dict[str, str], *, store: RecordStore,
-             reaper: Reaper, results: ResultStore | None, timings: Timings | None = None) -> Step:
-    """A step with its runtime and the mode its commands call for."""
+             reaper: Reaper, results: ResultStore | None, timings: Timings | None = None,
+             importing: bool = False) -> Step:
+    """A step with its runtime and the mode its commands call for (importing: it starts by importing its image)."""
     log = get_logger(job_id=spec.job_id, step_id=spec.step_id, user=spec.identity.user)
     runtime = Runtime(settings.commands, spec.identity, runtime_env, settings.runtime_timeout, log)
-    return Step(spec, settings, runtime, mode_for(runtime, log), store=store, reaper=reaper, results=results,
+    step = Step(spec, settings, runtime, mode_for(runtime, log), store=store, reaper=reaper, results=results,
                 timings=timings or NoTimings(), log=log)
+    if importing:
+        step.state = StepState.IMPORTING
+    return step
+
+
+# An image step's import phase: once the image is there, the step's final spec (its bundle,
+# its command) and its preparation.
+ImportPhase = Callable[[], Awaitable[tuple[StepSpec, Callable[[], Prepared], Redirect]]]
 
 
 class Step:
@@ -95,6 +110,7 @@ class Step:
         self._keeps_result = False
         self._supervisor: asyncio.Task[None] | None = None  # held: the loop keeps tasks only weakly
         self._termination: asyncio.Task[None] | None = None
+        self._importing: asyncio.Future | None = None  # the import phase, while it runs
         self._cancel_reason: str | None = None
         self._left_running = False  # the daemon stopped and left this step's tasks alone
         self._save_lock = asyncio.Lock()
@@ -116,7 +132,7 @@ class Step:
     # ---- launch ---------------------------------------------------------------------
 
     async def launch(self, prepare: Callable[[], Prepared], stdio: Stdio, received_at: float,
-                     redirect: Redirect | None = None) -> None:
+                     redirect: Redirect | None = None, image: ImportPhase | None = None) -> None:
         """Prepare the spool and start every task; then the step runs on its own.
 
         prepare: the blocking preparation (prepare.prepare with this launch's input), run
@@ -124,9 +140,12 @@ class Step:
         finished with status 125 for whoever waits for it. received_at: time.monotonic()
         when the request arrived, for the launch latency in the log. redirect: what
         points the prepared launch at another bundle (prepare.redirect_to, blocking), for a
-        stage_in that asks for one.
+        stage_in that asks for one. image: an image step's import phase (the step was made
+        with importing=True); it gives the prepare and redirect to use instead.
         """
         try:
+            if image is not None:
+                prepare, redirect = await self._import(image)
             await self._launch(prepare, stdio, redirect)
         except asyncio.CancelledError:
             # The daemon is stopping in the middle of the launch. Nothing is released: the
@@ -134,7 +153,8 @@ class Step:
             self._finish(StepResult.launch_failed(self.spec.ntasks))
             raise
         except BaseException:
-            await self._end(StepResult.launch_failed(self.spec.ntasks))
+            await self._end(StepResult.launch_failed(self.spec.ntasks, cancelled=self.state is StepState.IMPORTING
+                                                     and self._cancel_reason is not None))
             raise
         launch_ms = round((time.monotonic() - received_at) * 1000, 3)
         self.log.info("step started", ntasks=self.spec.ntasks, bundle=self.spec.bundle, launch_ms=launch_ms)
@@ -143,6 +163,23 @@ class Step:
             # Cancelled while it was launching. (A cancel that came once the step was
             # RUNNING, while its record was written, has begun the termination itself.)
             self._begin_termination()
+
+    async def _import(self, image: ImportPhase) -> tuple[Callable[[], Prepared], Redirect]:
+        """The import phase: the step's spec becomes the imported image's; cancel() stops it."""
+        self._importing = asyncio.ensure_future(image())
+        try:
+            self.spec, prepare, redirect = await self._importing
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._cancel_reason is not None and not (current is not None and current.cancelling()):
+                raise LaunchFailed(f"the step was cancelled while importing its image ({self._cancel_reason})") \
+                    from None
+            raise
+        finally:
+            self._importing = None
+        self.orig_bundle = self.spec.bundle  # the image's bundle is the one the step was given
+        self._enter(StepState.LAUNCHING)
+        return prepare, redirect
 
     async def _launch(self, prepare: Callable[[], Prepared], stdio: Stdio, redirect: Redirect | None) -> None:
         prepared = await asyncio.to_thread(prepare)
@@ -327,6 +364,10 @@ class Step:
     async def wait(self) -> StepResult:
         return await asyncio.shield(self._done)
 
+    def on_finished(self, callback: Callable[[], None]) -> None:
+        """Call callback once the step has finished (at once if it has)."""
+        self._done.add_done_callback(lambda _: callback())
+
     def signal(self, sig: int) -> int:
         """Deliver sig to each running task (the mode says how); returns how many got it."""
         delivered = sum(1 for task in self.tasks if task.running and self.mode.signal(task, sig))
@@ -339,6 +380,8 @@ class Step:
             self.log.info("cancelling step", reason=reason)
             if self.state is StepState.RUNNING:
                 self._begin_termination()
+            elif self._importing is not None:
+                self._importing.cancel()  # its helper is killed, its files removed
             # Still launching: launch() begins the termination once the tasks exist.
         return await self.wait()
 

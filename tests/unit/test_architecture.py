@@ -23,9 +23,10 @@ ALLOWED = {
     "systemd": {"systemd", "process", "logs"},
     "logs": {"systemd"},  # the journal log format
     "step": {"step", "process", "config", "protocol", "logs"},
-    "daemon": {"daemon", "step", "process", "config", "protocol", "systemd", "logs"},
-    "ctl": {"ctl", "protocol", "config", "process", "step", "systemd", "logs"},
-    "": {"protocol", "config", "process", "systemd", "logs", "step", "daemon", "ctl"},  # nodestepd/__init__.py
+    "image": {"image", "step", "process", "logs"},  # an image becomes a bundle a step is prepared from
+    "daemon": {"daemon", "image", "step", "process", "config", "protocol", "systemd", "logs"},
+    "ctl": {"ctl", "image", "protocol", "config", "process", "step", "systemd", "logs"},  # image.refs: the client's REF
+    "": {"protocol", "config", "process", "systemd", "logs", "step", "image", "daemon", "ctl"},  # nodestepd/__init__.py
 }
 # nodestepctl's man page is generated beside nodestepd's, from the daemon's own parser.
 ALLOWED_MODULES = {"nodestepd.ctl.manpage": {"nodestepd.daemon.main"}}

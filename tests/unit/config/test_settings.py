@@ -15,7 +15,7 @@ from nodestepd.config import settings as config_module
 from nodestepd.config.settings import ConfigError, DaemonConfig, load_config
 from nodestepd.daemon.jobids import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
-KNOWN = ("client_timeout, connection_max_lifetime, debug_timings, kill_wait, log_format, log_level, max_args_bytes, max_connections, max_connections_per_user, "
+KNOWN = ("client_timeout, connection_max_lifetime, debug_timings, image_cache_dir, image_cache_max_bytes, image_import_timeout, image_imports_max, kill_wait, log_format, log_level, max_args_bytes, max_connections, max_connections_per_user, "
          "max_env_bytes, max_message_size, max_steps, max_steps_per_user, no_new_privs, node_name, oci_conf, operators, "
          "reattach_grace, results_max, results_max_age, results_max_per_user, runtime_timeout, slurm_conf, socket, spool_dir, stage_in, stage_out, state_dir, steps_on_stop")
 EX_CONFIG = 78

@@ -36,7 +36,7 @@ def test_every_subcommand_has_help_with_an_example(subcommand):
 
 
 def test_the_subcommands_are_the_expected_ones():
-    assert SUBCOMMANDS == ["run", "ps", "signal", "cancel", "wait", "status", "reload", "check-config", "doctor",
+    assert SUBCOMMANDS == ["run", "ps", "signal", "cancel", "wait", "status", "image", "reload", "check-config", "doctor",
                            "completion"]
 
 
@@ -86,7 +86,7 @@ def test_usage_errors_are_the_same_with_only_the_named_subcommand():
     # `run` without --bundle: the message comes from run's own parser, which is the same either way.
     result = subprocess.run([str(NODESTEPCTL), "run", "--", "true"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert "nodestepctl run: error: the following arguments are required: --bundle" in result.stderr
+    assert "nodestepctl run: error: one of the arguments --bundle --image is required" in result.stderr
     # An unknown subcommand: the whole parser, listing the real ones.
     result = subprocess.run([str(NODESTEPCTL), "frobnicate"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2

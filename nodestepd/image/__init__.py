@@ -1,0 +1,1 @@
+"""Container images: a user's image reference becomes a cached, unpacked bundle (docs/security.md)."""
