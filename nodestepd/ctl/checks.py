@@ -226,13 +226,12 @@ def _user_name(uid: int) -> str:
 
 # The image cache (`nodestepctl run --image`): where it goes unless the settings say, and
 # the free space below which doctor warns (an HPC image is easily a few GiB unpacked).
-DEFAULT_IMAGE_CACHE_DIR = "/var/lib/nodestepd/images"
 IMAGE_CACHE_MIN_FREE = 2 << 30
 
 
 def check_image_cache(config: DaemonConfig) -> list[Check]:
     """The image cache dir: root's and not writable by others, like the daemon's own dirs, with room for images."""
-    path = getattr(config, "image_cache_dir", DEFAULT_IMAGE_CACHE_DIR)
+    path = config.image_cache_dir
     label = "image cache"
     owner = _check_daemon_dir(label, path)
     if owner.level is not Level.OK:

@@ -481,8 +481,8 @@ def test_the_image_cache_must_be_roots_and_have_room(new_dir, user):
     assert bad.level is Level.FAIL and f"(owner {user.name}, mode 0755)" in bad.message
     low = image_cache_space(str(cache), 512 << 20)
     assert (low.level, low.message) == (Level.WARN, f"0.5 GiB free on the file system of {cache}: images may not fit")
-    # Without the setting (it comes with `run --image`), the default place is checked.
-    assert "/var/lib/nodestepd/images" in " ".join(c.message for c in check_image_cache(DaemonConfig()))
+    # Without the setting, its default place is checked.
+    assert DaemonConfig().image_cache_dir in " ".join(c.message for c in check_image_cache(DaemonConfig()))
 
 
 def test_stage_hooks_are_checked(site, user, new_dir):
