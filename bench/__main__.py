@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import create_start_watch, launch_overhead, scale, throughput
+from . import create_start_watch, images, launch_overhead, scale, throughput
 from .common import REPO, BenchUser, Context, machine, make_bundle
 from .report import table, write_chart, write_json
 
@@ -29,6 +29,7 @@ SECTIONS = {
     "exit-notice": create_start_watch,
     "scale": scale,
     "throughput": throughput,
+    "images": images,  # section 6
 }
 
 

@@ -14,7 +14,7 @@ import sys
 from conftest import REPO
 
 SECTIONS = ["1 launch overhead", "2 daemon-side latency", "3 exit notice, create/start", "4 idle cost and scale",
-            "5 throughput"]
+            "5 throughput", "6 images"]
 # One figure of each kind the issue asks for; the JSON must have them all and the table print them all.
 FIGURES = [
     "nodestepctl run `true`, median", "ratio of medians, nodestepctl / direct",
@@ -26,6 +26,10 @@ FIGURES = [
     "fake runtime (sleep): cancel 20 steps, 4 at a time", "runc: launch 2 steps, 4 at a time",
     "runc: cancel 2 steps, 4 at a time",
     "fake runtime, back to back", "fake runtime, 2 in parallel", "runc, back to back", "runc, 2 in parallel",
+    "run --image `true`, cached image, median", "ratio of medians, cached image / bundle",
+    "first run --image `true` (import + launch), median", "nodestepctl image import alone, median",
+    "4 concurrent launches of a new image, wall time, median",
+    "imports for 4 concurrent launches of a new image, most in one run",
 ]
 
 

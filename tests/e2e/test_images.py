@@ -1,10 +1,11 @@
 """`nodestepctl run --image`: images imported as the user into the daemon's cache, then run
 by real runc through the site's oci.conf (both modes) as a --bundle step would be.
 
-The test images are built here, offline, as the test user: umoci makes an OCI layout with
-busybox-static and an image config (Entrypoint, Cmd, Env, WorkingDir), skopeo copies it to
-a docker-archive and an oci-archive. No test needs a registry: a registry that accepts
-connections and never answers (a silent TCP listener) stands in for a slow one.
+The test images are built offline, as the test user, by scripts/make-image.sh (the bench
+builds its image with it too): umoci makes an OCI layout with busybox-static and an image
+config (Entrypoint, Cmd, Env, WorkingDir), skopeo copies it to a docker-archive and an
+oci-archive. No test needs a registry: a registry that accepts connections and never
+answers (a silent TCP listener) stands in for a slow one.
 """
 
 from __future__ import annotations
@@ -23,31 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RUNC_RUN_CONF, runc_containers, spool_entries
+from conftest import REPO, RUNC_RUN_CONF, runc_containers, spool_entries
 from nodestepd.ctl.transport import connect, expect, receive, send
 from nodestepd.process.watch import children
 from test_create_start import oci_conf as create_start_conf
 
 LAUNCH_FAILED = 125
-
-BUILD = r"""
-set -eu
-cd "$1"
-umoci init --layout layout
-umoci new --image layout:latest
-umoci unpack --rootless --image layout:latest b
-mkdir -p b/rootfs/bin b/rootfs/etc b/rootfs/work b/rootfs/tmp b/rootfs/data b/rootfs/dev b/rootfs/proc b/rootfs/sys
-mkdir -p b/rootfs/etc/slurm b/rootfs/var/run/slurm b/rootfs/var/run/munge  # ch-run's binds (charliecloud.conf)
-cp /bin/busybox b/rootfs/bin/busybox
-for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -sf busybox "b/rootfs/bin/$a"; done
-echo "root:x:0:0:root:/root:/bin/sh" > b/rootfs/etc/passwd
-umoci repack --image layout:latest b
-rm -rf b
-umoci config --image layout:latest --config.entrypoint /bin/echo --config.entrypoint from-entrypoint \
-    --config.cmd from-cmd --config.env FOO=bar --config.env PATH=/bin --config.workingdir /work
-skopeo copy --quiet oci:layout:latest docker-archive:img.tar
-skopeo copy --quiet oci:layout:latest oci-archive:img-oci.tar
-"""
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +38,9 @@ def images(workdir, user) -> Path:
     path = workdir / "images"
     path.mkdir()
     os.chown(path, user.uid, user.gid)
-    script = path / "build.sh"
-    script.write_text(BUILD)
-    subprocess.run(user.command(["sh", str(script), str(path)]), env={**user.env, "HOME": str(path)}, check=True,
-                   timeout=120, capture_output=True)
+    with open(REPO / "scripts" / "make-image.sh") as script:  # read as root, run as the user
+        subprocess.run(user.command(["sh", "-s", "--", str(path)]), env={**user.env, "HOME": str(path)}, check=True,
+                       timeout=120, stdin=script, capture_output=True)
     return path
 
 
