@@ -34,6 +34,7 @@ from nodestepd.image.helper import ENTRY_PREFIX, TMP_PREFIX
 from nodestepd.image.importer import Answer, ImportFailed, run_import
 from nodestepd.logs import BoundLogger, get_logger
 from nodestepd.process.identity import Identity
+from nodestepd.process.watch import running
 from nodestepd.step.cleardir import clear_dir
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -270,7 +271,7 @@ class ImageCache:
                 continue
             for entry in entries:
                 pid = entry.removeprefix(TMP_PREFIX)
-                if entry.startswith(TMP_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                if entry.startswith(TMP_PREFIX) and pid.isdigit() and not running(int(pid)):
                     if not self.remove_tmp(int(name), int(pid)):
                         removed += 1
         if removed:
@@ -326,10 +327,6 @@ def _is_dir(path: str) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
 
 
 def _remove_dir(parent_fd: int, parent_path: str, name: str, errors: list[str]) -> None:

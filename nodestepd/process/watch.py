@@ -86,13 +86,8 @@ def children(pid: int) -> list[int]:
     return kids
 
 
-def start_time(pid: int) -> int | None:
-    """When pid started, in clock ticks since boot (field 22 of /proc/PID/stat); None when gone.
-
-    A recycled pid has another start time, so (pid, start_time) names one process for the
-    life of the node: a pid recorded before a daemon restart is that process only if its
-    start time still matches. A zombie still has its start time.
-    """
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 (the state) on; None when the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -100,9 +95,24 @@ def start_time(pid: int) -> int | None:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     fields = data.rpartition(b")")[2].split()
-    if len(fields) < 20:
-        return None  # gone while we read it
-    return int(fields[19])
+    return fields if len(fields) >= 20 else None  # too short: gone while we read it
+
+
+def start_time(pid: int) -> int | None:
+    """When pid started, in clock ticks since boot (field 22 of /proc/PID/stat); None when gone.
+
+    A recycled pid has another start time, so (pid, start_time) names one process for the
+    life of the node: a pid recorded before a daemon restart is that process only if its
+    start time still matches. A zombie still has its start time.
+    """
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def running(pid: int) -> bool:
+    """Whether pid is a process that still runs: gone and zombies (exited, not yet reaped) are not."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in (b"Z", b"X")
 
 
 def proc_ids(pid: int) -> tuple[int, int]:

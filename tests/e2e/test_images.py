@@ -10,11 +10,13 @@ answers (a silent TCP listener) stands in for a slow one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import re
+import signal
 import socket
 import stat
 import tarfile
@@ -239,6 +241,37 @@ def test_an_importing_step_shows_in_ps_and_cancel_stops_its_import(start_daemon,
     assert children(daemon.proc.pid) == []
     assert leftovers(daemon, user) == []
     assert status(daemon, user)["images_imported"] == 0
+
+
+def test_a_daemon_killed_mid_import_leaves_nothing_that_a_later_launch_uses(start_daemon, user, images,
+                                                                           silent_registry):
+    """SIGKILL of the daemon while a step imports: its client learns the step never started,
+    nothing half-made is taken for an image, the next daemon removes what the dead import
+    left once its helper is gone, and the next launch imports cleanly."""
+    daemon = start_daemon()
+    client = daemon.ctl_popen(user, "run", "--job-id", "7110", "--image", silent_registry, "--", "true")
+    deadline = time.monotonic() + 30
+    while not any(s["state"] == "importing" for s in json.loads(daemon.ctl(user, "ps", "--json").stdout)):
+        assert time.monotonic() < deadline, "the step never showed as importing"
+        time.sleep(0.05)
+    helpers = children(daemon.proc.pid)
+    assert helpers, "no import helper running"
+    daemon.proc.kill()
+    daemon.proc.wait()
+    for pid in helpers:  # the helper dies too (as after a node crash); its process group with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    second = start_daemon(after=daemon)
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == LAUNCH_FAILED, err
+    assert b"the step did not start" in err, err
+    assert leftovers(second, user) == []  # removed at start: their helper is gone
+    ref = refs(images)["docker-archive"]
+    result = second.ctl(user, "run", "--image", ref)
+    assert (result.returncode, result.stdout) == (0, b"from-entrypoint from-cmd\n"), result.stderr
+    assert status(second, user)["images_imported"] == 1
+    assert len(cache_listing(second, user)) == 1 and leftovers(second, user) == []
+    assert spool_entries(second) == [] and runc_containers(user) == []
 
 
 def test_progress_is_printed_during_a_long_import(start_daemon, user, silent_registry):
