@@ -51,7 +51,7 @@ from nodestepd.protocol.messages import (
     TaskInfo,
     WaitRequest,
 )
-from nodestepd.step.prepare import prepare, redirect_to
+from nodestepd.step.prepare import create, plan, redirect_to
 from nodestepd.step.record import RecordStore
 from nodestepd.step.results import Finished, ResultStore
 from nodestepd.step.spec import LaunchFailed, Stdio, StepResult, step_status
@@ -318,7 +318,8 @@ class Session:
                 output = StepOutputToJournal(state.output_journal, job_id=spec.job_id, step_id=spec.step_id,
                                              user=spec.identity.user, task_ids=spec.task_ids)
             stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs if output is not None else None)
-            await step.launch(functools.partial(prepare, spec, given, launch, step.runtime.env, step.log), stdio,
+            await step.launch(functools.partial(plan, spec, given, launch, step.runtime.env),
+                              functools.partial(create, spec=spec, given=given, settings=launch, log=step.log), stdio,
                               received_at, redirect=functools.partial(redirect_to, spec, given, launch))
         except Exception as e:
             state.registry.discard(step)

@@ -29,12 +29,12 @@ from nodestepd.logs import BoundLogger, get_logger
 from nodestepd.process.reaper import Reaper
 from nodestepd.step import record, stage
 from nodestepd.step.modes import Mode, Starting, mode_for
-from nodestepd.step.prepare import CONFIG_FILE_NAME, Prepared
+from nodestepd.step.prepare import CONFIG_FILE_NAME, Plan, Prepared
 from nodestepd.step.record import RecordStore, StepRecord
 from nodestepd.step.results import ResultRecord, ResultStore, result_record
 from nodestepd.step.runtime import Runtime
 from nodestepd.step.spec import LaunchFailed, NoTimings, Stdio, StepResult, StepSettings, StepSpec, Timings
-from nodestepd.step.layout import SpoolError
+from nodestepd.step.layout import SpoolError, SpoolLayout
 from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import Task
 from nodestepd.step.termination import terminate
@@ -88,6 +88,7 @@ class Step:
         self.started_at = time.time()
         self.tasks: list[Task] = []
         self.spool: StepSpool | None = None
+        self._planned_spool: SpoolLayout | None = None  # the spool's layout, recorded before it is created
         self.result: StepResult | None = None
         self.ended_at: float | None = None
         # Kept durably once the launch was acknowledged (or the step recovered): a launch
@@ -115,19 +116,20 @@ class Step:
 
     # ---- launch ---------------------------------------------------------------------
 
-    async def launch(self, prepare: Callable[[], Prepared], stdio: Stdio, received_at: float,
-                     redirect: Redirect | None = None) -> None:
+    async def launch(self, plan: Callable[[], Plan], create: Callable[[Plan], Prepared], stdio: Stdio,
+                     received_at: float, redirect: Redirect | None = None) -> None:
         """Prepare the spool and start every task; then the step runs on its own.
 
-        prepare: the blocking preparation (prepare.prepare with this launch's input), run
-        in a worker thread. Raises LaunchFailed with nothing left behind, the step then
-        finished with status 125 for whoever waits for it. received_at: time.monotonic()
+        plan, create: the blocking preparation in its two parts (prepare.plan and
+        prepare.create with this launch's input), each run in a worker thread; the plan is
+        recorded before create makes anything. Raises LaunchFailed with nothing left
+        behind, the step then finished with status 125 for whoever waits for it. received_at: time.monotonic()
         when the request arrived, for the launch latency in the log. redirect: what
         points the prepared launch at another bundle (prepare.redirect_to, blocking), for a
         stage_in that asks for one.
         """
         try:
-            await self._launch(prepare, stdio, redirect)
+            await self._launch(plan, create, stdio, redirect)
         except asyncio.CancelledError:
             # The daemon is stopping in the middle of the launch. Nothing is released: the
             # record says "launching", and the next daemon undoes what was started (resume).
@@ -144,11 +146,16 @@ class Step:
             # RUNNING, while its record was written, has begun the termination itself.)
             self._begin_termination()
 
-    async def _launch(self, prepare: Callable[[], Prepared], stdio: Stdio, redirect: Redirect | None) -> None:
-        prepared = await asyncio.to_thread(prepare)
-        self.spool, self.tasks = prepared.spool, prepared.tasks
-        # Recorded before anything runs: a daemon that dies from here on leaves a record
-        # that says what to clean up.
+    async def _launch(self, plan: Callable[[], Plan], create: Callable[[Plan], Prepared], stdio: Stdio,
+                      redirect: Redirect | None) -> None:
+        planned = await asyncio.to_thread(plan)
+        self.tasks, self._planned_spool = planned.tasks, planned.layout
+        # Recorded before anything is created, and again before anything runs: a daemon
+        # that dies from here on leaves a record that says what to clean up (the spool dir
+        # as "pending" until its directories are known).
+        await self._save_or_fail()
+        prepared = await asyncio.to_thread(create, planned)
+        self.spool, self.tasks, self._planned_spool = prepared.spool, prepared.tasks, None
         await self._save_or_fail()
         if self.settings.stage_in is not None:
             prepared = await self._stage_in(prepared, redirect)
@@ -379,7 +386,7 @@ class Step:
         async with self._save_lock:
             rec = record.step_record(
                 spec=self.spec, settings=self.settings, runtime_env=dict(self.runtime.env), tasks=self.tasks,
-                spool=self.spool, state=self.state.value, cancel_reason=self._cancel_reason,
+                spool=self.spool, planned_spool=self._planned_spool, state=self.state.value, cancel_reason=self._cancel_reason,
                 started_at=self.started_at, orig_bundle=self.orig_bundle, stage_out_due=self._stage_out_due,
             )
             await asyncio.to_thread(self.store.write, rec)
