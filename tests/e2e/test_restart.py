@@ -357,12 +357,15 @@ def test_a_spool_dir_cut_short_by_the_restart_is_removed(start_daemon, user, bun
             time.sleep(0.02)
         [rec] = records(daemon).values()
         assert rec["state"] == "launching" and rec["spool"]["pending"] and rec["spool"]["step_dir"] == str(step_dir)
-        kill_daemon(daemon)
-        client.communicate(timeout=30)
-        assert client.returncode == 255
+        daemon.proc.send_signal(signal.SIGKILL)
     finally:
-        tracer.kill()  # ours; it may have ended with the daemon already
+        # The held thread dies only once strace lets it go (the kernel then skips the held
+        # fchown: a fatal signal is pending), and the daemon is reaped only after that.
+        tracer.kill()
         tracer.communicate(timeout=30)
+    daemon.proc.wait(timeout=30)
+    client.communicate(timeout=30)
+    assert client.returncode == 255
     assert spool_entries(daemon) == [step_dir.name]
     second = start_daemon(after=daemon)
     assert "removed the spool dir of a launch that was still creating it" in second.log()
