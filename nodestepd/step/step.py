@@ -123,8 +123,9 @@ class Step:
         plan, create: the blocking preparation in its two parts (prepare.plan and
         prepare.create with this launch's input), each run in a worker thread; the plan is
         recorded before create makes anything. Raises LaunchFailed with nothing left
-        behind, the step then finished with status 125 for whoever waits for it. received_at: time.monotonic()
-        when the request arrived, for the launch latency in the log. redirect: what
+        behind, the step then finished with status 125 for whoever waits for it.
+        received_at: time.monotonic() when the request arrived, for the launch latency in
+        the log. redirect: what
         points the prepared launch at another bundle (prepare.redirect_to, blocking), for a
         stage_in that asks for one.
         """
