@@ -13,8 +13,8 @@ in order by at most one thread at a time, so that a close stuck in one user's la
 up only that user's later closes. At most MAX_THREADS (64) lanes are worked at once (a lane
 waits for a thread beyond that): stuck closes cannot make threads without bound. The
 loop's default executor is not used: a stuck close would hold one of the threads that
-prepare() and every to_thread call share. backlog() tells the server how many of a
-user's fds still wait, so that one user cannot pile up fds in the daemon behind a close
+the launch's preparation and every to_thread call share. backlog() tells the server how
+many of a user's fds still wait, so that one user cannot pile up fds in the daemon behind a close
 that never ends (session.py and server.py refuse them more).
 """
 

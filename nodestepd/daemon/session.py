@@ -61,11 +61,11 @@ from nodestepd.protocol.messages import (
     TaskInfo,
     WaitRequest,
 )
-from nodestepd.step.prepare import Prepared, prepare, redirect_to
+from nodestepd.step.prepare import create, plan, redirect_to
 from nodestepd.step.record import RecordStore
 from nodestepd.step.results import Finished, ResultStore
-from nodestepd.step.spec import LaunchFailed, LaunchInput, Stdio, StepResult, StepSpec, step_status
-from nodestepd.step.step import Redirect, Step, StepState, new_step
+from nodestepd.step.spec import LaunchFailed, LaunchInput, LaunchSettings, Stdio, StepResult, StepSpec, step_status
+from nodestepd.step.step import Preparation, Step, StepState, new_step
 from nodestepd.systemd.journalqueue import JournalQueue
 from nodestepd.systemd.output import StepOutputToJournal
 
@@ -417,9 +417,7 @@ class Session:
                 # An operator's client fingerprinted the archive with its own rights, not the user's.
                 fingerprint = request.image_fingerprint if request.user is None else None
                 image = functools.partial(self._import_image, step, given, options, fingerprint)
-            await step.launch(functools.partial(prepare, spec, given, launch, step.runtime.env, step.log), stdio,
-                              received_at, redirect=functools.partial(redirect_to, spec, given, launch),
-                              image=image)
+            await step.launch(_preparation(step, spec, given, launch), stdio, received_at, image=image)
         except Exception as e:
             state.registry.discard(step)
             if isinstance(e, LaunchFailed):
@@ -436,7 +434,7 @@ class Session:
         return step, timings
 
     async def _import_image(self, step: Step, given: LaunchInput, options: ImageOptions,
-                            fingerprint: str | None) -> tuple[StepSpec, Callable[[], Prepared], Redirect]:
+                            fingerprint: str | None) -> tuple[StepSpec, Preparation]:
         """An image step's import phase: the image from the cache (imported as the user if
         need be), then the step's spec, preparation and stage_in redirection as for a bundle of it."""
         state = self.state
@@ -450,8 +448,7 @@ class Session:
         # Held until the step ends, failed launches included: never evicted while it runs.
         step.on_finished(functools.partial(state.images.release, entry))
         spec, given = apply_image(step.spec, given, entry, options, ignore_config_json=launch.oci.ignore_file_config_json)
-        return (spec, functools.partial(prepare, spec, given, launch, step.runtime.env, step.log),
-                functools.partial(redirect_to, spec, given, launch))
+        return spec, _preparation(step, spec, given, launch)
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
         """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
@@ -492,6 +489,13 @@ def _user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+def _preparation(step: Step, spec: StepSpec, given: LaunchInput, launch: LaunchSettings) -> Preparation:
+    """How the step's launch of spec is prepared (step/prepare.py), in its parts."""
+    return Preparation(plan=functools.partial(plan, spec, given, launch, step.runtime.env),
+                       create=functools.partial(create, spec=spec, given=given, settings=launch, log=step.log),
+                       redirect=functools.partial(redirect_to, spec, given, launch))
 
 
 # ---- replies ------------------------------------------------------------------------------

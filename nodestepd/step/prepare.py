@@ -1,9 +1,10 @@
 """Preparing a launch: the spool dirs, each task's config.json and environment file, and the
 pattern context every RunTime* command of the task is expanded with.
 
-Blocking filesystem work, run in a worker thread. Either everything is ready (the spool
-created, written and handed to the user) or LaunchFailed says why in one sentence and
-nothing is left behind.
+In two parts, both blocking and run in a worker thread: plan() lays the launch out and
+checks it without creating anything; the step records that plan, then create() makes the
+spool. Either part either succeeds (after create, the spool created, written and handed
+to the user) or LaunchFailed says why in one sentence and nothing is left behind.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from nodestepd.step import env as stepenv
 from nodestepd.step.configjson import BundleConfigError
 from nodestepd.step.runtime import RuntimeNotFound, find_program
 from nodestepd.step.spec import LaunchFailed, LaunchInput, LaunchSettings, RuntimeCommands, StepSpec
-from nodestepd.step.layout import SpoolError, spool_layout
+from nodestepd.step.layout import SpoolError, SpoolLayout, spool_layout
 from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import Task
 
@@ -67,10 +68,25 @@ class Prepared:
     step_envs: list[dict[str, str]] = dataclasses.field(default_factory=list)
 
 
-def prepare(
-    spec: StepSpec, given: LaunchInput, settings: LaunchSettings, runtime_env: Mapping[str, str], log: BoundLogger
-) -> Prepared:
-    """Lay out, create, fill and hand over the step's spool. Raises LaunchFailed, leaving nothing."""
+@dataclass
+class Plan:
+    """A launch laid out and checked, with nothing on disk yet: the step records it (its
+    layout and tasks) before create() makes anything, so that a daemon killed while the
+    spool is being created leaves a record that names it (docs/restart.md)."""
+
+    layout: SpoolLayout
+    tasks: list[Task]  # each with its dir and context; no cwd until create()
+    first_commands: list[str]
+    rootfs: str
+    bundle_config: dict | None  # None: the user's bundle is the runtime's (IgnoreFileConfigJson)
+    step_envs: list[dict[str, str]]
+
+
+def plan(
+    spec: StepSpec, given: LaunchInput, settings: LaunchSettings, runtime_env: Mapping[str, str]
+) -> Plan:
+    """Lay out the step's spool and its tasks and check them; creates nothing. Blocking (the
+    runtime is looked for as the user). Raises LaunchFailed."""
     oci, commands = settings.oci, settings.step.commands
     if given.pty and commands.create_start:
         raise LaunchFailed(
@@ -109,20 +125,27 @@ def prepare(
         find_program(first_commands[0], runtime_env, spec.identity)
     except RuntimeNotFound as e:
         raise LaunchFailed(str(e)) from None
+    # Slurm's task variables first, then EnvExclude, as Slurm gives them to a task.
+    step_envs = [
+        stepenv.exclude_env({**given.env, **stepenv.slurm_task_env(_slurm_task(spec, task))}, oci.env_exclude_re)
+        for task in tasks
+    ]
+    return Plan(layout, tasks, first_commands, rootfs, bundle_config, step_envs)
 
+
+def create(
+    planned: Plan, spec: StepSpec, given: LaunchInput, settings: LaunchSettings, log: BoundLogger
+) -> Prepared:
+    """Create, fill and hand over the planned spool. Blocking. Raises LaunchFailed, leaving nothing."""
+    layout, tasks = planned.layout, planned.tasks
     try:
         spool = StepSpool.create(layout, spec.identity.uid, spec.identity.gid)
     except SpoolError as e:
         raise LaunchFailed(str(e)) from None
-    step_envs = []
     try:
-        for i, task in enumerate(tasks):
+        for i, (task, step_env) in enumerate(zip(tasks, planned.step_envs)):
             task.cwd = spool.task_dir_pinned(i)
-            # Slurm's task variables first, then EnvExclude, as Slurm gives them to a task.
-            task_env = {**given.env, **stepenv.slurm_task_env(_slurm_task(spec, task))}
-            step_env = stepenv.exclude_env(task_env, oci.env_exclude_re)
-            step_envs.append(step_env)
-            _write_task_files(spool, i, task, spec, given, settings, bundle_config, step_env, layout.step_dir)
+            _write_task_files(spool, i, task, spec, given, settings, planned.bundle_config, step_env, layout.step_dir)
         spool.hand_over()
         spool.created_dirs()  # read now, while nothing else can have moved them
     except Exception as e:
@@ -133,7 +156,7 @@ def prepare(
         if isinstance(e, (BundleConfigError, ValueError)):
             raise LaunchFailed(str(e)) from None
         raise LaunchFailed(f"cannot prepare the spool dir {layout.step_dir}: {e}") from None
-    return Prepared(spool, tasks, first_commands, rootfs, step_envs)
+    return Prepared(spool, tasks, planned.first_commands, planned.rootfs, planned.step_envs)
 
 
 # The largest config.json a redirected bundle may have: the largest a client may send.
@@ -170,7 +193,7 @@ def redirect(prepared: Prepared, spec: StepSpec, given: LaunchInput, settings: L
     its config.json (the old ones unlinked through the task dirs' fds), %b and %r, the
     shell check of the user's values and the first commands. The spool itself, and what
     the hook put in it, stay. Blocking: call it in a worker thread. Raises LaunchFailed;
-    the spool is the step's to remove then (it is the step's since prepare())."""
+    the spool is the step's to remove then (it is the step's since create())."""
     bundle_config, rootfs = _bundle_config(spec, given, settings)
     for task in prepared.tasks:
         bundle = task.context.bundle if bundle_config is not None else spec.bundle

@@ -77,6 +77,9 @@ class SpoolRecord(msgspec.Struct, forbid_unknown_fields=True):
     task_dirs: list[str]
     created: list[DirRecord]  # every directory the launch created, parents first
     kept: bool = False  # DisableCleanup
+    # Recorded before the launch created anything: `created` is not known yet, and the step
+    # dir, if it exists, is the launch's (recovery.py removes it).
+    pending: bool = False
 
 
 class SettingsRecord(msgspec.Struct, forbid_unknown_fields=True):
@@ -144,9 +147,10 @@ STATES = ("launching", "running", "terminating")
 def step_record(
     *, spec: StepSpec, settings: StepSettings, runtime_env: dict[str, str], tasks: list[Task],
     spool: StepSpool | None, state: str, cancel_reason: str | None, started_at: float,
-    orig_bundle: str | None = None, stage_out_due: bool = False,
+    orig_bundle: str | None = None, stage_out_due: bool = False, planned_spool: SpoolLayout | None = None,
 ) -> StepRecord:
-    """The record of a step in `state` (launching, running, terminating)."""
+    """The record of a step in `state` (launching, running, terminating). planned_spool: the
+    layout of a spool not created yet (spool None), recorded as pending."""
     commands, ident = settings.commands, spec.identity
     return StepRecord(
         format=FORMAT, version=VERSION,
@@ -172,14 +176,22 @@ def step_record(
             )
             for t in tasks
         ],
-        spool=None if spool is None else SpoolRecord(
-            step_dir=spool.layout.step_dir, task_dirs=list(spool.layout.task_dirs),
-            created=[DirRecord(path, dev, ino) for path, dev, ino in spool.created_dirs()],
-            kept=settings.keep_spool,
-        ),
+        spool=_spool_record(spool, planned_spool, settings.keep_spool),
         cancel_reason=cancel_reason, daemon_pid=os.getpid(),
         orig_bundle=orig_bundle if orig_bundle != spec.bundle else None, stage_out_due=stage_out_due,
     )
+
+
+def _spool_record(spool: StepSpool | None, planned: SpoolLayout | None, kept: bool) -> SpoolRecord | None:
+    if spool is not None:
+        return SpoolRecord(
+            step_dir=spool.layout.step_dir, task_dirs=list(spool.layout.task_dirs),
+            created=[DirRecord(path, dev, ino) for path, dev, ino in spool.created_dirs()], kept=kept,
+        )
+    if planned is not None:
+        return SpoolRecord(step_dir=planned.step_dir, task_dirs=list(planned.task_dirs), created=[], kept=kept,
+                           pending=True)
+    return None
 
 
 def spec_of(record: StepRecord) -> StepSpec:

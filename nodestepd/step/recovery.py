@@ -12,7 +12,8 @@ For every record in the state dir (record.py), before the daemon reports ready:
      monitor reaps it, the exit file if not;
    - else it ended while no daemon ran: its status is in the exit file its monitor wrote,
      or it is unknown (reported as unknown, never as 0).
-3. The spool dir is reopened, accepting only the very directories the launch created.
+3. The spool dir is reopened, accepting only the very directories the launch created; one
+   recorded as pending (the daemon died while creating it) is removed if it is there.
 4. The step goes on from its recorded state (Step.resume): a launch never acknowledged is
    undone, a cancellation goes on, anything else is watched to its end; then the usual
    RunTimeQuery/RunTimeDelete, spool removal, and the record goes.
@@ -112,7 +113,17 @@ async def recover_step(rec: StepRecord, store: RecordStore, reaper: Reaper,
     log.info("recovering step", state=rec.state, previous_daemon=rec.daemon_pid,
              tasks={t.task_id: _describe(t) for t in tasks})
     spool = None
-    if rec.spool is not None:
+    if rec.spool is not None and rec.spool.pending:
+        # Recorded before the spool was created: whatever was made of it goes (the step is
+        # launching, so it is undone anyway); there are no recorded inodes to reopen it by.
+        layout, _ = record.spool_layout_of(rec.spool)
+        try:
+            if await asyncio.to_thread(StepSpool.remove_pending, layout):
+                log.info("removed the spool dir of a launch that was still creating it", spool_dir=layout.step_dir)
+        except SpoolError as e:
+            log.error("cannot remove the spool dir of a launch that was still creating it; it is left alone",
+                      error=str(e))
+    elif rec.spool is not None:
         layout, created = record.spool_layout_of(rec.spool)
         try:
             spool = await asyncio.to_thread(StepSpool.reopen, layout, created, rec.user.uid, rec.user.gid)

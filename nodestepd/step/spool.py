@@ -295,6 +295,49 @@ class StepSpool:
             self._tasks.append(current)
         return True
 
+    @classmethod
+    def remove_pending(cls, layout: SpoolLayout) -> bool:
+        """Remove the step dir of a launch recorded before its spool was created (the daemon
+        died while creating it); True if it was there, False if it never was.
+
+        With no devices and inodes recorded, the name is what makes it the launch's: every
+        parent of the step dir is root's and not writable by others (checked again here, as
+        create() does), so no one else can have put or renamed anything at that name. The
+        tree inside, the user's once handed over, is removed through the step dir's fd like
+        any spool (clear_dir: no link followed, no mount crossed). Parents the launch may
+        have created are left: root's, empty and harmless, and maybe another step's by now.
+        Raises SpoolError when something is in the way or not trusted; it is then left alone.
+        """
+        spool = cls(layout, 0, 0)
+        try:
+            parts = components(layout.step_dir)
+            current = _Dir(fd=os.open("/", _DIR_FLAGS), path="/", parent=None, created=False)
+            spool._above.append(current)
+            _check_trusted(current, layout.step_dir, last=len(parts) == 1)
+            for depth, part in enumerate(parts[:-1], start=1):
+                path = join(current.path, part)
+                try:
+                    fd = os.open(part, _DIR_FLAGS, dir_fd=current.fd)
+                except FileNotFoundError:
+                    return False
+                except OSError as exc:
+                    raise _describe_open_error(exc, current, part, path) from exc
+                os.close(current.fd)  # only the step dir's parent is needed: keep one fd
+                current.fd, current.path = fd, path
+                _check_trusted(current, layout.step_dir, last=depth == len(parts) - 1)
+            try:
+                fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=current.fd)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise _describe_open_error(exc, current, parts[-1], layout.step_dir) from exc
+            spool._step = _Dir(fd=fd, path=layout.step_dir, parent=current, created=True)
+        except BaseException:
+            spool.close()
+            raise
+        spool.remove()
+        return True
+
     def _created_dirs_deepest_first(self) -> list[_Dir]:
         dirs = [d for d in self._above if d.created]
         if self._step is not None:

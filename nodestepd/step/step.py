@@ -27,18 +27,19 @@ import enum
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from nodestepd.logs import BoundLogger, get_logger
 from nodestepd.process.reaper import Reaper
 from nodestepd.step import record, stage
 from nodestepd.step.modes import Mode, Starting, mode_for
-from nodestepd.step.prepare import CONFIG_FILE_NAME, Prepared
+from nodestepd.step.prepare import CONFIG_FILE_NAME, Plan, Prepared
 from nodestepd.step.record import RecordStore, StepRecord
 from nodestepd.step.results import ResultRecord, ResultStore, result_record
 from nodestepd.step.runtime import Runtime
 from nodestepd.step.spec import LaunchFailed, NoTimings, Stdio, StepResult, StepSettings, StepSpec, Timings
-from nodestepd.step.layout import SpoolError
+from nodestepd.step.layout import SpoolError, SpoolLayout
 from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import Task
 from nodestepd.step.termination import terminate
@@ -79,9 +80,20 @@ def new_step(spec: StepSpec, settings: StepSettings, runtime_env: dict[str, str]
     return step
 
 
+@dataclass(frozen=True)
+class Preparation:
+    """How a launch is prepared, in blocking parts each run in a worker thread: plan
+    (prepare.plan: nothing made yet) and create (prepare.create: the spool); redirect
+    (prepare.redirect_to) points it at another bundle, for a stage_in that asks for one."""
+
+    plan: Callable[[], Plan]
+    create: Callable[[Plan], Prepared]
+    redirect: Redirect | None = None
+
+
 # An image step's import phase: once the image is there, the step's final spec (its bundle,
 # its command) and its preparation.
-ImportPhase = Callable[[], Awaitable[tuple[StepSpec, Callable[[], Prepared], Redirect]]]
+ImportPhase = Callable[[], Awaitable[tuple[StepSpec, Preparation]]]
 
 
 class Step:
@@ -103,6 +115,7 @@ class Step:
         self.started_at = time.time()
         self.tasks: list[Task] = []
         self.spool: StepSpool | None = None
+        self._planned_spool: SpoolLayout | None = None  # the spool's layout, recorded before it is created
         self.result: StepResult | None = None
         self.ended_at: float | None = None
         # Kept durably once the launch was acknowledged (or the step recovered): a launch
@@ -131,22 +144,21 @@ class Step:
 
     # ---- launch ---------------------------------------------------------------------
 
-    async def launch(self, prepare: Callable[[], Prepared], stdio: Stdio, received_at: float,
-                     redirect: Redirect | None = None, image: ImportPhase | None = None) -> None:
+    async def launch(self, preparation: Preparation, stdio: Stdio, received_at: float,
+                     image: ImportPhase | None = None) -> None:
         """Prepare the spool and start every task; then the step runs on its own.
 
-        prepare: the blocking preparation (prepare.prepare with this launch's input), run
-        in a worker thread. Raises LaunchFailed with nothing left behind, the step then
-        finished with status 125 for whoever waits for it. received_at: time.monotonic()
-        when the request arrived, for the launch latency in the log. redirect: what
-        points the prepared launch at another bundle (prepare.redirect_to, blocking), for a
-        stage_in that asks for one. image: an image step's import phase (the step was made
-        with importing=True); it gives the prepare and redirect to use instead.
+        preparation: this launch's plan, create and redirect (Preparation); the plan is
+        recorded before create makes anything. Raises LaunchFailed with nothing left
+        behind, the step then finished with status 125 for whoever waits for it.
+        received_at: time.monotonic() when the request arrived, for the launch latency in
+        the log. image: an image step's import phase (the step was made with
+        importing=True); the preparation it gives is used instead.
         """
         try:
             if image is not None:
-                prepare, redirect = await self._import(image)
-            await self._launch(prepare, stdio, redirect)
+                preparation = await self._import(image)
+            await self._launch(preparation, stdio)
         except asyncio.CancelledError:
             # The daemon is stopping in the middle of the launch. Nothing is released: the
             # record says "launching", and the next daemon undoes what was started (resume).
@@ -164,11 +176,11 @@ class Step:
             # RUNNING, while its record was written, has begun the termination itself.)
             self._begin_termination()
 
-    async def _import(self, image: ImportPhase) -> tuple[Callable[[], Prepared], Redirect]:
+    async def _import(self, image: ImportPhase) -> Preparation:
         """The import phase: the step's spec becomes the imported image's; cancel() stops it."""
         self._importing = asyncio.ensure_future(image())
         try:
-            self.spec, prepare, redirect = await self._importing
+            self.spec, preparation = await self._importing
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if self._cancel_reason is not None and not (current is not None and current.cancelling()):
@@ -179,16 +191,20 @@ class Step:
             self._importing = None
         self.orig_bundle = self.spec.bundle  # the image's bundle is the one the step was given
         self._enter(StepState.LAUNCHING)
-        return prepare, redirect
+        return preparation
 
-    async def _launch(self, prepare: Callable[[], Prepared], stdio: Stdio, redirect: Redirect | None) -> None:
-        prepared = await asyncio.to_thread(prepare)
-        self.spool, self.tasks = prepared.spool, prepared.tasks
-        # Recorded before anything runs: a daemon that dies from here on leaves a record
-        # that says what to clean up.
+    async def _launch(self, preparation: Preparation, stdio: Stdio) -> None:
+        planned = await asyncio.to_thread(preparation.plan)
+        self.tasks, self._planned_spool = planned.tasks, planned.layout
+        # Recorded before anything is created, and again before anything runs: a daemon
+        # that dies from here on leaves a record that says what to clean up (the spool dir
+        # as "pending" until its directories are known).
+        await self._save_or_fail()
+        prepared = await asyncio.to_thread(preparation.create, planned)
+        self.spool, self.tasks, self._planned_spool = prepared.spool, prepared.tasks, None
         await self._save_or_fail()
         if self.settings.stage_in is not None:
-            prepared = await self._stage_in(prepared, redirect)
+            prepared = await self._stage_in(prepared, preparation.redirect)
         self._stage_out_due = True
         if self.settings.stage_in is not None:
             await self._save_or_fail()  # with the bundle it may have chosen, and stage_out due
@@ -422,7 +438,7 @@ class Step:
         async with self._save_lock:
             rec = record.step_record(
                 spec=self.spec, settings=self.settings, runtime_env=dict(self.runtime.env), tasks=self.tasks,
-                spool=self.spool, state=self.state.value, cancel_reason=self._cancel_reason,
+                spool=self.spool, planned_spool=self._planned_spool, state=self.state.value, cancel_reason=self._cancel_reason,
                 started_at=self.started_at, orig_bundle=self.orig_bundle, stage_out_due=self._stage_out_due,
             )
             await asyncio.to_thread(self.store.write, rec)

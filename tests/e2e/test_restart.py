@@ -8,6 +8,7 @@ the test, not a sleep, decides whether a task ends before or after the restart.
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import time
@@ -328,6 +329,50 @@ def test_a_launch_cut_short_by_the_restart_is_undone(start_daemon, user, bundle,
         if name in runc_containers(user):
             subprocess.run(user.command(["runc", "--root", f"/run/user/{user.uid}/", "delete", "--force", name]),
                            env=user.env, capture_output=True)
+
+
+def test_a_spool_dir_cut_short_by_the_restart_is_removed(start_daemon, user, bundle):
+    """The daemon dies while it creates the spool (chaos seed 3893603137): the launch was
+    recorded first, so the next daemon removes the step dir, and the same step launches again.
+
+    strace holds the daemon's first fchown (the spool's first task file, written right after
+    its directories are made) until the daemon is killed: the test decides where it dies."""
+    daemon = start_daemon(MODES["run"])
+    step_dir = daemon.spool_dir / f"oci-job7702-0-uid{user.uid}"
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-o", "/dev/null", "-e", "trace=fchown", "-e", "inject=fchown:delay_enter=300s",
+         "-p", str(daemon.proc.pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        seen = b""
+        while f"strace: Process {daemon.proc.pid} attached".encode() not in seen:  # every thread, then this line
+            assert select.select([tracer.stderr], [], [], 30)[0], f"strace did not attach: {seen!r}"
+            chunk = os.read(tracer.stderr.fileno(), 4096)
+            assert chunk, f"strace did not attach: {seen!r}"
+            seen += chunk
+        client = daemon.ctl_popen(user, "run", "--detach", "--job-id", "7702", "--bundle", str(bundle), "--", "true")
+        deadline = time.monotonic() + 30
+        while not (step_dir / "task-0").exists():  # the daemon is held inside the creation from here on
+            assert time.monotonic() < deadline, "the spool dir was not created"
+            time.sleep(0.02)
+        [rec] = records(daemon).values()
+        assert rec["state"] == "launching" and rec["spool"]["pending"] and rec["spool"]["step_dir"] == str(step_dir)
+        daemon.proc.send_signal(signal.SIGKILL)
+    finally:
+        # The held thread dies only once strace lets it go (the kernel then skips the held
+        # fchown: a fatal signal is pending), and the daemon is reaped only after that.
+        tracer.kill()
+        tracer.communicate(timeout=30)
+    daemon.proc.wait(timeout=30)
+    client.communicate(timeout=30)
+    assert client.returncode == 255
+    assert spool_entries(daemon) == [step_dir.name]
+    second = start_daemon(after=daemon)
+    assert "removed the spool dir of a launch that was still creating it" in second.log()
+    assert second.ctl(user, "wait", "7702.0").returncode == 125
+    assert_nothing_left(second, user)
+    result = second.ctl(user, "run", "--job-id", "7702", "--bundle", str(bundle), "--", "true")
+    assert result.returncode == 0, result.stderr
+    assert_nothing_left(second, user)
 
 
 def cancel_cut_short(start_daemon, conf, user, bundle, job: int):

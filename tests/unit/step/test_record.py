@@ -30,6 +30,16 @@ def test_round_trip():
     assert steprecord.decode(steprecord.encode(record)) == record
 
 
+def test_a_pending_spool_round_trips_and_an_older_record_reads_as_not_pending():
+    import msgspec
+    record = make_record(state="launching")
+    record.spool = steprecord.SpoolRecord("/s/oci-job7-0", ["/s/oci-job7-0/task-0"], [], pending=True)
+    assert steprecord.decode(steprecord.encode(record)) == record
+    data = msgspec.json.decode(steprecord.encode(record))
+    del data["spool"]["pending"]
+    assert steprecord.decode(msgspec.json.encode(data)).spool.pending is False
+
+
 def test_a_record_keeps_the_stage_hooks_and_the_bundle_a_stage_in_replaced():
     record = make_record()
     record.settings.stage_in, record.settings.stage_out = "/hooks/in", "/hooks/out"

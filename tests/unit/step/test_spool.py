@@ -688,3 +688,46 @@ def test_reopen_refuses_a_swapped_task_dir(spool_dir, tmp_path):
     with pytest.raises(SpoolError, match="symbolic link"):
         StepSpool.reopen(lay, created, USER_UID, USER_GID)
     assert open_fds() == fds
+
+
+# --- a spool recorded as pending: the daemon died while creating it ---
+
+
+def test_remove_pending_removes_the_step_dir_and_what_is_in_it_but_not_the_parents(tmp_path):
+    lay = layout(str(tmp_path / "scratch/%u"), ntasks=2)
+    _created_and_closed(lay)  # as far as create got, handed over, files written
+    os.symlink("/etc", os.path.join(lay.task_dirs[0], "link"))  # the user's: never followed
+    fds = open_fds()
+    assert StepSpool.remove_pending(lay) is True
+    assert os.listdir(tmp_path / "scratch/alice") == []  # the parents the launch made stay
+    assert os.path.isdir("/etc") and open_fds() == fds
+    assert StepSpool.remove_pending(lay) is False  # gone: nothing to do
+    shutil.rmtree(tmp_path / "scratch")
+    assert StepSpool.remove_pending(lay) is False  # never created, not even its parents
+
+
+def test_remove_pending_leaves_the_step_dir_alone_under_an_untrusted_parent(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    lay = layout(str(base), ntasks=1)
+    _created_and_closed(lay)
+    os.chown(base, USER_UID, USER_GID)  # a user could have renamed anything into it
+    fds = open_fds()
+    with pytest.raises(SpoolError, match=f"{base} is owned by uid 65534, not root"):
+        StepSpool.remove_pending(lay)
+    assert os.listdir(lay.step_dir) == ["task-0"] and open_fds() == fds
+    os.chown(base, 0, 0)
+    base.chmod(0o777)
+    with pytest.raises(SpoolError, match="is writable by others"):
+        StepSpool.remove_pending(lay)
+    assert os.path.isdir(lay.task_dirs[0])
+
+
+def test_remove_pending_refuses_a_symlink_at_the_step_dir(spool_dir, tmp_path):
+    lay = layout(None, spool_dir=str(spool_dir))
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep").write_text("x")
+    os.symlink(tmp_path / "elsewhere", lay.step_dir)
+    with pytest.raises(SpoolError, match="symbolic link"):
+        StepSpool.remove_pending(lay)
+    assert (tmp_path / "elsewhere" / "keep").exists()

@@ -18,11 +18,11 @@ from nodestepd.logs import get_logger
 from nodestepd.process.identity import Identity
 from nodestepd.process.spawn import HelperResult
 from nodestepd.step import record
-from nodestepd.step.prepare import Prepared
+from nodestepd.step.prepare import Plan, Prepared
 from nodestepd.step.results import ResultRecord
 from nodestepd.step.spec import LaunchFailed, NoTimings, RuntimeCommands, Stdio, StepResult, StepSettings, StepSpec
 from nodestepd.step.layout import SpoolLayout
-from nodestepd.step.step import Step, StepState
+from nodestepd.step.step import Preparation, Step, StepState
 from nodestepd.step.task import EndedProcess, ProcessId, Task
 
 ALICE = Identity("alice", 1000, 1000, (1000,), "/home/alice")
@@ -146,6 +146,7 @@ class FakeStore:
         self.fail_writes = fail_writes
         self.written: list[record.StepRecord] = []
         self.removed: list[str] = []
+        self.at_create: list[record.StepRecord] | None = None  # what was written when the spool was created
 
     @property
     def states(self) -> list[str]:
@@ -221,14 +222,23 @@ def make_step(ntasks: int = 2, *, mode: FakeMode | None = None, runtime: FakeRun
                 reaper=FakeReaper(), timings=NoTimings(), log=get_logger(job_id=42, step_id=0), results=results)
 
 
-def prepared(step: Step) -> Prepared:
-    tasks = [Task(t, f"/spool/oci-job42-0/task-{t}", context(t), cwd=f"/proc/self/fd/{10 + t}")
-             for t in step.spec.task_ids]
-    return Prepared(FakeSpool(step.spec.ntasks), tasks, [f"runc run task{t}" for t in step.spec.task_ids])
+def planned(step: Step) -> Plan:
+    tasks = [Task(t, f"/spool/oci-job42-0/task-{t}", context(t)) for t in step.spec.task_ids]
+    return Plan(FakeSpool(step.spec.ntasks).layout, tasks, [f"runc run task{t}" for t in step.spec.task_ids],
+                rootfs="/b/rootfs", bundle_config={}, step_envs=[{} for _ in tasks])
+
+
+def created(step: Step, plan: Plan) -> Prepared:
+    """prepare.create's stand-in: the spool 'created' now, noting what the store had by then."""
+    step.store.at_create = list(step.store.written)
+    for t, task in enumerate(plan.tasks):
+        task.cwd = f"/proc/self/fd/{10 + t}"
+    return Prepared(FakeSpool(step.spec.ntasks), plan.tasks, plan.first_commands)
 
 
 async def launched(step: Step) -> Step:
-    await step.launch(lambda: prepared(step), Stdio(0, 1, 2), time.monotonic())
+    await step.launch(Preparation(lambda: planned(step), lambda plan: created(step, plan)), Stdio(0, 1, 2),
+                      time.monotonic())
     return step
 
 
@@ -250,10 +260,36 @@ async def finish(step: Step, *statuses: int) -> StepResult:
 async def test_a_launch_is_recorded_before_and_after_its_tasks_start():
     step = await launched(make_step())
     assert step.state is StepState.RUNNING
-    assert step.store.states == ["launching", "running"]
+    assert step.store.states == ["launching", "launching", "running"]
     assert step.mode.calls == [("start", (0, 1), ("runc run task0", "runc run task1"))]
     assert [t.status for t in step.store.written[-1].tasks] == [None, None]
     await finish(step, 0, 0)
+
+
+async def test_a_launch_is_recorded_with_its_spool_pending_before_the_spool_is_created():
+    """A daemon killed while the spool is created leaves a record naming it (recovery removes it)."""
+    step = await launched(make_step())
+    [first] = step.store.at_create
+    assert first.state == "launching" and first.spool is not None
+    assert first.spool.pending and first.spool.created == []
+    assert first.spool.step_dir == "/spool/oci-job42-0" and len(first.tasks) == 2
+    second = step.store.written[1]
+    assert not second.spool.pending and [d.ino for d in second.spool.created] == [100, 101, 102]
+    assert not step.store.written[-1].spool.pending
+    await finish(step, 0, 0)
+
+
+async def test_a_launch_whose_spool_cannot_be_created_removes_its_pending_record():
+    step = make_step()
+
+    def fail(plan: Plan) -> Prepared:
+        raise LaunchFailed("spool dir /spool/oci-job42-0 already exists")
+
+    with pytest.raises(LaunchFailed, match="already exists"):
+        await step.launch(Preparation(lambda: planned(step), fail), Stdio(0, 1, 2), time.monotonic())
+    assert await step.wait() == StepResult(125, (None, None), cancelled=False)
+    assert step.store.states == ["launching"] and step.store.written[0].spool.pending
+    assert step.store.removed == [step.name] and step.mode.calls == []
 
 
 async def test_the_step_ends_with_the_first_failing_status_after_every_task_and_releases_everything():
@@ -315,11 +351,11 @@ async def test_disable_cleanup_keeps_the_spool_dir():
 async def test_a_launch_that_cannot_be_prepared_finishes_with_125_and_writes_nothing():
     step = make_step()
 
-    def fail() -> Prepared:
+    def fail() -> Plan:
         raise LaunchFailed("bundle /b does not exist")
 
     with pytest.raises(LaunchFailed, match="bundle /b does not exist"):
-        await step.launch(fail, Stdio(0, 1, 2), time.monotonic())
+        await step.launch(Preparation(fail, lambda plan: created(step, plan)), Stdio(0, 1, 2), time.monotonic())
     assert step.state is StepState.FINISHED
     assert await step.wait() == StepResult(125, (None, None), cancelled=False)
     assert step.store.written == [] and step.mode.calls == []
@@ -329,7 +365,7 @@ async def test_a_launch_whose_tasks_fail_to_start_is_undone_and_released():
     step = make_step(mode=FakeMode(fail_start="cannot start the runtime as alice: No such file or directory"))
     with pytest.raises(LaunchFailed, match="cannot start the runtime"):
         await launched(step)
-    assert step.store.states == ["launching"] and step.store.removed == [step.name]
+    assert step.store.states == ["launching", "launching"] and step.store.removed == [step.name]
     assert [c[0] for c in step.mode.calls] == ["start", "undo", "release", "release"]
     assert (await step.wait()).status == 125
 
@@ -356,7 +392,7 @@ async def test_a_launch_cancelled_by_the_daemon_stopping_leaves_its_record_for_t
     step.mode.start = start
     launch = asyncio.ensure_future(launched(step))
     await asyncio.wait_for(entered.wait(), 5)
-    assert step.store.states == ["launching"]
+    assert step.store.states == ["launching", "launching"]
     launch.cancel()
     with pytest.raises(asyncio.CancelledError):
         await launch
@@ -380,7 +416,7 @@ async def test_cancel_runs_runtimekill_waits_and_deletes():
     step = await launched(make_step())
     result = await asyncio.wait_for(step.cancel("cancel requested by uid 1000"), 5)
     assert result == StepResult(143, (143, 143), cancelled=True)
-    assert step.store.states == ["launching", "running", "terminating"]
+    assert step.store.states == ["launching", "launching", "running", "terminating"]
     assert sorted(step.runtime.calls) == [("delete", 0), ("delete", 1), ("kill", 0), ("kill", 1)]
     assert not any(c[0] in ("kill", "after_exit") for c in step.mode.calls)  # the termination deletes
 
@@ -419,7 +455,7 @@ async def test_a_cancel_during_the_launch_begins_once_the_tasks_exist():
     gate.set()
     await launch
     result = await asyncio.wait_for(cancel, 5)
-    assert result.cancelled and step.store.states == ["launching", "running", "terminating"]
+    assert result.cancelled and step.store.states == ["launching", "launching", "running", "terminating"]
 
 
 async def test_a_cancel_while_the_running_record_is_written_terminates_once():
@@ -446,7 +482,7 @@ async def test_a_cancel_while_the_running_record_is_written_terminates_once():
     release.set()
     await asyncio.wait_for(launch, 5)
     result = await asyncio.wait_for(cancel, 5)
-    assert result.cancelled and step.store.states == ["launching", "running", "terminating"]
+    assert result.cancelled and step.store.states == ["launching", "launching", "running", "terminating"]
 
 
 async def test_cancelling_a_finished_step_gives_its_result():
