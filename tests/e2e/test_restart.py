@@ -8,7 +8,6 @@ the test, not a sleep, decides whether a task ends before or after the restart.
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import time
