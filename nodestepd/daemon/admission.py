@@ -20,6 +20,7 @@ from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.jobids import JobIdAllocator
 from nodestepd.process import asuser
 from nodestepd.process.identity import Identity
+from nodestepd.process.spawn import off_loop
 from nodestepd.protocol.messages import RunRequest
 from nodestepd.step.env import validate_env_name
 from nodestepd.step.spec import LaunchInput, StepSpec
@@ -91,7 +92,7 @@ class Admission:
             reads.append(os.path.join(os.path.normpath(request.bundle), "config.json"))
         writes = list(dict.fromkeys(p for p in (request.output, request.error) if p is not None))
         try:
-            opened = await asyncio.to_thread(asuser.open_as, identity, reads, writes, timeout=config.client_timeout)
+            opened = await off_loop(asuser.open_as, identity, reads, writes, timeout=config.client_timeout)
         except OSError as e:
             raise Refused("launch-failed", str(e)) from None
         config_json = config_json_error = None

@@ -45,7 +45,8 @@ class Opened:
 def open_as(identity: Identity, reads: list[str], writes: list[str], *, timeout: float) -> list[Opened]:
     """Open `reads` for reading and `writes` for writing (created 0666 & ~022, truncated) as the user.
 
-    Blocking: call through asyncio.to_thread. Returns one Opened per path, reads first.
+    Blocking: call through spawn.off_loop (it waits for a process the user can stop, for
+    up to `timeout` seconds). Returns one Opened per path, reads first.
     Raises OSError when the helper itself cannot run or does not answer in time.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -65,6 +66,8 @@ def open_as(identity: Identity, reads: list[str], writes: list[str], *, timeout:
                 process_group=False,  # it starts nothing: signalling it alone is enough
                 pass_fds=(theirs.fileno(),),
                 umask=RUNTIME_UMASK,
+                start_timeout=timeout,  # the user can stop it before its exec
+                what=f"the helper opening files as {identity.user}",
             )
         try:
             ours.settimeout(timeout)

@@ -2,7 +2,7 @@
  * nodestepd-monitor: the parent of one task, outside the daemon (docs/monitor.md).
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
- *                     -- PROGRAM ARG...
+ *                     [--start-timeout-ms MS] -- PROGRAM ARG...
  *
  * Started by nodestepd (as root, once per task). It forks PROGRAM as the user and
  * stays its parent, and the parent of whatever gets orphaned below it (it is a child
@@ -41,6 +41,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef CLOSE_RANGE_CLOEXEC
@@ -48,8 +49,8 @@
 #endif
 
 /* What the task's child side was doing when it failed: sent with the errno. */
-enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_EXEC };
-static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "exec"};
+enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_EXEC, STEP_TIMEOUT };
+static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "exec", "timeout"};
 
 struct child {
 	pid_t pid;
@@ -263,6 +264,7 @@ struct options {
 	gid_t *groups;
 	size_t ngroups;
 	const char *cwd;
+	long start_timeout_ms; /* how long the task may take to reach its exec */
 	char **argv;
 };
 
@@ -340,6 +342,36 @@ static pid_t start_task(const struct options *o, int *err, enum step *step)
 		become_task(o, report[1]);
 	}
 	close(report[1]);
+	/* From its uid switch on, the child is the user's: any process of theirs can stop it
+	   (SIGSTOP) before its exec. So the wait for that exec has a deadline; past it the
+	   child is killed and the start reported as failed ("error ETIMEDOUT timeout"). */
+	struct timespec now, end;
+	clock_gettime(CLOCK_MONOTONIC, &end);
+	end.tv_sec += o->start_timeout_ms / 1000;
+	end.tv_nsec += (o->start_timeout_ms % 1000) * 1000000L;
+	if (end.tv_nsec >= 1000000000L) {
+		end.tv_sec++;
+		end.tv_nsec -= 1000000000L;
+	}
+	for (;;) {
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		long long left = (end.tv_sec - now.tv_sec) * 1000LL + (end.tv_nsec - now.tv_nsec) / 1000000L;
+		struct pollfd p = {.fd = report[0], .events = POLLIN};
+		int ready = left > 0 ? poll(&p, 1, left > INT_MAX ? INT_MAX : (int)left) : 0;
+		if (ready < 0 && errno == EINTR)
+			continue;
+		if (ready < 0)
+			die("poll");
+		if (ready > 0)
+			break;
+		kill(pid, SIGKILL); /* our unreaped child: the pid is still its own */
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		close(report[0]);
+		*err = ETIMEDOUT;
+		*step = STEP_TIMEOUT;
+		return -1;
+	}
 	int msg[2];
 	ssize_t n;
 	do
@@ -363,7 +395,7 @@ static _Noreturn void usage(const char *problem)
 	fprintf(stderr,
 		"nodestepd-monitor: %s\n"
 		"usage: nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR"
-		" -- PROGRAM ARG...\n"
+		" [--start-timeout-ms MS] -- PROGRAM ARG...\n"
 		"(started by nodestepd, once per task; see docs/monitor.md)\n",
 		problem);
 	if (ctl_fd >= 0) {
@@ -456,6 +488,10 @@ static void parse_args(int argc, char **argv, struct options *o)
 			have_groups = true;
 		} else if (strcmp(name, "--cwd") == 0) {
 			o->cwd = value;
+		} else if (strcmp(name, "--start-timeout-ms") == 0) {
+			if (!parse_number(value, 3600000, &v) || v == 0)
+				usage("--start-timeout-ms: not a number of milliseconds from 1 to 3600000");
+			o->start_timeout_ms = (long)v;
 		} else {
 			usage("unknown option");
 		}
@@ -487,7 +523,7 @@ static void check_fds(void)
 
 int main(int argc, char **argv)
 {
-	struct options o = {0};
+	struct options o = {.start_timeout_ms = 60000};
 	parse_args(argc, argv, &o);
 	check_fds();
 

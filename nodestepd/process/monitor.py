@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Mapping
 
 from nodestepd.logs import get_logger
 from nodestepd.process.identity import Identity
-from nodestepd.process.spawn import SHELL, check_workdir, spawn
-from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, proc_ids
+from nodestepd.process.spawn import SHELL, check_workdir, spawn, start_timed_out
+from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, children, proc_ids
 
 if TYPE_CHECKING:
     from nodestepd.process.reaper import Reaper
@@ -41,7 +41,10 @@ PROGRAM_NAME = "nodestepd-monitor"
 LIBEXEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_libexec")
 _MESSAGE_SIZE = 256  # every message the monitor sends is one short line
 # What the monitor was doing when the task could not start: names the file in the OSError.
-_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup"}
+_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup", "timeout"}
+# How much longer than the task's start deadline we wait for the monitor to report: its
+# own deadline fires first; ours only for a monitor that cannot report (stopped by root).
+_REPORT_MARGIN = 2.0
 
 
 def _log():
@@ -95,6 +98,7 @@ class Monitor:
         stdout: int,
         stderr: int,
         exit_fd: int,
+        start_timeout: float,
         shell: str = SHELL,
     ) -> "Monitor":
         """Start `shell -c command` as the user under a new monitor; return once it runs.
@@ -110,6 +114,12 @@ class Monitor:
 
         exit_fd: the task's exit file, opened O_WRONLY|O_APPEND by the caller, who keeps
         its own fd. The monitor appends `PID STATUS` lines to it for as long as it lives.
+
+        start_timeout: seconds the task may take to reach its exec once forked (the user
+        can stop it in between: it is the user's from the switch on). The monitor then
+        kills it and reports `error ETIMEDOUT timeout`, raised as start_timed_out(...).
+        Our own wait for the monitor's report is bounded too (a little longer): past it,
+        the monitor and what it forked are killed and the same error is raised.
         """
         check_workdir(cwd, identity)
         program = monitor_program()
@@ -119,6 +129,7 @@ class Monitor:
                 program, "--ctl-fd", str(theirs.fileno()), "--exit-fd", str(exit_fd),
                 "--uid", str(identity.uid), "--gid", str(identity.gid),
                 "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
+                "--start-timeout-ms", str(max(1, round(start_timeout * 1000))),
                 "--", shell, "-c", command,
             ]
             # As root: the monitor switches to the user for the task. No process group from
@@ -134,6 +145,8 @@ class Monitor:
                 stderr=stderr,
                 process_group=False,
                 pass_fds=(theirs.fileno(), exit_fd),
+                start_timeout=start_timeout,  # root's child: only root could stop it, but bounded all the same
+                what="the task monitor",
             )
         except BaseException:
             ours.close()
@@ -141,8 +154,13 @@ class Monitor:
         finally:
             theirs.close()  # the monitor holds its end alone: its exit is our end-of-file
         try:
+            # Until the task is exec'ed or has failed: the monitor's own deadline comes first.
+            ours.settimeout(start_timeout + _REPORT_MARGIN)
             try:
-                reply = ours.recv(_MESSAGE_SIZE)  # blocks until the task is exec'ed or has failed
+                reply = ours.recv(_MESSAGE_SIZE)
+            except TimeoutError:
+                _kill_children(watch.pid)  # the task it forked, stopped or stuck: it must not become an orphan of ours
+                raise start_timed_out("the runtime", start_timeout) from None
             except OSError:
                 reply = b""
             words = reply.split()
@@ -161,6 +179,8 @@ class Monitor:
         if len(words) >= 2 and words[0] == b"error" and words[1].isdigit():
             err = int(words[1])
             step = words[2].decode("ascii", "replace") if len(words) > 2 else "exec"
+            if step == "timeout":
+                raise start_timed_out("the runtime", start_timeout)
             filename = shell if step == "exec" else cwd if step == "chdir" else None
             raise OSError(err, os.strerror(err), filename)
         raise OSError(errno.EIO, f"nodestepd-monitor ended without starting the task (status {status}, said {reply!r})")
@@ -412,6 +432,23 @@ class MonitoredProcess(ExitWatch):
         self._pidfd.close()
         self._pidfd = None
         self.monitor._forget(self)
+
+
+def _kill_children(monitor_pid: int) -> None:
+    """SIGKILL the monitor's children (each pinned by a pidfd, then checked to still be its
+    child), before the monitor itself is killed: they would be handed to us, stopped."""
+    for pid in children(monitor_pid):
+        try:
+            pidfd = Pidfd.open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if proc_ids(pid)[0] == monitor_pid:
+                pidfd.send_signal(signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        finally:
+            pidfd.close()
 
 
 def _kill_and_reap(watch: ProcessWatch, kill: bool = True) -> int:

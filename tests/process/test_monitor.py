@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pidfd_pids, proc_state
+from conftest import pidfd_pids, proc_state, stopping, wait_gone
 from nodestepd.process import monitor as monitor_module
 from nodestepd.process.monitor import (
     Monitor,
@@ -36,7 +36,7 @@ from nodestepd.process.monitor import (
 from nodestepd.process.exitfile import read_exit_file
 from nodestepd.process.reaper import Reaper
 from nodestepd.process.identity import Identity
-from nodestepd.process.watch import NotWatchable, children, start_time
+from nodestepd.process.watch import NotWatchable, children, proc_ids, start_time
 from uvloop_fixtures import OVERRIDE_WARNING, event_loop_policy, identity, on_uvloop  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings(OVERRIDE_WARNING)
@@ -120,6 +120,7 @@ class Harness:
         kwargs.setdefault("stdout", self.out)
         kwargs.setdefault("stderr", self.out)
         kwargs.setdefault("exit_fd", self.exit_fd)
+        kwargs.setdefault("start_timeout", 30)
         monitor = await asyncio.to_thread(Monitor.spawn, command, **kwargs)
         self.monitors.append(monitor)
         return monitor
@@ -166,6 +167,47 @@ async def harness(identity, user_dir, new_dir):
         await h.close()
     assert our_children() == before  # every monitor reaped (with status 0: nothing below it left)
     assert not any(monitor.holding for monitor in h.monitors)  # every ctl closed: all released
+
+
+# ---- a task stopped before its exec (issue 19.2) -------------------------------------------
+
+
+TIMED_OUT = "the runtime did not start within 0.5 s (stopped or stuck before exec); killed"
+
+
+async def test_a_task_stopped_before_its_exec_fails_at_its_start_deadline(harness, stopper_program):
+    """Once forked, the task switches to the user, and any process of theirs can SIGSTOP it before
+    its exec; the monitor waited on its report pipe for ever, and the daemon in recv. The stopper
+    (root, tracing this process) stops the monitor's child right after its fork, every time. The
+    monitor kills it at the deadline and reports `error ETIMEDOUT timeout`; nothing is left."""
+    with stopping(stopper_program, os.getpid(), 2) as stopped:
+        started = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            await harness.spawn("true", start_timeout=0.5)
+        elapsed = time.monotonic() - started
+    assert (raised.value.errno, raised.value.strerror) == (errno.ETIMEDOUT, TIMED_OUT)
+    assert 0.5 <= elapsed < 2
+    task = stopped.get_nowait()
+    assert proc_state(task) is None  # killed and reaped by the monitor
+    assert harness.records() == {}  # never started: nothing to record
+
+
+async def test_a_monitor_that_cannot_report_is_killed_with_its_task_at_our_deadline(harness, stopper_program):
+    """The monitor's own report is bounded on our side too (a little later than its deadline): here
+    the monitor is stopped (by root) while its task is stopped before its exec. We kill both."""
+    with stopping(stopper_program, os.getpid(), 2) as stopped:
+        started = time.monotonic()
+        spawning = asyncio.ensure_future(harness.spawn("true", start_timeout=0.5))
+        task = await asyncio.to_thread(stopped.get, timeout=10)
+        monitor_pid, _ = proc_ids(task)
+        os.kill(monitor_pid, signal.SIGSTOP)
+        with pytest.raises(OSError) as raised:
+            await spawning
+        elapsed = time.monotonic() - started
+    assert (raised.value.errno, raised.value.strerror) == (errno.ETIMEDOUT, TIMED_OUT)
+    assert 2.5 <= elapsed < 4
+    wait_gone([task], timeout=10)  # killed (its zombie handed on with the monitor's death)
+    assert proc_state(monitor_pid) is None  # killed and reaped
 
 
 # ---- the task: who, where, with what ----------------------------------------------------
@@ -612,6 +654,7 @@ PRELUDE = textwrap.dedent("""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.DEVNULL)
         kwargs.setdefault("stderr", subprocess.DEVNULL)
+        kwargs.setdefault("start_timeout", 30)
         return Monitor.spawn(command, identity=identity, cwd=args["cwd"], env={"PATH": "/usr/bin:/bin"},
                              exit_fd=exit_file(), **kwargs)
 
