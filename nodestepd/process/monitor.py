@@ -81,6 +81,7 @@ class Monitor:
         self._released = False
         self._lost: asyncio.Task[None] | None = None  # the monitor died: resolving what still waits
         self._records: dict[int, int] = {}  # every `exit` record so far, pid -> status
+        self._held: set[int] = set()  # adopted pids whose zombies the monitor said it keeps (`held`)
         self._procs: dict[int, MonitoredProcess] = {}
         self.task = self._track(task)
 
@@ -195,14 +196,25 @@ class Monitor:
     def adopt(self, pid: int, uid: int) -> "MonitoredProcess":
         """Report on another child of the monitor: a container's init that RunTimeCreate left
         behind. The pid is pinned by a pidfd, then /proc must show the monitor as its parent
-        and `uid` as its real uid. One that has already exited is fine (the monitor holds
-        it): a record that came for it counts. Raises NotWatchable. Call on the event loop.
+        and `uid` as its real uid; the monitor is then asked to hold its zombie (`hold PID`).
+        The monitor reaps an orphan nobody holds as soon as it exits, so one that ended
+        before this is known only by its record: that counts (a reaped pid with no record
+        yet raises). Raises NotWatchable. Call on the event loop.
         """
         if not self.holding:
             raise NotWatchable(f"pid {pid} cannot be watched through the task monitor: it has let go")
         self._drain()
+        if pid in self._procs:  # adopted before (or the task itself): one watcher per process
+            return self._procs[pid]
         try:
             pidfd = Pidfd.open(pid)
+        except ProcessLookupError:
+            if pid in self._records:  # ended and reaped: its record is all there is, and all we need
+                proc = MonitoredProcess(self, None, pid)
+                proc._set_status(self._records[pid])
+                self._procs[pid] = proc
+                return proc
+            raise NotWatchable(f"pid {pid} cannot be watched: it has already exited and been reaped") from None
         except OSError as e:
             raise NotWatchable(f"pid {pid} cannot be watched: {e.strerror or e}") from None
         try:
@@ -217,10 +229,24 @@ class Monitor:
         except BaseException:
             pidfd.close()
             raise
-        if pid in self._procs:  # adopted before (or the task itself): one watcher per process
-            pidfd.close()
-            return self._procs[pid]
-        return self._track(pidfd)
+        proc = self._track(pidfd)
+        if proc.running:
+            self._send(f"hold {pid}\n".encode())
+        return proc
+
+    def _send(self, message: bytes) -> None:
+        """A message to the monitor; never blocks (it reads ctl in its every loop)."""
+        if self._ctl is None:
+            return
+        try:
+            self._ctl.send(message, socket.MSG_DONTWAIT)
+        except OSError as e:  # EAGAIN (a monitor not reading), EPIPE (gone): the hold is not confirmed
+            _log().warning("cannot send to the task monitor", monitor_pid=self.pid, error=e.strerror or str(e))
+
+    def holds(self, pid: int) -> bool:
+        """Whether the monitor keeps pid's zombie (so its pid and group stay reserved): the task's,
+        and an adopted process's once the monitor has said `held`, until release."""
+        return self.holding and (pid == self.task.pid or pid in self._held)
 
     def _track(self, pidfd: Pidfd) -> "MonitoredProcess":
         proc = MonitoredProcess(self, pidfd)
@@ -262,6 +288,11 @@ class Monitor:
             proc = self._procs.get(pid)
             if proc is not None:
                 proc._set_status(status)
+        elif len(words) == 2 and words[0] == b"held" and words[1].isdigit():
+            self._held.add(int(words[1]))
+        elif len(words) == 3 and words[0] == b"warning" and words[1] == b"exit-file" and words[2] == b"%d" % errno.EFBIG:
+            _log().warning("task monitor's exit file is full: only the task's and its held processes' records "
+                           "are written from now on", monitor_pid=self.pid)
         elif len(words) == 3 and words[0] == b"warning" and words[1] == b"exit-file" and words[2].isdigit():
             err = int(words[2])
             _log().error("task monitor cannot write the exit file: a status will be lost if the daemon restarts",
@@ -332,8 +363,9 @@ class MonitoredProcess(ExitWatch):
     process group stays reserved while the monitor holds the zombie (until release).
     """
 
-    def __init__(self, monitor: Monitor, pidfd: Pidfd) -> None:
-        self.pid: int = pidfd.pid
+    def __init__(self, monitor: Monitor, pidfd: Pidfd | None, pid: int | None = None) -> None:
+        # pidfd None: a process already reaped, known by its record (Monitor.adopt)
+        self.pid: int = pidfd.pid if pidfd is not None else pid  # type: ignore[assignment]
         self.monitor = monitor
         self._pidfd: Pidfd | None = pidfd  # None once reaped
         self._status: int | None = None
@@ -415,7 +447,7 @@ class MonitoredProcess(ExitWatch):
         """
         if self._pidfd is None:
             return
-        held = self._fallback.child if self._fallback is not None else self.monitor.holding
+        held = self._fallback.child if self._fallback is not None else self.monitor.holds(self.pid)
         if not held and self._pidfd.readable():
             return
         self._pidfd.signal_group(sig)
