@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -26,6 +27,7 @@ import sys
 from dataclasses import dataclass
 
 from nodestepd.process.identity import Identity
+from nodestepd.process.kernel import user_fd_limit
 from nodestepd.process.spawn import RUNTIME_UMASK, spawn
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
@@ -54,6 +56,7 @@ def open_as(identity: Identity, reads: list[str], writes: list[str], *, timeout:
         argv = [sys.executable, "-I", "-m", "nodestepd.process.asuser"]
         argv += [a for path in reads for a in ("--read", path)]
         argv += [a for path in writes for a in ("--write", path)]
+        argv += ["--nofile", "%d:%d" % user_fd_limit()]
         with theirs:  # the helper holds its end alone: its exit is our end-of-file
             helper = spawn(
                 argv + ["--channel", str(theirs.fileno())],
@@ -165,6 +168,9 @@ def _helper(argv: list[str]) -> int:
             writes.append(value)
         elif option == "--channel":
             channel = int(value)
+        elif option == "--nofile":  # the users' limit, not the daemon's (we are the user already)
+            soft, hard = map(int, value.split(":"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         else:
             return 2
         i += 2

@@ -2,7 +2,8 @@
  * nodestepd-monitor: the parent of one task, outside the daemon (docs/monitor.md).
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
- *                     [--start-timeout-ms MS] [--exit-file-max BYTES] -- PROGRAM ARG...
+ *                     [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD]
+ *                     -- PROGRAM ARG...
  *
  * Started by nodestepd (as root, once per task). It forks PROGRAM as the user and
  * stays its parent, and the parent of whatever gets orphaned below it (it is a child
@@ -44,6 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -346,6 +348,8 @@ struct options {
 	size_t ngroups;
 	const char *cwd;
 	long start_timeout_ms; /* how long the task may take to reach its exec */
+	bool set_nofile;
+	struct rlimit nofile; /* the users' RLIMIT_NOFILE, not the daemon's raised one */
 	char **argv;
 };
 
@@ -377,6 +381,8 @@ static _Noreturn void become_task(const struct options *o, int report_fd)
 	/* As root: the daemon hands in its pinned fd on the task dir (/proc/PID/fd/N). */
 	if (chdir(o->cwd) < 0)
 		child_failed(report_fd, STEP_CHDIR);
+	if (o->set_nofile && setrlimit(RLIMIT_NOFILE, &o->nofile) < 0)
+		child_failed(report_fd, STEP_SETUP);
 	if (setgroups(o->ngroups, o->groups) < 0)
 		child_failed(report_fd, STEP_GROUPS);
 	if (setresgid(o->gid, o->gid, o->gid) < 0)
@@ -476,7 +482,7 @@ static _Noreturn void usage(const char *problem)
 	fprintf(stderr,
 		"nodestepd-monitor: %s\n"
 		"usage: nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR"
-		" [--start-timeout-ms MS] [--exit-file-max BYTES] -- PROGRAM ARG...\n"
+		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] -- PROGRAM ARG...\n"
 		"(started by nodestepd, once per task; see docs/monitor.md)\n",
 		problem);
 	if (ctl_fd >= 0) {
@@ -569,6 +575,17 @@ static void parse_args(int argc, char **argv, struct options *o)
 			have_groups = true;
 		} else if (strcmp(name, "--cwd") == 0) {
 			o->cwd = value;
+		} else if (strcmp(name, "--nofile") == 0) {
+			char *colon = strchr(value, ':');
+			unsigned long long soft, hard;
+			if (!colon)
+				usage("--nofile: not SOFT:HARD");
+			*colon = '\0';
+			if (!parse_number(value, INT_MAX, &soft) || !parse_number(colon + 1, INT_MAX, &hard) || soft > hard)
+				usage("--nofile: not SOFT:HARD");
+			o->nofile.rlim_cur = soft;
+			o->nofile.rlim_max = hard;
+			o->set_nofile = true;
 		} else if (strcmp(name, "--exit-file-max") == 0) {
 			if (!parse_number(value, 1ULL << 40, &v))
 				usage("--exit-file-max: not a number of bytes");

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from nodestepd.logs import get_logger
 from nodestepd.process.identity import Identity
+from nodestepd.process.kernel import user_fd_limit
 from nodestepd.process.spawn import SHELL, check_workdir, spawn, start_timed_out
 from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, children, proc_ids
 
@@ -108,7 +109,8 @@ class Monitor:
         spawn.spawn_shell: cwd must pass spawn.check_workdir (PermissionError if not), and
         the monitor enters it as root (the daemon hands in a pinned path, /proc/PID/fd/N);
         the task gets stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own
-        process group, umask 022, the user's uid, gid and groups and no other fd. When it cannot
+        process group, umask 022, the user's uid, gid and groups, the users' RLIMIT_NOFILE
+        (kernel.user_fd_limit) and no other fd. When it cannot
         start, raises OSError with the errno of the step that failed (FileNotFoundError
         for a missing shell, PermissionError for a directory the user cannot enter), and
         nothing is left behind.
@@ -131,6 +133,7 @@ class Monitor:
                 "--uid", str(identity.uid), "--gid", str(identity.gid),
                 "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
                 "--start-timeout-ms", str(max(1, round(start_timeout * 1000))),
+                "--nofile", "%d:%d" % user_fd_limit(),
                 "--", shell, "-c", command,
             ]
             # As root: the monitor switches to the user for the task. No process group from

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from nodestepd.process.identity import Identity
+from nodestepd.process.kernel import user_fd_limit
 from nodestepd.process.watch import CLAIMED, Pidfd, ProcessWatch, children, spawning, thread_children
 
 SHELL = "/bin/sh"
@@ -277,6 +278,10 @@ def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, st
     which a process it left running could delay forever (such a process then gets EPIPE).
     """
     end = time.monotonic() + timeout
+    # The users' fd limit, not the daemon's raised one (Popen cannot set a limit between
+    # fork and exec without running Python in the child): the shell lowers its own first.
+    soft, hard = user_fd_limit()
+    command = f"ulimit -S -n {soft} && ulimit -H -n {hard} || exit 125\n{command}"
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     try:
         try:
