@@ -11,8 +11,9 @@
                             after its fork, every new process DEPTH forks below it (1: its
                             children; 2: its children's children), then lets go of it: it
                             stays stopped (state T) before its exec, as if its user had won
-                            that race, every time. Nothing but PID's descendants is touched;
-                            PID itself and the levels above DEPTH run on (signals passed on).
+                            that race, every time. Nothing but PID's descendants is touched:
+                            PID runs on (its signals passed on), and a process between PID
+                            and DEPTH (a task's monitor) is let go after its first fork.
 
    Prints "ready" once watching, then each pid it stopped, one a line; runs until killed
    (tracees are let go by the kernel then). */

@@ -162,8 +162,9 @@ def spawn(
     start_timeout: float | None = None,
     what: str = "the program",
 ) -> ProcessWatch:
-    """Start argv and watch it by pidfd. Blocking (a fork and an exec): on the event loop,
-    call it in a worker thread. argv[0] without a slash is looked up in env's PATH.
+    """Start argv and watch it by pidfd. Blocking (a fork and an exec, up to start_timeout):
+    on the event loop, call it through off_loop. argv[0] without a slash is looked up in
+    env's PATH.
 
     identity: the user to run as (uid, gid and supplementary groups, all set before exec:
     every uid away from 0 clears the capabilities), or None to run as we are (the
