@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import os
 import select
 import signal
@@ -98,11 +99,9 @@ class _StartDeadline:
         self._lock = threading.Lock()
         self._over = False
         self._fired = False
-        self._timer = threading.Timer(timeout, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        _WATCHDOG.add(time.monotonic() + timeout, self)
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
         with self._lock:
             if self._over:
                 return
@@ -124,8 +123,49 @@ class _StartDeadline:
         """Stop the clock (the spawn is over). True when it fired."""
         with self._lock:
             self._over = True
-        self._timer.cancel()
         return self._fired
+
+    @property
+    def over(self) -> bool:
+        return self._over
+
+
+class _Watchdog:
+    """One thread for every start deadline (a timer thread per spawn would cost more than
+    the rest of the deadline's work): fires each _StartDeadline due and not over."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, _StartDeadline]] = []  # a heap
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, when: float, deadline: _StartDeadline) -> None:
+        with self._cond:
+            self._count += 1
+            heapq.heappush(self._due, (when, self._count, deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="nodestepd start deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._due and self._due[0][2].over:  # cancelled (the common case): dropped
+                    heapq.heappop(self._due)
+                if not self._due:
+                    self._cond.wait()
+                    continue
+                wait = self._due[0][0] - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(min(wait, 1.0))  # woken early by add(); cancellations are seen here
+                    continue
+                _, _, deadline = heapq.heappop(self._due)
+            deadline.fire()
+
+
+_WATCHDOG = _Watchdog()
 
 
 def start_timed_out(what: str, timeout: float) -> OSError:
