@@ -123,6 +123,7 @@ class _StartDeadline:
         """Stop the clock (the spawn is over). True when it fired."""
         with self._lock:
             self._over = True
+        _WATCHDOG.forget()
         return self._fired
 
     @property
@@ -149,6 +150,11 @@ class _Watchdog:
                 self._thread.start()
             self._cond.notify()
 
+    def forget(self) -> None:
+        """A deadline is over: drop it now (an idle daemon must not wake for it later)."""
+        with self._cond:
+            self._cond.notify()
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -159,7 +165,7 @@ class _Watchdog:
                     continue
                 wait = self._due[0][0] - time.monotonic()
                 if wait > 0:
-                    self._cond.wait(min(wait, 1.0))  # woken early by add(); cancellations are seen here
+                    self._cond.wait(wait)  # or until add() or forget()
                     continue
                 _, _, deadline = heapq.heappop(self._due)
             deadline.fire()
