@@ -73,7 +73,7 @@ def smaps(pid: int) -> dict[str, int]:
 async def launch_direct(identity: Identity, cwd: str) -> tuple[float, float]:
     start = time.perf_counter()
     watch = spawn_shell("true", identity=identity, cwd=cwd, env=ENV, stdin=subprocess.DEVNULL,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_timeout=30)
     spawned = time.perf_counter()
     assert await watch.wait() == 0
     watch.kill_group(signal.SIGKILL)  # as a step releases a task
@@ -84,7 +84,8 @@ async def launch_direct(identity: Identity, cwd: str) -> tuple[float, float]:
 async def launch_monitored(identity: Identity, cwd: str, exit_fd: int, reaper: Reaper) -> tuple[float, float]:
     start = time.perf_counter()
     monitor = Monitor.spawn("true", identity=identity, cwd=cwd, env=ENV, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, exit_fd=exit_fd)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, exit_fd=exit_fd,
+                            start_timeout=30)
     spawned = time.perf_counter()
     assert await monitor.task.wait() == 0
     monitor.task.kill_group(signal.SIGKILL)
@@ -112,7 +113,8 @@ async def measure_launch(identity: Identity, cwd: str, exit_fd: int, runs: int) 
 async def measure_memory(identity: Identity, cwd: str, exit_fd: int, count: int) -> tuple[list[dict], list[dict]]:
     reaper = Reaper()
     monitors = [Monitor.spawn("exec sleep 1000", identity=identity, cwd=cwd, env=ENV, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, exit_fd=exit_fd)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, exit_fd=exit_fd,
+                            start_timeout=30)
                 for _ in range(count)]
     try:
         return [smaps(m.pid) for m in monitors], [smaps(m.task.pid) for m in monitors]

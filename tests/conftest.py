@@ -6,8 +6,10 @@ unprivileged test users through setpriv, which execs (so a client's pid is its o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import queue
 import select
 import shutil
 import signal
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +93,38 @@ def workdir() -> Path:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stopper_program(workdir) -> str:
+    """tests/stopper.c built (as the package's monitor is: cc): stops new processes before
+    their exec, as a user's SIGSTOP can (docs/security.md, "A process stopped before its exec")."""
+    path = workdir / "stopper"
+    subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(path), str(REPO / "tests" / "stopper.c")],
+                   check=True, timeout=120)
+    return str(path)
+
+
+@contextlib.contextmanager
+def stopping(stopper: str, pid: int, depth: int):
+    """While in the block, every process forked `depth` levels below pid is stopped right after
+    its fork, before its exec (stopper.c, root mode); yields a queue.Queue of the pids it stopped."""
+    proc = subprocess.Popen([stopper, str(pid), str(depth)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    stopped: queue.Queue[int] = queue.Queue()
+    try:
+        line = read_line_from(proc.stdout, b"ready", timeout=30)
+        assert line.strip() == b"ready", line
+
+        def reader():
+            for out in proc.stdout:
+                stopped.put(int(out))
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        yield stopped
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture

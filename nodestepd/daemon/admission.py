@@ -22,6 +22,7 @@ from nodestepd.image.launch import ImageOptions
 from nodestepd.image.refs import RefError, parse_ref
 from nodestepd.process import asuser
 from nodestepd.process.identity import Identity
+from nodestepd.process.spawn import off_loop
 from nodestepd.protocol.messages import MAX_JSON_DEPTH, RunRequest, json_too_deep
 from nodestepd.step.env import validate_env_name
 from nodestepd.step.spec import LaunchInput, StepSpec
@@ -101,7 +102,7 @@ class Admission:
             reads.append(os.path.join(os.path.normpath(request.bundle), "config.json"))
         writes = list(dict.fromkeys(p for p in (request.output, request.error) if p is not None))
         try:
-            opened = await asyncio.to_thread(asuser.open_as, identity, reads, writes, timeout=config.client_timeout)
+            opened = await off_loop(asuser.open_as, identity, reads, writes, timeout=config.client_timeout)
         except OSError as e:
             raise Refused("launch-failed", str(e)) from None
         config_json = config_json_error = None

@@ -16,7 +16,7 @@ import sys
 import msgspec
 
 from nodestepd.process.identity import Identity
-from nodestepd.process.spawn import RUNTIME_UMASK, spawn
+from nodestepd.process.spawn import RUNTIME_UMASK, off_loop, spawn
 
 MAX_ANSWER = 1 << 20
 MAX_DEPTH = 64  # config.json nests a few levels; anything deeper is not one
@@ -55,11 +55,15 @@ async def run_import(identity: Identity, user_dir: str, ref: str, env: dict[str,
     on_started(pid) is told the helper's pid (its temporary dir is named after it)."""
     out = os.memfd_create("nodestepd-import", os.MFD_CLOEXEC)
     try:
-        watch = await asyncio.to_thread(
-            spawn, helper_argv(user_dir, ref, sizes), identity=identity, cwd=user_dir, env=env,
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL, process_group=True,
-            umask=RUNTIME_UMASK,
-        )
+        try:
+            watch = await off_loop(  # bounded: the user may stop the helper before its exec
+                spawn, helper_argv(user_dir, ref, sizes), identity=identity, cwd=user_dir, env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL, process_group=True,
+                umask=RUNTIME_UMASK, start_timeout=timeout,
+            )
+        except OSError as e:
+            raise ImportFailed(f"cannot import {ref}: cannot start the import helper as {identity.user}: "
+                               f"{e.strerror or e}") from None
         if on_started is not None:
             on_started(watch.pid)
         timed_out = False

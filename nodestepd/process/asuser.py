@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -26,6 +27,7 @@ import sys
 from dataclasses import dataclass
 
 from nodestepd.process.identity import Identity
+from nodestepd.process.kernel import user_fd_limit
 from nodestepd.process.spawn import RUNTIME_UMASK, spawn
 
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
@@ -45,7 +47,8 @@ class Opened:
 def open_as(identity: Identity, reads: list[str], writes: list[str], *, timeout: float) -> list[Opened]:
     """Open `reads` for reading and `writes` for writing (created 0666 & ~022, truncated) as the user.
 
-    Blocking: call through asyncio.to_thread. Returns one Opened per path, reads first.
+    Blocking: call through spawn.off_loop (it waits for a process the user can stop, for
+    up to `timeout` seconds). Returns one Opened per path, reads first.
     Raises OSError when the helper itself cannot run or does not answer in time.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -53,6 +56,7 @@ def open_as(identity: Identity, reads: list[str], writes: list[str], *, timeout:
         argv = [sys.executable, "-I", "-m", "nodestepd.process.asuser"]
         argv += [a for path in reads for a in ("--read", path)]
         argv += [a for path in writes for a in ("--write", path)]
+        argv += ["--nofile", "%d:%d" % user_fd_limit()]
         with theirs:  # the helper holds its end alone: its exit is our end-of-file
             helper = spawn(
                 argv + ["--channel", str(theirs.fileno())],
@@ -65,6 +69,8 @@ def open_as(identity: Identity, reads: list[str], writes: list[str], *, timeout:
                 process_group=False,  # it starts nothing: signalling it alone is enough
                 pass_fds=(theirs.fileno(),),
                 umask=RUNTIME_UMASK,
+                start_timeout=timeout,  # the user can stop it before its exec
+                what=f"the helper opening files as {identity.user}",
             )
         try:
             ours.settimeout(timeout)
@@ -162,6 +168,9 @@ def _helper(argv: list[str]) -> int:
             writes.append(value)
         elif option == "--channel":
             channel = int(value)
+        elif option == "--nofile":  # the users' limit, not the daemon's (we are the user already)
+            soft, hard = map(int, value.split(":"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         else:
             return 2
         i += 2

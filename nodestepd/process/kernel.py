@@ -80,19 +80,33 @@ def peer_credentials(sock: socket.socket) -> Credentials:
     return Credentials(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
 
 
+_fd_limit_at_start: tuple[int, int] | None = None
+
+
 def raise_fd_limit(wanted: int) -> tuple[int, int]:
     """Raise RLIMIT_NOFILE's soft limit to `wanted` (at most the hard limit); never lower it.
 
-    Only as far as asked: the processes we start inherit the soft limit, and some
-    programs slow down with a huge one. Returns the (soft, hard) limits now in force.
+    Only as far as asked, and the limits from before are kept for what we start as a
+    user (user_fd_limit). Returns the (soft, hard) limits now in force.
     """
+    global _fd_limit_at_start
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _fd_limit_at_start is None:
+        _fd_limit_at_start = (soft, hard)
     if hard != resource.RLIM_INFINITY:
         wanted = min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         soft = wanted
     return soft, hard
+
+
+def user_fd_limit() -> tuple[int, int]:
+    """The RLIMIT_NOFILE (soft, hard) for a user's processes (tasks, runtime commands, the
+    as-user helper): the daemon's own from before raise_fd_limit raised it, not the raised
+    one (pam_limits is not run: the service's LimitNOFILE= is the users' limit, 1024:524288
+    in the shipped unit, as systemd gives user sessions). Before any raise: the current."""
+    return _fd_limit_at_start or resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 _ALL_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL

@@ -2,6 +2,7 @@
  * nodestepd-monitor: the parent of one task, outside the daemon (docs/monitor.md).
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
+ *                     [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD]
  *                     -- PROGRAM ARG...
  *
  * Started by nodestepd (as root, once per task). It forks PROGRAM as the user and
@@ -15,12 +16,20 @@
  *   "started PID\n"            the task was exec'ed (or "error ERRNO STEP\n", then exit 1)
  *   "exit PID STATUS\n"        per child, once, after its line is in the exit file
  *   "warning exit-file ERRNO\n" a record could not be written to the exit file
- * The daemon sends nothing; closing its end (end-of-file for us) means "released":
- * the daemon let go of the task, or died. Until then exited children stay zombies, so
- * their pids and the process groups they lead cannot be reused while the daemon still
- * signals them (RunTimeKill with %p, a final SIGKILL to the group). Once released, we
- * reap every zombie, then record and reap each child as it exits, and exit 0 when none
- * is left.
+ *   "held PID\n"               the answer to "hold PID": its zombie will be kept
+ * The daemon sends "hold PID\n" for a child it watches besides the task (a container's
+ * init it adopted); closing its end (end-of-file for us) means "released": the daemon
+ * let go of the task, or died. Until then the task and the children held stay zombies
+ * once exited, so their pids and the process groups they lead cannot be reused while
+ * the daemon still signals them (RunTimeKill with %p, a final SIGKILL to the group).
+ * Every other child (an orphan nobody watches) is recorded and reaped as soon as it
+ * exits: a task making orphans by the thousand must not hold as many pids. Once
+ * released, we reap every zombie, then record and reap each child as it exits, and exit
+ * 0 when none is left.
+ *
+ * The exit file is capped (--exit-file-max, 1 MiB by default): past it, only the records
+ * of the task and of the children held are written (the ones a restarted daemon reads);
+ * the others still go to ctl, and "warning exit-file EFBIG" is sent once.
  *
  * STATUS is the shell's: the exit code, or 128+N for death by signal N.
  */
@@ -36,11 +45,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef CLOSE_RANGE_CLOEXEC
@@ -48,20 +59,26 @@
 #endif
 
 /* What the task's child side was doing when it failed: sent with the errno. */
-enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_EXEC };
-static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "exec"};
+enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_EXEC, STEP_TIMEOUT };
+static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "exec", "timeout"};
 
 struct child {
 	pid_t pid;
 	int status;
+	bool hold;   /* the task, or held for the daemon: kept a zombie until release */
 	bool exited; /* recorded in the exit file */
 	bool sent;   /* and on ctl (or there is no ctl any more) */
+	bool reaped; /* reaped already (not held); kept until its record is sent */
+	bool ack;    /* "held PID" still to send */
 };
 
 static struct child *children;
 static size_t nchildren, children_cap;
 static int ctl_fd = -1; /* -1 once released */
 static int exit_fd = -1;
+static long long exit_file_max = 1 << 20;
+static long long exit_file_size; /* what we wrote to the exit file, and what it had at start */
+static bool exit_file_full_said;
 
 static void die(const char *what)
 {
@@ -102,10 +119,11 @@ static int ctl_send(const char *msg)
 
 /* ---- children ------------------------------------------------------------------------ */
 
+/* The entry of a child not reaped yet (a reaped pid may be a new child's by now). */
 static struct child *find_child(pid_t pid, bool add)
 {
 	for (size_t i = 0; i < nchildren; i++)
-		if (children[i].pid == pid)
+		if (children[i].pid == pid && !children[i].reaped)
 			return &children[i];
 	if (!add)
 		return NULL;
@@ -154,6 +172,17 @@ static void record(struct child *c, int status)
 	c->exited = true;
 	c->status = status;
 	int len = snprintf(line, sizeof line, "%d %d\n", (int)c->pid, status);
+	if (!c->hold && exit_file_size + len > exit_file_max) {
+		/* full: only the records a restarted daemon reads (the task's, those held) go in */
+		if (!exit_file_full_said) {
+			char warning[64];
+			snprintf(warning, sizeof warning, "warning exit-file %d\n", EFBIG);
+			ctl_send(warning);
+			exit_file_full_said = true;
+		}
+		return;
+	}
+	exit_file_size += len;
 	if (write_all(exit_fd, line, (size_t)len) < 0) {
 		char warning[64];
 		snprintf(warning, sizeof warning, "warning exit-file %d\n", errno);
@@ -161,26 +190,78 @@ static void record(struct child *c, int status)
 	}
 }
 
-/* Send every exit record not sent yet, oldest child first. false: ctl is full. */
-static bool flush_records(void)
+/* Reap a child that is not held, once recorded. */
+static void reap_now(struct child *c)
 {
-	for (size_t i = 0; i < nchildren; i++) {
-		struct child *c = &children[i];
-		if (!c->exited || c->sent)
-			continue;
-		char msg[64];
-		snprintf(msg, sizeof msg, "exit %d %d\n", (int)c->pid, c->status);
-		if (ctl_send(msg))
-			return false;
-		c->sent = true;
-	}
-	return true;
+	siginfo_t reaped;
+	memset(&reaped, 0, sizeof reaped);
+	while (waitid(P_PID, (id_t)c->pid, &reaped, WEXITED | WNOHANG) < 0 && errno == EINTR)
+		;
+	c->reaped = true;
 }
 
-/* Not released: record every child that has exited, and keep it a zombie.
+/* Send every answer and exit record not sent yet, oldest child first; forget the reaped
+   children whose record is out. false: ctl is full. */
+static bool flush_records(void)
+{
+	bool writable = true;
+	for (size_t i = 0; i < nchildren && writable; i++) {
+		struct child *c = &children[i];
+		char msg[64];
+		if (c->ack) {
+			snprintf(msg, sizeof msg, "held %d\n", (int)c->pid);
+			if (ctl_send(msg))
+				writable = false;
+			else
+				c->ack = false;
+		}
+		if (writable && c->exited && !c->sent) {
+			snprintf(msg, sizeof msg, "exit %d %d\n", (int)c->pid, c->status);
+			if (ctl_send(msg))
+				writable = false;
+			else
+				c->sent = true;
+		}
+	}
+	for (size_t i = 0; i < nchildren;) {
+		if (children[i].reaped && (children[i].sent || ctl_fd < 0))
+			forget_child(&children[i]); /* moves the last entry here: look at i again */
+		else
+			i++;
+	}
+	return writable;
+}
+
+/* "hold PID": keep that child's zombie from now on, if it is still ours to keep. */
+static void hold(const char *msg, size_t len)
+{
+	char buf[64];
+	if (len >= sizeof buf || len < 6 || memcmp(msg, "hold ", 5) != 0)
+		return; /* not a message we know: ignored */
+	memcpy(buf, msg, len);
+	buf[len] = '\0';
+	char *end;
+	long pid = strtol(buf + 5, &end, 10);
+	if (pid <= 0 || (*end != '\n' && *end != '\0'))
+		return;
+	struct child *c = find_child((pid_t)pid, false);
+	if (!c) {
+		/* not seen yet: ours only if waitid finds it, running or a zombie not reaped */
+		siginfo_t si;
+		memset(&si, 0, sizeof si);
+		if (waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT) < 0)
+			return; /* reaped already (its record says how it ended), or never ours */
+		c = find_child((pid_t)pid, true);
+	}
+	c->hold = true;
+	c->ack = true;
+}
+
+/* Not released: record every child that has exited; keep the task and the children held
+   as zombies, reap the others.
    /proc/thread-self/children lists our children, zombies included (we are one thread).
-   We reap nothing while scanning and new children are appended at the end of the
-   kernel's list, so one read sees every child. */
+   New children are appended at the end of the kernel's list; one we reap meanwhile is
+   only left out, so one read sees every child. */
 static void scan_children(void)
 {
 	static char *buf;
@@ -221,11 +302,14 @@ static void scan_children(void)
 		/* WNOWAIT: look, do not reap. */
 		if (waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT) < 0) {
 			if (errno == ECHILD || errno == EINTR)
-				continue; /* cannot happen (we reap nothing yet); look again at the next SIGCHLD */
+				continue; /* gone meanwhile (cannot happen: only we reap); look again at the next SIGCHLD */
 			die("waitid");
 		}
-		if (si.si_pid != 0)
+		if (si.si_pid != 0) {
 			record(c, shell_status(&si));
+			if (!c->hold)
+				reap_now(c);
+		}
 	}
 }
 
@@ -263,6 +347,9 @@ struct options {
 	gid_t *groups;
 	size_t ngroups;
 	const char *cwd;
+	long start_timeout_ms; /* how long the task may take to reach its exec */
+	bool set_nofile;
+	struct rlimit nofile; /* the users' RLIMIT_NOFILE, not the daemon's raised one */
 	char **argv;
 };
 
@@ -294,6 +381,8 @@ static _Noreturn void become_task(const struct options *o, int report_fd)
 	/* As root: the daemon hands in its pinned fd on the task dir (/proc/PID/fd/N). */
 	if (chdir(o->cwd) < 0)
 		child_failed(report_fd, STEP_CHDIR);
+	if (o->set_nofile && setrlimit(RLIMIT_NOFILE, &o->nofile) < 0)
+		child_failed(report_fd, STEP_SETUP);
 	if (setgroups(o->ngroups, o->groups) < 0)
 		child_failed(report_fd, STEP_GROUPS);
 	if (setresgid(o->gid, o->gid, o->gid) < 0)
@@ -340,6 +429,36 @@ static pid_t start_task(const struct options *o, int *err, enum step *step)
 		become_task(o, report[1]);
 	}
 	close(report[1]);
+	/* From its uid switch on, the child is the user's: any process of theirs can stop it
+	   (SIGSTOP) before its exec. So the wait for that exec has a deadline; past it the
+	   child is killed and the start reported as failed ("error ETIMEDOUT timeout"). */
+	struct timespec now, end;
+	clock_gettime(CLOCK_MONOTONIC, &end);
+	end.tv_sec += o->start_timeout_ms / 1000;
+	end.tv_nsec += (o->start_timeout_ms % 1000) * 1000000L;
+	if (end.tv_nsec >= 1000000000L) {
+		end.tv_sec++;
+		end.tv_nsec -= 1000000000L;
+	}
+	for (;;) {
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		long long left = (end.tv_sec - now.tv_sec) * 1000LL + (end.tv_nsec - now.tv_nsec) / 1000000L;
+		struct pollfd p = {.fd = report[0], .events = POLLIN};
+		int ready = left > 0 ? poll(&p, 1, left > INT_MAX ? INT_MAX : (int)left) : 0;
+		if (ready < 0 && errno == EINTR)
+			continue;
+		if (ready < 0)
+			die("poll");
+		if (ready > 0)
+			break;
+		kill(pid, SIGKILL); /* our unreaped child: the pid is still its own */
+		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		close(report[0]);
+		*err = ETIMEDOUT;
+		*step = STEP_TIMEOUT;
+		return -1;
+	}
 	int msg[2];
 	ssize_t n;
 	do
@@ -363,7 +482,7 @@ static _Noreturn void usage(const char *problem)
 	fprintf(stderr,
 		"nodestepd-monitor: %s\n"
 		"usage: nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR"
-		" -- PROGRAM ARG...\n"
+		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] -- PROGRAM ARG...\n"
 		"(started by nodestepd, once per task; see docs/monitor.md)\n",
 		problem);
 	if (ctl_fd >= 0) {
@@ -456,6 +575,25 @@ static void parse_args(int argc, char **argv, struct options *o)
 			have_groups = true;
 		} else if (strcmp(name, "--cwd") == 0) {
 			o->cwd = value;
+		} else if (strcmp(name, "--nofile") == 0) {
+			char *colon = strchr(value, ':');
+			unsigned long long soft, hard;
+			if (!colon)
+				usage("--nofile: not SOFT:HARD");
+			*colon = '\0';
+			if (!parse_number(value, INT_MAX, &soft) || !parse_number(colon + 1, INT_MAX, &hard) || soft > hard)
+				usage("--nofile: not SOFT:HARD");
+			o->nofile.rlim_cur = soft;
+			o->nofile.rlim_max = hard;
+			o->set_nofile = true;
+		} else if (strcmp(name, "--exit-file-max") == 0) {
+			if (!parse_number(value, 1ULL << 40, &v))
+				usage("--exit-file-max: not a number of bytes");
+			exit_file_max = (long long)v;
+		} else if (strcmp(name, "--start-timeout-ms") == 0) {
+			if (!parse_number(value, 3600000, &v) || v == 0)
+				usage("--start-timeout-ms: not a number of milliseconds from 1 to 3600000");
+			o->start_timeout_ms = (long)v;
 		} else {
 			usage("unknown option");
 		}
@@ -487,7 +625,7 @@ static void check_fds(void)
 
 int main(int argc, char **argv)
 {
-	struct options o = {0};
+	struct options o = {.start_timeout_ms = 60000};
 	parse_args(argc, argv, &o);
 	check_fds();
 
@@ -537,10 +675,12 @@ int main(int argc, char **argv)
 		die("chdir /");
 	snprintf(msg, sizeof msg, "started %d\n", (int)task);
 	ctl_send(msg); /* the first message on an empty socket: it fits */
-	find_child(task, true);
+	find_child(task, true)->hold = true;
+	struct stat st;
+	exit_file_size = fstat(exit_fd, &st) == 0 ? st.st_size : 0;
 
+	bool writable = true;
 	for (;;) {
-		bool writable = true;
 		if (ctl_fd >= 0) {
 			scan_children();
 			writable = flush_records();
@@ -561,12 +701,20 @@ int main(int argc, char **argv)
 			while (read(sfd, &info, sizeof info) > 0)
 				; /* one scan covers every SIGCHLD queued */
 		}
-		if (ctl_fd >= 0 && (fds[1].revents & (POLLIN | POLLHUP | POLLERR))) {
+		/* Every message first: a "hold" sent before the child's exit must be seen before the
+		   scan that would otherwise reap it. */
+		while (ctl_fd >= 0 && (fds[1].revents & (POLLIN | POLLHUP | POLLERR))) {
 			char buf[256];
 			ssize_t n = recv(ctl_fd, buf, sizeof buf, MSG_DONTWAIT);
-			if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+			if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+				break;
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0) {
 				release(); /* the daemon let go of the task, or died */
-			/* a message from the daemon: none is defined; ignored */
+				break;
+			}
+			hold(buf, (size_t)n);
 		}
 	}
 }

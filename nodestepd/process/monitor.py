@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Mapping
 
 from nodestepd.logs import get_logger
 from nodestepd.process.identity import Identity
-from nodestepd.process.spawn import SHELL, check_workdir, spawn
-from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, proc_ids
+from nodestepd.process.kernel import user_fd_limit
+from nodestepd.process.spawn import SHELL, check_workdir, spawn, start_timed_out
+from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, children, proc_ids
 
 if TYPE_CHECKING:
     from nodestepd.process.reaper import Reaper
@@ -41,7 +42,10 @@ PROGRAM_NAME = "nodestepd-monitor"
 LIBEXEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_libexec")
 _MESSAGE_SIZE = 256  # every message the monitor sends is one short line
 # What the monitor was doing when the task could not start: names the file in the OSError.
-_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup"}
+_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup", "timeout"}
+# How much longer than the task's start deadline we wait for the monitor to report: its
+# own deadline fires first; ours only for a monitor that cannot report (stopped by root).
+_REPORT_MARGIN = 2.0
 
 
 def _log():
@@ -78,6 +82,7 @@ class Monitor:
         self._released = False
         self._lost: asyncio.Task[None] | None = None  # the monitor died: resolving what still waits
         self._records: dict[int, int] = {}  # every `exit` record so far, pid -> status
+        self._held: set[int] = set()  # adopted pids whose zombies the monitor said it keeps (`held`)
         self._procs: dict[int, MonitoredProcess] = {}
         self.task = self._track(task)
 
@@ -95,6 +100,7 @@ class Monitor:
         stdout: int,
         stderr: int,
         exit_fd: int,
+        start_timeout: float,
         shell: str = SHELL,
     ) -> "Monitor":
         """Start `shell -c command` as the user under a new monitor; return once it runs.
@@ -103,13 +109,20 @@ class Monitor:
         spawn.spawn_shell: cwd must pass spawn.check_workdir (PermissionError if not), and
         the monitor enters it as root (the daemon hands in a pinned path, /proc/PID/fd/N);
         the task gets stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own
-        process group, umask 022, the user's uid, gid and groups and no other fd. When it cannot
+        process group, umask 022, the user's uid, gid and groups, the users' RLIMIT_NOFILE
+        (kernel.user_fd_limit) and no other fd. When it cannot
         start, raises OSError with the errno of the step that failed (FileNotFoundError
         for a missing shell, PermissionError for a directory the user cannot enter), and
         nothing is left behind.
 
         exit_fd: the task's exit file, opened O_WRONLY|O_APPEND by the caller, who keeps
         its own fd. The monitor appends `PID STATUS` lines to it for as long as it lives.
+
+        start_timeout: seconds the task may take to reach its exec once forked (the user
+        can stop it in between: it is the user's from the switch on). The monitor then
+        kills it and reports `error ETIMEDOUT timeout`, raised as start_timed_out(...).
+        Our own wait for the monitor's report is bounded too (a little longer): past it,
+        the monitor and what it forked are killed and the same error is raised.
         """
         check_workdir(cwd, identity)
         program = monitor_program()
@@ -119,6 +132,8 @@ class Monitor:
                 program, "--ctl-fd", str(theirs.fileno()), "--exit-fd", str(exit_fd),
                 "--uid", str(identity.uid), "--gid", str(identity.gid),
                 "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
+                "--start-timeout-ms", str(max(1, round(start_timeout * 1000))),
+                "--nofile", "%d:%d" % user_fd_limit(),
                 "--", shell, "-c", command,
             ]
             # As root: the monitor switches to the user for the task. No process group from
@@ -134,6 +149,8 @@ class Monitor:
                 stderr=stderr,
                 process_group=False,
                 pass_fds=(theirs.fileno(), exit_fd),
+                start_timeout=start_timeout,  # root's child: only root could stop it, but bounded all the same
+                what="the task monitor",
             )
         except BaseException:
             ours.close()
@@ -141,8 +158,13 @@ class Monitor:
         finally:
             theirs.close()  # the monitor holds its end alone: its exit is our end-of-file
         try:
+            # Until the task is exec'ed or has failed: the monitor's own deadline comes first.
+            ours.settimeout(start_timeout + _REPORT_MARGIN)
             try:
-                reply = ours.recv(_MESSAGE_SIZE)  # blocks until the task is exec'ed or has failed
+                reply = ours.recv(_MESSAGE_SIZE)
+            except TimeoutError:
+                _kill_children(watch.pid)  # the task it forked, stopped or stuck: it must not become an orphan of ours
+                raise start_timed_out("the runtime", start_timeout) from None
             except OSError:
                 reply = b""
             words = reply.split()
@@ -161,6 +183,8 @@ class Monitor:
         if len(words) >= 2 and words[0] == b"error" and words[1].isdigit():
             err = int(words[1])
             step = words[2].decode("ascii", "replace") if len(words) > 2 else "exec"
+            if step == "timeout":
+                raise start_timed_out("the runtime", start_timeout)
             filename = shell if step == "exec" else cwd if step == "chdir" else None
             raise OSError(err, os.strerror(err), filename)
         raise OSError(errno.EIO, f"nodestepd-monitor ended without starting the task (status {status}, said {reply!r})")
@@ -175,14 +199,25 @@ class Monitor:
     def adopt(self, pid: int, uid: int) -> "MonitoredProcess":
         """Report on another child of the monitor: a container's init that RunTimeCreate left
         behind. The pid is pinned by a pidfd, then /proc must show the monitor as its parent
-        and `uid` as its real uid. One that has already exited is fine (the monitor holds
-        it): a record that came for it counts. Raises NotWatchable. Call on the event loop.
+        and `uid` as its real uid; the monitor is then asked to hold its zombie (`hold PID`).
+        The monitor reaps an orphan nobody holds as soon as it exits, so one that ended
+        before this is known only by its record: that counts (a reaped pid with no record
+        yet raises). Raises NotWatchable. Call on the event loop.
         """
         if not self.holding:
             raise NotWatchable(f"pid {pid} cannot be watched through the task monitor: it has let go")
         self._drain()
+        if pid in self._procs:  # adopted before (or the task itself): one watcher per process
+            return self._procs[pid]
         try:
             pidfd = Pidfd.open(pid)
+        except ProcessLookupError:
+            if pid in self._records:  # ended and reaped: its record is all there is, and all we need
+                proc = MonitoredProcess(self, None, pid)
+                proc._set_status(self._records[pid])
+                self._procs[pid] = proc
+                return proc
+            raise NotWatchable(f"pid {pid} cannot be watched: it has already exited and been reaped") from None
         except OSError as e:
             raise NotWatchable(f"pid {pid} cannot be watched: {e.strerror or e}") from None
         try:
@@ -197,10 +232,24 @@ class Monitor:
         except BaseException:
             pidfd.close()
             raise
-        if pid in self._procs:  # adopted before (or the task itself): one watcher per process
-            pidfd.close()
-            return self._procs[pid]
-        return self._track(pidfd)
+        proc = self._track(pidfd)
+        if proc.running:
+            self._send(f"hold {pid}\n".encode())
+        return proc
+
+    def _send(self, message: bytes) -> None:
+        """A message to the monitor; never blocks (it reads ctl in its every loop)."""
+        if self._ctl is None:
+            return
+        try:
+            self._ctl.send(message, socket.MSG_DONTWAIT)
+        except OSError as e:  # EAGAIN (a monitor not reading), EPIPE (gone): the hold is not confirmed
+            _log().warning("cannot send to the task monitor", monitor_pid=self.pid, error=e.strerror or str(e))
+
+    def holds(self, pid: int) -> bool:
+        """Whether the monitor keeps pid's zombie (so its pid and group stay reserved): the task's,
+        and an adopted process's once the monitor has said `held`, until release."""
+        return self.holding and (pid == self.task.pid or pid in self._held)
 
     def _track(self, pidfd: Pidfd) -> "MonitoredProcess":
         proc = MonitoredProcess(self, pidfd)
@@ -242,6 +291,11 @@ class Monitor:
             proc = self._procs.get(pid)
             if proc is not None:
                 proc._set_status(status)
+        elif len(words) == 2 and words[0] == b"held" and words[1].isdigit():
+            self._held.add(int(words[1]))
+        elif len(words) == 3 and words[0] == b"warning" and words[1] == b"exit-file" and words[2] == b"%d" % errno.EFBIG:
+            _log().warning("task monitor's exit file is full: only the task's and its held processes' records "
+                           "are written from now on", monitor_pid=self.pid)
         elif len(words) == 3 and words[0] == b"warning" and words[1] == b"exit-file" and words[2].isdigit():
             err = int(words[2])
             _log().error("task monitor cannot write the exit file: a status will be lost if the daemon restarts",
@@ -312,8 +366,9 @@ class MonitoredProcess(ExitWatch):
     process group stays reserved while the monitor holds the zombie (until release).
     """
 
-    def __init__(self, monitor: Monitor, pidfd: Pidfd) -> None:
-        self.pid: int = pidfd.pid
+    def __init__(self, monitor: Monitor, pidfd: Pidfd | None, pid: int | None = None) -> None:
+        # pidfd None: a process already reaped, known by its record (Monitor.adopt)
+        self.pid: int = pidfd.pid if pidfd is not None else pid  # type: ignore[assignment]
         self.monitor = monitor
         self._pidfd: Pidfd | None = pidfd  # None once reaped
         self._status: int | None = None
@@ -395,7 +450,7 @@ class MonitoredProcess(ExitWatch):
         """
         if self._pidfd is None:
             return
-        held = self._fallback.child if self._fallback is not None else self.monitor.holding
+        held = self._fallback.child if self._fallback is not None else self.monitor.holds(self.pid)
         if not held and self._pidfd.readable():
             return
         self._pidfd.signal_group(sig)
@@ -412,6 +467,23 @@ class MonitoredProcess(ExitWatch):
         self._pidfd.close()
         self._pidfd = None
         self.monitor._forget(self)
+
+
+def _kill_children(monitor_pid: int) -> None:
+    """SIGKILL the monitor's children (each pinned by a pidfd, then checked to still be its
+    child), before the monitor itself is killed: they would be handed to us, stopped."""
+    for pid in children(monitor_pid):
+        try:
+            pidfd = Pidfd.open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if proc_ids(pid)[0] == monitor_pid:
+                pidfd.send_signal(signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        finally:
+            pidfd.close()
 
 
 def _kill_and_reap(watch: ProcessWatch, kill: bool = True) -> int:

@@ -16,8 +16,10 @@ leaves behind, a create/start container's init among them. What reaches the daem
 
 There is no SIGCHLD to tell us (uvloop owns it) and waitpid(-1) would steal the statuses
 that ProcessWatch owns, so `sweep()` looks at our children in /proc, skips the ones a
-ProcessWatch has claimed (CLAIMED, which its own orphan watches join), reaps the dead ones
-and watches the live ones through a pidfd until they end. Steps call it when they release
+ProcessWatch has claimed (CLAIMED, which its own orphan watches join) and those of a thread
+that is spawning (SPAWNING: its new child is not claimed yet; the kernel hands orphans to
+the main thread, which never spawns, so none waits long), reaps the dead ones and watches
+the live ones through a pidfd until they end. Steps call it when they release
 their processes, which is when their leftovers appear.
 """
 
@@ -28,7 +30,7 @@ import os
 from collections.abc import Coroutine
 
 from nodestepd.logs import get_logger
-from nodestepd.process.watch import CLAIMED, SPAWN_LOCK, ProcessWatch, children
+from nodestepd.process.watch import CLAIMED, SPAWN_LOCK, SPAWNING, ProcessWatch, children
 
 
 def _log():
@@ -48,8 +50,10 @@ class Reaper:
 
     def sweep(self) -> None:
         """Reap dead orphans and watch live ones. Call on the event loop."""
+        # Held for the sweep alone (/proc reads, pidfd opens, WNOHANG peeks: nothing waits for
+        # a process); a spawn holds it only to enter or leave SPAWNING.
         with SPAWN_LOCK:
-            for pid in children(os.getpid()):
+            for pid in children(os.getpid(), skip_threads=SPAWNING):
                 if pid in CLAIMED:  # a ProcessWatch's, this reaper's own among them
                     continue
                 try:

@@ -12,23 +12,172 @@ Built on it: `spawn_shell` (a runtime command, `/bin/sh -c COMMAND`, as the user
 process group of its own), `run_helper` (a short runtime command whose output we
 collect), monitor.Monitor.spawn (a task under its nodestepd-monitor), asuser.open_as
 (the helper that opens files as a user) and the doctor's probes.
+
+A child that has switched to the user but not exec'ed yet can be stopped by any process
+of that user (SIGSTOP needs only the same uid), and Popen waits for that exec. So a
+spawn given a start_timeout kills its child when the exec has not happened by then and
+raises OSError(ETIMEDOUT); and the daemon runs every spawn, and every helper it waits
+for, in a thread of its own (`off_loop`), never on the event loop nor in the default
+executor that other work shares (docs/security.md, "A process stopped before its exec").
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import os
+import select
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nodestepd.process.identity import Identity
-from nodestepd.process.watch import SPAWN_LOCK, Pidfd, ProcessWatch, children
+from nodestepd.process.kernel import user_fd_limit
+from nodestepd.process.watch import CLAIMED, Pidfd, ProcessWatch, children, spawning, thread_children
 
 SHELL = "/bin/sh"
 RUNTIME_UMASK = 0o022
+# What run_helper keeps of a helper's output (stdout and stderr together): the last bytes,
+# where a runtime's error message is. The rest is read and dropped as it comes.
+HELPER_OUTPUT_LIMIT = 64 * 1024
+
+T = TypeVar("T")
+
+
+async def off_loop(fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
+    """fn(*args, **kwargs) in a new thread of its own; awaits its result.
+
+    For blocking work that waits on a user's process (a spawn, a helper): unlike
+    asyncio.to_thread, it takes no thread of the default executor, which the daemon's
+    other work shares, so processes stopped by their user cannot queue that work behind
+    them. Each such wait has a deadline of its own, which bounds the thread's life. If the
+    caller is cancelled, the thread still runs to its end (and cleans up after itself).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, error = fn(*args, **kwargs), None
+        except BaseException as e:
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    threading.Thread(target=run, name=f"nodestepd {getattr(fn, '__name__', 'call')}", daemon=True).start()
+    return await future
+
+
+class _StartDeadline:
+    """Kills the child a thread is spawning if it has not exec'ed by the deadline.
+
+    Popen waits for the exec with no timeout of its own. The child is found as the one new
+    child of the spawning thread (the kernel makes the forking thread its parent, and the
+    thread is busy in Popen: it forks nothing else), and pinned by a pidfd that is checked
+    to still name that child before the SIGKILL. The killed child closes Popen's error pipe
+    without a word, so Popen returns; `cancel()` then says it fired.
+    """
+
+    def __init__(self, tid: int, timeout: float) -> None:
+        self._tid = tid
+        self._before = set(thread_children(tid))  # the thread's children from before: not ours to kill
+        self._lock = threading.Lock()
+        self._over = False
+        self._fired = False
+        _WATCHDOG.add(time.monotonic() + timeout, self)
+
+    def fire(self) -> None:
+        with self._lock:
+            if self._over:
+                return
+            self._fired = True
+            for pid in thread_children(self._tid):
+                if pid in self._before or pid in CLAIMED:
+                    continue
+                try:
+                    pidfd = Pidfd.open(pid)
+                except ProcessLookupError:
+                    continue
+                try:
+                    if pid in thread_children(self._tid):  # still our unreaped child: the pidfd names it
+                        pidfd.send_signal(signal.SIGKILL)
+                finally:
+                    pidfd.close()
+
+    def cancel(self) -> bool:
+        """Stop the clock (the spawn is over). True when it fired."""
+        with self._lock:
+            self._over = True
+        _WATCHDOG.forget()
+        return self._fired
+
+    @property
+    def over(self) -> bool:
+        return self._over
+
+
+class _Watchdog:
+    """One thread for every start deadline (a timer thread per spawn would cost more than
+    the rest of the deadline's work): fires each _StartDeadline due and not over."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, _StartDeadline]] = []  # a heap
+        self._count = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, when: float, deadline: _StartDeadline) -> None:
+        with self._cond:
+            self._count += 1
+            heapq.heappush(self._due, (when, self._count, deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="nodestepd start deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def forget(self) -> None:
+        """A deadline is over: drop it now (an idle daemon must not wake for it later)."""
+        with self._cond:
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._due and self._due[0][2].over:  # cancelled (the common case): dropped
+                    heapq.heappop(self._due)
+                if not self._due:
+                    self._cond.wait()
+                    continue
+                wait = self._due[0][0] - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)  # or until add() or forget()
+                    continue
+                _, _, deadline = heapq.heappop(self._due)
+            deadline.fire()
+
+
+_WATCHDOG = _Watchdog()
+
+
+def start_timed_out(what: str, timeout: float) -> OSError:
+    """The error of a start that did not reach its exec in time (one sentence, as strerror)."""
+    return OSError(errno.ETIMEDOUT,
+                   f"{what} did not start within {timeout:g} s (stopped or stuck before exec); killed")
 
 
 def check_workdir(cwd: str, identity: Identity) -> None:
@@ -56,9 +205,12 @@ def spawn(
     process_group: bool,
     pass_fds: Sequence[int] = (),
     umask: int | None = None,
+    start_timeout: float | None = None,
+    what: str = "the program",
 ) -> ProcessWatch:
-    """Start argv and watch it by pidfd. Blocking (a fork and an exec): on the event loop,
-    call it in a worker thread. argv[0] without a slash is looked up in env's PATH.
+    """Start argv and watch it by pidfd. Blocking (a fork and an exec, up to start_timeout):
+    on the event loop, call it through off_loop. argv[0] without a slash is looked up in
+    env's PATH.
 
     identity: the user to run as (uid, gid and supplementary groups, all set before exec:
     every uid away from 0 clears the capabilities), or None to run as we are (the
@@ -70,7 +222,9 @@ def spawn(
     pass_fds: the only fds besides 0-2 it gets (close_fds: nothing of the daemon's, other
     steps' or connections' leaks into it). umask: the child's, or None to keep ours.
     Signal dispositions are restored to the defaults (Python ignores SIGPIPE and SIGXFSZ;
-    a program must not inherit that).
+    a program must not inherit that). start_timeout: seconds the child may take to reach
+    its exec (None: no limit, only for a child that nobody but root can stop); then it is
+    killed and the OSError is start_timed_out(what, start_timeout).
 
     Raises OSError when the program cannot be started (nothing is left behind).
     """
@@ -78,21 +232,25 @@ def spawn(
         check_workdir(cwd, identity)
     ids = {} if identity is None else {
         "user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
-    with SPAWN_LOCK:  # until the pidfd is ours, the reaper must not take the new child for an orphan
-        popen = subprocess.Popen(
-            list(argv),
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            cwd=cwd,
-            env=dict(env),
-            process_group=0 if process_group else None,
-            umask=-1 if umask is None else umask,
-            close_fds=True,
-            pass_fds=tuple(pass_fds),
-            restore_signals=True,
-            **ids,
-        )
+    with spawning() as tid:  # until the pidfd is ours, the reaper must not take the new child for an orphan
+        deadline = None if start_timeout is None else _StartDeadline(tid, start_timeout)
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cwd=cwd,
+                env=dict(env),
+                process_group=0 if process_group else None,
+                umask=-1 if umask is None else umask,
+                close_fds=True,
+                pass_fds=tuple(pass_fds),
+                restore_signals=True,
+                **ids,
+            )
+        finally:
+            killed = deadline is not None and deadline.cancel()
         try:
             watch = ProcessWatch.open(popen.pid)
         except BaseException:
@@ -102,6 +260,12 @@ def spawn(
     # The watch reaps it; a returncode keeps subprocess from ever calling waitpid on this
     # pid (its __del__ would otherwise queue it for a waitpid of its own).
     popen.returncode = 0
+    if killed:  # (it may have exec'ed just before the kill: it counts as not started all the same)
+        watch.send_signal(signal.SIGKILL)
+        watch.wait_blocking(None)  # SIGKILLed: it ends at once, stopped or not
+        watch.reap()
+        assert start_timeout is not None
+        raise start_timed_out(what, start_timeout)
     return watch
 
 
@@ -114,15 +278,17 @@ def spawn_shell(
     stdin: int,
     stdout: int,
     stderr: int,
+    start_timeout: float,
 ) -> ProcessWatch:
     """Start `/bin/sh -c command` as the user in a new process group, with umask 022, and watch it by pidfd.
 
     stdin/stdout/stderr are fds, or subprocess.DEVNULL. cwd must be a directory the user
     owns (a task spool dir), or `/` (check_workdir: PermissionError if not). Raises OSError
-    when the shell cannot be started.
+    when the shell cannot be started, or has not exec'ed within start_timeout seconds.
     """
     return spawn([SHELL, "-c", command], identity=identity, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
-                 stderr=stderr, process_group=True, umask=RUNTIME_UMASK)
+                 stderr=stderr, process_group=True, umask=RUNTIME_UMASK, start_timeout=start_timeout,
+                 what="the runtime")
 
 
 @dataclass(frozen=True)
@@ -142,32 +308,100 @@ async def run_helper(
 ) -> HelperResult:
     """Run a short runtime command (kill, delete, query) and collect its output.
 
-    The output goes to a memfd, not a pipe: we wait for the process to exit (pidfd),
-    never for end-of-file, which a container holding the pipe would delay forever.
+    All of it, the start included, is bounded by `timeout` and runs in a thread of its
+    own (off_loop): nothing waits for a process the user can stop on the event loop, or
+    holding a lock it takes. Raises OSError when the shell cannot be started, or was
+    stopped before its exec (start_timed_out).
     """
-    out = os.memfd_create("nodestepd-helper", os.MFD_CLOEXEC)
+    return await off_loop(_run_helper, command, identity, cwd, env, timeout)
+
+
+def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, str], timeout: float) -> HelperResult:
+    """run_helper's blocking part.
+
+    The output goes to a pipe read as it comes, keeping only its last HELPER_OUTPUT_LIMIT
+    bytes, so a helper writing without end costs no more memory than that. We wait for the
+    process to exit (pidfd), then take what is in the pipe, never waiting for end-of-file,
+    which a process it left running could delay forever (such a process then gets EPIPE).
+    """
+    end = time.monotonic() + timeout
+    # The users' fd limit, not the daemon's raised one (Popen cannot set a limit between
+    # fork and exec without running Python in the child): the shell lowers its own first.
+    soft, hard = user_fd_limit()
+    command = f"ulimit -S -n {soft} && ulimit -H -n {hard} || exit 125\n{command}"
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
     try:
-        watch = spawn_shell(
-            command, identity=identity, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
-        )
-        timed_out = False
         try:
-            await asyncio.wait_for(watch.wait(), timeout)
-        except TimeoutError:
-            timed_out = True
+            watch = spawn_shell(command, identity=identity, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                stdout=out_w, stderr=out_w, start_timeout=timeout)
+        finally:
+            os.close(out_w)
+        tail = _Tail(HELPER_OUTPUT_LIMIT)
+        try:
+            ended = _collect(watch, out_r, tail, end)
         finally:
             # Whatever is left in the helper's group (all of it, after a timeout) would
             # outlive it unowned.
             watch.kill_group(signal.SIGKILL)
-        status = await watch.wait()
-        watch.reap()
-        if timed_out:
+            status = watch.wait_blocking(None)
+            watch.reap()
+        assert status is not None
+        if not ended:
             return HelperResult(status, f"timed out after {timeout:g} s; killed", timed_out=True)
-        os.lseek(out, 0, os.SEEK_SET)
-        data = os.read(out, 64 * 1024)
-        return HelperResult(status, data.decode("utf-8", "replace").strip())
+        return HelperResult(status, tail.text())
     finally:
-        os.close(out)
+        os.close(out_r)
+
+
+def _collect(watch: ProcessWatch, out: int, tail: "_Tail", end: float) -> bool:
+    """Read the helper's output into tail until it exits (True) or the deadline (False)."""
+    os.set_blocking(out, False)
+    poller = select.poll()
+    poller.register(watch.fileno(), select.POLLIN)
+    poller.register(out, select.POLLIN)
+    while True:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            return False
+        for fd, _ in poller.poll(max(1, int(remaining * 1000))):
+            if fd == out:
+                if not tail.read_from(out):
+                    poller.unregister(out)  # end-of-file: only the exit is left to wait for
+            else:
+                tail.read_from(out)  # what it wrote before it exited (what is still coming is not waited for)
+                return True
+
+
+class _Tail:
+    """The last `limit` bytes of a stream, and how many came before them."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def read_from(self, fd: int) -> bool:
+        """Read what is there, at most 1 MiB (non-blocking fd: a writer that never stops
+        must not keep us reading past a deadline). False at end-of-file."""
+        for _ in range(16):
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            self.data += chunk
+            excess = len(self.data) - self.limit
+            if excess > self.limit:  # trim now and then, not at every read
+                del self.data[:excess]
+                self.dropped += excess
+        return True
+
+    def text(self) -> str:
+        excess = max(0, len(self.data) - self.limit)
+        dropped = self.dropped + excess
+        text = self.data[excess:].decode("utf-8", "replace").strip()
+        return f"[{dropped} bytes of output before this were dropped] {text}" if dropped else text
 
 
 @dataclass(frozen=True)
@@ -192,15 +426,15 @@ async def run_program(
     timeout (then it and its whole group are killed), and keep the start of its stdout
     and the end of its stderr (a site's stage hook: only these capped bytes are ever read).
 
-    Like run_helper, the output goes to memfds and we wait for the exit (pidfd), never
-    for end-of-file. Raises OSError when the program cannot be started.
+    The output goes to memfds and we wait for the exit (pidfd), never for end-of-file.
+    Raises OSError when the program cannot be started, or has not exec'ed within timeout.
     """
     out = os.memfd_create("nodestepd-program-out", os.MFD_CLOEXEC)
     err = os.memfd_create("nodestepd-program-err", os.MFD_CLOEXEC)
     try:
-        watch = await asyncio.to_thread(  # a fork and an exec: off the loop
+        watch = await off_loop(  # a fork and an exec, bounded: the user may stop it before its exec
             spawn, argv, identity=identity, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-            process_group=True, umask=RUNTIME_UMASK)
+            process_group=True, umask=RUNTIME_UMASK, start_timeout=timeout)
         timed_out = False
         try:
             await asyncio.wait_for(watch.wait(), timeout)

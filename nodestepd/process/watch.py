@@ -23,24 +23,30 @@ here, monitor.MonitoredProcess (a task under its nodestepd-monitor), and the ste
 
 The daemon is a child subreaper (reaper.py): what gets orphaned to it becomes its child.
 The pids in CLAIMED are the children a ProcessWatch owns; the reaper takes care of the
-rest. SPAWN_LOCK is held from fork to pidfd (spawn.py) so the reaper never mistakes a
-child being spawned for an orphan.
+rest. A thread that is spawning (from fork to pidfd, spawn.py) is in SPAWNING, and the
+reaper's sweep leaves that thread's children alone, so it never mistakes a child being
+spawned for an orphan. SPAWN_LOCK guards SPAWNING and is held by the sweep; nobody holds
+it while waiting for a process (a child stopped before its exec must not hold up the
+sweep, which runs on the event loop, nor other spawns).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import select
 import signal
 import struct
 import threading
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 _WAIT_FLAGS = os.WEXITED | os.WNOHANG
 
 SPAWN_LOCK = threading.Lock()
+SPAWNING: set[int] = set()  # native ids of the threads between a fork and its pidfd
 CLAIMED: set[int] = set()
 
 # linux/pidfd.h: PIDFD_GET_INFO = _IOWR(0xFF, 11, struct pidfd_info), 64 bytes in its first version.
@@ -70,14 +76,42 @@ def exit_status_from_wait_status(wstatus: int) -> int:
     return os.WEXITSTATUS(wstatus)
 
 
-def children(pid: int) -> list[int]:
-    """pid's child processes, from /proc/PID/task/*/children (empty when pid is gone)."""
+@contextlib.contextmanager
+def spawning() -> Iterator[int]:
+    """Mark this thread as spawning for the block (yields its native id): the reaper's
+    sweep leaves its children alone until the block ends, by when the new child must be
+    CLAIMED (or gone). The lock is held only to update SPAWNING, never during the spawn."""
+    tid = threading.get_native_id()
+    with SPAWN_LOCK:
+        SPAWNING.add(tid)
+    try:
+        yield tid
+    finally:
+        with SPAWN_LOCK:
+            SPAWNING.discard(tid)
+
+
+def thread_children(tid: int) -> list[int]:
+    """The children forked by one of our threads (a fork's parent is the thread), from
+    /proc/self/task/TID/children."""
+    try:
+        with open(f"/proc/self/task/{tid}/children") as f:
+            return [int(k) for k in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def children(pid: int, skip_threads: Collection[int] = ()) -> list[int]:
+    """pid's child processes, from /proc/PID/task/*/children (empty when pid is gone),
+    leaving out those of the threads in skip_threads."""
     kids: list[int] = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return kids
     for tid in tids:
+        if int(tid) in skip_threads:
+            continue
         try:
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 kids.extend(int(k) for k in f.read().split())
@@ -326,6 +360,11 @@ class ProcessWatch(ExitWatch):
         """The exit status if the process has ended (without reaping it), else None. Never blocks."""
         self._peek()
         return self._status
+
+    def fileno(self) -> int:
+        """The pidfd, for select.poll off the loop: readable once the process has exited."""
+        assert self._pidfd is not None, "reaped"
+        return self._pidfd.fd
 
     def _on_readable(self) -> None:
         self._peek()

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from nodestepd.logs import BoundLogger
 from nodestepd.process.monitor import MonitoredProcess
-from nodestepd.process.spawn import signal_group_except_leader
+from nodestepd.process.spawn import off_loop, signal_group_except_leader
 from nodestepd.process.watch import ExitWatch, NotWatchable
 from nodestepd.step.container import ContainerError, ContainerState
 from nodestepd.step.runtime import Runtime
@@ -90,8 +90,9 @@ class RunMode:
         self.log = log
 
     async def start(self, tasks: list[Task], starting: Starting) -> None:
-        # fork+exec blocks for a millisecond or so per task: off the loop, like the spool work.
-        error = await asyncio.to_thread(self._spawn_all, tasks, starting)
+        # fork+exec blocks for a millisecond or so per task, or up to runtime_timeout for one
+        # its user stopped before its exec: off the loop, in a thread of its own (off_loop).
+        error = await off_loop(self._spawn_all, tasks, starting)
         if error is not None:
             self.log.error("runtime could not be started", error=str(error))
             await self.undo(tasks)
@@ -177,7 +178,7 @@ class CreateStartMode:
         log.debug("running runtime command", key="RunTimeCreate", command=command)
         # The container inherits RunTimeCreate's stdio: that is how its output reaches the
         # client. So we wait for the create command to exit, never for end-of-file.
-        create = await asyncio.to_thread(starting.spawn, self.runtime, task, command)
+        create = await off_loop(starting.spawn, self.runtime, task, command)
         try:
             try:
                 status = await asyncio.wait_for(create.wait(), timeout)

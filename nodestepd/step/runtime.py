@@ -49,7 +49,7 @@ class Runtime:
         Returns the command's own process; raises OSError when it cannot start."""
         task.monitor = Monitor.spawn(
             command, identity=self.identity, cwd=task.cwd, env=self.env,
-            stdin=stdin, stdout=stdout, stderr=stderr, exit_fd=exit_fd,
+            stdin=stdin, stdout=stdout, stderr=stderr, exit_fd=exit_fd, start_timeout=self.timeout,
         )
         task.monitor_process = ProcessId.of(task.monitor.pid)
         return task.monitor.task

@@ -85,10 +85,16 @@ def wait_recorded_running(daemon, job: int, timeout: float = 30) -> None:
 
 
 def held_start(daemon, gate_dir) -> list[int]:
-    """The daemon's children running the gated RunTimeStart."""
+    """The daemon's children running the gated RunTimeStart (a runtime command's parent is
+    the daemon thread that started it: any of its threads)."""
     pid = daemon.proc.pid
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        children = [int(k) for k in f.read().split()]
+    children = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children += [int(k) for k in f.read().split()]
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
     held = []
     for child in children:
         try:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pidfd_pids, proc_state
+from conftest import pidfd_pids, proc_state, stopping, wait_gone
 from nodestepd.process import monitor as monitor_module
 from nodestepd.process.monitor import (
     Monitor,
@@ -36,7 +36,7 @@ from nodestepd.process.monitor import (
 from nodestepd.process.exitfile import read_exit_file
 from nodestepd.process.reaper import Reaper
 from nodestepd.process.identity import Identity
-from nodestepd.process.watch import NotWatchable, children, start_time
+from nodestepd.process.watch import NotWatchable, children, proc_ids, start_time
 from uvloop_fixtures import OVERRIDE_WARNING, event_loop_policy, identity, on_uvloop  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings(OVERRIDE_WARNING)
@@ -120,6 +120,7 @@ class Harness:
         kwargs.setdefault("stdout", self.out)
         kwargs.setdefault("stderr", self.out)
         kwargs.setdefault("exit_fd", self.exit_fd)
+        kwargs.setdefault("start_timeout", 30)
         monitor = await asyncio.to_thread(Monitor.spawn, command, **kwargs)
         self.monitors.append(monitor)
         return monitor
@@ -166,6 +167,47 @@ async def harness(identity, user_dir, new_dir):
         await h.close()
     assert our_children() == before  # every monitor reaped (with status 0: nothing below it left)
     assert not any(monitor.holding for monitor in h.monitors)  # every ctl closed: all released
+
+
+# ---- a task stopped before its exec (issue 19.2) -------------------------------------------
+
+
+TIMED_OUT = "the runtime did not start within 0.5 s (stopped or stuck before exec); killed"
+
+
+async def test_a_task_stopped_before_its_exec_fails_at_its_start_deadline(harness, stopper_program):
+    """Once forked, the task switches to the user, and any process of theirs can SIGSTOP it before
+    its exec; the monitor waited on its report pipe for ever, and the daemon in recv. The stopper
+    (root, tracing this process) stops the monitor's child right after its fork, every time. The
+    monitor kills it at the deadline and reports `error ETIMEDOUT timeout`; nothing is left."""
+    with stopping(stopper_program, os.getpid(), 2) as stopped:
+        started = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            await harness.spawn("true", start_timeout=0.5)
+        elapsed = time.monotonic() - started
+    assert (raised.value.errno, raised.value.strerror) == (errno.ETIMEDOUT, TIMED_OUT)
+    assert 0.5 <= elapsed < 2
+    task = stopped.get_nowait()
+    assert proc_state(task) is None  # killed and reaped by the monitor
+    assert harness.records() == {}  # never started: nothing to record
+
+
+async def test_a_monitor_that_cannot_report_is_killed_with_its_task_at_our_deadline(harness, stopper_program):
+    """The monitor's own report is bounded on our side too (a little later than its deadline): here
+    the monitor is stopped (by root) while its task is stopped before its exec. We kill both."""
+    with stopping(stopper_program, os.getpid(), 2) as stopped:
+        started = time.monotonic()
+        spawning = asyncio.ensure_future(harness.spawn("true", start_timeout=0.5))
+        task = await asyncio.to_thread(stopped.get, timeout=10)
+        monitor_pid, _ = proc_ids(task)
+        os.kill(monitor_pid, signal.SIGSTOP)
+        with pytest.raises(OSError) as raised:
+            await spawning
+        elapsed = time.monotonic() - started
+    assert (raised.value.errno, raised.value.strerror) == (errno.ETIMEDOUT, TIMED_OUT)
+    assert 2.5 <= elapsed < 4
+    wait_gone([task], timeout=10)  # killed (its zombie handed on with the monitor's death)
+    assert proc_state(monitor_pid) is None  # killed and reaped
 
 
 # ---- the task: who, where, with what ----------------------------------------------------
@@ -518,7 +560,8 @@ async def test_adopting_an_orphan_that_already_ended_takes_its_record(harness, i
         ready, _, _ = select.select([monitor._ctl], [], [], 10)
         assert ready, "no record for the init"
         monitor._drain()
-    adopted = monitor.adopt(init, identity.uid)  # still held by the monitor: the pid is the init's
+    assert proc_state(init) is None  # an orphan nobody holds: reaped as soon as it ended
+    adopted = monitor.adopt(init, identity.uid)
     assert adopted.status == 128 + signal.SIGKILL and not adopted.running  # the record counted
     assert await adopted.wait() == 128 + signal.SIGKILL
     assert await monitor.task.wait() == 0
@@ -548,7 +591,11 @@ async def test_a_zombie_left_by_the_task_is_recorded_when_it_reaches_the_monitor
     assert proc_state(zombie) == "Z"
     monitor.task.send_signal(signal.SIGKILL)
     assert await asyncio.wait_for(monitor.task.wait(), 10) == 128 + signal.SIGKILL
-    adopted = monitor.adopt(zombie, identity.uid)  # its parent is the monitor by now
+    while zombie not in monitor._records:  # handed to the monitor, recorded and reaped (nobody holds it)
+        ready, _, _ = select.select([monitor._ctl], [], [], 10)
+        assert ready, "no record for the zombie"
+        monitor._drain()
+    adopted = monitor.adopt(zombie, identity.uid)  # known by its record
     assert await asyncio.wait_for(adopted.wait(), 10) == 5
     await harness.release(monitor)
     assert harness.records() == {monitor.task.pid: 128 + signal.SIGKILL, zombie: 5}
@@ -577,15 +624,79 @@ async def test_many_orphans_each_recorded_once_even_when_ctl_fills_up(harness, i
         for fd in (r, w):
             if fd >= 0:
                 os.close(fd)
-    procs = [monitor.adopt(pid, identity.uid) for pid in orphans]
-    statuses = await asyncio.wait_for(asyncio.gather(monitor.task.wait(), *(p.wait() for p in procs)), 30)
-    assert statuses == [0] + [3] * count
-    assert set(monitor._records) == {monitor.task.pid, *orphans}
+    assert children(monitor.pid) == [monitor.task.pid]  # the orphans were reaped at once; the task is held
+    while len(monitor._records) < count + 1:
+        ready, _, _ = select.select([monitor._ctl], [], [], 10)
+        assert ready, f"records stopped coming after {len(monitor._records)}"
+        monitor._drain()
+    assert monitor._records == {monitor.task.pid: 0, **{pid: 3 for pid in orphans}}
+    assert await monitor.task.wait() == 0
     await harness.release(monitor)
     assert harness.records() == {monitor.task.pid: 0, **{pid: 3 for pid in orphans}}
     assert len(harness.exit_path.read_text().splitlines()) == count + 1  # each once
-    for proc in procs:
-        proc.reap()
+
+
+async def test_orphans_by_the_thousand_are_reaped_as_they_end(harness):
+    """Issue 19.6: the monitor held every orphan as a zombie until release (5,000 orphans, 5,000
+    zombies of a root process, with pid_max 32,768). Now only the task (and the processes the
+    daemon holds) stay: the monitor's children, sampled while 5,000 orphans come and go, stay few;
+    every orphan is still recorded once, and the task's own status is right."""
+    count = 5000
+    monitor = await harness.spawn(f"i=0; while [ $i -lt {count} ]; do ( (exit 3) & ); i=$((i+1)); done; exit 7")
+    peak = 0
+    while proc_state(monitor.task.pid) not in ("Z", None):
+        peak = max(peak, len(children(monitor.pid)))
+        await asyncio.sleep(0.005)
+    assert await asyncio.wait_for(monitor.task.wait(), 60) == 7
+    while len(monitor._records) < count + 1:  # the records of the last orphans are coming
+        ready, _, _ = select.select([monitor._ctl], [], [], 10)
+        assert ready, f"records stopped coming after {len(monitor._records)}"
+        monitor._drain()
+    peak = max(peak, len(children(monitor.pid)))
+    print(f"{count} orphans: the monitor's children peaked at {peak}")
+    assert peak < 100  # before: every orphan stayed, 5,001 at the end
+    assert children(monitor.pid) == [monitor.task.pid]
+    records = dict(monitor._records)
+    assert records.pop(monitor.task.pid) == 7
+    assert len(records) == count and set(records.values()) == {3}
+    await harness.release(monitor)
+
+
+def test_the_exit_file_is_capped_but_keeps_the_tasks_record(identity, user_dir, new_dir):
+    """Issue 19.7: once the daemon is gone nobody reads ctl, and a task making orphans made the exit
+    file grow without bound. Past --exit-file-max (1 MiB by default) only the records a restarted
+    daemon reads (the task's, those held) are written; ctl still gets every record, and one warning."""
+    exit_path = new_dir("state-", 0o700) / "exit"
+    exit_fd = os.open(exit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        argv = [monitor_program(), "--ctl-fd", str(theirs.fileno()), "--exit-fd", str(exit_fd), "--uid",
+                str(identity.uid), "--gid", str(identity.gid), "--groups", str(identity.gid),
+                "--cwd", str(user_dir("task-")), "--exit-file-max", "100", "--",
+                "/bin/sh", "-c", "i=0; while [ $i -lt 50 ]; do ( (exit 3) & ); i=$((i+1)); done; exit 7"]
+        monitor = subprocess.Popen(argv, pass_fds=(theirs.fileno(), exit_fd), stdin=subprocess.DEVNULL)
+        theirs.close()
+        messages = []
+        while len([m for m in messages if m.startswith(b"exit ")]) < 51:  # the task's and the orphans
+            ours.settimeout(30)
+            message = ours.recv(256)
+            assert message, f"the monitor closed ctl after {messages}"
+            messages.append(message)
+        ours.close()  # released: the monitor reaps the task and exits
+        assert monitor.wait(10) == 0
+    finally:
+        os.close(exit_fd)
+        ours.close()
+        theirs.close()
+    task = int(messages[0].split()[1])
+    assert messages.count(f"warning exit-file {errno.EFBIG}\n".encode()) == 1
+    assert len([m for m in messages if m.startswith(b"exit ")]) == 51  # ctl gets every record
+    data = exit_path.read_bytes()
+    statuses, problems = read_exit_file(exit_path)
+    assert problems == []
+    assert len(data) <= 100 + len(f"{task} 7\n")
+    assert statuses.pop(task) == 7  # written past the cap: a restarted daemon needs it
+    assert 0 < len(statuses) < 50 and set(statuses.values()) == {3}
 
 
 # ---- the daemon dies, the monitor dies ---------------------------------------------------
@@ -612,6 +723,7 @@ PRELUDE = textwrap.dedent("""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.DEVNULL)
         kwargs.setdefault("stderr", subprocess.DEVNULL)
+        kwargs.setdefault("start_timeout", 30)
         return Monitor.spawn(command, identity=identity, cwd=args["cwd"], env={"PATH": "/usr/bin:/bin"},
                              exit_fd=exit_file(), **kwargs)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import pwd
 import select
 import shlex
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from conftest import proc_state
 from nodestepd.ctl import probes
 from nodestepd.process.identity import Identity
 from nodestepd.process.spawn import (
+    HELPER_OUTPUT_LIMIT,
     HelperResult,
     ProgramResult,
     group_members,
@@ -77,7 +81,7 @@ async def run_shell(command: str, identity: Identity, cwd: str, env: dict, spawn
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
         watch = spawn_shell(command, identity=identity, cwd=cwd, env=env, stdin=null if stdin is None else stdin,
-                            stdout=out, stderr=out)
+                            stdout=out, stderr=out, start_timeout=30)
         spawned.append(watch)
         status = await asyncio.wait_for(watch.wait(), 30)
         watch.reap()
@@ -346,7 +350,7 @@ async def test_spawn_shell_is_its_own_process_group_while_running(identity, home
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         watch = spawn_shell("echo ready; exec sleep 1000", identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"},
-                            stdin=r, stdout=w, stderr=w)
+                            stdin=r, stdout=w, stderr=w, start_timeout=30)
         spawned.append(watch)
         os.close(w)
         w = -1
@@ -395,7 +399,7 @@ async def test_spawn_shell_in_a_directory_the_user_cannot_enter(identity, workdi
     closed.chmod(0o700)
     children = our_children()
     try:
-        watch = spawn_shell("true", identity=identity, cwd=str(closed), env={}, stdin=0, stdout=1, stderr=2)
+        watch = spawn_shell("true", identity=identity, cwd=str(closed), env={}, stdin=0, stdout=1, stderr=2, start_timeout=30)
     except PermissionError:
         pass
     else:
@@ -472,11 +476,131 @@ async def test_run_helper_timeout_kills_the_group(identity, home):
         os.waitid(os.P_PID, leader, os.WEXITED | os.WNOHANG)
 
 
-async def test_run_helper_output_is_bounded(identity, home):
-    result = await run_helper("head -c 200000 /dev/zero | tr '\\0' x", identity=identity, cwd=str(home),
-                              env={"PATH": "/usr/bin:/bin"}, timeout=30)
+async def test_run_helper_keeps_the_tail_of_its_output(identity, home):
+    result = await run_helper("head -c 200000 /dev/zero | tr '\\0' x; echo; echo the end", identity=identity,
+                              cwd=str(home), env={"PATH": "/usr/bin:/bin"}, timeout=30)
     assert result.status == 0
-    assert result.output == "x" * 65536
+    kept = "x" * (HELPER_OUTPUT_LIMIT - len("\nthe end\n")) + "\nthe end"
+    assert result.output == f"[{200009 - HELPER_OUTPUT_LIMIT} bytes of output before this were dropped] {kept}"
+
+
+def shmem_kib() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Shmem:"))
+
+
+async def test_run_helper_writing_100_mb_costs_no_more_than_its_tail(identity, home):
+    """Issue 14.5: a RunTimeQuery writing 100 MB to stderr cost 91 MB of Shmem (its memfd). Its output
+    now goes through a pipe of which only the tail is kept: the machine's Shmem, sampled while it runs,
+    stays near where it was (other work on the machine moves it a little), and the message ends with
+    what the helper wrote last."""
+    before = shmem_kib()
+    peak = before
+    done = asyncio.Event()
+
+    async def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, shmem_kib())
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    started = time.monotonic()
+    result = await run_helper("head -c 100000000 /dev/zero >&2; echo 'state: no such container' >&2; exit 1",
+                              identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    elapsed = time.monotonic() - started
+    done.set()
+    await sampler
+    print(f"100 MB helper: {elapsed:.2f} s, Shmem peak +{(peak - before) / 1024:.1f} MiB")
+    assert result.status == 1
+    assert result.output.startswith(f"[{100_000_025 - HELPER_OUTPUT_LIMIT} bytes of output before this were dropped]")
+    assert result.output.endswith("\0" * 100 + "state: no such container")
+    assert (peak - before) < 20 * 1024  # KiB: the memfd held all 100 MB (97,656 KiB)
+
+
+# ---- a child stopped before its exec (issue 19.2) ---------------------------------------------
+
+STOPPED_SCRIPT = textwrap.dedent("""
+    import asyncio, json, os, subprocess, sys, threading, time
+    import uvloop
+    from nodestepd.process.identity import Identity
+    from nodestepd.process.spawn import run_helper, spawn_shell
+    from nodestepd.process.watch import SPAWN_LOCK
+
+    args = json.loads(sys.argv[1])
+    identity = Identity.for_uid(args["uid"])
+    stopper = subprocess.Popen([args["stopper"], str(os.getpid()), "1"], stdout=subprocess.PIPE)
+    assert stopper.stdout.readline() == b"ready\\n"
+    out = {}
+
+    def lock_probe():  # once the child is stopped: the lock the reaper's sweep takes must be free
+        out["stopped"] = int(stopper.stdout.readline())
+        free = SPAWN_LOCK.acquire(timeout=0.25)
+        if free:
+            SPAWN_LOCK.release()
+        out["lock_free"] = free
+
+    probe = threading.Thread(target=lock_probe)
+    probe.start()
+    started = time.monotonic()
+    try:
+        spawn_shell("true", identity=identity, cwd=args["home"], env={}, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_timeout=0.5)
+        out["spawn"] = "started"
+    except OSError as e:
+        out["spawn"] = [e.errno, e.strerror, time.monotonic() - started]
+    probe.join()
+
+    async def main():  # run_helper: the event loop runs on while the helper is held
+        loop = asyncio.get_running_loop()
+        gaps = []
+
+        async def ticker():
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - last)
+                last = loop.time()
+
+        tick = asyncio.create_task(ticker())
+        started = time.monotonic()
+        try:
+            out["helper"] = repr(await run_helper("true", identity=identity, cwd=args["home"], env={}, timeout=0.5))
+        except OSError as e:
+            out["helper"] = [e.errno, e.strerror, time.monotonic() - started]
+        tick.cancel()
+        out["loop_max_gap"] = max(gaps)
+
+    uvloop.run(main())
+    stopper.kill()
+    stopper.wait()
+    out["children"] = [int(p) for t in os.listdir("/proc/self/task")
+                       for p in open(f"/proc/self/task/{t}/children").read().split()]
+    print(json.dumps(out))
+""")
+
+
+def test_a_child_stopped_before_its_exec_is_killed_at_its_start_deadline(user, home, stopper_program):
+    """Issue 19.2: once a spawned child has switched to the user, any process of that user can
+    SIGSTOP it before its exec, and Popen waited for that exec for ever, holding SPAWN_LOCK (which
+    the reaper's sweep takes on the event loop), run_helper doing so on the loop itself. Here the
+    stopper (root, tracing the script) stops every child right after its fork, every time (the
+    user's own SIGSTOP must win a race of microseconds). Each start now fails with ETIMEDOUT at its
+    deadline, the lock stays free, the loop runs on, and nothing is left."""
+    result = subprocess.run([sys.executable, "-c", STOPPED_SCRIPT,
+                             json.dumps({"uid": user.uid, "home": str(home), "stopper": stopper_program})],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    message = "the runtime did not start within 0.5 s (stopped or stuck before exec); killed"
+    for what in ("spawn", "helper"):
+        err, strerror, elapsed = out[what]
+        assert (err, strerror) == (errno.ETIMEDOUT, message)
+        assert 0.5 <= elapsed < 2.5, (what, elapsed)
+    assert out["lock_free"] is True
+    assert out["loop_max_gap"] < 0.25
+    assert out["children"] == []  # killed and reaped
+    assert proc_state(out["stopped"]) is None
 
 
 # ---- group_members / signal_group_except_leader ------------------------------------------------
@@ -498,7 +622,7 @@ async def test_signal_reaches_the_leaders_descendants_but_not_the_leader(identit
     other = None
     try:
         watch = spawn_shell(command, identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"},
-                            stdin=r, stdout=w, stderr=w)
+                            stdin=r, stdout=w, stderr=w, start_timeout=30)
         spawned.append(watch)
         os.close(w)
         w = -1
@@ -532,7 +656,7 @@ async def test_a_lone_leader_has_no_members(identity, home, spawned):
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         watch = spawn_shell("echo ready; exec sleep 1000", identity=identity, cwd=str(home),
-                            env={"PATH": "/usr/bin:/bin"}, stdin=r, stdout=w, stderr=w)
+                            env={"PATH": "/usr/bin:/bin"}, stdin=r, stdout=w, stderr=w, start_timeout=30)
         spawned.append(watch)
         os.close(w)
         w = -1
