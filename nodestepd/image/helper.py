@@ -28,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -170,7 +171,9 @@ def _import(cache: str, tmp: str, ref: ImageRef) -> dict:
     layout = os.path.join(tmp, "layout")
     bundle = os.path.join(tmp, "bundle")
     _run(["skopeo", "copy", "--quiet", ref.canonical, f"oci:{layout}:{TAG}"], env, ref, cache)
-    image_config = _image_config(layout)
+    image_config, layers = _image_config(layout)
+    if any(isinstance(layer, dict) and "zstd" in str(layer.get("mediaType")) for layer in layers):
+        _refuse_zstd_before_umoci_0_5(env, ref, cache)
     _run(["umoci", "--log", "error", "unpack", "--rootless", "--image", f"{layout}:{TAG}", bundle], env, ref, cache)
     meta = {"ref": ref.canonical, "digest": "sha256:" + digest,
             "entrypoint": _strings(image_config.get("Entrypoint")), "cmd": _strings(image_config.get("Cmd"))}
@@ -226,8 +229,19 @@ def _json(data: bytes, what: str) -> object:
         raise Failed(f"{what} is not valid JSON") from None
 
 
-def _image_config(layout: str) -> dict:
-    """The image config's `config` object (Entrypoint, Cmd, Env, WorkingDir), from the layout skopeo wrote."""
+def _refuse_zstd_before_umoci_0_5(env: dict[str, str], ref: ImageRef, cache: str) -> None:
+    """umoci learnt zstd-compressed layers in 0.5: before, say so instead of its complaint."""
+    said = _run(["umoci", "--version"], env, ref, cache).decode(errors="replace")
+    version = re.search(r"(\d+)\.(\d+)(\.\d+)?", said)
+    if version is not None and (int(version[1]), int(version[2])) < (0, 5):
+        raise Failed(f"the image has zstd-compressed layers, which this node's umoci {version[0]} cannot unpack "
+                     "(umoci 0.5 or later can): recompress it with gzip (skopeo copy --dest-compress-format gzip) "
+                     "or ask the site for a newer umoci")
+
+
+def _image_config(layout: str) -> tuple[dict, list]:
+    """The image config's `config` object (Entrypoint, Cmd, Env, WorkingDir), and the
+    manifest's layers, from the layout skopeo wrote."""
     index = _json(_read(os.path.join(layout, "index.json")), "the OCI index")
     try:
         manifest = _blob(layout, index["manifests"][0]["digest"])
@@ -238,7 +252,7 @@ def _image_config(layout: str) -> dict:
     except (KeyError, IndexError, TypeError, AttributeError):
         raise Failed("the image's manifest or config is malformed") from None
     inner = config.get("config") if isinstance(config, dict) else None
-    return inner if isinstance(inner, dict) else {}
+    return (inner if isinstance(inner, dict) else {}), (layers if isinstance(layers, list) else [])
 
 
 def _blob(layout: str, digest: object) -> dict:

@@ -259,27 +259,13 @@ def encode(record: StepRecord) -> bytes:
 
 def decode(data: bytes) -> StepRecord:
     """Raises RecordError for anything but a complete record of this format and version."""
-    try:
-        header = msgspec.json.decode(data, type=dict)
-    except msgspec.DecodeError as e:
-        raise RecordError(f"not JSON ({_trimmed(e)}): truncated or overwritten") from None
-    if header.get("format") != FORMAT:
-        raise RecordError(f"not a {FORMAT} record")
-    if header.get("version") != VERSION:
-        raise RecordError(f"record version {header.get('version')!r}; this nodestepd reads version {VERSION}")
-    try:
-        record = _decoder.decode(data)
-    except msgspec.ValidationError as e:
-        raise RecordError(f"invalid record: {_trimmed(e)}") from None
+    record = statefiles.decode_versioned(data, _decoder, fmt=FORMAT, version=VERSION, kind="record",
+                                         error=RecordError)
     if record.state not in STATES:
         raise RecordError(f"invalid record: unknown state {record.state!r}")
     if len(record.tasks) != record.ntasks:
         raise RecordError(f"invalid record: {len(record.tasks)} tasks for ntasks={record.ntasks}")
     return record
-
-
-def _trimmed(e: Exception) -> str:
-    return str(e)[:200]
 
 
 @dataclass(frozen=True)

@@ -146,18 +146,7 @@ def encode(rec: ResultRecord) -> bytes:
 
 def decode(data: bytes) -> ResultRecord:
     """Raises ResultError for anything but a complete result of this format and version."""
-    try:
-        header = msgspec.json.decode(data, type=dict)
-    except msgspec.DecodeError as e:
-        raise ResultError(f"not JSON ({str(e)[:200]}): truncated or overwritten") from None
-    if header.get("format") != FORMAT:
-        raise ResultError(f"not a {FORMAT} file")
-    if header.get("version") != VERSION:
-        raise ResultError(f"result version {header.get('version')!r}; this nodestepd reads version {VERSION}")
-    try:
-        rec = _decoder.decode(data)
-    except msgspec.ValidationError as e:
-        raise ResultError(f"invalid result: {str(e)[:200]}") from None
+    rec = statefiles.decode_versioned(data, _decoder, fmt=FORMAT, version=VERSION, kind="result", error=ResultError)
     if rec.how not in HOWS:
         raise ResultError(f"invalid result: unknown end {rec.how!r}")
     if len(rec.tasks) != rec.ntasks:

@@ -12,6 +12,11 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable
+from typing import TypeVar
+
+import msgspec
+
+T = TypeVar("T")
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW
@@ -83,3 +88,21 @@ def move_to_quarantine(dir_fd: int, quarantine: str, name: str, *, prefix: str =
         os.close(qfd)
     os.fsync(dir_fd)
     return os.path.join(quarantine, target)
+
+
+def decode_versioned(data: bytes, decoder: msgspec.json.Decoder[T], *, fmt: str, version: int, kind: str,
+                     error: type[Exception]) -> T:
+    """A state file of this format and version, decoded; anything else raises error with
+    why (kind: what the file is called in the sentence: record, result)."""
+    try:
+        header = msgspec.json.decode(data, type=dict)
+    except msgspec.DecodeError as e:
+        raise error(f"not JSON ({str(e)[:200]}): truncated or overwritten") from None
+    if header.get("format") != fmt:
+        raise error(f"not a {fmt} file")
+    if header.get("version") != version:
+        raise error(f"{kind} version {header.get('version')!r}; this nodestepd reads version {version}")
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise error(f"invalid {kind}: {str(e)[:200]}") from None

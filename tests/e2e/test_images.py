@@ -210,6 +210,26 @@ def test_unreadable_corrupt_truncated_and_layerless_archives_fail_cleanly(start_
     assert spool_entries(daemon) == []
 
 
+def test_zstd_layers_are_refused_naming_the_umoci_that_cannot_unpack_them(start_daemon, user, images, user_dir):
+    """Debian 12's umoci (0.4.7) cannot unpack zstd-compressed layers: the launch says so,
+    with the way out, instead of umoci's own complaint; nothing is left."""
+    daemon = start_daemon()
+    zstd = user_dir("zstd-") / "zstd.tar"
+    subprocess.run(user.command(["skopeo", "copy", "--quiet", "--dest-compress", "--dest-compress-format", "zstd",
+                                 f"oci:{images}/layout:latest", f"oci-archive:{zstd}"]),
+                   env={**user.env, "HOME": str(zstd.parent)}, check=True, capture_output=True, timeout=60)
+    umoci = subprocess.run(["umoci", "--version"], capture_output=True, text=True, check=True).stdout
+    version = re.search(r"\d+\.\d+\.\d+", umoci)[0]
+    result = daemon.ctl(user, "run", "--image", f"oci-archive:{zstd}", "--", "true")
+    assert result.returncode == LAUNCH_FAILED, result.stderr
+    said = errors(result.stderr).decode()
+    assert said.count("\n") == 1 and said.endswith(
+        f"the image has zstd-compressed layers, which this node's umoci {version} cannot unpack (umoci 0.5"
+        " or later can): recompress it with gzip (skopeo copy --dest-compress-format gzip) or ask the site for a newer"
+        " umoci\n"), said
+    assert cache_listing(daemon, user) == [] and spool_entries(daemon) == []
+
+
 @pytest.fixture
 def silent_registry():
     """docker://127.0.0.1:PORT/...: accepts connections and never answers (skopeo waits ~20 s)."""

@@ -624,12 +624,13 @@ async def test_many_orphans_each_recorded_once_even_when_ctl_fills_up(harness, i
         for fd in (r, w):
             if fd >= 0:
                 os.close(fd)
-    assert children(monitor.pid) == [monitor.task.pid]  # the orphans were reaped at once; the task is held
     while len(monitor._records) < count + 1:
         ready, _, _ = select.select([monitor._ctl], [], [], 10)
         assert ready, f"records stopped coming after {len(monitor._records)}"
         monitor._drain()
     assert monitor._records == {monitor.task.pid: 0, **{pid: 3 for pid in orphans}}
+    # An orphan's record is sent once the monitor has reaped it: all of them are gone; the task is held.
+    assert children(monitor.pid) == [monitor.task.pid]
     assert await monitor.task.wait() == 0
     await harness.release(monitor)
     assert harness.records() == {monitor.task.pid: 0, **{pid: 3 for pid in orphans}}

@@ -65,7 +65,7 @@ def test_a_record_written_before_stage_hooks_reads_as_without_them():
     (b'{"format": "nodestepd-step", "version": 1, "job_', "not JSON"),
     (b"\x00\xff garbage", "not JSON"),
     (b"[1, 2]", "not JSON"),
-    (b'{"format": "something-else"}', "not a nodestepd-step record"),
+    (b'{"format": "something-else"}', "not a nodestepd-step file"),
     (b'{"format": "nodestepd-step", "version": 0}', "record version 0"),
     (b'{"format": "nodestepd-step", "version": 1}', "invalid record"),
 ])
