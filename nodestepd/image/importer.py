@@ -8,6 +8,7 @@ generated config.json's text, checked the same way before anyone parses it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -55,12 +56,24 @@ async def run_import(identity: Identity, user_dir: str, ref: str, env: dict[str,
     on_started(pid) is told the helper's pid (its temporary dir is named after it)."""
     out = os.memfd_create("nodestepd-import", os.MFD_CLOEXEC)
     try:
+        starting = asyncio.ensure_future(off_loop(  # bounded: the user may stop the helper before its exec
+            spawn, helper_argv(user_dir, ref, sizes), identity=identity, cwd=user_dir, env=env,
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL, process_group=True,
+            umask=RUNTIME_UMASK, start_timeout=timeout,
+        ))
         try:
-            watch = await off_loop(  # bounded: the user may stop the helper before its exec
-                spawn, helper_argv(user_dir, ref, sizes), identity=identity, cwd=user_dir, env=env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL, process_group=True,
-                umask=RUNTIME_UMASK, start_timeout=timeout,
-            )
+            watch = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Cancelled while the helper starts: its thread starts it anyway. Kill it (and say
+            # its pid, so that its temporary dir goes too) before being cancelled.
+            with contextlib.suppress(Exception):
+                watch = await starting
+                if on_started is not None:
+                    on_started(watch.pid)
+                watch.kill_group(signal.SIGKILL)
+                await watch.wait()
+                watch.reap()
+            raise
         except OSError as e:
             raise ImportFailed(f"cannot import {ref}: cannot start the import helper as {identity.user}: "
                                f"{e.strerror or e}") from None

@@ -58,6 +58,16 @@ def status(daemon, user) -> dict:
         return expect(receive(sock), "status", 1)
 
 
+def import_helper(daemon) -> list[int]:
+    """The daemon's children once its import helper runs (a step shows `importing` as soon
+    as its import begins, the helper's start in a thread comes just after)."""
+    deadline = time.monotonic() + 30
+    while not (helpers := children(daemon.proc.pid)):
+        assert time.monotonic() < deadline, "no import helper running"
+        time.sleep(0.02)
+    return helpers
+
+
 def errors(stderr: bytes) -> bytes:
     """stderr without the progress lines a first import may cause on a busy machine (after 1 s)."""
     return b"".join(line for line in stderr.splitlines(keepends=True)
@@ -250,7 +260,7 @@ def test_an_importing_step_shows_in_ps_and_cancel_stops_its_import(start_daemon,
             break
         assert time.monotonic() < deadline, ps
         time.sleep(0.05)
-    assert children(daemon.proc.pid), "no import helper running"
+    import_helper(daemon)
     started = time.monotonic()
     cancelled = daemon.ctl(user, "cancel", "7100.0")
     assert time.monotonic() - started < 10  # the helper is killed, not waited for
@@ -274,8 +284,7 @@ def test_a_daemon_killed_mid_import_leaves_nothing_that_a_later_launch_uses(star
     while not any(s["state"] == "importing" for s in json.loads(daemon.ctl(user, "ps", "--json").stdout)):
         assert time.monotonic() < deadline, "the step never showed as importing"
         time.sleep(0.05)
-    helpers = children(daemon.proc.pid)
-    assert helpers, "no import helper running"
+    helpers = import_helper(daemon)
     daemon.proc.kill()
     daemon.proc.wait()
     for pid in helpers:  # the helper dies too (as after a node crash); its process group with it
