@@ -338,7 +338,7 @@ def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, st
             os.close(out_w)
         tail = _Tail(HELPER_OUTPUT_LIMIT)
         try:
-            ended = _collect(watch, out_r, tail, end)
+            ended = _collect(watch, {out_r: tail}, end)
         finally:
             # Whatever is left in the helper's group (all of it, after a timeout) would
             # outlive it unowned.
@@ -353,22 +353,24 @@ def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, st
         os.close(out_r)
 
 
-def _collect(watch: ProcessWatch, out: int, tail: "_Tail", end: float) -> bool:
-    """Read the helper's output into tail until it exits (True) or the deadline (False)."""
-    os.set_blocking(out, False)
+def _collect(watch: ProcessWatch, sinks: dict[int, "_Tail | _Head"], end: float) -> bool:
+    """Read the process's output pipes into their sinks until it exits (True) or the deadline (False)."""
     poller = select.poll()
     poller.register(watch.fileno(), select.POLLIN)
-    poller.register(out, select.POLLIN)
+    for fd in sinks:
+        os.set_blocking(fd, False)
+        poller.register(fd, select.POLLIN)
     while True:
         remaining = end - time.monotonic()
         if remaining <= 0:
             return False
         for fd, _ in poller.poll(max(1, int(remaining * 1000))):
-            if fd == out:
-                if not tail.read_from(out):
-                    poller.unregister(out)  # end-of-file: only the exit is left to wait for
+            if fd in sinks:
+                if not sinks[fd].read_from(fd):
+                    poller.unregister(fd)  # end-of-file: only the exit is left to wait for
             else:
-                tail.read_from(out)  # what it wrote before it exited (what is still coming is not waited for)
+                for out, sink in sinks.items():
+                    sink.read_from(out)  # what it wrote before it exited (what is still coming is not waited for)
                 return True
 
 
@@ -404,6 +406,26 @@ class _Tail:
         return f"[{dropped} bytes of output before this were dropped] {text}" if dropped else text
 
 
+class _Head:
+    """The first `limit` bytes of a stream; the rest is read and dropped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+
+    def read_from(self, fd: int) -> bool:
+        """As _Tail.read_from. False at end-of-file."""
+        for _ in range(16):
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            self.data += chunk[:max(0, self.limit - len(self.data))]
+        return True
+
+
 @dataclass(frozen=True)
 class ProgramResult:
     status: int
@@ -424,34 +446,42 @@ async def run_program(
 ) -> ProgramResult:
     """Run a program (no shell) as the user in a process group of its own, bounded by
     timeout (then it and its whole group are killed), and keep the start of its stdout
-    and the end of its stderr (a site's stage hook: only these capped bytes are ever read).
+    and the end of its stderr (a site's stage hook: only these capped bytes are ever read
+    or held, whatever it writes).
 
-    The output goes to memfds and we wait for the exit (pidfd), never for end-of-file.
+    Like run_helper, all of it runs in a thread of its own (off_loop), the output goes to
+    pipes read as it comes, and we wait for the exit (pidfd), never for end-of-file.
     Raises OSError when the program cannot be started, or has not exec'ed within timeout.
     """
-    out = os.memfd_create("nodestepd-program-out", os.MFD_CLOEXEC)
-    err = os.memfd_create("nodestepd-program-err", os.MFD_CLOEXEC)
+    return await off_loop(_run_program, list(argv), identity, cwd, env, timeout, stdout_cap, stderr_cap)
+
+
+def _run_program(argv: list[str], identity: Identity, cwd: str, env: Mapping[str, str], timeout: float,
+                 stdout_cap: int, stderr_cap: int) -> ProgramResult:
+    """run_program's blocking part."""
+    end = time.monotonic() + timeout
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
-        watch = await off_loop(  # a fork and an exec, bounded: the user may stop it before its exec
-            spawn, argv, identity=identity, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-            process_group=True, umask=RUNTIME_UMASK, start_timeout=timeout)
-        timed_out = False
         try:
-            await asyncio.wait_for(watch.wait(), timeout)
-        except TimeoutError:
-            timed_out = True
+            watch = spawn(argv, identity=identity, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w,
+                          stderr=err_w, process_group=True, umask=RUNTIME_UMASK, start_timeout=timeout)
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        head, tail = _Head(stdout_cap), _Tail(stderr_cap * 4)  # characters may take up to 4 bytes
+        try:
+            ended = _collect(watch, {out_r: head, err_r: tail}, end)
         finally:
             watch.kill_group(signal.SIGKILL)  # what it left running in its group, or all of it after a timeout
-        status = await watch.wait()
-        watch.reap()
-        stdout = os.pread(out, stdout_cap, 0)
-        size = os.fstat(err).st_size
-        tail = os.pread(err, stderr_cap * 4, max(0, size - stderr_cap * 4))
-        stderr = tail.decode("utf-8", "replace").strip()[-stderr_cap:]
-        return ProgramResult(status, stdout, stderr, timed_out)
+            status = watch.wait_blocking(None)
+            watch.reap()
+        assert status is not None
+        stderr = bytes(tail.data[-stderr_cap * 4:]).decode("utf-8", "replace").strip()[-stderr_cap:]
+        return ProgramResult(status, bytes(head.data), stderr, timed_out=not ended)
     finally:
-        os.close(out)
-        os.close(err)
+        os.close(out_r)
+        os.close(err_r)
 
 
 def group_members(leader: int) -> list[int]:

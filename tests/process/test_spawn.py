@@ -489,11 +489,8 @@ def shmem_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("Shmem:"))
 
 
-async def test_run_helper_writing_100_mb_costs_no_more_than_its_tail(identity, home):
-    """Issue 14.5: a RunTimeQuery writing 100 MB to stderr cost 91 MB of Shmem (its memfd). Its output
-    now goes through a pipe of which only the tail is kept: the machine's Shmem, sampled while it runs,
-    stays near where it was (other work on the machine moves it a little), and the message ends with
-    what the helper wrote last."""
+async def shmem_peak_kib(run):
+    """(run's result, the machine's Shmem peak above where it was while run ran, in KiB)."""
     before = shmem_kib()
     peak = before
     done = asyncio.Event()
@@ -505,17 +502,28 @@ async def test_run_helper_writing_100_mb_costs_no_more_than_its_tail(identity, h
             await asyncio.sleep(0.005)
 
     sampler = asyncio.create_task(sample())
+    try:
+        return await run, peak - before
+    finally:
+        done.set()
+        await sampler
+
+
+async def test_run_helper_writing_100_mb_costs_no_more_than_its_tail(identity, home):
+    """Issue 14.5: a RunTimeQuery writing 100 MB to stderr cost 91 MB of Shmem (its memfd). Its output
+    now goes through a pipe of which only the tail is kept: the machine's Shmem, sampled while it runs,
+    stays near where it was (other work on the machine moves it a little), and the message ends with
+    what the helper wrote last."""
     started = time.monotonic()
-    result = await run_helper("head -c 100000000 /dev/zero >&2; echo 'state: no such container' >&2; exit 1",
-                              identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    result, grown = await shmem_peak_kib(run_helper(
+        "head -c 100000000 /dev/zero >&2; echo 'state: no such container' >&2; exit 1",
+        identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"}, timeout=60))
     elapsed = time.monotonic() - started
-    done.set()
-    await sampler
-    print(f"100 MB helper: {elapsed:.2f} s, Shmem peak +{(peak - before) / 1024:.1f} MiB")
+    print(f"100 MB helper: {elapsed:.2f} s, Shmem peak +{grown / 1024:.1f} MiB")
     assert result.status == 1
     assert result.output.startswith(f"[{100_000_025 - HELPER_OUTPUT_LIMIT} bytes of output before this were dropped]")
     assert result.output.endswith("\0" * 100 + "state: no such container")
-    assert (peak - before) < 20 * 1024  # KiB: the memfd held all 100 MB (97,656 KiB)
+    assert grown < 20 * 1024  # KiB: the memfd held all 100 MB (97,656 KiB)
 
 
 # ---- a child stopped before its exec (issue 19.2) ---------------------------------------------
@@ -796,3 +804,17 @@ def test_find_program_honours_a_leading_path_assignment(bindir):
 
 def test_find_program_tilde(bindir):
     assert find_program("~/myruntime run", {"PATH": "/usr/bin", "HOME": str(bindir)}) in (None, f"{bindir}/myruntime")
+
+
+async def test_run_program_writing_100_mb_on_each_stream_costs_no_more_than_its_caps(identity, home):
+    """A stage hook's output went to memfds without a cap: 100 MB on stdout and on stderr would
+    have held 200 MB of Shmem. Now the pipes are read as they come, keeping the caps only."""
+    script = ("echo 'bundle=/b'; head -c 100000000 /dev/zero; head -c 100000000 /dev/zero >&2; "
+              "echo 'last words' >&2; exit 2")
+    result, grown = await shmem_peak_kib(run_program(
+        ["/bin/sh", "-c", script], identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"}, timeout=60,
+        stdout_cap=4096, stderr_cap=20))
+    assert (result.status, result.timed_out) == (2, False)
+    assert result.stdout == b"bundle=/b\n" + b"\0" * (4096 - 10)
+    assert result.stderr.endswith("last words")
+    assert grown < 20 * 1024  # KiB: the memfds held all 200 MB
