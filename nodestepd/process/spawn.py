@@ -353,7 +353,7 @@ def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, st
         os.close(out_r)
 
 
-def _collect(watch: ProcessWatch, sinks: dict[int, "_Tail | _Head"], end: float) -> bool:
+def _collect(watch: ProcessWatch, sinks: dict[int, "_Sink"], end: float) -> bool:
     """Read the process's output pipes into their sinks until it exits (True) or the deadline (False)."""
     poller = select.poll()
     poller.register(watch.fileno(), select.POLLIN)
@@ -374,13 +374,12 @@ def _collect(watch: ProcessWatch, sinks: dict[int, "_Tail | _Head"], end: float)
                 return True
 
 
-class _Tail:
-    """The last `limit` bytes of a stream, and how many came before them."""
+class _Sink:
+    """What is kept of a stream read from a non-blocking pipe (_Tail, _Head)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.data = bytearray()
-        self.dropped = 0
 
     def read_from(self, fd: int) -> bool:
         """Read what is there, at most 1 MiB (non-blocking fd: a writer that never stops
@@ -392,12 +391,26 @@ class _Tail:
                 return True
             if not chunk:
                 return False
-            self.data += chunk
-            excess = len(self.data) - self.limit
-            if excess > self.limit:  # trim now and then, not at every read
-                del self.data[:excess]
-                self.dropped += excess
+            self._keep(chunk)
         return True
+
+    def _keep(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+
+class _Tail(_Sink):
+    """The last `limit` bytes of a stream, and how many came before them."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.dropped = 0
+
+    def _keep(self, chunk: bytes) -> None:
+        self.data += chunk
+        excess = len(self.data) - self.limit
+        if excess > self.limit:  # trim now and then, not at every read
+            del self.data[:excess]
+            self.dropped += excess
 
     def text(self) -> str:
         excess = max(0, len(self.data) - self.limit)
@@ -406,24 +419,11 @@ class _Tail:
         return f"[{dropped} bytes of output before this were dropped] {text}" if dropped else text
 
 
-class _Head:
+class _Head(_Sink):
     """The first `limit` bytes of a stream; the rest is read and dropped."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.data = bytearray()
-
-    def read_from(self, fd: int) -> bool:
-        """As _Tail.read_from. False at end-of-file."""
-        for _ in range(16):
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return False
-            self.data += chunk[:max(0, self.limit - len(self.data))]
-        return True
+    def _keep(self, chunk: bytes) -> None:
+        self.data += chunk[:max(0, self.limit - len(self.data))]
 
 
 @dataclass(frozen=True)

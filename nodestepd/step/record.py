@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from dataclasses import dataclass
 
 import msgspec
 
@@ -27,6 +26,7 @@ from nodestepd.process.exitfile import ExitRecords, read_exit_file
 from nodestepd.step.spec import RuntimeCommands, StepSettings, StepSpec
 from nodestepd.step.layout import SpoolLayout
 from nodestepd.step import statefiles
+from nodestepd.step.statefiles import LoadProblem
 from nodestepd.step.spool import StepSpool
 from nodestepd.step.task import ProcessId, Task
 
@@ -268,10 +268,6 @@ def decode(data: bytes) -> StepRecord:
     return record
 
 
-@dataclass(frozen=True)
-class LoadProblem:
-    name: str  # the file's name in steps/
-    reason: str
 
 
 class RecordStore:

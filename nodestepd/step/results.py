@@ -21,6 +21,7 @@ import msgspec
 from nodestepd.process.identity import Identity
 from nodestepd.protocol.wire import STATUS_LAUNCH_FAILED
 from nodestepd.step import statefiles
+from nodestepd.step.statefiles import LoadProblem
 from nodestepd.step.record import QUARANTINE_DIR, UserRecord, record_name
 from nodestepd.step.spec import StepResult, StepSpec
 
@@ -154,10 +155,6 @@ def decode(data: bytes) -> ResultRecord:
     return rec
 
 
-@dataclass(frozen=True)
-class Unreadable:
-    name: str  # the file's name in results/
-    reason: str
 
 
 class ResultStore:
@@ -186,10 +183,10 @@ class ResultStore:
                 os.unlink(name + SUFFIX, dir_fd=self._fd)
         os.fsync(self._fd)
 
-    def load_all(self) -> tuple[list[ResultRecord], list[Unreadable]]:
+    def load_all(self) -> tuple[list[ResultRecord], list[LoadProblem]]:
         """Every result, oldest end first; each file that is not one is quarantined and reported."""
         results: list[ResultRecord] = []
-        problems: list[Unreadable] = []
+        problems: list[LoadProblem] = []
         for name in sorted(os.listdir(self._fd)):
             if statefiles.is_unfinished_write(name):
                 with contextlib.suppress(FileNotFoundError):
@@ -203,7 +200,8 @@ class ResultStore:
                     raise ResultError(f"names step {rec.name}, not {name.removesuffix(SUFFIX)}")
             except (ResultError, OSError) as e:
                 reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                problems.append(Unreadable(name, f"{reason}; moved to {statefiles.move_to_quarantine(self._fd, self._quarantine, name, prefix='result.')}"))
+                moved = statefiles.move_to_quarantine(self._fd, self._quarantine, name, prefix="result.")
+                problems.append(LoadProblem(name, f"{reason}; moved to {moved}"))
                 continue
             results.append(rec)
         results.sort(key=lambda r: r.ended_at)

@@ -12,6 +12,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import msgspec
@@ -20,6 +21,14 @@ T = TypeVar("T")
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW
+
+
+@dataclass(frozen=True)
+class LoadProblem:
+    """A file a store could not load at start: moved to the quarantine, and why."""
+
+    name: str  # the file's name in its directory
+    reason: str
 
 
 def open_private_dir(path: str) -> int:
