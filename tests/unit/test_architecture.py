@@ -26,10 +26,18 @@ ALLOWED = {
     "image": {"image", "step", "process", "logs"},  # an image becomes a bundle a step is prepared from
     "daemon": {"daemon", "image", "step", "process", "config", "protocol", "systemd", "logs"},
     "ctl": {"ctl", "image", "protocol", "config", "process", "step", "systemd", "logs"},  # image.refs: the client's REF
-    "": {"protocol", "config", "process", "systemd", "logs", "step", "image", "daemon", "ctl"},  # nodestepd/__init__.py
+    # The asyncio API: a client like nodestepctl, importable without the daemon's dependencies.
+    "client": {"client", "protocol"},
+    "": {"protocol", "config", "process", "systemd", "logs", "step", "image", "daemon", "ctl",
+         "client"},  # nodestepd/__init__.py
 }
 # nodestepctl's man page is generated beside nodestepd's, from the daemon's own parser.
-ALLOWED_MODULES = {"nodestepd.ctl.manpage": {"nodestepd.daemon.main"}}
+# The API parses an image reference as nodestepctl does (image/refs.py is pure, standard library only).
+ALLOWED_MODULES = {"nodestepd.ctl.manpage": {"nodestepd.daemon.main"},
+                   "nodestepd.client.client": {"nodestepd.image.refs"}}
+# What nodestepd.client and the modules it imports may import beyond the standard library:
+# nothing (a program imports the API without the daemon's dependencies).
+CLIENT_MODULES = ("nodestepd.client", "nodestepd.protocol.wire", "nodestepd.image.refs")
 
 KERNEL_MODULES = {"ctypes", "fcntl"}
 KERNEL_ATTRIBUTES = {("os", "pidfd_open"), ("signal", "pidfd_send_signal"), ("socket", "SO_PEERCRED")}
@@ -156,6 +164,27 @@ def test_only_process_touches_the_kernel():
     assert problems == []
 
 
+def third_party_imports(tree: ast.Module) -> set[str]:
+    """Top-level names of the modules a module imports, at any depth, that are neither the
+    standard library nor nodestepd."""
+    import sys
+
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n != "nodestepd"}
+
+
+def test_the_client_api_needs_only_the_standard_library():
+    found = {name: third_party_imports(tree) for name, tree in modules().items()
+             if name.startswith(CLIENT_MODULES)}
+    assert "nodestepd.client.client" in found
+    assert {name: names for name, names in found.items() if names} == {}
+
+
 # ---- the checkers find what they must -------------------------------------------------------
 
 
@@ -172,5 +201,9 @@ def test_the_checkers_catch_violations():
         "m:7 uses socket.SO_PEERCRED", "m:8 uses libc.prctl"]
     tree = ast.parse("from nodestepd.step import record\nfrom nodestepd.process.watch import ExitWatch\n"
                      "def f():\n    from . import spec\n")
+    assert third_party_imports(ast.parse("import asyncio, msgspec.json\nfrom uvloop import run\n"
+                                         "from nodestepd.protocol import wire\n")) == {"msgspec", "uvloop"}
+    assert direction_problems({"nodestepd.client.client": {"nodestepd.daemon.session"}}) == [
+        "nodestepd.client.client imports nodestepd.daemon.session: client may not import daemon"]
     assert imported("nodestepd.step.step", tree) == {
         "nodestepd.step.record", "nodestepd.process.watch", "nodestepd.step.spec"}
