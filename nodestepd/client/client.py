@@ -57,7 +57,8 @@ PIPE = _Special("PIPE")  # a pipe read as it comes: Step.stdout / Step.stderr ar
 COLLECT = _Special("COLLECT")  # a pipe read to its end: StepExit.stdout / .stderr hold the bytes
 STDOUT = _Special("STDOUT")  # stderr only: where stdout goes
 
-# Where a stream goes: None (stdin: /dev/null; stdout, stderr: this process's own 1 and 2),
+# Where a stream goes: None (stdin: /dev/null; stdout, stderr: this process's own 1 and 2,
+# or /dev/null for a detached step),
 # DEVNULL, PIPE, COLLECT, STDOUT (stderr), an fd, a file object with fileno(), or a path.
 Stream = Union[None, int, str, "os.PathLike[str]", IO[Any], _Special]
 
@@ -181,8 +182,7 @@ class Client:
         loop = asyncio.get_running_loop()
         # The blocking part, off the loop: config.json read and the output files opened with
         # our own rights (the daemon never opens a caller's path as root).
-        opened = await asyncio.to_thread(_open_launch, bundle_path, user_name, image is not None, stdin, stdout,
-                                         stderr)
+        opened = await asyncio.to_thread(_open_launch, bundle_path, user_name, detach, stdin, stdout, stderr)
         message.update(opened.fields)
         outputs: _Outputs | None = None
         conn: Connection | None = None
@@ -543,7 +543,7 @@ class _Opened:
         self.pipes = {}
 
 
-def _open_launch(bundle: str, user: str | None, image: bool, stdin: Stream, stdout: Stream,
+def _open_launch(bundle: str, user: str | None, detach: bool, stdin: Stream, stdout: Stream,
                  stderr: Stream) -> _Opened:
     """In a worker thread: what a launch opens before it is sent (files may block)."""
     opened = _Opened()
@@ -554,8 +554,11 @@ def _open_launch(bundle: str, user: str | None, image: bool, stdin: Stream, stdo
             config_json, config_json_error = _read_bundle_config(bundle)
             opened.fields = {"config_json": config_json, "config_json_error": config_json_error}
         stdin_fd = _stdin_fd(stdin, opened)
-        stdout_fd = _output_fd("stdout", stdout, 1, user, opened)
-        stderr_fd = stdout_fd if stderr is STDOUT else _output_fd("stderr", stderr, 2, user, opened)
+        # Not given: attached, our own stdout and stderr; detached, /dev/null (nodestepctl run
+        # --detach's): a step that outlives us must not hold our output open.
+        stdout_fd = _output_fd("stdout", DEVNULL if stdout is None and detach else stdout, 1, user, opened)
+        stderr_fd = (stdout_fd if stderr is STDOUT
+                     else _output_fd("stderr", DEVNULL if stderr is None and detach else stderr, 2, user, opened))
         opened.fds = [stdin_fd, stdout_fd, stderr_fd]
         return opened
     except BaseException:

@@ -400,8 +400,10 @@ def test_an_operators_output_paths_are_the_daemons_to_open(fake_daemon, arun, bu
 
 def test_detached_the_connection_closes_and_wait_asks_the_daemon(fake_daemon, arun, bundle):
     def launch(peer: Peer):
-        message, _ = peer.read()
+        message, fds = peer.read()
         assert message["detach"] and message["output_to_journal"]
+        # Not our stdout and stderr: a step that outlives us must not hold them open.
+        assert [os.readlink(f"/proc/self/fd/{fd}") for fd in fds] == ["/dev/null"] * 3
         started(peer, 9)
         with pytest.raises(EOFError):
             peer.read()  # the client closed at once
