@@ -5,7 +5,9 @@ Both sides run the trivial container `true` from the same rootless busybox bundl
 unprivileged user, interleaved (A B A B ...) so that machine noise hits both alike. Also
 interleaved: nodestepctl's run path alone (the same command against a socket nobody
 listens on, so it parses, reads config.json and fails at connect) and the Python
-interpreter's own start-up floor (`python -I -S -c pass`), which any Python client pays.
+interpreter's own start-up floor (`python -I -S -c pass`), which any Python client pays,
+and the same `run true` through the asyncio API from one already-running process
+(bench/api_launch.py), timed in that process: no interpreter starts per step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import statistics
 import sys
 
+from .api_launch import ApiLauncher
 from .common import RUNC_RUN_CONF, Context, direct_bundle, p95, start_daemon, timed
 from .report import Row
 
@@ -28,6 +31,7 @@ def run(ctx: Context, params: dict) -> list[Row]:
     user, bundle = ctx.user, ctx.bundle
     direct = direct_bundle(user, bundle, ctx.base / "s1-direct", ["true"])
     daemon = start_daemon(ctx.base, "s1", RUNC_RUN_CONF.read_text(), "--debug-timings")
+    api = ApiLauncher(user, daemon.socket, bundle)  # steps from one running process (nodestepd.client)
     try:
         def ctl_run(job: int) -> list[str]:
             return daemon.ctl + ["run", "--job-id", str(job), "--bundle", str(bundle), "--", "true"]
@@ -39,17 +43,21 @@ def run(ctx: Context, params: dict) -> list[Row]:
         env = user.env
         for argv in (runc, ctl_run(999)):  # warm the page cache and runc's first-run costs
             timed(user.argv(argv), env)
-        times: dict[str, list[float]] = {"runc": [], "ctl": [], "alone": [], "floor": []}
+        api.launch(998)
+        times: dict[str, list[float]] = {"runc": [], "ctl": [], "alone": [], "floor": [], "api": []}
         for i in range(params["runs"]):
             times["runc"].append(timed(user.argv(runc), env))
             times["ctl"].append(timed(user.argv(ctl_run(1000 + i)), env))
             times["alone"].append(timed(user.argv(client_alone), env, check=False))
             times["floor"].append(timed(user.argv(floor), env))
+            times["api"].append(api.launch(2000 + i))
     finally:
+        api.stop()
         daemon.stop()
-    launch = [r["request_to_spawn_ms"] for r in daemon.records("launch timing")][1:]  # [0] is the warm-up
-    started = [r["request_to_started_ms"] for r in daemon.records("launch timing")][1:]
-    exits = [r["exit_to_event_ms"] for r in daemon.records("exit timing")][1:]
+    warm = 2  # the first two launches are the warm-ups (nodestepctl's, the API's)
+    launch = [r["request_to_spawn_ms"] for r in daemon.records("launch timing")][warm:]
+    started = [r["request_to_started_ms"] for r in daemon.records("launch timing")][warm:]
+    exits = [r["exit_to_event_ms"] for r in daemon.records("exit timing")][warm:]
     ms = {k: [t * 1000 for t in v] for k, v in times.items()}
     ratio = statistics.median(ms["ctl"]) / statistics.median(ms["runc"])
     runc_median = statistics.median(ms["runc"])
@@ -60,6 +68,10 @@ def run(ctx: Context, params: dict) -> list[Row]:
         Row(S1, "nodestepctl run `true`, p95", p95(ms["ctl"]), "ms", "runc run direct, p95 ms", p95(ms["runc"])),
         Row(S1, "ratio of medians, nodestepctl / direct", ratio, "x", "target", TARGET_RATIO,
             f"<= {TARGET_RATIO:.2f}", ratio <= TARGET_RATIO),
+        Row(S1, "API run `true` (nodestepd.client, one running process), median", statistics.median(ms["api"]), "ms",
+            "runc run direct, median ms", runc_median),
+        Row(S1, "ratio of medians, API / direct", statistics.median(ms["api"]) / runc_median, "x", "target",
+            TARGET_RATIO, f"<= {TARGET_RATIO:.2f}", statistics.median(ms["api"]) / runc_median <= TARGET_RATIO),
         Row(S1, "nodestepctl alone (run path, no daemon), median", statistics.median(ms["alone"]), "ms",
             "python -I -S -c pass, median ms", statistics.median(ms["floor"])),
         Row(S2, "request received -> runtime spawned, median", statistics.median(launch), "ms", runc_ref,

@@ -18,6 +18,7 @@ SECTIONS = ["1 launch overhead", "2 daemon-side latency", "3 exit notice, create
 # One figure of each kind the issue asks for; the JSON must have them all and the table print them all.
 FIGURES = [
     "nodestepctl run `true`, median", "ratio of medians, nodestepctl / direct",
+    "API run `true` (nodestepd.client, one running process), median", "ratio of medians, API / direct",
     "nodestepctl alone (run path, no daemon), median",
     "request received -> runtime spawned, median", "task exit -> exit event sent, median",
     "exit notice, 0.1 s container, pidfd, median", "RunTimeQuery calls per task, 0.1 s container, pidfd",
