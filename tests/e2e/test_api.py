@@ -8,13 +8,14 @@ ones. Job ids 27000-27999 belong to this file.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, read_line_from
 
 PROLOGUE = """\
 import asyncio, json, sys
@@ -217,3 +218,54 @@ def test_another_users_step_is_not_found(daemon, user, other_user, api_program):
             return [ended(await c.cancel(27200)), [s.state for s in await c.ps() if s.job_id == 27200]]
     """)
     assert mine[0]["cancelled"] and mine[1] == ["finished"]
+
+
+def test_attached_steps_ride_through_a_killed_daemon(start_daemon, user, bundle, user_dir):
+    """The API's steps keep their pipes while no daemon runs, re-attach to the next one, get
+    the signal sent meanwhile, and end with their real statuses and all their output."""
+    daemon = start_daemon()
+    gates = [bundle / "rootfs" / "tmp" / f"go-api-{n}" for n in range(2)]
+    for gate in gates:
+        gate.unlink(missing_ok=True)
+    program = user_dir("api-ride-") / "ride.py"
+    program.write_text(PROLOGUE + textwrap.dedent("""
+        async def main(c):
+            waits = [f"while [ ! -e /tmp/go-api-{n} ]; do sleep 0.1; done" for n in range(2)]
+            steps = [await c.run(BUNDLE, ["sh", "-c", f"echo ready; {waits[n]}; echo after {n}; exit {n + 3}"],
+                                 job=27300 + n, stdout=api.PIPE) for n in range(2)]
+            steps.append(await c.run(BUNDLE, ["sh", "-c", "trap 'echo got USR1; exit 42' USR1; echo ready; "
+                                                          "while true; do sleep 0.1; done"],
+                                     job=27302, stdout=api.PIPE))
+            for step in steps:
+                assert await step.stdout.readline() == b"ready\\n"
+            print("launched", flush=True)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, sys.stdin.readline)  # the daemon is gone
+            await steps[2].signal("USR1")
+            print("signalled", flush=True)
+            rest = [(await s.stdout.read()).decode() for s in steps]
+            return [rest, [ended(await s.wait()) for s in steps]]
+    """) + EPILOGUE)
+    client = subprocess.Popen(user.command([sys.executable, str(program), str(daemon.socket), str(bundle), "uvloop"]),
+                              env={**user.env, "PYTHONPATH": str(REPO)}, cwd="/", stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    daemon.clients.append(client)
+    try:
+        read_line_from(client.stdout, b"launched", timeout=120)
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait()
+        client.stdin.write(b"down\n")
+        client.stdin.flush()
+        read_line_from(client.stdout, b"signalled", timeout=60)
+        second = start_daemon(after=daemon)
+        for gate in gates:
+            gate.touch()
+        out, err = client.communicate(timeout=120)
+    finally:
+        for gate in gates:
+            gate.unlink(missing_ok=True)
+    assert client.returncode == 0, (err.decode(), second.log()[-5000:])
+    rest, exits = json.loads(out.splitlines()[-1])
+    assert rest == ["after 0\n", "after 1\n", "got USR1\n"]
+    assert [e["status"] for e in exits] == [3, 4, 42]
+    assert second.log().count("client re-attached") == 3
