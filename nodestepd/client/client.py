@@ -90,7 +90,9 @@ class Client:
         if not 0 <= reattach_timeout <= 86400:  # also refuses nan
             raise ValueError(f"reattach_timeout {reattach_timeout!r} is not between 0 and 86400 seconds")
         self.reattach_timeout = reattach_timeout
-        self._attached: set[Step] = set()  # steps whose connection we hold, until their exit
+        # Steps holding what aclose() lets go of: a connection (until the exit) or output
+        # pipes (COLLECT: until wait() has their bytes; PIPE: until aclose()).
+        self._holding: set[Step] = set()
 
     async def __aenter__(self) -> Client:
         return self
@@ -100,7 +102,7 @@ class Client:
 
     async def aclose(self) -> None:
         """Let go of every attached step (nodestepd cancels them); detached ones run on."""
-        for step in list(self._attached):
+        for step in list(self._holding):
             await step._abandon()
 
     # ---- launching --------------------------------------------------------------------------
@@ -342,6 +344,8 @@ class Step:
         self._held: list[str] = []  # signals sent while no daemon had us attached, in order
         self._abandoned = False
         self._result: StepExit | None = None
+        if outputs is not None:
+            client._holding.add(self)
 
     def __repr__(self) -> str:
         return f"<Step {self.ref}{' attached' if self.attached else ''}{' done' if self.done() else ''}>"
@@ -375,7 +379,15 @@ class Step:
             ended = StepExit(ended.job_id, ended.step_id, ended.status, ended.tasks, ended.cancelled,
                              ended.stage_out_error, stdout, stderr)
         self._result = ended
+        self._release()
         return ended
+
+    def _release(self) -> None:
+        """Out of the client's hands once nothing of ours is left to close."""
+        connected = self._following is not None and not self._following.done()
+        piped = self._outputs is not None and (self._outputs.streams or self._result is None)
+        if not connected and not piped:
+            self.client._holding.discard(self)
 
     async def signal(self, sig: int | str) -> None:
         """Send `sig` (a number, signal.Signals, or a name: "USR1", "SIGUSR1") to the step's
@@ -409,8 +421,8 @@ class Step:
         """Read the step's connection until its exit, in one task; conn None: the daemon went
         before acknowledging the launch."""
         self._following = asyncio.get_running_loop().create_task(self._ride(conn), name=f"nodestepd step {self.ref}")
-        self.client._attached.add(self)
-        self._following.add_done_callback(lambda _: self.client._attached.discard(self))
+        self.client._holding.add(self)
+        self._following.add_done_callback(lambda _: self._release())
 
     async def _ride(self, conn: Connection | None) -> StepExit:
         acknowledged = conn is not None
@@ -507,7 +519,8 @@ class Step:
 
     async def _abandon(self) -> None:
         """Close the step's connection (nodestepd cancels it) and its output pipes."""
-        self._abandoned = True
+        self.client._holding.discard(self)
+        self._abandoned = not self.done()
         if self._following is not None and not self._following.done():
             self._following.cancel()
             try:
@@ -662,8 +675,7 @@ class _Outputs:
         return stdout, stderr
 
     def close(self) -> None:
-        for task in self.collecting.values():
-            task.cancel()
+        """Close the pipes: their readers see the end (COLLECT keeps what it has read)."""
         for transport in self.transports:
             transport.close()
 

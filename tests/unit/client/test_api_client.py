@@ -543,8 +543,11 @@ def test_many_steps_at_once_from_one_task_each(fake_daemon, arun, bundle):
     async def main():
         async with api.Client(daemon.path) as c:
             async def one(i: int) -> api.StepExit:
-                return await (await c.run(bundle, ["x", str(i)], job=1000 + i, stdout=api.DEVNULL)).wait()
-            return await asyncio.gather(*(one(i) for i in range(count)))
+                return await (await c.run(bundle, ["x", str(i)], job=1000 + i,
+                                          stdout=api.COLLECT if i % 2 else api.DEVNULL)).wait()
+            ended = await asyncio.gather(*(one(i) for i in range(count)))
+            assert not c._holding  # every step waited for: nothing kept for them
+            return ended
 
     ended = arun(main())
     assert [e.status for e in ended] == [(1000 + i) % 3 for i in range(count)]
