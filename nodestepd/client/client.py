@@ -184,7 +184,13 @@ class Client:
         loop = asyncio.get_running_loop()
         # The blocking part, off the loop: config.json read and the output files opened with
         # our own rights (the daemon never opens a caller's path as root).
-        opened = await asyncio.to_thread(_open_launch, bundle_path, user_name, detach, stdin, stdout, stderr)
+        opening = asyncio.ensure_future(asyncio.to_thread(_open_launch, bundle_path, user_name, detach, stdin, stdout,
+                                                          stderr))
+        try:
+            opened = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the thread runs on: close what it opens
+            opening.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().discard())
+            raise
         message.update(opened.fields)
         outputs: _Outputs | None = None
         conn: Connection | None = None
