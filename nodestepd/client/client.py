@@ -14,6 +14,7 @@ daemon, sends `attach` and forwards the signals held meanwhile (docs/restart.md#
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal as signals
@@ -189,7 +190,7 @@ class Client:
         try:
             opened = await asyncio.shield(opening)
         except asyncio.CancelledError:  # the thread runs on: close what it opens
-            opening.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().discard())
+            opening.add_done_callback(_discard_opened)
             raise
         message.update(opened.fields)
         outputs: _Outputs | None = None
@@ -252,7 +253,8 @@ class Client:
         """Take up again an attached launch whose client lost its daemon (a restart): the
         `attach` request. NotFound when there is no such launch of yours; Conflict when it
         was launched detached (use step(job, step).wait()) or already has its client."""
-        conn = await open_connection(self.socket)
+        conn: Connection | None = await open_connection(self.socket)
+        assert conn is not None
         try:
             reply = await _exchange(conn, {"op": "attach", "job_id": job, "step_id": step, "first_task": first_task})
             if reply["type"] == "exit":  # a launch that had ended: started came first
@@ -303,7 +305,7 @@ class Client:
         otherwise; ReloadFailed, listing every problem, when the new files are rejected)."""
         await self._request({"op": "reload"}, "ok")
 
-    async def _request(self, message: dict, kind: str, ride: bool = False) -> dict:
+    async def _request(self, message: dict[str, Any], kind: str, ride: bool = False) -> dict[str, Any]:
         """One request on its own connection and its reply of `kind`. ride: a connection lost
         before the reply is tried again on the next daemon, within reattach_timeout."""
         deadline: float | None = None
@@ -459,7 +461,7 @@ class Step:
                 return  # held for the next daemon; the read that follows sees the end
             del self._held[0]
 
-    async def _until_exit(self, conn: Connection) -> dict | None:
+    async def _until_exit(self, conn: Connection) -> dict[str, Any] | None:
         """The `exit` reply, or None when the connection is lost first."""
         while True:
             reply = await conn.receive()
@@ -470,7 +472,7 @@ class Step:
             else:
                 log.warning("unexpected reply from nodestepd on step %s: %r", self.ref, reply["type"])
 
-    async def _reattach(self, acknowledged: bool) -> tuple[Connection | None, dict | None]:
+    async def _reattach(self, acknowledged: bool) -> tuple[Connection | None, dict[str, Any] | None]:
         """Attached to the next daemon: (its connection, None), or (None, the exit) for a step
         that had ended. Raises when no daemon answers within reattach_timeout, or the step
         cannot be attached to."""
@@ -497,7 +499,7 @@ class Step:
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, RECONNECT_MAX)
 
-    async def _attach(self, conn: Connection, seconds: float) -> dict | None:
+    async def _attach(self, conn: Connection, seconds: float) -> dict[str, Any] | None:
         """The reply to `attach`, or None when the connection ends (or time runs out) first:
         under systemd the socket holds a connection until the daemon serves it."""
         try:
@@ -510,7 +512,7 @@ class Step:
         except TimeoutError:
             return None
 
-    def _refused(self, reply: dict, acknowledged: bool) -> Exception:
+    def _refused(self, reply: dict[str, Any], acknowledged: bool) -> Exception:
         if reply["type"] == "error" and reply.get("code") == "not-found":
             if not acknowledged:  # no record of the launch survived: the daemon died before anything ran
                 return LaunchFailed(f"nodestepd went away while launching step {self.ref}, and the step did not "
@@ -538,6 +540,11 @@ class Step:
 
 
 # ---- the launch's stdio --------------------------------------------------------------------
+
+
+def _discard_opened(opening: asyncio.Future[_Opened]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().discard()
 
 
 class _Opened:
@@ -623,15 +630,17 @@ def _output_fd(name: str, stream: Stream, inherited: int, user: str | None, open
 
 
 def _fd_of(name: str, stream: Any) -> int:
+    """The fd of an int or a file object; ours to pass, not to close."""
+    fd = stream
     if isinstance(stream, bool) or not isinstance(stream, int):
         fileno = getattr(stream, "fileno", None)
         if fileno is None:
             raise BadRequest(f"{name}: expected None, DEVNULL, PIPE, COLLECT, an fd, a file or a path; "
                              f"got {stream!r}", status=LAUNCH_FAILED)
-        stream = fileno()
-    if stream < 0:
-        raise BadRequest(f"{name}: {stream} is not a file descriptor", status=LAUNCH_FAILED)
-    return stream
+        fd = fileno()
+    if not isinstance(fd, int) or fd < 0:
+        raise BadRequest(f"{name}: {fd!r} is not a file descriptor", status=LAUNCH_FAILED)
+    return int(fd)
 
 
 def _own(opened: _Opened, fd: int) -> int:
@@ -658,7 +667,8 @@ class _Outputs:
                 reader = asyncio.StreamReader(loop=loop)
                 pipe = os.fdopen(fd, "rb", buffering=0)
                 try:
-                    transport, _ = await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), pipe)
+                    transport, _ = await loop.connect_read_pipe(
+                        functools.partial(asyncio.StreamReaderProtocol, reader), pipe)
                 except BaseException:
                     pipe.close()
                     raise
@@ -705,7 +715,7 @@ def signal_name(sig: int | str) -> str:
     raise BadRequest(f"unknown signal {sig!r}")
 
 
-def _whose(user: str | int | None) -> dict:
+def _whose(user: str | int | None) -> dict[str, Any]:
     return {} if user is None else {"user": str(user)}
 
 
@@ -735,7 +745,7 @@ def _read_bundle_config(bundle: str) -> tuple[str | None, str | None]:
 
 
 def _image_fields(image: str, mounts: Sequence[Any], entrypoint: str | None, workdir: str | None,
-                  user: str | None) -> dict:
+                  user: str | None) -> dict[str, Any]:
     """The run request's image fields, as nodestepctl run --image makes them."""
     from nodestepd.image.refs import RefError, fingerprint, parse_ref  # only an image launch loads it
 
@@ -759,7 +769,7 @@ def _image_fields(image: str, mounts: Sequence[Any], entrypoint: str | None, wor
             "mounts": listed, "entrypoint": entrypoint, "workdir": workdir}
 
 
-async def _exchange(conn: Connection, message: dict) -> dict:
+async def _exchange(conn: Connection, message: dict[str, Any]) -> dict[str, Any]:
     """Send one request and read its reply; what the daemon said before closing, if it did."""
     try:
         await conn.send(message)
@@ -771,7 +781,7 @@ async def _exchange(conn: Connection, message: dict) -> dict:
     return reply
 
 
-def _expect(reply: dict, kind: str) -> dict:
+def _expect(reply: dict[str, Any], kind: str) -> dict[str, Any]:
     if reply["type"] == "error":
         raise refusal(reply)
     if reply["type"] != kind:
@@ -779,7 +789,7 @@ def _expect(reply: dict, kind: str) -> dict:
     return reply
 
 
-def _int(reply: dict, name: str) -> int:
+def _int(reply: dict[str, Any], name: str) -> int:
     value = reply.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"malformed reply from nodestepd: {reply['type']} without an integer {name}")

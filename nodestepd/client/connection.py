@@ -10,6 +10,7 @@ import asyncio
 import json
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 from nodestepd.client.errors import DaemonUnavailable, ProtocolError, socket_unavailable
 from nodestepd.protocol import wire
@@ -61,7 +62,7 @@ class Connection:
         self._buffer = bytearray()
         self._sending = asyncio.Lock()  # one message at a time: concurrent signals must not interleave
 
-    async def send(self, message: dict, fds: Sequence[int] = ()) -> None:
+    async def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
         """One message (the protocol version added), `fds` riding on its first bytes; Lost
         when the daemon has closed the connection."""
         data = wire.frame_dict({"v": wire.VERSION, **message})
@@ -82,15 +83,20 @@ class Connection:
                 raise Lost("nodestepd closed the connection") from None
 
     async def _writable(self) -> None:
-        waiter = self._loop.create_future()
+        waiter: asyncio.Future[None] = self._loop.create_future()
         fd = self.sock.fileno()
-        self._loop.add_writer(fd, lambda: waiter.done() or waiter.set_result(None))
+
+        def writable() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        self._loop.add_writer(fd, writable)
         try:
             await waiter
         finally:
             self._loop.remove_writer(fd)
 
-    async def receive(self) -> dict | None:
+    async def receive(self) -> dict[str, Any] | None:
         """The next reply, or None when the daemon closed the connection."""
         while True:
             if len(self._buffer) >= wire.HEADER.size:
@@ -115,7 +121,7 @@ class Connection:
         self.sock.close()
 
 
-def _decode(body: bytes) -> dict:
+def _decode(body: bytes) -> dict[str, Any]:
     try:
         reply = json.loads(body)
     except (ValueError, RecursionError) as e:

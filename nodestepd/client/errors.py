@@ -9,6 +9,8 @@ a plain Refused, so that a newer daemon's refusal is still an exception with its
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class NodestepdError(Exception):
     """Base of every exception the client raises on purpose."""
@@ -119,7 +121,7 @@ REFUSALS: dict[str, type[Refused]] = {cls.code: cls for cls in (
     Timeout)}
 
 
-def refusal(reply: dict) -> Refused:
+def refusal(reply: dict[str, Any]) -> Refused:
     """The exception for an `error` reply."""
     code = reply.get("code")
     code = code if isinstance(code, str) else "error"

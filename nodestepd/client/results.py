@@ -8,15 +8,17 @@ versions of one protocol. docs/protocol.md lists the fields.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from nodestepd.client.errors import ProtocolError
 
+T = TypeVar("T")
 
-def _build(cls: type, data: Any, **converted: object) -> Any:
+
+def _build(cls: type[T], data: Any, **converted: object) -> T:
     if not isinstance(data, dict):
         raise ProtocolError(f"malformed reply from nodestepd: expected an object for {cls.__name__}")
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]  # every T here is a dataclass
     values = {name: value for name, value in data.items() if name in known}
     values.update(converted)
     try:
@@ -61,7 +63,7 @@ class StepExit:
         return f"{self.job_id}.{self.step_id}"
 
     @classmethod
-    def from_reply(cls, reply: dict, stdout: bytes | None = None, stderr: bytes | None = None) -> StepExit:
+    def from_reply(cls, reply: dict[str, Any], stdout: bytes | None = None, stderr: bytes | None = None) -> StepExit:
         tasks = reply.get("tasks", [])
         if not isinstance(tasks, list):
             raise ProtocolError("malformed reply from nodestepd: tasks is not a list")
@@ -101,7 +103,7 @@ class StepInfo:
         return f"{self.job_id}.{self.step_id}"
 
     @classmethod
-    def from_reply(cls, data: dict) -> StepInfo:
+    def from_reply(cls, data: dict[str, Any]) -> StepInfo:
         if not isinstance(data, dict) or not isinstance(data.get("tasks", []), list):
             raise ProtocolError("malformed reply from nodestepd: a step of `steps` is not an object with tasks")
         return _build(cls, data, tasks=tuple(_build(TaskInfo, t) for t in data.get("tasks", [])),
@@ -130,5 +132,5 @@ class DaemonStatus:
     images_imported: int = 0
 
     @classmethod
-    def from_reply(cls, reply: dict) -> DaemonStatus:
+    def from_reply(cls, reply: dict[str, Any]) -> DaemonStatus:
         return _build(cls, reply)
