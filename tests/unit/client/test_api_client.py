@@ -717,3 +717,59 @@ def test_the_api_imports_without_the_daemons_dependencies():
 
 def test_the_package_is_marked_typed():
     assert (Path(nodestepd.__file__).parent / "py.typed").is_file()
+
+
+def test_attach_to_a_detached_launch_is_a_conflict(fake_daemon, arun):
+    def script(peer: Peer):
+        peer.read()
+        peer.write({"v": 1, "type": "error", "code": "conflict", "status": None,
+                    "error": "step 61.0 was launched detached (nodestepctl wait 61.0 gives its status)"})
+
+    daemon = fake_daemon(script)
+    with pytest.raises(api.Conflict, match="launched detached"):
+        arun(api.Client(daemon.path).attach(61))
+
+
+def test_a_step_the_next_daemon_will_not_give_back_is_its_refusal(fake_daemon, arun, bundle):
+    def first(peer: Peer):
+        peer.read()
+        started(peer, 32)
+
+    def second(peer: Peer):
+        peer.read()
+        peer.write({"v": 1, "type": "error", "code": "conflict", "error": "step 32.0 already has its attached client",
+                    "status": None})
+
+    scripts = iter([first, second])
+    daemon = fake_daemon(lambda peer: next(scripts)(peer), connections=2)
+
+    async def main():
+        async with api.Client(daemon.path) as c:
+            await (await c.run(bundle, ["x"])).wait()
+
+    with pytest.raises(api.Conflict, match="cannot attach to step 32.0 again: step 32.0 already has its attached"):
+        arun(main())
+
+
+def test_a_run_cancelled_while_launching_closes_its_connection(fake_daemon, arun, bundle):
+    """The daemon then cancels the step it was launching (its client went), as for nodestepctl."""
+    received = threading.Event()
+
+    def script(peer: Peer):
+        peer.read()
+        received.set()
+        with pytest.raises(EOFError):
+            peer.read()
+
+    daemon = fake_daemon(script)
+
+    async def main():
+        async with api.Client(daemon.path) as c:
+            launching = asyncio.create_task(c.run(bundle, ["x"], stdout=api.COLLECT))
+            await asyncio.get_running_loop().run_in_executor(None, received.wait, 10)
+            launching.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await launching
+            assert not c._holding
+
+    arun(main())
