@@ -428,6 +428,7 @@ class Step:
     def _follow(self, conn: Connection | None) -> None:
         """Read the step's connection until its exit, in one task; conn None: the daemon went
         before acknowledging the launch."""
+        self._conn = conn  # ours to close if the task is cancelled before it runs
         self._following = asyncio.get_running_loop().create_task(self._ride(conn), name=f"nodestepd step {self.ref}")
         self.client._holding.add(self)
         self._following.add_done_callback(lambda _: self._release())
@@ -483,7 +484,11 @@ class Step:
         while True:
             conn = await try_connection(self.client.socket)
             if conn is not None:
-                reply = await self._attach(conn, deadline - loop.time())
+                try:
+                    reply = await self._attach(conn, deadline - loop.time())
+                except BaseException:  # cancelled (the client let go): the connection goes with us
+                    conn.close()
+                    raise
                 if reply is not None and reply["type"] == "started":
                     return conn, None
                 conn.close()
@@ -531,10 +536,12 @@ class Step:
         self._abandoned = not self.done()
         if self._following is not None and not self._following.done():
             self._following.cancel()
-            try:
-                await self._following
-            except BaseException:  # noqa: B036 - it was cancelled, or had failed: either way we let go
-                pass
+            await asyncio.wait([self._following])  # its end, whatever it was; our own cancellation still raises
+            if not self._following.cancelled():
+                self._following.exception()  # retrieved: it failed before we let go, and that is moot now
+        if self._conn is not None:  # a task cancelled before it ran never reached its own close
+            self._conn.close()
+            self._conn = None
         if self._outputs is not None:
             self._outputs.close()
 
