@@ -3,7 +3,7 @@
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
  *                     [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD]
- *                     -- PROGRAM ARG...
+ *                     [--pass-fd FD]... -- PROGRAM ARG...
  *
  * Started by nodestepd (as root, once per task). It forks PROGRAM as the user and
  * stays its parent, and the parent of whatever gets orphaned below it (it is a child
@@ -32,6 +32,9 @@
  * the others still go to ctl, and "warning exit-file EFBIG" is sent once.
  *
  * STATUS is the shell's: the exit code, or 128+N for death by signal N.
+ *
+ * Each --pass-fd FD (at most MAX_PASS_FDS, in order) reaches the task at fd 3, 4, ...
+ * (`nodestepctl run --preserve-fds`, MPI's PMI fd); we close our copies once it runs.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -53,6 +56,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#define MAX_PASS_FDS 8
 
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
@@ -350,8 +355,29 @@ struct options {
 	long start_timeout_ms; /* how long the task may take to reach its exec */
 	bool set_nofile;
 	struct rlimit nofile; /* the users' RLIMIT_NOFILE, not the daemon's raised one */
+	int pass_fds[MAX_PASS_FDS]; /* for the task at 3, 4, ... */
+	int npass;
 	char **argv;
 };
+
+/* The fds to pass moved to 3, 4, ... (without close-on-exec), report_fd kept open above
+   them: every source is first copied above all the targets, so that no move overwrites
+   a source still to be moved. Returns report_fd's new number, or -1. */
+static int place_pass_fds(const struct options *o, int report_fd)
+{
+	int high[MAX_PASS_FDS];
+	int floor = 3 + o->npass;
+	report_fd = fcntl(report_fd, F_DUPFD_CLOEXEC, floor);
+	if (report_fd < 0)
+		return -1;
+	for (int k = 0; k < o->npass; k++)
+		if ((high[k] = fcntl(o->pass_fds[k], F_DUPFD_CLOEXEC, floor)) < 0)
+			return -1;
+	for (int k = 0; k < o->npass; k++)
+		if (dup2(high[k], 3 + k) < 0) /* dup2's copy has no close-on-exec */
+			return -1;
+	return report_fd;
+}
 
 static _Noreturn void child_failed(int report_fd, enum step step)
 {
@@ -394,11 +420,19 @@ static _Noreturn void become_task(const struct options *o, int report_fd)
 	if (access(".", X_OK) < 0)
 		child_failed(report_fd, STEP_CHDIR);
 	umask(022);
-	/* Only 0, 1, 2 survive the exec. CLOEXEC rather than close: report_fd must stay open
-	   until the exec succeeds (which closes it, telling the parent). */
-	if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+	if (o->npass > 0) {
+		int moved = place_pass_fds(o, report_fd);
+		if (moved < 0)
+			child_failed(report_fd, STEP_SETUP);
+		report_fd = moved;
+	}
+	/* Only 0, 1, 2 (and the fds passed, at 3...) survive the exec. CLOEXEC rather than
+	   close: report_fd must stay open until the exec succeeds (which closes it, telling
+	   the parent). */
+	int first = 3 + o->npass;
+	if (close_range((unsigned)first, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
 		long max = sysconf(_SC_OPEN_MAX);
-		for (int fd = 3; fd < (max > 0 ? max : 65536); fd++)
+		for (int fd = first; fd < (max > 0 ? max : 65536); fd++)
 			if (fd != report_fd)
 				fcntl(fd, F_SETFD, FD_CLOEXEC); /* EBADF for fds not open: fine */
 	}
@@ -482,7 +516,8 @@ static _Noreturn void usage(const char *problem)
 	fprintf(stderr,
 		"nodestepd-monitor: %s\n"
 		"usage: nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR"
-		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] -- PROGRAM ARG...\n"
+		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] [--pass-fd FD]..."
+		" -- PROGRAM ARG...\n"
 		"(started by nodestepd, once per task; see docs/monitor.md)\n",
 		problem);
 	if (ctl_fd >= 0) {
@@ -586,6 +621,13 @@ static void parse_args(int argc, char **argv, struct options *o)
 			o->nofile.rlim_cur = soft;
 			o->nofile.rlim_max = hard;
 			o->set_nofile = true;
+		} else if (strcmp(name, "--pass-fd") == 0) {
+			if (o->npass == MAX_PASS_FDS)
+				usage("more than 8 --pass-fd");
+			o->pass_fds[o->npass] = parse_fd(value);
+			if (fcntl(o->pass_fds[o->npass], F_GETFD) < 0)
+				usage("--pass-fd: not an open fd");
+			o->npass++;
 		} else if (strcmp(name, "--exit-file-max") == 0) {
 			if (!parse_number(value, 1ULL << 40, &v))
 				usage("--exit-file-max: not a number of bytes");
@@ -602,6 +644,9 @@ static void parse_args(int argc, char **argv, struct options *o)
 		usage("every option is required");
 	if (ctl_fd == exit_fd)
 		usage("--ctl-fd and --exit-fd are the same fd");
+	for (int k = 0; k < o->npass; k++)
+		if (o->pass_fds[k] == ctl_fd || o->pass_fds[k] == exit_fd)
+			usage("--pass-fd is --ctl-fd or --exit-fd");
 	if (i + 1 >= argc || argv[i + 1][0] != '/')
 		usage("no absolute PROGRAM after --");
 	o->argv = &argv[i + 1];
@@ -664,8 +709,12 @@ int main(int argc, char **argv)
 		ctl_send(msg);
 		return 1;
 	}
-	/* The task's stdio is the task's: holding it would keep a pipe or a client's terminal
-	   open after the task is gone. Nothing here may block the daemon's view of EOF. */
+	/* The task's stdio and the fds passed to it are the task's: holding them would keep a
+	   pipe, a client's terminal or a PMI channel open after the task is gone. Nothing here
+	   may block the daemon's view of EOF. */
+	for (int k = 0; k < o.npass; k++)
+		if (o.pass_fds[k] > 2)
+			close(o.pass_fds[k]);
 	int null = open("/dev/null", O_RDWR | O_CLOEXEC);
 	if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0)
 		die("/dev/null");

@@ -46,7 +46,7 @@ class Starting:
         """The task's first command with its stdio (blocking: call in a worker thread)."""
         stdout, stderr = self.stdio.outputs_for(task.task_id)
         stdin = self.stdio.stdin if task.task_id == self.first_task else subprocess.DEVNULL
-        process = runtime.spawn_first(task, command, stdin, stdout, stderr, self.exit_fd)
+        process = runtime.spawn_first(task, command, stdin, stdout, stderr, self.exit_fd, self.stdio.preserved)
         self.timings.spawned()
         return process
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nodestepd.config.patterns import PatternContext, expand, shell_unsafe_value
+from nodestepd.config.preservefds import PreserveFdsUnsupported, with_preserve_fds
 from nodestepd.logs import BoundLogger
 from nodestepd.process import asuser
 from nodestepd.step import configjson
@@ -120,7 +121,8 @@ def plan(
         for i, t in enumerate(spec.task_ids)
     ]
     _refuse_shell_unsafe_values(commands, tasks, bundle_is_users=bundle_config is None)
-    first_commands = [expand(commands.first, task.context) for task in tasks]
+    first = _first_pattern(commands, given)
+    first_commands = [expand(first, task.context) for task in tasks]
     try:
         find_program(first_commands[0], runtime_env, spec.identity)
     except RuntimeNotFound as e:
@@ -200,7 +202,8 @@ def redirect(prepared: Prepared, spec: StepSpec, given: LaunchInput, settings: L
         task.context = dataclasses.replace(task.context, bundle=bundle, rootfs=rootfs)
     commands = settings.step.commands
     _refuse_shell_unsafe_values(commands, prepared.tasks, bundle_is_users=bundle_config is None)
-    first_commands = [expand(commands.first, task.context) for task in prepared.tasks]
+    first = _first_pattern(commands, given)
+    first_commands = [expand(first, task.context) for task in prepared.tasks]
     spool = prepared.spool
     try:
         for i, (task, step_env) in enumerate(zip(prepared.tasks, prepared.step_envs)):
@@ -236,6 +239,15 @@ def _write_task_files(
     if oci.create_env_file != "disabled":
         data = stepenv.env_file_bytes(container_env, oci.create_env_file)
         spool.write_task_file(index, ENV_FILE_NAME, data, 0o600)
+
+
+def _first_pattern(commands: RuntimeCommands, given: LaunchInput) -> str:
+    """RunTimeRun or RunTimeCreate, told `--preserve-fds N` when the launch passes fds."""
+    try:
+        return with_preserve_fds(commands.first, given.preserve_fds,
+                                 "RunTimeCreate" if commands.create_start else "RunTimeRun")
+    except PreserveFdsUnsupported as e:
+        raise LaunchFailed(f"{e} ({commands.oci_conf})") from None
 
 
 def _refuse_shell_unsafe_values(commands: RuntimeCommands, tasks: Sequence[Task], *, bundle_is_users: bool) -> None:

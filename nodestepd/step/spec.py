@@ -63,6 +63,7 @@ class LaunchInput:
     pty: bool
     config_json: str | None  # the bundle's config.json as read with the caller's (or the step user's) rights
     config_json_error: str | None  # why it could not be read
+    preserve_fds: int = 0  # fds after stdio each container gets at 3.. (the runtime told --preserve-fds)
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,14 @@ class Stdio:
 
     task_outputs, when given, holds each task's own (stdout, stderr) in place of the
     shared pair (a detached step's output sent to the journal, one pipe pair per task).
+    preserved: the caller's further fds, which every task's process gets at 3, 4, ...
     """
 
     stdin: int
     stdout: int
     stderr: int
     task_outputs: Mapping[int, tuple[int, int]] | None = None  # by task id
+    preserved: tuple[int, ...] = ()  # fds every task gets at 3, 4, ... (run --preserve-fds)
 
     def outputs_for(self, task_id: int) -> tuple[int, int]:
         return self.task_outputs[task_id] if self.task_outputs is not None else (self.stdout, self.stderr)
