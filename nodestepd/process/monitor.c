@@ -3,7 +3,8 @@
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
  *                     [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD]
- *                     [--pass-fd FD]... -- PROGRAM ARG...
+ *                     [--pass-fd FD]... [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]
+ *                     -- PROGRAM ARG...
  *
  * Started by nodestepd (as root, once per task). It forks PROGRAM as the user and
  * stays its parent, and the parent of whatever gets orphaned below it (it is a child
@@ -35,6 +36,12 @@
  *
  * Each --pass-fd FD (at most MAX_PASS_FDS, in order) reaches the task at fd 3, 4, ...
  * (`nodestepctl run --preserve-fds`, MPI's PMI fd); we close our copies once it runs.
+ *
+ * --userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT: the task (already the user) enters a new
+ * user and mount namespace of its own, in which the user is root (0) and the user's
+ * subordinate ids (the ranges given, the daemon's reading of /etc/subuid and /etc/subgid)
+ * are 1..COUNT; we write its maps, as newuidmap would for the user (a PMIx MPI step's
+ * runtime then maps the user to their own uid in the container: docs/admin-guide.md#mpi).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -47,6 +54,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -64,8 +72,9 @@
 #endif
 
 /* What the task's child side was doing when it failed: sent with the errno. */
-enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_EXEC, STEP_TIMEOUT };
-static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "exec", "timeout"};
+enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_USERNS, STEP_EXEC, STEP_TIMEOUT };
+static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "userns", "exec",
+					 "timeout"};
 
 struct child {
 	pid_t pid;
@@ -357,6 +366,8 @@ struct options {
 	struct rlimit nofile; /* the users' RLIMIT_NOFILE, not the daemon's raised one */
 	int pass_fds[MAX_PASS_FDS]; /* for the task at 3, 4, ... */
 	int npass;
+	bool userns; /* the task in a user namespace of its own: 0 = uid, 1.. = the subordinate ids */
+	unsigned long long sub[4]; /* subuid start, count, subgid start, count */
 	char **argv;
 };
 
@@ -388,8 +399,10 @@ static _Noreturn void child_failed(int report_fd, enum step step)
 	_exit(127);
 }
 
-/* In the forked child: become the task. Everything before execv runs as root. */
-static _Noreturn void become_task(const struct options *o, int report_fd)
+/* In the forked child: become the task. Everything before execv runs as root, but for
+   the user namespace: made as the user (who then owns it), its maps written by the parent
+   (ask: the child's "mapped?", go: the parent's answer; both closed here after). */
+static _Noreturn void become_task(const struct options *o, int report_fd, int ask, int go)
 {
 	struct sigaction dfl;
 	memset(&dfl, 0, sizeof dfl);
@@ -419,6 +432,17 @@ static _Noreturn void become_task(const struct options *o, int report_fd)
 	/* Root entered the directory; the user must be able to work in it too. */
 	if (access(".", X_OK) < 0)
 		child_failed(report_fd, STEP_CHDIR);
+	if (o->userns) {
+		char ok = 0;
+		if (unshare(CLONE_NEWUSER | CLONE_NEWNS) < 0)
+			child_failed(report_fd, STEP_USERNS);
+		if (write(ask, "m", 1) != 1 || read(go, &ok, 1) != 1 || ok != 'y') {
+			errno = EPERM;
+			child_failed(report_fd, STEP_USERNS);
+		}
+		close(ask);
+		close(go);
+	}
 	umask(022);
 	if (o->npass > 0) {
 		int moved = place_pass_fds(o, report_fd);
@@ -440,29 +464,62 @@ static _Noreturn void become_task(const struct options *o, int report_fd)
 	child_failed(report_fd, STEP_EXEC);
 }
 
+/* The maps of the user namespace the child made (as the user): the user is 0 in it, the
+   subordinate ids 1..COUNT. As root (CAP_SETUID/CAP_SETGID over the parent namespace) no
+   setgroups "deny" is needed, and the groups the child has stay as they are. 0 or errno. */
+static int write_maps(pid_t pid, const struct options *o)
+{
+	char path[64], map[128];
+	const char *names[2] = {"uid_map", "gid_map"};
+	unsigned long ids[2] = {(unsigned long)o->uid, (unsigned long)o->gid};
+	for (int k = 0; k < 2; k++) {
+		snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, names[k]);
+		int len = snprintf(map, sizeof map, "0 %lu 1\n1 %llu %llu\n", ids[k], o->sub[2 * k], o->sub[2 * k + 1]);
+		int fd = open(path, O_WRONLY | O_CLOEXEC);
+		if (fd < 0)
+			return errno;
+		ssize_t n = write(fd, map, (size_t)len);
+		int write_errno = errno;
+		close(fd);
+		if (n != len)
+			return n < 0 ? write_errno : EIO;
+	}
+	return 0;
+}
+
 /* Fork the task. Returns its pid, or -1 with *err and *step when it could not start
    (the failed child is reaped). */
 static pid_t start_task(const struct options *o, int *err, enum step *step)
 {
-	int report[2];
+	int report[2], sync_ask[2], sync_go[2];
 	if (pipe2(report, O_CLOEXEC) < 0) {
 		*err = errno;
 		*step = STEP_SETUP;
 		return -1;
 	}
+	if (pipe2(sync_ask, O_CLOEXEC) < 0 || pipe2(sync_go, O_CLOEXEC) < 0)
+		die("pipe2");
 	pid_t pid = fork();
 	if (pid < 0) {
 		*err = errno;
 		*step = STEP_SETUP;
 		close(report[0]);
 		close(report[1]);
+		close(sync_ask[0]);
+		close(sync_ask[1]);
+		close(sync_go[0]);
+		close(sync_go[1]);
 		return -1;
 	}
 	if (pid == 0) {
 		close(report[0]);
-		become_task(o, report[1]);
+		close(sync_ask[0]);
+		close(sync_go[1]);
+		become_task(o, report[1], sync_ask[1], sync_go[0]);
 	}
 	close(report[1]);
+	close(sync_ask[1]);
+	close(sync_go[0]);
 	/* From its uid switch on, the child is the user's: any process of theirs can stop it
 	   (SIGSTOP) before its exec. So the wait for that exec has a deadline; past it the
 	   child is killed and the start reported as failed ("error ETIMEDOUT timeout"). */
@@ -474,25 +531,49 @@ static pid_t start_task(const struct options *o, int *err, enum step *step)
 		end.tv_sec++;
 		end.tv_nsec -= 1000000000L;
 	}
+	bool asked = !o->userns; /* only a task making a user namespace asks for its maps */
 	for (;;) {
 		clock_gettime(CLOCK_MONOTONIC, &now);
 		long long left = (end.tv_sec - now.tv_sec) * 1000LL + (end.tv_nsec - now.tv_nsec) / 1000000L;
-		struct pollfd p = {.fd = report[0], .events = POLLIN};
-		int ready = left > 0 ? poll(&p, 1, left > INT_MAX ? INT_MAX : (int)left) : 0;
+		struct pollfd p[2] = {{.fd = report[0], .events = POLLIN}, {.fd = sync_ask[0], .events = POLLIN}};
+		int ready = left > 0 ? poll(p, asked ? 1 : 2, left > INT_MAX ? INT_MAX : (int)left) : 0;
 		if (ready < 0 && errno == EINTR)
 			continue;
 		if (ready < 0)
 			die("poll");
+		if (ready > 0 && !asked && (p[1].revents & POLLIN) && !(p[0].revents & (POLLIN | POLLHUP))) {
+			char m;
+			asked = true;
+			if (read(sync_ask[0], &m, 1) == 1) {
+				int map_errno = write_maps(pid, o);
+				if (map_errno == 0 && write(sync_go[1], "y", 1) == 1)
+					continue;
+				kill(pid, SIGKILL);
+				while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+					;
+				close(report[0]);
+				close(sync_ask[0]);
+				close(sync_go[1]);
+				*err = map_errno ? map_errno : EIO;
+				*step = STEP_USERNS;
+				return -1;
+			}
+			continue; /* the child went before asking: its report says why */
+		}
 		if (ready > 0)
 			break;
 		kill(pid, SIGKILL); /* our unreaped child: the pid is still its own */
 		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
 			;
 		close(report[0]);
+		close(sync_ask[0]);
+		close(sync_go[1]);
 		*err = ETIMEDOUT;
 		*step = STEP_TIMEOUT;
 		return -1;
 	}
+	close(sync_ask[0]);
+	close(sync_go[1]);
 	int msg[2];
 	ssize_t n;
 	do
@@ -517,6 +598,7 @@ static _Noreturn void usage(const char *problem)
 		"nodestepd-monitor: %s\n"
 		"usage: nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR"
 		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] [--pass-fd FD]..."
+		" [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]"
 		" -- PROGRAM ARG...\n"
 		"(started by nodestepd, once per task; see docs/monitor.md)\n",
 		problem);
@@ -628,6 +710,25 @@ static void parse_args(int argc, char **argv, struct options *o)
 			if (fcntl(o->pass_fds[o->npass], F_GETFD) < 0)
 				usage("--pass-fd: not an open fd");
 			o->npass++;
+		} else if (strcmp(name, "--userns") == 0) {
+			char copy[128];
+			if (strlen(value) >= sizeof copy)
+				usage("--userns: not UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT");
+			strcpy(copy, value);
+			char *rest = copy;
+			for (int k = 0; k < 4; k++) {
+				char *comma = strchr(rest, ',');
+				if ((k < 3) != (comma != NULL))
+					usage("--userns: not UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT");
+				if (comma)
+					*comma = '\0';
+				if (!parse_number(rest, 0xFFFFFFFEULL, &o->sub[k]) || (k % 2 == 1 && o->sub[k] == 0))
+					usage("--userns: not UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT");
+				rest = comma ? comma + 1 : rest;
+			}
+			if (o->sub[0] + o->sub[1] > 0xFFFFFFFFULL || o->sub[2] + o->sub[3] > 0xFFFFFFFFULL)
+				usage("--userns: a range beyond the last id");
+			o->userns = true;
 		} else if (strcmp(name, "--exit-file-max") == 0) {
 			if (!parse_number(value, 1ULL << 40, &v))
 				usage("--exit-file-max: not a number of bytes");

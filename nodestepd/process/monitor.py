@@ -103,6 +103,7 @@ class Monitor:
         start_timeout: float,
         shell: str = SHELL,
         preserved: Sequence[int] = (),
+        userns: tuple[int, int, int, int] | None = None,
     ) -> "Monitor":
         """Start `shell -c command` as the user under a new monitor; return once it runs.
 
@@ -112,7 +113,10 @@ class Monitor:
         the task gets stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own
         process group, umask 022, the user's uid, gid and groups, the users' RLIMIT_NOFILE
         (kernel.user_fd_limit) and no other fd but `preserved`, at 3, 4, ... in that
-        order (the monitor itself closes them once the task runs). When it cannot
+        order (the monitor itself closes them once the task runs). userns: (subuid start,
+        count, subgid start, count): the task runs in a user and mount namespace of its own
+        where the user is root and those subordinate ids are 1..count (the caller checked
+        they are the user's). When it cannot
         start, raises OSError with the errno of the step that failed (FileNotFoundError
         for a missing shell, PermissionError for a directory the user cannot enter), and
         nothing is left behind.
@@ -137,6 +141,7 @@ class Monitor:
                 "--start-timeout-ms", str(max(1, round(start_timeout * 1000))),
                 "--nofile", "%d:%d" % user_fd_limit(),
                 *(word for fd in preserved for word in ("--pass-fd", str(fd))),
+                *(("--userns", ",".join(str(n) for n in userns)) if userns is not None else ()),
                 "--", shell, "-c", command,
             ]
             # As root: the monitor switches to the user for the task. No process group from
@@ -188,6 +193,8 @@ class Monitor:
             step = words[2].decode("ascii", "replace") if len(words) > 2 else "exec"
             if step == "timeout":
                 raise start_timed_out("the runtime", start_timeout)
+            if step == "userns":
+                raise OSError(err, f"cannot make the task's user namespace: {os.strerror(err)}")
             filename = shell if step == "exec" else cwd if step == "chdir" else None
             raise OSError(err, os.strerror(err), filename)
         raise OSError(errno.EIO, f"nodestepd-monitor ended without starting the task (status {status}, said {reply!r})")

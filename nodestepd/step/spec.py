@@ -17,6 +17,7 @@ from nodestepd.config.ociconf import OciConf
 from nodestepd.process.identity import Identity
 from nodestepd.protocol.wire import STATUS_LAUNCH_FAILED
 from nodestepd.step.env import runtime_env_for
+from nodestepd.step.mpi import MpiSettings
 
 
 class LaunchFailed(Exception):
@@ -120,6 +121,7 @@ class LaunchSettings:
     step: StepSettings
     oci: OciConf  # ContainerPath, MountSpoolDir, the environment rules, config.json handling
     runtime_env_base: Mapping[str, str]  # the daemon's environment as every runtime gets it (env.py)
+    mpi: MpiSettings = MpiSettings()  # what MPI steps' containers get (mpi.py)
 
     def runtime_env(self, identity: Identity) -> dict[str, str]:
         """The environment a step's RunTime* commands get: the base, as the step's user."""

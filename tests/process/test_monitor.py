@@ -993,3 +993,21 @@ def test_bad_pass_fds_are_refused(identity, new_dir, extra, problem):
         os.close(exit_fd)
         ours.close()
         theirs.close()
+
+
+async def test_userns_runs_the_task_as_root_of_a_namespace_over_the_users_own_ids(harness):
+    """--userns (a PMIx MPI step's runtime): the user is 0 in the task's new user namespace,
+    their subordinate ids 1..N; outside, the task is still the user."""
+    from nodestepd.step.mpi import read_subid_ranges
+
+    ranges = read_subid_ranges(harness.identity.user, harness.identity.uid)
+    if ranges is None:
+        pytest.skip(f"{harness.identity.user} has no subordinate ids in /etc/subuid and /etc/subgid")
+    monitor = await harness.spawn("id -u; cat /proc/self/uid_map /proc/self/gid_map; read x <&0",
+                                  userns=tuple(ranges))
+    assert await asyncio.wait_for(monitor.task.wait(), 10) == 1  # `read` at end of file
+    lines = [line.split() for line in harness.output().splitlines()]
+    uid, gid = harness.identity.uid, harness.identity.gid
+    assert lines == [["0"], ["0", str(uid), "1"], ["1", str(ranges.uid_start), str(ranges.uid_count)],
+                     ["0", str(gid), "1"], ["1", str(ranges.gid_start), str(ranges.gid_count)]]
+    await harness.release(monitor)
