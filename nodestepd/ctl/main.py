@@ -5,22 +5,30 @@ commands.py) and turns its errors into nodestepctl's exit statuses (exits.py). T
 need the daemon talk to it through transport.py, synchronously, one request per
 connection. Besides these modules, run, signal, cancel and wait load the standard library
 and nodestepd.protocol.wire only, no msgspec or asyncio: the client's start-up time is
-part of every launch (tests/unit/ctl/test_main.py checks it).
+part of every launch (tests/unit/ctl/test_main.py checks it). They do without argparse,
+json, re, enum, socket.py and signal.py too: parser.fast_parse() reads their usual command
+lines, and argparse only the others (--help, mistakes, the other subcommands).
+`nodestepctl` itself is a script setup.py writes, which starts Python without `site`
+(-S) and calls entry() below (docs/benchmarks/README.md says what that saves).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
 import sys
-from collections.abc import Callable
 
 from nodestepd.ctl import commands
 from nodestepd.ctl.exits import EXIT_ERROR, ClientError
-from nodestepd.ctl.parser import build_parser, named_subcommand
+from nodestepd.ctl.parser import build_parser, fast_parse, named_subcommand
 from nodestepd.ctl.run import cmd_run
 from nodestepd.protocol.wire import ProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+
+SIGINT = 2  # signal.SIGINT, without importing signal.py (its enums)
 
 # What each subcommand of parser.SUBCOMMANDS does: its exit status, or a ClientError.
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -41,7 +49,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    args = build_parser(only=named_subcommand(argv)).parse_args(argv)
+    args = fast_parse(argv) or build_parser(only=named_subcommand(argv)).parse_args(argv)
     try:
         return COMMANDS[args.subcommand](args)
     except ClientError as e:
@@ -55,7 +63,24 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 128 + signal.SIGINT
+        return 128 + SIGINT
+
+
+def entry() -> None:
+    """The `nodestepctl` program: main(), then a quick exit.
+
+    Once the output is flushed nothing is left to do that the kernel does not do itself
+    (the client holds no temporary files, threads or atexit work), so os._exit skips the
+    interpreter's teardown, about a millisecond. If flushing fails (a closed pipe), the
+    ordinary exit reports it, as it always has.
+    """
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        sys.exit(status)
+    os._exit(status)
 
 
 if __name__ == "__main__":

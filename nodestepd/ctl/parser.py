@@ -2,29 +2,55 @@
 
 Only the parser of the subcommand being run is built (build_parser(only=...)): see SUBCOMMANDS.
 What each subcommand does is in run.py and commands.py; main.py connects the two.
+
+The commands on a launch's path (run, signal, cancel, wait) are first read by fast_parse(),
+a plain loop over argv that gives what argparse would give, or None whenever it is not
+sure (--help, an abbreviation, a value that starts with "-", anything wrong): argparse then
+reads the same argv, with its usual help and messages. argparse (with re, gettext and the
+rest) is imported only then: it was a third of the client's start-up.
+tests/unit/ctl/test_fastparse.py checks that both read every command line alike.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from nodestepd import __version__
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+
 DEFAULT_SOCKET = "/run/nodestepd/nodestepd.sock"
 DEFAULT_OCI_CONF = "/etc/slurm/oci.conf"
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's, but finding the terminal's width without importing shutil (and with it
-    bz2, lzma, fnmatch): argparse makes a formatter for every option it adds, so that
-    import was on every launch's path, for help that a launch never prints."""
+def __getattr__(name: str):
+    if name == "HelpFormatter":
+        return help_formatter()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, prog: str, **kwargs) -> None:
-        if kwargs.get("width") is None:
-            kwargs["width"] = terminal_columns() - 2  # as argparse does with shutil's answer
-        super().__init__(prog, **kwargs)
+
+def help_formatter() -> type:
+    """HelpFormatter, which subclasses argparse's: made on first use (argparse is imported
+    only when a parser is built), then kept in the module as HelpFormatter."""
+    if "HelpFormatter" in globals():
+        return globals()["HelpFormatter"]
+    import argparse
+
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+        """argparse's, but finding the terminal's width without importing shutil (and with it
+        bz2, lzma, fnmatch): argparse makes a formatter for every option it adds, so that
+        import was on every launch's path, for help that a launch never prints."""
+
+        def __init__(self, prog: str, **kwargs) -> None:
+            if kwargs.get("width") is None:
+                kwargs["width"] = terminal_columns() - 2  # as argparse does with shutil's answer
+            super().__init__(prog, **kwargs)
+
+    globals()["HelpFormatter"] = HelpFormatter
+    return HelpFormatter
 
 
 def terminal_columns() -> int:
@@ -43,7 +69,9 @@ def terminal_columns() -> int:
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or (only=NAME) the same with just that subcommand's parser."""
-    raw = HelpFormatter
+    import argparse
+
+    raw = help_formatter()
     p = argparse.ArgumentParser(
         prog="nodestepctl",
         description="Run and manage OCI container steps through the local nodestepd.",
@@ -130,7 +158,7 @@ def _add_run(sub, raw) -> None:
     run.add_argument("--user", metavar="NAME|UID",
                      help="operators only: run the step as this user (config.json and --output/--error are then "
                      "opened by the daemon as that user)")
-    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    run.add_argument("command", nargs="...", metavar="-- COMMAND [ARG...]")  # argparse.REMAINDER
 
 
 def _add_ps(sub, raw) -> None:
@@ -239,7 +267,7 @@ def _add_doctor(sub, raw) -> None:
                         help="the daemon's TOML settings (default /etc/nodestepd/nodestepd.toml, optional)")
     doctor.add_argument("--oci-conf", metavar="FILE", help="oci.conf to check (default: the daemon's setting)")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
-    doctor.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]",
+    doctor.add_argument("command", nargs="...", metavar="-- COMMAND [ARG...]",  # argparse.REMAINDER
                         help="command for the test run (default: true in run mode, sleep 60 in create/start mode)")
 
 
@@ -296,3 +324,120 @@ def named_subcommand(argv: list[str]) -> str | None:
 def remainder(words: list[str]) -> list[str]:
     """The words of a `-- COMMAND [ARG...]` positional, without the "--" argparse leaves in front."""
     return words[1:] if words[:1] == ["--"] else words
+
+
+# ---- the fast path ------------------------------------------------------------------------------
+
+class Args:
+    """A parsed command line, attribute by attribute, as argparse.Namespace holds it."""
+
+    def __init__(self, **values: object) -> None:
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        return f"Args({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
+
+
+# What fast_parse knows of each subcommand on a launch's path, as _add_* above declares it:
+# options taking a value (dest, type or choices), repeatable ones (dest), flags (dest), the
+# positionals (dests) or, for run, the `-- COMMAND [ARG...]` remainder. An option missing
+# here is still read, by argparse: a new option added above without a line here only makes
+# that command line slower (tests/unit/ctl/test_fastparse.py says which is missing).
+_RUN_VALUES = {
+    "--bundle": ("bundle", str), "--image": ("image", str), "--workdir": ("workdir", str),
+    "--entrypoint": ("entrypoint", str), "--job-id": ("job_id", int), "--step-id": ("step_id", int),
+    "--ntasks": ("ntasks", int), "--task-id": ("task_id", int), "--local-id": ("local_id", int),
+    "--container-id": ("container_id", str), "--chdir": ("chdir", str), "--export": ("export", ("ALL", "NONE")),
+    "--output": ("output", str), "--error": ("error", str), "--reattach-timeout": ("reattach_timeout", float),
+    "--user": ("user", str),
+}
+_RUN_APPENDS = {"--mount": "mount", "--env": "env"}
+_RUN_FLAGS = {"--pty": "pty", "--detach": "detach"}
+_RUN_DEFAULTS = {
+    "bundle": None, "image": None, "mount": [], "workdir": None, "entrypoint": None, "job_id": None,
+    "step_id": None, "ntasks": None, "task_id": None, "local_id": None, "container_id": None, "chdir": None,
+    "env": [], "export": "ALL", "pty": False, "detach": False, "output": None, "error": None,
+    "reattach_timeout": None, "user": None,
+}
+_WHOSE = {"--user": ("user", str)}
+FAST = {
+    # name: (options with a value, repeatable options, flags, positionals; None: the remainder)
+    "run": (_RUN_VALUES, _RUN_APPENDS, _RUN_FLAGS, None),
+    "signal": (_WHOSE, {}, {}, ("step", "signal")),
+    "cancel": (_WHOSE, {}, {}, ("step",)),
+    "wait": (_WHOSE, {}, {}, ("step",)),
+}
+
+
+def fast_parse(argv: list[str]) -> Args | None:
+    """What build_parser().parse_args(argv) gives, for the plain command lines of FAST's
+    subcommands; None for anything else, which argparse then reads (and helps with or refuses)."""
+    socket = os.environ.get("NODESTEPD_SOCKET", DEFAULT_SOCKET)
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--socket" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            socket = argv[i + 1]
+            i += 2
+        elif word.startswith("--socket="):
+            socket = word[len("--socket="):]
+            i += 1
+        elif word in FAST:
+            values = _fast_subcommand(FAST[word], argv[i + 1:])
+            if values is None:
+                return None
+            return Args(socket=socket, subcommand=word, **values)
+        else:
+            return None
+    return None
+
+
+def _fast_subcommand(spec: tuple, argv: list[str]) -> dict | None:
+    options, appends, flags, positionals = spec
+    values = dict(_RUN_DEFAULTS) if positionals is None else {dest: None for dest, _ in options.values()}
+    for dest in appends.values():
+        values[dest] = []
+    words: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word.startswith("-") and word != "--" or word == "--" and positionals is not None:
+            name, eq, value = word.partition("=")
+            if name in flags and not eq:
+                values[flags[name]] = True
+                continue
+            if name not in options and name not in appends:
+                return None  # --help, an abbreviation, a mistake, a negative number: argparse's
+            if not eq:
+                if i == len(argv) or argv[i].startswith("-"):
+                    return None
+                value = argv[i]
+                i += 1
+            if name in appends:
+                values[appends[name]].append(value)
+                continue
+            dest, kind = options[name]
+            if isinstance(kind, tuple):
+                if value not in kind:
+                    return None
+            else:
+                try:
+                    value = kind(value)
+                except ValueError:
+                    return None
+            values[dest] = value
+        elif positionals is None:
+            values["command"] = argv[i - 1:]  # the remainder: all that follows, "--" included
+            break
+        else:
+            words.append(word)
+    if positionals is None:
+        values.setdefault("command", [])
+        if (values["bundle"] is None) == (values["image"] is None):
+            return None  # neither or both: argparse says what is wrong
+        return values
+    if len(words) != len(positionals):
+        return None
+    values.update(zip(positionals, words))
+    return values

@@ -15,11 +15,9 @@ forwards the signals it held meanwhile. Only a daemon that does not come back wi
 
 from __future__ import annotations
 
-import argparse
+import _signal  # signal's C half: signal.py builds its enums at import, milliseconds of every launch
 import os
 import select
-import signal
-import socket
 import sys
 import time
 
@@ -28,9 +26,17 @@ from nodestepd.ctl.parser import remainder
 from nodestepd.ctl.transport import ConnectionLost, connect, expect, receive, send, try_connect
 from nodestepd.protocol import wire
 
-FORWARDED_SIGNALS = (
-    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGTSTP,
-)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    import socket
+
+# The signals forwarded to the step, by their names in the `signal` request.
+SIGNAL_NAMES = {
+    _signal.SIGINT: "SIGINT", _signal.SIGTERM: "SIGTERM", _signal.SIGHUP: "SIGHUP", _signal.SIGUSR1: "SIGUSR1",
+    _signal.SIGUSR2: "SIGUSR2", _signal.SIGCONT: "SIGCONT", _signal.SIGTSTP: "SIGTSTP",
+}
+FORWARDED_SIGNALS = tuple(SIGNAL_NAMES)
 PROGRESS_AFTER = 1.0  # seconds without a reply before the first progress line
 PROGRESS_EVERY = 10.0
 REATTACH_TIMEOUT_ENV = "NODESTEPCTL_REATTACH_TIMEOUT"
@@ -321,9 +327,9 @@ def _await_started(sock: socket.socket, image: str | None = None) -> dict | None
 def _catch_signals() -> int:
     """Route the forwarded signals into a pipe the attach loop selects on."""
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda *_: None)
+        _signal.signal(sig, lambda *_: None)
     return r
 
 
@@ -376,7 +382,7 @@ class Attachment:
             self.held += _caught(self.wakeup)
             while self.held:
                 try:
-                    send(sock, {"op": "signal", "signal": signal.Signals(self.held[0]).name})
+                    send(sock, {"op": "signal", "signal": SIGNAL_NAMES[self.held[0]]})
                 except ConnectionLost:
                     break  # held for the next daemon; the read below sees the end
                 del self.held[0]
@@ -453,7 +459,7 @@ class Attachment:
 
     def _hold(self, signums: bytes) -> None:
         for signum in signums:
-            print(f"nodestepctl: signal {signal.Signals(signum).name} held until nodestepd is back",
+            print(f"nodestepctl: signal {SIGNAL_NAMES[signum]} held until nodestepd is back",
                   file=sys.stderr, flush=True)
         self.held += signums
 
