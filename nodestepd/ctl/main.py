@@ -49,7 +49,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
-    args = fast_parse(argv) or build_parser(only=named_subcommand(argv)).parse_args(argv)
+    args = fast_parse(argv)
+    if args is None:
+        _site()
+        args = build_parser(only=named_subcommand(argv)).parse_args(argv)
     try:
         return COMMANDS[args.subcommand](args)
     except ClientError as e:
@@ -64,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 128 + SIGINT
+
+
+def _site() -> None:
+    """What the program's Python skipped (-S), for the commands off a launch's path: doctor
+    and check-config load the daemon's side, whose dependencies may be anywhere site looks."""
+    if "site" not in sys.modules:
+        import site
+
+        site.main()
 
 
 def entry() -> None:
