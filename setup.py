@@ -81,13 +81,20 @@ NODESTEPCTL = """\
 #!{python} -S
 # nodestepctl, written by nodestepd's setup.py for {python}.
 # Python starts without `site` (-S): the client's start-up is part of every launch, and
-# site's work (pyvenv.cfg, .pth files, sitecustomize) was a fifth of it. This finds the
-# nodestepd installed beside it instead ({packages} from here), else lets site find it.
+# site's work (pyvenv.cfg, .pth files, sitecustomize, os) was a fifth of it. This finds
+# the nodestepd installed beside it instead ({packages} from here), else lets site find it.
+import posix  # not os: nodestepd/ctl/__init__.py says why
 import sys
-from os.path import dirname, join, normpath, realpath
 
-here = dirname(realpath(__file__))
-sys.path += [normpath(join(here, path)) for path in {packages!r}]
+path = __file__
+for _ in range(40):  # a symlink to the program (setup.sh's in /usr/local/bin): nodestepd is beside the program
+    try:
+        target = posix.readlink(path)
+    except OSError:
+        break
+    path = target if target.startswith("/") else (path.rpartition("/")[0] or ".") + "/" + target
+here = path.rpartition("/")[0] or "."
+sys.path += [here + "/" + relative for relative in {packages!r}]
 try:
     from nodestepd.ctl.main import entry
 except ModuleNotFoundError:  # installed elsewhere than where it was built for

@@ -5,7 +5,7 @@ cancel, wait, status, reload), and the entry points of those that need no daemon
 
 from __future__ import annotations
 
-import os
+import posix  # os's C half (nodestepd/ctl/__init__.py says why)
 import sys
 import time
 
@@ -141,7 +141,7 @@ def _image_import(args: argparse.Namespace, message: dict) -> int:
     if args.user is not None:
         raise ClientError("image import imports for yourself: no --user", EXIT_USAGE)
     try:
-        ref = parse_ref(args.digest, os.getcwd())
+        ref = parse_ref(args.digest, posix.getcwd())
     except RefError as e:
         raise ClientError(str(e), wire.STATUS_LAUNCH_FAILED) from None
     reply = request(args.socket, {**message, "import": ref.canonical, "image_fingerprint": fingerprint(ref)}, "images")

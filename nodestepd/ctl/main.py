@@ -14,7 +14,7 @@ lines, and argparse only the others (--help, mistakes, the other subcommands).
 
 from __future__ import annotations
 
-import os
+import posix  # os's C half (nodestepd/ctl/__init__.py says why)
 import sys
 
 from nodestepd.ctl import commands
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except BrokenPipeError:
         # Output piped into `head` and the like: stop quietly, as coreutils do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        posix.dup2(posix.open("/dev/null", posix.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 128 + SIGINT
@@ -82,7 +82,7 @@ def entry() -> None:
     """The `nodestepctl` program: main(), then a quick exit.
 
     Once the output is flushed nothing is left to do that the kernel does not do itself
-    (the client holds no temporary files, threads or atexit work), so os._exit skips the
+    (the client holds no temporary files, threads or atexit work), so _exit skips the
     interpreter's teardown, about a millisecond. If flushing fails (a closed pipe), the
     ordinary exit reports it, as it always has.
     """
@@ -92,7 +92,7 @@ def entry() -> None:
         sys.stderr.flush()
     except BaseException:
         sys.exit(status)
-    os._exit(status)
+    posix._exit(status)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ tests/unit/ctl/test_fastparse.py checks that both read every command line alike.
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 
 from nodestepd import __version__
+from nodestepd.ctl import environ
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -56,13 +57,13 @@ def help_formatter() -> type:
 def terminal_columns() -> int:
     """shutil.get_terminal_size().columns: $COLUMNS if positive, else stdout's terminal's, else 80."""
     try:
-        columns = int(os.environ["COLUMNS"])
+        columns = int(environ()["COLUMNS"])
     except (KeyError, ValueError):
         columns = 0
     if columns > 0:
         return columns
     try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+        return posix.get_terminal_size(sys.__stdout__.fileno()).columns or 80
     except (AttributeError, ValueError, OSError):  # stdout is None, closed or not a terminal
         return 80
 
@@ -82,7 +83,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "  nodestepctl check-config /etc/slurm/oci.conf",
         formatter_class=raw,
     )
-    p.add_argument("--socket", default=os.environ.get("NODESTEPD_SOCKET", DEFAULT_SOCKET),
+    p.add_argument("--socket", default=environ().get("NODESTEPD_SOCKET", DEFAULT_SOCKET),
                    help=f"daemon socket (default $NODESTEPD_SOCKET or {DEFAULT_SOCKET})")
     p.add_argument("--version", action="version", version=f"nodestepctl {__version__}")
     sub = p.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
@@ -372,7 +373,7 @@ FAST = {
 def fast_parse(argv: list[str]) -> Args | None:
     """What build_parser().parse_args(argv) gives, for the plain command lines of FAST's
     subcommands; None for anything else, which argparse then reads (and helps with or refuses)."""
-    socket = os.environ.get("NODESTEPD_SOCKET", DEFAULT_SOCKET)
+    socket = environ().get("NODESTEPD_SOCKET", DEFAULT_SOCKET)
     i = 0
     while i < len(argv):
         word = argv[i]
