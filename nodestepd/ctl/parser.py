@@ -340,33 +340,40 @@ class Args:
 
 
 # What fast_parse knows of each subcommand on a launch's path, as _add_* above declares it:
-# options taking a value (dest, type or choices), repeatable ones (dest), flags (dest), the
-# positionals (dests) or, for run, the `-- COMMAND [ARG...]` remainder. An option missing
-# here is still read, by argparse: a new option added above without a line here only makes
-# that command line slower (tests/unit/ctl/test_fastparse.py says which is missing).
-_RUN_VALUES = {
-    "--bundle": ("bundle", str), "--image": ("image", str), "--workdir": ("workdir", str),
-    "--entrypoint": ("entrypoint", str), "--job-id": ("job_id", int), "--step-id": ("step_id", int),
-    "--ntasks": ("ntasks", int), "--task-id": ("task_id", int), "--local-id": ("local_id", int),
-    "--container-id": ("container_id", str), "--chdir": ("chdir", str), "--export": ("export", ("ALL", "NONE")),
-    "--output": ("output", str), "--error": ("error", str), "--reattach-timeout": ("reattach_timeout", float),
-    "--user": ("user", str),
+# each option (its dest, its type, choices, APPEND or FLAG, and its default), then the
+# positionals' dests or, for run (None), the `-- COMMAND [ARG...]` remainder. An option
+# added to a parser above needs its line here too: without it, a command line with the
+# option goes to argparse, but one without it would lack the attribute
+# (tests/unit/ctl/test_fastparse.py says which line is missing).
+APPEND, FLAG = "append", "flag"
+_RUN = {
+    "--bundle": ("bundle", str, None),
+    "--image": ("image", str, None),
+    "--mount": ("mount", APPEND, []),
+    "--workdir": ("workdir", str, None),
+    "--entrypoint": ("entrypoint", str, None),
+    "--job-id": ("job_id", int, None),
+    "--step-id": ("step_id", int, None),
+    "--ntasks": ("ntasks", int, None),
+    "--task-id": ("task_id", int, None),
+    "--local-id": ("local_id", int, None),
+    "--container-id": ("container_id", str, None),
+    "--chdir": ("chdir", str, None),
+    "--env": ("env", APPEND, []),
+    "--export": ("export", ("ALL", "NONE"), "ALL"),
+    "--pty": ("pty", FLAG, False),
+    "--detach": ("detach", FLAG, False),
+    "--output": ("output", str, None),
+    "--error": ("error", str, None),
+    "--reattach-timeout": ("reattach_timeout", float, None),
+    "--user": ("user", str, None),
 }
-_RUN_APPENDS = {"--mount": "mount", "--env": "env"}
-_RUN_FLAGS = {"--pty": "pty", "--detach": "detach"}
-_RUN_DEFAULTS = {
-    "bundle": None, "image": None, "mount": [], "workdir": None, "entrypoint": None, "job_id": None,
-    "step_id": None, "ntasks": None, "task_id": None, "local_id": None, "container_id": None, "chdir": None,
-    "env": [], "export": "ALL", "pty": False, "detach": False, "output": None, "error": None,
-    "reattach_timeout": None, "user": None,
-}
-_WHOSE = {"--user": ("user", str)}
+_WHOSE = {"--user": ("user", str, None)}
 FAST = {
-    # name: (options with a value, repeatable options, flags, positionals; None: the remainder)
-    "run": (_RUN_VALUES, _RUN_APPENDS, _RUN_FLAGS, None),
-    "signal": (_WHOSE, {}, {}, ("step", "signal")),
-    "cancel": (_WHOSE, {}, {}, ("step",)),
-    "wait": (_WHOSE, {}, {}, ("step",)),
+    "run": (_RUN, None),
+    "signal": (_WHOSE, ("step", "signal")),
+    "cancel": (_WHOSE, ("step",)),
+    "wait": (_WHOSE, ("step",)),
 }
 
 
@@ -384,7 +391,7 @@ def fast_parse(argv: list[str]) -> Args | None:
             socket = word[len("--socket="):]
             i += 1
         elif word in FAST:
-            values = _fast_subcommand(FAST[word], argv[i + 1:])
+            values = _fast_subcommand(*FAST[word], argv[i + 1:])
             if values is None:
                 return None
             return Args(socket=socket, subcommand=word, **values)
@@ -393,51 +400,47 @@ def fast_parse(argv: list[str]) -> Args | None:
     return None
 
 
-def _fast_subcommand(spec: tuple, argv: list[str]) -> dict | None:
-    options, appends, flags, positionals = spec
-    values = dict(_RUN_DEFAULTS) if positionals is None else {dest: None for dest, _ in options.values()}
-    for dest in appends.values():
-        values[dest] = []
+def _fast_subcommand(options: dict, positionals: tuple[str, ...] | None, argv: list[str]) -> dict | None:
+    values = {dest: list(default) if kind == APPEND else default for dest, kind, default in options.values()}
     words: list[str] = []
     i = 0
     while i < len(argv):
         word = argv[i]
         i += 1
-        if word.startswith("-") and word != "--" or word == "--" and positionals is not None:
+        if word.startswith("-") and (word != "--" or positionals is not None):
             name, eq, value = word.partition("=")
-            if name in flags and not eq:
-                values[flags[name]] = True
-                continue
-            if name not in options and name not in appends:
+            if name not in options:
                 return None  # --help, an abbreviation, a mistake, a negative number: argparse's
+            dest, kind, _ = options[name]
+            if kind == FLAG:
+                if eq:
+                    return None
+                values[dest] = True
+                continue
             if not eq:
                 if i == len(argv) or argv[i].startswith("-"):
                     return None
                 value = argv[i]
                 i += 1
-            if name in appends:
-                values[appends[name]].append(value)
-                continue
-            dest, kind = options[name]
-            if isinstance(kind, tuple):
+            if kind == APPEND:
+                values[dest].append(value)
+            elif isinstance(kind, tuple):
                 if value not in kind:
                     return None
+                values[dest] = value
             else:
                 try:
-                    value = kind(value)
+                    values[dest] = kind(value)
                 except ValueError:
                     return None
-            values[dest] = value
         elif positionals is None:
             values["command"] = argv[i - 1:]  # the remainder: all that follows, "--" included
-            break
+            return values if (values["bundle"] is None) != (values["image"] is None) else None
         else:
             words.append(word)
     if positionals is None:
-        values.setdefault("command", [])
-        if (values["bundle"] is None) == (values["image"] is None):
-            return None  # neither or both: argparse says what is wrong
-        return values
+        values["command"] = []
+        return values if (values["bundle"] is None) != (values["image"] is None) else None
     if len(words) != len(positionals):
         return None
     values.update(zip(positionals, words))

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nodestepd.ctl.argparse_walk import option_actions, positional_actions, subparsers
-from nodestepd.ctl.parser import DEFAULT_SOCKET, FAST, build_parser, fast_parse, named_subcommand
+from nodestepd.ctl.parser import DEFAULT_SOCKET, FAST, FLAG, build_parser, fast_parse, named_subcommand
 
 
 def argparse_reading(argv: list[str]) -> dict | None:
@@ -93,17 +93,17 @@ def test_the_socket_defaults_to_nodestepd_socket_from_the_environment(monkeypatc
 def test_every_option_of_a_fast_subcommand_is_known_to_fast_parse(name):
     """An option added to the argparse parser only would still work, through argparse: this says
     it is missing from parser.FAST, which keeps that command line on the fast path."""
-    options, appends, flags, positionals = FAST[name]
+    options, positionals = FAST[name]
     sub = subparsers(build_parser(only=name))[name]
-    declared = {o for a in option_actions(sub) for o in a.option_strings} - {"-h", "--help"}
-    assert declared == set(options) | set(appends) | set(flags), f"parser.FAST[{name!r}]"
+    declared = {o: (a.dest, a.default) for a in option_actions(sub) for o in a.option_strings if a.dest != "help"}
+    assert declared == {o: (dest, default) for o, (dest, _, default) in options.items()}, f"parser.FAST[{name!r}]"
     wanted = [a.dest for a in positional_actions(sub)]
     assert wanted == (["command"] if positionals is None else list(positionals))
 
 
 # ---- property: whatever fast_parse accepts, argparse reads the same ------------------------------
 
-OPTIONS = sorted({o for name in FAST for part in FAST[name][:3] for o in part})
+OPTIONS = sorted({o for options, _ in FAST.values() for o in options})
 WORDS = st.one_of(
     st.sampled_from(OPTIONS + ["--socket", "--", "-", "-h", "--help", "--version", "--bun", "--env=", "--pty=1",
                                "-x y", "-1", "-1.5", "--socket=/s"]),
@@ -124,8 +124,9 @@ def usual(draw) -> list[str]:
     """A command line of a fast subcommand made of its own options and values (with some noise):
     most are accepted, so that the property is tested on what fast_parse does read."""
     name = draw(st.sampled_from(list(FAST)))
-    options, appends, flags, positionals = FAST[name]
-    with_value = sorted({*options, *appends})
+    options, positionals = FAST[name]
+    with_value = sorted(o for o, (_, kind, _) in options.items() if kind != FLAG)
+    flags = sorted(o for o, (_, kind, _) in options.items() if kind == FLAG)
     words: list[str] = []
     for _ in range(draw(st.integers(0, 6))):
         kind = draw(st.integers(0, 2))
@@ -134,7 +135,7 @@ def usual(draw) -> list[str]:
         elif kind == 1:
             words.append(f"{draw(st.sampled_from(with_value))}={draw(VALUES)}")
         elif flags:
-            words.append(draw(st.sampled_from(sorted(flags))))
+            words.append(draw(st.sampled_from(flags)))
     if positionals is None:
         at = draw(st.integers(0, len(words) // 2)) * 2 if draw(st.booleans()) else len(words)
         words[at:at] = draw(st.sampled_from([["--bundle", "/b"], ["--image=i"], []]))
