@@ -14,6 +14,7 @@ lines, and argparse only the others (--help, mistakes, the other subcommands).
 
 from __future__ import annotations
 
+import _signal  # signal's C half: signal.py builds its enums at import
 import posix  # os's C half (nodestepd/ctl/__init__.py says why)
 import sys
 
@@ -27,8 +28,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable
-
-SIGINT = 2  # signal.SIGINT, without importing signal.py (its enums)
 
 # What each subcommand of parser.SUBCOMMANDS does: its exit status, or a ClientError.
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         posix.dup2(posix.open("/dev/null", posix.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     except KeyboardInterrupt:
-        return 128 + SIGINT
+        return 128 + _signal.SIGINT
 
 
 def _site() -> None:
