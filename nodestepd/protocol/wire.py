@@ -139,9 +139,10 @@ def _digits(text: str) -> bool:
 MAX_JSON_DEPTH = 64
 
 _KEPT = b'[]{}"'
-_NOT_KEPT = bytes(b for b in range(256) if b not in _KEPT)
-_DEPTH_STEP = tuple(1 if b in b"[{" else -1 if b in b"]}" else 0 for b in range(256))
-_QUOTE = tuple(1 if b == ord('"') else 0 for b in range(256))
+_NOT_KEPT = bytes(range(256)).translate(None, _KEPT)
+# By the bytes that are kept (literals, not loops over 256: wire is on the client's start-up):
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1, ord('"'): 0}
+_QUOTE = {ord("["): 0, ord("{"): 0, ord("]"): 0, ord("}"): 0, ord('"'): 1}
 _OUTSIDE = (1, 0)  # by the count of quotes so far, mod 2
 
 

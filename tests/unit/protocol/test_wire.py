@@ -94,3 +94,24 @@ def test_the_client_side_imports_nothing_the_interpreter_has_not_loaded():
     loaded = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path[:0] = {sys.path!r}; {code}"],
                             capture_output=True, text=True, check=True).stdout.split()
     assert set(loaded) <= {"nodestepd", "nodestepd.protocol", "nodestepd.protocol.wire", "_json", "__future__"}
+
+
+def nesting(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(nesting, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(nesting, value), default=0)
+    return 0
+
+
+NESTED = st.recursive(st.text(alphabet='[]{}"\\ a', max_size=4) | st.integers(),
+                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text('[]{}"\\', max_size=3), inner,
+                                                                                   max_size=3), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(NESTED, st.integers(0, 4))
+def test_json_too_deep_counts_the_nesting_of_arrays_and_objects_only(value, limit):
+    text = json.dumps(value)
+    assert wire.json_too_deep(text, limit) == (nesting(value) > limit)
+    assert wire.json_too_deep(text.encode(), limit) == (nesting(value) > limit)
