@@ -435,13 +435,18 @@ def _fast_subcommand(options: dict, positionals: tuple[str, ...] | None, argv: l
                     return None
         elif positionals is None:
             values["command"] = argv[i - 1:]  # the remainder: all that follows, "--" included
-            return values if (values["bundle"] is None) != (values["image"] is None) else None
+            return _one_source(values)
         else:
             words.append(word)
     if positionals is None:
         values["command"] = []
-        return values if (values["bundle"] is None) != (values["image"] is None) else None
+        return _one_source(values)
     if len(words) != len(positionals):
         return None
     values.update(zip(positionals, words))
     return values
+
+
+def _one_source(values: dict) -> dict | None:
+    """run's values if they name --bundle or --image (argparse's required exclusive group), else None."""
+    return values if (values["bundle"] is None) != (values["image"] is None) else None
