@@ -28,6 +28,7 @@ def __getattr__(name: str):
         return header
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 # Exit status conventions shared by the daemon and the client.
 STATUS_LAUNCH_FAILED = 125  # the step could not start (as docker/podman run do)
 STATUS_CONNECTION_LOST = 255
