@@ -5,9 +5,7 @@ cancel, wait, status, reload), and the entry points of those that need no daemon
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
+import posix  # os's C half (nodestepd/ctl/__init__.py says why)
 import sys
 import time
 
@@ -15,6 +13,10 @@ from nodestepd.ctl.exits import EXIT_USAGE, ClientError, step_exit_status
 from nodestepd.ctl.parser import build_parser, remainder
 from nodestepd.ctl.transport import request
 from nodestepd.protocol import wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 PS_COLUMNS = ("STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND")
 
@@ -56,6 +58,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     steps = request(args.socket, {"op": "ps"}, "steps")["steps"]
     if args.json:
+        import json  # not at the top: signal, cancel and wait are on a launch's path
+
         print(json.dumps(steps, indent=2))
         return 0
     for line in ps_table(steps, time.time()):
@@ -112,6 +116,8 @@ def cmd_image(args: argparse.Namespace) -> int:
     message["prune"] = args.action == "prune"
     reply = request(args.socket, message, "images")
     if args.json:
+        import json
+
         print(json.dumps({"images": reply["images"], "kept": reply["kept"]} if args.action != "ls"
                          else reply["images"], indent=2))
         return 0
@@ -135,11 +141,13 @@ def _image_import(args: argparse.Namespace, message: dict) -> int:
     if args.user is not None:
         raise ClientError("image import imports for yourself: no --user", EXIT_USAGE)
     try:
-        ref = parse_ref(args.digest, os.getcwd())
+        ref = parse_ref(args.digest, posix.getcwd())
     except RefError as e:
         raise ClientError(str(e), wire.STATUS_LAUNCH_FAILED) from None
     reply = request(args.socket, {**message, "import": ref.canonical, "image_fingerprint": fingerprint(ref)}, "images")
     if args.json:
+        import json
+
         print(json.dumps(reply["images"], indent=2))
     else:
         print(f"{ref.canonical}: {reply['images'][0]['digest']}")

@@ -2,49 +2,78 @@
 
 Only the parser of the subcommand being run is built (build_parser(only=...)): see SUBCOMMANDS.
 What each subcommand does is in run.py and commands.py; main.py connects the two.
+
+The commands on a launch's path (run, signal, cancel, wait) are first read by fast_parse(),
+a plain loop over argv that gives what argparse would give, or None whenever it is not
+sure (--help, an abbreviation, a value that starts with "-", anything wrong): argparse then
+reads the same argv, with its usual help and messages. argparse (with re, gettext and the
+rest) is imported only then: it was a third of the client's start-up.
+tests/unit/ctl/test_fastparse.py checks that both read every command line alike.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+import posix
 import sys
 
 from nodestepd import __version__
+from nodestepd.ctl import environ
 from nodestepd.protocol import wire
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 DEFAULT_SOCKET = "/run/nodestepd/nodestepd.sock"
 DEFAULT_OCI_CONF = "/etc/slurm/oci.conf"
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's, but finding the terminal's width without importing shutil (and with it
-    bz2, lzma, fnmatch): argparse makes a formatter for every option it adds, so that
-    import was on every launch's path, for help that a launch never prints."""
+def __getattr__(name: str):
+    if name == "HelpFormatter":
+        return help_formatter()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, prog: str, **kwargs) -> None:
-        if kwargs.get("width") is None:
-            kwargs["width"] = terminal_columns() - 2  # as argparse does with shutil's answer
-        super().__init__(prog, **kwargs)
+
+def help_formatter() -> type:
+    """HelpFormatter, which subclasses argparse's: made on first use (argparse is imported
+    only when a parser is built), then kept in the module as HelpFormatter."""
+    if "HelpFormatter" in globals():
+        return globals()["HelpFormatter"]
+    import argparse
+
+    class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+        """argparse's, but finding the terminal's width without importing shutil (and with it
+        bz2, lzma, fnmatch): argparse makes a formatter for every option it adds, so that
+        import was on every launch's path, for help that a launch never prints."""
+
+        def __init__(self, prog: str, **kwargs) -> None:
+            if kwargs.get("width") is None:
+                kwargs["width"] = terminal_columns() - 2  # as argparse does with shutil's answer
+            super().__init__(prog, **kwargs)
+
+    globals()["HelpFormatter"] = HelpFormatter
+    return HelpFormatter
 
 
 def terminal_columns() -> int:
     """shutil.get_terminal_size().columns: $COLUMNS if positive, else stdout's terminal's, else 80."""
     try:
-        columns = int(os.environ["COLUMNS"])
+        columns = int(environ()["COLUMNS"])
     except (KeyError, ValueError):
         columns = 0
     if columns > 0:
         return columns
     try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+        return posix.get_terminal_size(sys.__stdout__.fileno()).columns or 80
     except (AttributeError, ValueError, OSError):  # stdout is None, closed or not a terminal
         return 80
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or (only=NAME) the same with just that subcommand's parser."""
-    raw = HelpFormatter
+    import argparse
+
+    raw = help_formatter()
     p = argparse.ArgumentParser(
         prog="nodestepctl",
         description="Run and manage OCI container steps through the local nodestepd.",
@@ -55,7 +84,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "  nodestepctl check-config /etc/slurm/oci.conf",
         formatter_class=raw,
     )
-    p.add_argument("--socket", default=os.environ.get("NODESTEPD_SOCKET", DEFAULT_SOCKET),
+    p.add_argument("--socket", default=environ().get("NODESTEPD_SOCKET", DEFAULT_SOCKET),
                    help=f"daemon socket (default $NODESTEPD_SOCKET or {DEFAULT_SOCKET})")
     p.add_argument("--version", action="version", version=f"nodestepctl {__version__}")
     sub = p.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
@@ -135,7 +164,7 @@ def _add_run(sub, raw) -> None:
     run.add_argument("--user", metavar="NAME|UID",
                      help="operators only: run the step as this user (config.json and --output/--error are then "
                      "opened by the daemon as that user)")
-    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
+    run.add_argument("command", nargs="...", metavar="-- COMMAND [ARG...]")  # argparse.REMAINDER
 
 
 def _add_ps(sub, raw) -> None:
@@ -244,7 +273,7 @@ def _add_doctor(sub, raw) -> None:
                         help="the daemon's TOML settings (default /etc/nodestepd/nodestepd.toml, optional)")
     doctor.add_argument("--oci-conf", metavar="FILE", help="oci.conf to check (default: the daemon's setting)")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
-    doctor.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]",
+    doctor.add_argument("command", nargs="...", metavar="-- COMMAND [ARG...]",  # argparse.REMAINDER
                         help="command for the test run (default: true in run mode, sleep 60 in create/start mode)")
 
 
@@ -301,3 +330,129 @@ def named_subcommand(argv: list[str]) -> str | None:
 def remainder(words: list[str]) -> list[str]:
     """The words of a `-- COMMAND [ARG...]` positional, without the "--" argparse leaves in front."""
     return words[1:] if words[:1] == ["--"] else words
+
+
+# ---- the fast path ------------------------------------------------------------------------------
+
+class Args:
+    """A parsed command line, attribute by attribute, as argparse.Namespace holds it."""
+
+    def __init__(self, **values: object) -> None:
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        return f"Args({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
+
+
+# What fast_parse knows of each subcommand on a launch's path, as _add_* above declares it:
+# each option (its dest, its type, choices, APPEND or FLAG, and its default), then the
+# positionals' dests or, for run (None), the `-- COMMAND [ARG...]` remainder. An option
+# added to a parser above needs its line here too: without it, a command line with the
+# option goes to argparse, but one without it would lack the attribute
+# (tests/unit/ctl/test_fastparse.py says which line is missing).
+APPEND, FLAG = "append", "flag"
+_RUN = {
+    "--bundle": ("bundle", str, None),
+    "--image": ("image", str, None),
+    "--mount": ("mount", APPEND, []),
+    "--workdir": ("workdir", str, None),
+    "--entrypoint": ("entrypoint", str, None),
+    "--job-id": ("job_id", int, None),
+    "--step-id": ("step_id", int, None),
+    "--ntasks": ("ntasks", int, None),
+    "--task-id": ("task_id", int, None),
+    "--local-id": ("local_id", int, None),
+    "--container-id": ("container_id", str, None),
+    "--chdir": ("chdir", str, None),
+    "--env": ("env", APPEND, []),
+    "--export": ("export", ("ALL", "NONE"), "ALL"),
+    "--pty": ("pty", FLAG, False),
+    "--detach": ("detach", FLAG, False),
+    "--output": ("output", str, None),
+    "--error": ("error", str, None),
+    "--reattach-timeout": ("reattach_timeout", float, None),
+    "--user": ("user", str, None),
+    "--preserve-fds": ("preserve_fds", int, 0),
+}
+_WHOSE = {"--user": ("user", str, None)}
+FAST = {
+    "run": (_RUN, None),
+    "signal": (_WHOSE, ("step", "signal")),
+    "cancel": (_WHOSE, ("step",)),
+    "wait": (_WHOSE, ("step",)),
+}
+
+
+def fast_parse(argv: list[str]) -> Args | None:
+    """What build_parser().parse_args(argv) gives, for the plain command lines of FAST's
+    subcommands; None for anything else, which argparse then reads (and helps with or refuses)."""
+    socket = environ().get("NODESTEPD_SOCKET", DEFAULT_SOCKET)
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--socket" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            socket = argv[i + 1]
+            i += 2
+        elif word.startswith("--socket="):
+            socket = word[len("--socket="):]
+            i += 1
+        elif word in FAST:
+            values = _fast_subcommand(*FAST[word], argv[i + 1:])
+            if values is None:
+                return None
+            return Args(socket=socket, subcommand=word, **values)
+        else:
+            return None
+    return None
+
+
+def _fast_subcommand(options: dict, positionals: tuple[str, ...] | None, argv: list[str]) -> dict | None:
+    values = {dest: list(default) if kind == APPEND else default for dest, kind, default in options.values()}
+    words: list[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word.startswith("-") and (word != "--" or positionals is not None):
+            name, eq, value = word.partition("=")
+            if name not in options:
+                return None  # --help, an abbreviation, a mistake, a negative number: argparse's
+            dest, kind, _ = options[name]
+            if kind == FLAG:
+                if eq:
+                    return None
+                values[dest] = True
+                continue
+            if not eq:
+                if i == len(argv) or argv[i].startswith("-"):
+                    return None
+                value = argv[i]
+                i += 1
+            if kind == APPEND:
+                values[dest].append(value)
+            elif isinstance(kind, tuple):
+                if value not in kind:
+                    return None
+                values[dest] = value
+            else:
+                try:
+                    values[dest] = kind(value)
+                except ValueError:
+                    return None
+        elif positionals is None:
+            values["command"] = argv[i - 1:]  # the remainder: all that follows, "--" included
+            return _one_source(values)
+        else:
+            words.append(word)
+    if positionals is None:
+        values["command"] = []
+        return _one_source(values)
+    if len(words) != len(positionals):
+        return None
+    values.update(zip(positionals, words))
+    return values
+
+
+def _one_source(values: dict) -> dict | None:
+    """run's values if they name --bundle or --image (argparse's required exclusive group), else None."""
+    return values if (values["bundle"] is None) != (values["image"] is None) else None

@@ -15,22 +15,29 @@ forwards the signals it held meanwhile. Only a daemon that does not come back wi
 
 from __future__ import annotations
 
-import argparse
-import os
+import _signal  # signal's C half: signal.py builds its enums at import, milliseconds of every launch
+import posix  # os's C half (nodestepd/ctl/__init__.py says why)
 import select
-import signal
-import socket
 import sys
 import time
 
+from nodestepd.ctl import abspath, environ, getenv, isdir
 from nodestepd.ctl.exits import EXIT_USAGE, ClientError, step_exit_status
 from nodestepd.ctl.parser import remainder
 from nodestepd.ctl.transport import ConnectionLost, connect, expect, receive, send, try_connect
 from nodestepd.protocol import wire
 
-FORWARDED_SIGNALS = (
-    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT, signal.SIGTSTP,
-)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    import socket
+
+# The signals forwarded to the step, by their names in the `signal` request.
+SIGNAL_NAMES = {
+    _signal.SIGINT: "SIGINT", _signal.SIGTERM: "SIGTERM", _signal.SIGHUP: "SIGHUP", _signal.SIGUSR1: "SIGUSR1",
+    _signal.SIGUSR2: "SIGUSR2", _signal.SIGCONT: "SIGCONT", _signal.SIGTSTP: "SIGTSTP",
+}
+FORWARDED_SIGNALS = tuple(SIGNAL_NAMES)
 PROGRESS_AFTER = 1.0  # seconds without a reply before the first progress line
 PROGRESS_EVERY = 10.0
 REATTACH_TIMEOUT_ENV = "NODESTEPCTL_REATTACH_TIMEOUT"
@@ -40,9 +47,9 @@ RECONNECT_FIRST, RECONNECT_MAX = 0.05, 0.5  # the backoff between connection att
 
 def _step_ids(args: argparse.Namespace) -> tuple[int | None, int | None]:
     job_id, step_id = args.job_id, args.step_id
-    if job_id is None and os.environ.get("SLURM_JOB_ID"):
+    if job_id is None and getenv("SLURM_JOB_ID"):
         job_id = _int_from_env("SLURM_JOB_ID")
-    if step_id is None and os.environ.get("SLURM_STEP_ID"):
+    if step_id is None and getenv("SLURM_STEP_ID"):
         step_id = _int_from_env("SLURM_STEP_ID")
     return job_id, step_id
 
@@ -56,28 +63,28 @@ def _slurm_task_fields(args: argparse.Namespace) -> dict:
     launch outside srun.
     """
     task_offset, local_offset = args.task_id, args.local_id
-    under_srun = bool(os.environ.get("SLURM_STEP_ID") and os.environ.get("SLURM_PROCID"))
+    under_srun = bool(getenv("SLURM_STEP_ID") and getenv("SLURM_PROCID"))
     if task_offset is None and args.ntasks is None and under_srun:
         task_offset = _int_from_env("SLURM_PROCID")
-        if local_offset is None and os.environ.get("SLURM_LOCALID"):
+        if local_offset is None and getenv("SLURM_LOCALID"):
             local_offset = _int_from_env("SLURM_LOCALID")
     if task_offset is None and local_offset is not None:
         raise ClientError("--local-id goes with a per-task launch (--task-id, or srun's SLURM_PROCID)", EXIT_USAGE)
-    node_id = _int_from_env("SLURM_NODEID") if os.environ.get("SLURM_NODEID") else None
-    container_id = args.container_id or os.environ.get("SLURM_CONTAINER_ID") or None
+    node_id = _int_from_env("SLURM_NODEID") if getenv("SLURM_NODEID") else None
+    container_id = args.container_id or getenv("SLURM_CONTAINER_ID") or None
     return {"task_offset": task_offset, "local_offset": local_offset, "node_id": node_id, "container_id": container_id}
 
 
 def _int_from_env(name: str) -> int:
     try:
-        return int(os.environ[name])
+        return int(environ()[name])
     except ValueError:
-        raise ClientError(f"{name}={os.environ[name]!r} is not a number", wire.STATUS_LAUNCH_FAILED) from None
+        raise ClientError(f"{name}={environ()[name]!r} is not a number", wire.STATUS_LAUNCH_FAILED) from None
 
 
 def _read_bundle_config(bundle: str) -> tuple[str | None, str | None]:
     """config.json read with the caller's own rights (the daemon never opens it as root)."""
-    path = os.path.join(bundle, "config.json")
+    path = bundle.rstrip("/") + "/config.json"  # as os.path.join: the bundle is absolute
     try:
         with open(path, "rb") as f:
             data = f.read(wire.MAX_MESSAGE // 2 + 1)
@@ -106,15 +113,14 @@ def _require_utf8(what: str, value: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ClientError(
-            f"{what} is not valid UTF-8 ({os.fsencode(value)!r}); nodestepd passes text only",
-            wire.STATUS_LAUNCH_FAILED,
-        ) from None
+        raw = value.encode(sys.getfilesystemencoding(), "surrogateescape")  # os.fsencode
+        raise ClientError(f"{what} is not valid UTF-8 ({raw!r}); nodestepd passes text only",
+                          wire.STATUS_LAUNCH_FAILED) from None
 
 
 def _open_output(path: str) -> int:
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        return posix.open(path, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, 0o666)
     except OSError as e:
         raise ClientError(f"cannot open output file {path}: {e.strerror}", wire.STATUS_LAUNCH_FAILED) from None
 
@@ -141,7 +147,7 @@ def preserved_fds(args: argparse.Namespace, env: dict[str, str]) -> list[int]:
 
 def _is_open(fd: int) -> bool:
     try:
-        os.fstat(fd)
+        posix.fstat(fd)
     except OSError:
         return False
     return True
@@ -161,10 +167,10 @@ def run_request(args: argparse.Namespace) -> dict:
     image_fields = _image_fields(args) if image is not None else {}
     if image is None and (args.mount or args.workdir is not None or args.entrypoint is not None):
         raise ClientError("--mount, --workdir and --entrypoint go with --image", EXIT_USAGE)
-    bundle = os.path.abspath(args.bundle) if image is None else ""
-    if image is None and args.user is None and not os.path.isdir(bundle):
+    bundle = abspath(args.bundle) if image is None else ""
+    if image is None and args.user is None and not isdir(bundle):
         raise ClientError(f"bundle {bundle} does not exist or is not a directory", failed)
-    if args.pty and not args.detach and not os.isatty(0):
+    if args.pty and not args.detach and not posix.isatty(0):
         raise ClientError("--pty needs a terminal on standard input", EXIT_USAGE)
     if (args.output or args.error) and not args.detach:
         raise ClientError("--output and --error go with --detach", EXIT_USAGE)
@@ -174,12 +180,12 @@ def run_request(args: argparse.Namespace) -> dict:
                                       else (None, None))
     job_id, step_id = _step_ids(args)
     task_fields = _slurm_task_fields(args)
-    env = dict(os.environ) if args.export == "ALL" else {}
+    env = dict(environ()) if args.export == "ALL" else {}
     env.update(_parse_env(args.env))
     preserved = preserved_fds(args, env)
     if len(preserved) > args.preserve_fds:
         env["PMI_FD"] = str(3 + args.preserve_fds)  # where the container finds it
-    chdir = os.path.abspath(args.chdir) if args.chdir else os.getcwd()
+    chdir = abspath(args.chdir) if args.chdir else posix.getcwd()
     _require_utf8("the bundle path", bundle)
     _require_utf8("the working directory", chdir)
     for i, arg in enumerate(command):
@@ -211,19 +217,19 @@ def run_request(args: argparse.Namespace) -> dict:
         message["user"] = args.user
         for name in ("output", "error"):
             if getattr(args, name):
-                message[name] = os.path.abspath(getattr(args, name))
+                message[name] = abspath(getattr(args, name))
     return message
 
 
 def reattach_timeout(args: argparse.Namespace) -> float:
     """--reattach-timeout, else $NODESTEPCTL_REATTACH_TIMEOUT, else REATTACH_TIMEOUT seconds."""
     value, source = args.reattach_timeout, "--reattach-timeout"
-    if value is None and os.environ.get(REATTACH_TIMEOUT_ENV):
+    if value is None and getenv(REATTACH_TIMEOUT_ENV):
         source = REATTACH_TIMEOUT_ENV
         try:
-            value = float(os.environ[REATTACH_TIMEOUT_ENV])
+            value = float(environ()[REATTACH_TIMEOUT_ENV])
         except ValueError:
-            raise ClientError(f"{REATTACH_TIMEOUT_ENV}={os.environ[REATTACH_TIMEOUT_ENV]!r} is not a number of "
+            raise ClientError(f"{REATTACH_TIMEOUT_ENV}={environ()[REATTACH_TIMEOUT_ENV]!r} is not a number of "
                               "seconds", EXIT_USAGE) from None
     if value is None:
         return REATTACH_TIMEOUT
@@ -239,7 +245,7 @@ def _image_fields(args: argparse.Namespace) -> dict:
 
     failed = wire.STATUS_LAUNCH_FAILED
     try:
-        ref = parse_ref(args.image, os.getcwd())
+        ref = parse_ref(args.image, posix.getcwd())
     except RefError as e:
         raise ClientError(str(e), failed) from None
     _require_utf8("the image reference", ref.canonical)
@@ -249,7 +255,7 @@ def _image_fields(args: argparse.Namespace) -> dict:
         readonly = len(parts) == 3 and parts[2] in ("ro", "rw") and parts[2] == "ro"
         if len(parts) == 3 and parts[2] not in ("ro", "rw") or len(parts) not in (2, 3) or not all(parts[:2]):
             raise ClientError(f"--mount {text!r}: expected SRC:DST[:ro]", EXIT_USAGE)
-        source, destination = os.path.abspath(parts[0]), parts[1]
+        source, destination = abspath(parts[0]), parts[1]
         if not destination.startswith("/"):
             raise ClientError(f"--mount {text!r}: the destination must be an absolute path", EXIT_USAGE)
         _require_utf8("a --mount path", source + destination)
@@ -262,7 +268,7 @@ def _image_fields(args: argparse.Namespace) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     message = run_request(args)
-    given_env = dict(os.environ) if args.export == "ALL" else {}
+    given_env = dict(environ()) if args.export == "ALL" else {}
     given_env.update(_parse_env(args.env))
     preserved = preserved_fds(args, given_env)
     job_id, step_id = message["job_id"], message["step_id"]
@@ -270,10 +276,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     owned: list[int] = []  # what we opened for a detached step; the daemon has its own copies once sent
     try:
         if args.detach:
-            stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            stdin = posix.open("/dev/null", posix.O_RDONLY | posix.O_CLOEXEC)
             owned.append(stdin)
             user_opens = args.user is not None  # the daemon opens --output/--error as the user
-            stdout = _open_output(args.output if args.output and not user_opens else os.devnull)
+            stdout = _open_output(args.output if args.output and not user_opens else "/dev/null")
             owned.append(stdout)
             stderr = stdout if not args.error or user_opens else _open_output(args.error)
             if stderr != stdout:
@@ -289,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             except ConnectionLost as e:
                 raise ClientError(str(e), wire.STATUS_LAUNCH_FAILED) from None
             for fd in owned:
-                os.close(fd)
+                posix.close(fd)
             owned = []
             reply = _await_started(sock, message.get("image"))
         except BaseException:
@@ -313,7 +319,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return Attachment(args.socket, wakeup, (reply["job_id"], reply["step_id"], first_task), timeout).ride(sock)
     finally:
         for fd in owned:
-            os.close(fd)
+            posix.close(fd)
 
 
 def _launch_lost(ref: str | None) -> None:
@@ -355,17 +361,17 @@ def _await_started(sock: socket.socket, image: str | None = None) -> dict | None
 
 def _catch_signals() -> int:
     """Route the forwarded signals into a pipe the attach loop selects on."""
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    r, w = posix.pipe2(posix.O_NONBLOCK | posix.O_CLOEXEC)
+    _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda *_: None)
+        _signal.signal(sig, lambda *_: None)
     return r
 
 
 def _caught(wakeup: int) -> bytes:
     """The signals caught since the last call, in order (each byte a signal number)."""
     try:
-        return os.read(wakeup, 64)
+        return posix.read(wakeup, 64)
     except BlockingIOError:
         return b""
 
@@ -411,7 +417,7 @@ class Attachment:
             self.held += _caught(self.wakeup)
             while self.held:
                 try:
-                    send(sock, {"op": "signal", "signal": signal.Signals(self.held[0]).name})
+                    send(sock, {"op": "signal", "signal": SIGNAL_NAMES[self.held[0]]})
                 except ConnectionLost:
                     break  # held for the next daemon; the read below sees the end
                 del self.held[0]
@@ -488,7 +494,7 @@ class Attachment:
 
     def _hold(self, signums: bytes) -> None:
         for signum in signums:
-            print(f"nodestepctl: signal {signal.Signals(signum).name} held until nodestepd is back",
+            print(f"nodestepctl: signal {SIGNAL_NAMES[signum]} held until nodestepd is back",
                   file=sys.stderr, flush=True)
         self.held += signums
 

@@ -2,14 +2,14 @@
 
 Messages are plain dicts framed by nodestepd.protocol.wire (docs/protocol.md lists their
 fields); the daemon validates them. Standard library and wire only: this module is on
-every launch's path (bench/driver.py uses it too).
+every launch's path (bench/driver.py uses it too). It uses _socket, the C half of the
+socket module: socket.py imports enum and selectors, milliseconds of the client's start.
 """
 
 from __future__ import annotations
 
-import array
-import json
-import socket
+import _socket
+import sys
 
 from nodestepd.ctl.exits import EXIT_ERROR, ClientError
 from nodestepd.protocol import wire
@@ -20,8 +20,24 @@ class ConnectionLost(ClientError):
     """The daemon closed the connection while we were sending."""
 
 
-def connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+class Connection(_socket.socket):
+    """A connected socket, closed at the end of a `with` block as socket.socket is."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _unix_socket() -> Connection:
+    return Connection(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+
+
+def connect(path: str) -> Connection:
+    sock = _unix_socket()
     try:
         sock.connect(path)
     except FileNotFoundError:
@@ -33,10 +49,10 @@ def connect(path: str) -> socket.socket:
     return sock
 
 
-def try_connect(path: str) -> socket.socket | None:
+def try_connect(path: str) -> Connection | None:
     """A connection to the daemon at `path`, or None while no daemon serves there yet (the
     socket missing, nobody listening, or not yet open to everyone: a daemon starting up)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _unix_socket()
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError, PermissionError):
@@ -48,12 +64,13 @@ def try_connect(path: str) -> socket.socket | None:
     return sock
 
 
-def send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
+def send(sock: _socket.socket, message: dict, fds: list[int] | None = None) -> None:
     """Send one message (with the protocol version added), passing `fds` along with it."""
     data = wire.frame_dict({"v": wire.VERSION, **message})
     try:
         if fds:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)  # C ints
+            ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)]
             sent = sock.sendmsg([data], ancillary)
             data = data[sent:]
         if data:  # sendall(b"") still calls send(): EPIPE if the daemon already answered and closed
@@ -62,7 +79,7 @@ def send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> No
         raise ConnectionLost("nodestepd closed the connection before the request was sent") from None
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def _recv_exact(sock: _socket.socket, n: int) -> bytes | None:
     chunks = bytearray()
     while len(chunks) < n:
         try:
@@ -75,16 +92,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return bytes(chunks)
 
 
-def receive(sock: socket.socket) -> dict | None:
+def receive(sock: _socket.socket) -> dict | None:
     """The next reply, or None when the daemon closed the connection."""
-    header = _recv_exact(sock, wire.HEADER.size)
+    header = _recv_exact(sock, wire.HEADER_SIZE)
     if header is None:
         return None
     body = _recv_exact(sock, wire.frame_length(header))
     if body is None:
         return None
     try:
-        reply = json.loads(body)
+        reply = wire.loads(body)
     except ValueError as e:
         raise ProtocolError(f"malformed reply from nodestepd: {e}") from None
     if not isinstance(reply, dict) or not isinstance(reply.get("type"), str):
