@@ -194,33 +194,48 @@ class Step:
         return preparation
 
     async def _launch(self, preparation: Preparation, stdio: Stdio) -> None:
-        planned = await asyncio.to_thread(preparation.plan)
-        self.tasks, self._planned_spool = planned.tasks, planned.layout
-        # Recorded before anything is created, and again before anything runs: a daemon
-        # that dies from here on leaves a record that says what to clean up (the spool dir
-        # as "pending" until its directories are known).
-        await self._save_or_fail()
-        prepared = await asyncio.to_thread(preparation.create, planned)
-        self.spool, self.tasks, self._planned_spool = prepared.spool, prepared.tasks, None
-        await self._save_or_fail()
-        if self.settings.stage_in is not None:
-            prepared = await self._stage_in(prepared, preparation.redirect)
-        self._stage_out_due = True
-        if self.settings.stage_in is not None:
-            await self._save_or_fail()  # with the bundle it may have chosen, and stage_out due
-        exits = await asyncio.to_thread(self.store.open_exits, self.name)
         try:
+            prepared, exits = await asyncio.to_thread(self._prepare, preparation)
+        except OSError as e:
+            raise self._unrecorded(e) from None
+        try:
+            if self.settings.stage_in is not None:
+                prepared = await self._stage_in(prepared, preparation.redirect)
+            self._stage_out_due = True
+            if self.settings.stage_in is not None:
+                await self._save_or_fail(durable=False)  # with the bundle it may have chosen, and stage_out due
             await self.mode.start(self.tasks, Starting(prepared.first_commands, stdio, exits, self.spec.first_task,
                                                        self.timings))
         finally:
             os.close(exits)  # each monitor holds its own
         self._enter(StepState.RUNNING)
         try:
+            # The one durable write of a launch, before it is acknowledged.
             await self._save_or_fail()
         except LaunchFailed:
             await self.mode.undo(self.tasks)
             raise
         self._keeps_result = True
+
+    def _prepare(self, preparation: Preparation) -> tuple[Prepared, int]:
+        """Plan the launch, record the plan, create the spool, record it, open the exit file:
+        blocking, in one worker thread (one hop off the loop, not five). Returns the launch
+        and the exit file's fd; raises LaunchFailed, or OSError when a record cannot be written.
+
+        Recorded before anything is created, and again before anything runs: a daemon that
+        dies from here on leaves a record that says what to clean up (the spool dir as
+        "pending" until its directories are known). Both writes skip fsync: a daemon that
+        dies reads them back from the page cache, which is all restart survival needs (a
+        crash of the machine ends every task with it; what it may leak is a spool dir of a
+        launch never acknowledged). The write before the acknowledgement is durable (_launch).
+        """
+        planned = preparation.plan()
+        self.tasks, self._planned_spool = planned.tasks, planned.layout
+        self.store.write(self._record(), durable=False)
+        prepared = preparation.create(planned)
+        self.spool, self.tasks, self._planned_spool = prepared.spool, prepared.tasks, None
+        self.store.write(self._record(), durable=False)
+        return prepared, self.store.open_exits(self.name)
 
     async def _stage_in(self, prepared: Prepared, redirect: Redirect | None) -> Prepared:
         """Run the site's stage_in as the user; raises LaunchFailed when it fails (or asks
@@ -283,13 +298,16 @@ class Step:
         return stage.hook_env(self.runtime.env, stage=which, spec=self.spec, orig_bundle=self.orig_bundle,
                               rootfs=rootfs, spool_dir=spool_dir, config_json=config_json, status=status)
 
-    async def _save_or_fail(self) -> None:
+    async def _save_or_fail(self, *, durable: bool = True) -> None:
         """Write the record; a launch that cannot be recorded does not go on."""
         try:
-            await self._save()
+            await self._save(durable=durable)
         except OSError as e:
-            self.log.error("cannot write the step's record", error=str(e), state_dir=self.store.path)
-            raise LaunchFailed(f"cannot record the step in {self.store.path}: {e.strerror or e}") from None
+            raise self._unrecorded(e) from None
+
+    def _unrecorded(self, e: OSError) -> LaunchFailed:
+        self.log.error("cannot write the step's record", error=str(e), state_dir=self.store.path)
+        return LaunchFailed(f"cannot record the step in {self.store.path}: {e.strerror or e}")
 
     # ---- after a daemon restart -----------------------------------------------------
 
@@ -433,15 +451,18 @@ class Step:
 
     # ---- the record -----------------------------------------------------------------
 
-    async def _save(self) -> None:
+    async def _save(self, *, durable: bool = True) -> None:
         """Write the step's current state to its record (serialised: the last state wins)."""
         async with self._save_lock:
-            rec = record.step_record(
-                spec=self.spec, settings=self.settings, runtime_env=dict(self.runtime.env), tasks=self.tasks,
-                spool=self.spool, planned_spool=self._planned_spool, state=self.state.value, cancel_reason=self._cancel_reason,
-                started_at=self.started_at, orig_bundle=self.orig_bundle, stage_out_due=self._stage_out_due,
-            )
-            await asyncio.to_thread(self.store.write, rec)
+            await asyncio.to_thread(self.store.write, self._record(), durable=durable)
+
+    def _record(self) -> StepRecord:
+        return record.step_record(
+            spec=self.spec, settings=self.settings, runtime_env=dict(self.runtime.env), tasks=self.tasks,
+            spool=self.spool, planned_spool=self._planned_spool, state=self.state.value,
+            cancel_reason=self._cancel_reason, started_at=self.started_at, orig_bundle=self.orig_bundle,
+            stage_out_due=self._stage_out_due,
+        )
 
     # ---- the end --------------------------------------------------------------------
 

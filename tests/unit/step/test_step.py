@@ -145,6 +145,7 @@ class FakeStore:
     def __init__(self, fail_writes: set[str] = frozenset()) -> None:
         self.fail_writes = fail_writes
         self.written: list[record.StepRecord] = []
+        self.durable: list[bool] = []  # per write: fsync'd or not
         self.removed: list[str] = []
         self.at_create: list[record.StepRecord] | None = None  # what was written when the spool was created
 
@@ -152,10 +153,11 @@ class FakeStore:
     def states(self) -> list[str]:
         return [r.state for r in self.written]
 
-    def write(self, rec: record.StepRecord) -> None:
+    def write(self, rec: record.StepRecord, *, durable: bool = True) -> None:
         if rec.state in self.fail_writes:
             raise OSError(errno.ENOSPC, "No space left on device")
         self.written.append(rec)
+        self.durable.append(durable)
 
     def remove(self, name: str) -> None:
         self.removed.append(name)
@@ -263,6 +265,15 @@ async def test_a_launch_is_recorded_before_and_after_its_tasks_start():
     assert step.store.states == ["launching", "launching", "running"]
     assert step.mode.calls == [("start", (0, 1), ("runc run task0", "runc run task1"))]
     assert [t.status for t in step.store.written[-1].tasks] == [None, None]
+    await finish(step, 0, 0)
+
+
+async def test_a_launch_makes_one_durable_write_the_one_before_it_is_acknowledged():
+    # The records before the tasks start are for a restarted daemon, which reads them from
+    # the page cache; only the acknowledged launch (running) must survive the machine.
+    step = await launched(make_step())
+    assert list(zip(step.store.states, step.store.durable)) == [
+        ("launching", False), ("launching", False), ("running", True)]
     await finish(step, 0, 0)
 
 
@@ -467,11 +478,11 @@ async def test_a_cancel_while_the_running_record_is_written_terminates_once():
     writing, release = threading.Event(), threading.Event()
     write = step.store.write
 
-    def slow_write(rec) -> None:  # in the worker thread
+    def slow_write(rec, **kwargs) -> None:  # in the worker thread
         if rec.state == "running":
             writing.set()
             assert release.wait(5)
-        write(rec)
+        write(rec, **kwargs)
 
     step.store.write = slow_write
     launch = asyncio.ensure_future(launched(step))
