@@ -131,6 +131,9 @@ class Step:
         self._stage_out_due = False  # stage_in succeeded (or there is none): stage_out runs at the release
         self.stage_out_error: str | None = None  # how stage_out failed, kept with the result
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        # The result once it can be told (exited()): before _done, which waits for the result
+        # to be kept and the record removed.
+        self._exited: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
 
     @property
     def ref(self) -> str:
@@ -396,7 +399,18 @@ class Step:
         return status
 
     async def wait(self) -> StepResult:
+        """The result once the step is fully released (its result kept, its record removed)."""
         return await asyncio.shield(self._done)
+
+    async def exited(self) -> StepResult:
+        """The result as soon as it can be told: every task ended with its status known (or
+        known to be unknown), its container deleted, its spool removed. The result is kept
+        and the record removed after this; until then the step keeps its ids (wait())."""
+        return await asyncio.shield(self._exited)
+
+    @property
+    def exit_told(self) -> bool:
+        return self._exited.done()
 
     def on_finished(self, callback: Callable[[], None]) -> None:
         """Call callback once the step has finished (at once if it has)."""
@@ -417,7 +431,7 @@ class Step:
             elif self._importing is not None:
                 self._importing.cancel()  # its helper is killed, its files removed
             # Still launching: launch() begins the termination once the tasks exist.
-        return await self.wait()
+        return await self.exited()
 
     def leave_running(self) -> None:
         """The daemon stops and leaves this step alone: stop watching it, end nothing, remove nothing.
@@ -480,8 +494,13 @@ class Step:
         self.result = result
         if self.ended_at is None:
             self.ended_at = time.time()
+        self._tell_exit(result)
         self._done.set_result(result)
         self.log.info("step finished", status=result.status)
+
+    def _tell_exit(self, result: StepResult) -> None:
+        if not self._exited.done():
+            self._exited.set_result(result)
 
     def outcome(self, result: StepResult) -> ResultRecord:
         """The step's result as it is kept (step/results.py) and shown by `wait` and `ps`."""
@@ -490,8 +509,8 @@ class Step:
                              not_deleted=[t.not_deleted for t in self.tasks], stage_out_error=self.stage_out_error)
 
     async def _release(self, result: StepResult) -> None:
-        """Reap the tasks, let their monitors go, remove the spool, keep the result and remove
-        the record: the one release point."""
+        """Reap the tasks, let their monitors go, remove the spool, tell the exit, keep the
+        result and remove the record: the one release point."""
         for task in self.tasks:
             if task.watch is not None and not task.running:
                 self.mode.release(task)
@@ -500,7 +519,6 @@ class Step:
                 # The monitor reaps what it held for us and exits; the reaper collects it.
                 task.monitor.release(self.reaper)
                 task.monitor = None
-        self.reaper.sweep()  # whatever the runtimes left orphaned to us
         if self._stage_out_due and self.settings.stage_out is not None:
             # The containers are deleted by now (after_exit, the termination, or the undone
             # launch); the spool is still there for the hook to take what it needs.
@@ -519,15 +537,29 @@ class Step:
                     await asyncio.to_thread(spool.remove)
                 except SpoolError as e:
                     self.log.error("spool dir could not be removed", error=str(e))
-        if self._keeps_result and self.results is not None:
+        # The status is known, the containers deleted, the spool gone: the exit can be told.
+        # The ids stay taken (the registry holds the step) until the record is gone too.
+        self._tell_exit(result)
+        self.reaper.sweep()  # whatever the runtimes left orphaned to us
+        outcome = self.outcome(result) if self._keeps_result and self.results is not None else None
+        async with self._save_lock:  # after any write still under way
+            for message, detail in await asyncio.to_thread(self._keep_result_and_forget, outcome):
+                self.log.error(message, **detail)
+
+    def _keep_result_and_forget(self, outcome: ResultRecord | None) -> list[tuple[str, dict[str, str]]]:
+        """Write the result (durably), then remove the record: blocking, in one worker
+        thread. Returns what went wrong, for the log."""
+        problems: list[tuple[str, dict[str, str]]] = []
+        if outcome is not None:
+            assert self.results is not None
             # Before the record goes: a daemon killed in between finishes the step again from it.
             try:
-                await asyncio.to_thread(self.results.write, self.outcome(result))
+                self.results.write(outcome)
             except OSError as e:
-                self.log.error("cannot keep the step's result; it is kept in memory only", error=str(e),
-                               state_dir=self.results.path)
-        async with self._save_lock:  # after any write still under way
-            try:
-                await asyncio.to_thread(self.store.remove, self.name)
-            except OSError as e:
-                self.log.error("cannot remove the step's record", error=str(e), state_dir=self.store.path)
+                problems.append(("cannot keep the step's result; it is kept in memory only",
+                                 {"error": str(e), "state_dir": self.results.path}))
+        try:
+            self.store.remove(self.name)
+        except OSError as e:
+            problems.append(("cannot remove the step's record", {"error": str(e), "state_dir": self.store.path}))
+        return problems
