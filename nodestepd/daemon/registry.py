@@ -181,7 +181,8 @@ class Registry:
         """Drop the results older than max_age (the oldest come first); their keys."""
         oldest = self._clock() - retention.max_age
         gone = []
-        for key, finished in list(self.finished.items()):
+        while self.finished:  # not a copy of them all: this runs at every lookup and every step's end
+            key, finished = next(iter(self.finished.items()))
             if finished.ended_at >= oldest:
                 break
             del self.finished[key]
