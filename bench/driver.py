@@ -18,6 +18,10 @@ Operations (fields of the JSON argument):
           processes), print the launch time,
           wait for a line on stdin, then SIGKILL each process group, wait for it and run
           after_kill (a shell command with "{i}", or null), and print the cancel time.
+  sequence  runc (the command, split on spaces), name, bundle: the direct create/start
+          sequence nodestepd's create/start mode stands for: `create`, `state` (the init's
+          pid, watched by pidfd), `start`, the wait for the init's exit, `delete`; prints
+          the time (time.time_ns) when the delete has returned.
 Only the standard library and nodestepctl's transport (nodestepd.ctl.transport, .exits): this file
 runs as a script, as the user.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -156,7 +161,27 @@ def spawn(p: dict) -> dict:
     return {"seconds": cancelled}
 
 
-OPS = {"launch": launch, "cancel": cancel, "spawn": spawn}
+def sequence(p: dict) -> dict:
+    runc, name = p["runc"].split(), p["name"]
+
+    def call(*args: str, output: bool = False) -> bytes:
+        # The container's init inherits create's stdio: a pipe there would be held open.
+        return subprocess.run([*runc, *args], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE if output else subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, check=True).stdout
+
+    call("create", name, "-b", p["bundle"])
+    pidfd = os.pidfd_open(json.loads(call("state", name, output=True))["pid"])
+    try:
+        call("start", name)
+        select.select([pidfd], [], [])
+    finally:
+        os.close(pidfd)
+    call("delete", name)
+    return {"returned_ns": time.time_ns()}
+
+
+OPS = {"launch": launch, "cancel": cancel, "spawn": spawn, "sequence": sequence}
 
 if __name__ == "__main__":
     params = json.loads(sys.argv[1])

@@ -24,7 +24,7 @@ QUICK = {"runs": 3}
 TARGET_RATIO = 1.10
 TARGET_CLI_RATIO = 1.5  # the CLI's own target (issue 18): the interpreter alone is about a third of a runc run
 TARGET_CLIENT_MS = 4.0  # nodestepctl's run path above a bare `python -I -S -c pass`, medians of the same run
-TARGET_DAEMON_MS = 2.0
+TARGET_DAEMON_MS = 1.0  # issue 18: daemon launch and exit medians
 S1 = "1 launch overhead"
 S2 = "2 daemon-side latency"
 
@@ -83,11 +83,11 @@ def run(ctx: Context, params: dict) -> list[Row]:
         Row(S1, "CLI: ratio of medians, nodestepctl / direct", ratio, "x", "target", TARGET_CLI_RATIO,
             f"<= {TARGET_CLI_RATIO:.2f}", ratio <= TARGET_CLI_RATIO),
         Row(S2, "request received -> runtime spawned, median", statistics.median(launch), "ms", runc_ref,
-            runc_median, f"< {TARGET_DAEMON_MS:g} ms", statistics.median(launch) < TARGET_DAEMON_MS),
+            runc_median, f"<= {TARGET_DAEMON_MS:g} ms", statistics.median(launch) <= TARGET_DAEMON_MS),
         Row(S2, "request received -> runtime spawned, p95", p95(launch), "ms", runc_ref, runc_median),
         Row(S2, "request received -> `started` sent, median", statistics.median(started), "ms", runc_ref,
             runc_median),
         Row(S2, "task exit -> exit event sent, median", statistics.median(exits), "ms", runc_ref, runc_median,
-            f"< {TARGET_DAEMON_MS:g} ms", statistics.median(exits) < TARGET_DAEMON_MS),
+            f"<= {TARGET_DAEMON_MS:g} ms", statistics.median(exits) <= TARGET_DAEMON_MS),
         Row(S2, "task exit -> exit event sent, p95", p95(exits), "ms", runc_ref, runc_median),
     ]

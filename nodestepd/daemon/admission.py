@@ -35,6 +35,22 @@ MAX_PATH_BYTES = 4096  # PATH_MAX: a longer bundle or chdir could not be opened 
 MAX_MOUNTS = 64
 
 
+def _too_deep() -> BadRequest:
+    return BadRequest(f"config_json nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
+
+
+def _depth_and_identity(config_json: str | None, uid: int) -> tuple[bool, Identity | LookupError | None]:
+    """Blocking: whether config_json nests too deep (refused before step/configjson.py
+    parses it, each level a recursion; a scan of a whole message may take a fraction of a
+    second), and if not, uid's identity (NSS lookups; the LookupError when it has none)."""
+    if config_json is not None and json_too_deep(config_json):
+        return True, None
+    try:
+        return False, Identity.for_uid(uid)
+    except LookupError as e:
+        return False, e
+
+
 class Admission:
     def __init__(self, configuration: Configuration, job_ids: JobIdAllocator, closer: FdCloser) -> None:
         self.configuration = configuration
@@ -49,26 +65,35 @@ class Admission:
             raise BadRequest(f"a run request carries 3 + preserve_fds file descriptors (stdin, stdout, stderr, "
                              f"then {request.preserve_fds} to preserve), got {len(fds)}")
         _check_request(request, self.configuration)
-        # Refused here, before step/configjson.py parses it (each level a recursion); in a
-        # worker thread, as a scan of up to a whole message may take a fraction of a second.
-        if request.config_json is not None and await asyncio.to_thread(json_too_deep, request.config_json):
-            raise BadRequest(f"config_json nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
         step_id = request.step_id if request.step_id is not None else 0
-        target = uid
-        if request.user is not None:
-            if request.config_json is not None or request.config_json_error is not None:
-                raise BadRequest("a run with user must not carry config_json: the daemon reads it as that user")
-            try:
-                target = await asyncio.to_thread(parse_user, request.user)
-            except ValueError as e:
-                raise BadRequest(str(e)) from None
-            if not self.configuration.policy.may_launch_as(uid, target):
-                raise Refused("permission-denied", f"only operators may launch steps as another user "
-                              f"(uid {uid} is not one; see `operators` in nodestepd.toml)", target_uid=target)
+        if request.user is None:
+            # The common launch: the depth check and the caller's identity in one worker thread.
+            too_deep, identity = await asyncio.to_thread(_depth_and_identity, request.config_json, uid)
+            if too_deep:
+                raise _too_deep()
+            if isinstance(identity, LookupError):
+                raise BadRequest(str(identity))
+            return await self._admitted(uid, request, fds, step_id, identity)
+        if request.config_json is not None and await asyncio.to_thread(json_too_deep, request.config_json):
+            raise _too_deep()
+        if request.config_json is not None or request.config_json_error is not None:
+            raise BadRequest("a run with user must not carry config_json: the daemon reads it as that user")
+        try:
+            target = await asyncio.to_thread(parse_user, request.user)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        if not self.configuration.policy.may_launch_as(uid, target):
+            raise Refused("permission-denied", f"only operators may launch steps as another user "
+                          f"(uid {uid} is not one; see `operators` in nodestepd.toml)", target_uid=target)
         try:
             identity = await asyncio.to_thread(Identity.for_uid, target)
         except LookupError as e:
             raise BadRequest(str(e)) from None
+        return await self._admitted(uid, request, fds, step_id, identity)
+
+    async def _admitted(self, uid: int, request: RunRequest, fds: list[int], step_id: int,
+                        identity: Identity) -> tuple[StepSpec, LaunchInput]:
+        """The rest of admit, once the step's identity is known."""
         config_json, config_json_error = request.config_json, request.config_json_error
         if request.image is not None:
             config_json, config_json_error = None, None  # the image's, once it is imported

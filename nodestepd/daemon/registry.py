@@ -53,7 +53,9 @@ class Registry:
         retention: the retention in force (read at each use: a reload changes it).
         results: where finished results are kept (None: in memory only); the registry
         removes those past their retention."""
-        self.running: dict[Key, Step] = {}
+        self.running: dict[Key, Step] = {}  # changed only through _insert and _delete, which keep the indexes
+        self._per_user: collections.Counter[int] = collections.Counter()  # running steps per uid
+        self._by_step: dict[tuple[int, int, int], dict[Key, Step]] = {}  # running launches per (uid, job, step)
         self.finished: collections.OrderedDict[Key, Finished] = collections.OrderedDict()  # oldest end first
         self._on_change = on_change
         self._retention = retention
@@ -72,17 +74,49 @@ class Registry:
         self._check_no_overlap(spec)
         if len(self.running) >= max_steps:
             raise Refused("limit", f"this node runs its maximum of {max_steps} steps (max_steps); try again later")
-        own = sum(1 for s in self.running.values() if s.spec.identity.uid == spec.identity.uid)
+        own = self._per_user[spec.identity.uid]
         if own >= max_steps_per_user:
             raise Refused("limit", f"{spec.identity.user} already has {own} steps on this node, the maximum "
                           f"(max_steps_per_user)")
-        self.running[key_of(spec)] = step
+        self._insert(key_of(spec), step)
+
+    def _insert(self, key: Key, step: Step) -> None:
+        self.running[key] = step
+        self._per_user[key[0]] += 1
+        self._by_step.setdefault(key[:3], {})[key] = step
+
+    def _delete(self, key: Key) -> None:
+        del self.running[key]
+        self._per_user[key[0]] -= 1
+        if not self._per_user[key[0]]:
+            del self._per_user[key[0]]
+        launches = self._by_step[key[:3]]
+        del launches[key]
+        if not launches:
+            del self._by_step[key[:3]]
+
+    def _launches(self, key: Key) -> Iterable[Step]:
+        """The running launches of key's user, job and step."""
+        return self._by_step.get(key[:3], {}).values()
+
+    async def vacated(self, spec: StepSpec) -> None:
+        """Wait until no launch of the user's job.step sharing a task id with spec is
+        releasing: a step tells its exit before its result is kept and its record removed
+        (Step.exited), and keeps its ids until then. A launch of the same ids right after
+        that exit waits for it (a millisecond or two) instead of being refused."""
+        while True:
+            ending = [s for s in self._launches(key_of(spec)) if s.exit_told
+                      and not set(s.spec.task_ids).isdisjoint(spec.task_ids)]
+            if not ending:
+                return
+            await asyncio.wait([asyncio.ensure_future(s.wait()) for s in ending])
+            await asyncio.sleep(0)  # then their retirement (_retire) takes them out of running
 
     def discard(self, step: Step) -> None:
         """A launch that failed: forgotten (its waiters have their result already)."""
         key = key_of(step.spec)
         if self.running.get(key) is step:
-            del self.running[key]
+            self._delete(key)
         self._count_not_deleted(step)
 
     def started(self, step: Step) -> None:
@@ -99,7 +133,7 @@ class Registry:
             if step.state is StepState.FINISHED:
                 self._remember_step(step)
             else:
-                self.running[key_of(step.spec)] = step
+                self._insert(key_of(step.spec), step)
                 self._retire_when_done(step)
         self._on_change(list(self.running.values()))
 
@@ -112,7 +146,7 @@ class Registry:
         await step.wait()
         key = key_of(step.spec)
         if self.running.get(key) is step:
-            del self.running[key]
+            self._delete(key)
             self._on_change(list(self.running.values()))
         self._remember_step(step)
 
@@ -147,7 +181,8 @@ class Registry:
         """Drop the results older than max_age (the oldest come first); their keys."""
         oldest = self._clock() - retention.max_age
         gone = []
-        for key, finished in list(self.finished.items()):
+        while self.finished:  # not a copy of them all: this runs at every lookup and every step's end
+            key, finished = next(iter(self.finished.items()))
             if finished.ended_at >= oldest:
                 break
             del self.finished[key]
@@ -174,7 +209,7 @@ class Registry:
     def _check_no_overlap(self, spec: StepSpec) -> None:
         """Launches of one user's job.step may coexist on a node only with disjoint task ids
         (another user's steps are never looked at: their ids are theirs)."""
-        others = [s.spec for key, s in self.running.items() if key[:3] == key_of(spec)[:3]]
+        others = [s.spec for s in self._launches(key_of(spec))]
         shared = {t for other in others for t in other.task_ids if t in spec.task_ids}
         if not shared:
             return
@@ -193,7 +228,7 @@ class Registry:
     def parts(self, uid: int, job_id: int, step_id: int) -> list[Step | Finished]:
         """Every launch of uid's job.step this daemon knows: the running ones, and finished ones not since relaunched."""
         self._forget(self._expired(self._retention()))
-        running = {k: s for k, s in self.running.items() if k[:3] == (uid, job_id, step_id)}
+        running = dict(self._by_step.get((uid, job_id, step_id), {}))
         finished = {k: s for k, s in self.finished.items() if k[:3] == (uid, job_id, step_id) and k not in running}
         return [s for _, s in sorted({**finished, **running}.items())]
 

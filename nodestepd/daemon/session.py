@@ -393,6 +393,7 @@ class Session:
         state = self.state
         try:
             spec, given = await state.admission.admit(self.uid, request, fds)
+            await state.registry.vacated(spec)
             options = image_options(request)
             if options is not None and state.images is None:
                 raise Refused("launch-failed", "this nodestepd does not run images")
@@ -453,7 +454,7 @@ class Session:
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
         """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
-        done = asyncio.ensure_future(step.wait())
+        done = asyncio.ensure_future(step.exited())
         while not done.done():
             incoming = asyncio.ensure_future(self.conn.receive())
             await asyncio.wait({done, incoming}, return_when=asyncio.FIRST_COMPLETED)

@@ -15,12 +15,16 @@ leaves behind, a create/start container's init among them. What reaches the daem
   has, and is reaped then.
 
 There is no SIGCHLD to tell us (uvloop owns it) and waitpid(-1) would steal the statuses
-that ProcessWatch owns, so `sweep()` looks at our children in /proc, skips the ones a
-ProcessWatch has claimed (CLAIMED, which its own orphan watches join) and those of a thread
-that is spawning (SPAWNING: its new child is not claimed yet; the kernel hands orphans to
-the main thread, which never spawns, so none waits long), reaps the dead ones and watches
-the live ones through a pidfd until they end. Steps call it when they release
-their processes, which is when their leftovers appear.
+that ProcessWatch owns, so `sweep()` looks at the main thread's children in /proc, skips
+the ones a ProcessWatch has claimed (CLAIMED, which its own orphan watches join), reaps
+the dead ones and watches the live ones through a pidfd until they end. The main thread's
+alone: the kernel hands every orphan to the first live thread of the subreaper, its main
+thread (find_new_reaper), and so are the children of a thread that exits; the other
+threads' children are what they spawned, each claimed by its ProcessWatch as soon as its
+pidfd is open (the main thread never spawns: it would be in SPAWNING meanwhile). Reading
+one children file, not one per thread (the daemon keeps a dozen or more idle threads),
+is what keeps the sweep cheap. Steps call it when they release their processes, which
+is when their leftovers appear.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import os
 from collections.abc import Coroutine
 
 from nodestepd.logs import get_logger
-from nodestepd.process.watch import CLAIMED, SPAWN_LOCK, SPAWNING, ProcessWatch, children
+from nodestepd.process.watch import CLAIMED, SPAWN_LOCK, SPAWNING, ProcessWatch, thread_children
 
 
 def _log():
@@ -53,7 +57,9 @@ class Reaper:
         # Held for the sweep alone (/proc reads, pidfd opens, WNOHANG peeks: nothing waits for
         # a process); a spawn holds it only to enter or leave SPAWNING.
         with SPAWN_LOCK:
-            for pid in children(os.getpid(), skip_threads=SPAWNING):
+            if os.getpid() in SPAWNING:
+                return  # never: the loop's thread does not spawn (its new child is not claimed yet)
+            for pid in thread_children(os.getpid()):  # the main thread's: where orphans go
                 if pid in CLAIMED:  # a ProcessWatch's, this reaper's own among them
                     continue
                 try:

@@ -27,6 +27,7 @@ import asyncio
 import errno
 import heapq
 import os
+import queue
 import select
 import signal
 import subprocess
@@ -50,13 +51,15 @@ T = TypeVar("T")
 
 
 async def off_loop(fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
-    """fn(*args, **kwargs) in a new thread of its own; awaits its result.
+    """fn(*args, **kwargs) in a thread of its own; awaits its result.
 
     For blocking work that waits on a user's process (a spawn, a helper): unlike
     asyncio.to_thread, it takes no thread of the default executor, which the daemon's
     other work shares, so processes stopped by their user cannot queue that work behind
-    them. Each such wait has a deadline of its own, which bounds the thread's life. If the
-    caller is cancelled, the thread still runs to its end (and cleans up after itself).
+    them. The thread is an idle one kept from an earlier call, or a new one when none is
+    idle (_Workers): a call never waits for another. Each such wait has a deadline of its
+    own, which bounds the thread's use. If the caller is cancelled, the thread still runs
+    to its end (and cleans up after itself).
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -69,18 +72,64 @@ async def off_loop(fn: Callable[..., T], /, *args: object, **kwargs: object) -> 
         else:
             future.set_result(result)  # type: ignore[arg-type]
 
-    def run() -> None:
+    def run() -> Callable[[], None]:
         try:
             result, error = fn(*args, **kwargs), None
         except BaseException as e:
             result, error = None, e
-        try:
-            loop.call_soon_threadsafe(settle, result, error)
-        except RuntimeError:
-            pass  # the loop is closed: nobody is waiting any more
 
-    threading.Thread(target=run, name=f"nodestepd {getattr(fn, '__name__', 'call')}", daemon=True).start()
+        def deliver() -> None:
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting any more
+
+        return deliver
+
+    _WORKERS.run(run)
     return await future
+
+
+_Job = Callable[[], Callable[[], None]]
+
+
+class _Workers:
+    """off_loop's threads. A thread started per call cost every launch a tenth of a
+    millisecond or more on a loaded machine, so a thread that finished its call waits,
+    blocked and costing nothing, for the next; up to `keep` of them. A call
+    that finds none idle starts a new thread: no call ever queues behind another, which
+    may be waiting for a process its user stopped."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[_Job]] = []
+
+    def run(self, job: _Job) -> None:
+        """job() does the work and returns how to deliver its result, which the thread
+        calls once it is idle again: the caller's next call can have it."""
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is not None:
+            inbox.put(job)
+            return
+        inbox = queue.SimpleQueue()
+        inbox.put(job)
+        threading.Thread(target=self._serve, args=(inbox,), name="nodestepd off_loop", daemon=True).start()
+
+    def _serve(self, inbox: queue.SimpleQueue[_Job]) -> None:
+        while True:
+            deliver = inbox.get()()
+            with self._lock:
+                kept = len(self._idle) < self._keep
+                if kept:
+                    self._idle.append(inbox)
+            deliver()
+            if not kept:
+                return
+
+
+_WORKERS = _Workers()
 
 
 class _StartDeadline:

@@ -287,9 +287,10 @@ class RecordStore:
             os.close(self._fd)
             self._fd = -1
 
-    def write(self, record: StepRecord) -> None:
-        """Replace the record atomically and durably; on failure (OSError) nothing is left behind."""
-        statefiles.write_atomically(self._fd, record.name + RECORD_SUFFIX, encode(record))
+    def write(self, record: StepRecord, *, durable: bool = True) -> None:
+        """Replace the record atomically, and durably unless durable=False (statefiles.write_atomically);
+        on failure (OSError) nothing is left behind."""
+        statefiles.write_atomically(self._fd, record.name + RECORD_SUFFIX, encode(record), durable=durable)
 
     def remove(self, name: str) -> None:
         """The step is cleaned up: its record and exit file go."""

@@ -43,9 +43,12 @@ def open_private_dir(path: str) -> int:
     return fd
 
 
-def write_atomically(dir_fd: int, name: str, data: bytes) -> None:
+def write_atomically(dir_fd: int, name: str, data: bytes, *, durable: bool = True) -> None:
     """Replace `name` in the directory with `data`, durably; on failure (OSError: a full
-    disk) the file before it stands and no temporary file is left."""
+    disk) the file before it stands and no temporary file is left.
+
+    durable=False skips both fsyncs: the new file is what any process (a restarted daemon)
+    reads at once, but a crash of the machine may leave the one before it, or none."""
     tmp = f".{name}.tmp"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=dir_fd)  # O_EXCL below: nothing stale may be written through
@@ -54,7 +57,8 @@ def write_atomically(dir_fd: int, name: str, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -64,7 +68,8 @@ def write_atomically(dir_fd: int, name: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)
         raise
-    os.fsync(dir_fd)
+    if durable:
+        os.fsync(dir_fd)
 
 
 def is_unfinished_write(name: str) -> bool:

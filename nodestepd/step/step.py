@@ -131,6 +131,9 @@ class Step:
         self._stage_out_due = False  # stage_in succeeded (or there is none): stage_out runs at the release
         self.stage_out_error: str | None = None  # how stage_out failed, kept with the result
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        # The result once it can be told (exited()): before _done, which waits for the result
+        # to be kept and the record removed.
+        self._exited: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
 
     @property
     def ref(self) -> str:
@@ -194,36 +197,53 @@ class Step:
         return preparation
 
     async def _launch(self, preparation: Preparation, stdio: Stdio) -> None:
-        planned = await asyncio.to_thread(preparation.plan)
-        for warning in planned.warnings:
-            self.log.warning("MPI step set up against advice", problem=warning)
-        self.tasks, self._planned_spool = planned.tasks, planned.layout
-        # Recorded before anything is created, and again before anything runs: a daemon
-        # that dies from here on leaves a record that says what to clean up (the spool dir
-        # as "pending" until its directories are known).
-        await self._save_or_fail()
-        prepared = await asyncio.to_thread(preparation.create, planned)
-        self.spool, self.tasks, self._planned_spool = prepared.spool, prepared.tasks, None
-        await self._save_or_fail()
-        if self.settings.stage_in is not None:
-            prepared = await self._stage_in(prepared, preparation.redirect)
-        self._stage_out_due = True
-        if self.settings.stage_in is not None:
-            await self._save_or_fail()  # with the bundle it may have chosen, and stage_out due
-        exits = await asyncio.to_thread(self.store.open_exits, self.name)
         try:
+            prepared, exits, warnings = await asyncio.to_thread(self._prepare, preparation)
+        except OSError as e:
+            raise self._unrecorded(e) from None
+        for warning in warnings:
+            self.log.warning("MPI step set up against advice", problem=warning)
+        try:
+            if self.settings.stage_in is not None:
+                prepared = await self._stage_in(prepared, preparation.redirect)
+            self._stage_out_due = True
+            if self.settings.stage_in is not None:
+                await self._save_or_fail(durable=False)  # with the bundle it may have chosen, and stage_out due
             own_uid = prepared.mpi.own_uid if prepared.mpi is not None else None
             await self.mode.start(self.tasks, Starting(prepared.first_commands, stdio, exits, self.spec.first_task,
-                                                       self.timings, None if own_uid is None else tuple(own_uid)))
+                                                       self.timings,
+                                                       userns=None if own_uid is None else tuple(own_uid)))
         finally:
             os.close(exits)  # each monitor holds its own
         self._enter(StepState.RUNNING)
         try:
+            # The one durable write of a launch, before it is acknowledged.
             await self._save_or_fail()
         except LaunchFailed:
             await self.mode.undo(self.tasks)
             raise
         self._keeps_result = True
+
+    def _prepare(self, preparation: Preparation) -> tuple[Prepared, int, tuple[str, ...]]:
+        """Plan the launch, record the plan, create the spool, record it, open the exit file:
+        blocking, in one worker thread (one hop off the loop, not five). Returns the launch,
+        the exit file's fd and the plan's warnings (to log on the loop); raises LaunchFailed,
+        or OSError when a record cannot be written.
+
+        Recorded before anything is created, and again before anything runs: a daemon that
+        dies from here on leaves a record that says what to clean up (the spool dir as
+        "pending" until its directories are known). Both writes skip fsync: a daemon that
+        dies reads them back from the page cache, which is all restart survival needs (a
+        crash of the machine ends every task with it; what it may leak is a spool dir of a
+        launch never acknowledged). The write before the acknowledgement is durable (_launch).
+        """
+        planned = preparation.plan()
+        self.tasks, self._planned_spool = planned.tasks, planned.layout
+        self.store.write(self._record(), durable=False)
+        prepared = preparation.create(planned)
+        self.spool, self.tasks, self._planned_spool = prepared.spool, prepared.tasks, None
+        self.store.write(self._record(), durable=False)
+        return prepared, self.store.open_exits(self.name), tuple(planned.warnings)
 
     async def _stage_in(self, prepared: Prepared, redirect: Redirect | None) -> Prepared:
         """Run the site's stage_in as the user; raises LaunchFailed when it fails (or asks
@@ -286,13 +306,16 @@ class Step:
         return stage.hook_env(self.runtime.env, stage=which, spec=self.spec, orig_bundle=self.orig_bundle,
                               rootfs=rootfs, spool_dir=spool_dir, config_json=config_json, status=status)
 
-    async def _save_or_fail(self) -> None:
+    async def _save_or_fail(self, *, durable: bool = True) -> None:
         """Write the record; a launch that cannot be recorded does not go on."""
         try:
-            await self._save()
+            await self._save(durable=durable)
         except OSError as e:
-            self.log.error("cannot write the step's record", error=str(e), state_dir=self.store.path)
-            raise LaunchFailed(f"cannot record the step in {self.store.path}: {e.strerror or e}") from None
+            raise self._unrecorded(e) from None
+
+    def _unrecorded(self, e: OSError) -> LaunchFailed:
+        self.log.error("cannot write the step's record", error=str(e), state_dir=self.store.path)
+        return LaunchFailed(f"cannot record the step in {self.store.path}: {e.strerror or e}")
 
     # ---- after a daemon restart -----------------------------------------------------
 
@@ -381,7 +404,18 @@ class Step:
         return status
 
     async def wait(self) -> StepResult:
+        """The result once the step is fully released (its result kept, its record removed)."""
         return await asyncio.shield(self._done)
+
+    async def exited(self) -> StepResult:
+        """The result as soon as it can be told: every task ended with its status known (or
+        known to be unknown), its container deleted, its spool removed. The result is kept
+        and the record removed after this; until then the step keeps its ids (wait())."""
+        return await asyncio.shield(self._exited)
+
+    @property
+    def exit_told(self) -> bool:
+        return self._exited.done()
 
     def on_finished(self, callback: Callable[[], None]) -> None:
         """Call callback once the step has finished (at once if it has)."""
@@ -402,7 +436,7 @@ class Step:
             elif self._importing is not None:
                 self._importing.cancel()  # its helper is killed, its files removed
             # Still launching: launch() begins the termination once the tasks exist.
-        return await self.wait()
+        return await self.exited()
 
     def leave_running(self) -> None:
         """The daemon stops and leaves this step alone: stop watching it, end nothing, remove nothing.
@@ -436,15 +470,18 @@ class Step:
 
     # ---- the record -----------------------------------------------------------------
 
-    async def _save(self) -> None:
+    async def _save(self, *, durable: bool = True) -> None:
         """Write the step's current state to its record (serialised: the last state wins)."""
         async with self._save_lock:
-            rec = record.step_record(
-                spec=self.spec, settings=self.settings, runtime_env=dict(self.runtime.env), tasks=self.tasks,
-                spool=self.spool, planned_spool=self._planned_spool, state=self.state.value, cancel_reason=self._cancel_reason,
-                started_at=self.started_at, orig_bundle=self.orig_bundle, stage_out_due=self._stage_out_due,
-            )
-            await asyncio.to_thread(self.store.write, rec)
+            await asyncio.to_thread(self.store.write, self._record(), durable=durable)
+
+    def _record(self) -> StepRecord:
+        return record.step_record(
+            spec=self.spec, settings=self.settings, runtime_env=dict(self.runtime.env), tasks=self.tasks,
+            spool=self.spool, planned_spool=self._planned_spool, state=self.state.value,
+            cancel_reason=self._cancel_reason, started_at=self.started_at, orig_bundle=self.orig_bundle,
+            stage_out_due=self._stage_out_due,
+        )
 
     # ---- the end --------------------------------------------------------------------
 
@@ -462,8 +499,13 @@ class Step:
         self.result = result
         if self.ended_at is None:
             self.ended_at = time.time()
+        self._tell_exit(result)
         self._done.set_result(result)
         self.log.info("step finished", status=result.status)
+
+    def _tell_exit(self, result: StepResult) -> None:
+        if not self._exited.done():
+            self._exited.set_result(result)
 
     def outcome(self, result: StepResult) -> ResultRecord:
         """The step's result as it is kept (step/results.py) and shown by `wait` and `ps`."""
@@ -472,8 +514,8 @@ class Step:
                              not_deleted=[t.not_deleted for t in self.tasks], stage_out_error=self.stage_out_error)
 
     async def _release(self, result: StepResult) -> None:
-        """Reap the tasks, let their monitors go, remove the spool, keep the result and remove
-        the record: the one release point."""
+        """Reap the tasks, let their monitors go, remove the spool, tell the exit, keep the
+        result and remove the record: the one release point."""
         for task in self.tasks:
             if task.watch is not None and not task.running:
                 self.mode.release(task)
@@ -482,7 +524,6 @@ class Step:
                 # The monitor reaps what it held for us and exits; the reaper collects it.
                 task.monitor.release(self.reaper)
                 task.monitor = None
-        self.reaper.sweep()  # whatever the runtimes left orphaned to us
         if self._stage_out_due and self.settings.stage_out is not None:
             # The containers are deleted by now (after_exit, the termination, or the undone
             # launch); the spool is still there for the hook to take what it needs.
@@ -501,15 +542,29 @@ class Step:
                     await asyncio.to_thread(spool.remove)
                 except SpoolError as e:
                     self.log.error("spool dir could not be removed", error=str(e))
-        if self._keeps_result and self.results is not None:
+        # The status is known, the containers deleted, the spool gone: the exit can be told.
+        # The ids stay taken (the registry holds the step) until the record is gone too.
+        self._tell_exit(result)
+        self.reaper.sweep()  # whatever the runtimes left orphaned to us
+        outcome = self.outcome(result) if self._keeps_result and self.results is not None else None
+        async with self._save_lock:  # after any write still under way
+            for message, detail in await asyncio.to_thread(self._keep_result_and_forget, outcome):
+                self.log.error(message, **detail)
+
+    def _keep_result_and_forget(self, outcome: ResultRecord | None) -> list[tuple[str, dict[str, str]]]:
+        """Write the result (durably), then remove the record: blocking, in one worker
+        thread. Returns what went wrong, for the log."""
+        problems: list[tuple[str, dict[str, str]]] = []
+        if outcome is not None:
+            assert self.results is not None
             # Before the record goes: a daemon killed in between finishes the step again from it.
             try:
-                await asyncio.to_thread(self.results.write, self.outcome(result))
+                self.results.write(outcome)
             except OSError as e:
-                self.log.error("cannot keep the step's result; it is kept in memory only", error=str(e),
-                               state_dir=self.results.path)
-        async with self._save_lock:  # after any write still under way
-            try:
-                await asyncio.to_thread(self.store.remove, self.name)
-            except OSError as e:
-                self.log.error("cannot remove the step's record", error=str(e), state_dir=self.store.path)
+                problems.append(("cannot keep the step's result; it is kept in memory only",
+                                 {"error": str(e), "state_dir": self.results.path}))
+        try:
+            self.store.remove(self.name)
+        except OSError as e:
+            problems.append(("cannot remove the step's record", {"error": str(e), "state_dir": self.store.path}))
+        return problems

@@ -22,6 +22,8 @@ FIGURES = [
     "nodestepctl alone (run path, no daemon), median",
     "request received -> runtime spawned, median", "task exit -> exit event sent, median",
     "exit notice, 0.1 s container, pidfd, median", "RunTimeQuery calls per task, 0.1 s container, pidfd",
+    "exit notice, 0.1 s container, pidfd / direct create-start-delete",
+    "exit notice, 0.1 s container, run mode (RunTimeRun), median",
     "fake runtime (sleep): daemon RSS, 20 steps running", "fake runtime (sleep): daemon CPU while 20 steps run",
     "fake runtime (sleep): daemon wake-ups while 20 steps run", "fake runtime (sleep): launch 20 steps, 4 at a time",
     "fake runtime (sleep): cancel 20 steps, 4 at a time", "runc: launch 2 steps, 4 at a time",

@@ -79,6 +79,31 @@ def test_orphans_become_ours_and_are_reaped_dead_or_alive():
     assert out["end"] == {"children": [], "watched": []}
 
 
+def test_the_orphans_of_what_a_worker_thread_spawned_come_to_the_main_thread_and_are_reaped():
+    # The sweep reads the main thread's children alone: the kernel hands orphans there,
+    # whichever of our threads forked their parent (spawns run in worker threads).
+    out = run_script("""
+        import threading
+
+        async def main():
+            become_subreaper()
+            reaper = Reaper()
+            shell = await asyncio.to_thread(spawn, ["sh", "-c", "true & exit 0"])
+            await shell.wait()
+            shell.reap()
+            while True:  # the orphan has ended, unreaped
+                await asyncio.sleep(0.01)
+                if zombies():
+                    break
+            main_kids = [int(k) for k in open(f"/proc/self/task/{os.getpid()}/children").read().split()]
+            before = {"zombies": len(zombies()), "on_main_thread": sorted(main_kids) == sorted(zombies())}
+            reaper.sweep()
+            print(json.dumps({"before": before, "after": {"zombies": len(zombies()), "children": children(os.getpid())}}))
+        uvloop.run(main())
+    """)
+    assert out == {"before": {"zombies": 1, "on_main_thread": True}, "after": {"zombies": 0, "children": []}}
+
+
 def test_sweep_leaves_claimed_children_alone_and_reaps_orphans_when_they_end():
     out = run_script("""
         async def main():

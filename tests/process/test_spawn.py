@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -818,3 +819,25 @@ async def test_run_program_writing_100_mb_on_each_stream_costs_no_more_than_its_
     assert result.stdout == b"bundle=/b\n" + b"\0" * (4096 - 10)
     assert result.stderr.endswith("last words")
     assert grown < 20 * 1024  # KiB: the memfds held all 200 MB
+
+
+async def test_off_loop_reuses_idle_threads_and_never_queues_a_call_behind_a_busy_one():
+    from nodestepd.process.spawn import off_loop
+
+    first = await off_loop(threading.get_ident)
+    assert await off_loop(threading.get_ident) == first  # the idle thread, not a new one
+    blocked, release = threading.Event(), threading.Event()
+
+    def hold() -> int:
+        blocked.set()
+        assert release.wait(10)
+        return threading.get_ident()
+
+    held = asyncio.ensure_future(off_loop(hold))
+    assert await asyncio.to_thread(blocked.wait, 10)
+    # The kept thread is busy (as if waiting for a stopped process): another call runs at once elsewhere.
+    other = await asyncio.wait_for(off_loop(threading.get_ident), 10)
+    release.set()
+    assert await held == first and other != first
+    with pytest.raises(ZeroDivisionError):
+        await off_loop(lambda: 1 / 0)

@@ -66,6 +66,16 @@ def test_a_stuck_close_holds_up_only_its_own_lane():
     wait_until(lambda: closer.threads == 0)
 
 
+def test_a_thread_whose_lanes_are_done_waits_for_the_next_one():
+    closer = FdCloser()
+    for account in (1, 2, 1):
+        r, w = os.pipe()
+        os.close(w)
+        closer.close([r], account)
+        wait_until(lambda: closer.backlog(account) == 0 and closer.threads == 0)
+    assert len(closer._idle) == 1  # one thread did all three, then waited for more
+
+
 def test_threads_are_bounded_and_waiting_lanes_are_worked_later():
     closer = FdCloser(max_threads=1)
     listener, stuck = lingering_socket()

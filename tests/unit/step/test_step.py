@@ -145,6 +145,7 @@ class FakeStore:
     def __init__(self, fail_writes: set[str] = frozenset()) -> None:
         self.fail_writes = fail_writes
         self.written: list[record.StepRecord] = []
+        self.durable: list[bool] = []  # per write: fsync'd or not
         self.removed: list[str] = []
         self.at_create: list[record.StepRecord] | None = None  # what was written when the spool was created
 
@@ -152,10 +153,11 @@ class FakeStore:
     def states(self) -> list[str]:
         return [r.state for r in self.written]
 
-    def write(self, rec: record.StepRecord) -> None:
+    def write(self, rec: record.StepRecord, *, durable: bool = True) -> None:
         if rec.state in self.fail_writes:
             raise OSError(errno.ENOSPC, "No space left on device")
         self.written.append(rec)
+        self.durable.append(durable)
 
     def remove(self, name: str) -> None:
         self.removed.append(name)
@@ -266,6 +268,15 @@ async def test_a_launch_is_recorded_before_and_after_its_tasks_start():
     await finish(step, 0, 0)
 
 
+async def test_a_launch_makes_one_durable_write_the_one_before_it_is_acknowledged():
+    # The records before the tasks start are for a restarted daemon, which reads them from
+    # the page cache; only the acknowledged launch (running) must survive the machine.
+    step = await launched(make_step())
+    assert list(zip(step.store.states, step.store.durable)) == [
+        ("launching", False), ("launching", False), ("running", True)]
+    await finish(step, 0, 0)
+
+
 async def test_a_launch_is_recorded_with_its_spool_pending_before_the_spool_is_created():
     """A daemon killed while the spool is created leaves a record naming it (recovery removes it)."""
     step = await launched(make_step())
@@ -315,6 +326,31 @@ async def test_the_result_is_kept_before_the_record_goes():
     assert (rec.name, rec.how, rec.status, [(t.task_id, t.status) for t in rec.tasks]) == (
         step.name, "signalled", 137, [(0, 0), (1, 137)])
     assert rec.ended_at == step.ended_at and rec.started_at == step.started_at
+
+
+async def test_the_exit_is_told_once_the_spool_is_gone_before_the_result_is_kept():
+    store = FakeStore()
+    results = FakeResults(store)
+    step = await launched(make_step(store=store, results=results))
+    spool = step.spool
+    writing, release = threading.Event(), threading.Event()
+    write = results.write
+
+    def slow_write(rec) -> None:  # in the worker thread
+        writing.set()
+        assert release.wait(5)
+        write(rec)
+
+    results.write = slow_write
+    for i in range(2):
+        watch(step, i).end(0)
+    told = await asyncio.wait_for(step.exited(), 5)
+    assert told == StepResult(0, (0, 0), cancelled=False) and spool.removed
+    assert await asyncio.to_thread(writing.wait, 5)
+    assert step.state is not StepState.FINISHED
+    assert store.removed == []  # the ids stay taken: the record is still there
+    release.set()
+    assert await asyncio.wait_for(step.wait(), 5) == told and store.removed == [step.name]
 
 
 async def test_a_result_that_cannot_be_kept_is_logged_and_the_step_still_ends():
@@ -467,11 +503,11 @@ async def test_a_cancel_while_the_running_record_is_written_terminates_once():
     writing, release = threading.Event(), threading.Event()
     write = step.store.write
 
-    def slow_write(rec) -> None:  # in the worker thread
+    def slow_write(rec, **kwargs) -> None:  # in the worker thread
         if rec.state == "running":
             writing.set()
             assert release.wait(5)
-        write(rec)
+        write(rec, **kwargs)
 
     step.store.write = slow_write
     launch = asyncio.ensure_future(launched(step))
