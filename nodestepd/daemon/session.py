@@ -516,19 +516,20 @@ def step_info(step: Step | Finished) -> StepInfo:
             status=step.result.status,
             stage_out_failed=step.stage_out_error is not None,
         )
+    result = step.result or step.told
     return StepInfo(
         job_id=spec.job_id,
         step_id=spec.step_id,
         user=spec.identity.user,
         uid=spec.identity.uid,
-        state=step.state.value,
+        state="finished" if result is not None else step.state.value,
         attached=spec.attached,
         bundle=spec.bundle,
         args=list(spec.args),
         started_at=step.started_at,
         tasks=[TaskInfo(task_id=t.task_id, pid=t.watch.pid if t.watch else None,
                         status=t.status if t.status_known else None, not_deleted=t.not_deleted) for t in step.tasks],
-        status=step.result.status if step.result else None,
+        status=result.status if result else None,
         stage_out_failed=step.stage_out_error is not None,
     )
 

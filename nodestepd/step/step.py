@@ -417,6 +417,12 @@ class Step:
     def exit_told(self) -> bool:
         return self._exited.done()
 
+    @property
+    def told(self) -> StepResult | None:
+        """The result once the exit was told (exited()), while it is still being kept: from
+        then on the step is finished for whoever asks (ps agrees with the exit it sent)."""
+        return self._exited.result() if self._exited.done() else None
+
     def on_finished(self, callback: Callable[[], None]) -> None:
         """Call callback once the step has finished (at once if it has)."""
         self._done.add_done_callback(lambda _: callback())
