@@ -5,6 +5,8 @@ knowing only its own tasks, failures and cancels ending everything on both nodes
 
 from __future__ import annotations
 
+import os
+import select
 import shutil
 import tempfile
 import time
@@ -78,3 +80,52 @@ def test_tasks_run_two_per_node_each_through_its_own_daemon(cluster, user, bundl
         for t in range(4):  # the runc containers were named after the node and Slurm's ids
             assert (f"{node.name}.{user.name}.{job}.0.{t}" in log) == (t in mine), (node.name, t)
     cluster.wait_clean(user)
+
+
+def test_a_task_exiting_3_ends_the_step_on_both_nodes_with_3(cluster, user, bundle):
+    # Task 2 (on the second node) fails at once; the others would run for 10 minutes unless
+    # srun's --kill-on-bad-exit ends them: Slurm's SIGTERM reaches each container through its
+    # client and daemon, and they end with 0 on it (sh as the container's pid 1 would ignore
+    # it without a trap), so that 3 is the step's highest status.
+    script = 'if [ "$SLURM_PROCID" = 2 ]; then exit 3; fi; trap "exit 0" TERM; sleep 600 & wait'
+    started = time.monotonic()
+    result = cluster.srun(user, ["-N", "2", "-n", "4", "--kill-on-bad-exit=1", *ctl_run(bundle, "sh", "-c", script)],
+                          timeout=180)
+    assert result.returncode == 3, fail(result, cluster)
+    assert time.monotonic() - started < 150
+    cluster.wait_clean(user)
+
+
+def test_scancel_ends_every_container_on_both_nodes(cluster, user, bundle):
+    script = 'echo "started $SLURM_PROCID $SLURM_JOB_ID"; exec sleep 600'
+    srun = cluster.srun_popen(user, ["-N", "2", "-n", "4", *ctl_run(bundle, "sh", "-c", script)])
+    try:
+        lines = read_lines(srun.stdout, 4, timeout=120)
+        job = lines[0].split()[2]
+        # Every task's container runs, two on each node.
+        assert [len(node.runc_containers(user)) for node in cluster.nodes] == [2, 2]
+        out = cluster.login.run(["scancel", job], env={"PATH": os.environ["PATH"], "SLURM_CONF": str(cluster.conf)})
+        assert out.returncode == 0, out.stderr
+        srun.wait(timeout=120)
+        assert srun.returncode != 0
+        cluster.wait_clean(user)
+    finally:
+        if srun.poll() is None:
+            srun.kill()
+            srun.wait()
+        srun.stdout.close()
+        srun.stderr.close()
+
+
+def read_lines(stream, count: int, timeout: float) -> list[str]:
+    """The first `count` lines of a text pipe, awaited with one deadline for all."""
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while len(lines) < count:
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([stream], [], [], max(left, 0))
+        assert ready, f"only {lines} within {timeout:g} s"
+        line = stream.readline()
+        assert line, f"the output ended after {lines}"
+        lines.append(line)
+    return lines
