@@ -1,7 +1,7 @@
 """A two-node Slurm cluster on one machine, for tests: two simulated nodes, each with its own
 slurmd and its own nodestepd, one slurmctld, one munged.
 
-Each node is a set of fresh namespaces (network, UTS, mount, pid) held by a small init
+Each node is a set of fresh namespaces (network, UTS, IPC, mount, pid) held by a small init
 process (NODE_INIT below, pid 1 of the node's pid namespace):
 
 - network: its own veth end with a private address (10.171.17.1 and .2), created directly
@@ -16,6 +16,9 @@ process (NODE_INIT below, pid 1 of the node's pid namespace):
   live there, shared as a cluster file system would be); a fresh sysfs shows the node's own
   network interfaces (UCX reads them there), with the host's cgroup hierarchies bound under it
   (slurmd 22.05 will not start without them).
+- IPC: its own SysV shared memory, as a real node has. (UCX still takes both simulated nodes
+  for one machine, as they share the boot and machine ids, and tries shared memory between
+  them: MPICH runs here need UCX_TLS=tcp,self.)
 - pid: killing the init kills everything in the node, container processes included.
 
 Lifetimes: every process started here gets PR_SET_PDEATHSIG (the node inits through
@@ -203,7 +206,7 @@ class Node:
         return self.base / "nodestepd-state"
 
     def enter(self, argv: list[str]) -> list[str]:
-        return ["nsenter", f"--target={self.init_pid}", "--net", "--uts", "--mount", "--pid", "--wd=/", "--", *argv]
+        return ["nsenter", f"--target={self.init_pid}", "--net", "--uts", "--ipc", "--mount", "--pid", "--wd=/", "--", *argv]
 
     def start(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> Proc:
         """A long-running process in this node, its output in base/NAME.out, ended by stop()."""
@@ -369,7 +372,7 @@ class Cluster:
         (base / "slurmd-spool").mkdir(mode=0o755)
         conf = {"name": name, "workdir": str(self.base.parent), "hosts": str(hosts),
                 "users": [[u.uid, u.gid] for u in users], "hidden": _hidden_python()}
-        argv = ["unshare", "--net", "--uts", "--mount", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc",
+        argv = ["unshare", "--net", "--uts", "--ipc", "--mount", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc",
                 "--propagation", "slave", "--", sys.executable, "-c", NODE_INIT, json.dumps(conf)]
         log = open(base / "init.out", "wb")
         with log:
