@@ -5,9 +5,12 @@ knowing only its own tasks, failures and cancels ending everything on both nodes
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
+import statistics
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NODESTEPCTL, RUNC_RUN_CONF
+from conftest import NODESTEPCTL, REPO, RUNC_RUN_CONF
 from slurm_cluster import NODE_NAMES, Cluster
 
 pytestmark = pytest.mark.skipif(not shutil.which("slurmd"), reason="Slurm is not installed (scripts/setup.sh)")
@@ -129,3 +132,153 @@ def read_lines(stream, count: int, timeout: float) -> list[str]:
         assert line, f"the output ended after {lines}"
         lines.append(line)
     return lines
+
+
+# ---- MPI across the two nodes --------------------------------------------------------------
+# The bundle (scripts/make-mpi-bundle.sh) holds tests/mpi/mpi_hello.c built against the host's
+# Open MPI and MPICH; each rank prints "rank R of N on HOST uid U", rank 0 "sum S expected E ok".
+
+OPENMPI_HELLO = "/mpi/openmpi/mpi_hello"
+MPICH_HELLO = "/mpi/mpich/mpi_hello"
+# UCX (under MPICH) takes the two simulated nodes for one machine (they share the boot and
+# machine ids) and tries shared memory between them; TCP is what real separate nodes would use.
+MPICH_ENV = {"UCX_TLS": "tcp,self"}
+needs_mpi_bundle = pytest.mark.skipif(not (REPO / "scripts" / "make-mpi-bundle.sh").exists(),
+                                      reason="scripts/make-mpi-bundle.sh is missing")
+
+
+@pytest.fixture(scope="module")
+def mpi_bundle(workdir, user) -> Path:
+    script = REPO / "scripts" / "make-mpi-bundle.sh"
+    path = workdir / "mpi-bundle"
+    subprocess.run(["sh", str(script), user.name, str(path)], check=True, timeout=300)
+    # The ranks report their host name: the containers keep their node's (no UTS namespace of
+    # their own, no "hostname" in config.json), as the bundle's other namespaces keep the host's.
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("hostname", None)
+    config["linux"]["namespaces"] = [n for n in config["linux"]["namespaces"] if n["type"] != "uts"]
+    config_path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def mpi_ranks(stdout: str) -> dict[int, str]:
+    """{rank: host} from mpi_hello's lines; every rank's size must be 4."""
+    ranks = {}
+    for line in stdout.splitlines():
+        if line.startswith("rank "):
+            words = line.split()
+            assert words[3] == "4", line
+            ranks[int(words[1])] = words[5]
+    return ranks
+
+
+def assert_four_ranks_two_per_node(stdout: str) -> dict[int, str]:
+    ranks = mpi_ranks(stdout)
+    assert sorted(ranks) == [0, 1, 2, 3], stdout
+    assert Counter(ranks.values()) == {name: 2 for name in NODE_NAMES}, stdout
+    assert "sum 6 expected 6 ok" in stdout.splitlines(), stdout
+    return ranks
+
+
+def last_job(cluster, user) -> int:
+    return max(s["job_id"] for s in cluster.login.ps(user))
+
+
+@needs_mpi_bundle
+def test_mpi_pmix_four_ranks_two_per_node(cluster, user, mpi_bundle):
+    result = cluster.srun(user, ["-N", "2", "-n", "4", "--mpi=pmix", *ctl_run(mpi_bundle, OPENMPI_HELLO)], timeout=180)
+    assert result.returncode == 0, fail(result, cluster)
+    ranks = assert_four_ranks_two_per_node(result.stdout)
+    job = last_job(cluster, user)
+    for node in cluster.nodes:  # each node's daemon ran its own two ranks, under Slurm's ids
+        assert daemon_tasks(node, user, job) == sorted(r for r, host in ranks.items() if host == node.name)
+    cluster.wait_clean(user)
+
+
+@needs_mpi_bundle
+def test_mpi_pmi2_mpich_four_ranks_two_per_node(cluster, user, mpi_bundle):
+    args = ["-N", "2", "-n", "4", "--mpi=pmi2", *ctl_run(mpi_bundle, MPICH_HELLO)]
+    srun = cluster.srun_popen(user, args, env=cluster.env(user, **MPICH_ENV))
+    try:
+        stdout, stderr = srun.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        # MPICH's finalize can hang (pmodels/mpich#6596): only that exact symptom, every rank
+        # done with its allreduce and the step still running, is an expected failure; the
+        # job is then cancelled and must still leave nothing behind.
+        cancel_all(cluster)
+        stdout, stderr = srun.communicate(timeout=120)
+        cluster.wait_clean(user)
+        ranks = mpi_ranks(stdout)
+        if sorted(ranks) == [0, 1, 2, 3] and "sum 6 expected 6 ok" in stdout.splitlines():
+            pytest.xfail("MPICH hung in MPI_Finalize after a correct run (pmodels/mpich#6596)")
+        raise AssertionError(f"the MPICH step did not end within 120 s:\n{stdout}\n{stderr}\n{cluster.logs()}")
+    assert srun.returncode == 0, f"{stdout}\n{stderr}\n{cluster.logs()}"
+    assert_four_ranks_two_per_node(stdout)
+    cluster.wait_clean(user)
+
+
+@needs_mpi_bundle
+def test_mpi_rank_exiting_3_ends_the_step_on_both_nodes_with_3(cluster, user, mpi_bundle):
+    command = ctl_run(mpi_bundle, OPENMPI_HELLO, "--exit-rank", "2", "--exit-code", "3")
+    result = cluster.srun(user, ["-N", "2", "-n", "4", "--mpi=pmix", *command], timeout=180)
+    assert result.returncode == 3, fail(result, cluster)
+    cluster.wait_clean(user)
+
+
+@needs_mpi_bundle
+def test_mpi_scancel_ends_every_rank_on_both_nodes(cluster, user, mpi_bundle):
+    # Ranks 0-2 wait in MPI_Init for rank 3, which never comes: a step busy in MPI until cancelled.
+    script = f'if [ "$SLURM_PROCID" = 3 ]; then echo "started $SLURM_JOB_ID"; exec sleep 600; fi; exec {OPENMPI_HELLO}'
+    srun = cluster.srun_popen(user, ["-N", "2", "-n", "4", "--mpi=pmix", *ctl_run(mpi_bundle, "sh", "-c", script)])
+    try:
+        job = read_lines(srun.stdout, 1, timeout=120)[0].split()[1]
+        wait_containers(cluster, user, [2, 2])
+        out = cluster.login.run(["scancel", job], env={"PATH": os.environ["PATH"], "SLURM_CONF": str(cluster.conf)})
+        assert out.returncode == 0, out.stderr
+        srun.wait(timeout=120)
+        assert srun.returncode != 0
+        cluster.wait_clean(user)
+    finally:
+        if srun.poll() is None:
+            srun.kill()
+            srun.wait()
+        srun.stdout.close()
+        srun.stderr.close()
+
+
+def wait_containers(cluster, user, counts: list[int], timeout: float = 60) -> None:
+    """Until each node's runc lists that many containers: runc offers no event for it."""
+    deadline = time.monotonic() + timeout
+    while (seen := [len(node.runc_containers(user)) for node in cluster.nodes]) != counts:
+        assert time.monotonic() < deadline, f"containers per node {seen}, not {counts}, after {timeout:g} s"
+        time.sleep(0.1)
+
+
+def cancel_all(cluster) -> None:
+    env = {"PATH": os.environ["PATH"], "SLURM_CONF": str(cluster.conf)}
+    for line in cluster.squeue():
+        cluster.login.run(["scancel", line.split()[0]], env=env)
+
+
+@needs_mpi_bundle
+def test_mpi_wall_time_through_nodestepd_and_direct(cluster, user, mpi_bundle):
+    """Report only (pytest -s shows it): the 2-node, 4-rank pmix job's wall time through
+    nodestepd and the same program run directly under srun, alternated, 5 of each, same cluster."""
+    args = ["-N", "2", "-n", "4", "--mpi=pmix"]
+    ways = {"nodestepd": [*args, *ctl_run(mpi_bundle, OPENMPI_HELLO)],
+            "direct": [*args, str(mpi_bundle / "rootfs" / OPENMPI_HELLO.lstrip("/"))]}
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(5):
+        for way, argv in ways.items():
+            started = time.monotonic()
+            result = cluster.srun(user, argv, timeout=180)
+            times[way].append(time.monotonic() - started)
+            assert result.returncode == 0, fail(result, cluster)
+            assert_four_ranks_two_per_node(result.stdout)
+    cluster.wait_clean(user)
+    medians = {way: statistics.median(t) for way, t in times.items()}
+    print(f"\nsrun -N 2 -n 4 --mpi=pmix mpi_hello, wall time, median of 5: "
+          f"through nodestepd {medians['nodestepd']:.3f} s, direct {medians['direct']:.3f} s, "
+          f"+{medians['nodestepd'] - medians['direct']:.3f} s; all: "
+          + "; ".join(f"{way} " + " ".join(f"{t:.3f}" for t in ts) for way, ts in times.items()))
