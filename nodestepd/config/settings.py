@@ -17,6 +17,14 @@ from nodestepd.config.slurmconf import DEFAULT_SLURM_CONF, SlurmConfError, read_
 DEFAULT_CONFIG_FILE = "/etc/nodestepd/nodestepd.toml"
 LOG_FORMATS = ("auto", "console", "json", "journal")
 STEPS_ON_STOP = ("leave", "cancel")
+# MPI steps (step/mpi.py, docs/admin-guide.md#mpi). mpi_mounts: absolute paths bound at the
+# same place in MPI steps' containers, or these keywords for the step's own PMIx dirs.
+MPI_PMIX_SERVER_DIR = "pmix-server-dir"  # the slurmd spool's pmix.J.S (PMIX_SERVER_TMPDIR)
+MPI_PMIX_APP_DIR = "pmix-app-dir"  # Slurm's /tmp/spmix_appdir_U_J.S, Open MPI's session dir
+MPI_MOUNT_KEYWORDS = (MPI_PMIX_SERVER_DIR, MPI_PMIX_APP_DIR)
+DEFAULT_MPI_MOUNTS = ("/dev/shm", MPI_PMIX_SERVER_DIR, MPI_PMIX_APP_DIR)
+MPI_USER_NAMESPACE = ("auto", "never")
+MPI_NETWORK_NAMESPACE = ("refuse", "warn")
 
 
 class ConfigError(Exception):
@@ -67,6 +75,10 @@ class DaemonConfig:
     image_import_timeout: float = 600.0
     image_cache_max_bytes: int = 0  # per user; 0: no cap
     debug_timings: bool = False  # log each step's daemon-side launch and exit latency (metrics.py)
+    # MPI steps under srun --mpi=pmix/pmi2 (docs/admin-guide.md#mpi): what their containers get.
+    mpi_mounts: tuple[str, ...] = DEFAULT_MPI_MOUNTS
+    mpi_user_namespace: str = "auto"  # auto: PMIx ranks run as the user's own uid (subordinate ids); never
+    mpi_network_namespace: str = "refuse"  # a bundle with its own network namespace: refuse the MPI step, or warn
     config_file: str | None = None  # where the settings came from, for `status`
 
     def validate(self, sources: Mapping[str, str]) -> None:
@@ -152,6 +164,16 @@ def setting_problems(config: DaemonConfig) -> list[tuple[str, str]]:
         resolve_operators(config.operators)
     except ValueError as e:
         problems.append(("operators", str(e)))
+    for mount in config.mpi_mounts:
+        if mount not in MPI_MOUNT_KEYWORDS and (not isinstance(mount, str) or not os.path.isabs(mount)
+                                                or os.path.normpath(mount) != mount or "\0" in mount):
+            problems.append(("mpi_mounts", f"{mount!r} is neither a normalised absolute path nor one of "
+                                           f"{', '.join(MPI_MOUNT_KEYWORDS)}"))
+    if config.mpi_user_namespace not in MPI_USER_NAMESPACE:
+        problems.append(("mpi_user_namespace", f"must be 'auto' or 'never', got {config.mpi_user_namespace!r}"))
+    if config.mpi_network_namespace not in MPI_NETWORK_NAMESPACE:
+        problems.append(("mpi_network_namespace",
+                         f"must be 'refuse' or 'warn', got {config.mpi_network_namespace!r}"))
     return problems
 
 
@@ -216,6 +238,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "debug_timings": (bool,),
     "stage_in": (str,),
     "stage_out": (str,),
+    "mpi_mounts": (list,),
+    "mpi_user_namespace": (str,),
+    "mpi_network_namespace": (str,),
 }
 _FLOATS = ("kill_wait", "runtime_timeout", "client_timeout", "results_max_age", "connection_max_lifetime",
            "reattach_grace", "image_import_timeout")
@@ -241,7 +266,7 @@ def _from_toml(path: str, required: bool) -> dict[str, Any]:
         types = _FIELD_TYPES[key]
         if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             raise ConfigError(f"{path}: {key}: expected {types[0].__name__}, got {type(value).__name__}")
-        if key == "operators":
+        if key in ("operators", "mpi_mounts"):
             value = tuple(value)
         settings[key] = float(value) if key in _FLOATS else value
     return settings

@@ -11,6 +11,7 @@ import os
 import sys
 
 from nodestepd import __version__
+from nodestepd.protocol import wire
 
 DEFAULT_SOCKET = "/run/nodestepd/nodestepd.sock"
 DEFAULT_OCI_CONF = "/etc/slurm/oci.conf"
@@ -127,6 +128,10 @@ def _add_run(sub, raw) -> None:
     run.add_argument("--reattach-timeout", type=float, metavar="SECONDS",
                      help="attached: when nodestepd goes away, wait this long for it to come back and attach "
                      "to the step again, then give up with 255 (default $NODESTEPCTL_REATTACH_TIMEOUT, else 60)")
+    run.add_argument("--preserve-fds", type=int, default=0, metavar="N",
+                     help=f"pass this process's fds 3..3+N-1 to each container, at the same numbers "
+                     f"(0..{wire.MAX_PRESERVE_FDS}; the runtime must be runc or crun). Under srun "
+                     "--mpi=pmi2, PMI_FD is passed too, after them, and set to its number in the container")
     run.add_argument("--user", metavar="NAME|UID",
                      help="operators only: run the step as this user (config.json and --output/--error are then "
                      "opened by the daemon as that user)")

@@ -119,6 +119,34 @@ def _open_output(path: str) -> int:
         raise ClientError(f"cannot open output file {path}: {e.strerror}", wire.STATUS_LAUNCH_FAILED) from None
 
 
+def preserved_fds(args: argparse.Namespace, env: dict[str, str]) -> list[int]:
+    """The fds sent after stdio, for the containers' fds 3, 4, ...: --preserve-fds N's
+    3..3+N-1, then srun --mpi=pmi2's PMI_FD (the task's PMI channel) when the environment
+    passed on names one that is open and not among them already."""
+    count = args.preserve_fds
+    if not 0 <= count <= wire.MAX_PRESERVE_FDS:
+        raise ClientError(f"--preserve-fds {count}: must be between 0 and {wire.MAX_PRESERVE_FDS}", EXIT_USAGE)
+    fds = list(range(3, 3 + count))
+    pmi = env.get("PMI_FD", "")
+    if pmi.isdigit() and int(pmi) > 2 and int(pmi) not in fds and _is_open(int(pmi)):
+        if len(fds) == wire.MAX_PRESERVE_FDS:
+            raise ClientError(f"--preserve-fds {count} leaves no room for PMI_FD (at most "
+                              f"{wire.MAX_PRESERVE_FDS} fds in all)", EXIT_USAGE)
+        fds.append(int(pmi))
+    for fd in fds:
+        if not _is_open(fd):
+            raise ClientError(f"--preserve-fds {count}: fd {fd} is not open", EXIT_USAGE)
+    return fds
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def run_request(args: argparse.Namespace) -> dict:
     """The `run` message for the parsed command line, or a ClientError saying what is wrong with it.
 
@@ -148,6 +176,9 @@ def run_request(args: argparse.Namespace) -> dict:
     task_fields = _slurm_task_fields(args)
     env = dict(os.environ) if args.export == "ALL" else {}
     env.update(_parse_env(args.env))
+    preserved = preserved_fds(args, env)
+    if len(preserved) > args.preserve_fds:
+        env["PMI_FD"] = str(3 + args.preserve_fds)  # where the container finds it
     chdir = os.path.abspath(args.chdir) if args.chdir else os.getcwd()
     _require_utf8("the bundle path", bundle)
     _require_utf8("the working directory", chdir)
@@ -172,6 +203,7 @@ def run_request(args: argparse.Namespace) -> dict:
         "config_json_error": config_json_error,
         # Detached with nowhere to write: the daemon sends the output to the journal when it logs there.
         "output_to_journal": args.detach and not args.output and not args.error,
+        "preserve_fds": len(preserved),
         **task_fields,
         **image_fields,
     }
@@ -230,6 +262,9 @@ def _image_fields(args: argparse.Namespace) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     message = run_request(args)
+    given_env = dict(os.environ) if args.export == "ALL" else {}
+    given_env.update(_parse_env(args.env))
+    preserved = preserved_fds(args, given_env)
     job_id, step_id = message["job_id"], message["step_id"]
     timeout = None if args.detach else reattach_timeout(args)
     owned: list[int] = []  # what we opened for a detached step; the daemon has its own copies once sent
@@ -243,9 +278,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             stderr = stdout if not args.error or user_opens else _open_output(args.error)
             if stderr != stdout:
                 owned.append(stderr)
-            fds = [stdin, stdout, stderr]
+            fds = [stdin, stdout, stderr, *preserved]
         else:
-            fds = [0, 1, 2]
+            fds = [0, 1, 2, *preserved]
         wakeup = None if args.detach else _catch_signals()
         sock = connect(args.socket)
         try:

@@ -23,7 +23,7 @@ from nodestepd.image.refs import RefError, parse_ref
 from nodestepd.process import asuser
 from nodestepd.process.identity import Identity
 from nodestepd.process.spawn import off_loop
-from nodestepd.protocol.messages import MAX_JSON_DEPTH, RunRequest, json_too_deep
+from nodestepd.protocol.messages import MAX_JSON_DEPTH, MAX_PRESERVE_FDS, RunRequest, json_too_deep
 from nodestepd.step.env import validate_env_name
 from nodestepd.step.spec import LaunchInput, StepSpec
 
@@ -42,9 +42,12 @@ class Admission:
         self.closer = closer  # the fds a request brought and no longer needs are closed off the loop
 
     async def admit(self, uid: int, request: RunRequest, fds: list[int]) -> tuple[StepSpec, LaunchInput]:
-        """Check a run request from uid (its 3 fds may be replaced by files opened as the step's user)."""
-        if len(fds) != 3:
-            raise BadRequest(f"a run request carries exactly 3 file descriptors (stdin, stdout, stderr), got {len(fds)}")
+        """Check a run request from uid (its stdio fds may be replaced by files opened as the step's user)."""
+        if not 0 <= request.preserve_fds <= MAX_PRESERVE_FDS:
+            raise BadRequest(f"preserve_fds must be between 0 and {MAX_PRESERVE_FDS}, got {request.preserve_fds}")
+        if len(fds) != 3 + request.preserve_fds:
+            raise BadRequest(f"a run request carries 3 + preserve_fds file descriptors (stdin, stdout, stderr, "
+                             f"then {request.preserve_fds} to preserve), got {len(fds)}")
         _check_request(request, self.configuration)
         # Refused here, before step/configjson.py parses it (each level a recursion); in a
         # worker thread, as a scan of up to a whole message may take a fraction of a second.
@@ -86,7 +89,8 @@ class Admission:
             node_id=request.node_id,
             container_id=request.container_id,
         )
-        return spec, LaunchInput(dict(request.env), request.pty, config_json, config_json_error)
+        return spec, LaunchInput(dict(request.env), request.pty, config_json, config_json_error,
+                                 preserve_fds=request.preserve_fds)
 
     async def _open_as_user(
         self, uid: int, identity: Identity, request: RunRequest, fds: list[int]

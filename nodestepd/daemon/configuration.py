@@ -18,6 +18,7 @@ from nodestepd.process.monitor import MonitorMissing, monitor_program
 from nodestepd.step.env import runtime_env_base
 from nodestepd.step.layout import shared_step_dir_warning
 from nodestepd.step.runtime import shell_warnings
+from nodestepd.step.mpi import MpiSettings
 from nodestepd.step.spec import LaunchSettings, RuntimeCommands, StepSettings
 
 
@@ -47,6 +48,7 @@ class Configuration:
             ),
             oci=oci,
             runtime_env_base=runtime_env_base(os.environ, oci.runtime_env_exclude_re),
+            mpi=MpiSettings(config.mpi_mounts, config.mpi_user_namespace, config.mpi_network_namespace),
         )
         self.config, self.oci, self.policy, self.launch = config, oci, policy, launch
         for warning in shell_warnings(oci.patterns()):

@@ -411,7 +411,8 @@ class Session:
             if request.output_to_journal and request.detach and state.output_journal is not None:
                 output = StepOutputToJournal(state.output_journal, job_id=spec.job_id, step_id=spec.step_id,
                                              user=spec.identity.user, task_ids=spec.task_ids)
-            stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs if output is not None else None)
+            stdio = Stdio(fds[0], fds[1], fds[2], output.task_outputs if output is not None else None,
+                          preserved=tuple(fds[3:]))
             image = None
             if options is not None:
                 # An operator's client fingerprinted the archive with its own rights, not the user's.

@@ -3,6 +3,7 @@
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
  *                     [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD]
+ *                     [--pass-fd FD]... [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]
  *                     -- PROGRAM ARG...
  *
  * Started by nodestepd (as root, once per task). It forks PROGRAM as the user and
@@ -32,6 +33,15 @@
  * the others still go to ctl, and "warning exit-file EFBIG" is sent once.
  *
  * STATUS is the shell's: the exit code, or 128+N for death by signal N.
+ *
+ * Each --pass-fd FD (at most MAX_PASS_FDS, in order) reaches the task at fd 3, 4, ...
+ * (`nodestepctl run --preserve-fds`, MPI's PMI fd); we close our copies once it runs.
+ *
+ * --userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT: the task (already the user) enters a new
+ * user and mount namespace of its own, in which the user is root (0) and the user's
+ * subordinate ids (the ranges given, the daemon's reading of /etc/subuid and /etc/subgid)
+ * are 1..COUNT; we write its maps, as newuidmap would for the user (a PMIx MPI step's
+ * runtime then maps the user to their own uid in the container: docs/admin-guide.md#mpi).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,6 +54,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -54,13 +65,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#define MAX_PASS_FDS 8
+
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
 #endif
 
 /* What the task's child side was doing when it failed: sent with the errno. */
-enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_EXEC, STEP_TIMEOUT };
-static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "exec", "timeout"};
+enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_USERNS, STEP_EXEC, STEP_TIMEOUT };
+static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "userns", "exec",
+					 "timeout"};
 
 struct child {
 	pid_t pid;
@@ -350,8 +364,31 @@ struct options {
 	long start_timeout_ms; /* how long the task may take to reach its exec */
 	bool set_nofile;
 	struct rlimit nofile; /* the users' RLIMIT_NOFILE, not the daemon's raised one */
+	int pass_fds[MAX_PASS_FDS]; /* for the task at 3, 4, ... */
+	int npass;
+	bool userns; /* the task in a user namespace of its own: 0 = uid, 1.. = the subordinate ids */
+	unsigned long long sub[4]; /* subuid start, count, subgid start, count */
 	char **argv;
 };
+
+/* The fds to pass moved to 3, 4, ... (without close-on-exec), report_fd kept open above
+   them: every source is first copied above all the targets, so that no move overwrites
+   a source still to be moved. Returns report_fd's new number, or -1. */
+static int place_pass_fds(const struct options *o, int report_fd)
+{
+	int high[MAX_PASS_FDS];
+	int floor = 3 + o->npass;
+	report_fd = fcntl(report_fd, F_DUPFD_CLOEXEC, floor);
+	if (report_fd < 0)
+		return -1;
+	for (int k = 0; k < o->npass; k++)
+		if ((high[k] = fcntl(o->pass_fds[k], F_DUPFD_CLOEXEC, floor)) < 0)
+			return -1;
+	for (int k = 0; k < o->npass; k++)
+		if (dup2(high[k], 3 + k) < 0) /* dup2's copy has no close-on-exec */
+			return -1;
+	return report_fd;
+}
 
 static _Noreturn void child_failed(int report_fd, enum step step)
 {
@@ -362,8 +399,10 @@ static _Noreturn void child_failed(int report_fd, enum step step)
 	_exit(127);
 }
 
-/* In the forked child: become the task. Everything before execv runs as root. */
-static _Noreturn void become_task(const struct options *o, int report_fd)
+/* In the forked child: become the task. Everything before execv runs as root, but for
+   the user namespace: made as the user (who then owns it), its maps written by the parent
+   (ask: the child's "mapped?", go: the parent's answer; both closed here after). */
+static _Noreturn void become_task(const struct options *o, int report_fd, int ask, int go)
 {
 	struct sigaction dfl;
 	memset(&dfl, 0, sizeof dfl);
@@ -393,12 +432,31 @@ static _Noreturn void become_task(const struct options *o, int report_fd)
 	/* Root entered the directory; the user must be able to work in it too. */
 	if (access(".", X_OK) < 0)
 		child_failed(report_fd, STEP_CHDIR);
+	if (o->userns) {
+		char ok = 0;
+		if (unshare(CLONE_NEWUSER | CLONE_NEWNS) < 0)
+			child_failed(report_fd, STEP_USERNS);
+		if (write(ask, "m", 1) != 1 || read(go, &ok, 1) != 1 || ok != 'y') {
+			errno = EPERM;
+			child_failed(report_fd, STEP_USERNS);
+		}
+		close(ask);
+		close(go);
+	}
 	umask(022);
-	/* Only 0, 1, 2 survive the exec. CLOEXEC rather than close: report_fd must stay open
-	   until the exec succeeds (which closes it, telling the parent). */
-	if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+	if (o->npass > 0) {
+		int moved = place_pass_fds(o, report_fd);
+		if (moved < 0)
+			child_failed(report_fd, STEP_SETUP);
+		report_fd = moved;
+	}
+	/* Only 0, 1, 2 (and the fds passed, at 3...) survive the exec. CLOEXEC rather than
+	   close: report_fd must stay open until the exec succeeds (which closes it, telling
+	   the parent). */
+	int first = 3 + o->npass;
+	if (close_range((unsigned)first, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
 		long max = sysconf(_SC_OPEN_MAX);
-		for (int fd = 3; fd < (max > 0 ? max : 65536); fd++)
+		for (int fd = first; fd < (max > 0 ? max : 65536); fd++)
 			if (fd != report_fd)
 				fcntl(fd, F_SETFD, FD_CLOEXEC); /* EBADF for fds not open: fine */
 	}
@@ -406,29 +464,62 @@ static _Noreturn void become_task(const struct options *o, int report_fd)
 	child_failed(report_fd, STEP_EXEC);
 }
 
+/* The maps of the user namespace the child made (as the user): the user is 0 in it, the
+   subordinate ids 1..COUNT. As root (CAP_SETUID/CAP_SETGID over the parent namespace) no
+   setgroups "deny" is needed, and the groups the child has stay as they are. 0 or errno. */
+static int write_maps(pid_t pid, const struct options *o)
+{
+	char path[64], map[128];
+	const char *names[2] = {"uid_map", "gid_map"};
+	unsigned long ids[2] = {(unsigned long)o->uid, (unsigned long)o->gid};
+	for (int k = 0; k < 2; k++) {
+		snprintf(path, sizeof path, "/proc/%d/%s", (int)pid, names[k]);
+		int len = snprintf(map, sizeof map, "0 %lu 1\n1 %llu %llu\n", ids[k], o->sub[2 * k], o->sub[2 * k + 1]);
+		int fd = open(path, O_WRONLY | O_CLOEXEC);
+		if (fd < 0)
+			return errno;
+		ssize_t n = write(fd, map, (size_t)len);
+		int write_errno = errno;
+		close(fd);
+		if (n != len)
+			return n < 0 ? write_errno : EIO;
+	}
+	return 0;
+}
+
 /* Fork the task. Returns its pid, or -1 with *err and *step when it could not start
    (the failed child is reaped). */
 static pid_t start_task(const struct options *o, int *err, enum step *step)
 {
-	int report[2];
+	int report[2], sync_ask[2], sync_go[2];
 	if (pipe2(report, O_CLOEXEC) < 0) {
 		*err = errno;
 		*step = STEP_SETUP;
 		return -1;
 	}
+	if (pipe2(sync_ask, O_CLOEXEC) < 0 || pipe2(sync_go, O_CLOEXEC) < 0)
+		die("pipe2");
 	pid_t pid = fork();
 	if (pid < 0) {
 		*err = errno;
 		*step = STEP_SETUP;
 		close(report[0]);
 		close(report[1]);
+		close(sync_ask[0]);
+		close(sync_ask[1]);
+		close(sync_go[0]);
+		close(sync_go[1]);
 		return -1;
 	}
 	if (pid == 0) {
 		close(report[0]);
-		become_task(o, report[1]);
+		close(sync_ask[0]);
+		close(sync_go[1]);
+		become_task(o, report[1], sync_ask[1], sync_go[0]);
 	}
 	close(report[1]);
+	close(sync_ask[1]);
+	close(sync_go[0]);
 	/* From its uid switch on, the child is the user's: any process of theirs can stop it
 	   (SIGSTOP) before its exec. So the wait for that exec has a deadline; past it the
 	   child is killed and the start reported as failed ("error ETIMEDOUT timeout"). */
@@ -440,25 +531,49 @@ static pid_t start_task(const struct options *o, int *err, enum step *step)
 		end.tv_sec++;
 		end.tv_nsec -= 1000000000L;
 	}
+	bool asked = !o->userns; /* only a task making a user namespace asks for its maps */
 	for (;;) {
 		clock_gettime(CLOCK_MONOTONIC, &now);
 		long long left = (end.tv_sec - now.tv_sec) * 1000LL + (end.tv_nsec - now.tv_nsec) / 1000000L;
-		struct pollfd p = {.fd = report[0], .events = POLLIN};
-		int ready = left > 0 ? poll(&p, 1, left > INT_MAX ? INT_MAX : (int)left) : 0;
+		struct pollfd p[2] = {{.fd = report[0], .events = POLLIN}, {.fd = sync_ask[0], .events = POLLIN}};
+		int ready = left > 0 ? poll(p, asked ? 1 : 2, left > INT_MAX ? INT_MAX : (int)left) : 0;
 		if (ready < 0 && errno == EINTR)
 			continue;
 		if (ready < 0)
 			die("poll");
+		if (ready > 0 && !asked && (p[1].revents & POLLIN) && !(p[0].revents & (POLLIN | POLLHUP))) {
+			char m;
+			asked = true;
+			if (read(sync_ask[0], &m, 1) == 1) {
+				int map_errno = write_maps(pid, o);
+				if (map_errno == 0 && write(sync_go[1], "y", 1) == 1)
+					continue;
+				kill(pid, SIGKILL);
+				while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+					;
+				close(report[0]);
+				close(sync_ask[0]);
+				close(sync_go[1]);
+				*err = map_errno ? map_errno : EIO;
+				*step = STEP_USERNS;
+				return -1;
+			}
+			continue; /* the child went before asking: its report says why */
+		}
 		if (ready > 0)
 			break;
 		kill(pid, SIGKILL); /* our unreaped child: the pid is still its own */
 		while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
 			;
 		close(report[0]);
+		close(sync_ask[0]);
+		close(sync_go[1]);
 		*err = ETIMEDOUT;
 		*step = STEP_TIMEOUT;
 		return -1;
 	}
+	close(sync_ask[0]);
+	close(sync_go[1]);
 	int msg[2];
 	ssize_t n;
 	do
@@ -482,7 +597,9 @@ static _Noreturn void usage(const char *problem)
 	fprintf(stderr,
 		"nodestepd-monitor: %s\n"
 		"usage: nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR"
-		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] -- PROGRAM ARG...\n"
+		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] [--pass-fd FD]..."
+		" [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]"
+		" -- PROGRAM ARG...\n"
 		"(started by nodestepd, once per task; see docs/monitor.md)\n",
 		problem);
 	if (ctl_fd >= 0) {
@@ -586,6 +703,32 @@ static void parse_args(int argc, char **argv, struct options *o)
 			o->nofile.rlim_cur = soft;
 			o->nofile.rlim_max = hard;
 			o->set_nofile = true;
+		} else if (strcmp(name, "--pass-fd") == 0) {
+			if (o->npass == MAX_PASS_FDS)
+				usage("more than 8 --pass-fd");
+			o->pass_fds[o->npass] = parse_fd(value);
+			if (fcntl(o->pass_fds[o->npass], F_GETFD) < 0)
+				usage("--pass-fd: not an open fd");
+			o->npass++;
+		} else if (strcmp(name, "--userns") == 0) {
+			char copy[128];
+			if (strlen(value) >= sizeof copy)
+				usage("--userns: not UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT");
+			strcpy(copy, value);
+			char *rest = copy;
+			for (int k = 0; k < 4; k++) {
+				char *comma = strchr(rest, ',');
+				if ((k < 3) != (comma != NULL))
+					usage("--userns: not UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT");
+				if (comma)
+					*comma = '\0';
+				if (!parse_number(rest, 0xFFFFFFFEULL, &o->sub[k]) || (k % 2 == 1 && o->sub[k] == 0))
+					usage("--userns: not UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT");
+				rest = comma ? comma + 1 : rest;
+			}
+			if (o->sub[0] + o->sub[1] > 0xFFFFFFFFULL || o->sub[2] + o->sub[3] > 0xFFFFFFFFULL)
+				usage("--userns: a range beyond the last id");
+			o->userns = true;
 		} else if (strcmp(name, "--exit-file-max") == 0) {
 			if (!parse_number(value, 1ULL << 40, &v))
 				usage("--exit-file-max: not a number of bytes");
@@ -602,6 +745,9 @@ static void parse_args(int argc, char **argv, struct options *o)
 		usage("every option is required");
 	if (ctl_fd == exit_fd)
 		usage("--ctl-fd and --exit-fd are the same fd");
+	for (int k = 0; k < o->npass; k++)
+		if (o->pass_fds[k] == ctl_fd || o->pass_fds[k] == exit_fd)
+			usage("--pass-fd is --ctl-fd or --exit-fd");
 	if (i + 1 >= argc || argv[i + 1][0] != '/')
 		usage("no absolute PROGRAM after --");
 	o->argv = &argv[i + 1];
@@ -664,8 +810,12 @@ int main(int argc, char **argv)
 		ctl_send(msg);
 		return 1;
 	}
-	/* The task's stdio is the task's: holding it would keep a pipe or a client's terminal
-	   open after the task is gone. Nothing here may block the daemon's view of EOF. */
+	/* The task's stdio and the fds passed to it are the task's: holding them would keep a
+	   pipe, a client's terminal or a PMI channel open after the task is gone. Nothing here
+	   may block the daemon's view of EOF. */
+	for (int k = 0; k < o.npass; k++)
+		if (o.pass_fds[k] > 2)
+			close(o.pass_fds[k]);
 	int null = open("/dev/null", O_RDWR | O_CLOEXEC);
 	if (null < 0 || dup2(null, 0) < 0 || dup2(null, 1) < 0 || dup2(null, 2) < 0)
 		die("/dev/null");

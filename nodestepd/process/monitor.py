@@ -27,7 +27,7 @@ import errno
 import os
 import signal
 import socket
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from nodestepd.logs import get_logger
 from nodestepd.process.identity import Identity
@@ -102,6 +102,8 @@ class Monitor:
         exit_fd: int,
         start_timeout: float,
         shell: str = SHELL,
+        preserved: Sequence[int] = (),
+        userns: tuple[int, int, int, int] | None = None,
     ) -> "Monitor":
         """Start `shell -c command` as the user under a new monitor; return once it runs.
 
@@ -110,7 +112,11 @@ class Monitor:
         the monitor enters it as root (the daemon hands in a pinned path, /proc/PID/fd/N);
         the task gets stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own
         process group, umask 022, the user's uid, gid and groups, the users' RLIMIT_NOFILE
-        (kernel.user_fd_limit) and no other fd. When it cannot
+        (kernel.user_fd_limit) and no other fd but `preserved`, at 3, 4, ... in that
+        order (the monitor itself closes them once the task runs). userns: (subuid start,
+        count, subgid start, count): the task runs in a user and mount namespace of its own
+        where the user is root and those subordinate ids are 1..count (the caller checked
+        they are the user's). When it cannot
         start, raises OSError with the errno of the step that failed (FileNotFoundError
         for a missing shell, PermissionError for a directory the user cannot enter), and
         nothing is left behind.
@@ -134,6 +140,8 @@ class Monitor:
                 "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
                 "--start-timeout-ms", str(max(1, round(start_timeout * 1000))),
                 "--nofile", "%d:%d" % user_fd_limit(),
+                *(word for fd in preserved for word in ("--pass-fd", str(fd))),
+                *(("--userns", ",".join(str(n) for n in userns)) if userns is not None else ()),
                 "--", shell, "-c", command,
             ]
             # As root: the monitor switches to the user for the task. No process group from
@@ -148,7 +156,7 @@ class Monitor:
                 stdout=stdout,
                 stderr=stderr,
                 process_group=False,
-                pass_fds=(theirs.fileno(), exit_fd),
+                pass_fds=(theirs.fileno(), exit_fd, *preserved),
                 start_timeout=start_timeout,  # root's child: only root could stop it, but bounded all the same
                 what="the task monitor",
             )
@@ -185,6 +193,8 @@ class Monitor:
             step = words[2].decode("ascii", "replace") if len(words) > 2 else "exec"
             if step == "timeout":
                 raise start_timed_out("the runtime", start_timeout)
+            if step == "userns":
+                raise OSError(err, f"cannot make the task's user namespace: {os.strerror(err)}")
             filename = shell if step == "exec" else cwd if step == "chdir" else None
             raise OSError(err, os.strerror(err), filename)
         raise OSError(errno.EIO, f"nodestepd-monitor ended without starting the task (status {status}, said {reply!r})")

@@ -14,6 +14,7 @@ import msgspec
 from nodestepd.protocol.wire import (  # noqa: F401  (re-exported: the daemon's single view of the protocol)
     HEADER,
     MAX_FDS,
+    MAX_PRESERVE_FDS,
     MAX_JSON_DEPTH,
     MAX_MESSAGE,
     STATUS_CONNECTION_LOST,
@@ -44,7 +45,8 @@ class Mount(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RunRequest(Request, tag="run"):
-    """Launch a step. Exactly three fds ride along: the tasks' stdin, stdout, stderr."""
+    """Launch a step. 3 + preserve_fds fds ride along: the tasks' stdin, stdout, stderr,
+    then the fds each container gets at 3, 4, ... (`run --preserve-fds`, MPI's PMI fd)."""
 
     bundle: str
     args: list[str]
@@ -87,6 +89,9 @@ class RunRequest(Request, tag="run"):
     mounts: list[Mount] = []
     entrypoint: str | None = None  # replaces the image's Entrypoint ("": none)
     workdir: str | None = None  # the container's working directory (default: the image's WorkingDir)
+    # How many fds after stdio came along, for the containers' fds 3.. (0..MAX_PRESERVE_FDS);
+    # the runtime (runc, crun) is told `--preserve-fds N`.
+    preserve_fds: int = 0
 
 
 class SignalRequest(Request, tag="signal"):

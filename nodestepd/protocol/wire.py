@@ -15,7 +15,8 @@ import struct
 
 VERSION = 1
 MAX_MESSAGE = 1 << 20  # bytes of JSON in one message
-MAX_FDS = 3  # stdin, stdout, stderr of a launch
+MAX_PRESERVE_FDS = 8  # fds a launch may pass into its containers besides stdio (run --preserve-fds)
+MAX_FDS = 3 + MAX_PRESERVE_FDS  # stdin, stdout, stderr of a launch, then its preserved fds
 HEADER = struct.Struct(">I")
 
 # Exit status conventions shared by the daemon and the client.

@@ -41,12 +41,16 @@ class Starting:
     exit_fd: int  # the step's exit file, for every task's monitor to append to
     first_task: int  # the task that gets stdin
     timings: Timings
+    # An MPI (PMIx) step's: each task's runtime runs in a user namespace over these
+    # subordinate ids (subuid start, count, subgid start, count; mpi.py).
+    userns: tuple[int, int, int, int] | None = None
 
     def spawn(self, runtime: Runtime, task: Task, command: str) -> MonitoredProcess:
         """The task's first command with its stdio (blocking: call in a worker thread)."""
         stdout, stderr = self.stdio.outputs_for(task.task_id)
         stdin = self.stdio.stdin if task.task_id == self.first_task else subprocess.DEVNULL
-        process = runtime.spawn_first(task, command, stdin, stdout, stderr, self.exit_fd)
+        process = runtime.spawn_first(task, command, stdin, stdout, stderr, self.exit_fd, self.stdio.preserved,
+                                      self.userns)
         self.timings.spawned()
         return process
 

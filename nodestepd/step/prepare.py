@@ -15,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nodestepd.config.patterns import PatternContext, expand, shell_unsafe_value
+from nodestepd.config.preservefds import PreserveFdsUnsupported, with_preserve_fds
 from nodestepd.logs import BoundLogger
 from nodestepd.process import asuser
-from nodestepd.step import configjson
+from nodestepd.step import configjson, mpi
 from nodestepd.step import env as stepenv
 from nodestepd.step.configjson import BundleConfigError
 from nodestepd.step.runtime import RuntimeNotFound, find_program
@@ -66,6 +67,16 @@ class Prepared:
     rootfs: str = ""  # %r: the bundle's root.path made absolute (the bundle itself with IgnoreFileConfigJson)
     # The environment each task's files were written with, kept for a redirect() to write them again.
     step_envs: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    mpi: MpiPlan | None = None  # an MPI step's (srun --mpi=pmix/pmi2): what its containers get
+
+
+@dataclass(frozen=True)
+class MpiPlan:
+    """What an MPI step's tasks get (step/mpi.py): its PMIx/PMI2 interface, and for PMIx
+    the user's subordinate ids its runtime maps to run the ranks as the user's own uid."""
+
+    step: mpi.MpiStep
+    own_uid: mpi.SubidRanges | None
 
 
 @dataclass
@@ -80,6 +91,8 @@ class Plan:
     rootfs: str
     bundle_config: dict | None  # None: the user's bundle is the runtime's (IgnoreFileConfigJson)
     step_envs: list[dict[str, str]]
+    mpi: MpiPlan | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)  # for the step's log
 
 
 def plan(
@@ -120,7 +133,8 @@ def plan(
         for i, t in enumerate(spec.task_ids)
     ]
     _refuse_shell_unsafe_values(commands, tasks, bundle_is_users=bundle_config is None)
-    first_commands = [expand(commands.first, task.context) for task in tasks]
+    first = _first_pattern(commands, given)
+    first_commands = [expand(first, task.context) for task in tasks]
     try:
         find_program(first_commands[0], runtime_env, spec.identity)
     except RuntimeNotFound as e:
@@ -130,7 +144,39 @@ def plan(
         stepenv.exclude_env({**given.env, **stepenv.slurm_task_env(_slurm_task(spec, task))}, oci.env_exclude_re)
         for task in tasks
     ]
-    return Plan(layout, tasks, first_commands, rootfs, bundle_config, step_envs)
+    mpi_plan, warnings = _mpi_plan(spec, step_envs[0], settings, bundle_config)
+    return Plan(layout, tasks, first_commands, rootfs, bundle_config, step_envs, mpi_plan, warnings)
+
+
+def _mpi_plan(spec: StepSpec, env: Mapping[str, str], settings: LaunchSettings,
+              bundle_config: dict | None) -> tuple[MpiPlan | None, list[str]]:
+    """An MPI step's plan (None for any other step) and the warnings it gives. Blocking
+    (reads /etc/subuid and /etc/subgid for a PMIx step). Raises LaunchFailed."""
+    identity = spec.identity
+    found = mpi.detect(env, job_id=spec.job_id, step_id=spec.step_id, uid=identity.uid)
+    if found is None:
+        return None, []
+    if bundle_config is None:
+        # IgnoreFileConfigJson: the site's runtime takes no config.json from us to add to.
+        return None, [f"an MPI ({found.kind}) step with IgnoreFileConfigJson: its containers get no MPI mounts "
+                      "or uid mapping from nodestepd"]
+    warnings = []
+    if mpi.has_own_network_namespace(bundle_config):
+        try:
+            _, warnings = mpi.rewrite_config(bundle_config, found, settings.mpi, uid=identity.uid, gid=identity.gid,
+                                             own_uid=False)
+        except mpi.MpiError as e:
+            raise LaunchFailed(str(e)) from None
+    ranges = None
+    if mpi.needs_own_uid(found, settings.mpi, identity.uid):
+        ranges = mpi.read_subid_ranges(identity.user, identity.uid)
+        if ranges is None:
+            raise LaunchFailed(
+                f"a PMIx step must run as {identity.user}'s own uid in its containers, which takes subordinate "
+                f"uids and gids of {identity.user}'s in /etc/subuid and /etc/subgid: there are none (the site "
+                "adds them, or sets mpi_user_namespace = \"never\")")
+    return MpiPlan(found, ranges), warnings
+
 
 
 def create(
@@ -145,7 +191,8 @@ def create(
     try:
         for i, (task, step_env) in enumerate(zip(tasks, planned.step_envs)):
             task.cwd = spool.task_dir_pinned(i)
-            _write_task_files(spool, i, task, spec, given, settings, planned.bundle_config, step_env, layout.step_dir)
+            _write_task_files(spool, i, task, spec, given, settings, planned.bundle_config, step_env, layout.step_dir,
+                              planned.mpi)
         spool.hand_over()
         spool.created_dirs()  # read now, while nothing else can have moved them
     except Exception as e:
@@ -153,10 +200,10 @@ def create(
             spool.remove()
         except SpoolError as cleanup:
             log.error("spool dir could not be removed after a failed launch", error=str(cleanup))
-        if isinstance(e, (BundleConfigError, ValueError)):
+        if isinstance(e, (BundleConfigError, ValueError, mpi.MpiError)):
             raise LaunchFailed(str(e)) from None
         raise LaunchFailed(f"cannot prepare the spool dir {layout.step_dir}: {e}") from None
-    return Prepared(spool, tasks, planned.first_commands, planned.rootfs, planned.step_envs)
+    return Prepared(spool, tasks, planned.first_commands, planned.rootfs, planned.step_envs, planned.mpi)
 
 
 # The largest config.json a redirected bundle may have: the largest a client may send.
@@ -200,23 +247,26 @@ def redirect(prepared: Prepared, spec: StepSpec, given: LaunchInput, settings: L
         task.context = dataclasses.replace(task.context, bundle=bundle, rootfs=rootfs)
     commands = settings.step.commands
     _refuse_shell_unsafe_values(commands, prepared.tasks, bundle_is_users=bundle_config is None)
-    first_commands = [expand(commands.first, task.context) for task in prepared.tasks]
+    first = _first_pattern(commands, given)
+    mpi_plan, _ = _mpi_plan(spec, prepared.step_envs[0], settings, bundle_config)
+    first_commands = [expand(first, task.context) for task in prepared.tasks]
     spool = prepared.spool
     try:
         for i, (task, step_env) in enumerate(zip(prepared.tasks, prepared.step_envs)):
             for name in (CONFIG_FILE_NAME, ENV_FILE_NAME):
                 spool.remove_task_file(i, name)
-            _write_task_files(spool, i, task, spec, given, settings, bundle_config, step_env, spool.layout.step_dir)
-    except (BundleConfigError, ValueError) as e:
+            _write_task_files(spool, i, task, spec, given, settings, bundle_config, step_env, spool.layout.step_dir,
+                              mpi_plan)
+    except (BundleConfigError, ValueError, mpi.MpiError) as e:
         raise LaunchFailed(str(e)) from None
     except (SpoolError, OSError) as e:
         raise LaunchFailed(f"cannot prepare the spool dir {spool.layout.step_dir} again: {e}") from None
-    return Prepared(spool, prepared.tasks, first_commands, rootfs, prepared.step_envs)
+    return Prepared(spool, prepared.tasks, first_commands, rootfs, prepared.step_envs, mpi_plan)
 
 
 def _write_task_files(
     spool: StepSpool, index: int, task: Task, spec: StepSpec, given: LaunchInput, settings: LaunchSettings,
-    bundle_config: dict | None, step_env: Mapping[str, str], step_dir: str,
+    bundle_config: dict | None, step_env: Mapping[str, str], step_dir: str, mpi_plan: MpiPlan | None = None,
 ) -> None:
     oci = settings.oci
     container_env = step_env
@@ -231,11 +281,23 @@ def _write_task_files(
             mount_spool=mount,
             disable_hooks=oci.disable_hooks,
         )
+        if mpi_plan is not None:
+            rewritten, _ = mpi.rewrite_config(rewritten, mpi_plan.step, settings.mpi, uid=spec.identity.uid,
+                                              gid=spec.identity.gid, own_uid=mpi_plan.own_uid is not None)
         spool.write_task_file(index, CONFIG_FILE_NAME, configjson.config_json_bytes(rewritten), 0o750)
         container_env = _env_dict(rewritten["process"].get("env", []))
     if oci.create_env_file != "disabled":
         data = stepenv.env_file_bytes(container_env, oci.create_env_file)
         spool.write_task_file(index, ENV_FILE_NAME, data, 0o600)
+
+
+def _first_pattern(commands: RuntimeCommands, given: LaunchInput) -> str:
+    """RunTimeRun or RunTimeCreate, told `--preserve-fds N` when the launch passes fds."""
+    try:
+        return with_preserve_fds(commands.first, given.preserve_fds,
+                                 "RunTimeCreate" if commands.create_start else "RunTimeRun")
+    except PreserveFdsUnsupported as e:
+        raise LaunchFailed(f"{e} ({commands.oci_conf})") from None
 
 
 def _refuse_shell_unsafe_values(commands: RuntimeCommands, tasks: Sequence[Task], *, bundle_is_users: bool) -> None:

@@ -43,13 +43,17 @@ class Runtime:
         self.log = log
 
     def spawn_first(self, task: Task, command: str, stdin: int, stdout: int, stderr: int,
-                    exit_fd: int) -> MonitoredProcess:
+                    exit_fd: int, preserved: tuple[int, ...] = (),
+                    userns: tuple[int, int, int, int] | None = None) -> MonitoredProcess:
         """Start the task's first command (RunTimeRun or RunTimeCreate) under its own monitor,
-        holding the task's stdio. Blocking (a fork and two execs): call it in a worker thread.
-        Returns the command's own process; raises OSError when it cannot start."""
+        holding the task's stdio, and `preserved` at fds 3, 4, ... Blocking (a fork and two
+        execs): call it in a worker thread. userns: the subordinate id ranges of the user
+        namespace it runs in (an MPI step's, mpi.py), if any. Returns the command's own process; raises
+        OSError when it cannot start."""
         task.monitor = Monitor.spawn(
             command, identity=self.identity, cwd=task.cwd, env=self.env,
             stdin=stdin, stdout=stdout, stderr=stderr, exit_fd=exit_fd, start_timeout=self.timeout,
+            preserved=preserved, userns=userns,
         )
         task.monitor_process = ProcessId.of(task.monitor.pid)
         return task.monitor.task

@@ -17,6 +17,7 @@ from nodestepd.config.ociconf import OciConf
 from nodestepd.process.identity import Identity
 from nodestepd.protocol.wire import STATUS_LAUNCH_FAILED
 from nodestepd.step.env import runtime_env_for
+from nodestepd.step.mpi import MpiSettings
 
 
 class LaunchFailed(Exception):
@@ -63,6 +64,7 @@ class LaunchInput:
     pty: bool
     config_json: str | None  # the bundle's config.json as read with the caller's (or the step user's) rights
     config_json_error: str | None  # why it could not be read
+    preserve_fds: int = 0  # fds after stdio each container gets at 3.. (the runtime told --preserve-fds)
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class LaunchSettings:
     step: StepSettings
     oci: OciConf  # ContainerPath, MountSpoolDir, the environment rules, config.json handling
     runtime_env_base: Mapping[str, str]  # the daemon's environment as every runtime gets it (env.py)
+    mpi: MpiSettings = MpiSettings()  # what MPI steps' containers get (mpi.py)
 
     def runtime_env(self, identity: Identity) -> dict[str, str]:
         """The environment a step's RunTime* commands get: the base, as the step's user."""
@@ -131,12 +134,14 @@ class Stdio:
 
     task_outputs, when given, holds each task's own (stdout, stderr) in place of the
     shared pair (a detached step's output sent to the journal, one pipe pair per task).
+    preserved: the caller's further fds, which every task's process gets at 3, 4, ...
     """
 
     stdin: int
     stdout: int
     stderr: int
     task_outputs: Mapping[int, tuple[int, int]] | None = None  # by task id
+    preserved: tuple[int, ...] = ()  # fds every task gets at 3, 4, ... (run --preserve-fds)
 
     def outputs_for(self, task_id: int) -> tuple[int, int]:
         return self.task_outputs[task_id] if self.task_outputs is not None else (self.stdout, self.stderr)

@@ -195,6 +195,8 @@ class Step:
 
     async def _launch(self, preparation: Preparation, stdio: Stdio) -> None:
         planned = await asyncio.to_thread(preparation.plan)
+        for warning in planned.warnings:
+            self.log.warning("MPI step set up against advice", problem=warning)
         self.tasks, self._planned_spool = planned.tasks, planned.layout
         # Recorded before anything is created, and again before anything runs: a daemon
         # that dies from here on leaves a record that says what to clean up (the spool dir
@@ -210,8 +212,9 @@ class Step:
             await self._save_or_fail()  # with the bundle it may have chosen, and stage_out due
         exits = await asyncio.to_thread(self.store.open_exits, self.name)
         try:
+            own_uid = prepared.mpi.own_uid if prepared.mpi is not None else None
             await self.mode.start(self.tasks, Starting(prepared.first_commands, stdio, exits, self.spec.first_task,
-                                                       self.timings))
+                                                       self.timings, None if own_uid is None else tuple(own_uid)))
         finally:
             os.close(exits)  # each monitor holds its own
         self._enter(StepState.RUNNING)

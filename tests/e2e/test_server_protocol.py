@@ -193,7 +193,7 @@ def daemon(start_daemon):
 
 @pytest.fixture
 def null_fds():
-    fds = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(8)]
+    fds = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(12)]
     yield fds
     for fd in fds:
         os.close(fd)
@@ -279,16 +279,17 @@ def test_bad_requests_get_an_error_and_the_connection_serves_on(daemon, message,
 # ---- run requests that must be refused ------------------------------------------------------
 
 
-_WRONG_FDS = "a run request carries exactly 3 file descriptors (stdin, stdout, stderr), got {}"
-_TOO_MANY_FDS = "too many file descriptors in one message (at most 3)"
+_WRONG_FDS = ("a run request carries 3 + preserve_fds file descriptors (stdin, stdout, stderr, then 0 to "
+              "preserve), got {}")
+_TOO_MANY_FDS = "too many file descriptors in one message (at most 11)"
 
 
 @pytest.mark.parametrize("nfds, error, status", [
     (0, _WRONG_FDS.format(0), protocol.STATUS_LAUNCH_FAILED),
     (2, _WRONG_FDS.format(2), protocol.STATUS_LAUNCH_FAILED),
     # More than a message may carry: the stream is refused as a whole.
-    (4, _TOO_MANY_FDS, None),
-    (8, _TOO_MANY_FDS, None),
+    (4, _WRONG_FDS.format(4), protocol.STATUS_LAUNCH_FAILED),
+    (12, _TOO_MANY_FDS, None),
 ])
 def test_run_with_the_wrong_number_of_fds_is_refused(daemon, bundle, null_fds, nfds, error, status):
     with connect(daemon.socket) as sock:

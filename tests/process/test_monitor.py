@@ -947,3 +947,67 @@ def test_start_time_of_a_name_with_parentheses_and_spaces(new_dir):
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_preserved_fds_reach_the_task_at_3_and_up_in_order_and_the_monitor_lets_go(harness):
+    """run --preserve-fds: the fds given land at 3, 4, 5 in the given order, whatever their
+    numbers were (here high ones, and one that is also another's target), without
+    close-on-exec; nothing else gets through; the monitor keeps no copy."""
+    pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
+    high = [os.dup(r) for r, _ in pipes]
+    moved = [os.dup2(fd, 100 + i, inheritable=False) for i, fd in enumerate(high)]
+    try:
+        for i, (_, w) in enumerate(pipes):
+            os.write(w, f"pipe{i}\n".encode())
+            os.close(w)
+        monitor = await harness.spawn(
+            "ls /proc/$$/fd; echo --; read a <&3; read b <&4; read c <&5; echo $a $b $c",
+            preserved=(moved[2], moved[0], moved[1]))
+        assert await asyncio.wait_for(monitor.task.wait(), 10) == 0
+        monitor_fds = {os.readlink(f"/proc/{monitor.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{monitor.pid}/fd")}
+        assert not any(target.startswith("pipe:") for target in monitor_fds), monitor_fds
+        await harness.release(monitor)
+    finally:
+        for fd in (*moved, *high, *(r for r, _ in pipes)):
+            os.close(fd)
+    fds, said = harness.output().split("--\n")
+    assert sorted(int(fd) for fd in fds.split()) == [0, 1, 2, 3, 4, 5]
+    assert said == "pipe2 pipe0 pipe1\n"
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["--pass-fd", "2"], b"fds must be numbers above 2"),
+    (["--pass-fd", "999"], b"--pass-fd: not an open fd"),
+])
+def test_bad_pass_fds_are_refused(identity, new_dir, extra, problem):
+    exit_fd = os.open(new_dir("state-", 0o700) / "exit", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        argv = [monitor_program(), "--ctl-fd", str(theirs.fileno()), "--exit-fd", str(exit_fd), "--uid",
+                str(identity.uid), "--gid", str(identity.gid), "--groups", str(identity.gid),
+                "--cwd", "/", *extra, "--", "/bin/true"]
+        result = subprocess.run(argv, pass_fds=(theirs.fileno(), exit_fd), capture_output=True, timeout=10)
+        assert result.returncode == 2 and problem in result.stderr, result.stderr
+        assert ours.recv(256) == b"error 22 setup\n"
+    finally:
+        os.close(exit_fd)
+        ours.close()
+        theirs.close()
+
+
+async def test_userns_runs_the_task_as_root_of_a_namespace_over_the_users_own_ids(harness):
+    """--userns (a PMIx MPI step's runtime): the user is 0 in the task's new user namespace,
+    their subordinate ids 1..N; outside, the task is still the user."""
+    from nodestepd.step.mpi import read_subid_ranges
+
+    ranges = read_subid_ranges(harness.identity.user, harness.identity.uid)
+    if ranges is None:
+        pytest.skip(f"{harness.identity.user} has no subordinate ids in /etc/subuid and /etc/subgid")
+    monitor = await harness.spawn("id -u; cat /proc/self/uid_map /proc/self/gid_map; read x <&0",
+                                  userns=tuple(ranges))
+    assert await asyncio.wait_for(monitor.task.wait(), 10) == 1  # `read` at end of file
+    lines = [line.split() for line in harness.output().splitlines()]
+    uid, gid = harness.identity.uid, harness.identity.gid
+    assert lines == [["0"], ["0", str(uid), "1"], ["1", str(ranges.uid_start), str(ranges.uid_count)],
+                     ["0", str(gid), "1"], ["1", str(ranges.gid_start), str(ranges.gid_count)]]
+    await harness.release(monitor)

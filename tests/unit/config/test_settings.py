@@ -7,6 +7,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+import re
+
 import pytest
 
 from conftest import NODESTEPD, RUNC_RUN_CONF, SYSTEM_PATH
@@ -16,7 +18,8 @@ from nodestepd.config.settings import ConfigError, DaemonConfig, load_config
 from nodestepd.daemon.jobids import FIRST_DAEMON_JOB_ID, JobIdAllocator
 
 KNOWN = ("client_timeout, connection_max_lifetime, debug_timings, image_cache_dir, image_cache_max_bytes, image_import_timeout, image_imports_max, kill_wait, log_format, log_level, max_args_bytes, max_connections, max_connections_per_user, "
-         "max_env_bytes, max_message_size, max_steps, max_steps_per_user, no_new_privs, node_name, oci_conf, operators, "
+         "max_env_bytes, max_message_size, max_steps, max_steps_per_user, mpi_mounts, mpi_network_namespace, "
+         "mpi_user_namespace, no_new_privs, node_name, oci_conf, operators, "
          "reattach_grace, results_max, results_max_age, results_max_per_user, runtime_timeout, slurm_conf, socket, spool_dir, stage_in, stage_out, state_dir, steps_on_stop")
 EX_CONFIG = 78
 
@@ -365,4 +368,25 @@ def test_stage_hooks_must_be_absolute_paths(tmp_path, name, value):
 def test_stage_hooks_are_strings(tmp_path):
     path = toml(tmp_path, 'stage_in = ["/bin/true"]\n')
     with pytest.raises(ConfigError, match="stage_in: expected str, got list"):
+        load_config(path, {})
+
+
+def test_mpi_settings(tmp_path):
+    config = load_config(toml(tmp_path, 'mpi_mounts = ["/dev/shm", "pmix-server-dir", "/scratch"]\n'
+                                        'mpi_user_namespace = "never"\nmpi_network_namespace = "warn"\n'), {})
+    assert (config.mpi_mounts, config.mpi_user_namespace, config.mpi_network_namespace) == (
+        ("/dev/shm", "pmix-server-dir", "/scratch"), "never", "warn")
+    assert load_config(None, {}).mpi_mounts == ("/dev/shm", "pmix-server-dir", "pmix-app-dir")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('mpi_mounts = ["scratch"]', "mpi_mounts: 'scratch' is neither a normalised absolute path nor one of "
+                                 "pmix-server-dir, pmix-app-dir"),
+    ('mpi_mounts = ["/a/../b"]', "mpi_mounts: '/a/../b' is neither"),
+    ('mpi_user_namespace = "always"', "mpi_user_namespace: must be 'auto' or 'never', got 'always'"),
+    ('mpi_network_namespace = "drop"', "mpi_network_namespace: must be 'refuse' or 'warn', got 'drop'"),
+])
+def test_bad_mpi_settings(tmp_path, text, message):
+    path = toml(tmp_path, text + "\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(path, {})

@@ -62,8 +62,44 @@ def test_a_plain_request(bundle, monkeypatch, tmp_path):
         "op": "run", "bundle": str(bundle), "args": ["/app/run", "-v"], "job_id": None, "step_id": None,
         "ntasks": 1, "chdir": str(tmp_path), "pty": False, "detach": False,
         "config_json": '{"ociVersion": "1.0.2"}', "config_json_error": None, "output_to_journal": False,
-        "task_offset": None, "local_offset": None, "node_id": None, "container_id": None,
+        "preserve_fds": 0, "task_offset": None, "local_offset": None, "node_id": None, "container_id": None,
     }
+
+
+def test_preserve_fds_counts_the_fds_and_pmi_fd_comes_after_them(bundle, monkeypatch):
+    r, w = os.pipe()
+    saved = {}  # pytest's own fds at 3, 4 (its capture), put back after
+    for fd in (3, 4, 20):
+        try:
+            saved[fd] = os.dup(fd)
+        except OSError:
+            pass
+    try:
+        moved = [os.dup2(r, 3 + i) for i in range(2)] + [os.dup2(w, 20)]
+        monkeypatch.delenv("PMI_FD", raising=False)
+        assert request_for("--bundle", str(bundle), "--preserve-fds", "2", "--", "true")["preserve_fds"] == 2
+        monkeypatch.setenv("PMI_FD", "20")  # srun --mpi=pmi2's channel: sent after the others, renumbered
+        message = request_for("--bundle", str(bundle), "--preserve-fds", "2", "--", "true")
+        assert (message["preserve_fds"], message["env"]["PMI_FD"]) == (3, "5")
+        assert run.preserved_fds(parse("--bundle", str(bundle), "--preserve-fds", "2", "--", "true"),
+                                 {"PMI_FD": "20"}) == [3, 4, 20]
+        message = request_for("--bundle", str(bundle), "--", "true")
+        assert (message["preserve_fds"], message["env"]["PMI_FD"]) == (1, "3")
+        monkeypatch.setenv("PMI_FD", "4")  # already among the preserved: kept at its number
+        message = request_for("--bundle", str(bundle), "--preserve-fds", "2", "--", "true")
+        assert (message["preserve_fds"], message["env"]["PMI_FD"]) == (2, "4")
+        monkeypatch.setenv("PMI_FD", "77")  # not open: not ours to pass
+        assert request_for("--bundle", str(bundle), "--", "true")["preserve_fds"] == 0
+        for fd in moved:
+            os.close(fd)
+        assert "fd 3 is not open" in str(refused("--bundle", str(bundle), "--preserve-fds", "1", "--", "true"))
+        assert "between 0 and 8" in str(refused("--bundle", str(bundle), "--preserve-fds", "9", "--", "true"))
+    finally:
+        os.close(r)
+        os.close(w)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def test_after_the_double_dash_every_word_is_the_containers(bundle):

@@ -99,9 +99,14 @@ async def test_what_a_request_may_not_ask_for(fds, fields, code, message):
     assert (e.value.code, str(e.value)) == (code, message)
 
 
-async def test_a_run_request_carries_exactly_three_fds(fds):
-    with pytest.raises(Refused, match=r"exactly 3 file descriptors \(stdin, stdout, stderr\), got 2"):
+async def test_a_run_request_carries_three_fds_plus_those_it_preserves(fds):
+    with pytest.raises(Refused, match=r"3 \+ preserve_fds file descriptors \(stdin, stdout, stderr, then 0 to "
+                       r"preserve\), got 2"):
         await make_admission().admit(ME, request(), fds[:2])
+    with pytest.raises(Refused, match=r"then 1 to preserve\), got 3"):
+        await make_admission().admit(ME, request(preserve_fds=1), fds)
+    with pytest.raises(Refused, match=r"preserve_fds must be between 0 and 8, got 9"):
+        await make_admission().admit(ME, request(preserve_fds=9), fds)
 
 
 async def test_only_operators_launch_as_another_user(fds):
