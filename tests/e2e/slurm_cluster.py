@@ -18,7 +18,7 @@ process (NODE_INIT below, pid 1 of the node's pid namespace):
   (slurmd 22.05 will not start without them).
 - IPC: its own SysV shared memory, as a real node has. (UCX still takes both simulated nodes
   for one machine, as they share the boot and machine ids, and tries shared memory between
-  them: MPICH runs here need UCX_TLS=tcp,self.)
+  them: MPICH runs need UCX_TLS set, see test_slurm_two_nodes.py.)
 - pid: killing the init kills everything in the node, container processes included.
 
 Lifetimes: every process started here gets PR_SET_PDEATHSIG (the node inits through
