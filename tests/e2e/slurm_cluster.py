@@ -347,6 +347,7 @@ class Cluster:
         key.chmod(0o600)
         (self.base / "slurmctld-state").mkdir(mode=0o755)
         (self.base / "oci.conf").write_text(oci_conf)
+        (self.base / "node-init.py").write_text(NODE_INIT)
         hosts = self.base / "hosts"
         hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{SUBNET}.{i + 1} {n}\n" for i, n in enumerate(NODE_NAMES)))
         self.conf.write_text(slurm_conf(self.base, self.munge_dir / "munge.sock"))
@@ -373,7 +374,7 @@ class Cluster:
         conf = {"name": name, "workdir": str(self.base.parent), "hosts": str(hosts),
                 "users": [[u.uid, u.gid] for u in users], "hidden": _hidden_python()}
         argv = ["unshare", "--net", "--uts", "--ipc", "--mount", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc",
-                "--propagation", "slave", "--", sys.executable, "-c", NODE_INIT, json.dumps(conf)]
+                "--propagation", "slave", "--", sys.executable, str(self.base / "node-init.py"), json.dumps(conf)]
         log = open(base / "init.out", "wb")
         with log:
             init = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,

@@ -85,22 +85,53 @@ def test_tasks_run_two_per_node_each_through_its_own_daemon(cluster, user, bundl
     cluster.wait_clean(user)
 
 
-def test_a_task_exiting_3_ends_the_step_on_both_nodes_with_3(cluster, user, bundle):
-    # Task 2 (on the second node) fails at once; the others would run for 10 minutes unless
-    # srun's --kill-on-bad-exit ends them: Slurm's SIGTERM reaches each container through its
-    # client and daemon, and they end with 0 on it (sh as the container's pid 1 would ignore
-    # it without a trap), so that 3 is the step's highest status.
-    script = 'if [ "$SLURM_PROCID" = 2 ]; then exit 3; fi; trap "exit 0" TERM; sleep 600 & wait'
-    started = time.monotonic()
-    result = cluster.srun(user, ["-N", "2", "-n", "4", "--kill-on-bad-exit=1", *ctl_run(bundle, "sh", "-c", script)],
-                          timeout=180)
-    assert result.returncode == 3, fail(result, cluster)
-    assert time.monotonic() - started < 150
-    cluster.wait_clean(user)
+@pytest.fixture
+def gate(workdir, user, bundle):
+    """(bundle, gate dir): the test bundle's rootfs with a dir of the test's bound at /gate
+    in the container, where the test can tell a task to go on."""
+    gate = Path(tempfile.mkdtemp(prefix="gate-", dir=workdir))
+    gate.chmod(0o755)
+    gated = Path(tempfile.mkdtemp(prefix="gated-bundle-", dir=workdir))
+    config = json.loads((bundle / "config.json").read_text())
+    config["root"]["path"] = str(bundle / "rootfs")
+    config["mounts"].append({"destination": "/gate", "type": "bind", "source": str(gate), "options": ["rbind", "ro"]})
+    (gated / "config.json").write_text(json.dumps(config))
+    for path in (gated, gated / "config.json"):
+        os.chown(path, user.uid, user.gid)
+    gated.chmod(0o755)
+    yield gated, gate
+    shutil.rmtree(gate, ignore_errors=True)
+    shutil.rmtree(gated, ignore_errors=True)
+
+
+def test_a_task_exiting_3_ends_the_step_on_both_nodes_with_3(cluster, user, gate):
+    # Task 2 (on the second node) fails once every task is ready (the test says go); the others
+    # would run for 10 minutes unless srun's --kill-on-bad-exit ends them: Slurm's SIGTERM
+    # reaches each container through its client and daemon, and they end with 0 on it (sh as
+    # the container's pid 1 ignores it without a trap, hence ready only once it is set), so
+    # that 3 is the step's highest status.
+    gated, go = gate
+    script = ('trap "exit 0" TERM; echo "ready $SLURM_PROCID"; if [ "$SLURM_PROCID" = 2 ]; then '
+              'while [ ! -e /gate/go ]; do sleep 0.05; done; exit 3; fi; sleep 600 & wait')
+    srun = cluster.srun_popen(user, ["-N", "2", "-n", "4", "--kill-on-bad-exit=1", *ctl_run(gated, "sh", "-c", script)])
+    try:
+        read_lines(srun.stdout, 4, timeout=120)
+        (go / "go").touch()
+        stdout, stderr = srun.communicate(timeout=120)
+        assert srun.returncode == 3, f"{srun.returncode}\n{stdout}\n{stderr}\n{cluster.logs()}"
+        cluster.wait_clean(user)
+    finally:
+        if srun.poll() is None:
+            srun.kill()
+            srun.wait()
+        srun.stdout.close()
+        srun.stderr.close()
 
 
 def test_scancel_ends_every_container_on_both_nodes(cluster, user, bundle):
-    script = 'echo "started $SLURM_PROCID $SLURM_JOB_ID"; exec sleep 600'
+    # Each task ends on Slurm's SIGTERM as a program killed by it would (sh as the container's
+    # pid 1 would ignore it without a trap, until Slurm's SIGKILL KillWait later).
+    script = 'trap "exit 143" TERM; echo "started $SLURM_PROCID $SLURM_JOB_ID"; sleep 600 & wait'
     srun = cluster.srun_popen(user, ["-N", "2", "-n", "4", *ctl_run(bundle, "sh", "-c", script)])
     try:
         lines = read_lines(srun.stdout, 4, timeout=120)
@@ -109,8 +140,8 @@ def test_scancel_ends_every_container_on_both_nodes(cluster, user, bundle):
         assert [len(node.runc_containers(user)) for node in cluster.nodes] == [2, 2]
         out = cluster.login.run(["scancel", job], env={"PATH": os.environ["PATH"], "SLURM_CONF": str(cluster.conf)})
         assert out.returncode == 0, out.stderr
-        srun.wait(timeout=120)
-        assert srun.returncode != 0
+        _, stderr = srun.communicate(timeout=120)
+        assert srun.returncode == 143 and f"STEP {job}.0 ON {NODE_NAMES[0]} CANCELLED" in stderr, (srun.returncode, stderr)
         cluster.wait_clean(user)
     finally:
         if srun.poll() is None:
@@ -166,12 +197,17 @@ def mpi_bundle(workdir, user) -> Path:
 
 def mpi_ranks(stdout: str) -> dict[int, str]:
     """{rank: host} from mpi_hello's lines; every rank's size must be 4."""
+    return {rank: host for rank, (host, _) in mpi_rank_lines(stdout).items()}
+
+
+def mpi_rank_lines(stdout: str) -> dict[int, tuple[str, int]]:
+    """{rank: (host, uid)} from mpi_hello's "rank R of N on HOST uid U" lines; every N must be 4."""
     ranks = {}
     for line in stdout.splitlines():
         if line.startswith("rank "):
             words = line.split()
             assert words[3] == "4", line
-            ranks[int(words[1])] = words[5]
+            ranks[int(words[1])] = (words[5], int(words[7]))
     return ranks
 
 
@@ -192,6 +228,8 @@ def test_mpi_pmix_four_ranks_two_per_node(cluster, user, mpi_bundle):
     result = cluster.srun(user, ["-N", "2", "-n", "4", "--mpi=pmix", *ctl_run(mpi_bundle, OPENMPI_HELLO)], timeout=180)
     assert result.returncode == 0, fail(result, cluster)
     ranks = assert_four_ranks_two_per_node(result.stdout)
+    # PMIx accepted each rank because it runs as the user's own uid inside its container.
+    assert {uid for _, uid in mpi_rank_lines(result.stdout).values()} == {user.uid}, result.stdout
     job = last_job(cluster, user)
     for node in cluster.nodes:  # each node's daemon ran its own two ranks, under Slurm's ids
         assert daemon_tasks(node, user, job) == sorted(r for r, host in ranks.items() if host == node.name)
