@@ -183,7 +183,7 @@ needs_mpi_bundle = pytest.mark.skipif(not (REPO / "scripts" / "make-mpi-bundle.s
 @pytest.fixture(scope="module")
 def mpi_bundle(workdir, user) -> Path:
     script = REPO / "scripts" / "make-mpi-bundle.sh"
-    path = workdir / "mpi-bundle"
+    path = workdir / "mpi-bundle-two-nodes"  # test_mpi.py has its own, unchanged
     subprocess.run(["sh", str(script), user.name, str(path)], check=True, timeout=300)
     # The ranks report their host name: the containers keep their node's (no UTS namespace of
     # their own, no "hostname" in config.json), as the bundle's other namespaces keep the host's.
