@@ -283,3 +283,55 @@ def _executable_by(st: os.stat_result, identity: Identity) -> bool:
     if st.st_gid == identity.gid or st.st_gid in identity.groups:
         return bool(st.st_mode & stat.S_IXGRP)
     return bool(st.st_mode & stat.S_IXOTH)
+
+
+# What srun gives an MPI task, which the container must get unchanged (step/mpi.py).
+MPI_ENV_SAMPLE = {
+    "PMIX_NAMESPACE": "slurm.pmix.1.0", "PMIX_RANK": "0", "PMIX_SERVER_URI4": "pmix-server.1;tcp4://127.0.0.1:1",
+    "PMIX_SERVER_TMPDIR": "/var/spool/slurmd/pmix.1.0/", "PMI_FD": "3", "PMI_RANK": "0", "PMI_SIZE": "1",
+    "PMI_JOBID": "1.0", "SLURM_JOBID": "1", "SLURM_STEP_ID": "0", "SLURM_NODELIST": "node1",
+}
+
+
+def check_mpi(config: DaemonConfig, oci: OciConf, identity: Identity, bundle_config: dict | None,
+              subuid: str = "/etc/subuid", subgid: str = "/etc/subgid") -> list[Check]:
+    """What would cut `srun --mpi=pmix|pmi2 nodestepctl run` off (docs/admin-guide.md#mpi):
+    EnvExclude dropping srun's PMIx/PMI2 variables, a runtime that cannot be passed the PMI2
+    fd, PMIx ranks left as uid 0 (mpi_user_namespace = never) or without the subordinate ids
+    that make them the user's own uid, and a bundle with its own network namespace."""
+    from nodestepd.config.preservefds import PreserveFdsUnsupported, with_preserve_fds
+    from nodestepd.step import mpi
+
+    name = "MPI"
+    checks: list[Check] = []
+    if oci.env_exclude_re is not None:
+        cut = sorted(n for n, v in MPI_ENV_SAMPLE.items() if oci.env_exclude_re.match(f"{n}={v}"))
+        if cut:
+            checks.append(warn(name, f"EnvExclude of {oci.path} drops what srun gives MPI tasks: {', '.join(cut)}",
+                               "leave PMIX_*, PMI_* and SLURM_* out of EnvExclude."))
+    first = oci.runtime_run if oci.runtime_run is not None else oci.runtime_create
+    if first is not None:
+        try:
+            with_preserve_fds(first, 1)
+        except PreserveFdsUnsupported as e:
+            checks.append(warn(name, f"srun --mpi=pmi2 cannot work: {e}",
+                               "use runc or crun for MPI steps (their run/create pass the PMI2 fd into the container)."))
+    if config.mpi_user_namespace == "never":
+        uid = ((bundle_config or {}).get("process") or {}).get("user", {}).get("uid", 0)
+        if uid == 0:
+            checks.append(warn(name, "mpi_user_namespace = \"never\": PMIx ranks run as uid 0 in the container, and "
+                                     "Slurm's PMIx server rejects every one (Open MPI: \"Unreachable\")",
+                               "set mpi_user_namespace = \"auto\" (the default)."))
+    elif identity.uid != 0 and mpi.read_subid_ranges(identity.user, identity.uid, subuid, subgid) is None:
+        checks.append(warn(name, f"{identity.user} has no subordinate uids and gids in {subuid} and {subgid}: "
+                                 "srun --mpi=pmix steps are refused (their ranks must run as the user's own uid)",
+                           f"give {identity.user} a range in both (usermod --add-subuids/--add-subgids)."))
+    if bundle_config is not None and mpi.has_own_network_namespace(bundle_config):
+        level = fail if config.mpi_network_namespace == "refuse" else warn
+        checks.append(level(name, "the bundle has its own network namespace: MPI steps "
+                                  + ("are refused" if config.mpi_network_namespace == "refuse" else
+                                     "cannot reach Slurm's PMIx server on the host's loopback"),
+                            "remove the \"network\" namespace from the bundle's linux.namespaces."))
+    if not checks:
+        checks.append(ok(name, "srun --mpi=pmix and --mpi=pmi2 steps get what they need"))
+    return checks

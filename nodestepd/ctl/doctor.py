@@ -27,6 +27,7 @@ from nodestepd.ctl.checks import (
     check_container_path,
     check_daemon_dirs,
     check_image_cache,
+    check_mpi,
     check_oci_conf,
     check_runtime_dir,
     check_settings,
@@ -102,12 +103,14 @@ def run_doctor(options: DoctorOptions) -> list[Check]:
     checks += runtime_checks
     checks += check_image_tools(identity, env)
     if options.bundle is None:
+        checks += check_mpi(config, oci, identity, None)
         checks.append(warn("bundle", "no --bundle given: the bundle and the test outside Slurm were not checked",
                            "run doctor again with --bundle DIR."))
         return checks
     bundle = os.path.abspath(options.bundle)
     bundle_checks, info = check_bundle(oci, bundle, identity)
     checks += bundle_checks
+    checks += check_mpi(config, oci, identity, info.config if info is not None else None)
     if info is None or any(c.level is Level.FAIL for c in runtime_checks) or oci.runtime_run is None and oci.runtime_create is None:
         checks.append(fail("test outside Slurm", "not run: fix the failures above first", "fix the failures above."))
         return checks

@@ -128,6 +128,19 @@ def has_own_network_namespace(config: dict) -> bool:
     return any(isinstance(n, dict) and n.get("type") == "network" for n in namespaces)
 
 
+def network_warnings(config: dict, settings: MpiSettings) -> list[str]:
+    """A bundle with its own network namespace: MpiError (mpi_network_namespace = refuse),
+    else the warning for the log (warn); [] for a bundle on the host's network."""
+    if not has_own_network_namespace(config):
+        return []
+    what = ("the bundle's config.json gives the container its own network namespace: MPI's ranks reach "
+            "Slurm's PMIx/PMI server and each other over the host's network")
+    if settings.network_namespace == "refuse":
+        raise MpiError(f"{what}; remove the \"network\" namespace from linux.namespaces (or the site sets "
+                       "mpi_network_namespace = \"warn\")")
+    return [what]
+
+
 def rewrite_config(config: dict, step: MpiStep, settings: MpiSettings, *, uid: int, gid: int,
                    own_uid: bool) -> tuple[dict, list[str]]:
     """The task's config.json for an MPI step, and warnings for the log. Raises MpiError.
@@ -138,14 +151,7 @@ def rewrite_config(config: dict, step: MpiStep, settings: MpiSettings, *, uid: i
     container root to its 1 (the first subordinate id), the process running as U:G.
     """
     new = copy.deepcopy(config)
-    warnings: list[str] = []
-    if has_own_network_namespace(new):
-        what = ("the bundle's config.json gives the container its own network namespace: MPI's ranks reach "
-                "Slurm's PMIx/PMI server and each other over the host's network")
-        if settings.network_namespace == "refuse":
-            raise MpiError(f"{what}; remove the \"network\" namespace from linux.namespaces (or the site sets "
-                           "mpi_network_namespace = \"warn\")")
-        warnings.append(what)
+    warnings = network_warnings(new, settings)
     mounts = new.setdefault("mounts", [])
     if not isinstance(mounts, list):
         raise MpiError("the bundle's config.json has a \"mounts\" value that is not an array")

@@ -160,13 +160,10 @@ def _mpi_plan(spec: StepSpec, env: Mapping[str, str], settings: LaunchSettings,
         # IgnoreFileConfigJson: the site's runtime takes no config.json from us to add to.
         return None, [f"an MPI ({found.kind}) step with IgnoreFileConfigJson: its containers get no MPI mounts "
                       "or uid mapping from nodestepd"]
-    warnings = []
-    if mpi.has_own_network_namespace(bundle_config):
-        try:
-            _, warnings = mpi.rewrite_config(bundle_config, found, settings.mpi, uid=identity.uid, gid=identity.gid,
-                                             own_uid=False)
-        except mpi.MpiError as e:
-            raise LaunchFailed(str(e)) from None
+    try:
+        warnings = mpi.network_warnings(bundle_config, settings.mpi)
+    except mpi.MpiError as e:
+        raise LaunchFailed(str(e)) from None
     ranges = None
     if mpi.needs_own_uid(found, settings.mpi, identity.uid):
         ranges = mpi.read_subid_ranges(identity.user, identity.uid)

@@ -43,3 +43,47 @@ def test_unset_stage_hooks_are_fine():
                                                              ("stage_out", Level.OK, "not set")]
 
 
+
+
+# ---- MPI -----------------------------------------------------------------------------------
+
+
+def _oci(tmp_path, text: str):
+    from nodestepd.config.ociconf import load_oci_conf
+
+    path = tmp_path / "oci.conf"
+    path.write_text(text)
+    return load_oci_conf(str(path))
+
+
+RUNC_RUN = ('RunTimeRun="runc --rootless=true --root=/run/user/%U/ run %n.%u.%j.%s.%t -b %b"\n'
+            'RunTimeKill="runc kill %n.%u.%j.%s.%t"\nRunTimeDelete="runc delete --force %n.%u.%j.%s.%t"\n')
+
+
+def _mpi(tmp_path, oci_text=RUNC_RUN, bundle=None, subids="someone:100000:65536\n", **settings):
+    from nodestepd.ctl.checks import check_mpi
+
+    (tmp_path / "subuid").write_text(subids)
+    (tmp_path / "subgid").write_text(subids)
+    me = Identity("someone", 4242, 4242, (), "/")
+    return check_mpi(DaemonConfig(**settings), _oci(tmp_path, oci_text), me, bundle,
+                     str(tmp_path / "subuid"), str(tmp_path / "subgid"))
+
+
+def test_mpi_fine(tmp_path):
+    [check] = _mpi(tmp_path, bundle={"linux": {"namespaces": [{"type": "user"}]}})
+    assert check.level is Level.OK
+
+
+def test_mpi_warnings(tmp_path):
+    checks = _mpi(tmp_path, 'EnvExclude="^(PMIX_|SLURM_CONF)"\n' + RUNC_RUN.replace("runc ", "crun "), subids="")
+    assert [c.level for c in checks] == [Level.WARN, Level.WARN]
+    assert "EnvExclude" in checks[0].message and "PMIX_NAMESPACE, PMIX_RANK" in checks[0].message
+    assert "no subordinate uids" in checks[1].message
+    [ch] = _mpi(tmp_path, RUNC_RUN.replace('"runc --rootless', '"ch-run --rootless'))
+    assert ch.level is Level.WARN and "srun --mpi=pmi2 cannot work" in ch.message
+    [never] = _mpi(tmp_path, mpi_user_namespace="never", bundle={"process": {"user": {"uid": 0}}})
+    assert never.level is Level.WARN and "PMIx ranks run as uid 0" in never.message
+    netns = {"linux": {"namespaces": [{"type": "network"}]}}
+    assert [c.level for c in _mpi(tmp_path, bundle=netns)] == [Level.FAIL]
+    assert [c.level for c in _mpi(tmp_path, bundle=netns, mpi_network_namespace="warn")] == [Level.WARN]

@@ -83,3 +83,21 @@ def test_a_network_namespace_is_refused_or_warned_of():
     _, warnings = mpi.rewrite_config(netns, MpiStep("pmi2"), MpiSettings(network_namespace="warn"), uid=1000,
                                      gid=1000, own_uid=False)
     assert len(warnings) == 1 and "own network namespace" in warnings[0]
+
+
+def test_a_pmix_step_of_a_user_without_subordinate_ids_is_refused_before_anything_is_made():
+    from types import SimpleNamespace
+
+    from nodestepd.process.identity import Identity
+    from nodestepd.step.prepare import _mpi_plan
+    from nodestepd.step.spec import LaunchFailed
+
+    nobody = Identity("no-such-user-of-subids", 3999999, 3999999, (), "/")
+    spec = SimpleNamespace(identity=nobody, job_id=7, step_id=0)
+    settings = SimpleNamespace(mpi=MpiSettings())
+    with pytest.raises(LaunchFailed, match="a PMIx step must run as no-such-user-of-subids's own uid .* there are "
+                                           "none"):
+        _mpi_plan(spec, PMIX_ENV, settings, config())
+    plan, warnings = _mpi_plan(spec, PMIX_ENV, SimpleNamespace(mpi=MpiSettings(user_namespace="never")), config())
+    assert (plan.step.kind, plan.own_uid, warnings) == ("pmix", None, [])
+    assert _mpi_plan(spec, {"PATH": "/bin"}, settings, config()) == (None, [])
