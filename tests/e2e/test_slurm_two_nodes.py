@@ -11,6 +11,7 @@ import select
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -322,3 +323,51 @@ def test_mpi_wall_time_through_nodestepd_and_direct(cluster, user, mpi_bundle):
           f"through nodestepd {medians['nodestepd']:.3f} s, direct {medians['direct']:.3f} s, "
           f"+{medians['nodestepd'] - medians['direct']:.3f} s; all: "
           + "; ".join(f"{way} " + " ".join(f"{t:.3f}" for t in ts) for way, ts in times.items()))
+
+
+# ---- the harness itself --------------------------------------------------------------------
+
+HARNESS_SCRIPT = """
+import sys, time
+from pathlib import Path
+sys.path[:0] = sys.argv[1:3]
+from conftest import RUNC_RUN_CONF, _ensure_user
+from slurm_cluster import Cluster
+users = [_ensure_user(name) for name in sys.argv[4].split(",")]
+cluster = Cluster(Path(sys.argv[3]))
+cluster.start(users, RUNC_RUN_CONF)
+pids = [p.pid for p in cluster.host_procs]
+for node in cluster.nodes:
+    pids += [node.init.pid, node.init_pid] + [p.pid for p in node.procs] + [p.popen.pid for p in node.procs]
+print(" ".join(map(str, pids)), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_test_process_leaves_nothing_running(workdir, user, other_user):
+    """SIGKILL of the process that started a cluster (no teardown runs) still ends every
+    process of it: PR_SET_PDEATHSIG, and the nodes' pid namespaces die with their inits."""
+    base = Path(tempfile.mkdtemp(prefix="slurm2-killed-", dir=workdir))
+    base.chmod(0o755)
+    here = Path(__file__).resolve().parent
+    proc = subprocess.Popen([sys.executable, "-c", HARNESS_SCRIPT, str(here.parent), str(here), str(base),
+                             f"{user.name},{other_user.name}"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True)
+    pidfds = []
+    try:
+        line = read_lines(proc.stdout, 1, timeout=120)[0]
+        pids = [int(p) for p in line.split()]
+        assert len(pids) >= 12, line  # munged, 2 x (unshare, init, slurmd, nodestepd and their nsenters), slurmctld
+        pidfds = [os.pidfd_open(pid) for pid in pids]  # before the kill: no pid reuse can fool the wait
+        proc.kill()
+        proc.wait(timeout=30)
+        for fd, pid in zip(pidfds, pids):
+            assert select.select([fd], [], [], 30)[0], f"process {pid} outlived the test process by 30 s"
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        shutil.rmtree(base, ignore_errors=True)
