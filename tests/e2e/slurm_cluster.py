@@ -233,10 +233,10 @@ class Node:
 
     # ---- what the tests look at --------------------------------------------------------
 
-    def user_processes(self) -> list[str]:
-        """Processes in this node not running as root (real uid): a job's tasks, its
-        containers, srun. Each as 'pid uid command', pids as the node sees them (read from
-        its own /proc, through its init's root)."""
+    def job_processes(self) -> list[str]:
+        """Processes in this node of a job: not running as root (real uid: its tasks, their
+        containers, srun), or Slurm's step daemons. Each as 'pid uid command', pids as the
+        node sees them (read from its own /proc, through its init's root)."""
         proc = Path(f"/proc/{self.init_pid}/root/proc")
         found = []
         for entry in os.listdir(proc):
@@ -248,7 +248,7 @@ class Node:
             except (FileNotFoundError, ProcessLookupError):
                 continue  # ended meanwhile
             uid = next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
-            if uid != "0":
+            if uid != "0" or cmdline.startswith("slurmstepd"):
                 found.append(f"{entry} {uid} {cmdline.strip()}")
         return found
 
@@ -273,7 +273,7 @@ class Node:
     def leftovers(self, user: User) -> dict[str, list[str]]:
         """What a finished job could leave behind in this node; empty when nothing."""
         found = {"containers": self.runc_containers(user), "spool": self.spool_entries(),
-                 "records": self.records(), "processes": self.user_processes()}
+                 "records": self.records(), "processes": self.job_processes()}
         return {k: v for k, v in found.items() if v}
 
 
