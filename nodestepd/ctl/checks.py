@@ -322,6 +322,9 @@ def check_mpi(config: DaemonConfig, oci: OciConf, identity: Identity, bundle_con
             checks.append(warn(name, "mpi_user_namespace = \"never\": PMIx ranks run as uid 0 in the container, and "
                                      "Slurm's PMIx server rejects every one (Open MPI: \"Unreachable\")",
                                "set mpi_user_namespace = \"auto\" (the default)."))
+    elif oci.runtime_run is None:
+        checks.append(warn(name, f"srun --mpi=pmix steps are refused: {mpi.CREATE_START_OWN_UID}",
+                           "use RunTimeRun (run mode) in oci.conf."))
     elif identity.uid != 0 and mpi.read_subid_ranges(identity.user, identity.uid, subuid, subgid) is None:
         checks.append(warn(name, f"{identity.user} has no subordinate uids and gids in {subuid} and {subgid}: "
                                  "srun --mpi=pmix steps are refused (their ranks must run as the user's own uid)",

@@ -40,6 +40,14 @@ SUBIDS_MAPPED = 65536  # at most this many of the user's subordinate ids (as `un
 _PMIX_URI = re.compile(r"PMIX_SERVER_URI[0-9]*\Z")
 
 
+# Measured: runc create in the user namespace leaves its exec.fifo to the container's root
+# (a subordinate id), which `runc start`, run as the user outside it, cannot open.
+CREATE_START_OWN_UID = (
+    "a PMIx step runs its ranks as the user's own uid, which takes RunTimeRun (run mode): with RunTimeCreate, "
+    "RunTimeStart runs outside the user namespace the container was created in and cannot start it (the site "
+    "uses a run-mode oci.conf for MPI, or sets mpi_user_namespace = \"never\")")
+
+
 class MpiError(Exception):
     """The MPI step cannot be set up as asked; one sentence for the user."""
 

@@ -166,6 +166,8 @@ def _mpi_plan(spec: StepSpec, env: Mapping[str, str], settings: LaunchSettings,
         raise LaunchFailed(str(e)) from None
     ranges = None
     if mpi.needs_own_uid(found, settings.mpi, identity.uid):
+        if settings.step.commands.create_start:
+            raise LaunchFailed(mpi.CREATE_START_OWN_UID)
         ranges = mpi.read_subid_ranges(identity.user, identity.uid)
         if ranges is None:
             raise LaunchFailed(

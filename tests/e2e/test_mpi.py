@@ -27,6 +27,7 @@ SRUN_TIMEOUT = 120.0  # one srun, however slow this machine is
 GONE_TIMEOUT = 30.0  # for Slurm's step daemons to end after srun returned
 OPENMPI_HELLO = "/mpi/openmpi/mpi_hello"
 MPICH_HELLO = "/mpi/mpich/mpi_hello"
+CREATE_START_CONF = (REPO / "tests" / "oci-conf-examples" / "runc-create-start.conf").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +93,17 @@ def assert_nothing_left(daemon, user) -> None:
     assert ps.returncode == 0 and "running" not in ps.stdout.decode(), ps.stdout
 
 
-def test_pmix_ranks_find_each_other_as_the_users_own_uid(mpi_cluster, start_daemon, user, mpi_bundle):
-    daemon = start_daemon()
+@pytest.mark.parametrize("mode", ["run", "create-start"])
+def test_pmix_ranks_find_each_other_as_the_users_own_uid(mpi_cluster, start_daemon, user, mpi_bundle, mode):
+    daemon = start_daemon() if mode == "run" else start_daemon(CREATE_START_CONF)
     result = srun(mpi_cluster, daemon, user, mpi_bundle, "pmix", OPENMPI_HELLO)
+    if mode == "create-start":
+        # runc start, run as the user outside the task's user namespace, cannot open the
+        # exec.fifo runc create left to the container's root there: refused up front.
+        assert result.returncode == 125, result.stderr
+        assert "a PMIx step runs its ranks as the user's own uid, which takes RunTimeRun" in result.stderr
+        assert_nothing_left(daemon, user)
+        return
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{daemon.log()[-5000:]}"
     host = os.uname().nodename
     assert ranks(result.stdout) == [f"rank 0 of 2 on {host} uid {user.uid}", f"rank 1 of 2 on {host} uid {user.uid}",

@@ -84,6 +84,10 @@ def test_mpi_warnings(tmp_path):
     assert ch.level is Level.WARN and "srun --mpi=pmi2 cannot work" in ch.message
     [never] = _mpi(tmp_path, mpi_user_namespace="never", bundle={"process": {"user": {"uid": 0}}})
     assert never.level is Level.WARN and "PMIx ranks run as uid 0" in never.message
+    create_start = ('RunTimeCreate="runc create %n -b %b"\nRunTimeStart="runc start %n"\n'
+                    'RunTimeQuery="runc state %n"\nRunTimeKill="runc kill %n"\nRunTimeDelete="runc delete %n"\n')
+    [cs] = _mpi(tmp_path, create_start)
+    assert cs.level is Level.WARN and "takes RunTimeRun" in cs.message
     netns = {"linux": {"namespaces": [{"type": "network"}]}}
     assert [c.level for c in _mpi(tmp_path, bundle=netns)] == [Level.FAIL]
     assert [c.level for c in _mpi(tmp_path, bundle=netns, mpi_network_namespace="warn")] == [Level.WARN]

@@ -94,10 +94,15 @@ def test_a_pmix_step_of_a_user_without_subordinate_ids_is_refused_before_anythin
 
     nobody = Identity("no-such-user-of-subids", 3999999, 3999999, (), "/")
     spec = SimpleNamespace(identity=nobody, job_id=7, step_id=0)
-    settings = SimpleNamespace(mpi=MpiSettings())
+    def settings(create_start=False, **mpi_settings):
+        return SimpleNamespace(mpi=MpiSettings(**mpi_settings),
+                               step=SimpleNamespace(commands=SimpleNamespace(create_start=create_start)))
+
     with pytest.raises(LaunchFailed, match="a PMIx step must run as no-such-user-of-subids's own uid .* there are "
                                            "none"):
-        _mpi_plan(spec, PMIX_ENV, settings, config())
-    plan, warnings = _mpi_plan(spec, PMIX_ENV, SimpleNamespace(mpi=MpiSettings(user_namespace="never")), config())
+        _mpi_plan(spec, PMIX_ENV, settings(), config())
+    with pytest.raises(LaunchFailed, match="which takes RunTimeRun"):
+        _mpi_plan(spec, PMIX_ENV, settings(create_start=True), config())
+    plan, warnings = _mpi_plan(spec, PMIX_ENV, settings(user_namespace="never"), config())
     assert (plan.step.kind, plan.own_uid, warnings) == ("pmix", None, [])
-    assert _mpi_plan(spec, {"PATH": "/bin"}, settings, config()) == (None, [])
+    assert _mpi_plan(spec, {"PATH": "/bin"}, settings(), config()) == (None, [])
