@@ -1,6 +1,11 @@
 """Two Slurm nodes on one machine (tests/e2e/slurm_cluster.py): `srun -N 2` through each
 node's own nodestepd with real runc containers; every task on its node, each node's daemon
-knowing only its own tasks, failures and cancels ending everything on both nodes.
+knowing only its own tasks, failures and cancels ending everything on both nodes; then MPI
+across the nodes (Open MPI over pmix, MPICH over pmi2) and the harness itself.
+
+Job ids: Slurm's, of this module's own cluster. The containers are named after their node
+(nsd-n1, nsd-n2) and live in each node's own runc root (its private /run), so their names
+collide with no other test file's.
 """
 
 from __future__ import annotations
