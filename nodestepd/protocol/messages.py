@@ -125,6 +125,13 @@ class PsRequest(Request, tag="ps"):
     pass
 
 
+class JobEndRequest(Request, tag="job-end"):
+    """End job `job_id` on this node (root only; Slurm's node Epilog runs it): cancel every
+    step of the job, whoever's, and reply `job-end` once they are all ended and cleaned up."""
+
+    job_id: int
+
+
 class StatusRequest(Request, tag="status"):
     pass
 
@@ -148,7 +155,7 @@ class ImagesRequest(Request, tag="images"):
 
 
 AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest,
-                   AttachRequest, ImagesRequest]
+                   AttachRequest, ImagesRequest, JobEndRequest]
 
 # ---- replies --------------------------------------------------------------------
 
@@ -220,6 +227,11 @@ class StepsReply(Reply, tag="steps"):
     steps: list[StepInfo] = []
 
 
+class JobEndReply(Reply, tag="job-end"):
+    job_id: int = 0
+    ended: list[StepInfo] = []  # the steps job-end cancelled, as they finished (a launch of several parts: each)
+
+
 class StatusReply(Reply, tag="status"):
     version: str = ""
     uptime: float = 0.0
@@ -256,7 +268,7 @@ class ImagesReply(Reply, tag="images"):
     kept: list[ImageInfo] = []  # a removal's entries left because steps run from them
 
 
-AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply, ImagesReply]
+AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply, ImagesReply, JobEndReply]
 
 _request_decoder = msgspec.json.Decoder(AnyRequest)
 _encoder = msgspec.json.Encoder()
