@@ -236,6 +236,7 @@ def _add_doctor(sub, raw) -> None:
         "doctor", formatter_class=raw, help="find what keeps containers from running here (no daemon needed)",
         description="Check this node for a user: user namespaces, the daemon's settings and oci.conf, every\n"
         "runtime program (`--version` as the user), /run/user/UID and lingering, the spool and state dirs,\n"
+        "your podman containers.conf and docker daemon.json when they name nodestep-oci,\n"
         "the bundle, and finally the Slurm guide's \"test outside Slurm\" with the configured commands.\n"
         "One line per check (ok, warn, fail) with the fix; exits 0 only when nothing fails.\n"
         "An ordinary user checks for themselves. root must name the user with --user: every runtime\n"

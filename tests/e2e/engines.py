@@ -248,6 +248,7 @@ class Podman:
     runtime: EngineRuntime
     base: Path          # /run/user/UID/engines-podman-*: configuration, storage, temporary files
     env: dict[str, str]
+    home_before: set[str] = field(default_factory=set)  # the user's home's entries before the engine ran
 
     def argv(self, *args: str) -> list[str]:
         return [PODMAN, *args]
@@ -339,7 +340,7 @@ def start_podman(user: User, runtime: EngineRuntime, image_tar: Path | None) -> 
     env = {**user.env, "XDG_RUNTIME_DIR": str(run_dir), "XDG_CONFIG_HOME": str(config_home),
            "XDG_DATA_HOME": str(base / "data"), "XDG_CACHE_HOME": str(base / "cache"),
            "CONTAINERS_CONF": str(config_home / "containers" / "containers.conf")}
-    podman = Podman(user, runtime, base, env)
+    podman = Podman(user, runtime, base, env, {p.name for p in Path(user.home).iterdir()})
     if image_tar is not None:
         try:
             podman.ok("import", "--quiet", str(image_tar), IMAGE)
@@ -365,6 +366,7 @@ def make_podman(busybox_tar):
     yield make
     for podman in made:
         podman.cleanup()
+    _assert_homes_untouched(made)
     # What podman makes in $XDG_RUNTIME_DIR outside its configured dirs: runc's default root
     # and libpod's; removed when empty (a container left in them is a failure to see).
     for uid, before in run_dirs.items():
@@ -372,6 +374,15 @@ def make_podman(busybox_tar):
             path = Path(f"/run/user/{uid}") / name
             if name not in before and path.is_dir():
                 _remove_empty_tree(path)
+
+
+def _assert_homes_untouched(engines: list) -> None:
+    """The engines wrote nothing into the users' homes (their configuration and state go to
+    the directories the fixtures made)."""
+    for engine in engines:
+        home = Path(engine.user.home)
+        found = {p.name for p in home.iterdir()} - engine.home_before
+        assert not found, f"the engine left {sorted(found)} in {home}"
 
 
 def _remove_empty_tree(path: Path) -> None:
@@ -400,6 +411,7 @@ class Docker:
     proc: subprocess.Popen  # rootlesskit (setpriv, env and dockerd-rootless.sh exec it)
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    home_before: set[str] = field(default_factory=set)  # the user's home's entries before the engine ran
 
     @property
     def socket(self) -> Path:
@@ -482,7 +494,10 @@ def start_dockerd(user: User, runtime: EngineRuntime, workdir: Path, image_tar: 
     config.write_text(docker_daemon_json(runtime))
     os.chown(config, user.uid, user.gid)
     log_path = workdir / f"{run_dir.name}.log"
+    home_before = {p.name for p in Path(user.home).iterdir()}
+    # XDG_CONFIG_HOME too: dockerd writes its key.json under it (else ~/.config/docker).
     env = {**user.env, "PATH": f"/usr/share/docker.io/contrib:{SYSTEM_PATH}", "XDG_RUNTIME_DIR": str(run_dir),
+           "XDG_CONFIG_HOME": str(run_dir / "config"), "XDG_DATA_HOME": str(data_root / "xdg-data"),
            "DOCKERD_ROOTLESS_ROOTLESSKIT_NET": "host", "DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER": "none"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -490,7 +505,7 @@ def start_dockerd(user: User, runtime: EngineRuntime, workdir: Path, image_tar: 
                           "--pidfile", str(run_dir / "docker.pid")]),
             env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     client_env = {**user.env, "DOCKER_HOST": f"unix://{run_dir}/docker.sock", "DOCKER_CONFIG": str(run_dir / "cli")}
-    docker = Docker(user, runtime, run_dir, data_root, proc, log_path, client_env)
+    docker = Docker(user, runtime, run_dir, data_root, proc, log_path, client_env, home_before)
     try:
         deadline = time.monotonic() + DOCKERD_START_TIMEOUT
         # Polled: dockerd tells nobody when it is ready; `docker version` answers once it is.
@@ -529,6 +544,7 @@ def make_docker(busybox_tar, workdir):
     yield make
     for docker in made:
         docker.cleanup()
+    _assert_homes_untouched(made)
 
 
 # ---------------------------------------------------------------- the runtime parameter
