@@ -1,5 +1,5 @@
 """nodestepctl's subcommands other than run: one request to the daemon each (ps, signal,
-cancel, wait, status, reload), and the entry points of those that need no daemon
+cancel, job-end, wait, status, reload), and the entry points of those that need no daemon
 (check-config, doctor, completion).
 """
 
@@ -43,6 +43,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     reply = request(args.socket, {"op": "cancel", "job_id": job_id, "step_id": step_id, **_whose(args)}, "exit")
     status = "unknown" if reply["status"] is None else reply["status"]
     print(f"step {job_id}.{step_id} cancelled (status {status})")
+    return 0
+
+
+def cmd_job_end(args: argparse.Namespace) -> int:
+    if not (args.job.isascii() and args.job.isdigit()) or len(args.job) > 10:
+        raise ClientError(f"job-end: {args.job!r} is not a job id", EXIT_USAGE)
+    job_id = int(args.job)
+    reply = request(args.socket, {"op": "job-end", "job_id": job_id}, "job-end")
+    if args.json:
+        print(json.dumps(reply["ended"], indent=2))
+        return 0
+    if not reply["ended"]:
+        print(f"job {job_id}: no steps on this node")
+    for step in reply["ended"]:
+        print(f"job {job_id}: ended step {step['job_id']}.{step['step_id']} of {step['user']} "
+              f"(status {_status_column(step)})")
     return 0
 
 

@@ -46,6 +46,8 @@ from nodestepd.protocol.messages import (
     ImageInfo,
     ImagesReply,
     ImagesRequest,
+    JobEndReply,
+    JobEndRequest,
     OciDeleteRequest,
     OciKillRequest,
     OciStartRequest,
@@ -99,8 +101,14 @@ class DaemonState:
 
 # Each request but `run` (which takes the connection over) and the method that answers it.
 _ANSWERS = {StatusRequest: "status", PsRequest: "ps", SignalRequest: "signal", CancelRequest: "cancel",
-            WaitRequest: "wait", ReloadRequest: "reload", ImagesRequest: "images", OciStartRequest: "oci_start",
-            OciStateRequest: "oci_state", OciKillRequest: "oci_kill", OciDeleteRequest: "oci_delete"}
+            WaitRequest: "wait", ReloadRequest: "reload", ImagesRequest: "images", JobEndRequest: "job_end",
+            OciStartRequest: "oci_start", OciStateRequest: "oci_state", OciKillRequest: "oci_kill",
+            OciDeleteRequest: "oci_delete"}
+
+# job-end cancels the job's steps, then looks again: a launch admitted while the first
+# cancels ran is ended too. Slurm starts no step of a job once its Epilog runs, so a
+# job still launching after this many rounds is an error, not a reason to loop for ever.
+JOB_END_ROUNDS = 5
 
 
 class Session:
@@ -231,6 +239,30 @@ class Session:
                                               request.step_id, whose)
         results = await asyncio.gather(*(step.wait() for step in parts))
         return exit_reply(list(zip(parts, results)))
+
+    async def job_end(self, request: JobEndRequest) -> JobEndReply:
+        """Cancel every step of the job on this node, whoever's; reply once all have ended
+        and been cleaned up (containers deleted, spools and records removed)."""
+        if self.uid != 0:
+            raise Refused("permission-denied", "only root may end a job on this node "
+                          "(nodestepctl job-end is for Slurm's node Epilog)")
+        if request.job_id < 0:
+            raise BadRequest(f"job id {request.job_id} is negative")
+        reason = f"job {request.job_id} ended (job-end by uid {self.uid})"
+        ended: list[Step] = []
+        for _ in range(JOB_END_ROUNDS):
+            steps = self.state.registry.running_of_job(request.job_id)
+            if not steps:
+                break
+            self.log.info("ending a job's steps", job_id=request.job_id, steps=[s.ref for s in steps])
+            await asyncio.gather(*(step.cancel(reason) for step in steps))
+            ended += steps
+        else:
+            if self.state.registry.running_of_job(request.job_id):
+                raise Refused("conflict", f"job {request.job_id} still had steps launching after "
+                              f"{JOB_END_ROUNDS} rounds of cancelling; run job-end again")
+        self.log.info("job ended", job_id=request.job_id, steps_ended=len(ended))
+        return JobEndReply(job_id=request.job_id, ended=[step_info(s) for s in ended])
 
     async def reload(self, request: ReloadRequest) -> OkReply:
         if self.uid != 0:

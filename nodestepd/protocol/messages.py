@@ -138,6 +138,13 @@ class PsRequest(Request, tag="ps"):
     pass
 
 
+class JobEndRequest(Request, tag="job-end"):
+    """End job `job_id` on this node (root only; Slurm's node Epilog runs it): cancel every
+    step of the job, whoever's, and reply `job-end` once they are all ended and cleaned up."""
+
+    job_id: int
+
+
 class StatusRequest(Request, tag="status"):
     pass
 
@@ -183,7 +190,8 @@ class OciDeleteRequest(OciRef, tag="oci-delete"):
 
 
 AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest,
-                   AttachRequest, ImagesRequest, OciStartRequest, OciStateRequest, OciKillRequest, OciDeleteRequest]
+                   AttachRequest, ImagesRequest, JobEndRequest, OciStartRequest, OciStateRequest, OciKillRequest,
+                   OciDeleteRequest]
 
 # ---- replies --------------------------------------------------------------------
 
@@ -271,6 +279,11 @@ class StepsReply(Reply, tag="steps"):
     steps: list[StepInfo] = []
 
 
+class JobEndReply(Reply, tag="job-end"):
+    job_id: int = 0
+    ended: list[StepInfo] = []  # the steps job-end cancelled, as they finished (a launch of several parts: each)
+
+
 class StatusReply(Reply, tag="status"):
     version: str = ""
     uptime: float = 0.0
@@ -307,8 +320,8 @@ class ImagesReply(Reply, tag="images"):
     kept: list[ImageInfo] = []  # a removal's entries left because steps run from them
 
 
-AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply, ImagesReply, CreatedReply,
-                 OciStateReply]
+AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply, ImagesReply, JobEndReply,
+                 CreatedReply, OciStateReply]
 
 _request_decoder = msgspec.json.Decoder(AnyRequest)
 _encoder = msgspec.json.Encoder()

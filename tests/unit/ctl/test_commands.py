@@ -114,6 +114,24 @@ def test_cancel_says_how_the_step_ended(fake_daemon, capsys, status, said):
     assert capsys.readouterr().out == f"step 42.1 cancelled ({said})\n"
 
 
+def test_job_end_lists_what_it_ended(fake_daemon, capsys):
+    seen = []
+    ended = [step(42, ["sleep"], state="finished", status=143, user="alice"),
+             step(42, ["x"], state="finished", status=None, user="bob")]
+    daemon = fake_daemon(replying({"type": "job-end", "job_id": 42, "ended": ended}, seen))
+    assert main(["--socket", daemon.path, "job-end", "42"]) == 0
+    daemon.stop()
+    assert seen == [{"v": wire.VERSION, "op": "job-end", "job_id": 42}]
+    assert capsys.readouterr().out == ("job 42: ended step 42.0 of alice (status 143)\n"
+                                       "job 42: ended step 42.0 of bob (status unknown)\n")
+
+
+@pytest.mark.parametrize("job", ["x", "-1", "4.2", "1" * 11, "٣"])
+def test_job_end_takes_a_job_id(job, capsys):
+    assert main(["--socket", "/nonexistent", "job-end", "--", job]) == 2
+    assert "is not a job id" in capsys.readouterr().err
+
+
 def test_wait_exits_with_the_steps_status(fake_daemon):
     seen = []
     daemon = fake_daemon(replying({"type": "exit", "job_id": 42, "step_id": 0, "status": 3, "tasks": []}, seen))
