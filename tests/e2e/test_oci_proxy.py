@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
+import shlex
+import statistics
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, RUNC_RUN_CONF, proc_state, runc_containers, spool_entries
+from conftest import BIN, REPO, RUNC_RUN_CONF, proc_state, runc_containers, spool_entries
+from engines import IMAGE, EngineRuntime, busybox_tar, make_podman, runc_runtime  # noqa: F401  (fixtures)
 
 INSTALLED_OCI = str(BIN / "nodestep-oci")
 CONMON = str(Path(__file__).with_name("oci_conmon.py"))
@@ -349,3 +352,52 @@ def test_daemon_killed_and_restarted_under_a_running_container(mode, start_daemo
     assert proc_state(anchor) is None
     assert oci(after, user, oci_env, "delete", cid).returncode in (0, 1)
     assert runc_containers(user) == []
+
+
+def proxy_for(daemon, program: str, workdir: Path) -> EngineRuntime:
+    """The engines' runtime: nodestep-oci pointed at `daemon` (the engines give their runtime
+    an environment of their own, so the wrapper sets the socket)."""
+    script = workdir / f"nodestep-oci-{daemon.socket.name}-{uuid.uuid4().hex[:8]}"
+    script.write_text(f"#!/bin/sh\nNODESTEPD_SOCKET={shlex.quote(str(daemon.socket))}\nexport NODESTEPD_SOCKET\n"
+                      f"exec {shlex.quote(program)} \"$@\"\n")
+    script.chmod(0o755)
+    return EngineRuntime("proxy", str(script), daemon)
+
+
+@pytest.mark.parametrize("mode", ["run", "create-start"])
+def test_podman_run_rm_through_the_proxy(mode, start_daemon, make_podman, user, workdir, oci_program):
+    """The smoke test with the real engine (tests/e2e/test_engines*.py have the rest): output,
+    exit code, and nothing left behind; the bundle and rootfs exist only in podman's namespaces."""
+    daemon = start_daemon(CONFS[mode])
+    podman = make_podman(user, proxy_for(daemon, oci_program, workdir))
+    r = podman("run", "--rm", IMAGE, "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, b"out\n", b"err\n"), daemon.log()[-3000:]
+    assert records(daemon) == [] and runc_containers(user) == []
+    assert "OCI container" in daemon.log() and "namespaces=True" in daemon.log()
+
+
+def _median_run_s(podman, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        began = time.monotonic()
+        podman.ok("run", "--rm", IMAGE, "true")
+        times.append(time.monotonic() - began)
+    return statistics.median(times)
+
+
+@pytest.mark.skipif(not os.environ.get("NODESTEP_OCI_MEASURE"), reason="a measurement: NODESTEP_OCI_MEASURE=N runs")
+def test_measure_podman_run_rm_true(start_daemon, make_podman, user, workdir, oci_program):
+    """`podman run --rm bb true`, median of N runs, with runc directly and through the proxy
+    (run mode), alternating rounds so that the machine's load falls on both alike."""
+    runs = int(os.environ["NODESTEP_OCI_MEASURE"])
+    daemon = start_daemon(CONFS["run"])
+    direct = make_podman(user, runc_runtime())
+    proxied = make_podman(user, proxy_for(daemon, oci_program, workdir))
+    for p in (direct, proxied):
+        p.ok("run", "--rm", IMAGE, "true")  # warm: the storage, the pause process
+    runc_s, proxy_s = [], []
+    for _ in range(runs):
+        runc_s.append(_median_run_s(direct, 1))
+        proxy_s.append(_median_run_s(proxied, 1))
+    print(f"\npodman run --rm {IMAGE} true, median of {runs}: runc {statistics.median(runc_s) * 1000:.0f} ms, "
+          f"nodestep-oci {statistics.median(proxy_s) * 1000:.0f} ms")
