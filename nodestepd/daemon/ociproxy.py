@@ -25,7 +25,7 @@ import msgspec
 from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.registry import Registry
 from nodestepd.process.namespaces import NamespaceRefused, Namespaces, caller_namespaces
-from nodestepd.protocol.messages import CreatedReply, OciStateReply, RunRequest
+from nodestepd.protocol.messages import CreatedReply, OciStateReply, RunRequest, StepInfo
 from nodestepd.step.spec import LaunchFailed
 from nodestepd.step.step import Step, StepState
 
@@ -218,6 +218,15 @@ class OciProxy:
         if isinstance(found, OciContainer) and self.containers.get((uid, container_id)) is found:
             del self.containers[(uid, container_id)]
         self.anchors.pop((uid, container_id), None)
+
+    def annotate(self, infos: list[StepInfo]) -> None:
+        """ps: each container's creator's SLURM_STEP_ID (known to the daemon that created it)."""
+        for info in infos:
+            if info.container_id is not None:
+                container = self.containers.get((info.uid, info.container_id))
+                if container is not None and container.step is not None \
+                        and (container.step.spec.job_id, container.step.spec.step_id) == (info.job_id, info.step_id):
+                    info.slurm_step_id = container.slurm_step_id
 
     def reattached(self, uid: int, step: Step, anchor_pid: int) -> None:
         """An anchor attached again after a restart: its pid is the container's for `state`."""

@@ -217,7 +217,10 @@ class Session:
 
     async def ps(self, request: PsRequest) -> StepsReply:
         steps = self.state.registry.visible(self.state.configuration.policy, self.uid)
-        return StepsReply(steps=[step_info(s) for s in steps])
+        infos = [step_info(s) for s in steps]
+        if self.state.oci is not None:
+            self.state.oci.annotate(infos)
+        return StepsReply(steps=infos)
 
     async def signal(self, request: SignalRequest) -> OkReply:
         if request.job_id is None:

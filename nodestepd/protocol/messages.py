@@ -273,6 +273,7 @@ class StepInfo(msgspec.Struct):
     status: int | None = None
     stage_out_failed: bool = False  # the site's stage_out failed at the step's end (the log says how)
     container_id: str | None = None  # an OCI container's engine id (nodestep-oci), or SLURM_CONTAINER_ID
+    slurm_step_id: int | None = None  # an OCI container's creator's SLURM_STEP_ID (while this daemon knows it)
 
 
 class StepsReply(Reply, tag="steps"):

@@ -320,6 +320,7 @@ def test_a_container_in_a_slurm_job_is_a_step_of_it(start_daemon, user, oci_env,
         [(16001, 100000, first), (16001, 100001, second)]) or sorted(
         (s["job_id"], s["step_id"], s["container_id"]) for s in ps) == sorted(
         [(16001, 100000, second), (16001, 100001, first)])
+    assert [s["slurm_step_id"] for s in ps] == [2, 2]  # the caller's Slurm step, kept beside the daemon's number
     table = subprocess.run([str(BIN / "nodestepctl"), "--socket", str(daemon.socket), "ps"],
                            capture_output=True, text=True, check=True).stdout
     assert first[:12] in table and second[:12] in table
