@@ -81,15 +81,18 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def ps_table(steps: list[dict], now: float) -> list[str]:
-    """The lines of `ps`: each column as wide as its widest cell, the command last and unpadded."""
-    rows = [PS_COLUMNS]
+    """The lines of `ps`: each column as wide as its widest cell, the command last and unpadded.
+    A CONTAINER column (an engine's container id, nodestep-oci) only when some step has one."""
+    containers = any(s.get("container_id") for s in steps)
+    headings = PS_COLUMNS if containers else tuple(c for c in PS_COLUMNS if c != "CONTAINER")
+    rows = [headings]
     for s in steps:
-        rows.append((
-            f"{s['job_id']}.{s['step_id']}", s["user"], _state_column(s), str(len(s["tasks"])),
-            _status_column(s), _age(now - s["started_at"]), (s.get("container_id") or "-")[:CONTAINER_WIDTH],
-            " ".join(s["args"]),
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(PS_COLUMNS) - 1)]
+        row = [f"{s['job_id']}.{s['step_id']}", s["user"], _state_column(s), str(len(s["tasks"])),
+               _status_column(s), _age(now - s["started_at"])]
+        if containers:
+            row.append((s.get("container_id") or "-")[:CONTAINER_WIDTH])
+        rows.append((*row, " ".join(s["args"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(headings) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
 
 
