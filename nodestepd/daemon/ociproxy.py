@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from dataclasses import dataclass, field
 
 import msgspec
 
+from nodestepd.daemon.connection import Connection
 from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.registry import Registry
 from nodestepd.process.namespaces import NamespaceRefused, Namespaces, caller_namespaces
@@ -85,7 +87,8 @@ class OciProxy:
 
     # ---- create ---------------------------------------------------------------------------
 
-    def admit(self, uid: int, peer_pid: int, sock, request: RunRequest) -> tuple[OciContainer, RunRequest]:
+    def admit(self, uid: int, peer_pid: int, sock: socket.socket,
+              request: RunRequest) -> tuple[OciContainer, RunRequest]:
         """The container a create request makes (its namespaces pinned), and the run request
         with the daemon's step id. Raises Refused."""
         oci = request.oci
@@ -116,7 +119,8 @@ class OciProxy:
             del self.containers[(container.uid, container.id)]
 
     def _free_step(self, uid: int, job_id: int) -> int:
-        taken = {key[2] for key, _ in self.registry._all() if key[0] == uid and key[1] == job_id}
+        taken = {key[2] for key in (*self.registry.running, *self.registry.finished)
+                 if key[0] == uid and key[1] == job_id}
         taken |= {c.step.spec.step_id for c in self.containers.values()
                   if c.uid == uid and c.step is not None and c.step.spec.job_id == job_id}
         step_id = OCI_STEP_BASE
@@ -124,7 +128,7 @@ class OciProxy:
             step_id += 1
         return step_id
 
-    def bind(self, container: OciContainer, step: Step, conn) -> None:
+    def bind(self, container: OciContainer, step: Step, conn: Connection) -> None:
         """The container's step: its runtime in the caller's namespaces, held before its start."""
         container.step = step
         step.runtime.namespaces = container.namespaces
@@ -133,7 +137,7 @@ class OciProxy:
         step.log.info("OCI container", container_id=container.id, anchor_pid=container.anchor_pid,
                       slurm_step_id=container.slurm_step_id, namespaces=container.namespaces is not None)
 
-    async def _hold(self, container: OciContainer, conn) -> None:
+    async def _hold(self, container: OciContainer, conn: Connection) -> None:
         """The launch waits here for `oci-start`; the anchor is told `created` first. An anchor
         that goes away, or a delete, ends the launch (LaunchFailed)."""
         step = container.step
