@@ -17,6 +17,7 @@ as every launch that was not acknowledged). docs/oci-proxy.md.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from nodestepd.daemon.errors import BadRequest, Refused
 from nodestepd.daemon.registry import Registry
 from nodestepd.process.namespaces import NamespaceRefused, Namespaces, caller_namespaces
 from nodestepd.protocol.messages import CreatedReply, OciStateReply, RunRequest, StepInfo
+from nodestepd.step.results import Finished
 from nodestepd.step.spec import LaunchFailed
 from nodestepd.step.step import Step, StepState
 
@@ -35,6 +37,7 @@ from nodestepd.step.step import Step, StepState
 # one Slurm step (srun) may run many containers, and these never meet srun's own steps.
 OCI_STEP_BASE = 100000
 MAX_ID = 1024
+MAX_DELETED = 4096  # deleted ids remembered (their finished steps stay in `ps` for the retention)
 
 
 def not_found(container_id: str) -> Refused:
@@ -84,6 +87,8 @@ class OciProxy:
         self.registry = registry
         self.containers: dict[tuple[int, str], OciContainer] = {}
         self.anchors: dict[tuple[int, str], int] = {}  # recovered containers' anchors, from their attach
+        # Ids deleted through us, whose finished steps `ps` still lists: they no longer exist.
+        self.deleted: collections.OrderedDict[tuple[int, str], None] = collections.OrderedDict()
 
     # ---- create ---------------------------------------------------------------------------
 
@@ -110,6 +115,7 @@ class OciProxy:
         container = OciContainer(uid=uid, id=oci.id, bundle=oci.bundle, annotations=dict(oci.annotations),
                                  anchor_pid=peer_pid, slurm_step_id=oci.slurm_step_id, namespaces=namespaces)
         self.containers[key] = container
+        self.deleted.pop(key, None)
         return container, msgspec.structs.replace(request, step_id=step_id, container_id=oci.id)
 
     def refused(self, container: OciContainer) -> None:
@@ -173,14 +179,30 @@ class OciProxy:
                 return step
         return None
 
-    def _find(self, uid: int, container_id: str) -> OciContainer | Step:
+    def _ended(self, uid: int, container_id: str) -> Finished | Step | None:
+        """A finished step of uid with that engine id (one a restarted daemon took over, then
+        saw end): the engine's cleanup still deletes it, and must not be told it never was."""
+        if (uid, container_id) in self.deleted:
+            return None
+        for step in self.registry.finished.values():
+            if step.spec.identity.uid == uid and step.spec.container_id == container_id:
+                return step
+        return None
+
+    def _forget(self, uid: int, container_id: str) -> None:
+        self.anchors.pop((uid, container_id), None)
+        self.deleted[(uid, container_id)] = None
+        while len(self.deleted) > MAX_DELETED:
+            self.deleted.popitem(last=False)
+
+    def _find(self, uid: int, container_id: str) -> OciContainer | Step | Finished:
         container = self.containers.get((uid, container_id))
         if container is not None:
             return container
-        step = self._recovered(uid, container_id)
-        if step is None:
+        found = self._recovered(uid, container_id) or self._ended(uid, container_id)
+        if found is None:
             raise not_found(container_id)
-        return step
+        return found
 
     async def start(self, uid: int, container_id: str) -> None:
         found = self._find(uid, container_id)
@@ -195,11 +217,14 @@ class OciProxy:
         if isinstance(found, OciContainer):
             return OciStateReply(id=found.id, status=found.status(), pid=found.anchor_pid, bundle=found.bundle,
                                  annotations=found.annotations)
-        return OciStateReply(id=container_id, status="running", pid=self.anchors.get((uid, container_id), 0),
+        status = "stopped" if isinstance(found, Finished) or found.state is StepState.FINISHED else "running"
+        return OciStateReply(id=container_id, status=status, pid=self.anchors.get((uid, container_id), 0),
                              bundle=found.spec.bundle)
 
     def kill(self, uid: int, container_id: str, signum: int) -> None:
         found = self._find(uid, container_id)
+        if isinstance(found, Finished):
+            return  # ended already, as runc's kill of a stopped container
         step = found.step if isinstance(found, OciContainer) else found
         if isinstance(found, OciContainer) and found.held:
             # A created container has no process yet: a signal that ends a process ends it.
@@ -211,6 +236,9 @@ class OciProxy:
 
     async def delete(self, uid: int, container_id: str) -> None:
         found = self._find(uid, container_id)
+        if isinstance(found, Finished):
+            self._forget(uid, container_id)
+            return  # ended and cleaned up by the daemon already
         step = found.step if isinstance(found, OciContainer) else found
         if isinstance(found, OciContainer):
             if not found.go.done():
@@ -221,7 +249,7 @@ class OciProxy:
             await step.wait()
         if isinstance(found, OciContainer) and self.containers.get((uid, container_id)) is found:
             del self.containers[(uid, container_id)]
-        self.anchors.pop((uid, container_id), None)
+        self._forget(uid, container_id)
 
     def annotate(self, infos: list[StepInfo]) -> None:
         """ps: each container's creator's SLURM_STEP_ID (known to the daemon that created it)."""

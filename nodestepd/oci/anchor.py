@@ -19,6 +19,7 @@ import argparse
 import array
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -36,7 +37,7 @@ _NOT_FATAL = {signal.SIGCHLD, signal.SIGCONT, signal.SIGSTOP, signal.SIGTSTP, si
               signal.SIGURG, signal.SIGWINCH}
 
 
-def bundle_request(bundle: str, config: dict, container_id: str, env: dict[str, str]) -> dict:
+def bundle_request(bundle: str, config: dict, container_id: str, env: dict[str, str], cgroup: str = "") -> dict:
     """The `run` request of an OCI create (pure): the bundle's process and the caller's Slurm job."""
     process = config.get("process")
     if not isinstance(process, dict) or not isinstance(process.get("args"), list) or not process["args"]:
@@ -50,7 +51,7 @@ def bundle_request(bundle: str, config: dict, container_id: str, env: dict[str, 
             if name:
                 container_env[name] = value
     annotations = config.get("annotations") if isinstance(config.get("annotations"), dict) else {}
-    job_id = _slurm_id(env, "SLURM_JOB_ID")
+    job_id, step_id = slurm_job(env, cgroup, container_env)
     return {
         "op": "run",
         "bundle": bundle,
@@ -65,7 +66,7 @@ def bundle_request(bundle: str, config: dict, container_id: str, env: dict[str, 
             "id": container_id,
             "bundle": bundle,
             "annotations": {str(k): str(v) for k, v in annotations.items()},
-            "slurm_step_id": _slurm_id(env, "SLURM_STEP_ID") if job_id is not None else None,
+            "slurm_step_id": step_id,
         },
     }
 
@@ -73,6 +74,26 @@ def bundle_request(bundle: str, config: dict, container_id: str, env: dict[str, 
 def _slurm_id(env: dict[str, str], name: str) -> int | None:
     value = env.get(name, "")
     return int(value) if value.isdigit() and len(value) < 11 else None
+
+
+_CGROUP_JOB = re.compile(r"/job_(\d{1,10})(?:/step_(\d{1,10}))?")
+
+
+def slurm_job(env: dict[str, str], cgroup: str, container_env: dict[str, str]) -> tuple[int | None, int | None]:
+    """The caller's Slurm job and step (pure). The engines give their runtime an environment
+    of their own, without SLURM_*: so, in turn, our environment (a runtime run by hand or a
+    wrapper), the job's cgroup we run in (Slurm's proctrack/cgroup: .../job_J/step_S, which
+    conmon and the shim inherit from the engine), the container's own environment (podman
+    --env-host, -e SLURM_JOB_ID)."""
+    job = _slurm_id(env, "SLURM_JOB_ID")
+    if job is not None:
+        return job, _slurm_id(env, "SLURM_STEP_ID")
+    for line in cgroup.splitlines():
+        found = _CGROUP_JOB.search(line)
+        if found:
+            return int(found.group(1)), int(found.group(2)) if found.group(2) else None
+    job = _slurm_id(container_env, "SLURM_JOB_ID")
+    return job, _slurm_id(container_env, "SLURM_STEP_ID") if job is not None else None
 
 
 def create(args: argparse.Namespace) -> int:
@@ -89,7 +110,12 @@ def create(args: argparse.Namespace) -> int:
         raise OciError(f"cannot read {bundle}/config.json: {e}") from None
     if not isinstance(config, dict):
         raise OciError(f"{bundle}/config.json is not a JSON object")
-    message = bundle_request(bundle, config, args.id, dict(os.environ))
+    try:
+        with open("/proc/self/cgroup") as f:
+            cgroup = f.read()
+    except OSError:
+        cgroup = ""
+    message = bundle_request(bundle, config, args.id, dict(os.environ), cgroup)
     message["config_json"] = raw.decode("utf-8", "replace")
     pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
     master = slave = None

@@ -133,3 +133,15 @@ def test_bundle_without_process_args_is_an_error():
 ])
 def test_exit_signal(status, sig):
     assert anchor.exit_signal(status) == sig
+
+
+@pytest.mark.parametrize("env, cgroup, container_env, expected", [
+    ({}, "", {}, (None, None)),
+    ({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "1"}, "0::/slurm/uid_1/job_9/step_2", {}, (5, 1)),  # ours first
+    ({}, "4:memory:/slurm/uid_1000/job_9/step_2\n0::/\n", {"SLURM_JOB_ID": "7"}, (9, 2)),  # then the cgroup
+    ({}, "0::/system.slice/slurmstepd.scope/job_12/step_batch/user/task_0", {}, (12, None)),
+    ({}, "0::/user.slice", {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "3"}, (7, 3)),  # then the container's env
+    ({"SLURM_JOB_ID": "x"}, "", {}, (None, None)),
+])
+def test_the_slurm_job_of_a_create(env, cgroup, container_env, expected):
+    assert anchor.slurm_job(env, cgroup, container_env) == expected
