@@ -381,6 +381,21 @@ def test_podman_run_rm_through_the_proxy(mode, start_daemon, make_podman, user, 
     assert "OCI container" in daemon.log() and "namespaces=True" in daemon.log()
 
 
+def test_podman_container_inside_a_slurm_job(start_daemon, make_podman, user, workdir, oci_program):
+    """podman gives its runtime no SLURM_* of its own environment: the job comes from the
+    container's environment here (-e; --env-host passes the whole job's)."""
+    daemon = start_daemon(CONFS["run"])
+    podman = make_podman(user, proxy_for(daemon, oci_program, workdir))
+    cid = podman.ok("run", "-d", "-e", "SLURM_JOB_ID=16002", "-e", "SLURM_STEP_ID=4", IMAGE,
+                    "sh", "-c", "echo ready; exec sleep 1000").strip()
+    ps = json.loads(subprocess.run([str(BIN / "nodestepctl"), "--socket", str(daemon.socket), "ps", "--json"],
+                                   capture_output=True, text=True, check=True).stdout)
+    assert [(s["job_id"], s["step_id"], s["slurm_step_id"]) for s in ps if s["container_id"] == cid] == [
+        (16002, 100000, 4)]
+    podman.ok("rm", "--force", "--time", "0", cid)
+    assert records(daemon) == [] and runc_containers(user) == []
+
+
 def _median_run_s(podman, runs: int) -> float:
     times = []
     for _ in range(runs):
