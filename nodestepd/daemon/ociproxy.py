@@ -235,6 +235,8 @@ class OciProxy:
             step.signal(signum)
 
     async def delete(self, uid: int, container_id: str) -> None:
+        if (uid, container_id) in self.deleted and (uid, container_id) not in self.containers:
+            return  # deleted already: a delete is idempotent (docker's shims delete twice)
         found = self._find(uid, container_id)
         if isinstance(found, Finished):
             self._forget(uid, container_id)

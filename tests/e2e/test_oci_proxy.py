@@ -185,6 +185,7 @@ def test_lifecycle_as_conmon_drives_it(mode, start_daemon, user, oci_env, contai
     assert done.returncode == 0, done.stderr
     gone = oci(daemon, user, oci_env, "state", cid)
     assert gone.returncode == 1 and "does not exist" in gone.stderr
+    assert oci(daemon, user, oci_env, "delete", cid).returncode == 0  # idempotent
     assert runc_containers(user) == []
     assert spool_entries(daemon) == [] or all(not os.listdir(daemon.spool_dir / e) for e in spool_entries(daemon))
     assert records(daemon) == []

@@ -105,3 +105,14 @@ async def test_killing_a_held_container_ends_it_before_its_start(peer):
     proxy.kill(1000, "c", 9)
     with pytest.raises(LaunchFailed, match="killed before its start"):
         container.go.result()
+
+
+async def test_delete_is_idempotent_and_forgets_the_id(peer):
+    proxy = OciProxy(Registry())
+    container, _ = proxy.admit(1000, 42, peer, create("c"))
+    await proxy.delete(1000, "c")
+    await proxy.delete(1000, "c")
+    with pytest.raises(Refused, match="does not exist"):
+        proxy.state(1000, "c")
+    with pytest.raises(Refused, match="does not exist"):
+        await proxy.delete(1001, "c")  # someone else's delete of it is still "does not exist"
