@@ -225,6 +225,33 @@ def _kill_pids(pids: list[int], uid: int) -> list[int]:
     return killed
 
 
+def _processes_naming(uid: int, text: str) -> list[int]:
+    """The processes of uid whose command line contains text."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+def _end_processes_naming(uid: int, text: str, grace: float = 30.0) -> None:
+    """Wait up to `grace` seconds for uid's processes naming `text` to end; SIGKILL the rest."""
+    pids = _processes_naming(uid, text)
+    try:
+        wait_gone(pids, timeout=grace)
+    except AssertionError:
+        pass
+    _kill_pids(_processes_naming(uid, text), uid)
+
+
 def _pid_from(path: Path) -> list[int]:
     try:
         text = path.read_text().strip()
@@ -275,10 +302,6 @@ class Podman:
     def inspect(self, container: str, fmt: str) -> str:
         return self.ok("inspect", "--format", fmt, container).strip()
 
-    def conmon_pids(self) -> list[int]:
-        return [pid for f in (self.base / "runroot").glob("overlay-containers/*/userdata/conmon.pid")
-                for pid in _pid_from(f)]
-
     def runtime_root(self) -> Path:
         """Where runc keeps podman's containers when podman gives it no --root (rootless: $XDG_RUNTIME_DIR/runc)."""
         return Path(f"/run/user/{self.user.uid}/runc")
@@ -286,7 +309,9 @@ class Podman:
     def cleanup(self) -> None:
         """Remove every container (bounded), end what podman leaves running, remove its files."""
         self("rm", "--all", "--force", "--time", "0", timeout=ENGINE_TIMEOUT)
-        _kill_pids(self.conmon_pids(), self.user.uid)
+        # conmon (and the `podman container cleanup` it runs) may outlive `run --rm` and `rm`
+        # by a moment: they name our directories on their command lines. Waited for, then killed.
+        _end_processes_naming(self.user.uid, str(self.base))
         # The pause process holding podman's user and mount namespaces (and so the overlay mounts).
         _kill_pids(_pid_from(self.base / "tmp" / "pause.pid"), self.user.uid)
         _rmtree(self.base)
@@ -479,6 +504,7 @@ class Docker:
                 self.proc.kill()
                 self.proc.wait()
         _kill_pids(self.shim_pids(), self.user.uid)
+        _end_processes_naming(self.user.uid, str(self.run_dir), grace=5.0)
         _rmtree(self.run_dir)
         _rmtree(self.data_root)
 
