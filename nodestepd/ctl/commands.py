@@ -16,7 +16,8 @@ from nodestepd.ctl.parser import build_parser, remainder
 from nodestepd.ctl.transport import request
 from nodestepd.protocol import wire
 
-PS_COLUMNS = ("STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND")
+PS_COLUMNS = ("STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "CONTAINER", "COMMAND")
+CONTAINER_WIDTH = 12  # an engine's 64-hex-digit container id, shortened as `podman ps` does
 
 
 def _ref(text: str) -> tuple[int, int]:
@@ -85,7 +86,8 @@ def ps_table(steps: list[dict], now: float) -> list[str]:
     for s in steps:
         rows.append((
             f"{s['job_id']}.{s['step_id']}", s["user"], _state_column(s), str(len(s["tasks"])),
-            _status_column(s), _age(now - s["started_at"]), " ".join(s["args"]),
+            _status_column(s), _age(now - s["started_at"]), (s.get("container_id") or "-")[:CONTAINER_WIDTH],
+            " ".join(s["args"]),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(PS_COLUMNS) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]

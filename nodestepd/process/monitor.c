@@ -3,7 +3,13 @@
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
  *                     [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD]
+ *                     [--userns-fd U --mntns-fd M]
  *                     -- PROGRAM ARG...
+ *
+ * --userns-fd/--mntns-fd (nodestep-oci's containers, docs/oci-proxy.md): the task enters
+ * that user namespace, then that mount namespace, AFTER dropping to the user's uid, so the
+ * kernel lets it in only where the user could go alone; it then works in its task dir
+ * still (fchdir to the directory entered before).
  *
  * Started by nodestepd (as root, once per task). It forks PROGRAM as the user and
  * stays its parent, and the parent of whatever gets orphaned below it (it is a child
@@ -36,6 +42,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <grp.h>
 #include <limits.h>
 #include <poll.h>
@@ -59,8 +66,9 @@
 #endif
 
 /* What the task's child side was doing when it failed: sent with the errno. */
-enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_EXEC, STEP_TIMEOUT };
-static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "exec", "timeout"};
+enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_EXEC, STEP_TIMEOUT, STEP_SETNS };
+static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "exec", "timeout",
+					 "setns"};
 
 struct child {
 	pid_t pid;
@@ -350,6 +358,7 @@ struct options {
 	long start_timeout_ms; /* how long the task may take to reach its exec */
 	bool set_nofile;
 	struct rlimit nofile; /* the users' RLIMIT_NOFILE, not the daemon's raised one */
+	int userns_fd, mntns_fd; /* namespaces the task enters as the user (-1: none) */
 	char **argv;
 };
 
@@ -393,6 +402,19 @@ static _Noreturn void become_task(const struct options *o, int report_fd)
 	/* Root entered the directory; the user must be able to work in it too. */
 	if (access(".", X_OK) < 0)
 		child_failed(report_fd, STEP_CHDIR);
+	if (o->userns_fd >= 0) {
+		/* As the user: the kernel admits only the owner of the user namespace, and to the
+		   mount namespace only with the capabilities that user namespace gives. Entering
+		   a mount namespace moves the cwd to its root: back to the task dir after. */
+		int here = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+		if (here < 0)
+			child_failed(report_fd, STEP_CHDIR);
+		if (setns(o->userns_fd, CLONE_NEWUSER) < 0 || setns(o->mntns_fd, CLONE_NEWNS) < 0)
+			child_failed(report_fd, STEP_SETNS);
+		if (fchdir(here) < 0)
+			child_failed(report_fd, STEP_CHDIR);
+		close(here);
+	}
 	umask(022);
 	/* Only 0, 1, 2 survive the exec. CLOEXEC rather than close: report_fd must stay open
 	   until the exec succeeds (which closes it, telling the parent). */
@@ -575,6 +597,10 @@ static void parse_args(int argc, char **argv, struct options *o)
 			have_groups = true;
 		} else if (strcmp(name, "--cwd") == 0) {
 			o->cwd = value;
+		} else if (strcmp(name, "--userns-fd") == 0) {
+			o->userns_fd = parse_fd(value);
+		} else if (strcmp(name, "--mntns-fd") == 0) {
+			o->mntns_fd = parse_fd(value);
 		} else if (strcmp(name, "--nofile") == 0) {
 			char *colon = strchr(value, ':');
 			unsigned long long soft, hard;
@@ -602,6 +628,8 @@ static void parse_args(int argc, char **argv, struct options *o)
 		usage("every option is required");
 	if (ctl_fd == exit_fd)
 		usage("--ctl-fd and --exit-fd are the same fd");
+	if ((o->userns_fd < 0) != (o->mntns_fd < 0))
+		usage("--userns-fd and --mntns-fd go together");
 	if (i + 1 >= argc || argv[i + 1][0] != '/')
 		usage("no absolute PROGRAM after --");
 	o->argv = &argv[i + 1];
@@ -625,7 +653,7 @@ static void check_fds(void)
 
 int main(int argc, char **argv)
 {
-	struct options o = {.start_timeout_ms = 60000};
+	struct options o = {.start_timeout_ms = 60000, .userns_fd = -1, .mntns_fd = -1};
 	parse_args(argc, argv, &o);
 	check_fds();
 

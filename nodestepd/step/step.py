@@ -131,6 +131,9 @@ class Step:
         self._stage_out_due = False  # stage_in succeeded (or there is none): stage_out runs at the release
         self.stage_out_error: str | None = None  # how stage_out failed, kept with the result
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        # Awaited just before the tasks start (modes.Starting.gate): an OCI container's
+        # hold until its start (daemon/ociproxy.py). None: no hold.
+        self.hold: Callable[[], Awaitable[None]] | None = None
 
     @property
     def ref(self) -> str:
@@ -211,7 +214,7 @@ class Step:
         exits = await asyncio.to_thread(self.store.open_exits, self.name)
         try:
             await self.mode.start(self.tasks, Starting(prepared.first_commands, stdio, exits, self.spec.first_task,
-                                                       self.timings))
+                                                       self.timings, self.hold))
         finally:
             os.close(exits)  # each monitor holds its own
         self._enter(StepState.RUNNING)

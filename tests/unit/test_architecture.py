@@ -26,7 +26,8 @@ ALLOWED = {
     "image": {"image", "step", "process", "logs"},  # an image becomes a bundle a step is prepared from
     "daemon": {"daemon", "image", "step", "process", "config", "protocol", "systemd", "logs"},
     "ctl": {"ctl", "image", "protocol", "config", "process", "step", "systemd", "logs"},  # image.refs: the client's REF
-    "": {"protocol", "config", "process", "systemd", "logs", "step", "image", "daemon", "ctl"},  # nodestepd/__init__.py
+    "oci": {"oci", "ctl", "protocol"},  # nodestep-oci: a client, like nodestepctl
+    "": {"protocol", "config", "process", "systemd", "logs", "step", "image", "daemon", "ctl", "oci"},  # nodestepd/__init__.py
 }
 # nodestepctl's man page is generated beside nodestepd's, from the daemon's own parser.
 ALLOWED_MODULES = {"nodestepd.ctl.manpage": {"nodestepd.daemon.main"}}

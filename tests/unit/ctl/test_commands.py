@@ -36,14 +36,21 @@ def test_ps_is_an_aligned_table():
     table = commands.ps_table([step(4001, ["short"]),
                                step(4002, ["a-much-longer-command", "with", "arguments"], tasks=2, user="bob")], 1005)
     assert table == [
-        "STEP    USER   STATE    TASKS  STATUS  AGE  COMMAND",
-        "4001.0  alice  running  1      -       5s   short",
-        "4002.0  bob    running  2      -       5s   a-much-longer-command with arguments",
+        "STEP    USER   STATE    TASKS  STATUS  AGE  CONTAINER  COMMAND",
+        "4001.0  alice  running  1      -       5s   -          short",
+        "4002.0  bob    running  2      -       5s   -          a-much-longer-command with arguments",
     ]
 
 
+def test_ps_shows_an_oci_containers_engine_id_shortened():
+    """nodestep-oci's containers carry the engine's id: its first 12 digits, as `podman ps` shows them."""
+    oci = step(4003, ["sh"])
+    oci["container_id"] = "0123456789abcdef" * 4
+    assert commands.ps_table([oci], 1000)[1].split()[6] == "0123456789ab"
+
+
 def test_ps_of_no_steps_is_the_heading_alone():
-    assert commands.ps_table([], 0) == ["STEP  USER  STATE  TASKS  STATUS  AGE  COMMAND"]
+    assert commands.ps_table([], 0) == ["STEP  USER  STATE  TASKS  STATUS  AGE  CONTAINER  COMMAND"]
 
 
 @pytest.mark.parametrize("state, status, shown", [
