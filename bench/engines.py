@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import BIN, RUNC_RUN_CONF, Context, p95, start_daemon, timed
+from .common import BIN, REPO, RUNC_RUN_CONF, Context, p95, start_daemon, timed
 from .report import Row
 
 FULL = {"runs": 20}
@@ -96,7 +96,7 @@ def _podman_setup(ctx: Context, base: Path, daemon) -> dict[str, str]:
     if daemon is not None:
         wrapper = ctx.base / "s7-nodestep-oci"
         wrapper.write_text(f"#!/bin/sh\nNODESTEPD_SOCKET={shlex.quote(str(daemon.socket))}\nexport NODESTEPD_SOCKET\n"
-                           f"exec {shlex.quote(str(PROXY))} \"$@\"\n")
+                           f"exec {_proxy_program(user)} \"$@\"\n")
         wrapper.chmod(0o755)
         runtimes += f'nodestep = ["{wrapper}"]\n'
     config = base / "config" / "containers"
@@ -121,6 +121,17 @@ runtime_supports_nocgroups = ["runc", "nodestep"]
     # storage.conf is honoured for a rootless user only from $XDG_CONFIG_HOME (not CONTAINERS_STORAGE_CONF).
     return {**user.env, "XDG_CONFIG_HOME": str(base / "config"), "XDG_DATA_HOME": str(base / "data"),
             "CONTAINERS_CONF": str(config / "containers.conf")}
+
+
+def _proxy_program(user) -> str:
+    """The venv's nodestep-oci, unless the user's processes cannot run its interpreter (a venv
+    made from root's own Python under a root-only home); then the package through the
+    system's Python (it needs nothing but the standard library)."""
+    probe = subprocess.run(user.argv(["sh", "-c", f"exec {shlex.quote(str(PROXY))} --version"]), env=user.env,
+                           capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL, cwd="/")
+    if probe.returncode == 0:
+        return shlex.quote(str(PROXY))
+    return f"/usr/bin/env PYTHONPATH={shlex.quote(str(REPO))} /usr/bin/python3 -m nodestepd.oci.cli"
 
 
 def _podman_cleanup(ctx: Context, base: Path) -> None:
