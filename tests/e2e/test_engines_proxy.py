@@ -81,6 +81,25 @@ def test_rm_force_leaves_nothing(make_podman, user, proxied):
     assert [p.name for p in (daemon.state_dir / "steps").iterdir()] == []
 
 
+def test_job_end_ends_the_containers_of_the_job(make_podman, user, proxied):
+    """Whatever job a container belongs to (here a daemon-assigned one), job-end of that job
+    ends it: the engine sees it exit as cancelled, and the other containers run on."""
+    daemon, runtime = proxied
+    podman = make_podman(user, runtime)
+    ended, other = (podman.ok("run", "-d", IMAGE, "sh", "-c", SLEEPS).strip() for _ in range(2))
+    for cid in (ended, other):
+        wait_output(podman, cid)
+    job = the_step(daemon, user, ended)["job_id"]
+    assert the_step(daemon, user, other)["job_id"] != job
+    r = root_ctl(daemon, "job-end", str(job))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().startswith(f"job {job}: ended step {job}."), r.stdout
+    status = podman.ok("wait", ended).strip()
+    assert status in ("137", "143"), status  # cancelled: RunTimeKill's SIGTERM, or SIGKILL after kill_wait
+    assert [s["container_id"] for s in steps(daemon, user)] == [other]
+    podman.ok("rm", "--force", "--time", "0", ended, other)
+
+
 @pytest.mark.xfail(reason="podman gives its runtime an environment of its own (conmon's: HOME, PATH, "
                    "XDG_RUNTIME_DIR and podman's own): SLURM_JOB_ID in podman's environment does not reach "
                    "nodestep-oci, which then takes a daemon-assigned job id (branch oci)")
