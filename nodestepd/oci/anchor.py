@@ -20,12 +20,13 @@ import array
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import sys
 
 from nodestepd.ctl.exits import ClientError
-from nodestepd.ctl.run import REATTACH_TIMEOUT, Attachment, _catch_signals
+from nodestepd.ctl.run import REATTACH_TIMEOUT, Attachment, _catch_signals, _caught
 from nodestepd.ctl.transport import connect, expect, receive, send
 from nodestepd.oci.errors import OciError, report
 from nodestepd.protocol import wire
@@ -143,6 +144,12 @@ def _anchor(args: argparse.Namespace, message: dict, pid_file: str | None, ready
     send(sock, message, fds)
     if slave is not None:
         os.close(slave)  # the tasks hold it: the master sees the end once they are gone
+        # The container's stdio is the terminal: like runc, we keep none of the caller's.
+        # (containerd's shim reads a terminal create's output until end-of-file.)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
     created = expect(receive(sock), "created", wire.STATUS_LAUNCH_FAILED)
     if master is not None:
         _send_console(args.console_socket, master)
@@ -152,18 +159,33 @@ def _anchor(args: argparse.Namespace, message: dict, pid_file: str | None, ready
     _tell(ready, "ok")
     # From here on nobody reads our errors but the engine's logs: the status says it all.
     try:
+        held = _wait_readable(sock, wakeup)  # signals caught before the start go to the container after it
         started = receive(sock)
         if started is None:
             sock.close()
-            return Attachment(args.socket, wakeup, (created["job_id"], created["step_id"], 0),
-                              REATTACH_TIMEOUT).ride(None)
+            attachment = Attachment(args.socket, wakeup, (created["job_id"], created["step_id"], 0), REATTACH_TIMEOUT)
+            attachment.held += held
+            return attachment.ride(None)
         if started["type"] == "exit":
             return started["status"] if started["status"] is not None else wire.STATUS_UNKNOWN
         expect(started, "started", wire.STATUS_LAUNCH_FAILED)
-        return Attachment(args.socket, wakeup, (started["job_id"], started["step_id"], 0), REATTACH_TIMEOUT).ride(sock)
+        attachment = Attachment(args.socket, wakeup, (started["job_id"], started["step_id"], 0), REATTACH_TIMEOUT)
+        attachment.held += held
+        return attachment.ride(sock)
     except ClientError as e:
         report(args, f"container {args.id}: {e}")
         return e.status
+
+
+def _wait_readable(sock: socket.socket, wakeup: int) -> list[int]:
+    """Until the daemon says more (the start, or an end): the signals caught meanwhile."""
+    held: list[int] = []
+    while True:
+        readable, _, _ = select.select([sock, wakeup], [], [])
+        if wakeup in readable:
+            held += _caught(wakeup)
+        if sock in readable:
+            return held
 
 
 def _send_console(path: str, master: int) -> None:
