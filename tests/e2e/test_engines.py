@@ -144,10 +144,6 @@ def test_docker_run_detached_wait_and_stop(make_docker, user, engine_runtime):
 
 
 def test_docker_tty(make_docker, user, engine_runtime):
-    if engine_runtime.name == "proxy-run":
-        pytest.xfail("docker run -it through nodestep-oci (run mode) hangs: containerd-shim's create never "
-                     "returns, the anchor alive and the daemon holding the created step (branch oci); not run, "
-                     "it would hold the test for the engine timeout")
     docker = make_docker(user, engine_runtime)
     r = docker.in_pty("run", "--rm", "-it", *docker.run_args(), IMAGE, "sh", "-c",
                       "tty; test -t 0 && echo stdin-is-tty; exit 4")
