@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, SYSTEM_PATH, User, wait_gone
+from conftest import BIN, REPO, SYSTEM_PATH, User, wait_gone
 
 PODMAN = "/usr/bin/podman"
 DOCKER = "/usr/bin/docker"  # /usr/local/bin/docker is an unrelated newer client
@@ -45,7 +45,7 @@ NODESTEP_OCI = BIN / "nodestep-oci"
 IMAGE = "localhost/bb"
 RUNTIME_NAME = "testrt"  # the name the engines' configurations give the runtime under test
 # Bounds on every engine command: generous, the machine is shared and slow.
-ENGINE_TIMEOUT = 120.0
+ENGINE_TIMEOUT = float(os.environ.get("NODESTEPD_ENGINE_TIMEOUT", "120"))
 DOCKERD_START_TIMEOUT = 90.0
 
 
@@ -102,7 +102,19 @@ def proxy_missing() -> str | None:
     return None
 
 
-def proxy_runtime(daemon, name: str, workdir: Path) -> EngineRuntime:
+def proxy_program(user: User) -> str:
+    """How the engines' processes (the user's) can run nodestep-oci: the venv's program,
+    unless its interpreter is out of the users' reach (a venv made from root's own Python,
+    under a root-only home: only setpriv's own exec gets through, with root's rights still
+    in hand); then the same package through the system's Python."""
+    probe = subprocess.run(user.command(["sh", "-c", f"exec {shlex.quote(str(NODESTEP_OCI))} --version"]),
+                           capture_output=True, env=user.env, cwd="/", timeout=60, stdin=subprocess.DEVNULL)
+    if probe.returncode == 0:
+        return shlex.quote(str(NODESTEP_OCI))
+    return f"/usr/bin/env PYTHONPATH={shlex.quote(str(REPO))} /usr/bin/python3 -m nodestepd.oci.cli"
+
+
+def proxy_runtime(daemon, name: str, workdir: Path, user: User) -> EngineRuntime:
     """nodestep-oci talking to `daemon`: a wrapper script (root's, 0755) setting its socket."""
     why = proxy_missing()
     if why:
@@ -111,7 +123,7 @@ def proxy_runtime(daemon, name: str, workdir: Path) -> EngineRuntime:
     wrapper.chmod(0o755)
     script = wrapper / "nodestep-oci"
     script.write_text(f"#!/bin/sh\nNODESTEPD_SOCKET={shlex.quote(str(daemon.socket))}\nexport NODESTEPD_SOCKET\n"
-                      f"exec {shlex.quote(str(NODESTEP_OCI))} \"$@\"\n")
+                      f"exec {proxy_program(user)} \"$@\"\n")
     script.chmod(0o755)
     return EngineRuntime(name, str(script), daemon)
 
@@ -225,6 +237,33 @@ def _kill_pids(pids: list[int], uid: int) -> list[int]:
     return killed
 
 
+def _processes_naming(uid: int, text: str) -> list[int]:
+    """The processes of uid whose command line contains text."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != uid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+def _end_processes_naming(uid: int, text: str, grace: float = 30.0) -> None:
+    """Wait up to `grace` seconds for uid's processes naming `text` to end; SIGKILL the rest."""
+    pids = _processes_naming(uid, text)
+    try:
+        wait_gone(pids, timeout=grace)
+    except AssertionError:
+        pass
+    _kill_pids(_processes_naming(uid, text), uid)
+
+
 def _pid_from(path: Path) -> list[int]:
     try:
         text = path.read_text().strip()
@@ -275,18 +314,20 @@ class Podman:
     def inspect(self, container: str, fmt: str) -> str:
         return self.ok("inspect", "--format", fmt, container).strip()
 
-    def conmon_pids(self) -> list[int]:
-        return [pid for f in (self.base / "runroot").glob("overlay-containers/*/userdata/conmon.pid")
-                for pid in _pid_from(f)]
-
     def runtime_root(self) -> Path:
         """Where runc keeps podman's containers when podman gives it no --root (rootless: $XDG_RUNTIME_DIR/runc)."""
         return Path(f"/run/user/{self.user.uid}/runc")
 
     def cleanup(self) -> None:
-        """Remove every container (bounded), end what podman leaves running, remove its files."""
-        self("rm", "--all", "--force", "--time", "0", timeout=ENGINE_TIMEOUT)
-        _kill_pids(self.conmon_pids(), self.user.uid)
+        """Remove every container (bounded), end what podman leaves running, remove its files.
+        Every step runs, whatever an earlier one did (a hung engine command times out)."""
+        try:
+            self("rm", "--all", "--force", "--time", "0", timeout=ENGINE_TIMEOUT)
+        except AssertionError:
+            pass  # what it left is killed below
+        # conmon (and the `podman container cleanup` it runs) may outlive `run --rm` and `rm`
+        # by a moment: they name our directories on their command lines. Waited for, then killed.
+        _end_processes_naming(self.user.uid, str(self.base))
         # The pause process holding podman's user and mount namespaces (and so the overlay mounts).
         _kill_pids(_pid_from(self.base / "tmp" / "pause.pid"), self.user.uid)
         _rmtree(self.base)
@@ -468,10 +509,15 @@ class Docker:
         return pids
 
     def cleanup(self) -> None:
+        """Remove every container (bounded), stop dockerd, end its shims, remove its files.
+        Every step runs, whatever an earlier one did (a hung engine command times out)."""
         if self.proc.poll() is None:
-            ids = self("ps", "--all", "--quiet", timeout=ENGINE_TIMEOUT).stdout.decode().split()
-            if ids:
-                self("rm", "--force", *ids, timeout=ENGINE_TIMEOUT)
+            try:
+                ids = self("ps", "--all", "--quiet", timeout=ENGINE_TIMEOUT).stdout.decode().split()
+                if ids:
+                    self("rm", "--force", *ids, timeout=ENGINE_TIMEOUT)
+            except AssertionError:
+                pass  # dockerd is stopped all the same, and its shims killed
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)
@@ -479,6 +525,7 @@ class Docker:
                 self.proc.kill()
                 self.proc.wait()
         _kill_pids(self.shim_pids(), self.user.uid)
+        _end_processes_naming(self.user.uid, str(self.run_dir), grace=5.0)
         _rmtree(self.run_dir)
         _rmtree(self.data_root)
 
@@ -553,11 +600,11 @@ RUNTIME_PARAMS = ["runc", "proxy-run", "proxy-create-start"]
 
 
 @pytest.fixture(params=RUNTIME_PARAMS)
-def engine_runtime(request, start_daemon, workdir) -> EngineRuntime:
+def engine_runtime(request, start_daemon, workdir, user) -> EngineRuntime:
     """The runtime the engines use: runc itself (the reference), or nodestep-oci in front of a
     real daemon with a runc oci.conf in each of its two modes (skipped while nodestep-oci is
     not installed)."""
-    from conftest import REPO, RUNC_RUN_CONF
+    from conftest import RUNC_RUN_CONF
 
     if request.param == "runc":
         return runc_runtime()
@@ -567,7 +614,7 @@ def engine_runtime(request, start_daemon, workdir) -> EngineRuntime:
     conf = RUNC_RUN_CONF if request.param == "proxy-run" else \
         (REPO / "tests" / "oci-conf-examples" / "runc-create-start.conf").read_text()
     daemon = start_daemon(conf)
-    return proxy_runtime(daemon, request.param, workdir)
+    return proxy_runtime(daemon, request.param, workdir, user)
 
 
 def wait_output(engine: Podman | Docker, container: str, line: bytes = b"ready",

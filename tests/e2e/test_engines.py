@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from conftest import wait_gone
 from engines import (  # noqa: F401  (fixtures)
     ENGINE_TIMEOUT, IMAGE, busybox_tar, engine_runtime, make_docker, make_podman, wait_output,
@@ -89,9 +91,17 @@ def test_podman_interactive_stdin(make_podman, user, engine_runtime):
     assert (r.returncode, r.stdout) == (5, b"HELLO\nWORLD\n"), r
 
 
+# nodestepd runs a terminal step in run mode only (docs/oci-conf.md): in create/start mode the
+# site's runtime would need a console socket. Through the proxy, -t is then refused, clearly.
+PTY_REFUSED = b"--pty needs RunTimeRun"
+
+
 def test_podman_tty(make_podman, user, engine_runtime):
     podman = make_podman(user, engine_runtime)
     r = podman.in_pty("run", "--rm", "-it", IMAGE, "sh", "-c", "tty; test -t 0 && echo stdin-is-tty; exit 4")
+    if engine_runtime.name == "proxy-create-start":
+        assert r.returncode != 0 and PTY_REFUSED in r.stdout, r
+        return
     assert r.returncode == 4, r
     assert b"/dev/pts/" in r.stdout and b"stdin-is-tty" in r.stdout, r
 
@@ -105,6 +115,8 @@ def test_podman_preserve_fds(make_podman, user, engine_runtime, user_dir):
                                                              "sh", "-c", "echo via-fd3 >&3; echo via-stdout")]),
         env={**podman.env, "OUT": str(out)}, cwd="/", capture_output=True, timeout=ENGINE_TIMEOUT,
         stdin=subprocess.DEVNULL)
+    if engine_runtime.proxied and b"--preserve-fds is not supported by nodestep-oci" in r.stderr:
+        pytest.xfail("nodestep-oci refuses --preserve-fds N > 0 so far")
     assert (r.returncode, r.stdout) == (0, b"via-stdout\n"), r
     assert out.read_bytes() == b"via-fd3\n"
 
@@ -135,5 +147,8 @@ def test_docker_tty(make_docker, user, engine_runtime):
     docker = make_docker(user, engine_runtime)
     r = docker.in_pty("run", "--rm", "-it", *docker.run_args(), IMAGE, "sh", "-c",
                       "tty; test -t 0 && echo stdin-is-tty; exit 4")
+    if engine_runtime.name == "proxy-create-start":
+        assert r.returncode != 0 and PTY_REFUSED in r.stdout, r
+        return
     assert r.returncode == 4, r
     assert b"/dev/pts/" in r.stdout and b"stdin-is-tty" in r.stdout, r
