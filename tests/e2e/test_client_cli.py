@@ -33,7 +33,7 @@ def test_ps_is_an_aligned_table_and_json(start_daemon, user, bundle, out):
         assert result.returncode == 0, result.stderr
     table = daemon.ctl(user, "ps").stdout.decode().splitlines()
     header, rows = table[0], table[1:]
-    assert header.split() == ["STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "CONTAINER", "COMMAND"]
+    assert header.split() == ["STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND"]
     assert len(rows) == 2
     # Every column starts where its heading starts.
     for heading in ("USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND"):

@@ -195,7 +195,7 @@ def test_slurm_ids_are_used_when_set(daemon, user, bundle):
 def test_ps_and_status(daemon, mode, user, other_user, bundle):
     daemon.ctl(user, "run", "--job-id", "60", "--bundle", str(bundle), "--", "true")
     table = daemon.ctl(user, "ps").stdout.decode().splitlines()
-    assert table[0].split() == ["STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "CONTAINER", "COMMAND"]
+    assert table[0].split() == ["STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND"]
     assert table[1].split()[:5] == ["60.0", user.name, "finished", "1", "0"]
     # Another user does not see it.
     assert len(daemon.ctl(other_user, "ps").stdout.decode().splitlines()) == 1
