@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import create_start_watch, images, launch_overhead, scale, throughput
+from . import create_start_watch, engines, images, launch_overhead, scale, throughput
 from .common import REPO, BenchUser, Context, machine, make_bundle
 from .report import table, write_chart, write_json
 
@@ -30,6 +30,7 @@ SECTIONS = {
     "scale": scale,
     "throughput": throughput,
     "images": images,  # section 6
+    "engines": engines,  # section 7: podman with runc, and through nodestep-oci
 }
 
 

@@ -68,6 +68,13 @@ def write_chart(path: Path, rows: list[Row], machine: dict) -> None:
 
     paired = [r for r in rows if r.reference_value is not None and r.unit != "x"]
     panels = list(dict.fromkeys((r.section, r.unit) for r in paired))
+    if not panels:  # a run of sections without references: an empty chart, still a chart
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no figure with a reference in this run", ha="center", va="center")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     heights = [sum(1 for r in paired if (r.section, r.unit) == panel) for panel in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.0 + 0.45 * sum(heights) + 0.7 * len(panels)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)

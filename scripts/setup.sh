@@ -11,10 +11,14 @@
 #           iproute2 (ip: the veth pair between the two simulated Slurm nodes of the two-node tests)
 #           strace (holds the daemon at one syscall, for a restart test's exact moment)
 #           skopeo umoci (the image tools doctor checks)
+#           podman conmon slirp4netns fuse-overlayfs uidmap docker.io rootlesskit (rootless podman
+#           and docker, run by the tests through nodestep-oci and runc; docker.io's services are
+#           kept from starting: the tests start their own rootless dockerd)
 #   PyPI:   nodestepd with its test extras (matplotlib among them, for the bench smoke test's
 #           chart), in a venv every user can read (/opt/nodestepd/venv), because the tests run
 #           nodestepctl as unprivileged users.
-#   Users:  nsdtest1, nsdtest2 (unprivileged test users).
+#   Users:  nsdtest1, nsdtest2, or those NODESTEPD_TEST_USERS names (unprivileged test users),
+#           with /run/user/UID and /etc/subuid, /etc/subgid ranges.
 set -eu
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${NODESTEPD_VENV:-/opt/nodestepd/venv}
@@ -26,7 +30,8 @@ fi
 
 missing=""
 for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip gcc libc6-dev systemd \
-           man-db munge slurmctld slurmd slurm-client uidmap skopeo umoci strace iproute2; do
+           man-db munge slurmctld slurmd slurm-client uidmap skopeo umoci strace iproute2 \
+           podman conmon slirp4netns fuse-overlayfs docker.io rootlesskit; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then
@@ -51,10 +56,25 @@ echo "setup.sh: installing nodestepd into $venv"
 "$venv/bin/pip" install -q --disable-pip-version-check "$repo[test]"
 ln -sf "$venv/bin/nodestepd" /usr/local/bin/nodestepd
 ln -sf "$venv/bin/nodestepctl" /usr/local/bin/nodestepctl
+# The OCI runtime proxy podman and docker are configured with (docs/user-guide.md), when
+# this version of nodestepd has it.
+if [ -e "$venv/bin/nodestep-oci" ]; then
+    ln -sf "$venv/bin/nodestep-oci" /usr/local/bin/nodestep-oci
+fi
 
-for user in nsdtest1 nsdtest2; do
+users=$(echo "${NODESTEPD_TEST_USERS:-nsdtest1,nsdtest2}" | tr , ' ')
+for user in $users; do
     id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/sh "$user"
     uid=$(id -u "$user")
+    # Rootless podman and docker need subordinate ids. useradd gives a new user ranges; a
+    # user made before (or by another tool) gets the next free 65536 past every range.
+    for file in /etc/subuid /etc/subgid; do
+        touch "$file"
+        if ! grep -q "^$user:" "$file"; then
+            start=$(awk -F: 'BEGIN { end = 100000 } $2 + $3 > end { end = $2 + $3 } END { print end }' "$file")
+            echo "$user:$start:65536" >> "$file"
+        fi
+    done
     # runc's --root=/run/user/UID needs the user's runtime dir (systemd-logind makes it on login).
     install -d -m 0700 -o "$user" -g "$user" "/run/user/$uid"
 done

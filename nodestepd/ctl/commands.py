@@ -1,5 +1,5 @@
 """nodestepctl's subcommands other than run: one request to the daemon each (ps, signal,
-cancel, wait, status, reload), and the entry points of those that need no daemon
+cancel, job-end, wait, status, reload), and the entry points of those that need no daemon
 (check-config, doctor, completion).
 """
 
@@ -18,7 +18,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 
-PS_COLUMNS = ("STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "COMMAND")
+PS_COLUMNS = ("STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "CONTAINER", "COMMAND")
+CONTAINER_WIDTH = 12  # an engine's 64-hex-digit container id, shortened as `podman ps` does
 
 
 def _ref(text: str) -> tuple[int, int]:
@@ -47,6 +48,22 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job_end(args: argparse.Namespace) -> int:
+    if not (args.job.isascii() and args.job.isdigit()) or len(args.job) > 10:
+        raise ClientError(f"job-end: {args.job!r} is not a job id", EXIT_USAGE)
+    job_id = int(args.job)
+    reply = request(args.socket, {"op": "job-end", "job_id": job_id}, "job-end")
+    if args.json:
+        print(json.dumps(reply["ended"], indent=2))
+        return 0
+    if not reply["ended"]:
+        print(f"job {job_id}: no steps on this node")
+    for step in reply["ended"]:
+        print(f"job {job_id}: ended step {step['job_id']}.{step['step_id']} of {step['user']} "
+              f"(status {_status_column(step)})")
+    return 0
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     job_id, step_id = _ref(args.step)
     reply = request(args.socket, {"op": "wait", "job_id": job_id, "step_id": step_id, **_whose(args)}, "exit")
@@ -68,14 +85,18 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def ps_table(steps: list[dict], now: float) -> list[str]:
-    """The lines of `ps`: each column as wide as its widest cell, the command last and unpadded."""
-    rows = [PS_COLUMNS]
+    """The lines of `ps`: each column as wide as its widest cell, the command last and unpadded.
+    A CONTAINER column (an engine's container id, nodestep-oci) only when some step has one."""
+    containers = any(s.get("container_id") for s in steps)
+    headings = PS_COLUMNS if containers else tuple(c for c in PS_COLUMNS if c != "CONTAINER")
+    rows = [headings]
     for s in steps:
-        rows.append((
-            f"{s['job_id']}.{s['step_id']}", s["user"], _state_column(s), str(len(s["tasks"])),
-            _status_column(s), _age(now - s["started_at"]), " ".join(s["args"]),
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(PS_COLUMNS) - 1)]
+        row = [f"{s['job_id']}.{s['step_id']}", s["user"], _state_column(s), str(len(s["tasks"])),
+               _status_column(s), _age(now - s["started_at"])]
+        if containers:
+            row.append((s.get("container_id") or "-")[:CONTAINER_WIDTH])
+        rows.append((*row, " ".join(s["args"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(headings) - 1)]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows]
 
 

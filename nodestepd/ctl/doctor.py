@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import pwd
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ from nodestepd.ctl.checks import (
     fail,
     warn,
 )
+from nodestepd.ctl.engineconf import PROXY_NAME, check_engine_configs
 from nodestepd.ctl.probes import (
     check_bundle,
     check_image_tools,
@@ -91,6 +93,9 @@ def run_doctor(options: DoctorOptions) -> list[Check]:
     oci_checks, oci = check_oci_conf(config.oci_conf)
     checks += oci_checks
     checks += check_runtime_dir(identity, options.linger_dir)
+    # The user's own environment says where their engines' files are; root checking for
+    # --user has only the user's home to go by.
+    checks += check_engine_configs(identity, os.environ if os.geteuid() != 0 else {}, installed_proxy())
     checks += check_daemon_dirs(config)
     checks += check_image_cache(config)
     checks += check_stage_hooks(config, identity)
@@ -116,6 +121,12 @@ def run_doctor(options: DoctorOptions) -> list[Check]:
         return checks
     checks += check_outside_slurm(oci, bundle, info, identity, env, config.node_name, options.args)
     return checks
+
+
+def installed_proxy() -> str | None:
+    """The nodestep-oci installed beside this nodestepctl (same venv), if there is one."""
+    path = os.path.join(os.path.dirname(sys.executable), PROXY_NAME)
+    return path if os.path.exists(path) else None
 
 
 def print_report(checks: Sequence[Check], *, as_json: bool = False) -> int:

@@ -36,6 +36,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "signal": commands.cmd_signal,
     "cancel": commands.cmd_cancel,
     "wait": commands.cmd_wait,
+    "job-end": commands.cmd_job_end,
     "status": commands.cmd_status,
     "image": commands.cmd_image,
     "reload": commands.cmd_reload,

@@ -191,6 +191,19 @@ def _add_cancel(sub, raw) -> None:
     _add_whose(cancel)
 
 
+def _add_job_end(sub, raw) -> None:
+    job_end = sub.add_parser(
+        "job-end", formatter_class=raw, help="cancel every step of a job on this node (root; Slurm's Epilog)",
+        description="Cancel every step of job JOB on this node, whoever's, as cancel does, and wait until\n"
+        "all are ended: containers deleted, spool dirs and records removed. Prints one line per step\n"
+        "ended (none: the job had no step here). For Slurm's node Epilog, so that no container outlives\n"
+        "its job (docs/admin-guide.md). Only root may run it.",
+        epilog='Example (an Epilog script named by slurm.conf\'s Epilog=):\n  nodestepctl job-end "$SLURM_JOB_ID"',
+    )
+    job_end.add_argument("job", metavar="JOB", help="the job id")
+    job_end.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def _add_wait(sub, raw) -> None:
     wait = sub.add_parser("wait", help="wait for a step and exit with its status",
                           description="Wait until the step ends; exit with its status (also for a step that already ended).",
@@ -257,6 +270,7 @@ def _add_doctor(sub, raw) -> None:
         "doctor", formatter_class=raw, help="find what keeps containers from running here (no daemon needed)",
         description="Check this node for a user: user namespaces, the daemon's settings and oci.conf, every\n"
         "runtime program (`--version` as the user), /run/user/UID and lingering, the spool and state dirs,\n"
+        "your podman containers.conf and docker daemon.json when they name nodestep-oci,\n"
         "the bundle, and finally the Slurm guide's \"test outside Slurm\" with the configured commands.\n"
         "One line per check (ok, warn, fail) with the fix; exits 0 only when nothing fails.\n"
         "An ordinary user checks for themselves. root must name the user with --user: every runtime\n"
@@ -295,6 +309,7 @@ SUBCOMMANDS = {
     "signal": _add_signal,
     "cancel": _add_cancel,
     "wait": _add_wait,
+    "job-end": _add_job_end,
     "status": _add_status,
     "image": _add_image,
     "reload": _add_reload,

@@ -32,6 +32,7 @@ from nodestepd.config.trust import untrusted_reason
 from nodestepd.daemon.accounts import Accounts
 from nodestepd.daemon.admission import Admission
 from nodestepd.daemon.closer import FdCloser
+from nodestepd.daemon.ociproxy import OciProxy
 from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.jobids import JobIdAllocator
 from nodestepd.daemon.listener import BoundListener, Listener, PassedListener
@@ -196,7 +197,7 @@ async def _serve(config: DaemonConfig, oci: OciConf, notifier: Notifier, watchdo
         store=store, results=results, reaper=reaper, reload=service.reload, socket_path=listener.path,
         started_at=time.time(), closer=closer, accounts=accounts,
         reattachments=Reattachments(lambda: configuration.config.reattach_grace), output_journal=journal_queue,
-        images=images,
+        images=images, oci=OciProxy(registry),
     )
     await service.run(Server(state, listener))
     log.info("stopped")

@@ -258,5 +258,9 @@ class Registry:
             raise Refused("not-found", f"step {job_id}.{step_id} has already finished")
         return parts
 
+    def running_of_job(self, job_id: int) -> list[Step]:
+        """Every running launch of job `job_id` on this node, whoever's (job-end: root only)."""
+        return [s for k, s in self.running.items() if k[1] == job_id and s.state is not StepState.FINISHED]
+
     def _all(self) -> list[tuple[Key, Step | Finished]]:
         return list(self.running.items()) + list(self.finished.items())

@@ -27,6 +27,7 @@ from nodestepd.daemon.configuration import Configuration
 from nodestepd.daemon.closer import MAX_CLOSE_BACKLOG, FdCloser, too_many_unclosed
 from nodestepd.daemon.connection import Connection, ConnectionClosed
 from nodestepd.daemon.errors import BadRequest, Refused
+from nodestepd.daemon.ociproxy import OciContainer, OciProxy
 from nodestepd.daemon.reattach import Reattachments
 from nodestepd.daemon.registry import Registry
 from nodestepd.image.cache import ImageCache
@@ -45,6 +46,13 @@ from nodestepd.protocol.messages import (
     ImageInfo,
     ImagesReply,
     ImagesRequest,
+    JobEndReply,
+    JobEndRequest,
+    OciDeleteRequest,
+    OciKillRequest,
+    OciStartRequest,
+    OciStateReply,
+    OciStateRequest,
     OkReply,
     ProtocolError,
     PsRequest,
@@ -88,11 +96,19 @@ class DaemonState:
     reattachments: Reattachments  # recovered attached steps waiting for their clients
     output_journal: JournalQueue | None = None  # detached steps' output goes here, when logging to the journal
     images: ImageCache | None = None  # `run --image`: the image cache (None: images are not supported)
+    oci: OciProxy | None = None  # nodestep-oci's containers (None: not served)
 
 
 # Each request but `run` (which takes the connection over) and the method that answers it.
 _ANSWERS = {StatusRequest: "status", PsRequest: "ps", SignalRequest: "signal", CancelRequest: "cancel",
-            WaitRequest: "wait", ReloadRequest: "reload", ImagesRequest: "images"}
+            WaitRequest: "wait", ReloadRequest: "reload", ImagesRequest: "images", JobEndRequest: "job_end",
+            OciStartRequest: "oci_start", OciStateRequest: "oci_state", OciKillRequest: "oci_kill",
+            OciDeleteRequest: "oci_delete"}
+
+# job-end cancels the job's steps, then looks again: a launch admitted while the first
+# cancels ran is ended too. Slurm starts no step of a job once its Epilog runs, so a
+# job still launching after this many rounds is an error, not a reason to loop for ever.
+JOB_END_ROUNDS = 5
 
 
 class Session:
@@ -201,7 +217,10 @@ class Session:
 
     async def ps(self, request: PsRequest) -> StepsReply:
         steps = self.state.registry.visible(self.state.configuration.policy, self.uid)
-        return StepsReply(steps=[step_info(s) for s in steps])
+        infos = [step_info(s) for s in steps]
+        if self.state.oci is not None:
+            self.state.oci.annotate(infos)
+        return StepsReply(steps=infos)
 
     async def signal(self, request: SignalRequest) -> OkReply:
         if request.job_id is None:
@@ -223,6 +242,30 @@ class Session:
                                               request.step_id, whose)
         results = await asyncio.gather(*(step.wait() for step in parts))
         return exit_reply(list(zip(parts, results)))
+
+    async def job_end(self, request: JobEndRequest) -> JobEndReply:
+        """Cancel every step of the job on this node, whoever's; reply once all have ended
+        and been cleaned up (containers deleted, spools and records removed)."""
+        if self.uid != 0:
+            raise Refused("permission-denied", "only root may end a job on this node "
+                          "(nodestepctl job-end is for Slurm's node Epilog)")
+        if request.job_id < 0:
+            raise BadRequest(f"job id {request.job_id} is negative")
+        reason = f"job {request.job_id} ended (job-end by uid {self.uid})"
+        ended: list[Step] = []
+        for _ in range(JOB_END_ROUNDS):
+            steps = self.state.registry.running_of_job(request.job_id)
+            if not steps:
+                break
+            self.log.info("ending a job's steps", job_id=request.job_id, steps=[s.ref for s in steps])
+            await asyncio.gather(*(step.cancel(reason) for step in steps))
+            ended += steps
+        else:
+            if self.state.registry.running_of_job(request.job_id):
+                raise Refused("conflict", f"job {request.job_id} still had steps launching after "
+                              f"{JOB_END_ROUNDS} rounds of cancelling; run job-end again")
+        self.log.info("job ended", job_id=request.job_id, steps_ended=len(ended))
+        return JobEndReply(job_id=request.job_id, ended=[step_info(s) for s in ended])
 
     async def reload(self, request: ReloadRequest) -> OkReply:
         if self.uid != 0:
@@ -285,6 +328,28 @@ class Session:
             removed.append(info)
         return ImagesReply(images=removed, kept=kept)
 
+    # nodestep-oci's requests (ociproxy.py): containers found by the caller's uid and engine id.
+
+    def _oci(self) -> OciProxy:
+        if self.state.oci is None:
+            raise Refused("not-found", "this nodestepd does not serve nodestep-oci")
+        return self.state.oci
+
+    async def oci_start(self, request: OciStartRequest) -> OkReply:
+        await self._oci().start(self.uid, request.id)
+        return OkReply()
+
+    async def oci_state(self, request: OciStateRequest) -> OciStateReply:
+        return self._oci().state(self.uid, request.id)
+
+    async def oci_kill(self, request: OciKillRequest) -> OkReply:
+        self._oci().kill(self.uid, request.id, parse_signal(request.signal))
+        return OkReply()
+
+    async def oci_delete(self, request: OciDeleteRequest) -> OkReply:
+        await self._oci().delete(self.uid, request.id)
+        return OkReply()
+
     async def _import_for_caller(self, images: ImageCache, request: ImagesRequest) -> ImagesReply:
         """`image import REF`: the caller's image imported (or found) as the caller, nothing run."""
         assert request.import_ is not None
@@ -340,6 +405,8 @@ class Session:
             self.log.info("attach refused", code=e.code, error=str(e), **e.detail)
             await self.conn.send(ErrorReply(code=e.code, error=str(e)))
             return
+        if running and self.state.oci is not None:
+            self.state.oci.reattached(self.uid, step, self.conn.peer_pid)
         self.log.info("client re-attached", job_id=step.spec.job_id, step_id=step.spec.step_id,
                       first_task=step.spec.first_task, finished=not running)
         await self.conn.send(StartedReply(job_id=step.spec.job_id, step_id=step.spec.step_id, ntasks=step.spec.ntasks))
@@ -372,10 +439,20 @@ class Session:
 
     async def run(self, request: RunRequest, fds: list[int], received_at: float) -> None:
         self.attending = not request.detach
+        container = None
         try:
-            launched = await self._launch(request, fds, received_at)
+            if request.oci is not None:
+                try:
+                    container, request = self._oci().admit(self.uid, self.conn.peer_pid, self.conn.sock, request)
+                except Refused as e:
+                    self.log.info("OCI create refused", code=e.code, error=str(e), **e.detail)
+                    await self.conn.send(ErrorReply(code=e.code, error=str(e), status=messages.STATUS_LAUNCH_FAILED))
+                    return
+            launched = await self._launch(request, fds, received_at, container)
         finally:
             self.conn.release(fds)  # the tasks have their own copies now
+            if container is not None:
+                self._oci_launched(container)
         if launched is None:
             return
         step, timings = launched
@@ -386,8 +463,16 @@ class Session:
             return
         await self._attend(step, timings)
 
-    async def _launch(self, request: RunRequest, fds: list[int],
-                      received_at: float) -> tuple[Step, metrics.StepTimings | metrics.Off] | None:
+    def _oci_launched(self, container: OciContainer) -> None:
+        """An OCI create's launch is over: its start is answered; a failed one is forgotten."""
+        ok = container.step is not None and container.step.state is not StepState.FINISHED
+        if not container.launched.done():
+            container.launched.set_result(ok)
+        if not ok:
+            self._oci().refused(container)
+
+    async def _launch(self, request: RunRequest, fds: list[int], received_at: float,
+                      container: OciContainer | None = None) -> tuple[Step, metrics.StepTimings | metrics.Off] | None:
         """Admit the request and launch its step; None when it was refused or failed (the
         client has its error reply, with status 125)."""
         state = self.state
@@ -403,6 +488,8 @@ class Session:
                             reaper=state.reaper, results=state.results, timings=timings,
                             importing=options is not None)
             state.registry.add(step, max_steps=c.max_steps, max_steps_per_user=c.max_steps_per_user)
+            if container is not None and state.oci is not None:
+                state.oci.bind(container, step, self.conn)
         except Refused as e:
             self.log.info("launch refused", code=e.code, error=str(e), **e.detail)
             await self.conn.send(ErrorReply(code=e.code, error=str(e), status=messages.STATUS_LAUNCH_FAILED))
@@ -515,6 +602,7 @@ def step_info(step: Step | Finished) -> StepInfo:
                                                    step.not_deleted)],
             status=step.result.status,
             stage_out_failed=step.stage_out_error is not None,
+            container_id=spec.container_id,
         )
     result = step.result or step.told
     return StepInfo(
@@ -531,6 +619,7 @@ def step_info(step: Step | Finished) -> StepInfo:
                         status=t.status if t.status_known else None, not_deleted=t.not_deleted) for t in step.tasks],
         status=result.status if result else None,
         stage_out_failed=step.stage_out_error is not None,
+        container_id=spec.container_id,
     )
 
 

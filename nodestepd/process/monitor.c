@@ -3,8 +3,14 @@
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
  *                     [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD]
+ *                     [--userns-fd U --mntns-fd M]
  *                     [--pass-fd FD]... [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]
  *                     -- PROGRAM ARG...
+ *
+ * --userns-fd/--mntns-fd (nodestep-oci's containers, docs/oci-proxy.md): the task enters
+ * that user namespace, then that mount namespace, AFTER dropping to the user's uid, so the
+ * kernel lets it in only where the user could go alone; it then works in its task dir
+ * still (fchdir to the directory entered before).
  *
  * Started by nodestepd (as root, once per task). It forks PROGRAM as the user and
  * stays its parent, and the parent of whatever gets orphaned below it (it is a child
@@ -46,6 +52,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <grp.h>
 #include <limits.h>
 #include <poll.h>
@@ -72,9 +79,10 @@
 #endif
 
 /* What the task's child side was doing when it failed: sent with the errno. */
-enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_USERNS, STEP_EXEC, STEP_TIMEOUT };
+enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_USERNS, STEP_EXEC, STEP_TIMEOUT,
+	    STEP_SETNS };
 static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "userns", "exec",
-					 "timeout"};
+					 "timeout", "setns"};
 
 struct child {
 	pid_t pid;
@@ -364,6 +372,7 @@ struct options {
 	long start_timeout_ms; /* how long the task may take to reach its exec */
 	bool set_nofile;
 	struct rlimit nofile; /* the users' RLIMIT_NOFILE, not the daemon's raised one */
+	int userns_fd, mntns_fd; /* namespaces the task enters as the user (-1: none) */
 	int pass_fds[MAX_PASS_FDS]; /* for the task at 3, 4, ... */
 	int npass;
 	bool userns; /* the task in a user namespace of its own: 0 = uid, 1.. = the subordinate ids */
@@ -432,6 +441,19 @@ static _Noreturn void become_task(const struct options *o, int report_fd, int as
 	/* Root entered the directory; the user must be able to work in it too. */
 	if (access(".", X_OK) < 0)
 		child_failed(report_fd, STEP_CHDIR);
+	if (o->userns_fd >= 0) {
+		/* As the user: the kernel admits only the owner of the user namespace, and to the
+		   mount namespace only with the capabilities that user namespace gives. Entering
+		   a mount namespace moves the cwd to its root: back to the task dir after. */
+		int here = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+		if (here < 0)
+			child_failed(report_fd, STEP_CHDIR);
+		if (setns(o->userns_fd, CLONE_NEWUSER) < 0 || setns(o->mntns_fd, CLONE_NEWNS) < 0)
+			child_failed(report_fd, STEP_SETNS);
+		if (fchdir(here) < 0)
+			child_failed(report_fd, STEP_CHDIR);
+		close(here);
+	}
 	if (o->userns) {
 		char ok = 0;
 		if (unshare(CLONE_NEWUSER | CLONE_NEWNS) < 0)
@@ -692,6 +714,10 @@ static void parse_args(int argc, char **argv, struct options *o)
 			have_groups = true;
 		} else if (strcmp(name, "--cwd") == 0) {
 			o->cwd = value;
+		} else if (strcmp(name, "--userns-fd") == 0) {
+			o->userns_fd = parse_fd(value);
+		} else if (strcmp(name, "--mntns-fd") == 0) {
+			o->mntns_fd = parse_fd(value);
 		} else if (strcmp(name, "--nofile") == 0) {
 			char *colon = strchr(value, ':');
 			unsigned long long soft, hard;
@@ -745,6 +771,10 @@ static void parse_args(int argc, char **argv, struct options *o)
 		usage("every option is required");
 	if (ctl_fd == exit_fd)
 		usage("--ctl-fd and --exit-fd are the same fd");
+	if ((o->userns_fd < 0) != (o->mntns_fd < 0))
+		usage("--userns-fd and --mntns-fd go together");
+	if (o->userns_fd >= 0 && o->userns)
+		usage("--userns-fd (enter one) and --userns (make one) exclude each other");
 	for (int k = 0; k < o->npass; k++)
 		if (o->pass_fds[k] == ctl_fd || o->pass_fds[k] == exit_fd)
 			usage("--pass-fd is --ctl-fd or --exit-fd");
@@ -771,7 +801,7 @@ static void check_fds(void)
 
 int main(int argc, char **argv)
 {
-	struct options o = {.start_timeout_ms = 60000};
+	struct options o = {.start_timeout_ms = 60000, .userns_fd = -1, .mntns_fd = -1};
 	parse_args(argc, argv, &o);
 	check_fds();
 

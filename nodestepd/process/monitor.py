@@ -36,13 +36,14 @@ from nodestepd.process.spawn import SHELL, check_workdir, spawn, start_timed_out
 from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, children, proc_ids
 
 if TYPE_CHECKING:
+    from nodestepd.process.namespaces import Namespaces
     from nodestepd.process.reaper import Reaper
 
 PROGRAM_NAME = "nodestepd-monitor"
 LIBEXEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_libexec")
 _MESSAGE_SIZE = 256  # every message the monitor sends is one short line
 # What the monitor was doing when the task could not start: names the file in the OSError.
-_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup", "timeout"}
+_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup", "timeout", "setns"}
 # How much longer than the task's start deadline we wait for the monitor to report: its
 # own deadline fires first; ours only for a monitor that cannot report (stopped by root).
 _REPORT_MARGIN = 2.0
@@ -102,6 +103,7 @@ class Monitor:
         exit_fd: int,
         start_timeout: float,
         shell: str = SHELL,
+        namespaces: "Namespaces | None" = None,
         preserved: Sequence[int] = (),
         userns: tuple[int, int, int, int] | None = None,
     ) -> "Monitor":
@@ -129,6 +131,9 @@ class Monitor:
         kills it and reports `error ETIMEDOUT timeout`, raised as start_timed_out(...).
         Our own wait for the monitor's report is bounded too (a little longer): past it,
         the monitor and what it forked are killed and the same error is raised.
+
+        namespaces: a user and a mount namespace the task enters as the user before its
+        exec (nodestep-oci's containers: namespaces.py); EPERM ("setns") if it may not.
         """
         check_workdir(cwd, identity)
         program = monitor_program()
@@ -142,8 +147,12 @@ class Monitor:
                 "--nofile", "%d:%d" % user_fd_limit(),
                 *(word for fd in preserved for word in ("--pass-fd", str(fd))),
                 *(("--userns", ",".join(str(n) for n in userns)) if userns is not None else ()),
-                "--", shell, "-c", command,
             ]
+            entered: tuple[int, ...] = ()
+            if namespaces is not None:
+                entered = namespaces.fds()
+                argv += ["--userns-fd", str(entered[0]), "--mntns-fd", str(entered[1])]
+            argv += ["--", shell, "-c", command]
             # As root: the monitor switches to the user for the task. No process group from
             # us: it leaves our session and group itself (setsid). Our umask: it creates no
             # file, and sets the task's.
@@ -156,7 +165,7 @@ class Monitor:
                 stdout=stdout,
                 stderr=stderr,
                 process_group=False,
-                pass_fds=(theirs.fileno(), exit_fd, *preserved),
+                pass_fds=(theirs.fileno(), exit_fd, *preserved, *entered),
                 start_timeout=start_timeout,  # root's child: only root could stop it, but bounded all the same
                 what="the task monitor",
             )

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from nodestepd.process.namespaces import Namespaces
 from nodestepd.process.identity import Identity
 from nodestepd.process.kernel import user_fd_limit
 from nodestepd.process.watch import CLAIMED, Pidfd, ProcessWatch, children, spawning, thread_children
@@ -328,16 +329,21 @@ def spawn_shell(
     stdout: int,
     stderr: int,
     start_timeout: float,
+    namespaces: Namespaces | None = None,
 ) -> ProcessWatch:
     """Start `/bin/sh -c command` as the user in a new process group, with umask 022, and watch it by pidfd.
+
+    namespaces: a user and mount namespace the shell runs in, entered by nsenter as the
+    user (nodestep-oci's containers: namespaces.py).
 
     stdin/stdout/stderr are fds, or subprocess.DEVNULL. cwd must be a directory the user
     owns (a task spool dir), or `/` (check_workdir: PermissionError if not). Raises OSError
     when the shell cannot be started, or has not exec'ed within start_timeout seconds.
     """
-    return spawn([SHELL, "-c", command], identity=identity, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
+    enter = namespaces.nsenter_argv() if namespaces is not None else []
+    return spawn([*enter, SHELL, "-c", command], identity=identity, cwd=cwd, env=env, stdin=stdin, stdout=stdout,
                  stderr=stderr, process_group=True, umask=RUNTIME_UMASK, start_timeout=start_timeout,
-                 what="the runtime")
+                 pass_fds=namespaces.fds() if namespaces is not None else (), what="the runtime")
 
 
 @dataclass(frozen=True)
@@ -354,18 +360,21 @@ async def run_helper(
     cwd: str,
     env: Mapping[str, str],
     timeout: float,
+    namespaces: Namespaces | None = None,
 ) -> HelperResult:
-    """Run a short runtime command (kill, delete, query) and collect its output.
+    """Run a short runtime command (kill, delete, query) and collect its output (in
+    `namespaces`, when given: spawn_shell).
 
     All of it, the start included, is bounded by `timeout` and runs in a thread of its
     own (off_loop): nothing waits for a process the user can stop on the event loop, or
     holding a lock it takes. Raises OSError when the shell cannot be started, or was
     stopped before its exec (start_timed_out).
     """
-    return await off_loop(_run_helper, command, identity, cwd, env, timeout)
+    return await off_loop(_run_helper, command, identity, cwd, env, timeout, namespaces)
 
 
-def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, str], timeout: float) -> HelperResult:
+def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, str], timeout: float,
+                namespaces: Namespaces | None = None) -> HelperResult:
     """run_helper's blocking part.
 
     The output goes to a pipe read as it comes, keeping only its last HELPER_OUTPUT_LIMIT
@@ -382,7 +391,7 @@ def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, st
     try:
         try:
             watch = spawn_shell(command, identity=identity, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=out_w, stderr=out_w, start_timeout=timeout)
+                                stdout=out_w, stderr=out_w, start_timeout=timeout, namespaces=namespaces)
         finally:
             os.close(out_w)
         tail = _Tail(HELPER_OUTPUT_LIMIT)

@@ -44,6 +44,16 @@ class Mount(msgspec.Struct, forbid_unknown_fields=True):
     readonly: bool = False
 
 
+class OciCreate(msgspec.Struct, forbid_unknown_fields=True):
+    """What makes a run an OCI container of nodestep-oci (docs/oci-proxy.md): the daemon
+    holds the step once prepared (replying `created`) until an `oci-start` for its id."""
+
+    id: str  # the engine's container id, unique per user among the daemon's containers
+    bundle: str  # as the engine gave it: it may exist only in the caller's mount namespace
+    annotations: dict[str, str] = {}
+    slurm_step_id: int | None = None  # the caller's SLURM_STEP_ID, kept for ps and the log
+
+
 class RunRequest(Request, tag="run"):
     """Launch a step. 3 + preserve_fds fds ride along: the tasks' stdin, stdout, stderr,
     then the fds each container gets at 3, 4, ... (`run --preserve-fds`, MPI's PMI fd)."""
@@ -89,6 +99,9 @@ class RunRequest(Request, tag="run"):
     mounts: list[Mount] = []
     entrypoint: str | None = None  # replaces the image's Entrypoint ("": none)
     workdir: str | None = None  # the container's working directory (default: the image's WorkingDir)
+    # nodestep-oci's create: the step is an OCI container (held before its start, its
+    # runtime run in the caller's user and mount namespaces). step_id is then the daemon's.
+    oci: OciCreate | None = None
     # How many fds after stdio came along, for the containers' fds 3.. (0..MAX_PRESERVE_FDS);
     # the runtime (runc, crun) is told `--preserve-fds N`.
     preserve_fds: int = 0
@@ -130,6 +143,13 @@ class PsRequest(Request, tag="ps"):
     pass
 
 
+class JobEndRequest(Request, tag="job-end"):
+    """End job `job_id` on this node (root only; Slurm's node Epilog runs it): cancel every
+    step of the job, whoever's, and reply `job-end` once they are all ended and cleaned up."""
+
+    job_id: int
+
+
 class StatusRequest(Request, tag="status"):
     pass
 
@@ -152,8 +172,31 @@ class ImagesRequest(Request, tag="images"):
     image_fingerprint: str | None = None
 
 
+class OciRef(Request):
+    id: str  # an OCI container of the caller's, by the engine's id
+
+
+class OciStartRequest(OciRef, tag="oci-start"):
+    """Start a created container. Reply: ok once it runs."""
+
+
+class OciStateRequest(OciRef, tag="oci-state"):
+    """Reply: oci-state."""
+
+
+class OciKillRequest(OciRef, tag="oci-kill"):
+    """Deliver a signal to the container (running; a created one is deleted by SIGKILL). Reply: ok."""
+
+    signal: str
+
+
+class OciDeleteRequest(OciRef, tag="oci-delete"):
+    """Cancel the container if it runs, and forget it. Reply: ok (also for an unknown id once ended)."""
+
+
 AnyRequest = Union[RunRequest, SignalRequest, CancelRequest, WaitRequest, PsRequest, StatusRequest, ReloadRequest,
-                   AttachRequest, ImagesRequest]
+                   AttachRequest, ImagesRequest, JobEndRequest, OciStartRequest, OciStateRequest, OciKillRequest,
+                   OciDeleteRequest]
 
 # ---- replies --------------------------------------------------------------------
 
@@ -177,6 +220,21 @@ class StartedReply(Reply, tag="started"):
     job_id: int = 0
     step_id: int = 0
     ntasks: int = 1
+
+
+class CreatedReply(Reply, tag="created"):
+    """An OCI create's step is prepared and held until `oci-start` (then `started` follows)."""
+
+    job_id: int = 0
+    step_id: int = 0
+
+
+class OciStateReply(Reply, tag="oci-state"):
+    id: str = ""
+    status: str = ""  # created, running, stopped
+    pid: int = 0  # the anchor's (the engine's view of the container's process)
+    bundle: str = ""
+    annotations: dict[str, str] = {}
 
 
 class TaskExit(msgspec.Struct):
@@ -219,10 +277,17 @@ class StepInfo(msgspec.Struct):
     tasks: list[TaskInfo]
     status: int | None = None
     stage_out_failed: bool = False  # the site's stage_out failed at the step's end (the log says how)
+    container_id: str | None = None  # an OCI container's engine id (nodestep-oci), or SLURM_CONTAINER_ID
+    slurm_step_id: int | None = None  # an OCI container's creator's SLURM_STEP_ID (while this daemon knows it)
 
 
 class StepsReply(Reply, tag="steps"):
     steps: list[StepInfo] = []
+
+
+class JobEndReply(Reply, tag="job-end"):
+    job_id: int = 0
+    ended: list[StepInfo] = []  # the steps job-end cancelled, as they finished (a launch of several parts: each)
 
 
 class StatusReply(Reply, tag="status"):
@@ -261,7 +326,8 @@ class ImagesReply(Reply, tag="images"):
     kept: list[ImageInfo] = []  # a removal's entries left because steps run from them
 
 
-AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply, ImagesReply]
+AnyReply = Union[ErrorReply, OkReply, StartedReply, ExitReply, StepsReply, StatusReply, ImagesReply, JobEndReply,
+                 CreatedReply, OciStateReply]
 
 _request_decoder = msgspec.json.Decoder(AnyRequest)
 _encoder = msgspec.json.Encoder()

@@ -20,7 +20,7 @@ import asyncio
 import signal
 import subprocess
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 from nodestepd.logs import BoundLogger
 from nodestepd.process.monitor import MonitoredProcess
@@ -41,6 +41,10 @@ class Starting:
     exit_fd: int  # the step's exit file, for every task's monitor to append to
     first_task: int  # the task that gets stdin
     timings: Timings
+    # Awaited just before the tasks start (run mode: before RunTimeRun; create/start mode:
+    # between RunTimeCreate and RunTimeStart): an OCI create is held there until its start
+    # (daemon/ociproxy.py). Raises LaunchFailed to end the launch instead.
+    gate: Callable[[], Awaitable[None]] | None = None
     # An MPI (PMIx) step's: each task's runtime runs in a user namespace over these
     # subordinate ids (subuid start, count, subgid start, count; mpi.py).
     userns: tuple[int, int, int, int] | None = None
@@ -94,6 +98,8 @@ class RunMode:
         self.log = log
 
     async def start(self, tasks: list[Task], starting: Starting) -> None:
+        if starting.gate is not None:
+            await starting.gate()
         # fork+exec blocks for a millisecond or so per task, or up to runtime_timeout for one
         # its user stopped before its exec: off the loop, in a thread of its own (off_loop).
         error = await off_loop(self._spawn_all, tasks, starting)
@@ -201,6 +207,8 @@ class CreateStartMode:
         task.watch = self._watch_container(task, state, log)
         if task.watch.pid is not None:
             task.process = ProcessId.of(task.watch.pid)
+        if starting.gate is not None:
+            await starting.gate()
         start = await self.runtime.start(task)
         if start.status != 0:
             raise ContainerError(f"RunTimeStart failed with exit status {start.status}: {start.output or '(no output)'}")

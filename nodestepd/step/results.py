@@ -58,6 +58,7 @@ class ResultRecord(msgspec.Struct, forbid_unknown_fields=True):
     cancelled: bool
     tasks: list[TaskOutcome]
     stage_out_error: str | None = None  # how the site's stage_out failed
+    container_id: str | None = None  # the launch's (an OCI container's engine id): found by it once ended
 
     @property
     def name(self) -> str:
@@ -88,7 +89,7 @@ def result_record(spec: StepSpec, pids: list[int | None], result: StepResult, *,
         tasks=[TaskOutcome(t, pid, status, gone)
                for t, pid, status, gone in zip(spec.task_ids, pids, result.task_statuses,
                                                not_deleted or [False] * len(pids))],
-        stage_out_error=stage_out_error,
+        stage_out_error=stage_out_error, container_id=spec.container_id,
     )
 
 
@@ -115,7 +116,7 @@ class Finished:
             job_id=rec.job_id, step_id=rec.step_id, ntasks=rec.ntasks,
             identity=Identity(user.name, user.uid, user.gid, tuple(user.groups), user.home),
             bundle=rec.bundle, args=tuple(rec.args), workdir="/", attached=rec.attached,
-            task_offset=rec.task_offset,
+            task_offset=rec.task_offset, container_id=rec.container_id,
         )
         statuses = tuple(t.status for t in rec.tasks)
         return cls(spec, rec.started_at, rec.ended_at, rec.how, StepResult(rec.status, statuses, rec.cancelled),

@@ -15,6 +15,7 @@ from nodestepd.config.patterns import expand
 from nodestepd.logs import BoundLogger
 from nodestepd.process.identity import Identity
 from nodestepd.process.monitor import Monitor, MonitoredProcess
+from nodestepd.process.namespaces import Namespaces
 from nodestepd.process.spawn import SHELL, HelperResult, run_helper
 from nodestepd.step import container
 from nodestepd.step.container import ContainerState
@@ -41,6 +42,9 @@ class Runtime:
         self.env = env
         self.timeout = timeout
         self.log = log
+        # nodestep-oci's containers: the caller's user and mount namespaces, where every
+        # command of the step runs (entered as the user; owned and closed by its OCI container).
+        self.namespaces: Namespaces | None = None
 
     def spawn_first(self, task: Task, command: str, stdin: int, stdout: int, stderr: int,
                     exit_fd: int, preserved: tuple[int, ...] = (),
@@ -53,7 +57,7 @@ class Runtime:
         task.monitor = Monitor.spawn(
             command, identity=self.identity, cwd=task.cwd, env=self.env,
             stdin=stdin, stdout=stdout, stderr=stderr, exit_fd=exit_fd, start_timeout=self.timeout,
-            preserved=preserved, userns=userns,
+            namespaces=self.namespaces, preserved=preserved, userns=userns,
         )
         task.monitor_process = ProcessId.of(task.monitor.pid)
         return task.monitor.task
@@ -64,7 +68,8 @@ class Runtime:
             return None
         command = self.expand(pattern, task)
         self.log.debug("running runtime command", key=key, task_id=task.task_id, command=command)
-        result = await run_helper(command, identity=self.identity, cwd=task.cwd, env=self.env, timeout=self.timeout)
+        result = await run_helper(command, identity=self.identity, cwd=task.cwd, env=self.env, timeout=self.timeout,
+                                  namespaces=self.namespaces)
         if result.timed_out:
             self.log.error("runtime command hung and was killed", key=key, task_id=task.task_id,
                            timeout=self.timeout, command=command)

@@ -134,6 +134,9 @@ class Step:
         # The result once it can be told (exited()): before _done, which waits for the result
         # to be kept and the record removed.
         self._exited: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        # Awaited just before the tasks start (modes.Starting.gate): an OCI container's
+        # hold until its start (daemon/ociproxy.py). None: no hold.
+        self.hold: Callable[[], Awaitable[None]] | None = None
 
     @property
     def ref(self) -> str:
@@ -211,7 +214,7 @@ class Step:
                 await self._save_or_fail(durable=False)  # with the bundle it may have chosen, and stage_out due
             own_uid = prepared.mpi.own_uid if prepared.mpi is not None else None
             await self.mode.start(self.tasks, Starting(prepared.first_commands, stdio, exits, self.spec.first_task,
-                                                       self.timings,
+                                                       self.timings, self.hold,
                                                        userns=None if own_uid is None else tuple(own_uid)))
         finally:
             os.close(exits)  # each monitor holds its own

@@ -26,10 +26,11 @@ ALLOWED = {
     "image": {"image", "step", "process", "logs"},  # an image becomes a bundle a step is prepared from
     "daemon": {"daemon", "image", "step", "process", "config", "protocol", "systemd", "logs"},
     "ctl": {"ctl", "image", "protocol", "config", "process", "step", "systemd", "logs"},  # image.refs: the client's REF
+    "oci": {"oci", "ctl", "protocol"},  # nodestep-oci: a client, like nodestepctl
     # The asyncio API: a client like nodestepctl, importable without the daemon's dependencies.
     "client": {"client", "protocol"},
     "": {"protocol", "config", "process", "systemd", "logs", "step", "image", "daemon", "ctl",
-         "client"},  # nodestepd/__init__.py
+         "oci", "client"},  # nodestepd/__init__.py
 }
 # nodestepctl's man page is generated beside nodestepd's, from the daemon's own parser.
 # The API parses an image reference as nodestepctl does (image/refs.py is pure, standard library only).

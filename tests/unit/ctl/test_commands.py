@@ -42,6 +42,16 @@ def test_ps_is_an_aligned_table():
     ]
 
 
+def test_ps_shows_an_oci_containers_engine_id_shortened():
+    """nodestep-oci's containers carry the engine's id: its first 12 digits, as `podman ps` shows them;
+    the column is there only when some step has one."""
+    oci = step(4003, ["sh"])
+    oci["container_id"] = "0123456789abcdef" * 4
+    table = commands.ps_table([oci, step(4004, ["other"])], 1000)
+    assert table[0].split() == ["STEP", "USER", "STATE", "TASKS", "STATUS", "AGE", "CONTAINER", "COMMAND"]
+    assert table[1].split()[6] == "0123456789ab" and table[2].split()[6] == "-"
+
+
 def test_ps_of_no_steps_is_the_heading_alone():
     assert commands.ps_table([], 0) == ["STEP  USER  STATE  TASKS  STATUS  AGE  COMMAND"]
 
@@ -105,6 +115,24 @@ def test_cancel_says_how_the_step_ended(fake_daemon, capsys, status, said):
     daemon.stop()
     assert seen == [{"v": wire.VERSION, "op": "cancel", "job_id": 42, "step_id": 1}]
     assert capsys.readouterr().out == f"step 42.1 cancelled ({said})\n"
+
+
+def test_job_end_lists_what_it_ended(fake_daemon, capsys):
+    seen = []
+    ended = [step(42, ["sleep"], state="finished", status=143, user="alice"),
+             step(42, ["x"], state="finished", status=None, user="bob")]
+    daemon = fake_daemon(replying({"type": "job-end", "job_id": 42, "ended": ended}, seen))
+    assert main(["--socket", daemon.path, "job-end", "42"]) == 0
+    daemon.stop()
+    assert seen == [{"v": wire.VERSION, "op": "job-end", "job_id": 42}]
+    assert capsys.readouterr().out == ("job 42: ended step 42.0 of alice (status 143)\n"
+                                       "job 42: ended step 42.0 of bob (status unknown)\n")
+
+
+@pytest.mark.parametrize("job", ["x", "-1", "4.2", "1" * 11, "٣"])
+def test_job_end_takes_a_job_id(job, capsys):
+    assert main(["--socket", "/nonexistent", "job-end", "--", job]) == 2
+    assert "is not a job id" in capsys.readouterr().err
 
 
 def test_wait_exits_with_the_steps_status(fake_daemon):

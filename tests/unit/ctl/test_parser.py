@@ -36,7 +36,7 @@ def test_every_subcommand_has_help_with_an_example(subcommand):
 
 
 def test_the_subcommands_are_the_expected_ones():
-    assert SUBCOMMANDS == ["run", "ps", "signal", "cancel", "wait", "status", "image", "reload", "check-config", "doctor",
+    assert SUBCOMMANDS == ["run", "ps", "signal", "cancel", "wait", "job-end", "status", "image", "reload", "check-config", "doctor",
                            "completion"]
 
 

@@ -14,6 +14,8 @@ from nodestepd.protocol.messages import (
     CancelRequest,
     ErrorReply,
     ExitReply,
+    JobEndReply,
+    JobEndRequest,
     OkReply,
     ProtocolError,
     PsRequest,
@@ -81,6 +83,7 @@ REQUESTS = [
     SignalRequest(v=V, signal="USR1"),
     SignalRequest(v=V, signal="9", job_id=42, step_id=3),
     CancelRequest(v=V, job_id=42, step_id=0),
+    JobEndRequest(v=V, job_id=42),
     WaitRequest(v=V, job_id=7, step_id=0xFFFFFFEF),
     RunRequest(v=V, bundle="/b", args=["true"]),
     RunRequest(
@@ -221,6 +224,10 @@ REPLIES = [
                  tasks=[TaskInfo(0, 1234, None), TaskInfo(1, None, None)]),
         StepInfo(job_id=3001, step_id=0, user="u", uid=1, state="finished", attached=False, bundle="/c", args=[],
                  started_at=1.5, tasks=[TaskInfo(0, 99, 3)], status=3),
+    ]),
+    JobEndReply(job_id=3000, ended=[
+        StepInfo(job_id=3000, step_id=0, user="u", uid=1, state="finished", attached=False, bundle="/c", args=[],
+                 started_at=1.5, tasks=[TaskInfo(0, 99, 143)], status=143),
     ]),
     StatusReply(version="0.1.0", uptime=12.5, node_name="n1", config_file=None, oci_conf="/etc/slurm/oci.conf",
                 oci_mode="run", socket="/run/s", spool_dir="/sp", state_dir="/st", steps_running=1, steps_finished=2),
