@@ -8,6 +8,8 @@
 #           munge slurmctld slurmd slurm-client (a private single-node Slurm for the srun test;
 #           no service is enabled or configured, the test starts its own daemons),
 #           uidmap (newuidmap: a test user's subordinate uids in `unshare --map-auto`)
+#           openmpi-bin libopenmpi-dev mpich libmpich-dev (the MPI tests' program, built against
+#           Open MPI for srun --mpi=pmix and MPICH for --mpi=pmi2: scripts/make-mpi-bundle.sh)
 #           iproute2 (ip: the veth pair between the two simulated Slurm nodes of the two-node tests)
 #           strace (holds the daemon at one syscall, for a restart test's exact moment)
 #           skopeo umoci (the image tools doctor checks)
@@ -31,7 +33,8 @@ fi
 missing=""
 for pkg in runc busybox-static charliecloud-runtime python3 python3-venv python3-pip gcc libc6-dev systemd \
            man-db munge slurmctld slurmd slurm-client uidmap skopeo umoci strace iproute2 \
-           podman conmon slirp4netns fuse-overlayfs docker.io rootlesskit; do
+           podman conmon slirp4netns fuse-overlayfs docker.io rootlesskit \
+           openmpi-bin libopenmpi-dev mpich libmpich-dev; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
 done
 if [ -n "$missing" ]; then
