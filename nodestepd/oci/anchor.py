@@ -96,11 +96,22 @@ def slurm_job(env: dict[str, str], cgroup: str, container_env: dict[str, str]) -
     return job, _slurm_id(container_env, "SLURM_STEP_ID") if job is not None else None
 
 
+def preserved_fds(count: int) -> list[int]:
+    """--preserve-fds N: the engine's fds 3 .. 3+N-1, which go to the daemon with the run
+    request for the container's fds 3 .. (as `nodestepctl run --preserve-fds`)."""
+    if not 0 <= count <= wire.MAX_PRESERVE_FDS:
+        raise OciError(f"--preserve-fds {count}: must be between 0 and {wire.MAX_PRESERVE_FDS}")
+    fds = list(range(3, 3 + count))
+    for fd in fds:
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise OciError(f"--preserve-fds {count}: fd {fd} is not open") from None
+    return fds
+
+
 def create(args: argparse.Namespace) -> int:
-    if args.preserve_fds:
-        # TODO(preserve_fds): pass fds 3..3+N-1 with the run request's `preserve_fds` once the
-        # daemon's generic preserve-fds mechanism (monitor.c handing them to the task) lands.
-        raise OciError("--preserve-fds is not supported by nodestep-oci yet (only --preserve-fds 0)")
+    preserved = preserved_fds(args.preserve_fds)
     bundle = os.path.abspath(args.bundle)
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
@@ -117,6 +128,7 @@ def create(args: argparse.Namespace) -> int:
         cgroup = ""
     message = bundle_request(bundle, config, args.id, dict(os.environ), cgroup)
     message["config_json"] = raw.decode("utf-8", "replace")
+    message["preserve_fds"] = len(preserved)
     pid_file = os.path.abspath(args.pid_file) if args.pid_file else None
     master = slave = None
     if message["pty"]:
@@ -129,7 +141,7 @@ def create(args: argparse.Namespace) -> int:
         os.close(ready_r)
         code = 125
         try:
-            code = _anchor(args, message, pid_file, ready_w, master, slave)
+            code = _anchor(args, message, pid_file, ready_w, master, slave, preserved)
         except BaseException as e:  # noqa: BLE001 - everything goes to the engine, nothing escapes the fork
             _tell(ready_w, f"error {e}")
         finally:
@@ -162,12 +174,14 @@ def _tell(fd: int, text: str) -> None:
 
 
 def _anchor(args: argparse.Namespace, message: dict, pid_file: str | None, ready: int,
-            master: int | None, slave: int | None) -> int:
+            master: int | None, slave: int | None, preserved: list[int]) -> int:
     """The anchor's life: the step created, the engine told, the step followed to its status."""
     wakeup = _catch_signals()
     fds = [slave, slave, slave] if slave is not None else [0, 1, 2]
     sock = connect(args.socket)
-    send(sock, message, fds)
+    send(sock, message, [*fds, *preserved])
+    for fd in preserved:
+        os.close(fd)  # the daemon holds them for the container now: the anchor keeps only stdio
     if slave is not None:
         os.close(slave)  # the tasks hold it: the master sees the end once they are gone
         # The container's stdio is the terminal: like runc, we keep none of the caller's.

@@ -20,6 +20,7 @@ from nodestepd import __version__
 from nodestepd.ctl.exits import ClientError
 from nodestepd.ctl.transport import connect, expect, receive, send
 from nodestepd.oci.errors import OciError, log_line, report  # noqa: F401  (log_line: the tests' too)
+from nodestepd.protocol import wire
 
 OCI_VERSION = "1.0.2"
 DEFAULT_SOCKET = "/run/nodestepd/nodestepd.sock"
@@ -52,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--console-socket", help="AF_UNIX socket the pty master is sent to (process.terminal)")
     c.add_argument("--no-pivot", action="store_true", help="accepted and ignored")
     c.add_argument("--no-new-keyring", action="store_true", help="accepted and ignored")
-    c.add_argument("--preserve-fds", type=int, default=0, help="extra fds from 3 on (not supported yet: only 0)")
+    c.add_argument("--preserve-fds", type=int, default=0, metavar="N",
+                   help=f"pass fds 3 .. 3+N-1 into the container (N at most {wire.MAX_PRESERVE_FDS}; "
+                        "the site's runtime must be runc or crun)")
     c.add_argument("id")
     s = sub.add_parser("start", help="start a created container")
     s.add_argument("id")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 
-import pytest
-
 from conftest import wait_gone
 from engines import (  # noqa: F401  (fixtures)
     ENGINE_TIMEOUT, IMAGE, busybox_tar, engine_runtime, make_docker, make_podman, wait_output,
@@ -115,8 +113,6 @@ def test_podman_preserve_fds(make_podman, user, engine_runtime, user_dir):
                                                              "sh", "-c", "echo via-fd3 >&3; echo via-stdout")]),
         env={**podman.env, "OUT": str(out)}, cwd="/", capture_output=True, timeout=ENGINE_TIMEOUT,
         stdin=subprocess.DEVNULL)
-    if engine_runtime.proxied and b"--preserve-fds is not supported by nodestep-oci" in r.stderr:
-        pytest.xfail("nodestep-oci refuses --preserve-fds N > 0 so far")
     assert (r.returncode, r.stdout) == (0, b"via-stdout\n"), r
     assert out.read_bytes() == b"via-fd3\n"
 

@@ -9,6 +9,7 @@ import signal
 import pytest
 
 from nodestepd.oci import anchor, cli, errors
+from nodestepd.oci.errors import OciError
 
 
 @pytest.mark.parametrize("argv, command", [
@@ -99,9 +100,19 @@ def test_state_json_has_the_oci_fields():
                                      "bundle": "/b", "annotations": {"a": "1"}}
 
 
-def test_preserve_fds_is_refused_clearly(tmp_path, capsys):
-    assert cli.run(["create", "-b", str(tmp_path), "--preserve-fds", "1", "c"]) == 1
-    assert "--preserve-fds is not supported" in capsys.readouterr().err
+def test_preserve_fds_out_of_range_or_not_open_is_refused_clearly(tmp_path, capsys):
+    assert cli.run(["create", "-b", str(tmp_path), "--preserve-fds", "9", "c"]) == 1
+    assert "--preserve-fds 9: must be between 0 and 8" in capsys.readouterr().err
+
+
+def test_preserve_fds_names_the_fd_that_is_not_open(monkeypatch):
+    def fstat(fd):
+        if fd == 4:
+            raise OSError(9, "Bad file descriptor")
+    monkeypatch.setattr(anchor.os, "fstat", fstat)
+    assert anchor.preserved_fds(1) == [3]
+    with pytest.raises(OciError, match="--preserve-fds 2: fd 4 is not open"):
+        anchor.preserved_fds(2)
 
 
 CONFIG = {"process": {"args": ["sh", "-c", "echo hi"], "env": ["PATH=/bin", "A=b=c", "junk"], "cwd": "/w",
