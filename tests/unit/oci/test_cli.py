@@ -106,9 +106,12 @@ def test_preserve_fds_out_of_range_or_not_open_is_refused_clearly(tmp_path, caps
 
 
 def test_preserve_fds_names_the_fd_that_is_not_open(monkeypatch):
-    def fstat(fd):
+    real = anchor.os.fstat
+
+    def fstat(fd):  # fd 3 open, fd 4 not; any other fd (pytest's own) as it is
         if fd == 4:
             raise OSError(9, "Bad file descriptor")
+        return real(0 if fd == 3 else fd)
     monkeypatch.setattr(anchor.os, "fstat", fstat)
     assert anchor.preserved_fds(1) == [3]
     with pytest.raises(OciError, match="--preserve-fds 2: fd 4 is not open"):
