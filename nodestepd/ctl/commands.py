@@ -54,6 +54,8 @@ def cmd_job_end(args: argparse.Namespace) -> int:
     job_id = int(args.job)
     reply = request(args.socket, {"op": "job-end", "job_id": job_id}, "job-end")
     if args.json:
+        import json
+
         print(json.dumps(reply["ended"], indent=2))
         return 0
     if not reply["ended"]:

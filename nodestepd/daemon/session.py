@@ -259,6 +259,9 @@ class Session:
                 break
             self.log.info("ending a job's steps", job_id=request.job_id, steps=[s.ref for s in steps])
             await asyncio.gather(*(step.cancel(reason) for step in steps))
+            # cancel() returns once the exit is told; the Epilog's promise is more: results
+            # kept and records removed, so that nothing of the job is left when we reply.
+            await asyncio.gather(*(step.wait() for step in steps))
             ended += steps
         else:
             if self.state.registry.running_of_job(request.job_id):
