@@ -584,7 +584,7 @@ def _open_launch(bundle: str, user: str | None, detach: bool, stdin: Stream, std
         if bundle and user is None:
             if not os.path.isdir(bundle):
                 raise LaunchFailed(f"bundle {bundle} does not exist or is not a directory", status=LAUNCH_FAILED)
-            config_json, config_json_error = _read_bundle_config(bundle)
+            config_json, config_json_error = wire.read_bundle_config(bundle)
             opened.fields = {"config_json": config_json, "config_json_error": config_json_error}
         stdin_fd = _stdin_fd(stdin, opened)
         # Not given: attached, our own stdout and stderr; detached, /dev/null (nodestepctl run
@@ -734,21 +734,6 @@ def _require_utf8(what: str, value: str) -> None:
         raise BadRequest(f"{what} is not valid UTF-8 ({os.fsencode(value)!r}); nodestepd passes text only",
                          status=LAUNCH_FAILED) from None
 
-
-def _read_bundle_config(bundle: str) -> tuple[str | None, str | None]:
-    """config.json read with our own rights (the daemon never opens it as root)."""
-    path = os.path.join(bundle, "config.json")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(wire.MAX_MESSAGE // 2 + 1)
-    except OSError as e:
-        return None, e.strerror or str(e)
-    if len(data) > wire.MAX_MESSAGE // 2:
-        return None, f"larger than {wire.MAX_MESSAGE // 2} bytes"
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError as e:
-        return None, f"not UTF-8 ({e.reason} at byte {e.start})"
 
 
 def _image_fields(image: str, mounts: Sequence[Any], entrypoint: str | None, workdir: str | None,

@@ -82,21 +82,6 @@ def _int_from_env(name: str) -> int:
         raise ClientError(f"{name}={environ()[name]!r} is not a number", wire.STATUS_LAUNCH_FAILED) from None
 
 
-def _read_bundle_config(bundle: str) -> tuple[str | None, str | None]:
-    """config.json read with the caller's own rights (the daemon never opens it as root)."""
-    path = bundle.rstrip("/") + "/config.json"  # as os.path.join: the bundle is absolute
-    try:
-        with open(path, "rb") as f:
-            data = f.read(wire.MAX_MESSAGE // 2 + 1)
-    except OSError as e:
-        return None, e.strerror or str(e)
-    if len(data) > wire.MAX_MESSAGE // 2:
-        return None, f"larger than {wire.MAX_MESSAGE // 2} bytes"
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError as e:
-        return None, f"not UTF-8 ({e.reason} at byte {e.start})"
-
 
 def _parse_env(values: list[str]) -> dict[str, str]:
     env: dict[str, str] = {}
@@ -176,7 +161,7 @@ def run_request(args: argparse.Namespace) -> dict:
         raise ClientError("--output and --error go with --detach", EXIT_USAGE)
     # With --user the daemon opens config.json and the output files as that user, never
     # with our (an operator's) rights: see docs/security.md.
-    config_json, config_json_error = (_read_bundle_config(bundle) if args.user is None and image is None
+    config_json, config_json_error = (wire.read_bundle_config(bundle) if args.user is None and image is None
                                       else (None, None))
     job_id, step_id = _step_ids(args)
     task_fields = _slurm_task_fields(args)

@@ -178,3 +178,20 @@ def check_json_depth(data: bytes | str, what: str) -> None:
     """ProtocolError (naming `what`) when data nests deeper than MAX_JSON_DEPTH."""
     if json_too_deep(data):
         raise ProtocolError(f"{what} nests arrays and objects more than {MAX_JSON_DEPTH} levels deep")
+
+
+def read_bundle_config(bundle: str) -> tuple[str | None, str | None]:
+    """A bundle's config.json as the client sends it (`config_json`): (text, None), or
+    (None, why not). Read with the caller's own rights: the daemon never opens it as root."""
+    path = bundle.rstrip("/") + "/config.json"  # as os.path.join, without importing os
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MESSAGE // 2 + 1)
+    except OSError as e:
+        return None, e.strerror or str(e)
+    if len(data) > MAX_MESSAGE // 2:
+        return None, f"larger than {MAX_MESSAGE // 2} bytes"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 ({e.reason} at byte {e.start})"
