@@ -99,19 +99,6 @@ class Registry:
         """The running launches of key's user, job and step."""
         return self._by_step.get(key[:3], {}).values()
 
-    async def vacated(self, spec: StepSpec) -> None:
-        """Wait until no launch of the user's job.step sharing a task id with spec is
-        releasing: a step tells its exit before its result is kept and its record removed
-        (Step.exited), and keeps its ids until then. A launch of the same ids right after
-        that exit waits for it (a millisecond or two) instead of being refused."""
-        while True:
-            ending = [s for s in self._launches(key_of(spec)) if s.exit_told
-                      and not set(s.spec.task_ids).isdisjoint(spec.task_ids)]
-            if not ending:
-                return
-            await asyncio.wait([asyncio.ensure_future(s.wait()) for s in ending])
-            await asyncio.sleep(0)  # then their retirement (_retire) takes them out of running
-
     def discard(self, step: Step) -> None:
         """A launch that failed: forgotten (its waiters have their result already)."""
         key = key_of(step.spec)

@@ -259,9 +259,6 @@ class Session:
                 break
             self.log.info("ending a job's steps", job_id=request.job_id, steps=[s.ref for s in steps])
             await asyncio.gather(*(step.cancel(reason) for step in steps))
-            # cancel() returns once the exit is told; the Epilog's promise is more: results
-            # kept and records removed, so that nothing of the job is left when we reply.
-            await asyncio.gather(*(step.wait() for step in steps))
             ended += steps
         else:
             if self.state.registry.running_of_job(request.job_id):
@@ -481,7 +478,6 @@ class Session:
         state = self.state
         try:
             spec, given = await state.admission.admit(self.uid, request, fds)
-            await state.registry.vacated(spec)
             options = image_options(request)
             if options is not None and state.images is None:
                 raise Refused("launch-failed", "this nodestepd does not run images")
@@ -544,7 +540,7 @@ class Session:
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
         """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
-        done = asyncio.ensure_future(step.exited())
+        done = asyncio.ensure_future(step.wait())
         while not done.done():
             incoming = asyncio.ensure_future(self.conn.receive())
             await asyncio.wait({done, incoming}, return_when=asyncio.FIRST_COMPLETED)
@@ -607,20 +603,19 @@ def step_info(step: Step | Finished) -> StepInfo:
             stage_out_failed=step.stage_out_error is not None,
             container_id=spec.container_id,
         )
-    result = step.result or step.told
     return StepInfo(
         job_id=spec.job_id,
         step_id=spec.step_id,
         user=spec.identity.user,
         uid=spec.identity.uid,
-        state="finished" if result is not None else step.state.value,
+        state=step.state.value,
         attached=spec.attached,
         bundle=spec.bundle,
         args=list(spec.args),
         started_at=step.started_at,
         tasks=[TaskInfo(task_id=t.task_id, pid=t.watch.pid if t.watch else None,
                         status=t.status if t.status_known else None, not_deleted=t.not_deleted) for t in step.tasks],
-        status=result.status if result else None,
+        status=step.result.status if step.result else None,
         stage_out_failed=step.stage_out_error is not None,
         container_id=spec.container_id,
     )

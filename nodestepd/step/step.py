@@ -131,9 +131,6 @@ class Step:
         self._stage_out_due = False  # stage_in succeeded (or there is none): stage_out runs at the release
         self.stage_out_error: str | None = None  # how stage_out failed, kept with the result
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        # The result once it can be told (exited()): before _done, which waits for the result
-        # to be kept and the record removed.
-        self._exited: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         # Awaited just before the tasks start (modes.Starting.gate): an OCI container's
         # hold until its start (daemon/ociproxy.py). None: no hold.
         self.hold: Callable[[], Awaitable[None]] | None = None
@@ -410,22 +407,6 @@ class Step:
         """The result once the step is fully released (its result kept, its record removed)."""
         return await asyncio.shield(self._done)
 
-    async def exited(self) -> StepResult:
-        """The result as soon as it can be told: every task ended with its status known (or
-        known to be unknown), its container deleted, its spool removed. The result is kept
-        and the record removed after this; until then the step keeps its ids (wait())."""
-        return await asyncio.shield(self._exited)
-
-    @property
-    def exit_told(self) -> bool:
-        return self._exited.done()
-
-    @property
-    def told(self) -> StepResult | None:
-        """The result once the exit was told (exited()), while it is still being kept: from
-        then on the step is finished for whoever asks (ps agrees with the exit it sent)."""
-        return self._exited.result() if self._exited.done() else None
-
     def on_finished(self, callback: Callable[[], None]) -> None:
         """Call callback once the step has finished (at once if it has)."""
         self._done.add_done_callback(lambda _: callback())
@@ -445,7 +426,7 @@ class Step:
             elif self._importing is not None:
                 self._importing.cancel()  # its helper is killed, its files removed
             # Still launching: launch() begins the termination once the tasks exist.
-        return await self.exited()
+        return await self.wait()
 
     def leave_running(self) -> None:
         """The daemon stops and leaves this step alone: stop watching it, end nothing, remove nothing.
@@ -508,13 +489,8 @@ class Step:
         self.result = result
         if self.ended_at is None:
             self.ended_at = time.time()
-        self._tell_exit(result)
         self._done.set_result(result)
         self.log.info("step finished", status=result.status)
-
-    def _tell_exit(self, result: StepResult) -> None:
-        if not self._exited.done():
-            self._exited.set_result(result)
 
     def outcome(self, result: StepResult) -> ResultRecord:
         """The step's result as it is kept (step/results.py) and shown by `wait` and `ps`."""
@@ -523,8 +499,10 @@ class Step:
                              not_deleted=[t.not_deleted for t in self.tasks], stage_out_error=self.stage_out_error)
 
     async def _release(self, result: StepResult) -> None:
-        """Reap the tasks, let their monitors go, remove the spool, tell the exit, keep the
-        result and remove the record: the one release point."""
+        """Reap the tasks, let their monitors go, remove the spool, keep the result and remove
+        the record: the one release point. The exit is told after all of it (_finish): a
+        client that has its step's exit finds it finished everywhere (ps, status, the state
+        dir), and may launch the same ids again at once."""
         for task in self.tasks:
             if task.watch is not None and not task.running:
                 self.mode.release(task)
@@ -551,9 +529,6 @@ class Step:
                     await asyncio.to_thread(spool.remove)
                 except SpoolError as e:
                     self.log.error("spool dir could not be removed", error=str(e))
-        # The status is known, the containers deleted, the spool gone: the exit can be told.
-        # The ids stay taken (the registry holds the step) until the record is gone too.
-        self._tell_exit(result)
         self.reaper.sweep()  # whatever the runtimes left orphaned to us
         outcome = self.outcome(result) if self._keeps_result and self.results is not None else None
         async with self._save_lock:  # after any write still under way

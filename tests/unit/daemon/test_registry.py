@@ -32,7 +32,6 @@ class FakeStep:
         self.result: StepResult | None = None
         self.ended_at = time.time() if ended_at is None else ended_at
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self.exit_told = False
 
     @property
     def ref(self) -> str:
@@ -109,29 +108,6 @@ async def test_a_step_that_runs_may_not_start_again_but_one_that_finished_may():
     assert registry.parts(ALICE.uid, 7, 0) == [again]  # the new launch, not the finished one
 
 
-async def test_a_launch_of_ids_whose_step_told_its_exit_waits_for_its_release():
-    registry = Registry()
-    first = FakeStep(7)
-    registry.add(first, **LIMITS)
-    registry.started(first)
-    first.exit_told = True  # its exit was sent; its result and record are still being written
-    again = FakeStep(7)
-    vacated = asyncio.ensure_future(registry.vacated(again.spec))
-    await asyncio.sleep(0.05)
-    assert not vacated.done()
-    await registry.vacated(FakeStep(8).spec)  # other ids do not wait
-    first.finish()
-    await asyncio.wait_for(vacated, 5)
-    registry.add(again, **LIMITS)
-    assert registry.parts(ALICE.uid, 7, 0) == [again]
-
-
-async def test_a_running_step_that_did_not_tell_its_exit_is_refused_at_once():
-    registry = Registry()
-    registry.add(FakeStep(7), **LIMITS)
-    await asyncio.wait_for(registry.vacated(FakeStep(7).spec), 5)
-    with pytest.raises(Refused, match="already running"):
-        registry.add(FakeStep(7), **LIMITS)
 
 
 async def test_per_task_launches_coexist_unless_their_tasks_overlap():

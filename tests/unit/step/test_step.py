@@ -328,30 +328,6 @@ async def test_the_result_is_kept_before_the_record_goes():
     assert rec.ended_at == step.ended_at and rec.started_at == step.started_at
 
 
-async def test_the_exit_is_told_once_the_spool_is_gone_before_the_result_is_kept():
-    store = FakeStore()
-    results = FakeResults(store)
-    step = await launched(make_step(store=store, results=results))
-    spool = step.spool
-    writing, release = threading.Event(), threading.Event()
-    write = results.write
-
-    def slow_write(rec) -> None:  # in the worker thread
-        writing.set()
-        assert release.wait(5)
-        write(rec)
-
-    results.write = slow_write
-    for i in range(2):
-        watch(step, i).end(0)
-    told = await asyncio.wait_for(step.exited(), 5)
-    assert told == StepResult(0, (0, 0), cancelled=False) and spool.removed
-    assert await asyncio.to_thread(writing.wait, 5)
-    assert step.state is not StepState.FINISHED
-    assert store.removed == []  # the ids stay taken: the record is still there
-    release.set()
-    assert await asyncio.wait_for(step.wait(), 5) == told and store.removed == [step.name]
-
 
 async def test_a_result_that_cannot_be_kept_is_logged_and_the_step_still_ends():
     store = FakeStore()
