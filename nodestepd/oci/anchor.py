@@ -27,7 +27,7 @@ import socket
 import sys
 
 from nodestepd.ctl.exits import ClientError
-from nodestepd.ctl.run import REATTACH_TIMEOUT, Attachment, _catch_signals, _caught
+from nodestepd.ctl.run import REATTACH_TIMEOUT, Attachment, _catch_signals, _caught, preserved_fds
 from nodestepd.ctl.transport import connect, expect, receive, send
 from nodestepd.oci.errors import OciError, report
 from nodestepd.protocol import wire
@@ -96,22 +96,13 @@ def slurm_job(env: dict[str, str], cgroup: str, container_env: dict[str, str]) -
     return job, _slurm_id(container_env, "SLURM_STEP_ID") if job is not None else None
 
 
-def preserved_fds(count: int) -> list[int]:
-    """--preserve-fds N: the engine's fds 3 .. 3+N-1, which go to the daemon with the run
-    request for the container's fds 3 .. (as `nodestepctl run --preserve-fds`)."""
-    if not 0 <= count <= wire.MAX_PRESERVE_FDS:
-        raise OciError(f"--preserve-fds {count}: must be between 0 and {wire.MAX_PRESERVE_FDS}")
-    fds = list(range(3, 3 + count))
-    for fd in fds:
-        try:
-            os.fstat(fd)
-        except OSError:
-            raise OciError(f"--preserve-fds {count}: fd {fd} is not open") from None
-    return fds
-
-
 def create(args: argparse.Namespace) -> int:
-    preserved = preserved_fds(args.preserve_fds)
+    try:
+        # As `nodestepctl run --preserve-fds`: the engine's fds 3 .. 3+N-1, checked open,
+        # go to the daemon with the run request for the container's fds 3 ..
+        preserved = preserved_fds(args, {})
+    except ClientError as e:
+        raise OciError(str(e)) from None
     bundle = os.path.abspath(args.bundle)
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:

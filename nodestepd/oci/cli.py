@@ -19,7 +19,7 @@ import sys
 from nodestepd import __version__
 from nodestepd.ctl.exits import ClientError
 from nodestepd.ctl.transport import connect, expect, receive, send
-from nodestepd.oci.errors import OciError, log_line, report  # noqa: F401  (log_line: the tests' too)
+from nodestepd.oci.errors import OciError, report
 from nodestepd.protocol import wire
 
 OCI_VERSION = "1.0.2"

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from nodestepd.oci import anchor, cli, errors
-from nodestepd.oci.errors import OciError
+from nodestepd.ctl import run
 
 
 @pytest.mark.parametrize("argv, command", [
@@ -105,17 +105,16 @@ def test_preserve_fds_out_of_range_or_not_open_is_refused_clearly(tmp_path, caps
     assert "--preserve-fds 9: must be between 0 and 8" in capsys.readouterr().err
 
 
-def test_preserve_fds_names_the_fd_that_is_not_open(monkeypatch):
-    real = anchor.os.fstat
+def test_preserve_fds_names_the_fd_that_is_not_open(tmp_path, monkeypatch, capsys):
+    real = run.posix.fstat
 
     def fstat(fd):  # fd 3 open, fd 4 not; any other fd (pytest's own) as it is
         if fd == 4:
             raise OSError(9, "Bad file descriptor")
         return real(0 if fd == 3 else fd)
-    monkeypatch.setattr(anchor.os, "fstat", fstat)
-    assert anchor.preserved_fds(1) == [3]
-    with pytest.raises(OciError, match="--preserve-fds 2: fd 4 is not open"):
-        anchor.preserved_fds(2)
+    monkeypatch.setattr(run.posix, "fstat", fstat)
+    assert cli.run(["create", "-b", str(tmp_path), "--preserve-fds", "2", "c"]) == 1
+    assert "--preserve-fds 2: fd 4 is not open" in capsys.readouterr().err
 
 
 CONFIG = {"process": {"args": ["sh", "-c", "echo hi"], "env": ["PATH=/bin", "A=b=c", "junk"], "cwd": "/w",
