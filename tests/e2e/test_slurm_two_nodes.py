@@ -158,17 +158,22 @@ def test_scancel_ends_every_container_on_both_nodes(cluster, user, bundle):
 
 
 def read_lines(stream, count: int, timeout: float) -> list[str]:
-    """The first `count` lines of a text pipe, awaited with one deadline for all."""
+    """The first `count` lines of a text pipe, awaited with one deadline for all.
+
+    Read from the pipe's fd, not through the stream: select() knows nothing of lines a
+    buffered readline() already pulled in with an earlier one (two tasks' lines arriving
+    in one read left the second there, unseen, until the deadline)."""
     deadline = time.monotonic() + timeout
-    lines: list[str] = []
-    while len(lines) < count:
+    fd = stream.fileno()
+    data = b""
+    while data.count(b"\n") < count:
         left = deadline - time.monotonic()
-        ready, _, _ = select.select([stream], [], [], max(left, 0))
-        assert ready, f"only {lines} within {timeout:g} s"
-        line = stream.readline()
-        assert line, f"the output ended after {lines}"
-        lines.append(line)
-    return lines
+        ready, _, _ = select.select([fd], [], [], max(left, 0))
+        assert ready, f"only {data.decode(errors='replace').splitlines(keepends=True)} within {timeout:g} s"
+        chunk = os.read(fd, 65536)
+        assert chunk, f"the output ended after {data.decode(errors='replace').splitlines(keepends=True)}"
+        data += chunk
+    return [line + "\n" for line in data.decode(errors="replace").split("\n")[:count]]
 
 
 # ---- MPI across the two nodes --------------------------------------------------------------
