@@ -54,6 +54,10 @@ class OciContainer:
     anchor_pid: int
     slurm_step_id: int | None
     namespaces: Namespaces | None
+    # The daemon's (job, step) ids, taken at admission: a second create in the same job
+    # must not be given them while this one's step is still being admitted.
+    job_id: int | None = None
+    step_id: int = 0
     go: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     launched: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     step: Step | None = None
@@ -113,7 +117,8 @@ class OciProxy:
             raise Refused("permission-denied", f"cannot run the container in the caller's namespaces: {e}") from None
         step_id = self._free_step(uid, request.job_id) if request.job_id is not None else 0
         container = OciContainer(uid=uid, id=oci.id, bundle=oci.bundle, annotations=dict(oci.annotations),
-                                 anchor_pid=peer_pid, slurm_step_id=oci.slurm_step_id, namespaces=namespaces)
+                                 anchor_pid=peer_pid, slurm_step_id=oci.slurm_step_id, namespaces=namespaces,
+                                 job_id=request.job_id, step_id=step_id)
         self.containers[key] = container
         self.deleted.pop(key, None)
         return container, msgspec.structs.replace(request, step_id=step_id, container_id=oci.id)
@@ -127,8 +132,7 @@ class OciProxy:
     def _free_step(self, uid: int, job_id: int) -> int:
         taken = {key[2] for key in (*self.registry.running, *self.registry.finished)
                  if key[0] == uid and key[1] == job_id}
-        taken |= {c.step.spec.step_id for c in self.containers.values()
-                  if c.uid == uid and c.step is not None and c.step.spec.job_id == job_id}
+        taken |= {c.step_id for c in self.containers.values() if c.uid == uid and c.job_id == job_id}
         step_id = OCI_STEP_BASE
         while step_id in taken:
             step_id += 1

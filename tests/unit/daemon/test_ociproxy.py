@@ -60,6 +60,18 @@ async def test_containers_of_a_slurm_job_are_numbered_by_the_daemon(peer):
     assert (a.step_id, b.step_id, other_user.step_id) == (OCI_STEP_BASE, OCI_STEP_BASE + 1, OCI_STEP_BASE)
 
 
+async def test_two_creates_admitted_together_never_share_a_step_id(peer):
+    # Neither has its step yet (both still being admitted): the second must not take the
+    # first's number (CI saw the second create of a job fail as a duplicate step).
+    proxy = OciProxy(Registry())
+    first, a = proxy.admit(1000, 42, peer, create("a", job_id=77))
+    _, b = proxy.admit(1000, 43, peer, create("b", job_id=77))
+    assert (a.step_id, b.step_id) == (OCI_STEP_BASE, OCI_STEP_BASE + 1)
+    proxy.refused(first)  # a refused create gives its number back
+    _, c = proxy.admit(1000, 44, peer, create("c", job_id=77))
+    assert c.step_id == OCI_STEP_BASE
+
+
 async def test_an_id_in_use_is_a_conflict_for_its_user_only(peer):
     proxy = OciProxy(Registry())
     proxy.admit(1000, 42, peer, create("same"))
