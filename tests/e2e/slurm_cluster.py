@@ -291,6 +291,7 @@ SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation={base}/slurmctld-state
 SlurmdSpoolDir={base}/%n/slurmd-spool
+Epilog={base}/epilog
 SlurmctldPidFile={base}/slurmctld.pid
 SlurmdPidFile={base}/%n/slurmd.pid
 SlurmctldLogFile={base}/slurmctld.log
@@ -351,6 +352,11 @@ class Cluster:
         hosts = self.base / "hosts"
         hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{SUBNET}.{i + 1} {n}\n" for i, n in enumerate(NODE_NAMES)))
         self.conf.write_text(slurm_conf(self.base, self.munge_dir / "munge.sock"))
+        # The node Epilog the admin guide gives: whatever a job left running on a node (a
+        # detached step, a podman container) ends with the job.
+        epilog = self.base / "epilog"
+        epilog.write_text(f'#!/bin/sh\nexec {NODESTEPCTL} job-end "$SLURM_JOB_ID"\n')
+        epilog.chmod(0o755)
         m = self.munge_dir
         with open(self.base / "munged.log", "wb") as log:
             self.host_procs.append(subprocess.Popen(

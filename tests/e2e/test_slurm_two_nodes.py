@@ -91,6 +91,20 @@ def test_tasks_run_two_per_node_each_through_its_own_daemon(cluster, user, bundl
     cluster.wait_clean(user)
 
 
+def test_the_epilog_ends_what_a_job_left_running_on_both_nodes(cluster, user, bundle):
+    # Detached steps outlive their srun tasks (their containers are the daemon's, not the
+    # step's processes): only the nodes' Epilog, `nodestepctl job-end`, ends them.
+    result = cluster.srun(user, ["-N", "2", "-n", "2", str(NODESTEPCTL), "run", "--detach", "--bundle", str(bundle),
+                                 "--", "sleep", "600"])
+    assert result.returncode == 0, fail(result, cluster)
+    (job,) = {int(line.split(".")[0]) for line in result.stdout.split()}
+    cluster.wait_clean(user)
+    for node in cluster.nodes:
+        log = (node.base / "nodestepd.out").read_text()
+        ended = [line for line in log.splitlines() if "job ended" in line and f"job_id={job} " in line + " "]
+        assert ended and "steps_ended=1" in ended[-1], (node.name, ended, log[-3000:])
+
+
 @pytest.fixture
 def gate(workdir, user, bundle):
     """(bundle, gate dir): the test bundle's rootfs with a dir of the test's bound at /gate
