@@ -208,6 +208,22 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM, then its exit status. A daemon still there after timeout fails the test
+        with its log, which ends with every thread's stack (SIGABRT: PYTHONFAULTHANDLER)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            raise AssertionError(f"nodestepd did not stop within {timeout} s of SIGTERM:\n{self.log()[-20000:]}") \
+                from None
+
     def stop(self) -> int:
         for client in self.clients:
             if client.poll() is None:
@@ -256,7 +272,9 @@ def start_daemon(workdir: Path, request):
         notify.bind(str(notify_path))
         notify.settimeout(30)
         log_path = base / f"daemon-{n}.log"
-        daemon_env = {"PATH": SYSTEM_PATH, "NOTIFY_SOCKET": str(notify_path), "LANG": "C.UTF-8", **(env or {})}
+        # PYTHONFAULTHANDLER: a daemon that hangs can be made to show where (Daemon.terminate).
+        daemon_env = {"PATH": SYSTEM_PATH, "NOTIFY_SOCKET": str(notify_path), "LANG": "C.UTF-8",
+                      "PYTHONFAULTHANDLER": "1", **(env or {})}
         argv = [
             str(NODESTEPD), "--socket", str(base / f"sock-{m}"), "--oci-conf", str(conf),
             "--spool-dir", str(base / f"spool-{m}"), "--state-dir", str(base / f"state-{m}"),

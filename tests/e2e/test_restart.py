@@ -217,8 +217,7 @@ def test_a_restart_under_50_running_steps_loses_and_duplicates_none(start_daemon
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     wait_running(user, jobs, timeout=120)
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.proc.wait(timeout=60) == 0
+    assert daemon.terminate() == 0
     assert "leaving running steps alone for the next daemon" in daemon.log()
     assert len(records(daemon)) == 50
     second = start_daemon(after=daemon, ready_timeout=120)

@@ -125,8 +125,7 @@ def test_an_attached_client_rides_through_a_stop_that_leaves_steps_running(start
                               "sh", "-c", f"echo ready; {wait}; echo done; exit 25")
     read_until(client.stdout.fileno(), b"ready\n")
     wait_recorded_running(daemon, [14425])  # else the stop cuts the launch short, and the next daemon undoes it
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.proc.wait(timeout=30) == 0
+    assert daemon.terminate() == 0
     read_until(client.stderr.fileno(), b"reconnecting")
     second = start_daemon(after=daemon)
     read_until(client.stderr.fileno(), b"re-attached to step 14425.0")
