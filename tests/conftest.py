@@ -211,31 +211,33 @@ class Daemon:
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM, then its exit status. A daemon still there after timeout fails the test
         with its log, which ends with every thread's stack (SIGABRT: PYTHONFAULTHANDLER)."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        if not self._stopped_by_sigterm(timeout):
             self.proc.send_signal(signal.SIGABRT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            if not self._exited(10):
                 self.proc.kill()
                 self.proc.wait()
-            raise AssertionError(f"nodestepd did not stop within {timeout} s of SIGTERM:\n{self.log()[-20000:]}") \
-                from None
+            raise AssertionError(f"nodestepd did not stop within {timeout} s of SIGTERM:\n{self.log()[-20000:]}")
+        return self.proc.returncode
+
+    def _stopped_by_sigterm(self, timeout: float) -> bool:
+        self.proc.send_signal(signal.SIGTERM)
+        return self._exited(timeout)
+
+    def _exited(self, timeout: float) -> bool:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def stop(self) -> int:
         for client in self.clients:
             if client.poll() is None:
                 client.kill()
                 client.wait()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc.poll() is None and not self._stopped_by_sigterm(60):
+            self.proc.kill()
+            self.proc.wait()
         self.notify.close()
         return self.proc.returncode
 
