@@ -277,6 +277,22 @@ class Node:
         return {k: v for k, v in found.items() if v}
 
 
+# What both test clusters (this one and test_slurm_srun.py's) run without: no cgroups, no
+# accounting, no MPI unless srun asks; cores as the consumable resource.
+SLURM_PLUGINS = """\
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SwitchType=switch/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+"""
+
+
 def slurm_conf(base: Path, munge_socket: Path) -> str:
     n1, n2 = NODE_NAMES
     return f"""\
@@ -297,17 +313,7 @@ SlurmdPidFile={base}/%n/slurmd.pid
 SlurmctldLogFile={base}/slurmctld.log
 SlurmdLogFile={base}/%n/slurmd.log
 SlurmdDebug=debug
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SwitchType=switch/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-KillWait=10
+{SLURM_PLUGINS}KillWait=10
 PlugStackConfig=/dev/null
 NodeName={n1} NodeAddr={SUBNET}.1 CPUs=2 State=UNKNOWN
 NodeName={n2} NodeAddr={SUBNET}.2 CPUs=2 State=UNKNOWN

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import NODESTEPCTL, runc_containers
+from slurm_cluster import SLURM_PLUGINS
 
 HOST = socket.gethostname().split(".", 1)[0]
 START_TIMEOUT = 60.0
@@ -50,17 +51,7 @@ SlurmctldPidFile={base}/slurmctld.pid
 SlurmdPidFile={base}/slurmd.pid
 SlurmctldLogFile={base}/slurmctld.log
 SlurmdLogFile={base}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SwitchType=switch/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ReturnToService=2
-PlugStackConfig=/dev/null
+{SLURM_PLUGINS}PlugStackConfig=/dev/null
 NodeName={HOST} NodeAddr=127.0.0.1 CPUs=2 State=UNKNOWN
 PartitionName=test Nodes={HOST} Default=YES MaxTime=INFINITE State=UP
 """
