@@ -12,18 +12,5 @@ for applet in $(/bin/busybox --list); do
 done
 echo "root:x:0:0:root:/root:/bin/sh" > "$dir/rootfs/etc/passwd"
 echo "root:x:0:" > "$dir/rootfs/etc/group"
-rm -f "$dir/config.json"
 chown -R "$user:" "$dir"
-(cd "$dir" && setpriv --reuid="$user" --regid="$(id -g "$user")" --init-groups runc spec --rootless)
-/usr/bin/python3 - "$dir/config.json" <<'PY'
-import json, sys
-path = sys.argv[1]
-with open(path) as f:
-    config = json.load(f)
-config["process"]["terminal"] = False
-config["process"]["args"] = ["sh"]
-config["root"]["readonly"] = False
-with open(path, "w") as f:
-    json.dump(config, f, indent=2)
-PY
-chown "$user:" "$dir/config.json"
+sh "$(dirname "$0")/rootless-spec.sh" "$user" "$dir" sh

@@ -6,7 +6,7 @@
 # plugins and configuration are the ones srun's PMIx/PMI2 side runs with). /bin, /lib,
 # /lib64 and /sbin are merged-/usr links, as on Debian 12.
 #
-# config.json: `runc spec --rootless` (run as USER), then what MPI in a per-task container
+# config.json: rootless-spec.sh's, then what MPI in a per-task container
 # needs from the bundle itself (docs/admin-guide.md#mpi): no network namespace (the PMIx
 # server is reached on the host's loopback), the host's pid namespace (Open MPI's
 # shared-memory transport tells ranks apart by pid; two ranks that are both pid 1 crash in
@@ -22,17 +22,13 @@ for d in usr etc tmp proc dev sys run home; do mkdir -p "$dir/rootfs/$d"; done
 for l in bin lib lib64 sbin; do ln -sfn "usr/$l" "$dir/rootfs/$l"; done
 mpicc.openmpi -O2 -Wall -o "$dir/rootfs/mpi/openmpi/mpi_hello" "$here/tests/mpi/mpi_hello.c"
 mpicc.mpich -O2 -Wall -o "$dir/rootfs/mpi/mpich/mpi_hello" "$here/tests/mpi/mpi_hello.c"
-rm -f "$dir/config.json"
 chown -R "$user:" "$dir"
-(cd "$dir" && setpriv --reuid="$user" --regid="$(id -g "$user")" --init-groups runc spec --rootless)
+sh "$here/scripts/rootless-spec.sh" "$user" "$dir" /mpi/openmpi/mpi_hello
 /usr/bin/python3 - "$dir/config.json" <<'PY'
 import json, sys
 path = sys.argv[1]
 with open(path) as f:
     config = json.load(f)
-config["process"]["terminal"] = False
-config["process"]["args"] = ["/mpi/openmpi/mpi_hello"]
-config["root"]["readonly"] = False
 linux = config["linux"]
 linux["namespaces"] = [n for n in linux["namespaces"] if n["type"] not in ("network", "pid", "uts")]
 config.pop("hostname", None)  # the node's: ranks report where they run
