@@ -582,7 +582,8 @@ def _user_name(uid: int) -> str:
 def _preparation(step: Step, spec: StepSpec, given: LaunchInput, launch: LaunchSettings) -> Preparation:
     """How the step's launch of spec is prepared (step/prepare.py), in its parts."""
     return Preparation(plan=functools.partial(plan, spec, given, launch, step.runtime.env),
-                       create=functools.partial(create, spec=spec, given=given, settings=launch, log=step.log),
+                       create=functools.partial(create, spec=spec, given=given, settings=launch, log=step.log,
+                                                spares=step.store.spares),
                        redirect=functools.partial(redirect_to, spec, given, launch))
 
 

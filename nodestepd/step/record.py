@@ -282,14 +282,15 @@ class RecordStore:
         self.path = os.path.join(state_dir, STEPS_DIR)
         self._fd = statefiles.open_private_dir(self.path)
         self._quarantine = os.path.join(state_dir, QUARANTINE_DIR)
-        # A launch writes its record and opens its exit file before its tasks start: with
-        # files made beforehand (after an earlier launch's durable write), neither creates
-        # one then.
-        self._spares = statefiles.SpareFiles(os.path.join(state_dir, SPARE_DIR), self._fd)
+        # A launch writes its record, opens its exit file and makes its spool before its
+        # tasks start: with files and directories made beforehand (after an earlier
+        # launch's durable write), none of it allocates an inode then (the spool's when it
+        # is on the state dir's filesystem: prepare.create).
+        self.spares = statefiles.SpareFiles(os.path.join(state_dir, SPARE_DIR), self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:
-            self._spares.close()
+            self.spares.close()
             os.close(self._fd)
             self._fd = -1
 
@@ -298,9 +299,9 @@ class RecordStore:
         on failure (OSError) nothing is left behind. A durable write (a launch acknowledged,
         a cancellation begun: the tasks run) then makes the spare files the next launches take."""
         statefiles.write_atomically(self._fd, record.name + RECORD_SUFFIX, encode(record), durable=durable,
-                                    spares=self._spares)
+                                    spares=self.spares)
         if durable:
-            self._spares.top_up()
+            self.spares.top_up()
 
     def remove(self, name: str) -> None:
         """The step is cleaned up: its record and exit file go."""
@@ -313,7 +314,7 @@ class RecordStore:
         """The step's exit file, for its task monitors to append to (a new fd, O_APPEND):
         a spare file linked at its name, or else created; one already there (a step of the
         same name whose removal was cut short) is appended to, as always."""
-        taken = self._spares.take()
+        taken = self.spares.take()
         if taken is not None:
             spare_dir_fd, spare, fd = taken
             try:

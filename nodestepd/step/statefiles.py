@@ -22,6 +22,7 @@ T = TypeVar("T")
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW
+SELINUX_ENFORCE = "/sys/fs/selinux/enforce"  # there when SELinux is enabled
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ def open_private_dir(path: str) -> int:
 
 
 class Spare(NamedTuple):
-    """A spare file: its directory, its name there, and an fd open on it (O_WRONLY|O_APPEND)."""
+    """A spare file or directory: its directory's fd, its name there, and an fd open on it
+    (a file's O_WRONLY|O_APPEND, a directory's O_RDONLY)."""
 
     dir_fd: int
     name: str
@@ -53,64 +55,98 @@ class Spare(NamedTuple):
 
 
 class SpareFiles:
-    """Empty files made ahead of time in a directory of their own, taken by a launch instead
-    of creating a file while the launch waits (write_atomically's temporary file, the
-    step's exit file: record.py), and renamed or linked into place.
+    """Empty files and directories made ahead of time in a directory of their own, taken by
+    a launch instead of creating one while the launch waits, and renamed or linked into
+    place: write_atomically's temporary file and the step's exit file (record.py), the
+    spool's directories and task files (spool.py) when the spool is on the same filesystem.
 
-    Creating a file allocates an inode, the slow part of a small write: 0.2-0.6 ms on ext4
-    on a loaded node (the benchmark's), against 0.03 ms for a rename. The owner makes them
-    again with top_up() once a launch's tasks run. In a directory of their own: making
-    them never holds the lock of the directory launches write in, and the steps dir keeps
-    only records and exit files. Each is root's, 0600 and empty; the directory is emptied
-    when the store opens it (what a daemon that died left), and at close(). Not used
-    (take() finds none) when the directory is on another filesystem than `target_fd`'s,
-    where no rename could move them. Thread-safe: take() from any thread; top_up() blocks
-    (a file created per missing spare).
+    Creating a file or a directory allocates an inode, the slow part of a small write:
+    0.2-0.6 ms each on ext4 on a loaded node (the benchmark's), against 0.03 ms for a
+    rename. The owner makes them again with top_up() once a launch's tasks run. In a
+    directory of their own: making them never holds the lock of a directory launches write
+    in, and the steps dir keeps only records and exit files. Each is root's, 0600 (a
+    directory 0700) and empty; the directory is emptied when the store opens it (what a
+    daemon that died left), and at close(). Files are not used (take() finds none) when the
+    directory is on another filesystem than `target_fd`'s, where no rename could move them;
+    the spool takes directories and files only on the filesystem `device` names. Thread-safe: take() and take_dir()
+    from any thread; top_up() blocks (one file or directory created per missing spare).
     """
 
-    def __init__(self, path: str, target_fd: int, keep: int = 8) -> None:
+    def __init__(self, path: str, target_fd: int, keep: int = 12, keep_dirs: int = 6) -> None:
         self._fd = open_private_dir(path)
         for name in os.listdir(self._fd):  # a previous daemon's
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=self._fd)
-        self._keep = keep if os.fstat(self._fd).st_dev == os.fstat(target_fd).st_dev else 0
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=self._fd)
+        device = os.fstat(self._fd).st_dev
+        self._keep = keep if device == os.fstat(target_fd).st_dev else 0
+        # The filesystem whose spool dirs may take spares (StepSpool.create); None under
+        # SELinux, where a file keeps the label of the directory it was made in: the state
+        # dir's, not the spool's that the runtime is allowed to read.
+        self.device: int | None = None if os.path.exists(SELINUX_ENFORCE) else device
+        self._keep_dirs = keep_dirs
         self._lock = threading.Lock()
         self._files: list[Spare] = []
+        self._dirs: list[Spare] = []
         self._made = 0
 
     def take(self) -> Spare | None:
-        """A spare (its fd and name now the taker's to close and to move or unlink), or
-        None when there is none left."""
+        """A spare file (its fd and name now the taker's to close and to move or unlink),
+        or None when there is none left."""
         with self._lock:
             return self._files.pop() if self._files else None
 
+    def take_dir(self) -> Spare | None:
+        """A spare directory (its fd and name now the taker's to close and to move or
+        rmdir), or None when there is none left."""
+        with self._lock:
+            return self._dirs.pop() if self._dirs else None
+
     def top_up(self) -> None:
-        """Make spares until there are `keep`. A file that cannot be made (a full disk) is
-        not an error here: take() then finds none, and the taker creates its file itself,
-        which reports the error where it matters."""
-        while True:
-            with self._lock:
-                if len(self._files) >= self._keep or self._fd < 0:
+        """Make spares until there are `keep` files and `keep_dirs` directories. One that
+        cannot be made (a full disk) is not an error here: the taker then finds none and
+        creates its own, which reports the error where it matters."""
+        for pool, keep, make in ((self._files, self._keep, self._make_file), (self._dirs, self._keep_dirs,
+                                                                             self._make_dir)):
+            while True:
+                with self._lock:
+                    if len(pool) >= keep or self._fd < 0:
+                        break
+                    self._made += 1
+                    name = f"{self._made}"
+                try:
+                    fd = make(name)
+                except OSError:
                     return
-                self._made += 1
-                name = f"{self._made}"
-            try:
-                fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600,
-                             dir_fd=self._fd)
-            except OSError:
-                return
-            with self._lock:
-                self._files.append(Spare(self._fd, name, fd))
+                with self._lock:
+                    pool.append(Spare(self._fd, name, fd))
+
+    def _make_file(self, name: str) -> int:
+        return os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600, dir_fd=self._fd)
+
+    def _make_dir(self, name: str) -> int:
+        os.mkdir(name, 0o700, dir_fd=self._fd)
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=self._fd)
+        except OSError:
+            os.rmdir(name, dir_fd=self._fd)
+            raise
 
     def close(self) -> None:
         """Remove the spares and close the directory (the store is closed)."""
         with self._lock:
             files, self._files = self._files, []
+            dirs, self._dirs = self._dirs, []
             dir_fd, self._fd = self._fd, -1
         for spare in files:
             os.close(spare.fd)
             with contextlib.suppress(OSError):
                 os.unlink(spare.name, dir_fd=dir_fd)
+        for spare in dirs:
+            os.close(spare.fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(spare.name, dir_fd=dir_fd)
         if dir_fd >= 0:
             os.close(dir_fd)
 
