@@ -283,9 +283,9 @@ class RecordStore:
         self._fd = statefiles.open_private_dir(self.path)
         self._quarantine = os.path.join(state_dir, QUARANTINE_DIR)
         # A launch writes its record, opens its exit file and makes its spool before its
-        # tasks start: with files and directories made beforehand (after an earlier
-        # launch's durable write), none of it allocates an inode then (the spool's when it
-        # is on the state dir's filesystem: prepare.create).
+        # tasks start: with files and directories made beforehand (make_spares, after an
+        # earlier launch), none of it allocates an inode then (the spool's when it is on
+        # the state dir's filesystem: prepare.create).
         self.spares = statefiles.SpareFiles(os.path.join(state_dir, SPARE_DIR), self._fd)
 
     def close(self) -> None:
@@ -296,12 +296,14 @@ class RecordStore:
 
     def write(self, record: StepRecord, *, durable: bool = True) -> None:
         """Replace the record atomically, and durably unless durable=False (statefiles.write_atomically);
-        on failure (OSError) nothing is left behind. A durable write (a launch acknowledged,
-        a cancellation begun: the tasks run) then makes the spare files the next launches take."""
+        on failure (OSError) nothing is left behind."""
         statefiles.write_atomically(self._fd, record.name + RECORD_SUFFIX, encode(record), durable=durable,
                                     spares=self.spares)
-        if durable:
-            self.spares.top_up()
+
+    def make_spares(self) -> None:
+        """Make again the spare files and directories launches took (SpareFiles.top_up):
+        blocking, called once a launch is acknowledged, its tasks running."""
+        self.spares.top_up()
 
     def remove(self, name: str) -> None:
         """The step is cleaned up: its record and exit file go."""

@@ -200,10 +200,11 @@ def spares(tmp_path) -> list[str]:
     return sorted(n for n in os.listdir(tmp_path / "spare") if (tmp_path / "spare" / n).is_file())
 
 
-def test_a_durable_write_makes_spares_that_the_next_writes_and_exit_files_take(tmp_path):
+def test_spares_made_are_taken_by_the_next_writes_and_exit_files(tmp_path):
     store = RecordStore(str(tmp_path))
-    assert spares(tmp_path) == []  # none before the first durable write (the launch's acknowledgement)
+    assert spares(tmp_path) == []  # none before the first acknowledged launch makes them
     store.write(make_record(7))
+    store.make_spares()
     made = spares(tmp_path)
     assert len(made) == 12
     assert stat.S_IMODE((tmp_path / "spare").stat().st_mode) == 0o700
@@ -221,13 +222,14 @@ def test_a_durable_write_makes_spares_that_the_next_writes_and_exit_files_take(t
     assert sorted(os.listdir(tmp_path / "steps")) == ["1000.7.0.0.json", "1000.8.0.0.exits", "1000.8.0.0.json"]
     assert store.load_all() == ([make_record(7), second], [])
     assert store.read_exits(second.name).statuses == {11: 4}
-    store.write(make_record(8))  # durable: topped up again
+    store.make_spares()  # once a launch is acknowledged: topped up again
     assert len(spares(tmp_path)) == 12
 
 
 def test_an_exit_file_already_there_is_appended_to_and_the_spare_is_not_left(tmp_path):
     store = RecordStore(str(tmp_path))
     store.write(make_record(7))
+    store.make_spares()
     (tmp_path / "steps" / "1000.7.0.0.exits").write_bytes(b"11 0\n")
     fd = store.open_exits("1000.7.0.0")
     os.write(fd, b"12 1\n")
@@ -239,6 +241,7 @@ def test_an_exit_file_already_there_is_appended_to_and_the_spare_is_not_left(tmp
 def test_an_exit_file_is_never_opened_through_a_symlink_with_spares_either(tmp_path):
     store = RecordStore(str(tmp_path))
     store.write(make_record(7))
+    store.make_spares()
     victim = tmp_path / "victim"
     victim.write_text("precious")
     os.symlink(victim, tmp_path / "steps" / "7.0.0.exits")
@@ -252,6 +255,7 @@ def test_a_failed_write_through_a_spare_leaves_neither_the_spare_nor_a_temporary
     store = RecordStore(str(tmp_path))
     first = make_record(7)
     store.write(first)
+    store.make_spares()
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -268,6 +272,7 @@ def test_a_failed_write_through_a_spare_leaves_neither_the_spare_nor_a_temporary
 def test_spares_a_daemon_left_are_removed_when_the_next_opens_the_store(tmp_path):
     store = RecordStore(str(tmp_path))
     store.write(make_record(7))
+    store.make_spares()
     assert len(spares(tmp_path)) == 12  # the daemon dies: nobody closes the store
     RecordStore(str(tmp_path))
     assert os.listdir(tmp_path / "spare") == []  # files and directories
@@ -276,7 +281,8 @@ def test_spares_a_daemon_left_are_removed_when_the_next_opens_the_store(tmp_path
 def test_without_a_spare_left_a_launch_creates_its_files_as_before(tmp_path):
     store = RecordStore(str(tmp_path))
     store.write(make_record(7))
-    for job in range(8, 20):  # more launches than spares before the next durable write
+    store.make_spares()
+    for job in range(8, 20):  # more launches than spares before they are made again
         store.write(make_record(job, state="launching"), durable=False)
     assert spares(tmp_path) == []
     store.write(make_record(20, state="launching"), durable=False)
@@ -289,5 +295,6 @@ def test_without_a_spare_left_a_launch_creates_its_files_as_before(tmp_path):
 def test_closing_the_store_removes_its_spares(tmp_path):
     store = RecordStore(str(tmp_path))
     store.write(make_record(7))
+    store.make_spares()
     store.close()
     assert os.listdir(tmp_path / "spare") == []

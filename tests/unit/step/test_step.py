@@ -148,6 +148,7 @@ class FakeStore:
         self.durable: list[bool] = []  # per write: fsync'd or not
         self.removed: list[str] = []
         self.at_create: list[record.StepRecord] | None = None  # what was written when the spool was created
+        self.spares_made = 0  # make_spares() calls
 
     @property
     def states(self) -> list[str]:
@@ -164,6 +165,9 @@ class FakeStore:
 
     def open_exits(self, name: str) -> int:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+    def make_spares(self) -> None:
+        self.spares_made += 1
 
 
 class FakeResults:
@@ -274,6 +278,18 @@ async def test_a_launch_makes_two_writes_one_durable_the_one_before_it_is_acknow
     step = await launched(make_step())
     assert list(zip(step.store.states, step.store.durable)) == [("launching", False), ("running", True)]
     await finish(step, 0, 0)
+
+
+async def test_an_acknowledged_launch_makes_again_the_spares_it_took_and_a_failed_one_does_not():
+    step = await launched(make_step())
+    await asyncio.sleep(0.05)  # a worker thread's call, not awaited by the launch
+    assert step.store.spares_made == 1
+    await finish(step, 0, 0)
+    failed = make_step(mode=FakeMode(fail_start="cannot start the runtime as alice: No such file or directory"))
+    with pytest.raises(LaunchFailed):
+        await launched(failed)
+    await asyncio.sleep(0.05)
+    assert failed.store.spares_made == 0
 
 
 async def test_a_launch_is_recorded_with_its_spool_pending_before_the_spool_is_created():
