@@ -114,7 +114,7 @@ class SpareFiles:
                     if len(pool) >= keep or self._fd < 0:
                         break
                     self._made += 1
-                    name = f"{self._made}"
+                    name = f"{os.getpid()}.{self._made}"  # never a name a previous daemon left
                 try:
                     fd = make(name)
                 except OSError:
