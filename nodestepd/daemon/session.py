@@ -134,8 +134,9 @@ class Session:
                 try:
                     # Idle or slow (half a message, then nothing): either way the
                     # connection is given up after client_timeout, and with it its fds.
-                    received = await asyncio.wait_for(self.conn.receive(),
-                                                      max(0.0, min(timeout, ends - time.monotonic())))
+                    # (A timeout scope, not wait_for: no task made per request.)
+                    async with asyncio.timeout(max(0.0, min(timeout, ends - time.monotonic()))):
+                        received = await self.conn.receive()
                 except TimeoutError:
                     if time.monotonic() >= ends:
                         self.log.info("connection lifetime over; closing connection", connection_max_lifetime=lifetime)
