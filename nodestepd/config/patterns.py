@@ -11,6 +11,7 @@ command means (`--bundle "%b"`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -101,11 +102,34 @@ def check_pattern(pattern: str) -> list[str]:
     return problems
 
 
-def _validated_tokens(pattern: str) -> list[tuple[int, str]]:
+# Patterns are oci.conf's (and a few derived from them): the same handful are checked and
+# expanded for every launch, so their tokens and pieces are kept (bounded, in case a
+# caller's patterns vary). An invalid pattern raises each time: nothing is kept for it.
+@functools.lru_cache(maxsize=512)
+def _validated_tokens(pattern: str) -> tuple[tuple[int, str], ...]:
     problems = check_pattern(pattern)
     if problems:
         raise ValueError(f"invalid pattern {pattern!r}: " + "; ".join(problems))
-    return list(_tokens(pattern))
+    return tuple(_tokens(pattern))
+
+
+@functools.lru_cache(maxsize=512)
+def _pieces(pattern: str) -> tuple[tuple[str, str], ...]:
+    """The valid pattern as (letter, "") for each replacement and ("", text) for each run of
+    literal text between them, in order."""
+    pieces: list[tuple[str, str]] = []
+    literal: list[str] = []
+    for _, tok in _validated_tokens(pattern):
+        if len(tok) == 2:
+            if literal:
+                pieces.append(("", "".join(literal)))
+                literal = []
+            pieces.append((tok[1], ""))
+        else:
+            literal.append(tok)
+    if literal:
+        pieces.append(("", "".join(literal)))
+    return tuple(pieces)
 
 
 def shell_quote_args(args: Sequence[str]) -> str:
@@ -130,25 +154,20 @@ def _value(letter: str, ctx: PatternContext) -> str:
         return shell_quote_args(ctx.args)
     if letter == "p":
         return PID_UNKNOWN if ctx.pid is None else str(ctx.pid)
-    values = {
-        "b": ctx.bundle,
-        "e": ctx.env_file,
-        "j": str(ctx.job_id),
-        "m": ctx.step_dir,
-        "n": ctx.node_name,
-        "r": ctx.rootfs,
-        "s": str(ctx.step_id),
-        "t": str(ctx.task_id),
-        "u": ctx.user,
-        "U": str(ctx.uid),
-        "Z": ctx.workdir,
-    }
-    return values[letter]
+    if letter in _NUMBERS:
+        return str(getattr(ctx, _NUMBERS[letter]))
+    return getattr(ctx, _TEXTS[letter])
+
+
+# The letters whose value is a PatternContext field: as it is, or a number in decimal.
+_TEXTS = {"b": "bundle", "e": "env_file", "m": "step_dir", "n": "node_name", "r": "rootfs", "u": "user",
+          "Z": "workdir"}
+_NUMBERS = {"j": "job_id", "s": "step_id", "t": "task_id", "U": "uid"}
 
 
 def expand(pattern: str, ctx: PatternContext) -> str:
     """`pattern` with every replacement substituted; ValueError if the pattern is invalid."""
-    return "".join(_value(tok[1], ctx) if len(tok) == 2 else tok for _, tok in _validated_tokens(pattern))
+    return "".join(_value(letter, ctx) if letter else text for letter, text in _pieces(pattern))
 
 
 def pattern_letters(pattern: str) -> set[str]:

@@ -64,6 +64,11 @@ class Connection:
         Raises ProtocolError for an oversized message (the stream cannot be trusted after
         that) and ConnectionClosed when the peer vanished mid-message.
         """
+        # A request has usually arrived by the time it is asked for (a client sends its
+        # request right after connecting): the first read is tried at once, without a
+        # round through the loop. Later ones wait for the socket to be readable, so that
+        # a large message is read a chunk per turn of the loop.
+        waited = False
         while True:
             if len(self._buffer) >= protocol.HEADER.size:
                 length = protocol.frame_length(bytes(self._buffer[: protocol.HEADER.size]), self.max_message)
@@ -79,7 +84,9 @@ class Connection:
                     self._release_fds()
                     raise ConnectionClosed("peer closed the connection in the middle of a message")
                 return None
-            await self._readable()
+            if waited:
+                await self._readable()
+            waited = True
             self._read_some()
 
     def _take_fds(self, message_end: int) -> list[int]:
@@ -150,9 +157,8 @@ class Connection:
         After a timed-out send the stream may hold half a reply: the connection is shut down.
         """
         try:
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_sendall(self.sock, protocol.frame(message)), self.send_timeout
-            )
+            async with asyncio.timeout(self.send_timeout):  # a timeout scope: no task made per send
+                await asyncio.get_running_loop().sock_sendall(self.sock, protocol.frame(message))
         except (BrokenPipeError, ConnectionResetError):
             return False
         except TimeoutError:

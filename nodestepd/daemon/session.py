@@ -134,8 +134,9 @@ class Session:
                 try:
                     # Idle or slow (half a message, then nothing): either way the
                     # connection is given up after client_timeout, and with it its fds.
-                    received = await asyncio.wait_for(self.conn.receive(),
-                                                      max(0.0, min(timeout, ends - time.monotonic())))
+                    # (A timeout scope, not wait_for: no task made per request.)
+                    async with asyncio.timeout(max(0.0, min(timeout, ends - time.monotonic()))):
+                        received = await self.conn.receive()
                 except TimeoutError:
                     if time.monotonic() >= ends:
                         self.log.info("connection lifetime over; closing connection", connection_max_lifetime=lifetime)
@@ -582,7 +583,8 @@ def _user_name(uid: int) -> str:
 def _preparation(step: Step, spec: StepSpec, given: LaunchInput, launch: LaunchSettings) -> Preparation:
     """How the step's launch of spec is prepared (step/prepare.py), in its parts."""
     return Preparation(plan=functools.partial(plan, spec, given, launch, step.runtime.env),
-                       create=functools.partial(create, spec=spec, given=given, settings=launch, log=step.log),
+                       create=functools.partial(create, spec=spec, given=given, settings=launch, log=step.log,
+                                                spares=step.store.spares),
                        redirect=functools.partial(redirect_to, spec, given, launch))
 
 

@@ -1,4 +1,5 @@
-"""The daemon's own dealings with the kernel: prctl, peer credentials, the fd limit, sealed memfds.
+"""The daemon's own dealings with the kernel: prctl, peer credentials, the fd limit, sealed memfds,
+renameat2.
 
 What concerns one process the daemon watches (its pidfd) is in watch.py; this module
 holds the calls about the daemon itself and its sockets and files.
@@ -129,3 +130,17 @@ def sealed_memfd(name: str, data: bytes) -> int:
         os.close(fd)
         raise
     return fd
+
+
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.renameat2.restype = ctypes.c_int
+
+
+def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
+    """renameat2(RENAME_NOREPLACE): move src to dst, or FileExistsError when dst exists (a
+    rename onto an empty directory would otherwise replace it silently). Python has no
+    renameat2. Both names are single components relative to their directory fds."""
+    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)

@@ -25,6 +25,7 @@ from nodestepd.step.runtime import RuntimeNotFound, find_program
 from nodestepd.step.spec import LaunchFailed, LaunchInput, LaunchSettings, RuntimeCommands, StepSpec
 from nodestepd.step.layout import SpoolError, SpoolLayout, spool_layout
 from nodestepd.step.spool import StepSpool
+from nodestepd.step.statefiles import SpareFiles
 from nodestepd.step.task import Task
 
 ENV_FILE_NAME = "environment"
@@ -179,12 +180,14 @@ def _mpi_plan(spec: StepSpec, env: Mapping[str, str], settings: LaunchSettings,
 
 
 def create(
-    planned: Plan, spec: StepSpec, given: LaunchInput, settings: LaunchSettings, log: BoundLogger
+    planned: Plan, spec: StepSpec, given: LaunchInput, settings: LaunchSettings, log: BoundLogger,
+    spares: SpareFiles | None = None,
 ) -> Prepared:
-    """Create, fill and hand over the planned spool. Blocking. Raises LaunchFailed, leaving nothing."""
+    """Create, fill and hand over the planned spool. Blocking. Raises LaunchFailed, leaving
+    nothing. spares: directories and files made ahead, for the spool to take (StepSpool.create)."""
     layout, tasks = planned.layout, planned.tasks
     try:
-        spool = StepSpool.create(layout, spec.identity.uid, spec.identity.gid)
+        spool = StepSpool.create(layout, spec.identity.uid, spec.identity.gid, spares)
     except SpoolError as e:
         raise LaunchFailed(str(e)) from None
     try:

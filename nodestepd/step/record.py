@@ -34,6 +34,7 @@ FORMAT = "nodestepd-step"
 VERSION = 1
 STEPS_DIR = "steps"
 QUARANTINE_DIR = "quarantine"
+SPARE_DIR = "spare"  # statefiles.SpareFiles: empty files a launch takes instead of creating one
 RECORD_SUFFIX = ".json"
 EXITS_SUFFIX = ".exits"
 MAX_RECORD_BYTES = 16 << 20  # far above any record (a launch's environment is at most max_env_bytes)
@@ -281,16 +282,28 @@ class RecordStore:
         self.path = os.path.join(state_dir, STEPS_DIR)
         self._fd = statefiles.open_private_dir(self.path)
         self._quarantine = os.path.join(state_dir, QUARANTINE_DIR)
+        # A launch writes its record, opens its exit file and makes its spool before its
+        # tasks start: with files and directories made beforehand (make_spares, after an
+        # earlier launch), none of it allocates an inode then (the spool's when it is on
+        # the state dir's filesystem: prepare.create).
+        self.spares = statefiles.SpareFiles(os.path.join(state_dir, SPARE_DIR), self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:
+            self.spares.close()
             os.close(self._fd)
             self._fd = -1
 
     def write(self, record: StepRecord, *, durable: bool = True) -> None:
         """Replace the record atomically, and durably unless durable=False (statefiles.write_atomically);
         on failure (OSError) nothing is left behind."""
-        statefiles.write_atomically(self._fd, record.name + RECORD_SUFFIX, encode(record), durable=durable)
+        statefiles.write_atomically(self._fd, record.name + RECORD_SUFFIX, encode(record), durable=durable,
+                                    spares=self.spares)
+
+    def make_spares(self) -> None:
+        """Make again the spare files and directories launches took (SpareFiles.top_up):
+        blocking, called once a launch is acknowledged, its tasks running."""
+        self.spares.top_up()
 
     def remove(self, name: str) -> None:
         """The step is cleaned up: its record and exit file go."""
@@ -300,7 +313,25 @@ class RecordStore:
         os.fsync(self._fd)
 
     def open_exits(self, name: str) -> int:
-        """The step's exit file, for its task monitors to append to (a new fd, O_APPEND)."""
+        """The step's exit file, for its task monitors to append to (a new fd, O_APPEND):
+        a spare file linked at its name, or else created; one already there (a step of the
+        same name whose removal was cut short) is appended to, as always."""
+        taken = self.spares.take()
+        if taken is not None:
+            spare_dir_fd, spare, fd = taken
+            try:
+                try:
+                    os.link(spare, name + EXITS_SUFFIX, src_dir_fd=spare_dir_fd, dst_dir_fd=self._fd,
+                            follow_symlinks=False)
+                finally:
+                    os.unlink(spare, dir_fd=spare_dir_fd)  # once linked, the exit file's is its one name
+            except FileExistsError:
+                os.close(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            else:
+                return fd
         return os.open(
             name + EXITS_SUFFIX, os.O_WRONLY | os.O_APPEND | os.O_CREAT | statefiles.NOFOLLOW, 0o600, dir_fd=self._fd
         )

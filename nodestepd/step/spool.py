@@ -21,6 +21,7 @@ Used as a context manager it only closes on exit; it never removes implicitly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -30,8 +31,10 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from nodestepd.config.trust import untrusted_dir_reason
+from nodestepd.process.kernel import rename_noreplace
 from nodestepd.step.cleardir import clear_dir
 from nodestepd.step.layout import SpoolError, SpoolLayout, components, join
+from nodestepd.step.statefiles import Spare, SpareFiles
 
 __all__ = ["StepSpool"]
 
@@ -84,10 +87,17 @@ def _check_trusted(d: _Dir, step_dir: str, *, last: bool) -> None:
         )
 
 
-def _make_private_dir(parent: _Dir, name: str, path: str, mode: int = _PRIVATE_DIR_MODE) -> _Dir:
-    """mkdir name (root-owned, `mode`) and open it; FileExistsError when it already exists."""
+def _make_private_dir(parent: _Dir, name: str, path: str, mode: int = _PRIVATE_DIR_MODE,
+                      spares: SpareFiles | None = None) -> _Dir:
+    """mkdir name (root-owned, `mode`) and open it; FileExistsError when it already exists.
+    spares: a spare directory (root's, 0700, empty) is moved there instead, if one is left
+    (never over anything already there: RENAME_NOREPLACE)."""
+    spare = spares.take_dir() if spares is not None else None
     try:
-        os.mkdir(name, mode & 0o700, dir_fd=parent.fd)
+        if spare is None:
+            os.mkdir(name, mode & 0o700, dir_fd=parent.fd)
+        else:
+            _put_spare(spare, parent, name, os.rmdir)
     except FileExistsError:
         raise
     except OSError as exc:
@@ -98,10 +108,14 @@ def _make_private_dir(parent: _Dir, name: str, path: str, mode: int = _PRIVATE_D
         new.fd = _open_dir(parent, name, path)
         st = os.fstat(new.fd)
         # Between mkdir and open, someone able to write the parent could have swapped in
-        # a directory of their own; only a directory we own can be ours.
+        # a directory of their own; only a directory we own can be ours (and only the
+        # very spare we moved there, for a spare).
         if st.st_uid != os.geteuid():
             ours = False
             raise SpoolError(f"{path} was replaced by a directory owned by uid {st.st_uid} while it was being created")
+        if spare is not None and not os.path.samestat(st, os.fstat(spare.fd)):
+            ours = False
+            raise SpoolError(f"{path} was replaced by another directory while it was being created")
         # Explicit mode: umask must not matter, and a setgid parent must not leak its bit.
         os.fchmod(new.fd, mode)
     except BaseException:
@@ -114,7 +128,22 @@ def _make_private_dir(parent: _Dir, name: str, path: str, mode: int = _PRIVATE_D
             except OSError:
                 pass
         raise
+    finally:
+        if spare is not None:
+            os.close(spare.fd)
     return new
+
+
+def _put_spare(spare: Spare, parent: _Dir, name: str, remove) -> None:
+    """Move a spare (SpareFiles) to name in parent, never over anything there; when it
+    cannot be, the spare is removed (remove: os.rmdir or os.unlink) and its fd closed."""
+    try:
+        rename_noreplace(spare.dir_fd, spare.name, parent.fd, name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            remove(spare.name, dir_fd=spare.dir_fd)
+        os.close(spare.fd)
+        raise
 
 
 class StepSpool:
@@ -134,13 +163,18 @@ class StepSpool:
         self._closed = False
         self._removed = False
         self._created: list[tuple[str, int, int]] | None = None  # created_dirs(), once read
+        # Where the step dir, the task dirs and the task files come from while the spool is
+        # root's alone (until hand_over), when they are on the same filesystem: SpareFiles.
+        self._spares: SpareFiles | None = None
 
     @classmethod
-    def create(cls, layout: SpoolLayout, uid: int, gid: int) -> StepSpool:
-        """Create the step dir and task dirs, root-owned 0700 until hand_over()."""
+    def create(cls, layout: SpoolLayout, uid: int, gid: int, spares: SpareFiles | None = None) -> StepSpool:
+        """Create the step dir and task dirs, root-owned 0700 until hand_over(). spares:
+        directories and files made ahead (the state dir's), taken instead of making the
+        step dir, the task dirs and the task files when they are on the same filesystem."""
         spool = cls(layout, uid, gid)
         try:
-            spool._create()
+            spool._create(spares)
         except BaseException as exc:
             undo_errors = spool._undo_create()
             if isinstance(exc, SpoolError) and undo_errors:
@@ -148,7 +182,7 @@ class StepSpool:
             raise
         return spool
 
-    def _create(self) -> None:
+    def _create(self, spares: SpareFiles | None) -> None:
         parent_parts = components(self.layout.step_dir)[:-1]
         step_dir = self.layout.step_dir
         anchor = _Dir(fd=os.open("/", _DIR_FLAGS), path="/", parent=None, created=False)
@@ -190,8 +224,11 @@ class StepSpool:
                 continue
             self._above.append(current)
 
+        if spares is not None and os.fstat(current.fd).st_dev == spares.device:
+            self._spares = spares
         try:
-            self._step = _make_private_dir(current, os.path.basename(self.layout.step_dir), self.layout.step_dir)
+            self._step = _make_private_dir(current, os.path.basename(self.layout.step_dir), self.layout.step_dir,
+                                           spares=self._spares)
         except FileExistsError:
             match = re.fullmatch(r"oci-job(\d+)-(\d+)(?:-task\d+)?(?:-uid\d+)?", os.path.basename(self.layout.step_dir))
             which = f"step {match[1]}.{match[2]}" if match else "this step"
@@ -209,7 +246,7 @@ class StepSpool:
                     current = existing
                     continue
                 try:
-                    current = _make_private_dir(current, part, path)
+                    current = _make_private_dir(current, part, path, spares=self._spares)
                 except FileExistsError:
                     # The step dir is fresh and private: only root could have put this here.
                     raise SpoolError(f"{path} appeared inside a directory this daemon had just created") from None
@@ -393,10 +430,17 @@ class StepSpool:
             raise ValueError(f"{name!r} is not a plain file name")
         task = self._task(task_index)
         path = join(task.path, name)
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=task.fd)
-        except OSError as exc:
-            raise SpoolError(f"cannot create {path}: {exc.strerror}") from exc
+        spare = self._spares.take() if self._spares is not None else None
+        if spare is not None:
+            # Written and given its owner and mode in the spare directory, then moved in whole.
+            fd, directory, written_name = spare.fd, spare.dir_fd, spare.name
+        else:
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                             dir_fd=task.fd)
+            except OSError as exc:
+                raise SpoolError(f"cannot create {path}: {exc.strerror}") from exc
+            directory, written_name = task.fd, name
         try:
             view = memoryview(data)
             while view:
@@ -407,12 +451,20 @@ class StepSpool:
             os.fchmod(fd, mode)
         except OSError as exc:
             try:
-                os.unlink(name, dir_fd=task.fd)
+                os.unlink(written_name, dir_fd=directory)
             except OSError:
                 pass
-            raise SpoolError(f"cannot write {path}: {exc.strerror}") from exc
-        finally:
             os.close(fd)
+            raise SpoolError(f"cannot write {path}: {exc.strerror}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        if spare is not None:
+            try:
+                _put_spare(spare, task, name, os.unlink)  # closes the fd if it fails
+            except OSError as exc:
+                raise SpoolError(f"cannot create {path}: {exc.strerror}") from exc
+        os.close(fd)
         return path
 
     def hand_over(self) -> None:
@@ -423,6 +475,7 @@ class StepSpool:
         if self._closed:
             raise SpoolError(f"spool dir {self.layout.step_dir} is already closed")
         assert self._step is not None
+        self._spares = None  # the user's from here on: nothing is moved in any more, it is created there
         for d in [*reversed(self._inner.values()), self._step]:
             try:
                 os.fchown(d.fd, self._uid, self._gid)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 
@@ -21,6 +22,7 @@ T = TypeVar("T")
 
 NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW
+SELINUX_ENFORCE = "/sys/fs/selinux/enforce"  # there when SELinux is enabled
 
 
 @dataclass(frozen=True)
@@ -43,16 +45,129 @@ def open_private_dir(path: str) -> int:
     return fd
 
 
-def write_atomically(dir_fd: int, name: str, data: bytes, *, durable: bool = True) -> None:
+class Spare(NamedTuple):
+    """A spare file or directory: its directory's fd, its name there, and an fd open on it
+    (a file's O_WRONLY|O_APPEND, a directory's O_RDONLY)."""
+
+    dir_fd: int
+    name: str
+    fd: int
+
+
+class SpareFiles:
+    """Empty files and directories made ahead of time in a directory of their own, taken by
+    a launch instead of creating one while the launch waits, and renamed or linked into
+    place: write_atomically's temporary file and the step's exit file (record.py), the
+    spool's directories and task files (spool.py) when the spool is on the same filesystem.
+
+    Creating a file or a directory allocates an inode, the slow part of a small write:
+    0.2-0.6 ms each on ext4 on a loaded node (the benchmark's), against 0.03 ms for a
+    rename. The owner makes them again with top_up() once a launch's tasks run. In a
+    directory of their own: making them never holds the lock of a directory launches write
+    in, and the steps dir keeps only records and exit files. Each is root's, 0600 (a
+    directory 0700) and empty; the directory is emptied when the store opens it (what a
+    daemon that died left), and at close(). Files are not used (take() finds none) when the
+    directory is on another filesystem than `target_fd`'s, where no rename could move them;
+    the spool takes directories and files only on the filesystem `device` names. Thread-safe: take() and take_dir()
+    from any thread; top_up() blocks (one file or directory created per missing spare).
+    """
+
+    def __init__(self, path: str, target_fd: int, keep: int = 12, keep_dirs: int = 6) -> None:
+        self._fd = open_private_dir(path)
+        for name in os.listdir(self._fd):  # a previous daemon's
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=self._fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=self._fd)
+        device = os.fstat(self._fd).st_dev
+        self._keep = keep if device == os.fstat(target_fd).st_dev else 0
+        # The filesystem whose spool dirs may take spares (StepSpool.create); None under
+        # SELinux, where a file keeps the label of the directory it was made in: the state
+        # dir's, not the spool's that the runtime is allowed to read.
+        self.device: int | None = None if os.path.exists(SELINUX_ENFORCE) else device
+        self._keep_dirs = keep_dirs
+        self._lock = threading.Lock()
+        self._files: list[Spare] = []
+        self._dirs: list[Spare] = []
+        self._made = 0
+
+    def take(self) -> Spare | None:
+        """A spare file (its fd and name now the taker's to close and to move or unlink),
+        or None when there is none left."""
+        with self._lock:
+            return self._files.pop() if self._files else None
+
+    def take_dir(self) -> Spare | None:
+        """A spare directory (its fd and name now the taker's to close and to move or
+        rmdir), or None when there is none left."""
+        with self._lock:
+            return self._dirs.pop() if self._dirs else None
+
+    def top_up(self) -> None:
+        """Make spares until there are `keep` files and `keep_dirs` directories. One that
+        cannot be made (a full disk) is not an error here: the taker then finds none and
+        creates its own, which reports the error where it matters."""
+        for pool, keep, make in ((self._files, self._keep, self._make_file), (self._dirs, self._keep_dirs,
+                                                                             self._make_dir)):
+            while True:
+                with self._lock:
+                    if len(pool) >= keep or self._fd < 0:
+                        break
+                    self._made += 1
+                    name = f"{os.getpid()}.{self._made}"  # never a name a previous daemon left
+                try:
+                    fd = make(name)
+                except OSError:
+                    return
+                with self._lock:
+                    pool.append(Spare(self._fd, name, fd))
+
+    def _make_file(self, name: str) -> int:
+        return os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600, dir_fd=self._fd)
+
+    def _make_dir(self, name: str) -> int:
+        os.mkdir(name, 0o700, dir_fd=self._fd)
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=self._fd)
+        except OSError:
+            os.rmdir(name, dir_fd=self._fd)
+            raise
+
+    def close(self) -> None:
+        """Remove the spares and close the directory (the store is closed)."""
+        with self._lock:
+            files, self._files = self._files, []
+            dirs, self._dirs = self._dirs, []
+            dir_fd, self._fd = self._fd, -1
+        for spare in files:
+            os.close(spare.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(spare.name, dir_fd=dir_fd)
+        for spare in dirs:
+            os.close(spare.fd)
+            with contextlib.suppress(OSError):
+                os.rmdir(spare.name, dir_fd=dir_fd)
+        if dir_fd >= 0:
+            os.close(dir_fd)
+
+
+def write_atomically(dir_fd: int, name: str, data: bytes, *, durable: bool = True,
+                     spares: SpareFiles | None = None) -> None:
     """Replace `name` in the directory with `data`, durably; on failure (OSError: a full
     disk) the file before it stands and no temporary file is left.
 
     durable=False skips both fsyncs: the new file is what any process (a restarted daemon)
-    reads at once, but a crash of the machine may leave the one before it, or none."""
-    tmp = f".{name}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dir_fd)  # O_EXCL below: nothing stale may be written through
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600, dir_fd=dir_fd)
+    reads at once, but a crash of the machine may leave the one before it, or none.
+    spares: where a spare file (if one is left) is taken as the temporary file, instead
+    of creating one (SpareFiles, on the directory's filesystem)."""
+    taken = spares.take() if spares is not None else None
+    if taken is not None:
+        tmp_dir_fd, tmp, fd = taken
+    else:
+        tmp_dir_fd, tmp = dir_fd, f".{name}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)  # O_EXCL below: nothing stale may be written through
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -61,12 +176,12 @@ def write_atomically(dir_fd: int, name: str, data: bytes, *, durable: bool = Tru
             os.fsync(fd)
         os.close(fd)
         fd = -1
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.replace(tmp, name, src_dir_fd=tmp_dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         if fd >= 0:
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dir_fd)
+            os.unlink(tmp, dir_fd=tmp_dir_fd)
         raise
     if durable:
         os.fsync(dir_fd)

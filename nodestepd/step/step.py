@@ -127,6 +127,7 @@ class Step:
         self._cancel_reason: str | None = None
         self._left_running = False  # the daemon stopped and left this step's tasks alone
         self._save_lock = asyncio.Lock()
+        self._making_spares: asyncio.Future[None] | None = None  # held: the loop keeps tasks only weakly
         self.orig_bundle = spec.bundle  # spec.bundle changes when a stage_in points the step at another bundle
         self._stage_out_due = False  # stage_in succeeded (or there is none): stage_out runs at the release
         self.stage_out_error: str | None = None  # how stage_out failed, kept with the result
@@ -223,26 +224,32 @@ class Step:
             await self.mode.undo(self.tasks)
             raise
         self._keeps_result = True
+        # The spares this launch took (record.py) are made again while its tasks run, in a
+        # worker thread: the acknowledgement does not wait for them.
+        self._making_spares = asyncio.ensure_future(asyncio.to_thread(self.store.make_spares))
 
     def _prepare(self, preparation: Preparation) -> tuple[Prepared, int, tuple[str, ...]]:
-        """Plan the launch, record the plan, create the spool, record it, open the exit file:
-        blocking, in one worker thread (one hop off the loop, not five). Returns the launch,
-        the exit file's fd and the plan's warnings (to log on the loop); raises LaunchFailed,
-        or OSError when a record cannot be written.
+        """Plan the launch, record the plan, create the spool, open the exit file: blocking,
+        in one worker thread (one hop off the loop, not five). Returns the launch, the exit
+        file's fd and the plan's warnings (to log on the loop); raises LaunchFailed, or
+        OSError when the record cannot be written.
 
-        Recorded before anything is created, and again before anything runs: a daemon that
-        dies from here on leaves a record that says what to clean up (the spool dir as
-        "pending" until its directories are known). Both writes skip fsync: a daemon that
-        dies reads them back from the page cache, which is all restart survival needs (a
-        crash of the machine ends every task with it; what it may leak is a spool dir of a
-        launch never acknowledged). The write before the acknowledgement is durable (_launch).
+        Recorded before anything is created: a daemon that dies from here on leaves a record
+        that says what to clean up, the spool dir as "pending" (recovery removes it by its
+        name, under parents only root can write: StepSpool.remove_pending) until the write
+        before the acknowledgement (_launch) records its directories' inodes and the tasks.
+        A second write once the spool exists would add only those inodes, for a launch that
+        is undone after a restart anyway, at the cost of a file created and renamed on every
+        launch. The write skips fsync: a daemon that dies reads it back from the page cache,
+        which is all restart survival needs (a crash of the machine ends every task with it;
+        what it may leak is a spool dir of a launch never acknowledged). The write before
+        the acknowledgement is durable.
         """
         planned = preparation.plan()
         self.tasks, self._planned_spool = planned.tasks, planned.layout
         self.store.write(self._record(), durable=False)
         prepared = preparation.create(planned)
         self.spool, self.tasks, self._planned_spool = prepared.spool, prepared.tasks, None
-        self.store.write(self._record(), durable=False)
         return prepared, self.store.open_exits(self.name), tuple(planned.warnings)
 
     async def _stage_in(self, prepared: Prepared, redirect: Redirect | None) -> Prepared:

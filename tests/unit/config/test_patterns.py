@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 
@@ -277,3 +278,14 @@ def test_plain_values_and_unused_letters_pass():
     odd = PatternContext(**{**CTX.__dict__, "bundle": "/spool dir/oci-job1-0/task-0"})
     assert shell_unsafe_value("run %b", odd, bundle_is_users=False) is None
     assert shell_unsafe_value("run %b", odd, bundle_is_users=True) is not None
+
+
+def test_a_pattern_expanded_again_takes_each_context_s_values_and_a_bad_one_fails_each_time() -> None:
+    # A pattern's pieces are kept between expansions (every launch expands the same few).
+    pattern = "run %n.%j.%t -b %b %%t"
+    other = dataclasses.replace(CTX, job_id=43, task_id=0, bundle="/spool/oci-job43-7/task-0")
+    assert expand(pattern, CTX) == "run node001.42.3 -b /spool/oci-job42-7/task-3 %t"
+    assert expand(pattern, other) == "run node001.43.0 -b /spool/oci-job43-7/task-0 %t"
+    for _ in range(2):
+        with pytest.raises(ValueError, match="unknown replacement '%y'"):
+            expand("run %y", CTX)

@@ -190,3 +190,111 @@ def test_store_refuses_a_steps_dir_others_can_write(tmp_path):
     (tmp_path / "steps").chmod(0o777)
     with pytest.raises(OSError, match="writable by root only"):
         RecordStore(str(tmp_path))
+
+
+# ---- spare files: what a launch takes instead of creating a file while it waits ----------
+
+
+def spares(tmp_path) -> list[str]:
+    """The spare files (the spare directories are the spool's: test_spool.py)."""
+    return sorted(n for n in os.listdir(tmp_path / "spare") if (tmp_path / "spare" / n).is_file())
+
+
+def test_spares_made_are_taken_by_the_next_writes_and_exit_files(tmp_path):
+    store = RecordStore(str(tmp_path))
+    assert spares(tmp_path) == []  # none before the first acknowledged launch makes them
+    store.write(make_record(7))
+    store.make_spares()
+    made = spares(tmp_path)
+    assert len(made) == 12
+    assert stat.S_IMODE((tmp_path / "spare").stat().st_mode) == 0o700
+    assert all(stat.S_IMODE((tmp_path / "spare" / n).stat().st_mode) == 0o600 for n in made)
+    ino = {(tmp_path / "spare" / n).stat().st_ino for n in made}
+
+    second = make_record(8, state="launching")
+    store.write(second, durable=False)  # a launch's first write: a spare becomes the record
+    assert (tmp_path / "steps" / "1000.8.0.0.json").stat().st_ino in ino
+    fd = store.open_exits(second.name)  # and another its exit file
+    os.write(fd, b"11 4\n")
+    os.close(fd)
+    assert (tmp_path / "steps" / "1000.8.0.0.exits").stat().st_ino in ino
+    assert len(spares(tmp_path)) == 10
+    assert sorted(os.listdir(tmp_path / "steps")) == ["1000.7.0.0.json", "1000.8.0.0.exits", "1000.8.0.0.json"]
+    assert store.load_all() == ([make_record(7), second], [])
+    assert store.read_exits(second.name).statuses == {11: 4}
+    store.make_spares()  # once a launch is acknowledged: topped up again
+    assert len(spares(tmp_path)) == 12
+
+
+def test_an_exit_file_already_there_is_appended_to_and_the_spare_is_not_left(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7))
+    store.make_spares()
+    (tmp_path / "steps" / "1000.7.0.0.exits").write_bytes(b"11 0\n")
+    fd = store.open_exits("1000.7.0.0")
+    os.write(fd, b"12 1\n")
+    os.close(fd)
+    assert store.read_exits("1000.7.0.0").statuses == {11: 0, 12: 1}
+    assert len(spares(tmp_path)) == 11
+
+
+def test_an_exit_file_is_never_opened_through_a_symlink_with_spares_either(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7))
+    store.make_spares()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "steps" / "7.0.0.exits")
+    with pytest.raises(OSError):
+        store.open_exits("7.0.0")
+    assert victim.read_text() == "precious"
+    assert len(spares(tmp_path)) == 11
+
+
+def test_a_failed_write_through_a_spare_leaves_neither_the_spare_nor_a_temporary(tmp_path, monkeypatch):
+    store = RecordStore(str(tmp_path))
+    first = make_record(7)
+    store.write(first)
+    store.make_spares()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        store.write(make_record(7, state="terminating"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "steps")) == ["1000.7.0.0.json"]
+    assert len(spares(tmp_path)) == 11
+    assert store.load_all() == ([first], [])
+
+
+def test_spares_a_daemon_left_are_removed_when_the_next_opens_the_store(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7))
+    store.make_spares()
+    assert len(spares(tmp_path)) == 12  # the daemon dies: nobody closes the store
+    RecordStore(str(tmp_path))
+    assert os.listdir(tmp_path / "spare") == []  # files and directories
+
+
+def test_without_a_spare_left_a_launch_creates_its_files_as_before(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7))
+    store.make_spares()
+    for job in range(8, 20):  # more launches than spares before they are made again
+        store.write(make_record(job, state="launching"), durable=False)
+    assert spares(tmp_path) == []
+    store.write(make_record(20, state="launching"), durable=False)
+    fd = store.open_exits("1000.20.0.0")
+    os.close(fd)
+    assert sorted(r.job_id for r in store.load_all()[0]) == list(range(7, 21))
+    assert not [n for n in os.listdir(tmp_path / "steps") if n.endswith(".tmp")]
+
+
+def test_closing_the_store_removes_its_spares(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7))
+    store.make_spares()
+    store.close()
+    assert os.listdir(tmp_path / "spare") == []

@@ -731,3 +731,115 @@ def test_remove_pending_refuses_a_symlink_at_the_step_dir(spool_dir, tmp_path):
     with pytest.raises(SpoolError, match="symbolic link"):
         StepSpool.remove_pending(lay)
     assert (tmp_path / "elsewhere" / "keep").exists()
+
+
+# --- spares: directories and files made ahead (statefiles.SpareFiles), moved into place ---
+
+
+@pytest.fixture
+def spares(tmp_path):
+    """The state dir's spares, on the spool's filesystem (tmp_path)."""
+    from nodestepd.step.statefiles import SpareFiles
+
+    target = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    made = SpareFiles(str(tmp_path / "spare"), target, keep=4, keep_dirs=3)
+    os.close(target)
+    made.top_up()
+    yield made
+    made.close()
+
+
+def inode(path) -> int:
+    return os.lstat(path).st_ino
+
+
+def test_a_spool_is_made_of_spares_until_it_is_handed_over(spool_dir, spares, tmp_path):
+    spare = tmp_path / "spare"
+    before = {inode(spare / n) for n in os.listdir(spare)}
+    fds = open_fds()
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID, spares)
+    step = spool_dir / "oci-job12-3-uid1000"
+    assert {inode(step), inode(step / "task-0"), inode(step / "task-1")} <= before
+    assert [owner_mode(d) for d in (step, step / "task-0", step / "task-1")] == [(0, 0, 0o700)] * 3
+    spool.write_task_file(1, "config.json", b"{}\n", 0o750)
+    assert inode(step / "task-1" / "config.json") in before
+    assert (step / "task-1" / "config.json").read_bytes() == b"{}\n"
+    assert owner_mode(step / "task-1" / "config.json") == (USER_UID, USER_GID, 0o750)
+    assert len(os.listdir(spare)) == 7 - 4  # three directories and a file taken
+    spool.hand_over()
+    spool.write_task_file(0, "environment", b"A=1\n", 0o600)  # the user's dir now: created in place
+    assert inode(step / "task-0" / "environment") not in before
+    assert owner_mode(step / "task-0" / "environment") == (USER_UID, USER_GID, 0o600)
+    assert len(os.listdir(spare)) == 3
+    spool.remove()
+    assert os.listdir(spool_dir) == []
+    # Nothing left open, and the fds of the four spares taken closed with them.
+    assert open_fds() <= fds and len(fds - open_fds()) == 4
+
+
+def test_a_spare_is_never_moved_over_an_existing_step_dir_and_is_not_left(spool_dir, spares, tmp_path):
+    step = spool_dir / "oci-job12-3-uid1000"
+    step.mkdir()  # empty: a plain rename would have replaced it
+    with pytest.raises(SpoolError, match="already exists"):
+        StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID, spares)
+    assert tree(spool_dir) == ["oci-job12-3-uid1000"]
+    assert len(os.listdir(tmp_path / "spare")) == 7 - 1  # the spare taken is gone, not left behind
+
+
+def test_a_task_file_is_never_moved_over_an_existing_one(spool_dir, spares, tmp_path):
+    target = tmp_path / "target"
+    target.write_text("original")
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID, spares)
+    try:
+        spool.write_task_file(0, "config.json", b"1", 0o750)
+        with pytest.raises(SpoolError, match="cannot create .*task-0/config.json: File exists"):
+            spool.write_task_file(0, "config.json", b"2", 0o750)
+        os.symlink(target, spool_dir / "oci-job12-3-uid1000" / "task-1" / "environment")
+        with pytest.raises(SpoolError, match="task-1/environment"):
+            spool.write_task_file(1, "environment", b"evil", 0o600)
+        assert target.read_text() == "original"
+        assert (spool_dir / "oci-job12-3-uid1000" / "task-0" / "config.json").read_bytes() == b"1"
+        assert os.path.islink(spool_dir / "oci-job12-3-uid1000" / "task-1" / "environment")
+    finally:
+        spool.remove()
+    assert len(os.listdir(tmp_path / "spare")) == 1  # 3 directories and 3 files taken, none left behind
+
+
+def test_spares_on_another_filesystem_are_not_taken(spool_dir, spares, tmp_path):
+    spares.device = -1  # as if the state dir were on another filesystem than the spool's
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID, spares)
+    spool.write_task_file(0, "config.json", b"{}", 0o750)
+    assert len(os.listdir(tmp_path / "spare")) == 7
+    spool.remove()
+
+
+def test_when_the_spares_run_out_the_spool_makes_its_own(spool_dir, spares, tmp_path):
+    lay = layout(None, spool_dir=str(spool_dir), ntasks=4)  # 5 directories, 3 spares
+    spool = StepSpool.create(lay, USER_UID, USER_GID, spares)
+    for i in range(4):
+        for name in ("config.json", "environment"):  # 8 files, 4 spares
+            spool.write_task_file(i, name, name.encode(), 0o640)
+    step = spool_dir / "oci-job12-3-uid1000"
+    assert [(step / f"task-{i}" / "environment").read_bytes() for i in range(4)] == [b"environment"] * 4
+    assert os.listdir(tmp_path / "spare") == []
+    spool.remove()
+    assert os.listdir(spool_dir) == []
+
+
+def test_under_selinux_the_spool_takes_no_spares(spool_dir, tmp_path, monkeypatch):
+    """A moved file keeps the label of the directory it was made in (the state dir's)."""
+    from nodestepd.step import statefiles
+
+    monkeypatch.setattr(statefiles, "SELINUX_ENFORCE", str(tmp_path))  # a path that exists
+    target = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    made = statefiles.SpareFiles(str(tmp_path / "spare"), target, keep=2, keep_dirs=3)
+    os.close(target)
+    made.top_up()
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID, made)
+    spool.write_task_file(0, "config.json", b"{}", 0o750)
+    assert made.device is None and len(os.listdir(tmp_path / "spare")) == 2 + 3
+    taken = made.take()  # the records' files are still taken
+    assert taken is not None
+    os.close(taken.fd)
+    spool.remove()
+    made.close()

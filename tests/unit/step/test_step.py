@@ -148,6 +148,7 @@ class FakeStore:
         self.durable: list[bool] = []  # per write: fsync'd or not
         self.removed: list[str] = []
         self.at_create: list[record.StepRecord] | None = None  # what was written when the spool was created
+        self.spares_made = 0  # make_spares() calls
 
     @property
     def states(self) -> list[str]:
@@ -164,6 +165,9 @@ class FakeStore:
 
     def open_exits(self, name: str) -> int:
         return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+    def make_spares(self) -> None:
+        self.spares_made += 1
 
 
 class FakeResults:
@@ -262,19 +266,30 @@ async def finish(step: Step, *statuses: int) -> StepResult:
 async def test_a_launch_is_recorded_before_and_after_its_tasks_start():
     step = await launched(make_step())
     assert step.state is StepState.RUNNING
-    assert step.store.states == ["launching", "launching", "running"]
+    assert step.store.states == ["launching", "running"]
     assert step.mode.calls == [("start", (0, 1), ("runc run task0", "runc run task1"))]
     assert [t.status for t in step.store.written[-1].tasks] == [None, None]
     await finish(step, 0, 0)
 
 
-async def test_a_launch_makes_one_durable_write_the_one_before_it_is_acknowledged():
-    # The records before the tasks start are for a restarted daemon, which reads them from
+async def test_a_launch_makes_two_writes_one_durable_the_one_before_it_is_acknowledged():
+    # The record before the spool is created is for a restarted daemon, which reads it from
     # the page cache; only the acknowledged launch (running) must survive the machine.
     step = await launched(make_step())
-    assert list(zip(step.store.states, step.store.durable)) == [
-        ("launching", False), ("launching", False), ("running", True)]
+    assert list(zip(step.store.states, step.store.durable)) == [("launching", False), ("running", True)]
     await finish(step, 0, 0)
+
+
+async def test_an_acknowledged_launch_makes_again_the_spares_it_took_and_a_failed_one_does_not():
+    step = await launched(make_step())
+    await asyncio.sleep(0.05)  # a worker thread's call, not awaited by the launch
+    assert step.store.spares_made == 1
+    await finish(step, 0, 0)
+    failed = make_step(mode=FakeMode(fail_start="cannot start the runtime as alice: No such file or directory"))
+    with pytest.raises(LaunchFailed):
+        await launched(failed)
+    await asyncio.sleep(0.05)
+    assert failed.store.spares_made == 0
 
 
 async def test_a_launch_is_recorded_with_its_spool_pending_before_the_spool_is_created():
@@ -284,9 +299,9 @@ async def test_a_launch_is_recorded_with_its_spool_pending_before_the_spool_is_c
     assert first.state == "launching" and first.spool is not None
     assert first.spool.pending and first.spool.created == []
     assert first.spool.step_dir == "/spool/oci-job42-0" and len(first.tasks) == 2
-    second = step.store.written[1]
-    assert not second.spool.pending and [d.ino for d in second.spool.created] == [100, 101, 102]
-    assert not step.store.written[-1].spool.pending
+    # The acknowledged launch's record has the directories the launch created.
+    last = step.store.written[-1]
+    assert not last.spool.pending and [d.ino for d in last.spool.created] == [100, 101, 102]
     await finish(step, 0, 0)
 
 
@@ -377,7 +392,7 @@ async def test_a_launch_whose_tasks_fail_to_start_is_undone_and_released():
     step = make_step(mode=FakeMode(fail_start="cannot start the runtime as alice: No such file or directory"))
     with pytest.raises(LaunchFailed, match="cannot start the runtime"):
         await launched(step)
-    assert step.store.states == ["launching", "launching"] and step.store.removed == [step.name]
+    assert step.store.states == ["launching"] and step.store.removed == [step.name]
     assert [c[0] for c in step.mode.calls] == ["start", "undo", "release", "release"]
     assert (await step.wait()).status == 125
 
@@ -404,7 +419,7 @@ async def test_a_launch_cancelled_by_the_daemon_stopping_leaves_its_record_for_t
     step.mode.start = start
     launch = asyncio.ensure_future(launched(step))
     await asyncio.wait_for(entered.wait(), 5)
-    assert step.store.states == ["launching", "launching"]
+    assert step.store.states == ["launching"]
     launch.cancel()
     with pytest.raises(asyncio.CancelledError):
         await launch
@@ -428,7 +443,7 @@ async def test_cancel_runs_runtimekill_waits_and_deletes():
     step = await launched(make_step())
     result = await asyncio.wait_for(step.cancel("cancel requested by uid 1000"), 5)
     assert result == StepResult(143, (143, 143), cancelled=True)
-    assert step.store.states == ["launching", "launching", "running", "terminating"]
+    assert step.store.states == ["launching", "running", "terminating"]
     assert sorted(step.runtime.calls) == [("delete", 0), ("delete", 1), ("kill", 0), ("kill", 1)]
     assert not any(c[0] in ("kill", "after_exit") for c in step.mode.calls)  # the termination deletes
 
@@ -467,7 +482,7 @@ async def test_a_cancel_during_the_launch_begins_once_the_tasks_exist():
     gate.set()
     await launch
     result = await asyncio.wait_for(cancel, 5)
-    assert result.cancelled and step.store.states == ["launching", "launching", "running", "terminating"]
+    assert result.cancelled and step.store.states == ["launching", "running", "terminating"]
 
 
 async def test_a_cancel_while_the_running_record_is_written_terminates_once():
@@ -494,7 +509,7 @@ async def test_a_cancel_while_the_running_record_is_written_terminates_once():
     release.set()
     await asyncio.wait_for(launch, 5)
     result = await asyncio.wait_for(cancel, 5)
-    assert result.cancelled and step.store.states == ["launching", "launching", "running", "terminating"]
+    assert result.cancelled and step.store.states == ["launching", "running", "terminating"]
 
 
 async def test_cancelling_a_finished_step_gives_its_result():
