@@ -210,7 +210,7 @@ class Daemon:
 
     def terminate(self, timeout: float = 60) -> int:
         """SIGTERM, then its exit status. A daemon still there after timeout fails the test
-        with its log, which ends with every thread's stack (SIGABRT: PYTHONFAULTHANDLER)."""
+        with its log, which ends with every thread's stack (SIGABRT: the daemon's faulthandler)."""
         if not self._stopped_by_sigterm(timeout):
             self.proc.send_signal(signal.SIGABRT)
             if not self._exited(10):
@@ -274,9 +274,7 @@ def start_daemon(workdir: Path, request):
         notify.bind(str(notify_path))
         notify.settimeout(30)
         log_path = base / f"daemon-{n}.log"
-        # PYTHONFAULTHANDLER: a daemon that hangs can be made to show where (Daemon.terminate).
-        daemon_env = {"PATH": SYSTEM_PATH, "NOTIFY_SOCKET": str(notify_path), "LANG": "C.UTF-8",
-                      "PYTHONFAULTHANDLER": "1", **(env or {})}
+        daemon_env = {"PATH": SYSTEM_PATH, "NOTIFY_SOCKET": str(notify_path), "LANG": "C.UTF-8", **(env or {})}
         argv = [
             str(NODESTEPD), "--socket", str(base / f"sock-{m}"), "--oci-conf", str(conf),
             "--spool-dir", str(base / f"spool-{m}"), "--state-dir", str(base / f"state-{m}"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import sys
 import time
@@ -105,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A daemon that hangs or crashes says where, on stderr (the journal): every thread's
+    # stack on SIGABRT (what systemd's watchdog sends), SIGSEGV, SIGBUS, SIGFPE, SIGILL.
+    faulthandler.enable()
     args = build_parser().parse_args(argv)
     overrides = {
         "socket": args.socket,
