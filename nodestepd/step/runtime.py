@@ -79,10 +79,6 @@ class Runtime:
         pid = task.watch.pid if task.watch is not None else None
         return expand(pattern, dataclasses.replace(task.context, pid=pid))
 
-    async def query(self, task: Task) -> ContainerState:
-        """RunTimeQuery's OCI state; raises ContainerError when it fails or prints none."""
-        return await container.query(lambda: self._query(task))
-
     async def wait_until_created(self, task: Task) -> ContainerState:
         return await container.wait_until_created(lambda: self._query(task), self.timeout)
 

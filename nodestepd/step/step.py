@@ -526,26 +526,28 @@ class Step:
             except Exception as e:  # never leave the step half-released
                 self.log.exception("stage_out could not be run", error=str(e))
                 self.stage_out_error = f"stage_out {self.settings.stage_out} could not be run: {e}"
-        if self.spool is not None:
-            spool, self.spool = self.spool, None
-            if self.settings.keep_spool:
-                self.log.info("DisableCleanup: keeping the spool dir", spool_dir=spool.layout.step_dir)
-                spool.close()
-            else:
-                try:
-                    await asyncio.to_thread(spool.remove)
-                except SpoolError as e:
-                    self.log.error("spool dir could not be removed", error=str(e))
-        self.reaper.sweep()  # whatever the runtimes left orphaned to us
+        spool, self.spool = self.spool, None
+        if spool is not None and self.settings.keep_spool:
+            self.log.info("DisableCleanup: keeping the spool dir", spool_dir=spool.layout.step_dir)
+            spool.close()
+            spool = None
         outcome = self.outcome(result) if self._keeps_result and self.results is not None else None
         async with self._save_lock:  # after any write still under way
-            for message, detail in await asyncio.to_thread(self._keep_result_and_forget, outcome):
+            for message, detail in await asyncio.to_thread(self._remove_keep_and_forget, spool, outcome):
                 self.log.error(message, **detail)
+        self.reaper.sweep()  # whatever the runtimes left orphaned to us
 
-    def _keep_result_and_forget(self, outcome: ResultRecord | None) -> list[tuple[str, dict[str, str]]]:
-        """Write the result (durably), then remove the record: blocking, in one worker
-        thread. Returns what went wrong, for the log."""
+    def _remove_keep_and_forget(self, spool: StepSpool | None,
+                                outcome: ResultRecord | None) -> list[tuple[str, dict[str, str]]]:
+        """Remove the spool, write the result (durably), then remove the record: blocking,
+        in one worker thread (one hop off the loop, not two: the exit notice waits for all
+        of it). Returns what went wrong, for the log."""
         problems: list[tuple[str, dict[str, str]]] = []
+        if spool is not None:
+            try:
+                spool.remove()
+            except SpoolError as e:
+                problems.append(("spool dir could not be removed", {"error": str(e)}))
         if outcome is not None:
             assert self.results is not None
             # Before the record goes: a daemon killed in between finishes the step again from it.
