@@ -570,10 +570,14 @@ def test_clear_dir_starts_again_when_a_directory_it_is_in_is_moved(tmp_path, mon
     assert counting.held == 0
 
 
-def test_write_task_file_is_exclusive_and_does_not_follow_symlinks(spool_dir, tmp_path):
+@pytest.mark.parametrize("with_spares", [False, True], ids=["created", "spares"])
+def test_write_task_file_is_exclusive_and_does_not_follow_symlinks(spool_dir, tmp_path, request, with_spares):
+    # With spares, a task file is written in the spare directory and moved in: never over
+    # an existing one, never through a link planted in its place.
+    spares = request.getfixturevalue("spares") if with_spares else None
     target = tmp_path / "target"
     target.write_text("original")
-    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID)
+    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID, spares)
     try:
         spool.write_task_file(0, "config.json", b"1", 0o750)
         with pytest.raises(SpoolError, match="cannot create .*task-0/config.json: File exists"):
@@ -584,8 +588,11 @@ def test_write_task_file_is_exclusive_and_does_not_follow_symlinks(spool_dir, tm
         assert target.read_text() == "original"
         assert owner_mode(target)[0] == 0
         assert (spool_dir / "oci-job12-3-uid1000" / "task-0" / "config.json").read_bytes() == b"1"
+        assert os.path.islink(spool_dir / "oci-job12-3-uid1000" / "task-1" / "environment")
     finally:
         spool.remove()
+    if with_spares:
+        assert len(os.listdir(tmp_path / "spare")) == 1  # 3 directories and 3 files taken, none left behind
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "..", ".", "/x", "a\0"])
@@ -784,25 +791,6 @@ def test_a_spare_is_never_moved_over_an_existing_step_dir_and_is_not_left(spool_
         StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID, spares)
     assert tree(spool_dir) == ["oci-job12-3-uid1000"]
     assert len(os.listdir(tmp_path / "spare")) == 7 - 1  # the spare taken is gone, not left behind
-
-
-def test_a_task_file_is_never_moved_over_an_existing_one(spool_dir, spares, tmp_path):
-    target = tmp_path / "target"
-    target.write_text("original")
-    spool = StepSpool.create(layout(None, spool_dir=str(spool_dir)), USER_UID, USER_GID, spares)
-    try:
-        spool.write_task_file(0, "config.json", b"1", 0o750)
-        with pytest.raises(SpoolError, match="cannot create .*task-0/config.json: File exists"):
-            spool.write_task_file(0, "config.json", b"2", 0o750)
-        os.symlink(target, spool_dir / "oci-job12-3-uid1000" / "task-1" / "environment")
-        with pytest.raises(SpoolError, match="task-1/environment"):
-            spool.write_task_file(1, "environment", b"evil", 0o600)
-        assert target.read_text() == "original"
-        assert (spool_dir / "oci-job12-3-uid1000" / "task-0" / "config.json").read_bytes() == b"1"
-        assert os.path.islink(spool_dir / "oci-job12-3-uid1000" / "task-1" / "environment")
-    finally:
-        spool.remove()
-    assert len(os.listdir(tmp_path / "spare")) == 1  # 3 directories and 3 files taken, none left behind
 
 
 def test_spares_on_another_filesystem_are_not_taken(spool_dir, spares, tmp_path):
