@@ -48,6 +48,17 @@
  * subordinate ids (the ranges given, the daemon's reading of /etc/subuid and /etc/subgid)
  * are 1..COUNT; we write its maps, as newuidmap would for the user (a PMIx MPI step's
  * runtime then maps the user to their own uid in the container: docs/admin-guide.md#mpi).
+ *
+ *   nodestepd-monitor --exec-as REPORT_FD UID GID G1,G2,... -- PROGRAM ARG...
+ *
+ * Another use of the same root-owned, statically linked program, which monitors nothing:
+ * switch to the user (groups, gid, uid) and exec PROGRAM (looked up in the PATH of the
+ * environment we were given), nothing else. The daemon starts its short runtime commands
+ * (RunTimeQuery, RunTimeDelete, ...) through it (spawn.py): so it can start them with
+ * vfork, which Python's subprocess does only for a child that keeps our ids, instead of
+ * copying the daemon's page tables with fork (milliseconds per command for a daemon of
+ * tens of MB). REPORT_FD is made close-on-exec: end-of-file tells the daemon PROGRAM is
+ * exec'ed; if anything fails, "ERRNO STEP" is written to it first and we exit 127.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -799,8 +810,51 @@ static void check_fds(void)
 		die("fcntl");
 }
 
+/* ---- --exec-as --------------------------------------------------------------------------- */
+
+static _Noreturn void exec_as_failed(int report_fd, enum step step)
+{
+	char msg[64];
+	int n = snprintf(msg, sizeof msg, "%d %s", errno, step_names[step]);
+	if (write(report_fd, msg, (size_t)n) < 0) {
+		/* nothing left to tell anyone: the daemon reads EOF and a status of 127 */
+	}
+	_exit(127);
+}
+
+/* Everything else (cwd, umask, process group, signals, fds) the daemon's vfork child set
+   before exec'ing us, as root: we only drop to the user and exec. */
+static _Noreturn void exec_as(int argc, char **argv)
+{
+	struct options o = {0};
+	unsigned long long v;
+	if (argc < 8 || strcmp(argv[6], "--") != 0)
+		usage("--exec-as REPORT_FD UID GID G1,G2,... -- PROGRAM ARG...");
+	int report_fd = parse_fd(argv[2]);
+	if (!parse_number(argv[3], (uid_t)-2, &v))
+		usage("--exec-as: not a uid");
+	o.uid = (uid_t)v;
+	if (!parse_number(argv[4], (gid_t)-2, &v))
+		usage("--exec-as: not a gid");
+	o.gid = (gid_t)v;
+	parse_groups(argv[5], &o);
+	if (fcntl(report_fd, F_SETFD, FD_CLOEXEC) < 0)
+		exec_as_failed(report_fd, STEP_SETUP);
+	if (setgroups(o.ngroups, o.groups) < 0)
+		exec_as_failed(report_fd, STEP_GROUPS);
+	if (setresgid(o.gid, o.gid, o.gid) < 0)
+		exec_as_failed(report_fd, STEP_GID);
+	/* Every uid away from 0 clears the permitted, effective and ambient capabilities. */
+	if (setresuid(o.uid, o.uid, o.uid) < 0)
+		exec_as_failed(report_fd, STEP_UID);
+	execvp(argv[7], &argv[7]);
+	exec_as_failed(report_fd, STEP_EXEC);
+}
+
 int main(int argc, char **argv)
 {
+	if (argc > 1 && strcmp(argv[1], "--exec-as") == 0)
+		exec_as(argc, argv);
 	struct options o = {.start_timeout_ms = 60000, .userns_fd = -1, .mntns_fd = -1};
 	parse_args(argc, argv, &o);
 	check_fds();

@@ -271,6 +271,31 @@ def test_spawn_of_a_program_that_does_not_exist_leaves_nothing(identity, home):
     assert CLAIMED == claimed
 
 
+def test_spawn_as_a_user_switches_every_id_drops_every_capability_and_leaks_no_fd(identity, home):
+    """Through nodestepd-monitor --exec-as (vforked as root, the switch at its exec): the program
+    has the user's uids, gids and groups, no capability, the PATH of its env searched for it,
+    and only 0-2 and the fds passed (its report pipe closed at the exec)."""
+    out = memfd()
+    r, w = os.pipe()
+    try:
+        script = ("grep -E '^(Uid|Gid|Groups|CapPrm|CapEff|CapAmb):' /proc/self/status; "
+                  "ls /proc/self/fd; exit 0")
+        watch = spawn(["sh", "-c", script], identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"},
+                      stdin=subprocess.DEVNULL, stdout=out, stderr=out, process_group=True, pass_fds=(w,))
+        assert watch.wait_blocking(30) == 0
+        watch.reap()
+        lines = read_all(out).splitlines()
+    finally:
+        for fd in (out, r, w):
+            os.close(fd)
+    fields = {line.split(":")[0]: line.split(":", 1)[1].split() for line in lines if ":" in line}
+    assert fields["Uid"] == [str(identity.uid)] * 4 and fields["Gid"] == [str(identity.gid)] * 4
+    assert sorted(map(int, fields["Groups"])) == sorted(set(identity.groups))
+    assert fields["CapPrm"] == fields["CapEff"] == fields["CapAmb"] == ["0000000000000000"]
+    fds = {int(x) for x in lines if x.isdigit()}
+    assert {0, 1, 2, w} <= fds and len(fds - {0, 1, 2, w}) == 1, fds  # the one more: ls's own of /proc/self/fd
+
+
 def test_spawn_without_a_pidfd_stops_the_child_and_leaves_nothing(identity, home, monkeypatch):
     """Out of fds right after the fork: the child would run on unwatched, and nobody would reap it."""
     def no_pidfd(cls, pid):
@@ -538,7 +563,7 @@ STOPPED_SCRIPT = textwrap.dedent("""
 
     args = json.loads(sys.argv[1])
     identity = Identity.for_uid(args["uid"])
-    stopper = subprocess.Popen([args["stopper"], str(os.getpid()), "1"], stdout=subprocess.PIPE)
+    stopper = subprocess.Popen([args["stopper"], str(os.getpid()), "1", "exec"], stdout=subprocess.PIPE)
     assert stopper.stdout.readline() == b"ready\\n"
     out = {}
 
@@ -592,10 +617,13 @@ STOPPED_SCRIPT = textwrap.dedent("""
 def test_a_child_stopped_before_its_exec_is_killed_at_its_start_deadline(user, home, stopper_program):
     """Issue 19.2: once a spawned child has switched to the user, any process of that user can
     SIGSTOP it before its exec, and Popen waited for that exec for ever, holding SPAWN_LOCK (which
-    the reaper's sweep takes on the event loop), run_helper doing so on the loop itself. Here the
-    stopper (root, tracing the script) stops every child right after its fork, every time (the
-    user's own SIGSTOP must win a race of microseconds). Each start now fails with ETIMEDOUT at its
-    deadline, the lock stays free, the loop runs on, and nothing is left."""
+    the reaper's sweep takes on the event loop), run_helper doing so on the loop itself. A child
+    for a user is now root's until it execs nodestepd-monitor --exec-as (vfork: nobody but root
+    can stop it there), which switches to the user and only then execs the program: that is
+    where the user can stop it. Here the stopper (root, tracing the script) stops every child
+    right after that first exec, every time (the user's own SIGSTOP must win a race of
+    microseconds). Each start fails with ETIMEDOUT at its deadline, the lock stays free, the
+    loop runs on, and nothing is left."""
     result = subprocess.run([sys.executable, "-c", STOPPED_SCRIPT,
                              json.dumps({"uid": user.uid, "home": str(home), "stopper": stopper_program})],
                             capture_output=True, text=True, timeout=30)
