@@ -49,16 +49,27 @@
  * are 1..COUNT; we write its maps, as newuidmap would for the user (a PMIx MPI step's
  * runtime then maps the user to their own uid in the container: docs/admin-guide.md#mpi).
  *
- *   nodestepd-monitor --exec-as REPORT_FD UID GID G1,G2,... -- PROGRAM ARG...
+ *   nodestepd-monitor --exec-as REPORT_FD ENV_FD UID GID G1,G2,... -- PROGRAM ARG...
  *
  * Another use of the same root-owned, statically linked program, which monitors nothing:
- * switch to the user (groups, gid, uid) and exec PROGRAM (looked up in the PATH of the
- * environment we were given), nothing else. The daemon starts its short runtime commands
- * (RunTimeQuery, RunTimeDelete, ...) through it (spawn.py): so it can start them with
- * vfork, which Python's subprocess does only for a child that keeps our ids, instead of
- * copying the daemon's page tables with fork (milliseconds per command for a daemon of
- * tens of MB). REPORT_FD is made close-on-exec: end-of-file tells the daemon PROGRAM is
- * exec'ed; if anything fails, "ERRNO STEP" is written to it first and we exit 127.
+ * switch to the user (groups, gid, uid), then take PROGRAM's environment from ENV_FD and
+ * exec PROGRAM (looked up in that environment's PATH), nothing else. The daemon starts its
+ * short runtime commands (RunTimeQuery, RunTimeDelete, ...) through it (spawn.py): so it
+ * can start them with vfork, which Python's subprocess does only for a child that keeps
+ * our ids, instead of copying the daemon's page tables with fork (milliseconds per
+ * command for a daemon of tens of MB).
+ *
+ * We are started as root with an EMPTY environment: the step's (built from what the user
+ * sent) must not be read by anything running as root, the C library's start-up included
+ * (GLIBC_TUNABLES, MALLOC_*, ...). ENV_FD (a sealed memfd the daemon wrote: "K=V" entries,
+ * each ended by a NUL) is read only once we are the user, at most ARG_MAX bytes (what
+ * execve would take; E2BIG beyond), and installed as our environ just before execvp, whose
+ * PATH search so runs as the user with the user's PATH. Not argv: /proc/PID/cmdline is
+ * world-readable, the environment is not.
+ *
+ * REPORT_FD and ENV_FD are made close-on-exec (PROGRAM gets neither): end-of-file on
+ * REPORT_FD tells the daemon PROGRAM is exec'ed; if anything fails, "ERRNO STEP" is
+ * written to it first and we exit 127.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -91,9 +102,9 @@
 
 /* What the task's child side was doing when it failed: sent with the errno. */
 enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_USERNS, STEP_EXEC, STEP_TIMEOUT,
-	    STEP_SETNS };
+	    STEP_SETNS, STEP_ENV };
 static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "userns", "exec",
-					 "timeout", "setns"};
+					 "timeout", "setns", "env"};
 
 struct child {
 	pid_t pid;
@@ -633,7 +644,8 @@ static _Noreturn void usage(const char *problem)
 		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] [--pass-fd FD]..."
 		" [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]"
 		" -- PROGRAM ARG...\n"
-		"(started by nodestepd, once per task; see docs/monitor.md)\n",
+		"   or: nodestepd-monitor --exec-as REPORT_FD ENV_FD UID GID G1,G2,... -- PROGRAM ARG...\n"
+		"(started by nodestepd, once per task or runtime command; see docs/monitor.md)\n",
 		problem);
 	if (ctl_fd >= 0) {
 		char msg[64];
@@ -822,24 +834,88 @@ static _Noreturn void exec_as_failed(int report_fd, enum step step)
 	_exit(127);
 }
 
+/* The most execve takes for arguments and environment together, whatever the stack limit
+   (the kernel's 3/4 of _STK_LIM): our bound on ENV_FD when sysconf's, a quarter of the
+   stack limit, says more or nothing. */
+#define EXEC_ARGS_MAX (6L << 20)
+
+/* PROGRAM's environment, read from env_fd (a regular file: "K=V" entries each ended by a
+   NUL) as the user: an array for environ, or NULL with errno set (E2BIG past ARG_MAX,
+   EINVAL for a malformed file). */
+static char **read_env(int env_fd)
+{
+	long max = sysconf(_SC_ARG_MAX);
+	if (max <= 0 || max > EXEC_ARGS_MAX)
+		max = EXEC_ARGS_MAX;
+	struct stat st;
+	if (fstat(env_fd, &st) < 0)
+		return NULL;
+	if (!S_ISREG(st.st_mode)) {
+		errno = EINVAL;
+		return NULL;
+	}
+	if (st.st_size > max) {
+		errno = E2BIG;
+		return NULL;
+	}
+	size_t size = (size_t)st.st_size;
+	char *data = malloc(size + 1);
+	if (!data)
+		return NULL;
+	for (size_t got = 0; got < size;) {
+		ssize_t n = pread(env_fd, data + got, size - got, (off_t)got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			if (n == 0)
+				errno = EINVAL; /* shorter than it said: it is sealed, so not ours */
+			return NULL;
+		}
+		got += (size_t)n;
+	}
+	if (size > 0 && data[size - 1] != '\0') {
+		errno = EINVAL;
+		return NULL;
+	}
+	size_t count = 0;
+	for (size_t k = 0; k < size; k++)
+		count += data[k] == '\0';
+	char **env = calloc(count + 1, sizeof *env);
+	if (!env)
+		return NULL;
+	size_t k = 0;
+	for (char *entry = data; entry < data + size; entry += strlen(entry) + 1) {
+		if (!strchr(entry, '=') || entry[0] == '=') {
+			errno = EINVAL;
+			return NULL;
+		}
+		env[k++] = entry;
+	}
+	return env;
+}
+
 /* Everything else (cwd, umask, process group, signals, fds) the daemon's vfork child set
-   before exec'ing us, as root: we only drop to the user and exec. */
+   before exec'ing us, as root: we only drop to the user, take the environment, and exec.
+   Nothing here reads the step's data as root but argv's ids, which the daemon made. */
 static _Noreturn void exec_as(int argc, char **argv)
 {
 	struct options o = {0};
 	unsigned long long v;
-	if (argc < 8 || strcmp(argv[6], "--") != 0)
-		usage("--exec-as REPORT_FD UID GID G1,G2,... -- PROGRAM ARG...");
+	if (argc < 9 || strcmp(argv[7], "--") != 0)
+		usage("--exec-as REPORT_FD ENV_FD UID GID G1,G2,... -- PROGRAM ARG...");
 	int report_fd = parse_fd(argv[2]);
-	if (!parse_number(argv[3], (uid_t)-2, &v))
+	int env_fd = parse_fd(argv[3]);
+	if (!parse_number(argv[4], (uid_t)-2, &v))
 		usage("--exec-as: not a uid");
 	o.uid = (uid_t)v;
-	if (!parse_number(argv[4], (gid_t)-2, &v))
+	if (!parse_number(argv[5], (gid_t)-2, &v))
 		usage("--exec-as: not a gid");
 	o.gid = (gid_t)v;
-	parse_groups(argv[5], &o);
+	parse_groups(argv[6], &o);
 	if (fcntl(report_fd, F_SETFD, FD_CLOEXEC) < 0)
 		exec_as_failed(report_fd, STEP_SETUP);
+	if (fcntl(env_fd, F_SETFD, FD_CLOEXEC) < 0)
+		exec_as_failed(report_fd, STEP_ENV);
 	if (setgroups(o.ngroups, o.groups) < 0)
 		exec_as_failed(report_fd, STEP_GROUPS);
 	if (setresgid(o.gid, o.gid, o.gid) < 0)
@@ -847,7 +923,12 @@ static _Noreturn void exec_as(int argc, char **argv)
 	/* Every uid away from 0 clears the permitted, effective and ambient capabilities. */
 	if (setresuid(o.uid, o.uid, o.uid) < 0)
 		exec_as_failed(report_fd, STEP_UID);
-	execvp(argv[7], &argv[7]);
+	char **env = read_env(env_fd);
+	if (!env)
+		exec_as_failed(report_fd, STEP_ENV);
+	close(env_fd);
+	environ = env;
+	execvp(argv[8], &argv[8]);
 	exec_as_failed(report_fd, STEP_EXEC);
 }
 

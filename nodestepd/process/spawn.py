@@ -2,8 +2,9 @@
 
 `spawn` starts a program with subprocess.Popen (a vfork+exec in C, with no Python code
 run in the child, which would be unsafe in a threaded program; for another user, the
-exec is of nodestepd-monitor --exec-as, which switches to the user's ids and execs the
-program) and hands back a ProcessWatch on its pidfd. subprocess
+exec is of nodestepd-monitor --exec-as, started as root with an empty environment, which
+switches to the user's ids, only then reads the program's environment from a memfd, and
+execs the program) and hands back a ProcessWatch on its pidfd. subprocess
 never waits for the child: uvloop owns SIGCHLD and reaps only what libuv spawned, and
 only the watch may collect a status, so every process here is reaped by its
 ProcessWatch, on the event loop (wait) or blocking in a worker thread or the CLI
@@ -41,7 +42,7 @@ from typing import TypeVar
 
 from nodestepd.process.namespaces import Namespaces
 from nodestepd.process.identity import Identity
-from nodestepd.process.kernel import user_fd_limit
+from nodestepd.process.kernel import sealed_memfd, user_fd_limit
 from nodestepd.process.watch import CLAIMED, Pidfd, ProcessWatch, children, spawning, thread_children
 
 SHELL = "/bin/sh"
@@ -265,13 +266,14 @@ def spawn(
 ) -> ProcessWatch:
     """Start argv and watch it by pidfd. Blocking (a vfork and an exec or two, up to start_timeout):
     on the event loop, call it through off_loop. argv[0] without a slash is looked up in
-    env's PATH.
+    env's PATH (with an identity, by nodestepd-monitor's execvp, as the user).
 
     identity: the user to run as (uid, gid and supplementary groups, all set before exec:
     every uid away from 0 clears the capabilities), or None to run as we are (the
     monitor, which switches to the user itself; the doctor run by a user). cwd: entered
     before the switch, so with an identity it must pass check_workdir (PermissionError).
-    env: exactly the environment the program gets. stdin/stdout/stderr: fds, or
+    env: exactly the environment the program gets (with an identity, read by nothing
+    that runs as root: see above). stdin/stdout/stderr: fds, or
     subprocess.DEVNULL. process_group: lead a process group of its own, so that all it
     starts can be signalled together (kill_group) while its zombie reserves the group id.
     pass_fds: the only fds besides 0-2 it gets (close_fds: nothing of the daemon's, other
@@ -285,19 +287,26 @@ def spawn(
     """
     if identity is not None:
         check_workdir(cwd, identity)
-    report_r = report_w = -1
+    report_r = report_w = env_fd = -1
     program = argv[0] if argv else ""
     if identity is not None:
         # Not Popen's user=, group=, extra_groups=: with them it forks, copying the
         # daemon's page tables (milliseconds for a daemon of tens of MB, on every runtime
         # command); without them it uses vfork. The switch is then the static, root-owned
         # nodestepd-monitor's (--exec-as, monitor.c), which execs argv as the user and
-        # reports on report_w (close-on-exec at that exec) how far it got.
-        switch = EXEC_AS_PROGRAM
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        argv = [switch, "--exec-as", str(report_w), str(identity.uid), str(identity.gid),
+        # reports on report_w (close-on-exec at that exec) how far it got. It runs as root
+        # with no environment at all: env (the step's, from what the user sent) goes in a
+        # sealed memfd it reads only as the user, for the program.
+        env_fd = sealed_memfd("nodestepd-env", environment_block(env))
+        try:
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        except BaseException:
+            os.close(env_fd)
+            raise
+        argv = [EXEC_AS_PROGRAM, "--exec-as", str(report_w), str(env_fd), str(identity.uid), str(identity.gid),
                 ",".join(str(g) for g in identity.groups), "--", *argv]
-        pass_fds = (*pass_fds, report_w)
+        pass_fds = (*pass_fds, report_w, env_fd)
+        env = {}
     until = None if start_timeout is None else time.monotonic() + start_timeout  # the whole start, both execs
     try:
         watch = _spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
@@ -308,8 +317,9 @@ def spawn(
             os.close(report_r)
         raise
     finally:
-        if report_w >= 0:
-            os.close(report_w)
+        for fd in (report_w, env_fd):
+            if fd >= 0:
+                os.close(fd)
     if report_r < 0:
         return watch
     try:
@@ -317,6 +327,23 @@ def spawn(
     finally:
         os.close(report_r)
     return watch
+
+
+def environment_block(env: Mapping[str, str]) -> bytes:
+    """env as nodestepd-monitor --exec-as reads it: each "NAME=VALUE" ended by a NUL.
+
+    Refused as Popen refuses them (ValueError): a name that is empty or holds "=", a NUL
+    in a name or a value.
+    """
+    block = bytearray()
+    for name, value in env.items():
+        key, val = os.fsencode(name), os.fsencode(value)
+        if not key or b"=" in key:
+            raise ValueError(f"illegal environment variable name: {name!r}")
+        if b"\0" in key or b"\0" in val:
+            raise ValueError(f"embedded null byte in the environment variable {name!r}")
+        block += key + b"=" + val + b"\0"
+    return bytes(block)
 
 
 def _await_exec(watch: ProcessWatch, report: int, until: float | None, program: str, what: str,
@@ -351,6 +378,8 @@ def _await_exec(watch: ProcessWatch, report: int, until: float | None, program: 
         err = int(words[0])
         if words[1] == b"exec":
             raise OSError(err, os.strerror(err), program)
+        if words[1] == b"env":
+            raise OSError(err, f"{os.strerror(err)} (taking in its environment as the user)")
         raise OSError(err, f"{os.strerror(err)} (switching to the user: {words[1].decode('ascii', 'replace')})")
     raise OSError(errno.EIO, f"{what} could not be started as the user: {said[:80]!r}")
 
@@ -459,7 +488,6 @@ def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, st
     which a process it left running could delay forever (such a process then gets EPIPE).
     """
     end = time.monotonic() + timeout
-    _t0 = time.monotonic_ns()
     # The users' fd limit, not the daemon's raised one (Popen cannot set a limit between
     # fork and exec without running Python in the child): the shell lowers its own first.
     soft, hard = user_fd_limit()
@@ -471,12 +499,9 @@ def _run_helper(command: str, identity: Identity, cwd: str, env: Mapping[str, st
                                 stdout=out_w, stderr=out_w, start_timeout=timeout, namespaces=namespaces)
         finally:
             os.close(out_w)
-        _t1 = time.monotonic_ns()
         tail = _Tail(HELPER_OUTPUT_LIMIT)
         try:
             ended = _collect(watch, {out_r: tail}, end)
-            _t2 = time.monotonic_ns()
-            import sys; print(f"PROF helper spawn {(_t1-_t0)/1e6:.2f} run {(_t2-_t1)/1e6:.2f}", file=sys.stderr, flush=True)
         finally:
             # Whatever is left in the helper's group (all of it, after a timeout) would
             # outlive it unowned.
