@@ -3,9 +3,17 @@
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
  *                     [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD]
- *                     [--userns-fd U --mntns-fd M]
+ *                     [--userns-fd U --mntns-fd M] [--env-fd E]
  *                     [--pass-fd FD]... [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]
  *                     -- PROGRAM ARG...
+ *
+ * --env-fd E: the task's environment (a sealed memfd the daemon wrote: "K=V" entries, each
+ * ended by a NUL), read by the task's side only once it is the user, at most ARG_MAX
+ * bytes (E2BIG beyond: "error ERRNO env"); without it the task's environment is empty.
+ * Our own environment is never passed on, and the daemon gives us none: we are root for
+ * the task's whole life, and the step's environment (built from what the user sent) must
+ * not be read by anything running as root, the C library's start-up included
+ * (GLIBC_TUNABLES, MALLOC_*, ...).
  *
  * --userns-fd/--mntns-fd (nodestep-oci's containers, docs/oci-proxy.md): the task enters
  * that user namespace, then that mount namespace, AFTER dropping to the user's uid, so the
@@ -59,13 +67,11 @@
  * our ids, instead of copying the daemon's page tables with fork (milliseconds per
  * command for a daemon of tens of MB).
  *
- * We are started as root with an EMPTY environment: the step's (built from what the user
- * sent) must not be read by anything running as root, the C library's start-up included
- * (GLIBC_TUNABLES, MALLOC_*, ...). ENV_FD (a sealed memfd the daemon wrote: "K=V" entries,
- * each ended by a NUL) is read only once we are the user, at most ARG_MAX bytes (what
- * execve would take; E2BIG beyond), and installed as our environ just before execvp, whose
- * PATH search so runs as the user with the user's PATH. Not argv: /proc/PID/cmdline is
- * world-readable, the environment is not.
+ * We are started as root with an EMPTY environment, as with --env-fd above: ENV_FD is read
+ * only once we are the user (the same format and bound; E2BIG beyond, reported as "env")
+ * and installed as our environ just before execvp, whose PATH search so runs as the user
+ * with the user's PATH. Not argv: /proc/PID/cmdline is world-readable, the environment
+ * is not.
  *
  * REPORT_FD and ENV_FD are made close-on-exec (PROGRAM gets neither): end-of-file on
  * REPORT_FD tells the daemon PROGRAM is exec'ed; if anything fails, "ERRNO STEP" is
@@ -399,8 +405,72 @@ struct options {
 	int npass;
 	bool userns; /* the task in a user namespace of its own: 0 = uid, 1.. = the subordinate ids */
 	unsigned long long sub[4]; /* subuid start, count, subgid start, count */
+	int env_fd; /* the task's environment, read as the user (-1: an empty one) */
 	char **argv;
 };
+
+/* ---- the task's environment -------------------------------------------------------- */
+
+/* The most execve takes for arguments and environment together, whatever the stack limit
+   (the kernel's 3/4 of _STK_LIM): our bound on ENV_FD when sysconf's, a quarter of the
+   stack limit, says more or nothing. */
+#define EXEC_ARGS_MAX (6L << 20)
+
+/* The environment for the program we exec (the step's, from what the user sent), read from
+   env_fd (a regular file, the daemon's sealed memfd: "K=V" entries each ended by a NUL)
+   once we are the user: an array for environ, or NULL with errno set (E2BIG past ARG_MAX,
+   EINVAL for a malformed file). */
+static char **read_env(int env_fd)
+{
+	long max = sysconf(_SC_ARG_MAX);
+	if (max <= 0 || max > EXEC_ARGS_MAX)
+		max = EXEC_ARGS_MAX;
+	struct stat st;
+	if (fstat(env_fd, &st) < 0)
+		return NULL;
+	if (!S_ISREG(st.st_mode)) {
+		errno = EINVAL;
+		return NULL;
+	}
+	if (st.st_size > max) {
+		errno = E2BIG;
+		return NULL;
+	}
+	size_t size = (size_t)st.st_size;
+	char *data = malloc(size + 1);
+	if (!data)
+		return NULL;
+	for (size_t got = 0; got < size;) {
+		ssize_t n = pread(env_fd, data + got, size - got, (off_t)got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			if (n == 0)
+				errno = EINVAL; /* shorter than it said: it is sealed, so not ours */
+			return NULL;
+		}
+		got += (size_t)n;
+	}
+	if (size > 0 && data[size - 1] != '\0') {
+		errno = EINVAL;
+		return NULL;
+	}
+	size_t count = 0;
+	for (size_t k = 0; k < size; k++)
+		count += data[k] == '\0';
+	char **env = calloc(count + 1, sizeof *env);
+	if (!env)
+		return NULL;
+	size_t k = 0;
+	for (char *entry = data; entry < data + size; entry += strlen(entry) + 1) {
+		if (!strchr(entry, '=') || entry[0] == '=') {
+			errno = EINVAL;
+			return NULL;
+		}
+		env[k++] = entry;
+	}
+	return env;
+}
 
 /* The fds to pass moved to 3, 4, ... (without close-on-exec), report_fd kept open above
    them: every source is first copied above all the targets, so that no move overwrites
@@ -487,6 +557,17 @@ static _Noreturn void become_task(const struct options *o, int report_fd, int as
 		close(ask);
 		close(go);
 	}
+	/* As the user, and before the fds passed are moved (one may land on env_fd's number):
+	   the task's environment, which nothing running as root reads (we were started with
+	   none); an empty one without --env-fd. */
+	char *empty[] = {NULL};
+	char **env = empty;
+	if (o->env_fd >= 0) {
+		env = read_env(o->env_fd);
+		if (!env)
+			child_failed(report_fd, STEP_ENV);
+		close(o->env_fd);
+	}
 	umask(022);
 	if (o->npass > 0) {
 		int moved = place_pass_fds(o, report_fd);
@@ -504,7 +585,7 @@ static _Noreturn void become_task(const struct options *o, int report_fd, int as
 			if (fd != report_fd)
 				fcntl(fd, F_SETFD, FD_CLOEXEC); /* EBADF for fds not open: fine */
 	}
-	execv(o->argv[0], o->argv);
+	execve(o->argv[0], o->argv, env);
 	child_failed(report_fd, STEP_EXEC);
 }
 
@@ -628,7 +709,8 @@ static pid_t start_task(const struct options *o, int *err, enum step *step)
 	if (n == 0)
 		return pid; /* the exec closed the pipe */
 	*err = n == (ssize_t)sizeof msg ? msg[0] : n < 0 ? read_errno : EIO;
-	*step = n == (ssize_t)sizeof msg && msg[1] >= 0 && msg[1] <= STEP_EXEC ? (enum step)msg[1] : STEP_SETUP;
+	*step = n == (ssize_t)sizeof msg && msg[1] >= 0 && msg[1] <= STEP_ENV && msg[1] != STEP_TIMEOUT
+		? (enum step)msg[1] : STEP_SETUP;
 	while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
 		;
 	return -1;
@@ -642,7 +724,7 @@ static _Noreturn void usage(const char *problem)
 		"nodestepd-monitor: %s\n"
 		"usage: nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR"
 		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] [--pass-fd FD]..."
-		" [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]"
+		" [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT] [--userns-fd U --mntns-fd M] [--env-fd E]"
 		" -- PROGRAM ARG...\n"
 		"   or: nodestepd-monitor --exec-as REPORT_FD ENV_FD UID GID G1,G2,... -- PROGRAM ARG...\n"
 		"(started by nodestepd, once per task or runtime command; see docs/monitor.md)\n",
@@ -752,6 +834,10 @@ static void parse_args(int argc, char **argv, struct options *o)
 			o->nofile.rlim_cur = soft;
 			o->nofile.rlim_max = hard;
 			o->set_nofile = true;
+		} else if (strcmp(name, "--env-fd") == 0) {
+			o->env_fd = parse_fd(value);
+			if (fcntl(o->env_fd, F_GETFD) < 0)
+				usage("--env-fd: not an open fd");
 		} else if (strcmp(name, "--pass-fd") == 0) {
 			if (o->npass == MAX_PASS_FDS)
 				usage("more than 8 --pass-fd");
@@ -799,8 +885,10 @@ static void parse_args(int argc, char **argv, struct options *o)
 	if (o->userns_fd >= 0 && o->userns)
 		usage("--userns-fd (enter one) and --userns (make one) exclude each other");
 	for (int k = 0; k < o->npass; k++)
-		if (o->pass_fds[k] == ctl_fd || o->pass_fds[k] == exit_fd)
-			usage("--pass-fd is --ctl-fd or --exit-fd");
+		if (o->pass_fds[k] == ctl_fd || o->pass_fds[k] == exit_fd || o->pass_fds[k] == o->env_fd)
+			usage("--pass-fd is --ctl-fd, --exit-fd or --env-fd");
+	if (o->env_fd >= 0 && (o->env_fd == ctl_fd || o->env_fd == exit_fd))
+		usage("--env-fd is --ctl-fd or --exit-fd");
 	if (i + 1 >= argc || argv[i + 1][0] != '/')
 		usage("no absolute PROGRAM after --");
 	o->argv = &argv[i + 1];
@@ -832,66 +920,6 @@ static _Noreturn void exec_as_failed(int report_fd, enum step step)
 		/* nothing left to tell anyone: the daemon reads EOF and a status of 127 */
 	}
 	_exit(127);
-}
-
-/* The most execve takes for arguments and environment together, whatever the stack limit
-   (the kernel's 3/4 of _STK_LIM): our bound on ENV_FD when sysconf's, a quarter of the
-   stack limit, says more or nothing. */
-#define EXEC_ARGS_MAX (6L << 20)
-
-/* PROGRAM's environment, read from env_fd (a regular file: "K=V" entries each ended by a
-   NUL) as the user: an array for environ, or NULL with errno set (E2BIG past ARG_MAX,
-   EINVAL for a malformed file). */
-static char **read_env(int env_fd)
-{
-	long max = sysconf(_SC_ARG_MAX);
-	if (max <= 0 || max > EXEC_ARGS_MAX)
-		max = EXEC_ARGS_MAX;
-	struct stat st;
-	if (fstat(env_fd, &st) < 0)
-		return NULL;
-	if (!S_ISREG(st.st_mode)) {
-		errno = EINVAL;
-		return NULL;
-	}
-	if (st.st_size > max) {
-		errno = E2BIG;
-		return NULL;
-	}
-	size_t size = (size_t)st.st_size;
-	char *data = malloc(size + 1);
-	if (!data)
-		return NULL;
-	for (size_t got = 0; got < size;) {
-		ssize_t n = pread(env_fd, data + got, size - got, (off_t)got);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0) {
-			if (n == 0)
-				errno = EINVAL; /* shorter than it said: it is sealed, so not ours */
-			return NULL;
-		}
-		got += (size_t)n;
-	}
-	if (size > 0 && data[size - 1] != '\0') {
-		errno = EINVAL;
-		return NULL;
-	}
-	size_t count = 0;
-	for (size_t k = 0; k < size; k++)
-		count += data[k] == '\0';
-	char **env = calloc(count + 1, sizeof *env);
-	if (!env)
-		return NULL;
-	size_t k = 0;
-	for (char *entry = data; entry < data + size; entry += strlen(entry) + 1) {
-		if (!strchr(entry, '=') || entry[0] == '=') {
-			errno = EINVAL;
-			return NULL;
-		}
-		env[k++] = entry;
-	}
-	return env;
 }
 
 /* Everything else (cwd, umask, process group, signals, fds) the daemon's vfork child set
@@ -936,7 +964,7 @@ int main(int argc, char **argv)
 {
 	if (argc > 1 && strcmp(argv[1], "--exec-as") == 0)
 		exec_as(argc, argv);
-	struct options o = {.start_timeout_ms = 60000, .userns_fd = -1, .mntns_fd = -1};
+	struct options o = {.start_timeout_ms = 60000, .userns_fd = -1, .mntns_fd = -1, .env_fd = -1};
 	parse_args(argc, argv, &o);
 	check_fds();
 
@@ -969,6 +997,8 @@ int main(int argc, char **argv)
 	int err = 0;
 	enum step step = STEP_SETUP;
 	pid_t task = start_task(&o, &err, &step);
+	if (o.env_fd >= 0)
+		close(o.env_fd); /* the task's, not ours: nothing of the task's is held once it runs */
 	char msg[64];
 	if (task < 0) {
 		snprintf(msg, sizeof msg, "error %d %s\n", err, step_names[step]);
