@@ -412,8 +412,8 @@ struct options {
 /* ---- the task's environment -------------------------------------------------------- */
 
 /* The most execve takes for arguments and environment together, whatever the stack limit
-   (the kernel's 3/4 of _STK_LIM): our bound on ENV_FD when sysconf's, a quarter of the
-   stack limit, says more or nothing. */
+   (the kernel's 3/4 of _STK_LIM): our bound on the environment read when sysconf's
+   ARG_MAX (a quarter of the stack limit) says more, or nothing. */
 #define EXEC_ARGS_MAX (6L << 20)
 
 /* The environment for the program we exec (the step's, from what the user sent), read from
@@ -924,7 +924,8 @@ static _Noreturn void exec_as_failed(int report_fd, enum step step)
 
 /* Everything else (cwd, umask, process group, signals, fds) the daemon's vfork child set
    before exec'ing us, as root: we only drop to the user, take the environment, and exec.
-   Nothing here reads the step's data as root but argv's ids, which the daemon made. */
+   As root we read only the daemon's own words (the fds and ids); PROGRAM and its
+   arguments (the step's) are passed on untouched, the environment read as the user. */
 static _Noreturn void exec_as(int argc, char **argv)
 {
 	struct options o = {0};

@@ -330,7 +330,7 @@ def spawn(
 
 
 def environment_block(env: Mapping[str, str]) -> bytes:
-    """env as nodestepd-monitor --exec-as reads it: each "NAME=VALUE" ended by a NUL.
+    """env as nodestepd-monitor reads it (--exec-as's ENV_FD, --env-fd): each "NAME=VALUE" ended by a NUL.
 
     Refused as Popen refuses them (ValueError): a name that is empty or holds "=", a NUL
     in a name or a value.
