@@ -169,6 +169,9 @@ class Session:
                     status = messages.STATUS_LAUNCH_FAILED if isinstance(request, RunRequest) else None
                     await self.conn.send(ErrorReply(code="busy", error=too_many_unclosed(), status=status))
                     return
+                # A step of the caller's whose exit went out may still be releasing: the request
+                # finds it as the exit said (finished, its ids free) once the release is over.
+                await self.state.registry.settled(self.state.configuration.policy, self.uid)
                 if isinstance(request, RunRequest):
                     await self.run(request, fds, received_at)
                     return  # a run owns its connection until the step ends (or is detached)
@@ -540,8 +543,11 @@ class Session:
         return spec, _preparation(step, spec, given, launch)
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
-        """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
-        done = asyncio.ensure_future(step.wait())
+        """An attached run: forward signal requests until the step ends; cancel it if the client goes.
+
+        The exit goes out as soon as the step's result is final (Step.told), before the
+        release's filesystem work: the client's next request waits for that (Registry.settled)."""
+        done = step.told()
         while not done.done():
             incoming = asyncio.ensure_future(self.conn.receive())
             await asyncio.wait({done, incoming}, return_when=asyncio.FIRST_COMPLETED)
