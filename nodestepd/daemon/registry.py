@@ -218,14 +218,35 @@ class Registry:
 
         A step's exit event goes out before its release's filesystem work (Step.told); a
         request read after it must find the step as the exit said: finished for ps, wait
-        and status, and its ids free for a launch of them. Each request waits here first,
-        for its caller's own steps only (an operator's: anyone's): another user's release
-        delays nobody. Nothing to wait for but the release's own work: the tasks are gone,
+        and status, and its ids free for a launch of them (room_for, a launch's own). Each
+        request waits here first, for its caller's own steps only (an operator's: anyone's):
+        another user's release delays nobody. Nothing to wait for but the release's own work: the tasks are gone,
         their containers deleted and stage_out run by then.
         """
         if not self._releasing:  # the usual case: one test per request
             return
-        steps = [s for s in self._releasing if policy.may_act_on(uid, s.spec.identity.uid)]
+        await self._released([s for s in self._releasing if policy.may_act_on(uid, s.spec.identity.uid)])
+
+    async def room_for(self, spec: StepSpec, *, max_steps: int, max_steps_per_user: int) -> None:
+        """settled() for a launch: only the releases that would refuse it (add()), those of
+        the launcher's own steps with any of its task ids, or all of the launcher's when it
+        is at max_steps_per_user (anyone's when the node is at max_steps). Others are no
+        business of the launch, which does not wait for them."""
+        if not self._releasing:
+            return
+        uid = spec.identity.uid
+        if len(self.running) >= max_steps:
+            steps = list(self._releasing)
+        elif self._per_user[uid] >= max_steps_per_user:
+            steps = [s for s in self._releasing if s.spec.identity.uid == uid]
+        else:
+            key = key_of(spec)
+            steps = [s for s in self._releasing if key_of(s.spec)[:3] == key[:3]
+                     and not set(s.spec.task_ids).isdisjoint(spec.task_ids)]
+        await self._released(steps)
+
+    @staticmethod
+    async def _released(steps: list[Step]) -> None:
         if steps:
             await asyncio.gather(*(s.wait() for s in steps))
 

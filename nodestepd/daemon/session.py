@@ -169,12 +169,12 @@ class Session:
                     status = messages.STATUS_LAUNCH_FAILED if isinstance(request, RunRequest) else None
                     await self.conn.send(ErrorReply(code="busy", error=too_many_unclosed(), status=status))
                     return
-                # A step of the caller's whose exit went out may still be releasing: the request
-                # finds it as the exit said (finished, its ids free) once the release is over.
-                await self.state.registry.settled(self.state.configuration.policy, self.uid)
                 if isinstance(request, RunRequest):
-                    await self.run(request, fds, received_at)
+                    await self.run(request, fds, received_at)  # waits for the releases in its way only (_launch)
                     return  # a run owns its connection until the step ends (or is detached)
+                # A step of the caller's whose exit went out may still be releasing: the request
+                # finds it as the exit said (finished) once the release is over.
+                await self.state.registry.settled(self.state.configuration.policy, self.uid)
                 self.conn.release(fds)
                 if isinstance(request, AttachRequest):
                     await self.attach(request)
@@ -485,6 +485,10 @@ class Session:
             options = image_options(request)
             if options is not None and state.images is None:
                 raise Refused("launch-failed", "this nodestepd does not run images")
+            # A step whose exit went out may hold these ids (or a place under the caps) until
+            # its release is over: the launch waits for that rather than being refused.
+            caps = state.configuration.config
+            await state.registry.room_for(spec, max_steps=caps.max_steps, max_steps_per_user=caps.max_steps_per_user)
             launch, c = state.configuration.launch, state.configuration.config
             timings = metrics.for_step(c.debug_timings, received_at)
             step = new_step(spec, launch.step, launch.runtime_env(spec.identity), store=state.store,

@@ -299,3 +299,31 @@ async def test_a_request_waits_for_the_release_of_its_callers_told_steps_only():
     assert registry.own_parts(POLICY, ALICE.uid, 1, 0)[0].result.status == 3
     registry.add(FakeStep(1), **LIMITS)
     await asyncio.wait_for(registry.settled(POLICY, ALICE.uid), 5)
+
+
+async def test_a_launch_waits_only_for_the_releases_in_its_way():
+    """room_for: a launch waits for the release of a told step of the launcher's with any of
+    its task ids, or of any of its told steps when it is at its cap; for nothing else."""
+    registry = Registry()
+    same, other_ids, bobs = FakeStep(1), FakeStep(2), FakeStep(1, user=BOB)
+    for step in (same, other_ids, bobs):
+        registry.add(step, **LIMITS)
+        registry.started(step)
+        step.tell(0)
+    await asyncio.sleep(0)  # the told callbacks
+    # Another job, under the caps: nothing to wait for.
+    await asyncio.wait_for(registry.room_for(FakeStep(3).spec, **LIMITS), 5)
+    # The same ids: until that one step is released (Bob's 1.0 is no business of Alice's).
+    waiting = asyncio.ensure_future(registry.room_for(FakeStep(1).spec, **LIMITS))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    same.finish(0)
+    await asyncio.wait_for(waiting, 5)
+    # At the per-user cap: until any of Alice's told steps is released.
+    waiting = asyncio.ensure_future(registry.room_for(FakeStep(4).spec, max_steps=10, max_steps_per_user=1))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    other_ids.finish(0)
+    await asyncio.wait_for(waiting, 5)
+    bobs.finish(0)
+    await retired(registry)
