@@ -552,14 +552,12 @@ class Session:
         The exit goes out as soon as the step's result is final (Step.told), before the
         release's filesystem work: the client's next request waits for that (Registry.settled)."""
         done = step.told()
+        incoming: asyncio.Future | None = None
         while not done.done():
             incoming = asyncio.ensure_future(self.conn.receive())
             await asyncio.wait({done, incoming}, return_when=asyncio.FIRST_COMPLETED)
             if not incoming.done():
-                incoming.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await incoming
-                break
+                break  # the exit: sent first, the read given up after it
             reason = "attached client went away"
             try:
                 received = incoming.result()
@@ -581,6 +579,10 @@ class Session:
                 await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
         await self.conn.send(exit_reply([(step, done.result())]))
         timings.sent(step.log)
+        if incoming is not None and not incoming.done():
+            incoming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await incoming
 
 
 def _user_name(uid: int) -> str:

@@ -50,6 +50,10 @@ from nodestepd.step.termination import terminate
 Redirect = Callable[[Prepared, str], "tuple[StepSpec, Prepared]"]
 
 
+# Loop iterations a release yields after telling its result, before its worker thread (_release).
+_TELL_ITERATIONS = 4
+
+
 class StepState(enum.Enum):
     IMPORTING = "importing"
     LAUNCHING = "launching"
@@ -563,6 +567,11 @@ class Step:
             spool.close()
             spool = None
         self._tell(result)
+        # The attached client's exit event is a few loop iterations away (the told future's
+        # callbacks, asyncio.wait's, the session's task): let it go out before the worker
+        # thread starts, which would take the GIL from the loop on its every system call.
+        for _ in range(_TELL_ITERATIONS):
+            await asyncio.sleep(0)
         outcome = self.outcome(result) if self._keeps_result and self.results is not None else None
         async with self._save_lock:  # after any write still under way
             for message, detail in await asyncio.to_thread(self._remove_keep_and_forget, spool, outcome):
