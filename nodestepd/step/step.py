@@ -446,7 +446,10 @@ class Step:
         return delivered
 
     async def cancel(self, reason: str) -> StepResult:
-        if self._cancel_reason is None and self.state is not StepState.FINISHED:
+        # Once the result is told, nothing is left to cancel (the tasks have ended, their
+        # containers are deleted): a termination would run RunTimeDelete again, and its
+        # record write could follow the release's removal of the record. Its release is waited for.
+        if self._cancel_reason is None and self.state is not StepState.FINISHED and not self._told.done():
             self._cancel_reason = reason
             self.log.info("cancelling step", reason=reason)
             if self.state is StepState.RUNNING:
@@ -463,8 +466,8 @@ class Step:
         RunTimeKill or RunTimeDelete runs for it. The next daemon recovers it from the
         record (recovery.py).
         """
-        if self.state is StepState.FINISHED or self._supervisor is None:
-            return
+        if self.state is StepState.FINISHED or self._supervisor is None or self._told.done():
+            return  # a told step's release goes on: the daemon's shutdown waits for it
         self._left_running = True
         self.log.info("daemon stopping: step left running", pids=[t.watch.pid for t in self.tasks if t.watch])
         self._supervisor.cancel()

@@ -370,8 +370,15 @@ async def test_the_result_is_told_once_final_and_the_release_goes_on_behind_it()
     await asyncio.sleep(0.05)
     assert not waiting.done() and step.state is StepState.RUNNING
     assert not spool.removed and step.results.written == [] and store.removed == []
+    # Nothing is left to cancel or leave running: the release goes on, and is waited for.
+    cancelling = asyncio.ensure_future(step.cancel("too late"))
+    step.leave_running()
+    await asyncio.sleep(0.05)
+    assert not cancelling.done() and step.state is StepState.RUNNING and not step.runtime.calls
     gate.set()
     assert await asyncio.wait_for(waiting, 5) == told
+    assert await asyncio.wait_for(cancelling, 5) == told
+    assert store.states == ["launching", "running"] and not step.runtime.calls  # no `terminating` record, no RunTimeDelete
     assert step.state is StepState.FINISHED
     assert spool.removed and store.removed == [step.name] and len(step.results.written) == 1
 
