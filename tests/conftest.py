@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from nodestepd.protocol.wire import frame_dict
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NODESTEPD = BIN / "nodestepd"
@@ -353,7 +355,28 @@ def pidfd_pids() -> list[int]:
     return sorted(pids)
 
 
+def settle(daemon: Daemon) -> None:
+    """Until the daemon has released every step whose exit it has told (nothing when it is
+    not running). A step's exit event goes out before its release's filesystem work (the
+    spool dir's removal, the result file, the record's removal: docs/watching.md); the
+    daemon answers no request of the step's user, nor an operator's, before that work is
+    done. So one request answered, root's `status`, and every such release is over."""
+    if daemon.proc.poll() is not None:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(60)
+        try:
+            sock.connect(str(daemon.socket))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return  # stopping, or not listening yet: no step of it to wait for
+        sock.sendall(frame_dict({"op": "status"}))
+        reply = sock.recv(1 << 16)
+        assert reply, "the daemon closed the connection without answering `status`"
+
+
 def spool_entries(daemon: Daemon) -> list[str]:
+    """The spool dir's entries once every step whose exit was told is released (settle)."""
+    settle(daemon)
     return sorted(os.listdir(daemon.spool_dir)) if daemon.spool_dir.exists() else []
 
 

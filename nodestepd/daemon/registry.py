@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ class Registry:
         self._clock = clock
         self._retirements: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks only weakly
         self._removals: set[asyncio.Task[None]] = set()
+        # Running steps whose result may have been told (an attached client's exit sent)
+        # while their release goes on (Step.told): settled() waits for them.
+        self._releasing: set[Step] = set()
         self.not_deleted = 0  # containers whose RunTimeDelete hung every time, in steps finished since the start
 
     # ---- entering and leaving ---------------------------------------------------------
@@ -125,12 +129,14 @@ class Registry:
         self._on_change(list(self.running.values()))
 
     def _retire_when_done(self, step: Step) -> None:
+        step.on_told(functools.partial(self._releasing.add, step))
         retirement = asyncio.create_task(self._retire(step), name=f"retire {step.ref}")
         self._retirements.add(retirement)
         retirement.add_done_callback(self._retirements.discard)
 
     async def _retire(self, step: Step) -> None:
         await step.wait()
+        self._releasing.discard(step)
         key = key_of(step.spec)
         if self.running.get(key) is step:
             self._delete(key)
@@ -206,6 +212,43 @@ class Registry:
                       "on this node")
 
     # ---- lookups, as the caller may see them -------------------------------------------
+
+    async def settled(self, policy: Policy, uid: int) -> None:
+        """Wait until the steps uid may see whose exit may have been told are released.
+
+        A step's exit event goes out before its release's filesystem work (Step.told); a
+        request read after it must find the step as the exit said: finished for ps, wait
+        and status, and its ids free for a launch of them (room_for, a launch's own). Each
+        request waits here first, for its caller's own steps only (an operator's: anyone's):
+        another user's release delays nobody. Nothing to wait for but the release's own work: the tasks are gone,
+        their containers deleted and stage_out run by then.
+        """
+        if not self._releasing:  # the usual case: one test per request
+            return
+        await self._released([s for s in self._releasing if policy.may_act_on(uid, s.spec.identity.uid)])
+
+    async def room_for(self, spec: StepSpec, *, max_steps: int, max_steps_per_user: int) -> None:
+        """settled() for a launch: only the releases that would refuse it (add()), those of
+        the launcher's own steps with any of its task ids, or all of the launcher's when it
+        is at max_steps_per_user (anyone's when the node is at max_steps). Others are no
+        business of the launch, which does not wait for them."""
+        if not self._releasing:
+            return
+        uid = spec.identity.uid
+        if len(self.running) >= max_steps:
+            steps = list(self._releasing)
+        elif self._per_user[uid] >= max_steps_per_user:
+            steps = [s for s in self._releasing if s.spec.identity.uid == uid]
+        else:
+            key = key_of(spec)
+            steps = [s for s in self._releasing if key_of(s.spec)[:3] == key[:3]
+                     and not set(s.spec.task_ids).isdisjoint(spec.task_ids)]
+        await self._released(steps)
+
+    @staticmethod
+    async def _released(steps: list[Step]) -> None:
+        if steps:
+            await asyncio.gather(*(s.wait() for s in steps))
 
     def visible(self, policy: Policy, uid: int) -> list[Step | Finished]:
         self._forget(self._expired(self._retention()))

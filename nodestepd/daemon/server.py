@@ -23,6 +23,7 @@ from nodestepd.process.kernel import peer_credentials
 from nodestepd.protocol import messages
 from nodestepd.protocol.messages import ErrorReply
 from nodestepd.step.recovery import recover_steps
+from nodestepd.step.step import StepState
 
 
 class Server:
@@ -134,6 +135,9 @@ class Server:
         self.listener.close()
         self.state.reattachments.close()
         running = list(self.state.registry.running.values())
+        # Steps whose exit went out finish their release first (a few ms): none is left half-released.
+        await asyncio.gather(*(step.wait() for step in running if step.told().done()))
+        running = [step for step in running if step.state is not StepState.FINISHED]
         if running and self.state.configuration.config.steps_on_stop == "cancel":
             self.log.info("shutting down: cancelling running steps", steps=len(running))
             await asyncio.gather(*(step.cancel("daemon shutdown") for step in running))

@@ -170,8 +170,11 @@ class Session:
                     await self.conn.send(ErrorReply(code="busy", error=too_many_unclosed(), status=status))
                     return
                 if isinstance(request, RunRequest):
-                    await self.run(request, fds, received_at)
+                    await self.run(request, fds, received_at)  # waits for the releases in its way only (_launch)
                     return  # a run owns its connection until the step ends (or is detached)
+                # A step of the caller's whose exit went out may still be releasing: the request
+                # finds it as the exit said (finished) once the release is over.
+                await self.state.registry.settled(self.state.configuration.policy, self.uid)
                 self.conn.release(fds)
                 if isinstance(request, AttachRequest):
                     await self.attach(request)
@@ -482,6 +485,10 @@ class Session:
             options = image_options(request)
             if options is not None and state.images is None:
                 raise Refused("launch-failed", "this nodestepd does not run images")
+            # A step whose exit went out may hold these ids (or a place under the caps) until
+            # its release is over: the launch waits for that rather than being refused.
+            caps = state.configuration.config
+            await state.registry.room_for(spec, max_steps=caps.max_steps, max_steps_per_user=caps.max_steps_per_user)
             launch, c = state.configuration.launch, state.configuration.config
             timings = metrics.for_step(c.debug_timings, received_at)
             step = new_step(spec, launch.step, launch.runtime_env(spec.identity), store=state.store,
@@ -540,16 +547,17 @@ class Session:
         return spec, _preparation(step, spec, given, launch)
 
     async def _attend(self, step: Step, timings: metrics.StepTimings | metrics.Off) -> None:
-        """An attached run: forward signal requests until the step ends; cancel it if the client goes."""
-        done = asyncio.ensure_future(step.wait())
+        """An attached run: forward signal requests until the step ends; cancel it if the client goes.
+
+        The exit goes out as soon as the step's result is final (Step.told), before the
+        release's filesystem work: the client's next request waits for that (Registry.settled)."""
+        done = step.told()
+        incoming: asyncio.Future | None = None
         while not done.done():
             incoming = asyncio.ensure_future(self.conn.receive())
             await asyncio.wait({done, incoming}, return_when=asyncio.FIRST_COMPLETED)
             if not incoming.done():
-                incoming.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await incoming
-                break
+                break  # the exit: sent first, the read given up after it
             reason = "attached client went away"
             try:
                 received = incoming.result()
@@ -571,6 +579,10 @@ class Session:
                 await self.conn.send(ErrorReply(code="bad-request", error=str(e)))
         await self.conn.send(exit_reply([(step, done.result())]))
         timings.sent(step.log)
+        if incoming is not None and not incoming.done():
+            incoming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await incoming
 
 
 def _user_name(uid: int) -> str:

@@ -50,6 +50,10 @@ from nodestepd.step.termination import terminate
 Redirect = Callable[[Prepared, str], "tuple[StepSpec, Prepared]"]
 
 
+# Loop iterations a release yields after telling its result, before its worker thread (_release).
+_TELL_ITERATIONS = 4
+
+
 class StepState(enum.Enum):
     IMPORTING = "importing"
     LAUNCHING = "launching"
@@ -132,6 +136,10 @@ class Step:
         self._stage_out_due = False  # stage_in succeeded (or there is none): stage_out runs at the release
         self.stage_out_error: str | None = None  # how stage_out failed, kept with the result
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        # The result once it is final and may be told (the tasks reaped, the containers
+        # deleted, stage_out run), before the release's filesystem work: what an attached
+        # client's exit event waits for (told, _release).
+        self._told: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         # Awaited just before the tasks start (modes.Starting.gate): an OCI container's
         # hold until its start (daemon/ociproxy.py). None: no hold.
         self.hold: Callable[[], Awaitable[None]] | None = None
@@ -414,6 +422,19 @@ class Step:
         """The result once the step is fully released (its result kept, its record removed)."""
         return await asyncio.shield(self._done)
 
+    def told(self) -> asyncio.Future[StepResult]:
+        """The result as soon as it is final: the tasks reaped, their containers deleted,
+        stage_out run; the spool dir, the result file and the record may still be on their
+        way (_release). Only the attached client's exit event waits for this; everything
+        else waits for the release (wait()), and so does any request of a client that may
+        have the exit (Registry.settled). A future to await or asyncio.wait on, never to
+        cancel or set."""
+        return self._told
+
+    def on_told(self, callback: Callable[[], None]) -> None:
+        """Call callback once the result may be told (at once if it may)."""
+        self._told.add_done_callback(lambda _: callback())
+
     def on_finished(self, callback: Callable[[], None]) -> None:
         """Call callback once the step has finished (at once if it has)."""
         self._done.add_done_callback(lambda _: callback())
@@ -425,7 +446,10 @@ class Step:
         return delivered
 
     async def cancel(self, reason: str) -> StepResult:
-        if self._cancel_reason is None and self.state is not StepState.FINISHED:
+        # Once the result is told, nothing is left to cancel (the tasks have ended, their
+        # containers are deleted): a termination would run RunTimeDelete again, and its
+        # record write could follow the release's removal of the record. Its release is waited for.
+        if self._cancel_reason is None and self.state is not StepState.FINISHED and not self._told.done():
             self._cancel_reason = reason
             self.log.info("cancelling step", reason=reason)
             if self.state is StepState.RUNNING:
@@ -442,8 +466,8 @@ class Step:
         RunTimeKill or RunTimeDelete runs for it. The next daemon recovers it from the
         record (recovery.py).
         """
-        if self.state is StepState.FINISHED or self._supervisor is None:
-            return
+        if self.state is StepState.FINISHED or self._supervisor is None or self._told.done():
+            return  # a told step's release goes on: the daemon's shutdown waits for it
         self._left_running = True
         self.log.info("daemon stopping: step left running", pids=[t.watch.pid for t in self.tasks if t.watch])
         self._supervisor.cancel()
@@ -496,8 +520,13 @@ class Step:
         self.result = result
         if self.ended_at is None:
             self.ended_at = time.time()
+        self._tell(result)  # a release that failed half-way, or none (a launch stopped by the daemon's end)
         self._done.set_result(result)
         self.log.info("step finished", status=result.status)
+
+    def _tell(self, result: StepResult) -> None:
+        if not self._told.done():
+            self._told.set_result(result)
 
     def outcome(self, result: StepResult) -> ResultRecord:
         """The step's result as it is kept (step/results.py) and shown by `wait` and `ps`."""
@@ -507,9 +536,18 @@ class Step:
 
     async def _release(self, result: StepResult) -> None:
         """Reap the tasks, let their monitors go, remove the spool, keep the result and remove
-        the record: the one release point. The exit is told after all of it (_finish): a
-        client that has its step's exit finds it finished everywhere (ps, status, the state
-        dir), and may launch the same ids again at once."""
+        the record: the one release point.
+
+        The result is told (told()) once it is final, before the filesystem work of the
+        release, which is most of its time: the spool dir's removal, the durable result
+        write and the record's removal, in a worker thread. The step stays where it was
+        until then (running in the registry, its ids reserved, its record in the state
+        dir), and the registry makes a request of the step's user that comes meanwhile
+        wait for the end of the release (Registry.settled): a client that has its step's
+        exit finds it finished in ps, wait and status, and may launch the same ids again
+        at once; the state dir alone may lag by the release. A daemon that dies in between
+        leaves the record, from which the next one finishes the step again, with the
+        status the task's monitor wrote to its exit file (docs/restart.md)."""
         for task in self.tasks:
             if task.watch is not None and not task.running:
                 self.mode.release(task)
@@ -531,6 +569,12 @@ class Step:
             self.log.info("DisableCleanup: keeping the spool dir", spool_dir=spool.layout.step_dir)
             spool.close()
             spool = None
+        self._tell(result)
+        # The attached client's exit event is a few loop iterations away (the told future's
+        # callbacks, asyncio.wait's, the session's task): let it go out before the worker
+        # thread starts, which would take the GIL from the loop on its every system call.
+        for _ in range(_TELL_ITERATIONS):
+            await asyncio.sleep(0)
         outcome = self.outcome(result) if self._keeps_result and self.results is not None else None
         async with self._save_lock:  # after any write still under way
             for message, detail in await asyncio.to_thread(self._remove_keep_and_forget, spool, outcome):
@@ -540,8 +584,8 @@ class Step:
     def _remove_keep_and_forget(self, spool: StepSpool | None,
                                 outcome: ResultRecord | None) -> list[tuple[str, dict[str, str]]]:
         """Remove the spool, write the result (durably), then remove the record: blocking,
-        in one worker thread (one hop off the loop, not two: the exit notice waits for all
-        of it). Returns what went wrong, for the log."""
+        in one worker thread (one hop off the loop, not two: the step's ids stay reserved
+        until all of it is done). Returns what went wrong, for the log."""
         problems: list[tuple[str, dict[str, str]]] = []
         if spool is not None:
             try:

@@ -8,6 +8,7 @@ ones. Job ids 27000-27999 belong to this file.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -269,3 +270,37 @@ def test_attached_steps_ride_through_a_killed_daemon(start_daemon, user, bundle,
     assert rest == ["after 0\n", "after 1\n", "got USR1\n"]
     assert [e["status"] for e in exits] == [3, 4, 42]
     assert second.log().count("client re-attached") == 3
+
+
+
+def test_the_next_request_after_an_exit_finds_the_step_released(daemon, user, api_program):
+    """The exit event goes out before the release's filesystem work (docs/watching.md); the
+    daemon answers the user's next request only once that work is done: the step's ids
+    launch again at once, ps shows it finished, its spool dir gone; the user's own files in
+    the task dir lengthen the release. This is the whole path with real runc; the order
+    itself is pinned where the release can be held (unit/step/test_step.py's told test,
+    unit/daemon/test_registry.py's settled test): here the release's worker thread, busy
+    unlinking, also slows the loop that reads the relaunch."""
+    task_dir = daemon.spool_dir / f"oci-job27040-0-uid{user.uid}" / "task-0"
+    result = api_program(daemon, user, f"""
+        import os
+
+        async def main(c):
+            results = []
+            for relaunch in (True, False):
+                r, w = os.pipe()
+                step = await c.run(BUNDLE, ["cat"], job=27040, stdin=r, stdout=api.DEVNULL)
+                os.close(r)
+                for i in range(2000):
+                    os.close(os.open(f"{task_dir}/f{{i}}", os.O_WRONLY | os.O_CREAT, 0o600))
+                os.close(w)  # cat ends
+                results.append((await step.wait()).status)
+                if relaunch:
+                    again = await c.run(BUNDLE, ["sh", "-c", "exit 5"], job=27040)
+                    results.append((await again.wait()).status)
+                else:
+                    results.append([(s.job_id, s.state, s.status) for s in await c.ps()])
+                    results.append(os.path.exists("{task_dir.parent}"))
+            return results
+    """)
+    assert result == [0, 5, 0, [[27040, "finished", 0]], False]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, runc_containers, spool_entries, wait_gone
+from conftest import REPO, runc_containers, settle, spool_entries, wait_gone
 
 LAUNCH_FAILED = 125
 EX_CONFIG = 78
@@ -61,6 +61,8 @@ def env_of(path: Path) -> dict[str, str]:
 
 
 def step_records(daemon) -> list[str]:
+    """The state dir's records once every step whose exit was told is released (settle)."""
+    settle(daemon)
     steps = daemon.state_dir / "steps"
     return sorted(os.listdir(steps)) if steps.exists() else []
 

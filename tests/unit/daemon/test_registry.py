@@ -32,15 +32,25 @@ class FakeStep:
         self.result: StepResult | None = None
         self.ended_at = time.time() if ended_at is None else ended_at
         self._done: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
+        self._told: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
 
     @property
     def ref(self) -> str:
         return self.spec.ref
 
+    def tell(self, status: int = 0) -> None:
+        """The result is final and told (an attached client's exit sent); the release goes on."""
+        self._told.set_result(StepResult(status, (status,) * self.spec.ntasks, False))
+
     def finish(self, status: int = 0) -> None:
+        if not self._told.done():
+            self.tell(status)
         self.state = StepState.FINISHED
         self.result = StepResult(status, (status,) * self.spec.ntasks, False)
         self._done.set_result(self.result)
+
+    def on_told(self, callback) -> None:
+        self._told.add_done_callback(lambda _: callback())
 
     def outcome(self, result: StepResult) -> ResultRecord:
         return result_record(self.spec, [4000 + t for t in self.spec.task_ids], result, started_at=self.ended_at - 1,
@@ -256,3 +266,64 @@ async def test_kept_results_come_back_as_they_were():
     (finished,) = registry.own_parts(POLICY, ALICE.uid, 21, 0)
     assert await finished.wait() == StepResult(9, (None, 9), True)
     assert (finished.how, finished.pids, finished.started_at) == ("cancelled", (4000, 4001), step.ended_at - 1)
+
+
+# ---- a step whose exit was told while its release goes on -------------------------------------
+
+
+async def test_a_request_waits_for_the_release_of_its_callers_told_steps_only():
+    """Step.told: the exit goes out before the release's filesystem work. The owner's next
+    request (settled) waits for the release, so that it finds the step finished and its ids
+    free; another user's does not wait; an operator's does (it may see every step)."""
+    registry = Registry()
+    alices, bobs = FakeStep(1), FakeStep(2, user=BOB)
+    for step in (alices, bobs):
+        registry.add(step, **LIMITS)
+        registry.started(step)
+    await asyncio.wait_for(registry.settled(POLICY, ALICE.uid), 5)  # nothing told: nothing to wait for
+    alices.tell(3)
+    await asyncio.sleep(0)  # the told callback
+    await asyncio.wait_for(registry.settled(POLICY, BOB.uid), 5)  # not Bob's to wait for
+    for caller in (ALICE.uid, 0):
+        waiting = asyncio.ensure_future(registry.settled(POLICY, caller))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        waiting.cancel()
+    waiting = asyncio.ensure_future(registry.settled(POLICY, ALICE.uid))
+    alices.finish(3)
+    await asyncio.wait_for(waiting, 5)
+    bobs.finish(0)
+    await retired(registry)
+    # Released: finished in the registry, the ids free for a launch of them.
+    assert registry.running == {}
+    assert registry.own_parts(POLICY, ALICE.uid, 1, 0)[0].result.status == 3
+    registry.add(FakeStep(1), **LIMITS)
+    await asyncio.wait_for(registry.settled(POLICY, ALICE.uid), 5)
+
+
+async def test_a_launch_waits_only_for_the_releases_in_its_way():
+    """room_for: a launch waits for the release of a told step of the launcher's with any of
+    its task ids, or of any of its told steps when it is at its cap; for nothing else."""
+    registry = Registry()
+    same, other_ids, bobs = FakeStep(1), FakeStep(2), FakeStep(1, user=BOB)
+    for step in (same, other_ids, bobs):
+        registry.add(step, **LIMITS)
+        registry.started(step)
+        step.tell(0)
+    await asyncio.sleep(0)  # the told callbacks
+    # Another job, under the caps: nothing to wait for.
+    await asyncio.wait_for(registry.room_for(FakeStep(3).spec, **LIMITS), 5)
+    # The same ids: until that one step is released (Bob's 1.0 is no business of Alice's).
+    waiting = asyncio.ensure_future(registry.room_for(FakeStep(1).spec, **LIMITS))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    same.finish(0)
+    await asyncio.wait_for(waiting, 5)
+    # At the per-user cap: until any of Alice's told steps is released.
+    waiting = asyncio.ensure_future(registry.room_for(FakeStep(4).spec, max_steps=10, max_steps_per_user=1))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    other_ids.finish(0)
+    await asyncio.wait_for(waiting, 5)
+    bobs.finish(0)
+    await retired(registry)

@@ -344,6 +344,45 @@ async def test_the_result_is_kept_before_the_record_goes():
 
 
 
+async def test_the_result_is_told_once_final_and_the_release_goes_on_behind_it():
+    """told(): the exit event's moment. The containers are deleted and the tasks reaped by
+    then; the spool dir, the result file and the record go after it, and the step stays
+    unfinished (wait() waits, the registry keeps its ids) until they have."""
+    store = FakeStore()
+    step = await launched(make_step(store=store, results=FakeResults(store)))
+    spool = step.spool
+    gate, removing = threading.Event(), threading.Event()
+
+    def remove() -> None:  # in the release's worker thread
+        removing.set()
+        assert gate.wait(10)
+        spool.removed = True
+
+    spool.remove = remove
+    for i, status in enumerate((0, 3)):
+        watch(step, i).end(status)
+    told = await asyncio.wait_for(step.told(), 5)
+    assert told == StepResult(3, (0, 3), cancelled=False)
+    assert ("after_exit", 0, 0) in step.mode.calls and ("after_exit", 1, 3) in step.mode.calls
+    assert [watch(step, i).reaped for i in range(2)] == [True, True]
+    await asyncio.wait_for(asyncio.to_thread(removing.wait, 10), 15)
+    waiting = asyncio.ensure_future(step.wait())
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and step.state is StepState.RUNNING
+    assert not spool.removed and step.results.written == [] and store.removed == []
+    # Nothing is left to cancel or leave running: the release goes on, and is waited for.
+    cancelling = asyncio.ensure_future(step.cancel("too late"))
+    step.leave_running()
+    await asyncio.sleep(0.05)
+    assert not cancelling.done() and step.state is StepState.RUNNING and not step.runtime.calls
+    gate.set()
+    assert await asyncio.wait_for(waiting, 5) == told
+    assert await asyncio.wait_for(cancelling, 5) == told
+    assert store.states == ["launching", "running"] and not step.runtime.calls  # no `terminating` record, no RunTimeDelete
+    assert step.state is StepState.FINISHED
+    assert spool.removed and store.removed == [step.name] and len(step.results.written) == 1
+
+
 async def test_a_result_that_cannot_be_kept_is_logged_and_the_step_still_ends():
     store = FakeStore()
     step = await launched(make_step(store=store, results=FakeResults(store, fail=True)))
