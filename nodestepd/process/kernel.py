@@ -133,6 +133,7 @@ def sealed_memfd(name: str, data: bytes) -> int:
 
 
 _RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCHANGE = 2
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _libc.renameat2.restype = ctypes.c_int
 
@@ -142,5 +143,14 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
     rename onto an empty directory would otherwise replace it silently). Python has no
     renameat2. Both names are single components relative to their directory fds."""
     if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
+
+
+def rename_exchange(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
+    """renameat2(RENAME_EXCHANGE): swap src and dst atomically, both of which must exist
+    (FileNotFoundError otherwise). Both names are single components relative to their
+    directory fds."""
+    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_EXCHANGE) < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), dst)

@@ -306,10 +306,14 @@ class RecordStore:
         self.spares.top_up()
 
     def remove(self, name: str) -> None:
-        """The step is cleaned up: its record and exit file go."""
-        for suffix in (RECORD_SUFFIX, EXITS_SUFFIX):
+        """The step is cleaned up: its record and exit file go. The record (written by us
+        alone, no fd left open on it) becomes a spare file rather than a freed inode
+        (SpareFiles.recycle); the exit file, which a monitor may still hold, is unlinked."""
+        if not self.spares.recycle(self._fd, name + RECORD_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(name + suffix, dir_fd=self._fd)
+                os.unlink(name + RECORD_SUFFIX, dir_fd=self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name + EXITS_SUFFIX, dir_fd=self._fd)
         os.fsync(self._fd)
 
     def open_exits(self, name: str) -> int:

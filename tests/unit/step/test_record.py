@@ -280,3 +280,69 @@ def test_closing_the_store_removes_its_spares(tmp_path):
     store.make_spares()
     store.close()
     assert os.listdir(tmp_path / "spare") == []
+
+
+# ---- recycled records: an inode used again instead of one freed and one allocated ----------
+
+
+def inodes(path) -> set[int]:
+    return {(path / n).stat().st_ino for n in os.listdir(path) if (path / n).is_file()}
+
+
+def test_a_replaced_record_becomes_a_spare_emptied(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7, state="launching"), durable=False)  # a launch's first write
+    store.make_spares()
+    pending = (tmp_path / "steps" / "1000.7.0.0.json").stat().st_ino
+    store.write(make_record(7))  # its durable write takes a spare, and gives the pending record back
+    assert (tmp_path / "steps" / "1000.7.0.0.json").stat().st_ino != pending
+    assert pending in inodes(tmp_path / "spare")
+    assert len(spares(tmp_path)) == 12
+    assert all((tmp_path / "spare" / n).stat().st_size == 0 for n in spares(tmp_path))
+    assert store.load_all() == ([make_record(7)], [])
+    for job in range(8, 20):  # the recycled spare is taken like any other
+        store.write(make_record(job, state="launching"), durable=False)
+    assert spares(tmp_path) == []
+    assert pending in {(tmp_path / "steps" / n).stat().st_ino for n in os.listdir(tmp_path / "steps")}
+    assert sorted(r.job_id for r in store.load_all()[0]) == list(range(7, 20))
+
+
+def test_a_removed_record_becomes_a_spare_and_its_exit_file_goes(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7))
+    store.make_spares()
+    fd = store.open_exits("1000.7.0.0")
+    os.close(fd)
+    record = (tmp_path / "steps" / "1000.7.0.0.json").stat().st_ino
+    store.remove("1000.7.0.0")
+    assert os.listdir(tmp_path / "steps") == []
+    assert record in inodes(tmp_path / "spare")
+    assert len(spares(tmp_path)) == 12  # 11 after the exit file took one, and the record
+    assert all((tmp_path / "spare" / n).stat().st_size == 0 for n in spares(tmp_path))
+    store.remove("1000.7.0.0")  # removed again (a release retried): nothing there, no error
+
+
+def test_the_spares_kept_from_records_are_bounded(tmp_path):
+    store = RecordStore(str(tmp_path))
+    for job in range(30):
+        store.write(make_record(job))
+    store.make_spares()
+    for job in range(30):
+        store.remove(f"1000.{job}.0.0")
+    assert len(spares(tmp_path)) == 24  # twice the spares made: the rest are unlinked as before
+    assert os.listdir(tmp_path / "steps") == []
+
+
+def test_a_link_where_the_record_was_is_swapped_out_and_removed_never_written_through(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(8))
+    store.make_spares()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "steps" / "1000.7.0.0.json")
+    store.write(make_record(7))
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "steps" / "1000.7.0.0.json").is_symlink()
+    assert not [n for n in os.listdir(tmp_path / "spare") if (tmp_path / "spare" / n).is_symlink()]
+    assert len(spares(tmp_path)) == 11
+    assert store.load_all() == ([make_record(7), make_record(8)], [])
