@@ -1,3 +1,4 @@
+import asyncio
 import errno
 import os
 import stat
@@ -346,3 +347,24 @@ def test_a_link_where_the_record_was_is_swapped_out_and_removed_never_written_th
     assert not [n for n in os.listdir(tmp_path / "spare") if (tmp_path / "spare" / n).is_symlink()]
     assert len(spares(tmp_path)) == 11
     assert store.load_all() == ([make_record(7), make_record(8)], [])
+
+
+def test_launches_acknowledged_together_share_a_refill_and_ask_for_one_more(tmp_path, monkeypatch):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7))
+    made = []
+    top_up = store.spares.top_up
+    monkeypatch.setattr(store.spares, "top_up", lambda: (made.append(1), top_up()))
+
+    async def launches():
+        first = store.make_spares_soon()
+        assert store.make_spares_soon() is first  # while it runs: the same one, and one more after it
+        assert store.make_spares_soon() is first
+        await first
+        while store._refill is not first and not store._refill.done():
+            await store._refill
+        await asyncio.sleep(0)
+        assert store._refill.done()
+    asyncio.run(launches())
+    assert len(made) == 2
+    assert len(spares(tmp_path)) == 12
