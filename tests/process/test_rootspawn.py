@@ -24,16 +24,16 @@ REPORT = ("import os\n"
           "for fd in map(int, os.environ.get('READ', '').split()): print(os.read(fd, 100).decode())\n")
 
 
-def run(fds, env=None, stdin=subprocess.DEVNULL):
-    """spawn_as_root of the REPORT script; its output and the argv it was given."""
+def run(fds, env=None, stdin=subprocess.DEVNULL, program=sys.executable, argv=(sys.executable, "-c", REPORT)):
+    """spawn_as_root of `program` (the REPORT script); its output lines and the fd numbers it was given."""
     r, w = os.pipe()
     given = []
 
     def argv_for(numbers):
         given.extend(numbers)
-        return [sys.executable, "-c", REPORT]
+        return list(argv)
     try:
-        watch = spawn_as_root(sys.executable, argv_for, env=env or {}, stdin=stdin, stdout=w,
+        watch = spawn_as_root(program, argv_for, env=env or {}, stdin=stdin, stdout=w,
                               stderr=subprocess.DEVNULL, fds=fds, start_timeout=30)
     finally:
         os.close(w)
@@ -93,15 +93,6 @@ def test_no_signal_is_ignored_or_blocked_in_the_child():
     # Python ignores SIGPIPE and SIGXFSZ, and glibc's posix_spawn its internal signals
     # (32, 33): the child (a shell, which ignores nothing itself) must inherit none of it.
     assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN
-    r, w = os.pipe()
-    try:
-        watch = spawn_as_root("/bin/sh", lambda fds: ["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"],
-                              env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL, stdout=w,
-                              stderr=subprocess.DEVNULL)
-    finally:
-        os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read().split()
-    assert watch.wait_blocking(None) == 0
-    watch.reap()
-    assert out == ["SigBlk:", "0000000000000000", "SigIgn:", "0000000000000000"]
+    out, _ = run([], env={"PATH": "/usr/bin:/bin"}, program="/bin/sh",
+                 argv=["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"])
+    assert " ".join(out).split() == ["SigBlk:", "0000000000000000", "SigIgn:", "0000000000000000"]
