@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import create_start_watch, engines, images, launch_overhead, scale, throughput
+from . import common, create_start_watch, engines, images, launch_overhead, scale, throughput
 from .common import REPO, BenchUser, Context, machine, make_bundle
 from .report import table, write_chart, write_json
 
@@ -71,6 +71,7 @@ def main() -> int:
     settings["user"] = user.name
     settings["quick"] = args.quick
     settings["seconds"] = round(time.monotonic() - began, 1)
+    settings["retaken"] = common.retaken  # samples runc failed transiently (common.RUNC_CLONE_BUSY)
     text = table(rows, info)
     print(text, end="")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import subprocess
 import time
 
-from .common import RUNC_RUN_CONF, Context, direct_bundle, run_driver, start_daemon
+from .common import RUNC_RUN_CONF, Context, direct_bundle, run_driver, sample, start_daemon, timed
 from .report import Row
 
 # Runs per container duration (seconds): fewer of the long ones keeps the bench under ten minutes.
@@ -85,11 +84,8 @@ def run(ctx: Context, params: dict) -> list[Row]:
                     job += 1
                     calls = tools / f"{name}.calls"
                     seen = len(calls.read_text().splitlines()) if calls.exists() else 0
-                    ran = subprocess.run(
-                        user.argv(daemon.ctl + ["run", "--job-id", str(job), "--bundle", str(bundle), "--",
-                                                *container(duration, job)]),
-                        env=user.env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                    )
+                    ran, _ = sample(user.argv(daemon.ctl + ["run", "--job-id", str(job), "--bundle", str(bundle),
+                                                            "--", *container(duration, job)]), user.env)
                     returned = time.time_ns()
                     # Polling cannot know the status (the OCI state has none): nodestepctl says
                     # so and exits 255. With the pidfd, the container's own 0.
@@ -105,9 +101,8 @@ def run(ctx: Context, params: dict) -> list[Row]:
                                         name=f"s3-direct-{job}", bundle=str(direct))
                 notice("direct", duration, job, ran_direct["returned_ns"])
                 job += 1
-                ran = subprocess.run(user.argv(run_daemon.ctl + ["run", "--job-id", str(job), "--bundle", str(bundle),
-                                                                 "--", *container(duration, job)]),
-                                     env=user.env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                ran, _ = sample(user.argv(run_daemon.ctl + ["run", "--job-id", str(job), "--bundle", str(bundle),
+                                                            "--", *container(duration, job)]), user.env)
                 returned = time.time_ns()
                 if ran.returncode != 0:
                     raise RuntimeError(f"run side: nodestepctl exited {ran.returncode}: {ran.stderr!r}")
@@ -115,8 +110,7 @@ def run(ctx: Context, params: dict) -> list[Row]:
                 job += 1
                 direct = direct_bundle(user, bundle, ctx.base / f"s3-run-direct-{job}", container(duration, job))
                 run_direct = ["/bin/sh", "-c", f"{RUNC.replace('%U', str(user.uid))} run s3-run-{job} -b {direct}"]
-                subprocess.run(user.argv(run_direct), env=user.env, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+                timed(user.argv(run_direct), user.env)
                 notice("run-direct", duration, job, time.time_ns())
     finally:
         for daemon in daemons:

@@ -14,6 +14,11 @@
                             that race, every time. Nothing but PID's descendants is touched:
                             PID runs on (its signals passed on), and a process between PID
                             and DEPTH (a task's monitor) is let go after its first fork.
+   stopper PID DEPTH exec   The same, but each such process is stopped right after its first
+                            exec instead: where a child of the daemon that runs as root until
+                            its exec (spawn.py's vfork of nodestepd-monitor --exec-as, which
+                            switches to the user only then) is first the user's, and its
+                            user can stop it before it execs the user's program.
 
    Prints "ready" once watching, then each pid it stopped, one a line; runs until killed
    (tracees are let go by the kernel then). */
@@ -59,6 +64,7 @@ static struct {
 	int depth;   /* 0: a thread of PID; n: a process n forks below it */
 	bool known;  /* its parent's fork event came: depth is right */
 	bool waiting; /* its first stop came before that event */
+	bool at_exec; /* exec mode: to be stopped at its exec */
 } tracees[MAX_TRACEES];
 
 static int find(pid_t pid, bool add)
@@ -76,6 +82,7 @@ static int find(pid_t pid, bool add)
 	tracees[free_slot].depth = 0;
 	tracees[free_slot].known = false;
 	tracees[free_slot].waiting = false;
+	tracees[free_slot].at_exec = false;
 	return free_slot;
 }
 
@@ -87,18 +94,28 @@ static void forget(pid_t pid)
 }
 
 static int target_depth;
+static bool at_exec_mode;
+
+static void stop_for_good(int i)
+{
+	pid_t pid = tracees[i].pid;
+	/* pending before it runs a single instruction: it stops as soon as it is let go
+	   (PTRACE_DETACH's own signal argument is ignored in an event stop) */
+	kill(pid, SIGSTOP);
+	ptrace(PTRACE_DETACH, pid, 0, 0);
+	forget(pid);
+	stopped(pid);
+}
 
 /* A new tracee at its first stop, its depth known: stop it for good, or let it run. */
 static void first_stop(int i)
 {
 	pid_t pid = tracees[i].pid;
-	if (tracees[i].depth >= target_depth) {
-		/* pending before it runs a single instruction: it stops as soon as it is let go
-		   (PTRACE_DETACH's own signal argument is ignored in an event stop) */
-		kill(pid, SIGSTOP);
-		ptrace(PTRACE_DETACH, pid, 0, 0);
-		forget(pid);
-		stopped(pid);
+	if (tracees[i].depth >= target_depth && at_exec_mode) {
+		tracees[i].at_exec = true; /* runs on until its exec event */
+		ptrace(PTRACE_CONT, pid, 0, 0);
+	} else if (tracees[i].depth >= target_depth) {
+		stop_for_good(i);
 	} else {
 		ptrace(PTRACE_CONT, pid, 0, 0);
 	}
@@ -107,7 +124,7 @@ static void first_stop(int i)
 static int trace(pid_t root, int depth)
 {
 	target_depth = depth;
-	long options = PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE;
+	long options = PTRACE_O_TRACEFORK | PTRACE_O_TRACEVFORK | PTRACE_O_TRACECLONE | (at_exec_mode ? PTRACE_O_TRACEEXEC : 0);
 	/* every thread of root; again until no new one shows up (new ones of seized threads are ours anyway) */
 	for (bool more = true; more;) {
 		more = false;
@@ -174,6 +191,11 @@ static int trace(pid_t root, int depth)
 			} else {
 				ptrace(PTRACE_CONT, pid, 0, 0);
 			}
+		} else if (event == PTRACE_EVENT_EXEC) {
+			if (tracees[i].at_exec)
+				stop_for_good(i);
+			else
+				ptrace(PTRACE_CONT, pid, 0, 0);
 		} else if (event == PTRACE_EVENT_STOP) {
 			/* a new tracee's first stop (a thread, or a process forked below PID), or a group-stop */
 			if (!tracees[i].known)
@@ -190,11 +212,12 @@ static int trace(pid_t root, int depth)
 
 int main(int argc, char **argv)
 {
-	if (argc != 1 && argc != 3) {
-		fprintf(stderr, "usage: stopper [PID DEPTH]\n");
+	if (argc != 1 && argc != 3 && !(argc == 4 && strcmp(argv[3], "exec") == 0)) {
+		fprintf(stderr, "usage: stopper [PID DEPTH [exec]]\n");
 		return 2;
 	}
-	if (argc == 3)
+	at_exec_mode = argc == 4;
+	if (argc >= 3)
 		return trace((pid_t)atoi(argv[1]), atoi(argv[2]));
 	int fd = open("/proc/sys/kernel/ns_last_pid", O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {

@@ -272,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             fds = [stdin, stdout, stderr, *preserved]
         else:
             fds = [0, 1, 2, *preserved]
-        wakeup = None if args.detach else _catch_signals()
+        wakeup = None if args.detach else catch_signals()
         sock = connect(args.socket)
         try:
             try:
@@ -344,7 +344,7 @@ def _await_started(sock: socket.socket, image: str | None = None) -> dict | None
             deadline += PROGRESS_EVERY
 
 
-def _catch_signals() -> int:
+def catch_signals() -> int:
     """Route the forwarded signals into a pipe the attach loop selects on."""
     r, w = posix.pipe2(posix.O_NONBLOCK | posix.O_CLOEXEC)
     _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -353,7 +353,7 @@ def _catch_signals() -> int:
     return r
 
 
-def _caught(wakeup: int) -> bytes:
+def caught_signals(wakeup: int) -> bytes:
     """The signals caught since the last call, in order (each byte a signal number)."""
     try:
         return posix.read(wakeup, 64)
@@ -399,7 +399,7 @@ class Attachment:
         """Until the step's `exit` (its status), or None when the connection is lost: forward
         the signals we hold and those we catch, and print the errors the daemon reports."""
         while True:
-            self.held += _caught(self.wakeup)
+            self.held += caught_signals(self.wakeup)
             while self.held:
                 try:
                     send(sock, {"op": "signal", "signal": SIGNAL_NAMES[self.held[0]]})
@@ -456,7 +456,7 @@ class Attachment:
                 return None
             readable, _, _ = select.select([sock, self.wakeup], [], [], remaining)
             if self.wakeup in readable:
-                self._hold(_caught(self.wakeup))
+                self._hold(caught_signals(self.wakeup))
             if sock in readable:
                 return receive(sock)
 
@@ -475,7 +475,7 @@ class Attachment:
         """Wait `seconds` (less if a signal comes), holding the signals caught meanwhile."""
         readable, _, _ = select.select([self.wakeup], [], [], seconds)
         if readable:
-            self._hold(_caught(self.wakeup))
+            self._hold(caught_signals(self.wakeup))
 
     def _hold(self, signums: bytes) -> None:
         for signum in signums:

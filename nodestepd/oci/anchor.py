@@ -27,7 +27,7 @@ import socket
 import sys
 
 from nodestepd.ctl.exits import ClientError
-from nodestepd.ctl.run import REATTACH_TIMEOUT, Attachment, _catch_signals, _caught, preserved_fds
+from nodestepd.ctl.run import REATTACH_TIMEOUT, Attachment, catch_signals, caught_signals, preserved_fds
 from nodestepd.ctl.transport import connect, expect, receive, send
 from nodestepd.oci.errors import OciError, report
 from nodestepd.protocol import wire
@@ -167,7 +167,7 @@ def _tell(fd: int, text: str) -> None:
 def _anchor(args: argparse.Namespace, message: dict, pid_file: str | None, ready: int,
             master: int | None, slave: int | None, preserved: list[int]) -> int:
     """The anchor's life: the step created, the engine told, the step followed to its status."""
-    wakeup = _catch_signals()
+    wakeup = catch_signals()
     fds = [slave, slave, slave] if slave is not None else [0, 1, 2]
     sock = connect(args.socket)
     send(sock, message, [*fds, *preserved])
@@ -214,7 +214,7 @@ def _wait_readable(sock: socket.socket, wakeup: int) -> list[int]:
     while True:
         readable, _, _ = select.select([sock, wakeup], [], [])
         if wakeup in readable:
-            held += _caught(wakeup)
+            held += caught_signals(wakeup)
         if sock in readable:
             return held
 

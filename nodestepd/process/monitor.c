@@ -3,9 +3,17 @@
  *
  *   nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR
  *                     [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD]
- *                     [--userns-fd U --mntns-fd M]
+ *                     [--userns-fd U --mntns-fd M] [--env-fd E]
  *                     [--pass-fd FD]... [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]
  *                     -- PROGRAM ARG...
+ *
+ * --env-fd E: the task's environment (a sealed memfd the daemon wrote: "K=V" entries, each
+ * ended by a NUL), read by the task's side only once it is the user, at most ARG_MAX
+ * bytes (E2BIG beyond: "error ERRNO env"); without it the task's environment is empty.
+ * Our own environment is never passed on, and the daemon gives us none: we are root for
+ * the task's whole life, and the step's environment (built from what the user sent) must
+ * not be read by anything running as root, the C library's start-up included
+ * (GLIBC_TUNABLES, MALLOC_*, ...).
  *
  * --userns-fd/--mntns-fd (nodestep-oci's containers, docs/oci-proxy.md): the task enters
  * that user namespace, then that mount namespace, AFTER dropping to the user's uid, so the
@@ -48,6 +56,26 @@
  * subordinate ids (the ranges given, the daemon's reading of /etc/subuid and /etc/subgid)
  * are 1..COUNT; we write its maps, as newuidmap would for the user (a PMIx MPI step's
  * runtime then maps the user to their own uid in the container: docs/admin-guide.md#mpi).
+ *
+ *   nodestepd-monitor --exec-as REPORT_FD ENV_FD UID GID G1,G2,... -- PROGRAM ARG...
+ *
+ * Another use of the same root-owned, statically linked program, which monitors nothing:
+ * switch to the user (groups, gid, uid), then take PROGRAM's environment from ENV_FD and
+ * exec PROGRAM (looked up in that environment's PATH), nothing else. The daemon starts its
+ * short runtime commands (RunTimeQuery, RunTimeDelete, ...) through it (spawn.py): so it
+ * can start them with vfork, which Python's subprocess does only for a child that keeps
+ * our ids, instead of copying the daemon's page tables with fork (milliseconds per
+ * command for a daemon of tens of MB).
+ *
+ * We are started as root with an EMPTY environment, as with --env-fd above: ENV_FD is read
+ * only once we are the user (the same format and bound; E2BIG beyond, reported as "env")
+ * and installed as our environ just before execvp, whose PATH search so runs as the user
+ * with the user's PATH. Not argv: /proc/PID/cmdline is world-readable, the environment
+ * is not.
+ *
+ * REPORT_FD and ENV_FD are made close-on-exec (PROGRAM gets neither): end-of-file on
+ * REPORT_FD tells the daemon PROGRAM is exec'ed; if anything fails, "ERRNO STEP" is
+ * written to it first and we exit 127.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -80,9 +108,9 @@
 
 /* What the task's child side was doing when it failed: sent with the errno. */
 enum step { STEP_SETUP, STEP_CHDIR, STEP_GROUPS, STEP_GID, STEP_UID, STEP_USERNS, STEP_EXEC, STEP_TIMEOUT,
-	    STEP_SETNS };
+	    STEP_SETNS, STEP_ENV };
 static const char *const step_names[] = {"setup", "chdir", "setgroups", "setgid", "setuid", "userns", "exec",
-					 "timeout", "setns"};
+					 "timeout", "setns", "env"};
 
 struct child {
 	pid_t pid;
@@ -377,8 +405,72 @@ struct options {
 	int npass;
 	bool userns; /* the task in a user namespace of its own: 0 = uid, 1.. = the subordinate ids */
 	unsigned long long sub[4]; /* subuid start, count, subgid start, count */
+	int env_fd; /* the task's environment, read as the user (-1: an empty one) */
 	char **argv;
 };
+
+/* ---- the task's environment -------------------------------------------------------- */
+
+/* The most execve takes for arguments and environment together, whatever the stack limit
+   (the kernel's 3/4 of _STK_LIM): our bound on the environment read when sysconf's
+   ARG_MAX (a quarter of the stack limit) says more, or nothing. */
+#define EXEC_ARGS_MAX (6L << 20)
+
+/* The environment for the program we exec (the step's, from what the user sent), read from
+   env_fd (a regular file, the daemon's sealed memfd: "K=V" entries each ended by a NUL)
+   once we are the user: an array for environ, or NULL with errno set (E2BIG past ARG_MAX,
+   EINVAL for a malformed file). */
+static char **read_env(int env_fd)
+{
+	long max = sysconf(_SC_ARG_MAX);
+	if (max <= 0 || max > EXEC_ARGS_MAX)
+		max = EXEC_ARGS_MAX;
+	struct stat st;
+	if (fstat(env_fd, &st) < 0)
+		return NULL;
+	if (!S_ISREG(st.st_mode)) {
+		errno = EINVAL;
+		return NULL;
+	}
+	if (st.st_size > max) {
+		errno = E2BIG;
+		return NULL;
+	}
+	size_t size = (size_t)st.st_size;
+	char *data = malloc(size + 1);
+	if (!data)
+		return NULL;
+	for (size_t got = 0; got < size;) {
+		ssize_t n = pread(env_fd, data + got, size - got, (off_t)got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			if (n == 0)
+				errno = EINVAL; /* shorter than it said: it is sealed, so not ours */
+			return NULL;
+		}
+		got += (size_t)n;
+	}
+	if (size > 0 && data[size - 1] != '\0') {
+		errno = EINVAL;
+		return NULL;
+	}
+	size_t count = 0;
+	for (size_t k = 0; k < size; k++)
+		count += data[k] == '\0';
+	char **env = calloc(count + 1, sizeof *env);
+	if (!env)
+		return NULL;
+	size_t k = 0;
+	for (char *entry = data; entry < data + size; entry += strlen(entry) + 1) {
+		if (!strchr(entry, '=') || entry[0] == '=') {
+			errno = EINVAL;
+			return NULL;
+		}
+		env[k++] = entry;
+	}
+	return env;
+}
 
 /* The fds to pass moved to 3, 4, ... (without close-on-exec), report_fd kept open above
    them: every source is first copied above all the targets, so that no move overwrites
@@ -465,6 +557,17 @@ static _Noreturn void become_task(const struct options *o, int report_fd, int as
 		close(ask);
 		close(go);
 	}
+	/* As the user, and before the fds passed are moved (one may land on env_fd's number):
+	   the task's environment, which nothing running as root reads (we were started with
+	   none); an empty one without --env-fd. */
+	char *empty[] = {NULL};
+	char **env = empty;
+	if (o->env_fd >= 0) {
+		env = read_env(o->env_fd);
+		if (!env)
+			child_failed(report_fd, STEP_ENV);
+		close(o->env_fd);
+	}
 	umask(022);
 	if (o->npass > 0) {
 		int moved = place_pass_fds(o, report_fd);
@@ -482,7 +585,7 @@ static _Noreturn void become_task(const struct options *o, int report_fd, int as
 			if (fd != report_fd)
 				fcntl(fd, F_SETFD, FD_CLOEXEC); /* EBADF for fds not open: fine */
 	}
-	execv(o->argv[0], o->argv);
+	execve(o->argv[0], o->argv, env);
 	child_failed(report_fd, STEP_EXEC);
 }
 
@@ -606,7 +709,8 @@ static pid_t start_task(const struct options *o, int *err, enum step *step)
 	if (n == 0)
 		return pid; /* the exec closed the pipe */
 	*err = n == (ssize_t)sizeof msg ? msg[0] : n < 0 ? read_errno : EIO;
-	*step = n == (ssize_t)sizeof msg && msg[1] >= 0 && msg[1] <= STEP_EXEC ? (enum step)msg[1] : STEP_SETUP;
+	*step = n == (ssize_t)sizeof msg && msg[1] >= 0 && msg[1] <= STEP_ENV && msg[1] != STEP_TIMEOUT
+		? (enum step)msg[1] : STEP_SETUP;
 	while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
 		;
 	return -1;
@@ -620,9 +724,10 @@ static _Noreturn void usage(const char *problem)
 		"nodestepd-monitor: %s\n"
 		"usage: nodestepd-monitor --ctl-fd N --exit-fd M --uid U --gid G --groups G1,G2,... --cwd DIR"
 		" [--start-timeout-ms MS] [--exit-file-max BYTES] [--nofile SOFT:HARD] [--pass-fd FD]..."
-		" [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT]"
+		" [--userns UIDSTART,UIDCOUNT,GIDSTART,GIDCOUNT] [--userns-fd U --mntns-fd M] [--env-fd E]"
 		" -- PROGRAM ARG...\n"
-		"(started by nodestepd, once per task; see docs/monitor.md)\n",
+		"   or: nodestepd-monitor --exec-as REPORT_FD ENV_FD UID GID G1,G2,... -- PROGRAM ARG...\n"
+		"(started by nodestepd, once per task or runtime command; see docs/monitor.md)\n",
 		problem);
 	if (ctl_fd >= 0) {
 		char msg[64];
@@ -729,6 +834,10 @@ static void parse_args(int argc, char **argv, struct options *o)
 			o->nofile.rlim_cur = soft;
 			o->nofile.rlim_max = hard;
 			o->set_nofile = true;
+		} else if (strcmp(name, "--env-fd") == 0) {
+			o->env_fd = parse_fd(value);
+			if (fcntl(o->env_fd, F_GETFD) < 0)
+				usage("--env-fd: not an open fd");
 		} else if (strcmp(name, "--pass-fd") == 0) {
 			if (o->npass == MAX_PASS_FDS)
 				usage("more than 8 --pass-fd");
@@ -776,8 +885,10 @@ static void parse_args(int argc, char **argv, struct options *o)
 	if (o->userns_fd >= 0 && o->userns)
 		usage("--userns-fd (enter one) and --userns (make one) exclude each other");
 	for (int k = 0; k < o->npass; k++)
-		if (o->pass_fds[k] == ctl_fd || o->pass_fds[k] == exit_fd)
-			usage("--pass-fd is --ctl-fd or --exit-fd");
+		if (o->pass_fds[k] == ctl_fd || o->pass_fds[k] == exit_fd || o->pass_fds[k] == o->env_fd)
+			usage("--pass-fd is --ctl-fd, --exit-fd or --env-fd");
+	if (o->env_fd >= 0 && (o->env_fd == ctl_fd || o->env_fd == exit_fd))
+		usage("--env-fd is --ctl-fd or --exit-fd");
 	if (i + 1 >= argc || argv[i + 1][0] != '/')
 		usage("no absolute PROGRAM after --");
 	o->argv = &argv[i + 1];
@@ -799,9 +910,62 @@ static void check_fds(void)
 		die("fcntl");
 }
 
+/* ---- --exec-as --------------------------------------------------------------------------- */
+
+static _Noreturn void exec_as_failed(int report_fd, enum step step)
+{
+	char msg[64];
+	int n = snprintf(msg, sizeof msg, "%d %s", errno, step_names[step]);
+	if (write(report_fd, msg, (size_t)n) < 0) {
+		/* nothing left to tell anyone: the daemon reads EOF and a status of 127 */
+	}
+	_exit(127);
+}
+
+/* Everything else (cwd, umask, process group, signals, fds) the daemon's vfork child set
+   before exec'ing us, as root: we only drop to the user, take the environment, and exec.
+   As root we read only the daemon's own words (the fds and ids); PROGRAM and its
+   arguments (the step's) are passed on untouched, the environment read as the user. */
+static _Noreturn void exec_as(int argc, char **argv)
+{
+	struct options o = {0};
+	unsigned long long v;
+	if (argc < 9 || strcmp(argv[7], "--") != 0)
+		usage("--exec-as REPORT_FD ENV_FD UID GID G1,G2,... -- PROGRAM ARG...");
+	int report_fd = parse_fd(argv[2]);
+	int env_fd = parse_fd(argv[3]);
+	if (!parse_number(argv[4], (uid_t)-2, &v))
+		usage("--exec-as: not a uid");
+	o.uid = (uid_t)v;
+	if (!parse_number(argv[5], (gid_t)-2, &v))
+		usage("--exec-as: not a gid");
+	o.gid = (gid_t)v;
+	parse_groups(argv[6], &o);
+	if (fcntl(report_fd, F_SETFD, FD_CLOEXEC) < 0)
+		exec_as_failed(report_fd, STEP_SETUP);
+	if (fcntl(env_fd, F_SETFD, FD_CLOEXEC) < 0)
+		exec_as_failed(report_fd, STEP_ENV);
+	if (setgroups(o.ngroups, o.groups) < 0)
+		exec_as_failed(report_fd, STEP_GROUPS);
+	if (setresgid(o.gid, o.gid, o.gid) < 0)
+		exec_as_failed(report_fd, STEP_GID);
+	/* Every uid away from 0 clears the permitted, effective and ambient capabilities. */
+	if (setresuid(o.uid, o.uid, o.uid) < 0)
+		exec_as_failed(report_fd, STEP_UID);
+	char **env = read_env(env_fd);
+	if (!env)
+		exec_as_failed(report_fd, STEP_ENV);
+	close(env_fd);
+	environ = env;
+	execvp(argv[8], &argv[8]);
+	exec_as_failed(report_fd, STEP_EXEC);
+}
+
 int main(int argc, char **argv)
 {
-	struct options o = {.start_timeout_ms = 60000, .userns_fd = -1, .mntns_fd = -1};
+	if (argc > 1 && strcmp(argv[1], "--exec-as") == 0)
+		exec_as(argc, argv);
+	struct options o = {.start_timeout_ms = 60000, .userns_fd = -1, .mntns_fd = -1, .env_fd = -1};
 	parse_args(argc, argv, &o);
 	check_fds();
 
@@ -834,6 +998,8 @@ int main(int argc, char **argv)
 	int err = 0;
 	enum step step = STEP_SETUP;
 	pid_t task = start_task(&o, &err, &step);
+	if (o.env_fd >= 0)
+		close(o.env_fd); /* the task's, not ours: nothing of the task's is held once it runs */
 	char msg[64];
 	if (task < 0) {
 		snprintf(msg, sizeof msg, "error %d %s\n", err, step_names[step]);

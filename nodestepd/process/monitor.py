@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from nodestepd.logs import get_logger
 from nodestepd.process.identity import Identity
-from nodestepd.process.kernel import user_fd_limit
+from nodestepd.process.kernel import sealed_memfd, user_fd_limit
 from nodestepd.process.rootspawn import spawn_as_root
-from nodestepd.process.spawn import SHELL, check_workdir, start_timed_out
+from nodestepd.process.spawn import SHELL, check_workdir, environment_block, start_timed_out
 from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, children, proc_ids
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ PROGRAM_NAME = "nodestepd-monitor"
 LIBEXEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_libexec")
 _MESSAGE_SIZE = 256  # every message the monitor sends is one short line
 # What the monitor was doing when the task could not start: names the file in the OSError.
-_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup", "timeout", "setns"}
+_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup", "timeout", "setns", "env"}
 # How much longer than the task's start deadline we wait for the monitor to report: its
 # own deadline fires first; ours only for a monitor that cannot report (stopped by root).
 _REPORT_MARGIN = 2.0
@@ -113,7 +113,8 @@ class Monitor:
         Blocking (a fork and two execs): call it in a worker thread. The same rules as
         spawn.spawn_shell: cwd must pass spawn.check_workdir (PermissionError if not), and
         the monitor enters it as root (the daemon hands in a pinned path, /proc/PID/fd/N);
-        the task gets stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env, its own
+        the task gets stdin/stdout/stderr (fds, or subprocess.DEVNULL), exactly env (in a
+        memfd read once the task is the user: nothing running as root reads it), its own
         process group, umask 022, the user's uid, gid and groups, the users' RLIMIT_NOFILE
         (kernel.user_fd_limit) and no other fd but `preserved`, at 3, 4, ... in that
         order (the monitor itself closes them once the task runs). userns: (subuid start,
@@ -139,15 +140,21 @@ class Monitor:
         check_workdir(cwd, identity)
         program = monitor_program()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env_fd = -1
         try:
+            # The task's environment (the step's, from what the user sent) goes in a sealed
+            # memfd the task's side reads once it is the user: the monitor, root for the
+            # task's whole life, runs with none (the C library reads GLIBC_TUNABLES, MALLOC_*
+            # at its start-up).
+            env_fd = sealed_memfd("nodestepd-env", environment_block(env))
             entered: tuple[int, ...] = namespaces.fds() if namespaces is not None else ()
 
             def argv_for(fds: list[int]) -> list[str]:
                 """The monitor's argv, naming the fds by the numbers it gets them at (rootspawn)."""
-                ctl, exit_, *rest = fds
+                ctl, exit_, env_, *rest = fds
                 passed, ns = rest[:len(preserved)], rest[len(preserved):]
                 return [
-                    program, "--ctl-fd", str(ctl), "--exit-fd", str(exit_),
+                    program, "--ctl-fd", str(ctl), "--exit-fd", str(exit_), "--env-fd", str(env_),
                     "--uid", str(identity.uid), "--gid", str(identity.gid),
                     "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
                     "--start-timeout-ms", str(max(1, round(start_timeout * 1000))),
@@ -166,11 +173,11 @@ class Monitor:
             watch = spawn_as_root(
                 program,
                 argv_for,
-                env=env,  # the monitor passes it on to the task unchanged
+                env={},  # the task's comes through env_fd
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                fds=(theirs.fileno(), exit_fd, *preserved, *entered),
+                fds=(theirs.fileno(), exit_fd, env_fd, *preserved, *entered),
                 start_timeout=start_timeout,  # root's child: only root could stop it, but bounded all the same
                 what="the task monitor",
             )
@@ -179,6 +186,8 @@ class Monitor:
             raise
         finally:
             theirs.close()  # the monitor holds its end alone: its exit is our end-of-file
+            if env_fd >= 0:
+                os.close(env_fd)
         try:
             # Until the task is exec'ed or has failed: the monitor's own deadline comes first.
             ours.settimeout(start_timeout + _REPORT_MARGIN)
@@ -209,6 +218,8 @@ class Monitor:
                 raise start_timed_out("the runtime", start_timeout)
             if step == "userns":
                 raise OSError(err, f"cannot make the task's user namespace: {os.strerror(err)}")
+            if step == "env":
+                raise OSError(err, f"{os.strerror(err)} (taking in the task's environment as the user)")
             filename = shell if step == "exec" else cwd if step == "chdir" else None
             raise OSError(err, os.strerror(err), filename)
         raise OSError(errno.EIO, f"nodestepd-monitor ended without starting the task (status {status}, said {reply!r})")

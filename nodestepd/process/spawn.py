@@ -1,8 +1,10 @@
 """Starting processes: `spawn`, the one way anything here starts a program, and what is built on it.
 
-`spawn` starts a program with subprocess.Popen (a fork+exec in C that switches to the
-user's ids in the child before exec, with no Python code run in the child, which would
-be unsafe in a threaded program) and hands back a ProcessWatch on its pidfd. subprocess
+`spawn` starts a program with subprocess.Popen (a vfork+exec in C, with no Python code
+run in the child, which would be unsafe in a threaded program; for another user, the
+exec is of nodestepd-monitor --exec-as, started as root with an empty environment, which
+switches to the user's ids, only then reads the program's environment from a memfd, and
+execs the program) and hands back a ProcessWatch on its pidfd. subprocess
 never waits for the child: uvloop owns SIGCHLD and reaps only what libuv spawned, and
 only the watch may collect a status, so every process here is reaped by its
 ProcessWatch, on the event loop (wait) or blocking in a worker thread or the CLI
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import heapq
+import math
 import os
 import queue
 import select
@@ -39,7 +42,7 @@ from typing import TypeVar
 
 from nodestepd.process.namespaces import Namespaces
 from nodestepd.process.identity import Identity
-from nodestepd.process.kernel import user_fd_limit
+from nodestepd.process.kernel import sealed_memfd, user_fd_limit
 from nodestepd.process.watch import CLAIMED, Pidfd, ProcessWatch, children, spawning, thread_children
 
 SHELL = "/bin/sh"
@@ -49,6 +52,9 @@ RUNTIME_UMASK = 0o022
 HELPER_OUTPUT_LIMIT = 64 * 1024
 
 T = TypeVar("T")
+# nodestepd-monitor (monitor.py's monitor_program(), which the daemon checks at start-up),
+# named here too: monitor.py imports this module. spawn() runs it with --exec-as.
+EXEC_AS_PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_libexec", "nodestepd-monitor")
 
 
 async def off_loop(fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
@@ -258,15 +264,16 @@ def spawn(
     start_timeout: float | None = None,
     what: str = "the program",
 ) -> ProcessWatch:
-    """Start argv and watch it by pidfd. Blocking (a fork and an exec, up to start_timeout):
+    """Start argv and watch it by pidfd. Blocking (a vfork and an exec or two, up to start_timeout):
     on the event loop, call it through off_loop. argv[0] without a slash is looked up in
-    env's PATH.
+    env's PATH (with an identity, by nodestepd-monitor's execvp, as the user).
 
     identity: the user to run as (uid, gid and supplementary groups, all set before exec:
     every uid away from 0 clears the capabilities), or None to run as we are (the
     monitor, which switches to the user itself; the doctor run by a user). cwd: entered
     before the switch, so with an identity it must pass check_workdir (PermissionError).
-    env: exactly the environment the program gets. stdin/stdout/stderr: fds, or
+    env: exactly the environment the program gets (with an identity, read by nothing
+    that runs as root: see above). stdin/stdout/stderr: fds, or
     subprocess.DEVNULL. process_group: lead a process group of its own, so that all it
     starts can be signalled together (kill_group) while its zombie reserves the group id.
     pass_fds: the only fds besides 0-2 it gets (close_fds: nothing of the daemon's, other
@@ -280,8 +287,107 @@ def spawn(
     """
     if identity is not None:
         check_workdir(cwd, identity)
-    ids = {} if identity is None else {
-        "user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
+    report_r = report_w = env_fd = -1
+    program = argv[0] if argv else ""
+    if identity is not None:
+        # Not Popen's user=, group=, extra_groups=: with them it forks, copying the
+        # daemon's page tables (milliseconds for a daemon of tens of MB, on every runtime
+        # command); without them it uses vfork. The switch is then the static, root-owned
+        # nodestepd-monitor's (--exec-as, monitor.c), which execs argv as the user and
+        # reports on report_w (close-on-exec at that exec) how far it got. It runs as root
+        # with no environment at all: env (the step's, from what the user sent) goes in a
+        # sealed memfd it reads only as the user, for the program.
+        env_fd = sealed_memfd("nodestepd-env", environment_block(env))
+        try:
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        except BaseException:
+            os.close(env_fd)
+            raise
+        argv = [EXEC_AS_PROGRAM, "--exec-as", str(report_w), str(env_fd), str(identity.uid), str(identity.gid),
+                ",".join(str(g) for g in identity.groups), "--", *argv]
+        pass_fds = (*pass_fds, report_w, env_fd)
+        env = {}
+    until = None if start_timeout is None else time.monotonic() + start_timeout  # the whole start, both execs
+    try:
+        watch = _spawn(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                       process_group=process_group, pass_fds=pass_fds, umask=umask, start_timeout=start_timeout,
+                       what=what)
+    except BaseException:
+        if report_r >= 0:
+            os.close(report_r)
+        raise
+    finally:
+        for fd in (report_w, env_fd):
+            if fd >= 0:
+                os.close(fd)
+    if report_r < 0:
+        return watch
+    try:
+        _await_exec(watch, report_r, until, program, what, start_timeout)
+    finally:
+        os.close(report_r)
+    return watch
+
+
+def environment_block(env: Mapping[str, str]) -> bytes:
+    """env as nodestepd-monitor reads it (--exec-as's ENV_FD, --env-fd): each "NAME=VALUE" ended by a NUL.
+
+    Refused as Popen refuses them (ValueError): a name that is empty or holds "=", a NUL
+    in a name or a value.
+    """
+    block = bytearray()
+    for name, value in env.items():
+        key, val = os.fsencode(name), os.fsencode(value)
+        if not key or b"=" in key:
+            raise ValueError(f"illegal environment variable name: {name!r}")
+        if b"\0" in key or b"\0" in val:
+            raise ValueError(f"embedded null byte in the environment variable {name!r}")
+        block += key + b"=" + val + b"\0"
+    return bytes(block)
+
+
+def _await_exec(watch: ProcessWatch, report: int, until: float | None, program: str, what: str,
+                start_timeout: float | None) -> None:
+    """Wait for nodestepd-monitor --exec-as to exec the program as the user: end-of-file on
+    report. Past `until` (the user may stop it once it is theirs) it is killed and
+    start_timed_out raised; a failure it reports ("ERRNO STEP") is raised as OSError, with
+    the program as the filename when the exec failed, as Popen would."""
+    poller = select.poll()
+    poller.register(report, select.POLLIN)
+    said = b""
+    while True:
+        wait_ms = None if until is None else max(0, math.ceil((until - time.monotonic()) * 1000))
+        if not poller.poll(wait_ms):
+            assert until is not None and start_timeout is not None  # poll(None) returns only when ready
+            if time.monotonic() < until:
+                continue
+            watch.send_signal(signal.SIGKILL)  # still the switch: one process, not a group yet
+            watch.wait_blocking(None)
+            watch.reap()
+            raise start_timed_out(what, start_timeout)
+        chunk = os.read(report, 64)
+        if not chunk:
+            break
+        said += chunk
+    if not said:
+        return
+    watch.wait_blocking(None)  # it exits (127) right after its report
+    watch.reap()
+    words = said.split()
+    if len(words) == 2 and words[0].isdigit():
+        err = int(words[0])
+        if words[1] == b"exec":
+            raise OSError(err, os.strerror(err), program)
+        if words[1] == b"env":
+            raise OSError(err, f"{os.strerror(err)} (taking in its environment as the user)")
+        raise OSError(err, f"{os.strerror(err)} (switching to the user: {words[1].decode('ascii', 'replace')})")
+    raise OSError(errno.EIO, f"{what} could not be started as the user: {said[:80]!r}")
+
+
+def _spawn(argv: Sequence[str], *, cwd: str, env: Mapping[str, str], stdin: int, stdout: int, stderr: int,
+           process_group: bool, pass_fds: Sequence[int], umask: int | None, start_timeout: float | None,
+           what: str) -> ProcessWatch:
+    """spawn's Popen, as root: a vfork and an exec (see spawn)."""
     with spawning() as tid:  # until the pidfd is ours, the reaper must not take the new child for an orphan
         deadline = None if start_timeout is None else _StartDeadline(tid, start_timeout)
         try:
@@ -297,7 +403,6 @@ def spawn(
                 close_fds=True,
                 pass_fds=tuple(pass_fds),
                 restore_signals=True,
-                **ids,
             )
         finally:
             killed = deadline is not None and deadline.cancel()

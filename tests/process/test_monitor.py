@@ -277,6 +277,68 @@ async def test_the_task_gets_its_cwd_env_and_stdio_and_no_other_fd(harness):
     assert sorted(environ.splitlines()) == sorted(f"{k}={v}" for k, v in env.items())  # exactly the given env
 
 
+async def test_the_monitor_has_no_environment_and_the_task_takes_in_its_own_as_the_user(harness):
+    """The monitor is root for the task's whole life: the step's environment (built from what the
+    user sent) is neither its environment (the C library's start-up reads GLIBC_TUNABLES, MALLOC_*)
+    nor in its argv (world-readable); the task's side reads it from a memfd once it is the user."""
+    env = {**PATH_ENV, "GLIBC_TUNABLES": "glibc.malloc.check=3", "ONLY_IN_ENV": "a value\nof two lines"}
+    stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        monitor = await harness.spawn("cat /proc/$$/environ; read x", env=env, stdin=stdin_r)
+        with open(f"/proc/{monitor.pid}/environ", "rb") as f:
+            assert f.read() == b""
+        with open(f"/proc/{monitor.pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        assert b"glibc.malloc" not in cmdline and b"of two lines" not in cmdline
+        os.close(stdin_w)
+        stdin_w = -1
+        assert await asyncio.wait_for(monitor.task.wait(), 10) == 1
+    finally:
+        os.close(stdin_r)
+        if stdin_w >= 0:
+            os.close(stdin_w)
+    assert harness.output() == "".join(f"{k}={v}\0" for k, v in env.items())  # exactly env, in order
+
+
+async def test_a_large_environment_reaches_the_task_intact(harness):
+    """200 KB (one value of 100 KB, 100 of 1 KB)."""
+    env = {**PATH_ENV, "BIG": "x" * 100_000, **{f"V{i}": chr(ord("a") + i % 26) * 1000 for i in range(100)}}
+    monitor = await harness.spawn("cat /proc/$$/environ", env=env)
+    assert await asyncio.wait_for(monitor.task.wait(), 10) == 0
+    assert harness.output() == "".join(f"{k}={v}\0" for k, v in env.items())
+
+
+async def test_an_environment_beyond_what_exec_takes_is_refused_and_nothing_is_left(harness):
+    """7 MiB (more than execve ever takes): the task's side reads none of it; E2BIG, said as such."""
+    before = our_children()
+    with pytest.raises(OSError) as refused:
+        await harness.spawn("exit 0", env={f"V{i}": "x" * 100_000 for i in range(70)})
+    assert refused.value.errno == errno.E2BIG
+    assert str(refused.value) == (f"[Errno {errno.E2BIG}] {os.strerror(errno.E2BIG)} "
+                                  "(taking in the task's environment as the user)")
+    assert our_children() == before
+
+
+def test_an_env_fd_that_is_not_a_file_is_reported(identity, new_dir):
+    """--env-fd must be the daemon's memfd: a pipe is refused by the task's side ("error EINVAL env")."""
+    exit_fd = os.open(new_dir("state-", 0o700) / "exit", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env_r, env_w = os.pipe()
+    try:
+        argv = [monitor_program(), "--ctl-fd", str(theirs.fileno()), "--exit-fd", str(exit_fd), "--uid",
+                str(identity.uid), "--gid", str(identity.gid), "--groups", str(identity.gid),
+                "--cwd", "/", "--env-fd", str(env_r), "--", "/bin/echo", "ran"]
+        result = subprocess.run(argv, pass_fds=(theirs.fileno(), exit_fd, env_r), env={}, capture_output=True,
+                                timeout=10)
+        assert (result.returncode, result.stdout) == (1, b""), result
+        assert ours.recv(256) == f"error {errno.EINVAL} env\n".encode()
+    finally:
+        for fd in (exit_fd, env_r, env_w):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
 # ---- exit statuses --------------------------------------------------------------------
 
 
@@ -978,8 +1040,9 @@ async def test_preserved_fds_reach_the_task_at_3_and_up_in_order_and_the_monitor
 @pytest.mark.parametrize("extra, problem", [
     (["--pass-fd", "2"], b"fds must be numbers above 2"),
     (["--pass-fd", "999"], b"--pass-fd: not an open fd"),
+    (["--env-fd", "999"], b"--env-fd: not an open fd"),
 ])
-def test_bad_pass_fds_are_refused(identity, new_dir, extra, problem):
+def test_bad_pass_and_env_fds_are_refused(identity, new_dir, extra, problem):
     exit_fd = os.open(new_dir("state-", 0o700) / "exit", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:

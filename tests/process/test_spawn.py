@@ -23,6 +23,7 @@ import pytest
 from conftest import proc_state
 
 from nodestepd.ctl import probes
+from nodestepd.process import spawn as spawn_module
 from nodestepd.process.identity import Identity
 from nodestepd.process.spawn import (
     HELPER_OUTPUT_LIMIT,
@@ -269,6 +270,155 @@ def test_spawn_of_a_program_that_does_not_exist_leaves_nothing(identity, home):
               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=True)
     assert our_children() == children
     assert CLAIMED == claimed
+
+
+def test_spawn_as_a_user_switches_every_id_drops_every_capability_and_leaks_no_fd(identity, home):
+    """Through nodestepd-monitor --exec-as (vforked as root, the switch at its exec): the program
+    has the user's uids, gids and groups, no capability, the PATH of its env searched for it,
+    and only 0-2 and the fds passed (its report pipe closed at the exec)."""
+    out = memfd()
+    r, w = os.pipe()
+    try:
+        script = ("grep -E '^(Uid|Gid|Groups|CapPrm|CapEff|CapAmb):' /proc/self/status; "
+                  "ls /proc/self/fd; exit 0")
+        watch = spawn(["sh", "-c", script], identity=identity, cwd=str(home), env={"PATH": "/usr/bin:/bin"},
+                      stdin=subprocess.DEVNULL, stdout=out, stderr=out, process_group=True, pass_fds=(w,))
+        assert watch.wait_blocking(30) == 0
+        watch.reap()
+        lines = read_all(out).splitlines()
+    finally:
+        for fd in (out, r, w):
+            os.close(fd)
+    fields = {line.split(":")[0]: line.split(":", 1)[1].split() for line in lines if ":" in line}
+    assert fields["Uid"] == [str(identity.uid)] * 4 and fields["Gid"] == [str(identity.gid)] * 4
+    assert sorted(map(int, fields["Groups"])) == sorted(set(identity.groups))
+    assert fields["CapPrm"] == fields["CapEff"] == fields["CapAmb"] == ["0000000000000000"]
+    fds = {int(x) for x in lines if x.isdigit()}
+    assert {0, 1, 2, w} <= fds and len(fds - {0, 1, 2, w}) == 1, fds  # the one more: ls's own of /proc/self/fd
+
+
+def dump_env_program(home: Path) -> Path:
+    """A copy of cat in a directory of the user's that only an env's PATH names."""
+    bindir = home / "bin"
+    bindir.mkdir(exist_ok=True)
+    program = bindir / "nsd-dump-env"
+    program.write_bytes(Path("/bin/cat").read_bytes())
+    program.chmod(0o755)
+    return program
+
+
+def spawned_env(identity: Identity, home: Path, env: dict[str, str], monkeypatch) -> tuple[list, dict, bytes]:
+    """spawn the env dumper as the user: (argv and env the daemon's Popen got, what the program found in
+    its /proc/self/environ)."""
+    started = []
+    real = spawn_module._spawn
+
+    def recording(argv, **kwargs):
+        started.append((list(argv), dict(kwargs["env"])))
+        return real(argv, **kwargs)
+
+    monkeypatch.setattr(spawn_module, "_spawn", recording)
+    out = memfd()
+    try:
+        watch = spawn([dump_env_program(home).name, "/proc/self/environ"], identity=identity, cwd=str(home),
+                      env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, process_group=True,
+                      start_timeout=30)
+        assert watch.wait_blocking(30) == 0
+        watch.reap()
+        os.lseek(out, 0, os.SEEK_SET)
+        found = b""
+        while chunk := os.read(out, 1 << 20):
+            found += chunk
+    finally:
+        os.close(out)
+    [(argv, popen_env)] = started
+    return argv, popen_env, found
+
+
+def test_spawn_as_a_user_starts_the_switch_as_root_with_no_environment_and_the_program_with_exactly_env(
+        identity, home, monkeypatch):
+    """The step's environment (built from what the user sent) is read by nothing running as root:
+    nodestepd-monitor --exec-as starts with none at all (the C library's start-up would read
+    GLIBC_TUNABLES, MALLOC_* there), and it is not in its argv either (world-readable in /proc).
+    The program gets exactly env, in order, found through env's PATH."""
+    env = {"PATH": f"/nonexistent:{home}/bin", "GLIBC_TUNABLES": "glibc.malloc.check=3", "EMPTY": "",
+           "SPACES AND\nLINES": "a b\nc=d", "UNICODE": "é☃"}
+    argv, popen_env, found = spawned_env(identity, home, env, monkeypatch)
+    assert popen_env == {}
+    assert argv[:2] == [spawn_module.EXEC_AS_PROGRAM, "--exec-as"]
+    assert argv[argv.index("--") + 1:] == ["nsd-dump-env", "/proc/self/environ"]
+    assert not any(value in arg for arg in argv for value in ("glibc.malloc", "a b\nc=d", "é☃"))
+    assert found == b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items())
+
+
+def test_spawn_as_a_user_passes_a_large_environment_intact(identity, home, monkeypatch):
+    """200 KB of environment (one value of 100 KB, 100 of 1 KB): every byte reaches the program."""
+    env = {"PATH": f"{home}/bin", "BIG": "x" * 100_000, **{f"V{i}": chr(ord("a") + i % 26) * 1000 for i in range(100)}}
+    _, _, found = spawned_env(identity, home, env, monkeypatch)
+    assert len(found) > 200_000
+    assert found == b"".join(os.fsencode(f"{k}={v}") + b"\0" for k, v in env.items())
+
+
+def test_spawn_as_a_user_refuses_an_environment_beyond_what_exec_takes_and_leaves_nothing(identity, home):
+    """7 MiB of environment (more than execve ever takes): the switch reads none of it (E2BIG, said
+    as such), exits, and is reaped."""
+    children, claimed = our_children(), set(CLAIMED)
+    with pytest.raises(OSError) as refused:
+        spawn(["/bin/true"], identity=identity, cwd=str(home), env={f"V{i}": "x" * 100_000 for i in range(70)},
+              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=True,
+              start_timeout=30)
+    assert refused.value.errno == errno.E2BIG
+    assert str(refused.value) == (f"[Errno {errno.E2BIG}] {os.strerror(errno.E2BIG)} "
+                                  "(taking in its environment as the user)")
+    assert our_children() == children
+    assert CLAIMED == claimed
+
+
+@pytest.mark.parametrize("name, value", [("", "x"), ("A=B", "x"), ("A\0B", "x"), ("A", "x\0y")])
+def test_spawn_as_a_user_refuses_what_cannot_be_an_environment_variable_before_starting_anything(
+        identity, home, name, value):
+    children = our_children()
+    with pytest.raises(ValueError):
+        spawn(["/bin/true"], identity=identity, cwd=str(home), env={"PATH": "/bin", name: value},
+              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, process_group=True)
+    assert our_children() == children
+
+
+@pytest.mark.parametrize("env_fd, expected", [
+    ("closed", f"{errno.EBADF} env"),
+    ("pipe", f"{errno.EINVAL} env"),  # not a file (nor sealed): not what the daemon hands in
+    (b"A=1\0B=2", f"{errno.EINVAL} env"),  # the last entry not ended
+    (b"A=1\0B\0", f"{errno.EINVAL} env"),  # an entry without "="
+    (b"A=1\0=2\0", f"{errno.EINVAL} env"),  # nor a name
+])
+def test_exec_as_reports_an_environment_it_cannot_take(user, env_fd, expected):
+    """nodestepd-monitor --exec-as itself, given a bad ENV_FD: "ERRNO env" on the report pipe, exit 127,
+    the program never run."""
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    extra = []
+    if env_fd == "closed":
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.close(fd)
+    elif env_fd == "pipe":
+        fd, w = os.pipe()
+        extra.append(w)
+    else:
+        fd = memfd()
+        os.write(fd, env_fd)
+    try:
+        passed = (report_w,) if env_fd == "closed" else (report_w, fd)
+        result = subprocess.run(
+            [spawn_module.EXEC_AS_PROGRAM, "--exec-as", str(report_w), str(fd), str(user.uid), str(user.gid),
+             str(user.gid), "--", "/bin/echo", "ran"],
+            env={}, pass_fds=passed, capture_output=True, timeout=30)
+        os.close(report_w)
+        report_w = -1
+        assert (result.returncode, result.stdout) == (127, b"")
+        assert os.read(report_r, 64).decode() == expected
+    finally:
+        for f in (report_r, report_w, *extra, *(() if env_fd == "closed" else (fd,))):
+            if f >= 0:
+                os.close(f)
 
 
 def test_spawn_without_a_pidfd_stops_the_child_and_leaves_nothing(identity, home, monkeypatch):
@@ -538,7 +688,7 @@ STOPPED_SCRIPT = textwrap.dedent("""
 
     args = json.loads(sys.argv[1])
     identity = Identity.for_uid(args["uid"])
-    stopper = subprocess.Popen([args["stopper"], str(os.getpid()), "1"], stdout=subprocess.PIPE)
+    stopper = subprocess.Popen([args["stopper"], str(os.getpid()), "1", "exec"], stdout=subprocess.PIPE)
     assert stopper.stdout.readline() == b"ready\\n"
     out = {}
 
@@ -592,10 +742,13 @@ STOPPED_SCRIPT = textwrap.dedent("""
 def test_a_child_stopped_before_its_exec_is_killed_at_its_start_deadline(user, home, stopper_program):
     """Issue 19.2: once a spawned child has switched to the user, any process of that user can
     SIGSTOP it before its exec, and Popen waited for that exec for ever, holding SPAWN_LOCK (which
-    the reaper's sweep takes on the event loop), run_helper doing so on the loop itself. Here the
-    stopper (root, tracing the script) stops every child right after its fork, every time (the
-    user's own SIGSTOP must win a race of microseconds). Each start now fails with ETIMEDOUT at its
-    deadline, the lock stays free, the loop runs on, and nothing is left."""
+    the reaper's sweep takes on the event loop), run_helper doing so on the loop itself. A child
+    for a user is now root's until it execs nodestepd-monitor --exec-as (vfork: nobody but root
+    can stop it there), which switches to the user and only then execs the program: that is
+    where the user can stop it. Here the stopper (root, tracing the script) stops every child
+    right after that first exec, every time (the user's own SIGSTOP must win a race of
+    microseconds). Each start fails with ETIMEDOUT at its deadline, the lock stays free, the
+    loop runs on, and nothing is left."""
     result = subprocess.run([sys.executable, "-c", STOPPED_SCRIPT,
                              json.dumps({"uid": user.uid, "home": str(home), "stopper": stopper_program})],
                             capture_output=True, text=True, timeout=30)

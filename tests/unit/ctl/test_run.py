@@ -239,8 +239,8 @@ def attached(monkeypatch):
         pipes.append(catch())
         return pipes[-1]
 
-    catch = run._catch_signals
-    monkeypatch.setattr(run, "_catch_signals", catch_signals)
+    catch = run.catch_signals
+    monkeypatch.setattr(run, "catch_signals", catch_signals)
     yield
     write_end = signal.set_wakeup_fd(-1)
     for fd in [write_end, *pipes]:
@@ -435,7 +435,7 @@ def test_a_socket_gone_is_retried_until_the_timeout(bundle, attached, capsys, tm
     """No socket at the path (a daemon restarting binds it anew): retried with backoff, then 255."""
     attempts = []
     monkeypatch.setattr(run, "try_connect", lambda path: attempts.append(path))
-    attachment = run.Attachment(str(tmp_path / "gone.sock"), run._catch_signals(), (5, 0, 0), 0.5)
+    attachment = run.Attachment(str(tmp_path / "gone.sock"), run.catch_signals(), (5, 0, 0), 0.5)
     with pytest.raises(ClientError) as e:
         attachment.ride(None)
     assert e.value.status == 255 and "did not come back within 0.5 s" in str(e.value)
