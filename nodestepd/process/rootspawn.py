@@ -9,12 +9,11 @@ ctypes lets go of the GIL, and glibc's posix_spawn (clone with CLONE_VM|CLONE_VF
 stack of its own) returns once the child has exec'ed or failed, with the exec's errno.
 
 What the child gets is what spawn.spawn gives a program run as we are: stdin, stdout and
-stderr, the fds asked for (at 3, 4, ... in order: the caller's argv names them by
-their new numbers) and nothing else (every fd from 3 + their count on is closed, close-on-exec
-or not), `/` as its working directory, SIGPIPE and SIGXFSZ back to their default
-dispositions (Python ignores them; subprocess's restore_signals) as are glibc's internal
-signals, no signal blocked, our
-umask, session and process group (the monitor leaves them itself).
+stderr, the fds asked for (at 3, 4, ... in order: the caller's argv names them by their
+new numbers) and nothing else (every fd from 3 + their count on is closed, close-on-exec
+or not), `/` as its working directory, SIGPIPE, SIGXFSZ and glibc's internal signals at
+their default dispositions (Python ignores the first two: subprocess's restore_signals),
+no signal blocked, our umask, session and process group (the monitor leaves them itself).
 """
 
 from __future__ import annotations
