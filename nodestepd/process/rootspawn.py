@@ -27,7 +27,10 @@ from typing import Callable, Mapping, Sequence
 from nodestepd.process.spawn import _StartDeadline, start_timed_out
 from nodestepd.process.watch import ProcessWatch, spawning
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # posix_spawn: the GIL let go for the call
+# Everything else is quick and never blocks: called holding the GIL, so that the spawning
+# thread does not queue for it again after each of a dozen calls (PyDLL does not let go).
+_quick = ctypes.PyDLL(None, use_errno=True)
 
 # Opaque glibc structures, given more room than they take (x86-64: 80, 336 and 128 bytes);
 # a sigset_t is a bit per signal, signal n at bit n - 1 of an array of unsigned longs.
@@ -40,8 +43,9 @@ _POSIX_SPAWN_SETSIGMASK = 0x08
 
 _c = ctypes.c_int
 _p = ctypes.c_void_p
+_libc.posix_spawn.argtypes = [ctypes.POINTER(_c), ctypes.c_char_p, _p, _p, _p, _p]
+_libc.posix_spawn.restype = _c
 for _name, _args in (
-    ("posix_spawn", [ctypes.POINTER(_c), ctypes.c_char_p, _p, _p, _p, _p]),
     ("posix_spawn_file_actions_init", [_p]),
     ("posix_spawn_file_actions_destroy", [_p]),
     ("posix_spawn_file_actions_adddup2", [_p, _c, _c]),
@@ -55,7 +59,7 @@ for _name, _args in (
     ("posix_spawnattr_setsigmask", [_p, _p]),
     ("sigemptyset", [_p]),
 ):
-    _f = getattr(_libc, _name)
+    _f = getattr(_quick, _name)
     _f.argtypes = _args
     _f.restype = _c
 
@@ -99,36 +103,36 @@ def spawn_as_root(program: str, argv_for: Callable[[list[int]], list[str]], *, e
     park = max([2 + len(fds), *[s for s in sources if s >= 0]]) + 1
     actions = ctypes.create_string_buffer(_FILE_ACTIONS_SIZE)
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    _check(_libc.posix_spawn_file_actions_init(actions), "posix_spawn_file_actions_init")
+    _check(_quick.posix_spawn_file_actions_init(actions), "posix_spawn_file_actions_init")
     try:
-        _check(_libc.posix_spawnattr_init(attr), "posix_spawnattr_init")
+        _check(_quick.posix_spawnattr_init(attr), "posix_spawnattr_init")
         try:
             for k, source in enumerate(sources):
                 if source == subprocess.DEVNULL:
-                    _check(_libc.posix_spawn_file_actions_addopen(actions, park + k, b"/dev/null", os.O_RDWR, 0),
+                    _check(_quick.posix_spawn_file_actions_addopen(actions, park + k, b"/dev/null", os.O_RDWR, 0),
                            "posix_spawn_file_actions_addopen")
                 elif source < 0:
                     raise ValueError(f"fd {source} cannot be given to {what}")
                 else:
-                    _check(_libc.posix_spawn_file_actions_adddup2(actions, source, park + k),
+                    _check(_quick.posix_spawn_file_actions_adddup2(actions, source, park + k),
                            "posix_spawn_file_actions_adddup2")
             for k, target in enumerate([0, 1, 2, *targets]):
-                _check(_libc.posix_spawn_file_actions_adddup2(actions, park + k, target),
+                _check(_quick.posix_spawn_file_actions_adddup2(actions, park + k, target),
                        "posix_spawn_file_actions_adddup2")  # dup2 clears close-on-exec on the target
-            _check(_libc.posix_spawn_file_actions_addclosefrom_np(actions, 3 + len(fds)),
+            _check(_quick.posix_spawn_file_actions_addclosefrom_np(actions, 3 + len(fds)),
                    "posix_spawn_file_actions_addclosefrom_np")
-            _check(_libc.posix_spawn_file_actions_addchdir_np(actions, b"/"), "posix_spawn_file_actions_addchdir_np")
+            _check(_quick.posix_spawn_file_actions_addchdir_np(actions, b"/"), "posix_spawn_file_actions_addchdir_np")
             restored = ctypes.create_string_buffer(_SIGSET_SIZE)
             none = ctypes.create_string_buffer(_SIGSET_SIZE)
-            _libc.sigemptyset(restored)
-            _libc.sigemptyset(none)
+            _quick.sigemptyset(restored)
+            _quick.sigemptyset(none)
             words = (ctypes.c_ulong * (_SIGSET_SIZE // ctypes.sizeof(ctypes.c_ulong))).from_buffer(restored)
             bits = 8 * ctypes.sizeof(ctypes.c_ulong)
             for signum in _RESTORED:  # set by hand: glibc's sigaddset refuses its internal signals
                 words[(signum - 1) // bits] |= 1 << ((signum - 1) % bits)
-            _check(_libc.posix_spawnattr_setsigdefault(attr, restored), "posix_spawnattr_setsigdefault")
-            _check(_libc.posix_spawnattr_setsigmask(attr, none), "posix_spawnattr_setsigmask")
-            _check(_libc.posix_spawnattr_setflags(attr, _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK),
+            _check(_quick.posix_spawnattr_setsigdefault(attr, restored), "posix_spawnattr_setsigdefault")
+            _check(_quick.posix_spawnattr_setsigmask(attr, none), "posix_spawnattr_setsigmask")
+            _check(_quick.posix_spawnattr_setflags(attr, _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK),
                    "posix_spawnattr_setflags")
             c_argv, c_envp = _cstrings(argv), _cstrings(envp)
             pid = ctypes.c_int(0)
@@ -151,9 +155,9 @@ def spawn_as_root(program: str, argv_for: Callable[[list[int]], list[str]], *, e
                     os.waitpid(pid.value, 0)
                     raise
         finally:
-            _libc.posix_spawnattr_destroy(attr)
+            _quick.posix_spawnattr_destroy(attr)
     finally:
-        _libc.posix_spawn_file_actions_destroy(actions)
+        _quick.posix_spawn_file_actions_destroy(actions)
     if killed:  # (it may have exec'ed just before the kill: it counts as not started all the same)
         watch.send_signal(signal.SIGKILL)
         watch.wait_blocking(None)
