@@ -69,6 +69,26 @@ for _name, _args in (
 _RESTORED = (signal.SIGPIPE, signal.SIGXFSZ, *range(32, signal.SIGRTMIN))
 
 
+def _attributes() -> ctypes.Array:
+    """The posix_spawnattr_t every spawn uses (posix_spawn only reads it): the signals of
+    _RESTORED at their defaults, none blocked. Made once; never destroyed."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    _check(_quick.posix_spawnattr_init(attr), "posix_spawnattr_init")
+    restored = ctypes.create_string_buffer(_SIGSET_SIZE)
+    none = ctypes.create_string_buffer(_SIGSET_SIZE)
+    _quick.sigemptyset(restored)
+    _quick.sigemptyset(none)
+    words = (ctypes.c_ulong * (_SIGSET_SIZE // ctypes.sizeof(ctypes.c_ulong))).from_buffer(restored)
+    bits = 8 * ctypes.sizeof(ctypes.c_ulong)
+    for signum in _RESTORED:  # set by hand: glibc's sigaddset refuses its internal signals
+        words[(signum - 1) // bits] |= 1 << ((signum - 1) % bits)
+    _check(_quick.posix_spawnattr_setsigdefault(attr, restored), "posix_spawnattr_setsigdefault")
+    _check(_quick.posix_spawnattr_setsigmask(attr, none), "posix_spawnattr_setsigmask")
+    _check(_quick.posix_spawnattr_setflags(attr, _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK),
+           "posix_spawnattr_setflags")
+    return attr
+
+
 def _check(err: int, what: str) -> None:
     """posix_spawn and its helpers return an errno (0: done)."""
     if err:
@@ -77,6 +97,9 @@ def _check(err: int, what: str) -> None:
 
 def _cstrings(items: Sequence[bytes]) -> ctypes.Array:
     return (ctypes.c_char_p * (len(items) + 1))(*items, None)
+
+
+_ATTR = _attributes()
 
 
 def spawn_as_root(program: str, argv_for: Callable[[list[int]], list[str]], *, env: Mapping[str, str],
@@ -102,60 +125,43 @@ def spawn_as_root(program: str, argv_for: Callable[[list[int]], list[str]], *, e
     # its target: a source that is another's target is never overwritten before it is moved.
     park = max([2 + len(fds), *[s for s in sources if s >= 0]]) + 1
     actions = ctypes.create_string_buffer(_FILE_ACTIONS_SIZE)
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
     _check(_quick.posix_spawn_file_actions_init(actions), "posix_spawn_file_actions_init")
     try:
-        _check(_quick.posix_spawnattr_init(attr), "posix_spawnattr_init")
-        try:
-            for k, source in enumerate(sources):
-                if source == subprocess.DEVNULL:
-                    _check(_quick.posix_spawn_file_actions_addopen(actions, park + k, b"/dev/null", os.O_RDWR, 0),
-                           "posix_spawn_file_actions_addopen")
-                elif source < 0:
-                    raise ValueError(f"fd {source} cannot be given to {what}")
-                else:
-                    _check(_quick.posix_spawn_file_actions_adddup2(actions, source, park + k),
-                           "posix_spawn_file_actions_adddup2")
-            for k, target in enumerate([0, 1, 2, *targets]):
-                _check(_quick.posix_spawn_file_actions_adddup2(actions, park + k, target),
-                       "posix_spawn_file_actions_adddup2")  # dup2 clears close-on-exec on the target
-            _check(_quick.posix_spawn_file_actions_addclosefrom_np(actions, 3 + len(fds)),
-                   "posix_spawn_file_actions_addclosefrom_np")
-            _check(_quick.posix_spawn_file_actions_addchdir_np(actions, b"/"), "posix_spawn_file_actions_addchdir_np")
-            restored = ctypes.create_string_buffer(_SIGSET_SIZE)
-            none = ctypes.create_string_buffer(_SIGSET_SIZE)
-            _quick.sigemptyset(restored)
-            _quick.sigemptyset(none)
-            words = (ctypes.c_ulong * (_SIGSET_SIZE // ctypes.sizeof(ctypes.c_ulong))).from_buffer(restored)
-            bits = 8 * ctypes.sizeof(ctypes.c_ulong)
-            for signum in _RESTORED:  # set by hand: glibc's sigaddset refuses its internal signals
-                words[(signum - 1) // bits] |= 1 << ((signum - 1) % bits)
-            _check(_quick.posix_spawnattr_setsigdefault(attr, restored), "posix_spawnattr_setsigdefault")
-            _check(_quick.posix_spawnattr_setsigmask(attr, none), "posix_spawnattr_setsigmask")
-            _check(_quick.posix_spawnattr_setflags(attr, _POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK),
-                   "posix_spawnattr_setflags")
-            c_argv, c_envp = _cstrings(argv), _cstrings(envp)
-            pid = ctypes.c_int(0)
-            with spawning() as tid:  # until the pidfd is ours, the reaper must not take the new child for an orphan
-                deadline = None if start_timeout is None else _StartDeadline(tid, start_timeout)
-                try:
-                    # The GIL is let go for the call (ctypes): the event loop runs on meanwhile.
-                    err = _libc.posix_spawn(ctypes.byref(pid), os.fsencode(program), actions, attr, c_argv, c_envp)
-                finally:
-                    killed = deadline is not None and deadline.cancel()
-                if err:  # glibc has reaped the child
-                    if killed:
-                        assert start_timeout is not None
-                        raise start_timed_out(what, start_timeout)
-                    raise OSError(err, os.strerror(err), program)
-                try:
-                    watch = ProcessWatch.open(pid.value)  # our child: nobody else can reap it, the pid is still ours
-                except BaseException:
-                    os.kill(pid.value, signal.SIGKILL)  # no pidfd (EMFILE...): it would run and end unwatched
-                    os.waitpid(pid.value, 0)
-                    raise
-        finally:
-            _quick.posix_spawnattr_destroy(attr)
+        for k, source in enumerate(sources):
+            if source == subprocess.DEVNULL:
+                _check(_quick.posix_spawn_file_actions_addopen(actions, park + k, b"/dev/null", os.O_RDWR, 0),
+                       "posix_spawn_file_actions_addopen")
+            elif source < 0:
+                raise ValueError(f"fd {source} cannot be given to {what}")
+            else:
+                _check(_quick.posix_spawn_file_actions_adddup2(actions, source, park + k),
+                       "posix_spawn_file_actions_adddup2")
+        for k, target in enumerate([0, 1, 2, *targets]):
+            _check(_quick.posix_spawn_file_actions_adddup2(actions, park + k, target),
+                   "posix_spawn_file_actions_adddup2")  # dup2 clears close-on-exec on the target
+        _check(_quick.posix_spawn_file_actions_addclosefrom_np(actions, 3 + len(fds)),
+               "posix_spawn_file_actions_addclosefrom_np")
+        _check(_quick.posix_spawn_file_actions_addchdir_np(actions, b"/"), "posix_spawn_file_actions_addchdir_np")
+        c_argv, c_envp = _cstrings(argv), _cstrings(envp)
+        pid = ctypes.c_int(0)
+        with spawning() as tid:  # until the pidfd is ours, the reaper must not take the new child for an orphan
+            deadline = None if start_timeout is None else _StartDeadline(tid, start_timeout)
+            try:
+                # The GIL is let go for the call (ctypes): the event loop runs on meanwhile.
+                err = _libc.posix_spawn(ctypes.byref(pid), os.fsencode(program), actions, _ATTR, c_argv, c_envp)
+            finally:
+                killed = deadline is not None and deadline.cancel()
+            if err:  # glibc has reaped the child
+                if killed:
+                    assert start_timeout is not None
+                    raise start_timed_out(what, start_timeout)
+                raise OSError(err, os.strerror(err), program)
+            try:
+                watch = ProcessWatch.open(pid.value)  # our child: nobody else can reap it, the pid is still ours
+            except BaseException:
+                os.kill(pid.value, signal.SIGKILL)  # no pidfd (EMFILE...): it would run and end unwatched
+                os.waitpid(pid.value, 0)
+                raise
     finally:
         _quick.posix_spawn_file_actions_destroy(actions)
     if killed:  # (it may have exec'ed just before the kill: it counts as not started all the same)
