@@ -24,13 +24,14 @@ import signal
 import subprocess
 from typing import Callable, Mapping, Sequence
 
+from nodestepd.process.kernel import LIBC, LIBC_HOLDING
 from nodestepd.process.spawn import _StartDeadline, start_timed_out
 from nodestepd.process.watch import ProcessWatch, spawning
 
-_libc = ctypes.CDLL(None, use_errno=True)  # posix_spawn: the GIL let go for the call
+_libc = LIBC  # posix_spawn: the GIL let go for the call
 # Everything else is quick and never blocks: called holding the GIL, so that the spawning
-# thread does not queue for it again after each of a dozen calls (PyDLL does not let go).
-_quick = ctypes.PyDLL(None, use_errno=True)
+# thread does not queue for it again after each of a dozen calls.
+_quick = LIBC_HOLDING
 
 # Opaque glibc structures, given more room than they take (x86-64: 80, 336 and 128 bytes);
 # a sigset_t is a bit per signal, signal n at bit n - 1 of an array of unsigned longs.

@@ -1,11 +1,12 @@
-"""identity.grouplist: glibc's getgrouplist through ctypes (the GIL let go), against Python's own."""
+"""kernel.grouplist: glibc's getgrouplist through ctypes (the GIL let go), against Python's own."""
 
 from __future__ import annotations
 
 import grp
 import os
 
-from nodestepd.process.identity import Identity, grouplist
+from nodestepd.process.identity import Identity
+from nodestepd.process.kernel import grouplist
 
 
 def test_the_groups_are_python_getgrouplist_s(user):
