@@ -73,8 +73,8 @@ class SpareFiles:
     daemon that died left), and at close(). Files are not used (take() finds none) when the
     directory is on another filesystem than `target_fd`'s, where no rename could move them;
     the spool takes directories and files only on the filesystem `device` names. A record
-    replaced or removed comes back as a spare (recycle()): the pool holds up to twice
-    `keep` files then. Thread-safe: take(), take_dir() and recycle() from any thread;
+    replaced or removed comes back as a spare (recycle()) while the pool is short of
+    `keep` files. Thread-safe: take(), take_dir() and recycle() from any thread;
     top_up() blocks (one file or directory created per missing spare).
     """
 
@@ -96,6 +96,7 @@ class SpareFiles:
         self._files: list[Spare] = []
         self._dirs: list[Spare] = []
         self._made = 0
+        self._topped_up = False  # recycle() keeps files only once top_up() has run
 
     def take(self) -> Spare | None:
         """A spare file (its fd and name now the taker's to close and to move or unlink),
@@ -107,12 +108,14 @@ class SpareFiles:
         """Keep the file `name` in dir_fd (root's, emptied) as a spare instead of unlinking
         it: on ext4 without a journal, each inode allocated scans past every inode freed in
         the last 30 s (the kernel's recently_deleted check), so a launch that frees one
-        slows every later one; this one is used again instead. True when it was taken (it
-        has left dir_fd); False when it was not (the pool is full, or it is not a plain
+        slows every later one; this one is used again instead. Only into a pool that
+        top_up() has filled before (a daemon that launched nothing keeps no spares) and
+        while it holds fewer than `keep` files (launches took them). True when it was taken
+        (it has left dir_fd); False when it was not (the pool is full, or it is not a plain
         file of root's on the spares' filesystem): the caller unlinks it as before. A file
         in the spares' own directory (write_atomically's exchange) keeps its name."""
         with self._lock:
-            if self._fd < 0 or self._keep == 0 or len(self._files) >= 2 * self._keep:
+            if self._fd < 0 or not self._topped_up or len(self._files) >= self._keep:
                 return False
             spares_fd, moving = self._fd, dir_fd != self._fd
             if moving:
@@ -157,6 +160,7 @@ class SpareFiles:
         """Make spares until there are `keep` files and `keep_dirs` directories. One that
         cannot be made (a full disk) is not an error here: the taker then finds none and
         creates its own, which reports the error where it matters."""
+        self._topped_up = True
         for pool, keep, make in ((self._files, self._keep, self._make_file), (self._dirs, self._keep_dirs,
                                                                              self._make_dir)):
             while True:

@@ -323,15 +323,22 @@ def test_a_removed_record_becomes_a_spare_and_its_exit_file_goes(tmp_path):
     store.remove("1000.7.0.0")  # removed again (a release retried): nothing there, no error
 
 
-def test_the_spares_kept_from_records_are_bounded(tmp_path):
+def test_records_are_kept_as_spares_only_while_launches_have_taken_some(tmp_path):
     store = RecordStore(str(tmp_path))
     for job in range(30):
         store.write(make_record(job))
+    store.remove("1000.0.0.0")  # no spares made yet (a daemon that only recovers steps): unlinked
+    assert spares(tmp_path) == []
     store.make_spares()
-    for job in range(30):
+    for job in range(30, 35):  # five launches take five spares
+        store.write(make_record(job, state="launching"), durable=False)
+    assert len(spares(tmp_path)) == 7
+    removed = {(tmp_path / "steps" / f"1000.{job}.0.0.json").stat().st_ino for job in range(1, 30)}
+    for job in range(1, 30):
         store.remove(f"1000.{job}.0.0")
-    assert len(spares(tmp_path)) == 24  # twice the spares made: the rest are unlinked as before
-    assert os.listdir(tmp_path / "steps") == []
+    assert len(spares(tmp_path)) == 12  # five of them taken back; the rest unlinked as before
+    assert len(removed & inodes(tmp_path / "spare")) == 5
+    assert sorted(os.listdir(tmp_path / "steps")) == [f"1000.{job}.0.0.json" for job in range(30, 35)]
 
 
 def test_a_link_where_the_record_was_is_swapped_out_and_removed_never_written_through(tmp_path):
