@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import pwd
 from dataclasses import dataclass
+
+from nodestepd.process.kernel import grouplist
 
 
 @dataclass(frozen=True)
@@ -24,4 +25,4 @@ class Identity:
             pw = pwd.getpwuid(uid)
         except KeyError:
             raise LookupError(f"uid {uid} has no passwd entry on this node") from None
-        return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)), pw.pw_dir)
+        return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, grouplist(pw.pw_name, pw.pw_gid), pw.pw_dir)

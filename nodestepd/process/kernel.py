@@ -37,6 +37,11 @@ class _Prctl(enum.IntEnum):
 # The one ctypes handle: Python has no prctl. dlopen(NULL) is the interpreter's own
 # symbol table, which holds the C library it is linked against; nothing is searched for.
 _libc = ctypes.CDLL(None, use_errno=True)
+# The C library for the other modules of process/ (rootspawn.py): LIBC lets go of the GIL
+# for each call, LIBC_HOLDING keeps it (quick calls that never block: no queueing for the
+# GIL again after each).
+LIBC = _libc
+LIBC_HOLDING = ctypes.PyDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int
 
@@ -133,6 +138,7 @@ def sealed_memfd(name: str, data: bytes) -> int:
 
 
 _RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCHANGE = 2
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _libc.renameat2.restype = ctypes.c_int
 
@@ -144,3 +150,33 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
     if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), dst)
+
+
+def rename_exchange(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
+    """renameat2(RENAME_EXCHANGE): swap src and dst atomically, both of which must exist
+    (FileNotFoundError otherwise). Both names are single components relative to their
+    directory fds."""
+    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_EXCHANGE) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
+
+
+_libc.getgrouplist.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint),
+                               ctypes.POINTER(ctypes.c_int)]
+_libc.getgrouplist.restype = ctypes.c_int
+_NGROUPS_MAX = 65536  # the kernel's
+
+
+def grouplist(user: str, gid: int, *, size: int = 64) -> tuple[int, ...]:
+    """os.getgrouplist, letting go of the GIL: Python's holds it through the NSS lookups
+    (nss-systemd's walk of the userdb directories, a directory service's round trip), once
+    per launch, while the event loop waits. glibc's getgrouplist through ctypes does not.
+    Blocking: call it off the event loop. size: room for this many groups at first."""
+    while True:
+        groups = (ctypes.c_uint * size)()
+        count = ctypes.c_int(size)
+        if _libc.getgrouplist(os.fsencode(user), gid, groups, ctypes.byref(count)) >= 0:
+            return tuple(groups[:count.value])
+        if size >= _NGROUPS_MAX:
+            raise OSError(f"{user} is in more than {_NGROUPS_MAX} groups")
+        size = min(_NGROUPS_MAX, max(2 * size, count.value))  # glibc says how many there are

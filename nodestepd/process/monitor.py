@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 from nodestepd.logs import get_logger
 from nodestepd.process.identity import Identity
 from nodestepd.process.kernel import sealed_memfd, user_fd_limit
-from nodestepd.process.spawn import SHELL, check_workdir, environment_block, spawn, start_timed_out
+from nodestepd.process.rootspawn import spawn_as_root
+from nodestepd.process.spawn import SHELL, check_workdir, environment_block, start_timed_out
 from nodestepd.process.watch import CLAIMED, ExitWatch, NotWatchable, Pidfd, ProcessWatch, children, proc_ids
 
 if TYPE_CHECKING:
@@ -146,33 +147,37 @@ class Monitor:
             # task's whole life, runs with none (the C library reads GLIBC_TUNABLES, MALLOC_*
             # at its start-up).
             env_fd = sealed_memfd("nodestepd-env", environment_block(env))
-            argv = [
-                program, "--ctl-fd", str(theirs.fileno()), "--exit-fd", str(exit_fd), "--env-fd", str(env_fd),
-                "--uid", str(identity.uid), "--gid", str(identity.gid),
-                "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
-                "--start-timeout-ms", str(max(1, round(start_timeout * 1000))),
-                "--nofile", "%d:%d" % user_fd_limit(),
-                *(word for fd in preserved for word in ("--pass-fd", str(fd))),
-                *(("--userns", ",".join(str(n) for n in userns)) if userns is not None else ()),
-            ]
-            entered: tuple[int, ...] = ()
-            if namespaces is not None:
-                entered = namespaces.fds()
-                argv += ["--userns-fd", str(entered[0]), "--mntns-fd", str(entered[1])]
-            argv += ["--", shell, "-c", command]
+            entered: tuple[int, ...] = namespaces.fds() if namespaces is not None else ()
+
+            def argv_for(fds: list[int]) -> list[str]:
+                """The monitor's argv, naming the fds by the numbers it gets them at (rootspawn)."""
+                ctl, exit_, env_, *rest = fds
+                passed, ns = rest[:len(preserved)], rest[len(preserved):]
+                return [
+                    program, "--ctl-fd", str(ctl), "--exit-fd", str(exit_), "--env-fd", str(env_),
+                    "--uid", str(identity.uid), "--gid", str(identity.gid),
+                    "--groups", ",".join(str(g) for g in identity.groups), "--cwd", cwd,
+                    "--start-timeout-ms", str(max(1, round(start_timeout * 1000))),
+                    "--nofile", "%d:%d" % user_fd_limit(),
+                    *(word for fd in passed for word in ("--pass-fd", str(fd))),
+                    *(("--userns", ",".join(str(n) for n in userns)) if userns is not None else ()),
+                    *(("--userns-fd", str(ns[0]), "--mntns-fd", str(ns[1])) if ns else ()),
+                    "--", shell, "-c", command,
+                ]
+
             # As root: the monitor switches to the user for the task. No process group from
             # us: it leaves our session and group itself (setsid). Our umask: it creates no
-            # file, and sets the task's.
-            watch = spawn(
-                argv,
-                identity=None,
-                cwd="/",  # the monitor pins no directory; the task's is entered by the monitor
+            # file, and sets the task's. Through rootspawn, which lets go of the GIL while
+            # the monitor is made (one per task launched: the event loop runs on meanwhile);
+            # its working directory is `/` (it pins none; the task's is entered by the monitor).
+            watch = spawn_as_root(
+                program,
+                argv_for,
                 env={},  # the task's comes through env_fd
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                process_group=False,
-                pass_fds=(theirs.fileno(), exit_fd, env_fd, *preserved, *entered),
+                fds=(theirs.fileno(), exit_fd, env_fd, *preserved, *entered),
                 start_timeout=start_timeout,  # root's child: only root could stop it, but bounded all the same
                 what="the task monitor",
             )

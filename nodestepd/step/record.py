@@ -14,6 +14,7 @@ daemon, nor the recovery of the other steps.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -287,6 +288,8 @@ class RecordStore:
         # earlier launch), none of it allocates an inode then (the spool's when it is on
         # the state dir's filesystem: prepare.create).
         self.spares = statefiles.SpareFiles(os.path.join(state_dir, SPARE_DIR), self._fd)
+        self._refill: asyncio.Future[None] | None = None  # make_spares_soon's, while it runs
+        self._refill_again = False
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -305,11 +308,33 @@ class RecordStore:
         blocking, called once a launch is acknowledged, its tasks running."""
         self.spares.top_up()
 
+    def make_spares_soon(self) -> asyncio.Future[None]:
+        """make_spares in a worker thread, shared: launches acknowledged while one runs ask
+        for one more after it, not one each (with 16 launches at a time, a worker-thread hop
+        per launch that mostly found nothing left to make). Call on the event loop."""
+        if self._refill is not None and not self._refill.done():
+            self._refill_again = True
+            return self._refill
+        self._refill_again = False
+        self._refill = asyncio.ensure_future(asyncio.to_thread(self.make_spares))
+        self._refill.add_done_callback(self._refilled)
+        return self._refill
+
+    def _refilled(self, done: asyncio.Future[None]) -> None:
+        if not done.cancelled():
+            done.exception()  # top_up raises nothing: a spare that cannot be made is left to the taker
+        if self._refill_again:
+            self.make_spares_soon()
+
     def remove(self, name: str) -> None:
-        """The step is cleaned up: its record and exit file go."""
-        for suffix in (RECORD_SUFFIX, EXITS_SUFFIX):
+        """The step is cleaned up: its record and exit file go. The record (written by us
+        alone, no fd left open on it) becomes a spare file rather than a freed inode
+        (SpareFiles.recycle); the exit file, which a monitor may still hold, is unlinked."""
+        if not self.spares.recycle(self._fd, name + RECORD_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(name + suffix, dir_fd=self._fd)
+                os.unlink(name + RECORD_SUFFIX, dir_fd=self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name + EXITS_SUFFIX, dir_fd=self._fd)
         os.fsync(self._fd)
 
     def open_exits(self, name: str) -> int:

@@ -9,7 +9,9 @@ with fsync): call them through asyncio.to_thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
 import msgspec
+
+from nodestepd.process.kernel import rename_exchange, rename_noreplace
 
 T = TypeVar("T")
 
@@ -68,8 +72,10 @@ class SpareFiles:
     directory 0700) and empty; the directory is emptied when the store opens it (what a
     daemon that died left), and at close(). Files are not used (take() finds none) when the
     directory is on another filesystem than `target_fd`'s, where no rename could move them;
-    the spool takes directories and files only on the filesystem `device` names. Thread-safe: take() and take_dir()
-    from any thread; top_up() blocks (one file or directory created per missing spare).
+    the spool takes directories and files only on the filesystem `device` names. A record
+    replaced or removed comes back as a spare (recycle()) while the pool is short of
+    `keep` files. Thread-safe: take(), take_dir() and recycle() from any thread;
+    top_up() blocks (one file or directory created per missing spare).
     """
 
     def __init__(self, path: str, target_fd: int, keep: int = 12, keep_dirs: int = 6) -> None:
@@ -90,12 +96,59 @@ class SpareFiles:
         self._files: list[Spare] = []
         self._dirs: list[Spare] = []
         self._made = 0
+        self._topped_up = False  # recycle() keeps files only once top_up() has run
 
     def take(self) -> Spare | None:
         """A spare file (its fd and name now the taker's to close and to move or unlink),
         or None when there is none left."""
         with self._lock:
             return self._files.pop() if self._files else None
+
+    def recycle(self, dir_fd: int, name: str) -> bool:
+        """Keep the file `name` in dir_fd (root's, emptied) as a spare instead of unlinking
+        it: on ext4 without a journal, each inode allocated scans past every inode freed in
+        the last 30 s (the kernel's recently_deleted check), so a launch that frees one
+        slows every later one; this one is used again instead. Only into a pool that
+        top_up() has filled before (a daemon that launched nothing keeps no spares) and
+        while it holds fewer than `keep` files (launches took them). True when it was taken
+        (it has left dir_fd); False when it was not (the pool is full, or it is not a plain
+        file of root's on the spares' filesystem): the caller unlinks it as before. A file
+        in the spares' own directory (write_atomically's exchange) keeps its name."""
+        with self._lock:
+            if self._fd < 0 or not self._topped_up or len(self._files) >= self._keep:
+                return False
+            spares_fd, moving = self._fd, dir_fd != self._fd
+            if moving:
+                self._made += 1
+                spare = f"{os.getpid()}.{self._made}"
+        if moving:
+            try:
+                rename_noreplace(dir_fd, name, spares_fd, spare)
+            except OSError:  # another filesystem (EXDEV), or gone
+                return False
+            name = spare
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_APPEND | NOFOLLOW, dir_fd=spares_fd)
+        except OSError:  # a link or a directory where a record was: not a spare
+            _remove(spares_fd, name)
+            return True
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            os.close(fd)
+            _remove(spares_fd, name)
+            return True
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            os.close(fd)
+            _remove(spares_fd, name)
+            return True
+        with self._lock:
+            if self._fd == spares_fd:
+                self._files.append(Spare(spares_fd, name, fd))
+                return True
+        os.close(fd)  # closed meanwhile: close() has emptied the directory, or the next store does
+        return True
 
     def take_dir(self) -> Spare | None:
         """A spare directory (its fd and name now the taker's to close and to move or
@@ -107,6 +160,7 @@ class SpareFiles:
         """Make spares until there are `keep` files and `keep_dirs` directories. One that
         cannot be made (a full disk) is not an error here: the taker then finds none and
         creates its own, which reports the error where it matters."""
+        self._topped_up = True
         for pool, keep, make in ((self._files, self._keep, self._make_file), (self._dirs, self._keep_dirs,
                                                                              self._make_dir)):
             while True:
@@ -151,6 +205,13 @@ class SpareFiles:
             os.close(dir_fd)
 
 
+def _remove(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=dir_fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(name, dir_fd=dir_fd)
+
+
 def write_atomically(dir_fd: int, name: str, data: bytes, *, durable: bool = True,
                      spares: SpareFiles | None = None) -> None:
     """Replace `name` in the directory with `data`, durably; on failure (OSError: a full
@@ -159,7 +220,9 @@ def write_atomically(dir_fd: int, name: str, data: bytes, *, durable: bool = Tru
     durable=False skips both fsyncs: the new file is what any process (a restarted daemon)
     reads at once, but a crash of the machine may leave the one before it, or none.
     spares: where a spare file (if one is left) is taken as the temporary file, instead
-    of creating one (SpareFiles, on the directory's filesystem)."""
+    of creating one (SpareFiles, on the directory's filesystem); the file it replaces is
+    then swapped into the spare's place (RENAME_EXCHANGE, as atomic as a rename) and kept
+    as a spare (SpareFiles.recycle) instead of being freed."""
     taken = spares.take() if spares is not None else None
     if taken is not None:
         tmp_dir_fd, tmp, fd = taken
@@ -176,7 +239,18 @@ def write_atomically(dir_fd: int, name: str, data: bytes, *, durable: bool = Tru
             os.fsync(fd)
         os.close(fd)
         fd = -1
-        os.replace(tmp, name, src_dir_fd=tmp_dir_fd, dst_dir_fd=dir_fd)
+        exchanged = False
+        if taken is not None:
+            try:
+                rename_exchange(tmp_dir_fd, tmp, dir_fd, name)
+                exchanged = True
+            except FileNotFoundError:  # nothing to replace: the first write of this name
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise  # EINVAL...: a filesystem without RENAME_EXCHANGE replaces as before
+        if not exchanged:
+            os.replace(tmp, name, src_dir_fd=tmp_dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -185,6 +259,10 @@ def write_atomically(dir_fd: int, name: str, data: bytes, *, durable: bool = Tru
         raise
     if durable:
         os.fsync(dir_fd)
+    if exchanged:
+        assert spares is not None
+        if not spares.recycle(tmp_dir_fd, tmp):
+            _remove(tmp_dir_fd, tmp)
 
 
 def is_unfinished_write(name: str) -> bool:

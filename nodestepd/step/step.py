@@ -233,8 +233,9 @@ class Step:
             raise
         self._keeps_result = True
         # The spares this launch took (record.py) are made again while its tasks run, in a
-        # worker thread: the acknowledgement does not wait for them.
-        self._making_spares = asyncio.ensure_future(asyncio.to_thread(self.store.make_spares))
+        # worker thread (one for the launches acknowledged meanwhile): the acknowledgement
+        # does not wait for them.
+        self._making_spares = self.store.make_spares_soon()
 
     def _prepare(self, preparation: Preparation) -> tuple[Prepared, int, tuple[str, ...]]:
         """Plan the launch, record the plan, create the spool, open the exit file: blocking,

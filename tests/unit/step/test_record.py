@@ -1,3 +1,4 @@
+import asyncio
 import errno
 import os
 import stat
@@ -280,3 +281,97 @@ def test_closing_the_store_removes_its_spares(tmp_path):
     store.make_spares()
     store.close()
     assert os.listdir(tmp_path / "spare") == []
+
+
+# ---- recycled records: an inode used again instead of one freed and one allocated ----------
+
+
+def inodes(path) -> set[int]:
+    return {(path / n).stat().st_ino for n in os.listdir(path) if (path / n).is_file()}
+
+
+def test_a_replaced_record_becomes_a_spare_emptied(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7, state="launching"), durable=False)  # a launch's first write
+    store.make_spares()
+    pending = (tmp_path / "steps" / "1000.7.0.0.json").stat().st_ino
+    store.write(make_record(7))  # its durable write takes a spare, and gives the pending record back
+    assert (tmp_path / "steps" / "1000.7.0.0.json").stat().st_ino != pending
+    assert pending in inodes(tmp_path / "spare")
+    assert len(spares(tmp_path)) == 12
+    assert all((tmp_path / "spare" / n).stat().st_size == 0 for n in spares(tmp_path))
+    assert store.load_all() == ([make_record(7)], [])
+    for job in range(8, 20):  # the recycled spare is taken like any other
+        store.write(make_record(job, state="launching"), durable=False)
+    assert spares(tmp_path) == []
+    assert pending in {(tmp_path / "steps" / n).stat().st_ino for n in os.listdir(tmp_path / "steps")}
+    assert sorted(r.job_id for r in store.load_all()[0]) == list(range(7, 20))
+
+
+def test_a_removed_record_becomes_a_spare_and_its_exit_file_goes(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7))
+    store.make_spares()
+    fd = store.open_exits("1000.7.0.0")
+    os.close(fd)
+    record = (tmp_path / "steps" / "1000.7.0.0.json").stat().st_ino
+    store.remove("1000.7.0.0")
+    assert os.listdir(tmp_path / "steps") == []
+    assert record in inodes(tmp_path / "spare")
+    assert len(spares(tmp_path)) == 12  # 11 after the exit file took one, and the record
+    assert all((tmp_path / "spare" / n).stat().st_size == 0 for n in spares(tmp_path))
+    store.remove("1000.7.0.0")  # removed again (a release retried): nothing there, no error
+
+
+def test_records_are_kept_as_spares_only_while_launches_have_taken_some(tmp_path):
+    store = RecordStore(str(tmp_path))
+    for job in range(30):
+        store.write(make_record(job))
+    store.remove("1000.0.0.0")  # no spares made yet (a daemon that only recovers steps): unlinked
+    assert spares(tmp_path) == []
+    store.make_spares()
+    for job in range(30, 35):  # five launches take five spares
+        store.write(make_record(job, state="launching"), durable=False)
+    assert len(spares(tmp_path)) == 7
+    removed = {(tmp_path / "steps" / f"1000.{job}.0.0.json").stat().st_ino for job in range(1, 30)}
+    for job in range(1, 30):
+        store.remove(f"1000.{job}.0.0")
+    assert len(spares(tmp_path)) == 12  # five of them taken back; the rest unlinked as before
+    assert len(removed & inodes(tmp_path / "spare")) == 5
+    assert sorted(os.listdir(tmp_path / "steps")) == [f"1000.{job}.0.0.json" for job in range(30, 35)]
+
+
+def test_a_link_where_the_record_was_is_swapped_out_and_removed_never_written_through(tmp_path):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(8))
+    store.make_spares()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "steps" / "1000.7.0.0.json")
+    store.write(make_record(7))
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "steps" / "1000.7.0.0.json").is_symlink()
+    assert not [n for n in os.listdir(tmp_path / "spare") if (tmp_path / "spare" / n).is_symlink()]
+    assert len(spares(tmp_path)) == 11
+    assert store.load_all() == ([make_record(7), make_record(8)], [])
+
+
+def test_launches_acknowledged_together_share_a_refill_and_ask_for_one_more(tmp_path, monkeypatch):
+    store = RecordStore(str(tmp_path))
+    store.write(make_record(7))
+    made = []
+    top_up = store.spares.top_up
+    monkeypatch.setattr(store.spares, "top_up", lambda: (made.append(1), top_up()))
+
+    async def launches():
+        first = store.make_spares_soon()
+        assert store.make_spares_soon() is first  # while it runs: the same one, and one more after it
+        assert store.make_spares_soon() is first
+        await first
+        while store._refill is not first and not store._refill.done():
+            await store._refill
+        await asyncio.sleep(0)
+        assert store._refill.done()
+    asyncio.run(launches())
+    assert len(made) == 2
+    assert len(spares(tmp_path)) == 12

@@ -169,6 +169,9 @@ class FakeStore:
     def make_spares(self) -> None:
         self.spares_made += 1
 
+    def make_spares_soon(self) -> asyncio.Future[None]:
+        return asyncio.ensure_future(asyncio.to_thread(self.make_spares))
+
 
 class FakeResults:
     """A ResultStore that notes each result with what the record store had removed by then."""
