@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 PROGRAM_NAME = "nodestepd-monitor"
 LIBEXEC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_libexec")
 _MESSAGE_SIZE = 256  # every message the monitor sends is one short line
-# What the monitor was doing when the task could not start: names the file in the OSError.
-_FAILED_STEPS = {"exec", "chdir", "setgroups", "setgid", "setuid", "setup", "timeout", "setns", "env"}
 # How much longer than the task's start deadline we wait for the monitor to report: its
 # own deadline fires first; ours only for a monitor that cannot report (stopped by root).
 _REPORT_MARGIN = 2.0

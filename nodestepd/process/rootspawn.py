@@ -25,7 +25,7 @@ import subprocess
 from typing import Callable, Mapping, Sequence
 
 from nodestepd.process.kernel import LIBC, LIBC_HOLDING
-from nodestepd.process.spawn import _StartDeadline, start_timed_out
+from nodestepd.process.spawn import StartDeadline, start_timed_out
 from nodestepd.process.watch import ProcessWatch, spawning
 
 _libc = LIBC  # posix_spawn: the GIL let go for the call
@@ -146,7 +146,7 @@ def spawn_as_root(program: str, argv_for: Callable[[list[int]], list[str]], *, e
         c_argv, c_envp = _cstrings(argv), _cstrings(envp)
         pid = ctypes.c_int(0)
         with spawning() as tid:  # until the pidfd is ours, the reaper must not take the new child for an orphan
-            deadline = None if start_timeout is None else _StartDeadline(tid, start_timeout)
+            deadline = None if start_timeout is None else StartDeadline(tid, start_timeout)
             try:
                 # The GIL is let go for the call (ctypes): the event loop runs on meanwhile.
                 err = _libc.posix_spawn(ctypes.byref(pid), os.fsencode(program), actions, _ATTR, c_argv, c_envp)

@@ -139,12 +139,12 @@ class _Workers:
 _WORKERS = _Workers()
 
 
-class _StartDeadline:
+class StartDeadline:
     """Kills the child a thread is spawning if it has not exec'ed by the deadline.
 
-    Popen waits for the exec with no timeout of its own. The child is found as the one new
-    child of the spawning thread (the kernel makes the forking thread its parent, and the
-    thread is busy in Popen: it forks nothing else), and pinned by a pidfd that is checked
+    Popen (and glibc's posix_spawn, rootspawn.py) waits for the exec with no timeout of its
+    own. The child is found as the one new child of the spawning thread (the kernel makes
+    the forking thread its parent, and the thread is busy spawning: it forks nothing else), and pinned by a pidfd that is checked
     to still name that child before the SIGKILL. The killed child closes Popen's error pipe
     without a word, so Popen returns; `cancel()` then says it fired.
     """
@@ -189,15 +189,15 @@ class _StartDeadline:
 
 class _Watchdog:
     """One thread for every start deadline (a timer thread per spawn would cost more than
-    the rest of the deadline's work): fires each _StartDeadline due and not over."""
+    the rest of the deadline's work): fires each StartDeadline due and not over."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._due: list[tuple[float, int, _StartDeadline]] = []  # a heap
+        self._due: list[tuple[float, int, StartDeadline]] = []  # a heap
         self._count = 0
         self._thread: threading.Thread | None = None
 
-    def add(self, when: float, deadline: _StartDeadline) -> None:
+    def add(self, when: float, deadline: StartDeadline) -> None:
         with self._cond:
             self._count += 1
             heapq.heappush(self._due, (when, self._count, deadline))
@@ -389,7 +389,7 @@ def _spawn(argv: Sequence[str], *, cwd: str, env: Mapping[str, str], stdin: int,
            what: str) -> ProcessWatch:
     """spawn's Popen, as root: a vfork and an exec (see spawn)."""
     with spawning() as tid:  # until the pidfd is ours, the reaper must not take the new child for an orphan
-        deadline = None if start_timeout is None else _StartDeadline(tid, start_timeout)
+        deadline = None if start_timeout is None else StartDeadline(tid, start_timeout)
         try:
             popen = subprocess.Popen(
                 list(argv),
