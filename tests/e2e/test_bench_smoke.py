@@ -17,7 +17,7 @@ SECTIONS = ["1 launch overhead", "2 daemon-side latency", "3 exit notice, create
             "5 throughput", "6 images"]
 # One figure of each kind the issue asks for; the JSON must have them all and the table print them all.
 FIGURES = [
-    "nodestepctl run `true`, median", "ratio of medians, nodestepctl / direct",
+    "nodestepctl run `true`, median", "CLI: ratio of medians, nodestepctl / direct",
     "API run `true` (nodestepd.client, one running process), median", "ratio of medians, API / direct",
     "nodestepctl alone (run path, no daemon), median",
     "request received -> runtime spawned, median", "task exit -> exit event sent, median",
