@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from nodestepd.protocol.wire import frame_dict
+from nodestepd.protocol.wire import HEADER_SIZE, VERSION, frame_dict, frame_length, loads
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -355,6 +355,20 @@ def pidfd_pids() -> list[int]:
     return sorted(pids)
 
 
+@pytest.fixture
+def shell_ignored_signals():
+    """This process with SIGINT, SIGQUIT and SIGHUP ignored while the test runs, as a daemon
+    started from a shell's background job (SIGINT, SIGQUIT) or by nohup (SIGHUP) is: what
+    it spawns must not inherit them."""
+    ignored = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignored}
+    try:
+        yield ignored
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def settle(daemon: Daemon) -> None:
     """Until the daemon has released every step whose exit it has told (nothing when it is
     not running). A step's exit event goes out before its release's filesystem work (the
@@ -369,9 +383,13 @@ def settle(daemon: Daemon) -> None:
             sock.connect(str(daemon.socket))
         except (FileNotFoundError, ConnectionRefusedError):
             return  # stopping, or not listening yet: no step of it to wait for
-        sock.sendall(frame_dict({"op": "status"}))
-        reply = sock.recv(1 << 16)
-        assert reply, "the daemon closed the connection without answering `status`"
+        sock.sendall(frame_dict({"op": "status", "v": VERSION}))
+        with sock.makefile("rb") as replies:
+            header = replies.read(HEADER_SIZE)
+            assert header, "the daemon closed the connection without answering `status`"
+            reply = loads(replies.read(frame_length(header)))
+        # Anything else (an error: a malformed request is answered at once) proves nothing.
+        assert isinstance(reply, dict) and reply.get("type") == "status", reply
 
 
 def spool_entries(daemon: Daemon) -> list[str]:

@@ -503,7 +503,10 @@ static _Noreturn void child_failed(int report_fd, enum step step)
 /* In the forked child: become the task. Everything before execv runs as root, but for
    the user namespace: made as the user (who then owns it), its maps written by the parent
    (ask: the child's "mapped?", go: the parent's answer; both closed here after). */
-static _Noreturn void become_task(const struct options *o, int report_fd, int ask, int go)
+/* Every signal at its default disposition and none blocked, whatever the process that
+   started the daemon left ignored (a shell's background job ignores SIGINT and SIGQUIT,
+   nohup SIGHUP): a program never inherits them from us. -1 when the mask cannot be set. */
+static int default_signals(void)
 {
 	struct sigaction dfl;
 	memset(&dfl, 0, sizeof dfl);
@@ -513,7 +516,12 @@ static _Noreturn void become_task(const struct options *o, int report_fd, int as
 			sigaction(sig, &dfl, NULL); /* EINVAL for the C library's own signals: fine */
 	sigset_t none;
 	sigemptyset(&none);
-	if (sigprocmask(SIG_SETMASK, &none, NULL) < 0)
+	return sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
+static _Noreturn void become_task(const struct options *o, int report_fd, int ask, int go)
+{
+	if (default_signals() < 0)
 		child_failed(report_fd, STEP_SETUP);
 	/* Its own process group, led by the task, as the daemon's runtime commands get. */
 	if (setpgid(0, 0) < 0)
@@ -922,8 +930,9 @@ static _Noreturn void exec_as_failed(int report_fd, enum step step)
 	_exit(127);
 }
 
-/* Everything else (cwd, umask, process group, signals, fds) the daemon's vfork child set
-   before exec'ing us, as root: we only drop to the user, take the environment, and exec.
+/* Everything else (cwd, umask, process group, fds) the daemon's vfork child set before
+   exec'ing us, as root: we only drop to the user, take the environment, put every signal
+   at its default (subprocess restores only SIGPIPE and SIGXFSZ), and exec.
    As root we read only the daemon's own words (the fds and ids); PROGRAM and its
    arguments (the step's) are passed on untouched, the environment read as the user. */
 static _Noreturn void exec_as(int argc, char **argv)
@@ -956,6 +965,8 @@ static _Noreturn void exec_as(int argc, char **argv)
 	if (!env)
 		exec_as_failed(report_fd, STEP_ENV);
 	close(env_fd);
+	if (default_signals() < 0)
+		exec_as_failed(report_fd, STEP_SETUP);
 	environ = env;
 	execvp(argv[8], &argv[8]);
 	exec_as_failed(report_fd, STEP_EXEC);

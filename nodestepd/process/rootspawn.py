@@ -8,12 +8,12 @@ held the GIL (py-spy --gil), the event loop waiting behind it. A foreign call th
 ctypes lets go of the GIL, and glibc's posix_spawn (clone with CLONE_VM|CLONE_VFORK, on a
 stack of its own) returns once the child has exec'ed or failed, with the exec's errno.
 
-What the child gets is what spawn.spawn gives a program run as we are: stdin, stdout and
-stderr, the fds asked for (at 3, 4, ... in order: the caller's argv names them by their
-new numbers) and nothing else (every fd from 3 + their count on is closed, close-on-exec
-or not), `/` as its working directory, SIGPIPE, SIGXFSZ and glibc's internal signals at
-their default dispositions (Python ignores the first two: subprocess's restore_signals),
-no signal blocked, our umask, session and process group (the monitor leaves them itself).
+What the child gets: stdin, stdout and stderr, the fds asked for (at 3, 4, ... in order:
+the caller's argv names them by their new numbers) and nothing else (every fd from 3 +
+their count on is closed, close-on-exec or not), `/` as its working directory, every
+signal at its default disposition (more than subprocess's restore_signals, which resets
+only SIGPIPE and SIGXFSZ), no signal blocked, our umask, session and process group (the
+monitor leaves them itself).
 """
 
 from __future__ import annotations
@@ -64,10 +64,12 @@ for _name, _args in (
     _f.argtypes = _args
     _f.restype = _c
 
-# Python ignores SIGPIPE and SIGXFSZ; a program must not inherit that (subprocess's
-# restore_signals). glibc's posix_spawn leaves its own internal signals (32 and 33, below
-# SIGRTMIN: thread cancellation, setxid) ignored in the child unless they are named here.
-_RESTORED = (signal.SIGPIPE, signal.SIGXFSZ, *range(32, signal.SIGRTMIN))
+# Every signal at its default in the child: Python ignores SIGPIPE and SIGXFSZ, whatever
+# started the daemon may have left others ignored (a shell's background job SIGINT and
+# SIGQUIT, nohup SIGHUP), and glibc's posix_spawn leaves its own internal signals (32 and
+# 33, below SIGRTMIN: thread cancellation, setxid) ignored unless they are named here.
+# (SIGKILL and SIGSTOP cannot be changed; glibc's child skips them.)
+_RESTORED = tuple(range(1, signal.NSIG))
 
 
 def _attributes() -> ctypes.Array:

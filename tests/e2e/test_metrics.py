@@ -7,6 +7,8 @@ import json
 from nodestepd.daemon import metrics
 from nodestepd.config.settings import load_config
 
+from conftest import settle
+
 # A runtime that is the shell alone: the step is `/bin/sh -c true`.
 SHELL_ONLY_CONF = 'IgnoreFileConfigJson=true\nRunTimeRun="%@"\n'
 
@@ -94,5 +96,6 @@ def test_a_detached_step_logs_its_launch_only(start_daemon, user, bundle):
 def test_without_the_setting_no_timings_are_logged(start_daemon, user, bundle):
     daemon = start_daemon(SHELL_ONLY_CONF, "--log-format", "json")
     assert daemon.ctl(user, "run", "--job-id", "74", "--bundle", str(bundle), "--", "true").returncode == 0
+    settle(daemon)  # "step finished" is logged at the end of the release, after the exit event
     assert _records(daemon, "step finished")  # the log is read at all
     assert _records(daemon, "launch timing") == [] and _records(daemon, "exit timing") == []

@@ -89,10 +89,12 @@ def test_a_program_that_cannot_be_executed_is_an_oserror_and_leaves_nothing():
         spawn_as_root("true", lambda fds: ["true"], env={}, stdin=0, stdout=1, stderr=2)
 
 
-def test_no_signal_is_ignored_or_blocked_in_the_child():
-    # Python ignores SIGPIPE and SIGXFSZ, and glibc's posix_spawn its internal signals
-    # (32, 33): the child (a shell, which ignores nothing itself) must inherit none of it.
+def test_no_signal_is_ignored_or_blocked_in_the_child(shell_ignored_signals):
+    # Python ignores SIGPIPE and SIGXFSZ, glibc's posix_spawn its internal signals (32, 33),
+    # and a daemon started from a shell's background job or by nohup SIGINT, SIGQUIT or
+    # SIGHUP: the child (a shell, which ignores nothing itself) must inherit none of it.
     assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN
+    assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in shell_ignored_signals)
     out, _ = run([], env={"PATH": "/usr/bin:/bin"}, program="/bin/sh",
                  argv=["sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status"])
     assert " ".join(out).split() == ["SigBlk:", "0000000000000000", "SigIgn:", "0000000000000000"]

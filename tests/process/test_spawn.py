@@ -180,7 +180,7 @@ def status_fields(text: str) -> dict[str, list[str]]:
     return {k: v.split() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
 
 
-async def test_spawn_as_the_user_with_the_fds_it_is_given(identity, home):
+async def test_spawn_as_the_user_with_the_fds_it_is_given(identity, home, shell_ignored_signals):
     """Only 0-2 and pass_fds reach it (at their own numbers); the user's ids; our process group
     unless asked; our umask unless given; default signal dispositions."""
     out = memfd()
@@ -472,7 +472,7 @@ def test_doctor_never_runs_a_command_as_root(home):
 # ---- spawn_shell ----------------------------------------------------------------------
 
 
-async def test_spawn_shell_runs_as_the_identity(identity, home, spawned):
+async def test_spawn_shell_runs_as_the_identity(identity, home, spawned, shell_ignored_signals):
     old_umask = os.umask(0o077)  # the child must get RUNTIME_UMASK, not ours
     try:
         status, pid, out = await run_shell(
@@ -489,7 +489,8 @@ async def test_spawn_shell_runs_as_the_identity(identity, home, spawned):
     assert fields["Gid"] == [str(identity.gid)] * 4
     assert sorted(int(g) for g in fields["Groups"]) == sorted(identity.groups)
     assert fields["Umask"] == ["0022"]
-    assert int(fields["SigIgn"][0], 16) == 0  # Python's SIG_IGN for SIGPIPE is not inherited
+    # Neither Python's SIG_IGN for SIGPIPE nor the shell's for SIGINT, SIGQUIT, SIGHUP is inherited.
+    assert int(fields["SigIgn"][0], 16) == 0
     assert int(fields["SigBlk"][0], 16) == 0
     # Its own process group, led by the shell; our session (no setsid).
     assert fields["NSpgid"] == [str(pid)]
