@@ -207,8 +207,8 @@ def start_daemon(base: Path, name: str, oci_conf: str, *extra: str, toml: str | 
 
 def run_driver(user: BenchUser, **params: object) -> dict:
     """One driver operation as the user (driver.py); its JSON result."""
-    done, _ = sample(user.argv([sys.executable, str(DRIVER), json.dumps(params)]), env=user.env,
-                     stdout=subprocess.PIPE, text=True, cwd="/")
+    done = subprocess.run(user.argv([sys.executable, str(DRIVER), json.dumps(params)]), env=user.env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/")
     if done.returncode != 0:
         raise RuntimeError(f"driver {params['op']} failed ({done.returncode}):\n{done.stderr}")
     result = json.loads(done.stdout)

@@ -143,22 +143,23 @@ _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.
 _libc.renameat2.restype = ctypes.c_int
 
 
-def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
-    """renameat2(RENAME_NOREPLACE): move src to dst, or FileExistsError when dst exists (a
-    rename onto an empty directory would otherwise replace it silently). Python has no
-    renameat2. Both names are single components relative to their directory fds."""
-    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE) < 0:
+def _renameat2(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, flags: int) -> None:
+    """Python has no renameat2. Both names are single components relative to their directory fds."""
+    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), flags) < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), dst)
+
+
+def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
+    """renameat2(RENAME_NOREPLACE): move src to dst, or FileExistsError when dst exists (a
+    rename onto an empty directory would otherwise replace it silently)."""
+    _renameat2(src_dir_fd, src, dst_dir_fd, dst, _RENAME_NOREPLACE)
 
 
 def rename_exchange(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
     """renameat2(RENAME_EXCHANGE): swap src and dst atomically, both of which must exist
-    (FileNotFoundError otherwise). Both names are single components relative to their
-    directory fds."""
-    if _libc.renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_EXCHANGE) < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), dst)
+    (FileNotFoundError otherwise)."""
+    _renameat2(src_dir_fd, src, dst_dir_fd, dst, _RENAME_EXCHANGE)
 
 
 _libc.getgrouplist.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.POINTER(ctypes.c_uint),

@@ -519,6 +519,25 @@ static int default_signals(void)
 	return sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
+/* Switch to the user for good: groups, gid, then uid. Every uid away from 0 clears the
+   permitted, effective and ambient capabilities. -1 with errno and *failed set. */
+static int become_user(const struct options *o, enum step *failed)
+{
+	if (setgroups(o->ngroups, o->groups) < 0) {
+		*failed = STEP_GROUPS;
+		return -1;
+	}
+	if (setresgid(o->gid, o->gid, o->gid) < 0) {
+		*failed = STEP_GID;
+		return -1;
+	}
+	if (setresuid(o->uid, o->uid, o->uid) < 0) {
+		*failed = STEP_UID;
+		return -1;
+	}
+	return 0;
+}
+
 static _Noreturn void become_task(const struct options *o, int report_fd, int ask, int go)
 {
 	if (default_signals() < 0)
@@ -531,13 +550,9 @@ static _Noreturn void become_task(const struct options *o, int report_fd, int as
 		child_failed(report_fd, STEP_CHDIR);
 	if (o->set_nofile && setrlimit(RLIMIT_NOFILE, &o->nofile) < 0)
 		child_failed(report_fd, STEP_SETUP);
-	if (setgroups(o->ngroups, o->groups) < 0)
-		child_failed(report_fd, STEP_GROUPS);
-	if (setresgid(o->gid, o->gid, o->gid) < 0)
-		child_failed(report_fd, STEP_GID);
-	/* Every uid away from 0 clears the permitted, effective and ambient capabilities. */
-	if (setresuid(o->uid, o->uid, o->uid) < 0)
-		child_failed(report_fd, STEP_UID);
+	enum step failed;
+	if (become_user(o, &failed) < 0)
+		child_failed(report_fd, failed);
 	/* Root entered the directory; the user must be able to work in it too. */
 	if (access(".", X_OK) < 0)
 		child_failed(report_fd, STEP_CHDIR);
@@ -954,13 +969,9 @@ static _Noreturn void exec_as(int argc, char **argv)
 		exec_as_failed(report_fd, STEP_SETUP);
 	if (fcntl(env_fd, F_SETFD, FD_CLOEXEC) < 0)
 		exec_as_failed(report_fd, STEP_ENV);
-	if (setgroups(o.ngroups, o.groups) < 0)
-		exec_as_failed(report_fd, STEP_GROUPS);
-	if (setresgid(o.gid, o.gid, o.gid) < 0)
-		exec_as_failed(report_fd, STEP_GID);
-	/* Every uid away from 0 clears the permitted, effective and ambient capabilities. */
-	if (setresuid(o.uid, o.uid, o.uid) < 0)
-		exec_as_failed(report_fd, STEP_UID);
+	enum step failed;
+	if (become_user(&o, &failed) < 0)
+		exec_as_failed(report_fd, failed);
 	char **env = read_env(env_fd);
 	if (!env)
 		exec_as_failed(report_fd, STEP_ENV);

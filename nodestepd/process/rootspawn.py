@@ -25,7 +25,7 @@ import subprocess
 from typing import Callable, Mapping, Sequence
 
 from nodestepd.process.kernel import LIBC, LIBC_HOLDING
-from nodestepd.process.spawn import StartDeadline, start_timed_out
+from nodestepd.process.spawn import StartDeadline, kill_unstarted, start_timed_out
 from nodestepd.process.watch import ProcessWatch, spawning
 
 _libc = LIBC  # posix_spawn: the GIL let go for the call
@@ -168,9 +168,6 @@ def spawn_as_root(program: str, argv_for: Callable[[list[int]], list[str]], *, e
     finally:
         _quick.posix_spawn_file_actions_destroy(actions)
     if killed:  # (it may have exec'ed just before the kill: it counts as not started all the same)
-        watch.send_signal(signal.SIGKILL)
-        watch.wait_blocking(None)
-        watch.reap()
         assert start_timeout is not None
-        raise start_timed_out(what, start_timeout)
+        raise kill_unstarted(watch, what, start_timeout)
     return watch

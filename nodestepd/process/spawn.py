@@ -236,6 +236,15 @@ def start_timed_out(what: str, timeout: float) -> OSError:
                    f"{what} did not start within {timeout:g} s (stopped or stuck before exec); killed")
 
 
+def kill_unstarted(watch: ProcessWatch, what: str, timeout: float) -> OSError:
+    """Kill and reap a child whose start deadline passed (SIGKILL ends it at once, stopped
+    or not): start_timed_out's error, for the caller to raise."""
+    watch.send_signal(signal.SIGKILL)
+    watch.wait_blocking(None)
+    watch.reap()
+    return start_timed_out(what, timeout)
+
+
 def check_workdir(cwd: str, identity: Identity) -> None:
     """Refuse a working directory that is not the user's to use: raises PermissionError.
 
@@ -361,10 +370,7 @@ def _await_exec(watch: ProcessWatch, report: int, until: float | None, program: 
             assert until is not None and start_timeout is not None  # poll(None) returns only when ready
             if time.monotonic() < until:
                 continue
-            watch.send_signal(signal.SIGKILL)  # still the switch: one process, not a group yet
-            watch.wait_blocking(None)
-            watch.reap()
-            raise start_timed_out(what, start_timeout)
+            raise kill_unstarted(watch, what, start_timeout)  # still the switch: one process, not a group yet
         chunk = os.read(report, 64)
         if not chunk:
             break
@@ -416,11 +422,8 @@ def _spawn(argv: Sequence[str], *, cwd: str, env: Mapping[str, str], stdin: int,
     # pid (its __del__ would otherwise queue it for a waitpid of its own).
     popen.returncode = 0
     if killed:  # (it may have exec'ed just before the kill: it counts as not started all the same)
-        watch.send_signal(signal.SIGKILL)
-        watch.wait_blocking(None)  # SIGKILLed: it ends at once, stopped or not
-        watch.reap()
         assert start_timeout is not None
-        raise start_timed_out(what, start_timeout)
+        raise kill_unstarted(watch, what, start_timeout)
     return watch
 
 

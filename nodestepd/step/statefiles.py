@@ -81,10 +81,7 @@ class SpareFiles:
     def __init__(self, path: str, target_fd: int, keep: int = 12, keep_dirs: int = 6) -> None:
         self._fd = open_private_dir(path)
         for name in os.listdir(self._fd):  # a previous daemon's
-            with contextlib.suppress(OSError):
-                os.unlink(name, dir_fd=self._fd)
-            with contextlib.suppress(OSError):
-                os.rmdir(name, dir_fd=self._fd)
+            _remove(self._fd, name)
         device = os.fstat(self._fd).st_dev
         self._keep = keep if device == os.fstat(target_fd).st_dev else 0
         # The filesystem whose spool dirs may take spares (StepSpool.create); None under
@@ -193,19 +190,15 @@ class SpareFiles:
             files, self._files = self._files, []
             dirs, self._dirs = self._dirs, []
             dir_fd, self._fd = self._fd, -1
-        for spare in files:
+        for spare in (*files, *dirs):
             os.close(spare.fd)
-            with contextlib.suppress(OSError):
-                os.unlink(spare.name, dir_fd=dir_fd)
-        for spare in dirs:
-            os.close(spare.fd)
-            with contextlib.suppress(OSError):
-                os.rmdir(spare.name, dir_fd=dir_fd)
+            _remove(dir_fd, spare.name)
         if dir_fd >= 0:
             os.close(dir_fd)
 
 
 def _remove(dir_fd: int, name: str) -> None:
+    """Unlink a file, or remove an empty directory, at name: whatever it is, if it can be."""
     with contextlib.suppress(OSError):
         os.unlink(name, dir_fd=dir_fd)
     with contextlib.suppress(OSError):

@@ -131,7 +131,6 @@ class Step:
         self._cancel_reason: str | None = None
         self._left_running = False  # the daemon stopped and left this step's tasks alone
         self._save_lock = asyncio.Lock()
-        self._making_spares: asyncio.Future[None] | None = None  # held: the loop keeps tasks only weakly
         self.orig_bundle = spec.bundle  # spec.bundle changes when a stage_in points the step at another bundle
         self._stage_out_due = False  # stage_in succeeded (or there is none): stage_out runs at the release
         self.stage_out_error: str | None = None  # how stage_out failed, kept with the result
@@ -235,7 +234,7 @@ class Step:
         # The spares this launch took (record.py) are made again while its tasks run, in a
         # worker thread (one for the launches acknowledged meanwhile): the acknowledgement
         # does not wait for them.
-        self._making_spares = self.store.make_spares_soon()
+        self.store.make_spares_soon()  # the store holds the refill while it runs
 
     def _prepare(self, preparation: Preparation) -> tuple[Prepared, int, tuple[str, ...]]:
         """Plan the launch, record the plan, create the spool, open the exit file: blocking,
